@@ -1,0 +1,1 @@
+"""migration_assets: large data migrations as partitioned, resumable, verified Dagster assets."""

@@ -1,0 +1,54 @@
+"""The DynamoDB source of the chain pipeline, as a Dagster resource."""
+
+from functools import cached_property
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from dagster_aws.utils import ResourceWithBoto3Configuration
+from pydantic import Field, PrivateAttr
+
+from migration_assets.core.settings import ChainSettings
+
+
+class ChainSourceResource(ResourceWithBoto3Configuration):
+    """chainstorage's DynamoDB tables. Unset fields come from the environment (CHAIN_*, AWS_*):
+    `endpoint_url` from AWS_ENDPOINT_URL_DYNAMODB, credentials from the standard AWS chain."""
+
+    block_table: str | None = Field(default=None, description="defaults to CHAIN_BLOCK_TABLE")
+    block_tag: int | None = Field(default=None, description="defaults to CHAIN_BLOCK_TAG (1)")
+    read_concurrency: int = Field(default=16, description="DynamoDB requests in flight per run")
+    max_attempts: int = 10
+    _client: Any = PrivateAttr(default=None)
+
+    @cached_property
+    def settings(self) -> ChainSettings:
+        env = ChainSettings.from_env()
+        return env.model_copy(
+            update={
+                "block_table": self.block_table or env.block_table,
+                "block_tag": env.block_tag if self.block_tag is None else self.block_tag,
+            }
+        )
+
+    def client(self) -> Any:
+        """One thread-safe boto3 client per resource, its connection pool sized for the concurrency."""
+        if self._client is None:
+            session = boto3.session.Session(
+                profile_name=self.profile_name,
+                aws_access_key_id=self.aws_access_key_id,
+                aws_secret_access_key=self.aws_secret_access_key,
+                aws_session_token=self.aws_session_token,
+            )
+            self._client = session.client(
+                "dynamodb",
+                region_name=self.region_name,
+                endpoint_url=self.endpoint_url,
+                use_ssl=self.use_ssl,
+                verify=self.verify,
+                config=Config(
+                    retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                    max_pool_connections=self.read_concurrency + 4,
+                ),
+            )
+        return self._client

@@ -1,0 +1,143 @@
+"""Reading chainstorage's DynamoDB block table (reference/chain.md).
+
+Items: `block_pid` = "{tag}-{height}", `block_rid` = the block hash, "canonical" for the winner's full
+copy, or "null" for a skipped block. Watermark: `block_pid` = "{tag}-latest", `block_rid` = "canonical".
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+CANONICAL_RID = "canonical"
+
+
+class SourceDataError(Exception):
+    """The source holds data that cannot be migrated as it is; the message names the item."""
+
+
+class MultipleCanonicalError(SourceDataError):
+    pass
+
+
+class BlockItem(BaseModel, frozen=True):
+    """One block as stored in PostgreSQL; built from a DynamoDB item."""
+
+    tag: int
+    height: int
+    hash: str | None
+    parent_hash: str
+    parent_height: int
+    object_key_main: str
+    timestamp: int
+    skipped: bool
+
+    @property
+    def identity(self) -> tuple[str, str | int]:
+        """What makes a block distinct in the target: its hash, or its height when skipped."""
+        return ("skipped", self.height) if self.skipped else ("hash", self.hash or "")
+
+
+@dataclass(frozen=True)
+class HeightBlocks:
+    """Every block at one height, in load order: non-canonical first, the canonical one last."""
+
+    height: int
+    blocks: list[BlockItem]
+    canonical: BlockItem | None
+
+    @property
+    def non_canonical_count(self) -> int:
+        return len(self.blocks) - (1 if self.canonical else 0)
+
+
+def _plain(value: dict[str, Any]) -> Any:
+    """A DynamoDB attribute value ({"S": ...}, {"N": ...}, {"BOOL": ...}, {"NULL": true}) as Python."""
+    (kind, raw), = value.items()
+    if kind == "N":
+        return int(raw) if raw.lstrip("-").isdigit() else float(raw)
+    if kind == "NULL":
+        return None
+    return raw
+
+
+def parse_block_item(item: dict[str, Any]) -> tuple[str, BlockItem]:
+    """(block_rid, block) from a raw DynamoDB item; SourceDataError names a malformed one."""
+    attrs = {name: _plain(value) for name, value in item.items()}
+    pid, rid = attrs.get("block_pid"), attrs.get("block_rid")
+    skipped = bool(attrs.get("skipped", False))
+    block_hash = attrs.get("block_hash") or None
+    try:
+        block = BlockItem(
+            tag=attrs["tag"],
+            height=attrs["height"],
+            hash=None if skipped else block_hash,
+            parent_hash=attrs.get("parent_hash") or "",
+            parent_height=attrs.get("parent_height") or 0,
+            object_key_main=attrs.get("object_key_main") or "",
+            timestamp=attrs.get("timestamp") or 0,
+            skipped=skipped,
+        )
+    except KeyError as error:
+        raise SourceDataError(f"malformed block item {pid}/{rid}: missing attribute {error}") from error
+    except ValidationError as error:
+        raise SourceDataError(f"malformed block item {pid}/{rid}: {error}") from error
+    if not skipped and not block.hash:
+        raise SourceDataError(f"malformed block item {pid}/{rid}: not skipped but has no block_hash")
+    return str(rid), block
+
+
+def order_height(tag: int, height: int, items: list[dict[str, Any]]) -> HeightBlocks:
+    """Classify one height's items: the canonical copy last, each other distinct block once before it."""
+    canonical: list[BlockItem] = []
+    others: dict[tuple[str, str | int], BlockItem] = {}
+    for item in items:
+        rid, block = parse_block_item(item)
+        if block.height != height or block.tag != tag:
+            raise SourceDataError(
+                f"block item {tag}-{height}/{rid} says tag {block.tag} height {block.height}"
+            )
+        if rid == CANONICAL_RID:
+            canonical.append(block)
+        else:
+            others.setdefault(block.identity, block)
+    if len(canonical) > 1:
+        raise MultipleCanonicalError(f"multiple canonical blocks found for {tag}-{height}")
+    winner = canonical[0] if canonical else None
+    if winner is not None:
+        others.pop(winner.identity, None)  # the canonical copy stands for its own hash item
+    ordered = sorted(others.values(), key=lambda b: (b.timestamp, b.hash or ""))
+    return HeightBlocks(height, ordered + ([winner] if winner else []), winner)
+
+
+def query_height_items(client: Any, table: str, tag: int, height: int) -> list[dict[str, Any]]:
+    """Every item under "{tag}-{height}", following each 1 MB page."""
+    items: list[dict[str, Any]] = []
+    request: dict[str, Any] = {
+        "TableName": table,
+        "KeyConditionExpression": "block_pid = :pid",
+        "ExpressionAttributeValues": {":pid": {"S": f"{tag}-{height}"}},
+        "ConsistentRead": True,
+    }
+    while True:
+        page = client.query(**request)
+        items.extend(page.get("Items", []))
+        last_key = page.get("LastEvaluatedKey")
+        if not last_key:
+            return items
+        request["ExclusiveStartKey"] = last_key
+
+
+def read_height(client: Any, table: str, tag: int, height: int) -> HeightBlocks:
+    return order_height(tag, height, query_height_items(client, table, tag, height))
+
+
+def latest_height(client: Any, table: str, tag: int) -> int | None:
+    """The height of the "{tag}-latest" watermark, or None when the table has none yet."""
+    reply = client.get_item(
+        TableName=table,
+        Key={"block_pid": {"S": f"{tag}-latest"}, "block_rid": {"S": CANONICAL_RID}},
+        ConsistentRead=True,
+    )
+    item = reply.get("Item")
+    return None if item is None else int(_plain(item["height"]))

@@ -1,0 +1,25 @@
+"""The `migration-assets` command: runs the project's assets in-process against the Dagster instance
+in DAGSTER_HOME (the runs show in the UI), prints a summary, exits non-zero on failure."""
+
+import argparse
+import sys
+
+from migration_assets.chain import cli as chain_cli
+from migration_assets.devstack import demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="migration-assets", description=__doc__)
+    commands = parser.add_subparsers(dest="pipeline", required=True)
+    chain_cli.add_commands(commands)
+    demo.add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

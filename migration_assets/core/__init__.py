@@ -1,0 +1,1 @@
+"""Shared foundation: settings, PostgreSQL (pool, COPY, schema migrations), embedded defaults."""

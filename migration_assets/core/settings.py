@@ -1,0 +1,35 @@
+"""Settings read from the environment: the project's stable configuration interface (see README)."""
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def data_dir() -> Path:
+    """Project-local folder for embedded state (PostgreSQL data, Dagster home of the demo)."""
+    return Path(os.environ.get("MIGRATION_DATA_DIR", ".migration-data")).resolve()
+
+
+class ChainSettings(BaseModel):
+    block_table: str = Field(description="DynamoDB block table (CHAIN_BLOCK_TABLE)")
+    block_tag: int = 1
+    block_range_size: int = 10_000
+
+    @classmethod
+    def from_env(cls) -> "ChainSettings":
+        return cls(
+            block_table=os.environ.get("CHAIN_BLOCK_TABLE", "chain_blocks"),
+            block_tag=_env_int("CHAIN_BLOCK_TAG", 1),
+            block_range_size=_env_int("CHAIN_BLOCK_RANGE_SIZE", 10_000),
+        )

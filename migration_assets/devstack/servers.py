@@ -1,0 +1,84 @@
+"""Local source servers on loopback, started as child processes (npm packages from package.json)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def npm_bin(name: str) -> str:
+    """A binary installed by `npm ci` in the project root; the error says how to get it."""
+    path = PROJECT_ROOT / "node_modules" / ".bin" / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise FileNotFoundError(f"{name} is not installed: run `npm ci` in {PROJECT_ROOT}")
+
+
+@dataclass
+class LocalServer:
+    name: str
+    url: str
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def wait_until_listening(server: LocalServer, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with code {server.process.returncode} on start")
+        try:
+            httpx.get(server.url, timeout=1.0)
+            return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    server.stop()
+    raise TimeoutError(f"{server.name} did not answer at {server.url} within {timeout} s")
+
+
+def start_dynalite(port: int | None = None, log_path: Path | None = None) -> LocalServer:
+    """dynalite, an in-memory DynamoDB-API server (fast enough for benchmarks, unlike moto)."""
+    port = port or free_port()
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(
+        ["node", npm_bin("dynalite"), "--port", str(port), "--host", "127.0.0.1",
+         "--createTableMs", "0", "--deleteTableMs", "0", "--updateTableMs", "0"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NODE_OPTIONS": ""},
+    )
+    server = LocalServer("dynalite", f"http://127.0.0.1:{port}", process)
+    wait_until_listening(server)
+    return server
+
+
+def local_aws_environment(dynamodb_url: str) -> dict[str, str]:
+    """Environment for boto3 to talk to local servers with dummy credentials."""
+    return {
+        "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_url,
+        "AWS_ACCESS_KEY_ID": "local",
+        "AWS_SECRET_ACCESS_KEY": "local",
+        "AWS_REGION": "us-east-1",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }

@@ -1,0 +1,114 @@
+"""The block asset against real dynalite and PostgreSQL: reorgs, skipped blocks, pages, re-runs."""
+
+import pytest
+
+from migration_assets.devstack.sample_chain import block_hash, block_item, sample_chain
+from tests.chain.helpers import (
+    TAG, canonical_pair, check_outcomes, failure_text, linear_chain, materialization_metadata, materialize_range,
+    orphan, seed, skipped,
+)
+
+
+def blocks_by_height(conn, height):
+    return conn.execute(
+        "SELECT id, hash, skipped, parent_height FROM block_metadata WHERE tag = %s AND height = %s ORDER BY id",
+        (TAG, height),
+    ).fetchall()
+
+
+def canonical_hash(conn, height):
+    row = conn.execute(
+        "SELECT bm.hash, bm.skipped, bm.id FROM canonical_blocks cb JOIN block_metadata bm ON bm.id = cb.block_metadata_id"
+        " WHERE cb.tag = %s AND cb.height = %s",
+        (TAG, height),
+    ).fetchone()
+    return row
+
+
+def test_reorgs_skipped_and_missing_canonical(instance, dynamodb, block_table, target):
+    items = linear_chain(0, 5)
+    # Height 5: three reorged blocks, then the winner (branch 0).
+    items += [orphan(5, 1), orphan(5, 2), orphan(5, 3)] + canonical_pair(5)
+    items += linear_chain(6, 8) + skipped(8)
+    items += canonical_pair(9, parent_height=7) + linear_chain(10, 12)
+    items += [orphan(12, 1), orphan(12, 2)]  # blocks but no canonical item
+    items += linear_chain(13, 20)
+    seed(dynamodb, block_table, items)
+
+    result = materialize_range(instance, 0, 20)
+
+    assert result.success
+    at_five = blocks_by_height(target, 5)
+    assert len(at_five) == 4
+    # The canonical block is migrated last, so it has the highest id at its height.
+    assert at_five[-1][1] == block_hash(TAG, 5) and canonical_hash(target, 5)[2] == at_five[-1][0]
+    assert {row[1] for row in at_five[:-1]} == {block_hash(TAG, 5, b) for b in (1, 2, 3)}
+    assert blocks_by_height(target, 8) == [(blocks_by_height(target, 8)[0][0], None, True, 0)]
+    assert canonical_hash(target, 8)[:2] == (None, True)
+    assert canonical_hash(target, 12) is None and len(blocks_by_height(target, 12)) == 2
+    assert target.execute("SELECT count(*) FROM block_metadata").fetchone()[0] == 24
+    assert target.execute("SELECT count(*) FROM canonical_blocks").fetchone()[0] == 19
+
+    meta = materialization_metadata(result)
+    assert (meta["heights"], meta["blocks"], meta["reorged_blocks"], meta["missing_canonicals"]) == (20, 24, 5, 1)
+    assert meta["missing_canonical_heights"] == "12"
+    assert meta["heights_per_second"] > 0
+    outcomes = check_outcomes(result)
+    assert len(outcomes) == 4 and all(o.passed for o in outcomes.values()), outcomes
+
+
+def test_height_larger_than_one_query_page(instance, dynamodb, block_table, target):
+    padding = {"payload": {"S": "x" * 300_000}}  # five items of 300 KB: the Query needs two pages
+    items = linear_chain(0, 3) + [orphan(3, b, **padding) for b in range(1, 5)] + canonical_pair(3, **padding)
+    seed(dynamodb, block_table, items + linear_chain(4, 6))
+
+    result = materialize_range(instance, 0, 6)
+
+    assert result.success
+    assert len(blocks_by_height(target, 3)) == 5
+    assert canonical_hash(target, 3)[0] == block_hash(TAG, 3)
+
+
+def snapshot(conn):
+    return (
+        conn.execute("SELECT * FROM block_metadata ORDER BY id").fetchall(),
+        conn.execute("SELECT * FROM canonical_blocks ORDER BY height").fetchall(),
+    )
+
+
+def test_rerunning_a_partition_changes_nothing(instance, dynamodb, block_table, target):
+    seed(dynamodb, block_table, list(sample_chain(TAG, 0, 400, reorg_rate=0.1, skip_rate=0.05)))
+    assert materialize_range(instance, 0, 400).success
+    before = snapshot(target)
+    assert materialize_range(instance, 0, 400).success
+    assert snapshot(target) == before
+    assert len(before[0]) > 400
+
+
+def test_reorg_moves_canonical_to_the_new_winner(instance, dynamodb, block_table, target):
+    seed(dynamodb, block_table, linear_chain(0, 10))
+    assert materialize_range(instance, 0, 10).success
+    old_winner = canonical_hash(target, 9)[0]
+    # The source reorgs height 9: a new winner takes the canonical item; the old block stays.
+    seed(dynamodb, block_table, canonical_pair(9, branch=1))
+    assert materialize_range(instance, 0, 10).success
+    assert canonical_hash(target, 9)[0] == block_hash(TAG, 9, 1) != old_winner
+    assert {row[1] for row in blocks_by_height(target, 9)} == {old_winner, block_hash(TAG, 9, 1)}
+
+
+def test_malformed_item_fails_the_partition_naming_it(instance, dynamodb, block_table, target):
+    bad = block_item(TAG, 3, "0xbad", hash="0xbad")
+    del bad["height"]
+    seed(dynamodb, block_table, linear_chain(0, 3) + [bad])
+    result = materialize_range(instance, 0, 5)
+    assert not result.success
+    assert "malformed block item 1-3/0xbad: missing attribute 'height'" in failure_text(result)
+
+
+@pytest.mark.parametrize("heights", [(0, 1), (0, 7)])
+def test_heights_past_the_source_are_counted_empty(instance, dynamodb, block_table, target, heights):
+    seed(dynamodb, block_table, linear_chain(0, 1))
+    result = materialize_range(instance, *heights)
+    assert result.success
+    meta = materialization_metadata(result)
+    assert meta["empty_heights"] == heights[1] - 1

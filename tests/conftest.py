@@ -1,0 +1,86 @@
+"""Real components for the tests: an embedded PostgreSQL, a dynalite DynamoDB-API server on loopback,
+and a Dagster instance on PostgreSQL storage. Each test gets a fresh target database and table."""
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import boto3
+import dagster as dg
+import psycopg
+import pytest
+
+from migration_assets.core import embedded
+from migration_assets.core.postgres import close_pools, shared_pool
+from migration_assets.devstack.sample_chain import create_block_table
+from migration_assets.devstack.servers import local_aws_environment, start_dynalite
+
+TEMPLATE_DB = "migration_template"
+
+
+@pytest.fixture(scope="session")
+def pg_server_url(tmp_path_factory) -> str:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIGRATION_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+        mp.delenv("MIGRATION_DATABASE_URL", raising=False)
+        url = embedded.embedded_server_url()
+    # Build a template with the schema applied once; every test clones it (fast CREATE DATABASE).
+    template_url = embedded.database_url(url, TEMPLATE_DB)
+    shared_pool(template_url)
+    close_pools()
+    return url
+
+
+def fresh_database(server_url: str) -> str:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+    return embedded.database_url(server_url, name)
+
+
+@pytest.fixture
+def target_url(pg_server_url, monkeypatch) -> Iterator[str]:
+    """A fresh target database with the schema, exported as MIGRATION_DATABASE_URL."""
+    url = fresh_database(pg_server_url)
+    monkeypatch.setenv("MIGRATION_DATABASE_URL", url)
+    yield url
+    close_pools()
+
+
+@pytest.fixture
+def target(target_url) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="session")
+def dynalite() -> Iterator[str]:
+    server = start_dynalite()
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in local_aws_environment(server.url).items():
+            mp.setenv(name, value)
+        yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def dynamodb(dynalite):
+    return boto3.client("dynamodb")
+
+
+@pytest.fixture
+def block_table(dynamodb, monkeypatch) -> str:
+    """A new, empty block table, exported as CHAIN_BLOCK_TABLE."""
+    name = f"blocks_{uuid.uuid4().hex[:10]}"
+    create_block_table(dynamodb, name)
+    monkeypatch.setenv("CHAIN_BLOCK_TABLE", name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def instance(pg_server_url) -> Iterator[dg.DagsterInstance]:
+    """A Dagster instance on PostgreSQL storage, as the project's dagster.yaml configures it."""
+    dagster_url = embedded.dagster_storage_url(embedded.database_url(pg_server_url, "dagster_test"))
+    overrides = {"storage": {"postgres": {"postgres_url": dagster_url}}}
+    with dg.instance_for_test(overrides=overrides) as test_instance:
+        yield test_instance
