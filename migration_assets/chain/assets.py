@@ -57,6 +57,7 @@ def block_metadata(
         start=start,
         end=end,
         read_concurrency=chain_source.read_concurrency,
+        chunk_heights=settings.load_chunk_heights,
     )
 
     def progress(result: BlockRangeResult) -> None:

@@ -69,6 +69,12 @@ def print_partition_summary(key: str, result: dg.ExecuteInProcessResult) -> bool
             print(f"  check {evaluation.check_name} FAILED ({evaluation.severity.value}): {evaluation.description}")
     for event in result.all_events:
         if event.is_step_failure:
-            error = event.step_failure_data.error
-            print(f"{key}: FAILED: {error.message.strip() if error else 'unknown error'}")
+            print(f"{key}: FAILED: {root_cause(event.step_failure_data.error)}")
     return ok
+
+
+def root_cause(error) -> str:
+    """The user's own error under Dagster's wrappers (a SerializableErrorInfo chain)."""
+    while error is not None and error.cls_name and error.cls_name.startswith("Dagster") and error.cause:
+        error = error.cause
+    return error.message.strip() if error else "unknown error"

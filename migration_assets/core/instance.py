@@ -16,10 +16,12 @@ def prepare_dagster_environment() -> Path:
     """Set DAGSTER_HOME (default: the data folder's) and DAGSTER_POSTGRES_URL (default:
     MIGRATION_DATABASE_URL, else the embedded server);
     give the home the project's dagster.yaml if it has none. Returns DAGSTER_HOME."""
+    os.environ["MIGRATION_DATA_DIR"] = str(data_dir())  # absolute, for child processes
+    project_home = "DAGSTER_HOME" not in os.environ
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(data_dir() / "dagster_home")))
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
+    if project_home or not config.exists():  # the project's own home follows the project's file
         shutil.copyfile(PROJECT_ROOT / "dagster.yaml", config)
     if not os.environ.get("DAGSTER_POSTGRES_URL"):
         # One server hosts both: Dagster's tables do not collide with the migration's.

@@ -25,6 +25,7 @@ class ChainSettings(BaseModel):
     block_table: str = Field(description="DynamoDB block table (CHAIN_BLOCK_TABLE)")
     block_tag: int = 1
     block_range_size: int = 10_000
+    load_chunk_heights: int = Field(default=1000, description="heights per load transaction")
 
     @classmethod
     def from_env(cls) -> "ChainSettings":
@@ -32,4 +33,5 @@ class ChainSettings(BaseModel):
             block_table=os.environ.get("CHAIN_BLOCK_TABLE", "chain_blocks"),
             block_tag=_env_int("CHAIN_BLOCK_TAG", 1),
             block_range_size=_env_int("CHAIN_BLOCK_RANGE_SIZE", 10_000),
+            load_chunk_heights=_env_int("CHAIN_LOAD_CHUNK_HEIGHTS", 1000),
         )

@@ -7,6 +7,7 @@ sample chain (reorgs, skipped blocks), its block ranges registered as partitions
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -63,9 +64,12 @@ def dev_command(args: argparse.Namespace) -> int:
         print(f"Dagster UI: http://127.0.0.1:{args.port} (Ctrl-C stops everything)")
         command = [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
                    "-p", str(args.port)]
-        return subprocess.call(command, cwd=PROJECT_ROOT)
+        dagster = subprocess.Popen(command, cwd=os.environ["DAGSTER_HOME"])
+        servers.append(LocalServer("dagster dev", f"http://127.0.0.1:{args.port}", dagster))
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the children on SIGTERM too
+        return dagster.wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        for server in servers:
+        for server in reversed(servers):
             server.stop()

