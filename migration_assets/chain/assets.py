@@ -2,15 +2,18 @@
 
 import dagster as dg
 
-from migration_assets.chain import checks
+from migration_assets.chain import checks, event_checks
 from migration_assets.chain.blocks import BlockRangeRequest, BlockRangeResult, migrate_block_range
-from migration_assets.chain.partitions import block_ranges
+from migration_assets.chain.events import EventRangeRequest, EventRangeResult, MissingBlocksError, migrate_event_range
+from migration_assets.chain.partitions import block_ranges, event_ranges
 from migration_assets.chain.ranges import parse_range_key
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.core.dagster_glue import check_result, check_specs
 from migration_assets.core.postgres import PostgresResource
 
 BLOCK_METADATA = dg.AssetKey(["chain", "block_metadata"])
+BLOCK_EVENTS = dg.AssetKey(["chain", "block_events"])
+SYNC_TAG = "migration-assets/sync"  # runs requested by the continuous-sync sensor
 
 _BLOCK_CHECKS = {
     checks.CHECK_BLOCK_COUNT: "block_metadata rows per height = distinct blocks in the source",
@@ -24,6 +27,7 @@ def block_range_metadata(result: BlockRangeResult) -> dict:
     missing = result.missing_canonical
     return {
         "heights": dg.MetadataValue.int(result.heights),
+        "heights_read": dg.MetadataValue.text(f"{result.start}-{result.read_end - 1}" if result.heights else "none"),
         "blocks": dg.MetadataValue.int(result.blocks),
         "reorged_blocks": dg.MetadataValue.int(result.reorged_blocks),
         "missing_canonicals": dg.MetadataValue.int(len(missing)),
@@ -62,7 +66,7 @@ def block_metadata(
 
     def progress(result: BlockRangeResult) -> None:
         context.log.info(
-            f"{settings.block_table} tag {settings.block_tag}: {result.heights}/{end - start} heights, "
+            f"{settings.block_table} tag {settings.block_tag}: {result.heights}/{result.read_end - start} heights, "
             f"{result.blocks} blocks, {result.reorged_blocks} reorged, "
             f"{len(result.missing_canonical)} without canonical"
         )
@@ -75,5 +79,66 @@ def block_metadata(
         )
     return dg.MaterializeResult(
         metadata=block_range_metadata(result),
+        check_results=[check_result(outcome) for outcome in result.checks],
+    )
+
+
+_EVENT_CHECKS = {
+    event_checks.CHECK_EVENT_COUNT: "block_events rows = source events in the range",
+    event_checks.CHECK_EVENT_CONTIGUOUS: "max - min + 1 = count of event ids",
+    event_checks.CHECK_EVENT_BLOCKS: "every event resolves to its block (tag, hash or skipped height)",
+    event_checks.CHECK_EVENT_RULES: "BLOCK_ADDED goes up one height with a parent link, BLOCK_REMOVED down, "
+    "a type change stays at one height",
+    event_checks.CHECK_LAST_EVENT_CANONICAL: "the last event at each height adds the canonical block",
+}
+
+
+def event_range_metadata(result: EventRangeResult) -> dict:
+    return {
+        "events": dg.MetadataValue.int(result.events),
+        "ids_read": dg.MetadataValue.text(f"{result.start}-{result.read_end - 1}" if result.read_end > result.start else "none"),
+        "heights": dg.MetadataValue.text(f"{result.min_height}-{result.max_height}" if result.events else "none"),
+        "by_type": dg.MetadataValue.json(result.by_type),
+        "events_per_second": dg.MetadataValue.float(round(result.events_per_second, 1)),
+        "seconds": dg.MetadataValue.float(round(result.seconds, 2)),
+        "dagster/row_count": dg.MetadataValue.int(result.events),
+    }
+
+
+@dg.asset(
+    key=BLOCK_EVENTS,
+    partitions_def=event_ranges,
+    deps=[dg.AssetDep(BLOCK_METADATA, partition_mapping=dg.AllPartitionMapping())],
+    check_specs=check_specs(
+        BLOCK_EVENTS, _EVENT_CHECKS, warn={event_checks.CHECK_EVENT_RULES, event_checks.CHECK_LAST_EVENT_CANONICAL}
+    ),
+    group_name="chain",
+    kinds={"dynamodb", "postgres"},
+    pool="chain_dynamodb",
+    description="Events with ids in the range from DynamoDB into block_events, each tied to its block.",
+)
+def block_events(
+    context: dg.AssetExecutionContext, postgres: PostgresResource, chain_source: ChainSourceResource
+) -> dg.MaterializeResult:
+    start, end = parse_range_key(context.partition_key)
+    settings = chain_source.settings
+    request = EventRangeRequest(
+        client=chain_source.client(), table=settings.event_table, event_tag=settings.event_tag,
+        start=start, end=end, read_concurrency=chain_source.read_concurrency,
+        chunk_events=settings.load_chunk_events,
+    )
+
+    def progress(result: EventRangeResult) -> None:
+        context.log.info(f"{settings.event_table} event tag {settings.event_tag}: {result.events} events loaded")
+
+    try:
+        result = migrate_event_range(request, postgres.pool(), on_progress=progress)
+    except MissingBlocksError as error:
+        if SYNC_TAG in context.run.tags:
+            # Continuous sync launches block and event runs together: give the blocks time to land.
+            raise dg.RetryRequested(max_retries=5, seconds_to_wait=context.retry_number * 30 + 15) from error
+        raise
+    return dg.MaterializeResult(
+        metadata=event_range_metadata(result),
         check_results=[check_result(outcome) for outcome in result.checks],
     )

@@ -13,7 +13,7 @@ from psycopg_pool import ConnectionPool
 
 from migration_assets.chain.checks import SourceSummary, run_block_checks
 from migration_assets.chain.loader import load_heights
-from migration_assets.chain.source import HeightBlocks, read_height
+from migration_assets.chain.source import HeightBlocks, latest_height, read_height
 from migration_assets.core.checks import CheckOutcome
 from migration_assets.core.concurrency import ordered_map
 
@@ -23,6 +23,7 @@ class BlockRangeResult:
     tag: int
     start: int
     end: int
+    read_end: int = 0  # heights [start, read_end) were read: the watermark cuts the open range short
     heights: int = 0
     blocks: int = 0
     reorged_blocks: int = 0
@@ -65,13 +66,15 @@ def migrate_block_range(
 ) -> BlockRangeResult:
     started = time.monotonic()
     result = BlockRangeResult(request.tag, request.start, request.end)
+    tip = latest_height(request.client, request.table, request.tag)
+    result.read_end = request.end if tip is None else max(request.start, min(request.end, tip + 1))
 
     def read(height: int) -> HeightBlocks:
         return read_height(request.client, request.table, request.tag, height)
 
     chunk: list[HeightBlocks] = []
     with pool.connection() as conn:
-        for height in ordered_map(read, range(request.start, request.end), request.read_concurrency):
+        for height in ordered_map(read, range(request.start, result.read_end), request.read_concurrency):
             chunk.append(height)
             result.count(height)
             if len(chunk) >= request.chunk_heights:
@@ -81,7 +84,7 @@ def migrate_block_range(
         if chunk:
             load_heights(conn, chunk)
         result.seconds = time.monotonic() - started
-        result.checks = run_block_checks(conn, request.tag, request.start, request.end, result.source)
+        result.checks = run_block_checks(conn, request.tag, request.start, result.read_end, result.source)
         conn.commit()
     on_progress(result)
     return result

@@ -4,23 +4,25 @@ import argparse
 
 import dagster as dg
 
-from migration_assets.chain.assets import BLOCK_METADATA, block_metadata
-from migration_assets.chain.partitions import register_block_ranges
+from migration_assets.chain.assets import BLOCK_EVENTS, BLOCK_METADATA, block_events, block_metadata
+from migration_assets.chain.event_source import EventLayout, event_ids_at_height
+from migration_assets.chain.partitions import block_ranges, event_ranges, register_ranges
 from migration_assets.chain.ranges import parse_range_key
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.core.instance import project_instance
 from migration_assets.core.postgres import PostgresResource
-from migration_assets.core.settings import ChainSettings
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     chain = commands.add_parser("chain", help="chain data from DynamoDB to PostgreSQL")
     actions = chain.add_subparsers(dest="action", required=True)
-    migrate = actions.add_parser("migrate", help="migrate the block ranges covering [start, end)")
+    migrate = actions.add_parser("migrate", help="migrate the blocks and events of heights [start, end)")
     migrate.add_argument("--start-height", type=int, required=True, help="first height (inclusive)")
     migrate.add_argument("--end-height", type=int, required=True, help="last height (exclusive)")
     migrate.add_argument("--tag", type=int, default=None, help="block tag (default CHAIN_BLOCK_TAG)")
-    migrate.add_argument("--skip-events", action="store_true", help="migrate block metadata only")
+    migrate.add_argument("--event-tag", type=int, default=None, help="event tag (default CHAIN_EVENT_TAG)")
+    migrate.add_argument("--skip-blocks", action="store_true", help="events only (blocks already migrated)")
+    migrate.add_argument("--skip-events", action="store_true", help="block metadata only")
     migrate.set_defaults(handler=migrate_command)
 
 
@@ -28,43 +30,88 @@ def migrate_command(args: argparse.Namespace) -> int:
     if not 0 <= args.start_height < args.end_height:
         print(f"error: need 0 <= --start-height < --end-height, got [{args.start_height}, {args.end_height})")
         return 2
-    settings = ChainSettings.from_env()
+    if args.skip_blocks and args.skip_events:
+        print("error: --skip-blocks and --skip-events together leave nothing to migrate")
+        return 2
+    source = ChainSourceResource(block_tag=args.tag, event_tag=args.event_tag)
+    resources = {"postgres": PostgresResource(), "chain_source": source}
     instance = project_instance()
-    keys = register_block_ranges(instance, args.start_height, args.end_height, settings.block_range_size)
-    first, last = parse_range_key(keys[0])[0], parse_range_key(keys[-1])[1]
-    if (first, last) != (args.start_height, args.end_height):
-        print(
-            f"note: [{args.start_height}, {args.end_height}) snapped to partition boundaries "
-            f"[{first}, {last}) (CHAIN_BLOCK_RANGE_SIZE={settings.block_range_size})"
-        )
-    resources = {"postgres": PostgresResource(), "chain_source": ChainSourceResource(block_tag=args.tag)}
-    failures = 0
-    for key in keys:
-        result = dg.materialize(
-            [block_metadata], partition_key=key, instance=instance, resources=resources,
-            raise_on_error=False, tags={"migration-assets/cli": "chain migrate"},
-        )
-        failures += not print_partition_summary(key, result)
-    total = len(keys)
-    print(f"{total - failures}/{total} block ranges migrated and verified")
+    failures = total = 0
+    if not args.skip_blocks:
+        keys = register_ranges(instance, block_ranges, args.start_height, args.end_height, source.settings.block_range_size)
+        announce_snap("heights", (args.start_height, args.end_height), keys, "CHAIN_BLOCK_RANGE_SIZE")
+        failures += run_partitions(instance, block_metadata, BLOCK_METADATA, keys, resources, block_summary)
+        total += len(keys)
+    if not args.skip_events:
+        if failures:
+            print("events: not migrated, since block ranges failed (events need their blocks)")
+        else:
+            ids = event_id_range(source, args.start_height, args.end_height)
+            if ids is None:
+                print(f"error: no events found at heights {args.start_height} and {args.end_height - 1}")
+                return 1
+            print(f"events: heights [{args.start_height}, {args.end_height}) are event ids [{ids[0]}, {ids[1]})")
+            keys = register_ranges(instance, event_ranges, ids[0], ids[1], source.settings.event_range_size)
+            announce_snap("event ids", ids, keys, "CHAIN_EVENT_RANGE_SIZE")
+            failures += run_partitions(instance, block_events, BLOCK_EVENTS, keys, resources, event_summary)
+            total += len(keys)
+    print(f"{total - failures}/{total} ranges migrated and verified")
     if failures:
         print("next step: read the failures above (or the runs in the Dagster UI), fix the cause, "
               "and run the same command again: every load is idempotent.")
     return 1 if failures else 0
 
 
-def print_partition_summary(key: str, result: dg.ExecuteInProcessResult) -> bool:
+def event_id_range(source: ChainSourceResource, start_height: int, end_height: int) -> tuple[int, int] | None:
+    """As the seed's tool: from the first event at the start height to the last at the end height - 1."""
+    settings = source.settings
+    layout = EventLayout(settings.event_tag)
+    first = event_ids_at_height(source.client(), settings.event_table, layout, start_height)
+    last = event_ids_at_height(source.client(), settings.event_table, layout, end_height - 1)
+    if not first or not last:
+        return None
+    return first[0], last[-1] + 1
+
+
+def announce_snap(what: str, wanted: tuple[int, int], keys: list[str], size_variable: str) -> None:
+    first, last = parse_range_key(keys[0])[0], parse_range_key(keys[-1])[1]
+    if (first, last) != wanted:
+        print(f"note: {what} [{wanted[0]}, {wanted[1]}) snapped to partition boundaries [{first}, {last}) ({size_variable})")
+
+
+def run_partitions(instance, asset, asset_key, keys, resources, summary) -> int:
+    """Materialize each partition in-process; print its summary; return how many failed."""
+    failures = 0
+    for key in keys:
+        result = dg.materialize(
+            [asset], partition_key=key, instance=instance, resources=resources,
+            raise_on_error=False, tags={"migration-assets/cli": "chain migrate"},
+        )
+        failures += not print_partition_summary(key, asset_key, result, summary)
+    return failures
+
+
+def block_summary(meta: dict) -> str:
+    return (f"{meta['heights']} heights, {meta['blocks']} blocks, {meta['reorged_blocks']} reorged, "
+            f"{meta['missing_canonicals']} missing canonical, {meta['heights_per_second']} heights/s")
+
+
+def event_summary(meta: dict) -> str:
+    return f"{meta['events']} events (ids {meta['ids_read']}), {meta['events_per_second']} events/s"
+
+
+def print_partition_summary(key: str, asset_key: dg.AssetKey, result: dg.ExecuteInProcessResult, summary) -> bool:
     """One line for the partition, plus each failing check and error; True when all went well."""
     ok = result.success
-    materializations = result.asset_materializations_for_node(block_metadata.node_def.name)
+    materializations = [
+        event.event_specific_data.materialization
+        for event in result.all_events
+        if event.is_step_materialization and event.asset_key == asset_key
+    ]
     if materializations:
-        meta = {name: value.value for name, value in materializations[-1].metadata.items()}
-        print(
-            f"{key}: {meta['heights']} heights, {meta['blocks']} blocks, {meta['reorged_blocks']} reorged, "
-            f"{meta['missing_canonicals']} missing canonical, {meta['heights_per_second']} heights/s"
-        )
+        print(f"{key}: " + summary({name: value.value for name, value in materializations[-1].metadata.items()}))
     for evaluation in result.get_asset_check_evaluations():
-        if evaluation.asset_key == BLOCK_METADATA and not evaluation.passed:
+        if not evaluation.passed:
             ok = ok and evaluation.severity.value == "WARN"
             print(f"  check {evaluation.check_name} FAILED ({evaluation.severity.value}): {evaluation.description}")
     for event in result.all_events:

@@ -1,5 +1,6 @@
 import dagster as dg
 
-from migration_assets.chain.assets import block_metadata
+from migration_assets.chain.assets import block_events, block_metadata
+from migration_assets.chain.sensors import chain_sync
 
-defs = dg.Definitions(assets=[block_metadata])
+defs = dg.Definitions(assets=[block_metadata, block_events], sensors=[chain_sync])

@@ -17,6 +17,8 @@ class ChainSourceResource(ResourceWithBoto3Configuration):
 
     block_table: str | None = Field(default=None, description="defaults to CHAIN_BLOCK_TABLE")
     block_tag: int | None = Field(default=None, description="defaults to CHAIN_BLOCK_TAG (1)")
+    event_table: str | None = Field(default=None, description="defaults to CHAIN_EVENT_TABLE")
+    event_tag: int | None = Field(default=None, description="defaults to CHAIN_EVENT_TAG (0)")
     read_concurrency: int = Field(default=16, description="DynamoDB requests in flight per run")
     max_attempts: int = 10
     _client: Any = PrivateAttr(default=None)
@@ -28,6 +30,8 @@ class ChainSourceResource(ResourceWithBoto3Configuration):
             update={
                 "block_table": self.block_table or env.block_table,
                 "block_tag": env.block_tag if self.block_tag is None else self.block_tag,
+                "event_table": self.event_table or env.event_table,
+                "event_tag": env.event_tag if self.event_tag is None else self.event_tag,
             }
         )
 

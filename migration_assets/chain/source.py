@@ -51,7 +51,7 @@ class HeightBlocks:
         return len(self.blocks) - (1 if self.canonical else 0)
 
 
-def _plain(value: dict[str, Any]) -> Any:
+def plain(value: dict[str, Any]) -> Any:
     """A DynamoDB attribute value ({"S": ...}, {"N": ...}, {"BOOL": ...}, {"NULL": true}) as Python."""
     (kind, raw), = value.items()
     if kind == "N":
@@ -63,7 +63,7 @@ def _plain(value: dict[str, Any]) -> Any:
 
 def parse_block_item(item: dict[str, Any]) -> tuple[str, BlockItem]:
     """(block_rid, block) from a raw DynamoDB item; SourceDataError names a malformed one."""
-    attrs = {name: _plain(value) for name, value in item.items()}
+    attrs = {name: plain(value) for name, value in item.items()}
     pid, rid = attrs.get("block_pid"), attrs.get("block_rid")
     skipped = bool(attrs.get("skipped", False))
     block_hash = attrs.get("block_hash") or None
@@ -140,4 +140,4 @@ def latest_height(client: Any, table: str, tag: int) -> int | None:
         ConsistentRead=True,
     )
     item = reply.get("Item")
-    return None if item is None else int(_plain(item["height"]))
+    return None if item is None else int(plain(item["height"]))

@@ -13,7 +13,7 @@ import sys
 
 import boto3
 
-from migration_assets.chain.partitions import register_block_ranges
+from migration_assets.chain.partitions import block_ranges, register_ranges
 from migration_assets.chain.source import latest_height
 from migration_assets.core.instance import project_instance
 from migration_assets.core.settings import ChainSettings, data_dir
@@ -59,7 +59,7 @@ def dev_command(args: argparse.Namespace) -> int:
     servers = start_local_sources(args)
     try:
         table, tip = seed_chain(args.heights)
-        keys = register_block_ranges(instance, 0, tip + 1, ChainSettings.from_env().block_range_size)
+        keys = register_ranges(instance, block_ranges, 0, tip + 1, ChainSettings.from_env().block_range_size)
         print(f"{table}: heights 0-{tip}; {len(keys)} block ranges ready to backfill in the UI")
         print(f"Dagster UI: http://127.0.0.1:{args.port} (Ctrl-C stops everything)")
         command = [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),

@@ -1,0 +1,80 @@
+"""Events for a sample chain, in both of chainstorage's event-table layouts.
+
+For each height: every reorged block is added then removed, then the canonical block is added, so the
+sequence obeys the chain's rules (reference/chain.md)."""
+
+from collections.abc import Iterable, Iterator
+from itertools import groupby
+from typing import Any
+
+from migration_assets.chain.event_source import EventLayout
+from migration_assets.chain.source import CANONICAL_RID
+
+Item = dict[str, dict[str, Any]]
+ADDED, REMOVED = 1, 2
+
+
+def event_item(layout: EventLayout, sequence: int, event_type: int, block: Item) -> Item:
+    """One event item about `block` (a block-table item) in the layout's format."""
+    height = block["height"]["N"]
+    item: Item = {
+        **layout.key(sequence),
+        "sequence": {"N": str(sequence)},
+        "event_tag": {"N": str(layout.event_tag)},
+        "type": {"N": str(event_type)},
+        "height": {"N": height},
+        "hash": {"S": block["block_hash"]["S"]},
+        "parent_hash": {"S": block["parent_hash"]["S"]},
+        "tag": {"N": block["tag"]["N"]},
+        "skipped": {"BOOL": block["skipped"]["BOOL"]},
+        "block_timestamp": {"N": block["timestamp"]["N"]},
+    }
+    if not layout.legacy:
+        item["block_id"] = {"S": f"{layout.event_tag}-{height}"}
+    return item
+
+
+def watermark_item(layout: EventLayout, max_id: int) -> Item:
+    if layout.legacy:
+        return {**layout.watermark_key(), "max_event_id": {"N": str(max_id)}}
+    return {**layout.watermark_key(), "sequence": {"N": str(max_id)}}
+
+
+def chain_events(block_items: Iterable[Item], layout: EventLayout, first_id: int = 1) -> Iterator[Item]:
+    """Events for the heights of `block_items` (grouped by height, as sample_chain yields them),
+    followed by the watermark."""
+    sequence = first_id - 1
+    heights = (list(group) for pid, group in groupby(block_items, key=lambda i: i["block_pid"]["S"]) if not pid.endswith("latest"))
+    for items in heights:
+        canonical = next((i for i in items if i["block_rid"]["S"] == CANONICAL_RID), None)
+        winner_hash = canonical["block_hash"]["S"] if canonical else None
+        for block in items:
+            if block["block_rid"]["S"] in (CANONICAL_RID, "null") or block["block_hash"]["S"] == winner_hash:
+                continue
+            for event_type in (ADDED, REMOVED):
+                sequence += 1
+                yield event_item(layout, sequence, event_type, block)
+        if canonical is not None:
+            sequence += 1
+            yield event_item(layout, sequence, ADDED, canonical)
+    yield watermark_item(layout, sequence)
+
+
+def create_event_table(client: Any, table: str, layout: EventLayout) -> None:
+    index, attribute, value = layout.height_index(0)
+    key_type = "N" if layout.legacy else "S"
+    client.create_table(
+        TableName=table,
+        KeySchema=[{"AttributeName": "event_id", "KeyType": "HASH"}],
+        AttributeDefinitions=[
+            {"AttributeName": "event_id", "AttributeType": key_type},
+            {"AttributeName": attribute, "AttributeType": next(iter(value))},
+        ],
+        GlobalSecondaryIndexes=[{
+            "IndexName": index,
+            "KeySchema": [{"AttributeName": attribute, "KeyType": "HASH"}],
+            "Projection": {"ProjectionType": "ALL"},
+        }],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    client.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 0.2, "MaxAttempts": 100})
