@@ -54,8 +54,8 @@ def target(target_url) -> Iterator[psycopg.Connection]:
 
 
 @pytest.fixture(scope="session")
-def dynalite() -> Iterator[str]:
-    server = start_dynalite()
+def dynalite(tmp_path_factory) -> Iterator[str]:
+    server = start_dynalite(log_path=tmp_path_factory.mktemp("logs") / "dynalite.log")
     with pytest.MonkeyPatch.context() as mp:
         for name, value in local_aws_environment(server.url).items():
             mp.setenv(name, value)
@@ -84,3 +84,17 @@ def instance(pg_server_url) -> Iterator[dg.DagsterInstance]:
     overrides = {"storage": {"postgres": {"postgres_url": dagster_url}}}
     with dg.instance_for_test(overrides=overrides) as test_instance:
         yield test_instance
+
+
+@pytest.fixture(params=[0, 2], ids=["legacy-tag0", "versioned-tag2"])
+def event_table(request, dynamodb, monkeypatch):
+    """A new event table in the layout of the event tag (0: numeric ids, >= 1: "{tag}-{seq}")."""
+    from migration_assets.chain.event_source import EventLayout
+    from migration_assets.devstack.sample_events import create_event_table
+
+    layout = EventLayout(request.param)
+    name = f"events_{uuid.uuid4().hex[:10]}"
+    create_event_table(dynamodb, name, layout)
+    monkeypatch.setenv("CHAIN_EVENT_TABLE", name)
+    monkeypatch.setenv("CHAIN_EVENT_TAG", str(layout.event_tag))
+    return name, layout

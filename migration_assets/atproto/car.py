@@ -8,7 +8,7 @@ and a section that claims more than the remaining budget fails before it is buff
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CID, CidError, CidMismatch, decode_varint, read_cid
@@ -26,6 +26,7 @@ class CarTooLarge(CarError):
     """The CAR stream is larger than the caller's cap."""
 
 
+@runtime_checkable
 class Readable(Protocol):
     def read(self, size: int = ..., /) -> bytes: ...
 
@@ -34,11 +35,11 @@ class _Source:
     """Buffered reader over a file-like object or an iterator of byte chunks, counting toward a cap."""
 
     def __init__(self, source: Readable | Iterable[bytes], max_size: int) -> None:
-        if hasattr(source, "read"):
-            reader: Readable = source  # type: ignore[assignment]
+        if isinstance(source, Readable):
+            reader = source
             self._chunks: Iterator[bytes] = iter(lambda: reader.read(READ_SIZE), b"")
         else:
-            self._chunks = iter(source)  # type: ignore[arg-type]
+            self._chunks = iter(source)
         self._buf = bytearray()
         self._pos = 0
         self.offset = 0  # stream offset of self._buf[self._pos], for error messages
@@ -53,7 +54,9 @@ class _Source:
                 return False
             self.pulled += len(chunk)
             if self.pulled > self.max_size:
-                raise CarTooLarge(f"CAR is larger than the cap of {self.max_size} bytes; raise the cap or skip this repo")
+                raise CarTooLarge(
+                    f"CAR is larger than the cap of {self.max_size} bytes; raise the cap or skip this repo"
+                )
             if self._pos:  # drop consumed bytes before growing, so the buffer holds one section at most
                 del self._buf[: self._pos]
                 self._pos = 0

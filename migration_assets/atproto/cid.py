@@ -141,4 +141,7 @@ def link_from_tag42(value: object) -> CID:
     """The CID inside a DAG-CBOR tag 42: a byte string of 0x00 (identity multibase) + binary CID."""
     if not isinstance(value, bytes) or not value.startswith(b"\x00"):
         raise CidError("CBOR tag 42 must wrap a byte string starting with 0x00")
+    codec = _COMMON_PREFIXES.get(value[1:5])
+    if codec is not None and len(value) == 37:  # fast path: MST nodes hold many of these
+        return CID(codec, value[5:])
     return CID.from_bytes(memoryview(value)[1:])

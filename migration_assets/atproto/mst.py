@@ -65,7 +65,7 @@ def parse_commit(block: bytes) -> Commit:
         problems.append("sig is not bytes")
     if problems:
         raise CommitError("invalid commit: " + "; ".join(problems))
-    return Commit(did=did, version=version, data=data, rev=rev, prev=prev, sig=sig)
+    return Commit.model_validate({"did": did, "version": version, "data": data, "rev": rev, "prev": prev, "sig": sig})
 
 
 def key_layer(key: bytes | str) -> int:
@@ -93,7 +93,9 @@ def _node(blocks: Mapping[CID, bytes], cid: CID) -> tuple[CID | None, list[dict[
     try:
         block = blocks[cid]
     except KeyError:
-        raise MstError(f"MST node {cid} is missing from the block set; the repo export is incomplete") from None
+        raise MstError(
+            f"MST node {cid} is missing from the block set; the repo export is incomplete, fetch it again"
+        ) from None
     try:
         node = dagcbor.decode(block)
     except AtprotoFormatError as exc:
@@ -115,9 +117,7 @@ def _node(blocks: Mapping[CID, bytes], cid: CID) -> tuple[CID | None, list[dict[
     return left, entries
 
 
-def _walk(
-    blocks: Mapping[CID, bytes], cid: CID, layer: int | None, last: list[bytes]
-) -> Iterator[tuple[bytes, CID]]:
+def _walk(blocks: Mapping[CID, bytes], cid: CID, layer: int | None, last: list[bytes]) -> Iterator[tuple[bytes, CID]]:
     """In-order walk of the subtree at `cid`, expected at `layer` (None: the root, whose layer is its keys')."""
     left, entries = _node(blocks, cid)
     keys: list[bytes] = []

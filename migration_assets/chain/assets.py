@@ -14,6 +14,7 @@ from migration_assets.core.postgres import PostgresResource
 BLOCK_METADATA = dg.AssetKey(["chain", "block_metadata"])
 BLOCK_EVENTS = dg.AssetKey(["chain", "block_events"])
 SYNC_TAG = "migration-assets/sync"  # runs requested by the continuous-sync sensor
+MISSING_BLOCK_HEIGHTS = "missing_block_heights"  # [first, last] on an event range's failure
 
 _BLOCK_CHECKS = {
     checks.CHECK_BLOCK_COUNT: "block_metadata rows per height = distinct blocks in the source",
@@ -96,7 +97,7 @@ _EVENT_CHECKS = {
 def event_range_metadata(result: EventRangeResult) -> dict:
     return {
         "events": dg.MetadataValue.int(result.events),
-        "ids_read": dg.MetadataValue.text(f"{result.start}-{result.read_end - 1}" if result.read_end > result.start else "none"),
+        "ids_read": dg.MetadataValue.text(f"{result.read_start}-{result.read_end - 1}" if result.read_end > result.read_start else "none"),
         "heights": dg.MetadataValue.text(f"{result.min_height}-{result.max_height}" if result.events else "none"),
         "by_type": dg.MetadataValue.json(result.by_type),
         "events_per_second": dg.MetadataValue.float(round(result.events_per_second, 1)),
@@ -137,7 +138,10 @@ def block_events(
         if SYNC_TAG in context.run.tags:
             # Continuous sync launches block and event runs together: give the blocks time to land.
             raise dg.RetryRequested(max_retries=5, seconds_to_wait=context.retry_number * 30 + 15) from error
-        raise
+        raise dg.Failure(
+            description=str(error),
+            metadata={MISSING_BLOCK_HEIGHTS: dg.MetadataValue.json([min(error.heights), max(error.heights)])},
+        ) from error
     return dg.MaterializeResult(
         metadata=event_range_metadata(result),
         check_results=[check_result(outcome) for outcome in result.checks],

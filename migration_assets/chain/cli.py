@@ -4,7 +4,9 @@ import argparse
 
 import dagster as dg
 
-from migration_assets.chain.assets import BLOCK_EVENTS, BLOCK_METADATA, block_events, block_metadata
+from migration_assets.chain.assets import (
+    BLOCK_EVENTS, BLOCK_METADATA, MISSING_BLOCK_HEIGHTS, block_events, block_metadata,
+)
 from migration_assets.chain.event_source import EventLayout, event_ids_at_height
 from migration_assets.chain.partitions import block_ranges, event_ranges, register_ranges
 from migration_assets.chain.ranges import parse_range_key
@@ -53,7 +55,8 @@ def migrate_command(args: argparse.Namespace) -> int:
             print(f"events: heights [{args.start_height}, {args.end_height}) are event ids [{ids[0]}, {ids[1]})")
             keys = register_ranges(instance, event_ranges, ids[0], ids[1], source.settings.event_range_size)
             announce_snap("event ids", ids, keys, "CHAIN_EVENT_RANGE_SIZE")
-            failures += run_partitions(instance, block_events, BLOCK_EVENTS, keys, resources, event_summary)
+            for key in keys:
+                failures += not migrate_event_partition(instance, key, resources, blocks_allowed=not args.skip_blocks)
             total += len(keys)
     print(f"{total - failures}/{total} ranges migrated and verified")
     if failures:
@@ -79,16 +82,42 @@ def announce_snap(what: str, wanted: tuple[int, int], keys: list[str], size_vari
         print(f"note: {what} [{wanted[0]}, {wanted[1]}) snapped to partition boundaries [{first}, {last}) ({size_variable})")
 
 
+def materialize(instance, asset, key, resources) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [asset], partition_key=key, instance=instance, resources=resources,
+        raise_on_error=False, tags={"migration-assets/cli": "chain migrate"},
+    )
+
+
 def run_partitions(instance, asset, asset_key, keys, resources, summary) -> int:
     """Materialize each partition in-process; print its summary; return how many failed."""
     failures = 0
     for key in keys:
-        result = dg.materialize(
-            [asset], partition_key=key, instance=instance, resources=resources,
-            raise_on_error=False, tags={"migration-assets/cli": "chain migrate"},
-        )
-        failures += not print_partition_summary(key, asset_key, result, summary)
+        failures += not print_partition_summary(key, asset_key, materialize(instance, asset, key, resources), summary)
     return failures
+
+
+def migrate_event_partition(instance, key: str, resources: dict, blocks_allowed: bool) -> bool:
+    """An event range snapped to partition bounds may reach heights beyond the ones asked for: when
+    its events need blocks not migrated yet, migrate those block ranges and run the range again."""
+    result = materialize(instance, block_events, key, resources)
+    heights = missing_block_heights(result)
+    if heights and blocks_allowed:
+        print(f"{key}: its events need blocks at heights {heights[0]}-{heights[1]}; migrating those first")
+        size = resources["chain_source"].settings.block_range_size
+        block_keys = register_ranges(instance, block_ranges, heights[0], heights[1] + 1, size)
+        if run_partitions(instance, block_metadata, BLOCK_METADATA, block_keys, resources, block_summary):
+            return False
+        result = materialize(instance, block_events, key, resources)
+    return print_partition_summary(key, BLOCK_EVENTS, result, event_summary)
+
+
+def missing_block_heights(result: dg.ExecuteInProcessResult) -> list[int] | None:
+    for event in result.all_events:
+        failure = event.step_failure_data if event.is_step_failure else None
+        if failure and failure.user_failure_data and MISSING_BLOCK_HEIGHTS in failure.user_failure_data.metadata:
+            return failure.user_failure_data.metadata[MISSING_BLOCK_HEIGHTS].value
+    return None
 
 
 def block_summary(meta: dict) -> str:

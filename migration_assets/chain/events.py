@@ -23,7 +23,9 @@ class EventGapError(Exception):
 
 
 class MissingBlocksError(Exception):
-    pass
+    def __init__(self, message: str, heights: list[int]):
+        super().__init__(message)
+        self.heights = heights
 
 
 @dataclass
@@ -31,7 +33,8 @@ class EventRangeResult:
     event_tag: int
     start: int
     end: int
-    read_end: int = 0  # ids [start, read_end) were read: the watermark may cut the range short
+    read_start: int = 0  # ids [read_start, read_end) were read: ids start at 1, and the
+    read_end: int = 0  # watermark cuts the range at the tip short
     events: int = 0
     by_type: dict[str, int] = field(default_factory=dict)
     min_height: int | None = None
@@ -71,7 +74,7 @@ def migrate_event_range(
     layout = EventLayout(request.event_tag)
     result = EventRangeResult(request.event_tag, request.start, request.end)
     watermark = max_event_id(request.client, request.table, layout) or 0
-    first = max(request.start, 1)  # event ids start at 1
+    first = result.read_start = max(request.start, 1)  # event ids start at 1
     result.read_end = max(first, min(request.end, watermark + 1))
 
     gaps: list[int] = []
@@ -110,7 +113,8 @@ def migrate_event_range(
                 f"(height, hash) {listing(pairs)}. Migrate those heights' blocks first "
                 f"(heights {min(heights)}-{max(heights)}: `migration-assets chain migrate "
                 f"--start-height {min(heights)} --end-height {max(heights) + 1} --skip-events`), "
-                "then re-run this event range."
+                "then re-run this event range.",
+                heights,
             )
         result.checks = run_event_checks(conn, request.event_tag, request.start, request.end, result)
         conn.commit()

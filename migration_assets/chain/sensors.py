@@ -7,7 +7,7 @@ from migration_assets.chain.assets import BLOCK_EVENTS, BLOCK_METADATA, SYNC_TAG
 from migration_assets.chain.event_source import EventLayout, max_event_id
 from migration_assets.chain.partitions import block_ranges, event_ranges
 from migration_assets.chain.resources import ChainSourceResource
-from migration_assets.chain.source import latest_height
+from migration_assets.chain.source import latest_block
 from migration_assets.chain.sync import StreamPlan, SyncCursor, plan_stream
 from migration_assets.core.settings import ChainSettings
 
@@ -37,10 +37,12 @@ def chain_sync(context: dg.SensorEvaluationContext, chain_source: ChainSourceRes
     settings = chain_source.settings
     client = chain_source.client()
     cursor = SyncCursor.model_validate_json(context.cursor) if context.cursor else SyncCursor()
-    block_tip = latest_height(client, settings.block_table, settings.block_tag)
+    latest = latest_block(client, settings.block_table, settings.block_tag)
+    block_tip = latest[0] if latest else None
     event_tip = max_event_id(client, settings.event_table, EventLayout(settings.event_tag))
     blocks = plan_stream(
-        "blocks", cursor.blocks, block_tip, settings.block_range_size, MAX_NEW_RANGES_PER_TICK, REORG_MARGIN_HEIGHTS
+        "blocks", cursor.blocks, block_tip, settings.block_range_size, MAX_NEW_RANGES_PER_TICK, REORG_MARGIN_HEIGHTS,
+        tip_marker=f"{latest[0]}:{latest[1]}" if latest else None,
     )
     events = plan_stream("events", cursor.events, event_tip, settings.event_range_size, MAX_NEW_RANGES_PER_TICK, first_id=1)
     context.log.info(

@@ -132,12 +132,17 @@ def read_height(client: Any, table: str, tag: int, height: int) -> HeightBlocks:
     return order_height(tag, height, query_height_items(client, table, tag, height))
 
 
-def latest_height(client: Any, table: str, tag: int) -> int | None:
-    """The height of the "{tag}-latest" watermark, or None when the table has none yet."""
+def latest_block(client: Any, table: str, tag: int) -> tuple[int, str] | None:
+    """(height, hash) of the "{tag}-latest" watermark, or None when the table has none yet."""
     reply = client.get_item(
         TableName=table,
         Key={"block_pid": {"S": f"{tag}-latest"}, "block_rid": {"S": CANONICAL_RID}},
         ConsistentRead=True,
     )
     item = reply.get("Item")
-    return None if item is None else int(plain(item["height"]))
+    return None if item is None else (int(plain(item["height"])), str(plain(item.get("block_hash", {"S": ""}))))
+
+
+def latest_height(client: Any, table: str, tag: int) -> int | None:
+    latest = latest_block(client, table, tag)
+    return None if latest is None else latest[0]

@@ -15,7 +15,7 @@ from migration_assets.chain.ranges import range_key
 
 class StreamCursor(BaseModel):
     next_start: int = 0  # first range not yet requested as complete
-    synced_tip: int | None = None  # watermark the last tip run was requested for
+    synced_tip: str | None = None  # the watermark (e.g. "height:hash") the last tip run was for
 
 
 class SyncCursor(BaseModel):
@@ -39,8 +39,11 @@ class StreamPlan:
 
 def plan_stream(
     name: str, cursor: StreamCursor, tip: int | None, size: int, max_new_ranges: int = 100, reorg_margin: int = 0,
-    first_id: int = 0,
+    first_id: int = 0, tip_marker: str | None = None,
 ) -> StreamPlan:
+    """`tip` is the last height (or id) in the source; `tip_marker` changes whenever the tip does,
+    even at the same height (a reorg replaces the tip block), and defaults to the tip itself."""
+    marker = str(tip) if tip_marker is None else tip_marker
     if tip is None or tip < first_id:
         return StreamPlan([], [], cursor)
     start = cursor.next_start
@@ -51,12 +54,12 @@ def plan_stream(
         start += size
     caught_up = start + size - 1 > tip
     next_cursor = StreamCursor(next_start=start, synced_tip=cursor.synced_tip)
-    if caught_up and tip >= start and tip != cursor.synced_tip:
+    if caught_up and tip >= start and marker != cursor.synced_tip:
         open_key = range_key(start, start + size)
-        runs.append(RangeRun(open_key, f"{name}:{open_key}@{tip}", complete=False))
-        if start >= size and tip - start < reorg_margin:
-            below = range_key(start - size, start)
-            runs.append(RangeRun(below, f"{name}:{below}@{tip}", complete=False))
-        next_cursor = StreamCursor(next_start=start, synced_tip=tip)
+        runs.append(RangeRun(open_key, f"{name}:{open_key}@{marker}", complete=False))
+        below = range_key(start - size, start) if start >= size else None
+        if below and tip - start < reorg_margin and all(run.key != below for run in runs):
+            runs.append(RangeRun(below, f"{name}:{below}@{marker}", complete=False))
+        next_cursor = StreamCursor(next_start=start, synced_tip=marker)
     new_keys = sorted({run.key for run in runs})
     return StreamPlan(new_keys, runs, next_cursor)

@@ -62,3 +62,16 @@ def check_outcomes(result: dg.ExecuteInProcessResult) -> dict:
 def failure_text(result: dg.ExecuteInProcessResult) -> str:
     """The step failures' messages, with their causes (where the user's error stands)."""
     return "\n".join(e.step_failure_data.error.to_string() for e in result.all_events if e.is_step_failure)
+
+
+def materialize_events(instance: dg.DagsterInstance, start: int, end: int, tags=None, **resource_overrides):
+    from migration_assets.chain.assets import block_events
+    from migration_assets.chain.partitions import event_ranges
+
+    key = range_key(start, end)
+    instance.add_dynamic_partitions(event_ranges.name, [key])
+    resources = {**shared_resources(), **resource_overrides}
+    return dg.materialize(
+        [block_events], partition_key=key, instance=instance, resources=resources, raise_on_error=False,
+        tags=tags or {},
+    )

@@ -96,3 +96,62 @@ def test_run_killed_mid_partition_then_rerun_ends_exact(dagster_home, dynamodb, 
         "SELECT count(*) FROM (SELECT tag, height, hash FROM block_metadata GROUP BY 1, 2, 3 HAVING count(*) > 1) d"
     ).fetchone()[0]
     assert duplicates == 0
+
+
+def event_count(conn) -> int:
+    return conn.execute("SELECT count(*) FROM block_events").fetchone()[0]
+
+
+def test_cli_migrates_blocks_then_the_events_of_those_heights(
+    dagster_home, dynamodb, block_table, event_table, target, monkeypatch, capsys
+):
+    from migration_assets.devstack.sample_events import chain_events
+
+    monkeypatch.setenv("CHAIN_BLOCK_RANGE_SIZE", "10")
+    monkeypatch.setenv("CHAIN_EVENT_RANGE_SIZE", "25")
+    events_table, layout = event_table
+    blocks = list(sample_chain(TAG, 0, 40, reorg_rate=0.2))
+    events = list(chain_events(blocks, layout))
+    seed(dynamodb, block_table, blocks)
+    seed(dynamodb, events_table, events)
+
+    code = main(["chain", "migrate", "--start-height", "0", "--end-height", "20", "--event-tag", str(layout.event_tag)])
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    last_id = max(int(e["sequence"]["N"]) for e in events[:-1] if int(e["height"]["N"]) == 19)
+    assert f"events: heights [0, 20) are event ids [1, {last_id + 1})" in out
+    stored = target.execute("SELECT min(event_sequence), max(event_sequence), max(height) FROM block_events").fetchone()
+    assert stored[0] == 1 and stored[1] >= last_id
+    assert "ranges migrated and verified" in out
+
+
+def test_event_run_killed_mid_range_then_rerun_ends_exact(
+    dagster_home, instance, dynamodb, block_table, event_table, target
+):
+    from migration_assets.devstack.sample_events import chain_events
+    from tests.chain.helpers import materialize_range
+
+    events_table, layout = event_table
+    blocks = list(sample_chain(TAG, 0, 3000, reorg_rate=0.1))
+    events = list(chain_events(blocks, layout))
+    seed(dynamodb, block_table, blocks)
+    seed(dynamodb, events_table, events)
+    assert materialize_range(instance, 0, 3000).success
+    env = {**os.environ, "CHAIN_EVENT_RANGE_SIZE": "10000", "CHAIN_LOAD_CHUNK_EVENTS": "100"}
+    command = [sys.executable, "-m", "migration_assets.cli", "chain", "migrate", "--start-height", "0",
+               "--end-height", "3000", "--skip-blocks"]
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while event_count(target) == 0 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 0 < event_count(target) < len(events) - 1, "the kill must land mid-range"
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    ids = [row[0] for row in target.execute("SELECT event_sequence FROM block_events ORDER BY 1")]
+    assert ids == list(range(1, len(events)))  # every source event once (the last item is the watermark)
