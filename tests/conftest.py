@@ -19,16 +19,21 @@ TEMPLATE_DB = "migration_template"
 
 
 @pytest.fixture(scope="session")
-def pg_server_url(tmp_path_factory) -> str:
+def pg_server_url(tmp_path_factory) -> Iterator[str]:
+    data = tmp_path_factory.mktemp("data")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MIGRATION_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+        mp.setenv("MIGRATION_DATA_DIR", str(data))
         mp.delenv("MIGRATION_DATABASE_URL", raising=False)
         url = embedded.embedded_server_url()
     # Build a template with the schema applied once; every test clones it (fast CREATE DATABASE).
     template_url = embedded.database_url(url, TEMPLATE_DB)
     shared_pool(template_url)
     close_pools()
-    return url
+    yield url
+    close_pools()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MIGRATION_DATA_DIR", str(data))
+        embedded.stop_embedded_server()
 
 
 def fresh_database(server_url: str) -> str:

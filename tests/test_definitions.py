@@ -1,5 +1,6 @@
 """The code location loads as Dagster loads it, with every asset, check and sensor in place."""
 
+import os
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ def test_dagster_validates_the_code_location(tmp_path):
     # An empty DAGSTER_HOME: validation must not depend on a running instance.
     result = subprocess.run(
         [sys.executable, "-m", "dagster", "definitions", "validate", "-m", "migration_assets.definitions"],
-        capture_output=True, text=True, env={**__import__("os").environ, "DAGSTER_HOME": str(tmp_path)},
+        capture_output=True, text=True, env={**os.environ, "DAGSTER_HOME": str(tmp_path)},
         cwd=tmp_path, timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr

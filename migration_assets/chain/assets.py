@@ -15,6 +15,8 @@ BLOCK_METADATA = dg.AssetKey(["chain", "block_metadata"])
 BLOCK_EVENTS = dg.AssetKey(["chain", "block_events"])
 SYNC_TAG = "migration-assets/sync"  # runs requested by the continuous-sync sensor
 MISSING_BLOCK_HEIGHTS = "missing_block_heights"  # [first, last] on an event range's failure
+SYNC_RETRY_SECONDS = 30  # a synced event run waits this much longer at each retry for its blocks
+SYNC_RETRIES = 5
 
 _BLOCK_CHECKS = {
     checks.CHECK_BLOCK_COUNT: "block_metadata rows per height = distinct blocks in the source",
@@ -63,6 +65,8 @@ def block_metadata(
         end=end,
         read_concurrency=chain_source.read_concurrency,
         chunk_heights=settings.load_chunk_heights,
+        read_processes=chain_source.read_processes,
+        client_spec=chain_source.client_spec(),
     )
 
     def progress(result: BlockRangeResult) -> None:
@@ -137,7 +141,8 @@ def block_events(
     except MissingBlocksError as error:
         if SYNC_TAG in context.run.tags:
             # Continuous sync launches block and event runs together: give the blocks time to land.
-            raise dg.RetryRequested(max_retries=5, seconds_to_wait=context.retry_number * 30 + 15) from error
+            wait = SYNC_RETRY_SECONDS * (context.retry_number + 1)
+            raise dg.RetryRequested(max_retries=SYNC_RETRIES, seconds_to_wait=wait) from error
         raise dg.Failure(
             description=str(error),
             metadata={MISSING_BLOCK_HEIGHTS: dg.MetadataValue.json([min(error.heights), max(error.heights)])},

@@ -4,8 +4,11 @@ Each chunk of heights is one transaction, and every load is idempotent, so a run
 is repaired by running the range again.
 """
 
+import multiprocessing
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +17,7 @@ from psycopg_pool import ConnectionPool
 from migration_assets.chain.checks import SourceSummary, run_block_checks
 from migration_assets.chain.loader import load_heights
 from migration_assets.chain.source import HeightBlocks, latest_height, read_height
+from migration_assets.core.aws import DynamoClientSpec
 from migration_assets.core.checks import CheckOutcome
 from migration_assets.core.concurrency import ordered_map
 
@@ -57,6 +61,39 @@ class BlockRangeRequest:
     end: int
     read_concurrency: int = 16
     chunk_heights: int = 1000
+    read_processes: int = 1  # > 1 needs client_spec, for the worker processes' own clients
+    client_spec: DynamoClientSpec | None = None
+
+
+_HEIGHTS_PER_TASK = 100
+_MIN_HEIGHTS_FOR_PROCESSES = 1000  # below this, starting the workers costs more than they save
+_worker_client: Any = None
+
+
+def _read_heights_in_worker(spec: DynamoClientSpec, table: str, tag: int, threads: int, heights: range) -> list[HeightBlocks]:
+    global _worker_client
+    if _worker_client is None:
+        _worker_client = spec.make()
+    return list(ordered_map(lambda h: read_height(_worker_client, table, tag, h), heights, threads))
+
+
+def read_heights(request: BlockRangeRequest, end: int) -> Iterator[HeightBlocks]:
+    """Heights [start, end) in order, read by threads, or by worker processes each running threads:
+    botocore's per-request CPU makes one process CPU-bound when the source answers fast."""
+    in_threads = end - request.start < _MIN_HEIGHTS_FOR_PROCESSES
+    if in_threads or request.read_processes <= 1 or request.client_spec is None:
+        yield from ordered_map(
+            lambda h: read_height(request.client, request.table, request.tag, h),
+            range(request.start, end), request.read_concurrency,
+        )
+        return
+    threads = max(1, request.read_concurrency // request.read_processes)
+    task = partial(_read_heights_in_worker, request.client_spec, request.table, request.tag, threads)
+    tasks = (range(s, min(s + _HEIGHTS_PER_TASK, end)) for s in range(request.start, end, _HEIGHTS_PER_TASK))
+    # spawn, not fork: the run process has threads (pools, Dagster) whose locks a fork would copy.
+    with ProcessPoolExecutor(request.read_processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for batch in ordered_map(task, tasks, request.read_processes, executor=pool):
+            yield from batch
 
 
 def migrate_block_range(
@@ -69,12 +106,9 @@ def migrate_block_range(
     tip = latest_height(request.client, request.table, request.tag)
     result.read_end = request.end if tip is None else max(request.start, min(request.end, tip + 1))
 
-    def read(height: int) -> HeightBlocks:
-        return read_height(request.client, request.table, request.tag, height)
-
     chunk: list[HeightBlocks] = []
     with pool.connection() as conn:
-        for height in ordered_map(read, range(request.start, result.read_end), request.read_concurrency):
+        for height in read_heights(request, result.read_end):
             chunk.append(height)
             result.count(height)
             if len(chunk) >= request.chunk_heights:
@@ -83,8 +117,8 @@ def migrate_block_range(
                 on_progress(result)
         if chunk:
             load_heights(conn, chunk)
+            on_progress(result)
         result.seconds = time.monotonic() - started
         result.checks = run_block_checks(conn, request.tag, request.start, result.read_end, result.source)
         conn.commit()
-    on_progress(result)
     return result

@@ -3,11 +3,10 @@
 from functools import cached_property
 from typing import Any
 
-import boto3
-from botocore.config import Config
 from dagster_aws.utils import ResourceWithBoto3Configuration
 from pydantic import Field, PrivateAttr
 
+from migration_assets.core.aws import DynamoClientSpec
 from migration_assets.core.settings import ChainSettings
 
 
@@ -20,6 +19,11 @@ class ChainSourceResource(ResourceWithBoto3Configuration):
     event_table: str | None = Field(default=None, description="defaults to CHAIN_EVENT_TABLE")
     event_tag: int | None = Field(default=None, description="defaults to CHAIN_EVENT_TAG (0)")
     read_concurrency: int = Field(default=16, description="DynamoDB requests in flight per run")
+    read_processes: int = Field(
+        default=2,
+        description="worker processes reading block heights; botocore spends ~1 ms of CPU per request, "
+        "so at low latency one process's threads are CPU-bound. 1 reads in threads only.",
+    )
     max_attempts: int = 10
     _client: Any = PrivateAttr(default=None)
 
@@ -35,24 +39,16 @@ class ChainSourceResource(ResourceWithBoto3Configuration):
             }
         )
 
+    def client_spec(self) -> DynamoClientSpec:
+        return DynamoClientSpec(
+            region_name=self.region_name, endpoint_url=self.endpoint_url, profile_name=self.profile_name,
+            aws_access_key_id=self.aws_access_key_id, aws_secret_access_key=self.aws_secret_access_key,
+            aws_session_token=self.aws_session_token, use_ssl=self.use_ssl, verify=self.verify,
+            max_attempts=self.max_attempts, max_pool_connections=self.read_concurrency + 4,
+        )
+
     def client(self) -> Any:
         """One thread-safe boto3 client per resource, its connection pool sized for the concurrency."""
         if self._client is None:
-            session = boto3.session.Session(
-                profile_name=self.profile_name,
-                aws_access_key_id=self.aws_access_key_id,
-                aws_secret_access_key=self.aws_secret_access_key,
-                aws_session_token=self.aws_session_token,
-            )
-            self._client = session.client(
-                "dynamodb",
-                region_name=self.region_name,
-                endpoint_url=self.endpoint_url,
-                use_ssl=self.use_ssl,
-                verify=self.verify,
-                config=Config(
-                    retries={"max_attempts": self.max_attempts, "mode": "standard"},
-                    max_pool_connections=self.read_concurrency + 4,
-                ),
-            )
+            self._client = self.client_spec().make()
         return self._client

@@ -2,21 +2,26 @@
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from typing import TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
 
 
-def ordered_map(fn: Callable[[In], Out], items: Iterable[In], concurrency: int) -> Iterator[Out]:
-    """Like `map`, with up to `concurrency` calls in flight and results yielded in input order.
+def ordered_map(
+    fn: Callable[[In], Out], items: Iterable[In], concurrency: int, executor: Executor | None = None
+) -> Iterator[Out]:
+    """Like `map`, with up to 2 x `concurrency` calls in flight and results yielded in input order.
 
     Unlike `Executor.map`, items are submitted lazily, so memory stays bounded on long inputs and the
     consumer's work (loading what was read) overlaps the next reads. An error surfaces at its item.
+    Runs in threads unless given an executor (e.g. a process pool, which the caller owns).
     """
     window = max(1, concurrency) * 2
-    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="read") as pool:
+    owned = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="read") if executor is None else None
+    with owned or nullcontext(executor) as pool:
         pending: deque[Future[Out]] = deque()
         try:
             for item in items:

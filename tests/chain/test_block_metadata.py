@@ -112,3 +112,29 @@ def test_heights_past_the_source_are_counted_empty(instance, dynamodb, block_tab
     assert result.success
     meta = materialization_metadata(result)
     assert meta["empty_heights"] == heights[1] - 1
+
+
+def test_worker_processes_read_exactly_what_threads_read(dynamodb, block_table):
+    from migration_assets.chain.blocks import BlockRangeRequest, read_heights
+    from migration_assets.chain.resources import ChainSourceResource
+
+    seed(dynamodb, block_table, list(sample_chain(TAG, 0, 1500, reorg_rate=0.1, skip_rate=0.05)))
+    spec = ChainSourceResource().client_spec()
+    threads = BlockRangeRequest(dynamodb, block_table, TAG, 0, 1500, read_processes=1)
+    processes = BlockRangeRequest(dynamodb, block_table, TAG, 0, 1500, read_processes=2, client_spec=spec)
+    assert list(read_heights(processes, 1500)) == list(read_heights(threads, 1500))
+
+
+def test_worker_processes_report_a_malformed_item(dynamodb, block_table):
+    from migration_assets.chain.blocks import BlockRangeRequest, read_heights
+    from migration_assets.chain.resources import ChainSourceResource
+    from migration_assets.chain.source import SourceDataError
+
+    items = list(sample_chain(TAG, 0, 1200))
+    bad = next(i for i in items if i["block_pid"]["S"] == f"{TAG}-1100" and i["block_rid"]["S"] != "canonical")
+    del bad["tag"]
+    seed(dynamodb, block_table, items)
+    request = BlockRangeRequest(dynamodb, block_table, TAG, 0, 1200, read_processes=2,
+                                client_spec=ChainSourceResource().client_spec())
+    with pytest.raises(SourceDataError, match=f"malformed block item {TAG}-1100/.*missing attribute 'tag'"):
+        list(read_heights(request, 1200))
