@@ -45,7 +45,7 @@ def block_range_metadata(result: BlockRangeResult) -> dict:
 @dg.asset(
     key=BLOCK_METADATA,
     partitions_def=block_ranges,
-    check_specs=check_specs(BLOCK_METADATA, _BLOCK_CHECKS, warn={checks.CHECK_CONTINUITY}),
+    check_specs=check_specs(BLOCK_METADATA, _BLOCK_CHECKS, block_ranges, warn=frozenset({checks.CHECK_CONTINUITY})),
     group_name="chain",
     kinds={"dynamodb", "postgres"},
     pool="chain_dynamodb",
@@ -115,7 +115,8 @@ def event_range_metadata(result: EventRangeResult) -> dict:
     partitions_def=event_ranges,
     deps=[dg.AssetDep(BLOCK_METADATA, partition_mapping=dg.AllPartitionMapping())],
     check_specs=check_specs(
-        BLOCK_EVENTS, _EVENT_CHECKS, warn={event_checks.CHECK_EVENT_RULES, event_checks.CHECK_LAST_EVENT_CANONICAL}
+        BLOCK_EVENTS, _EVENT_CHECKS, event_ranges,
+        warn=frozenset({event_checks.CHECK_EVENT_RULES, event_checks.CHECK_LAST_EVENT_CANONICAL}),
     ),
     group_name="chain",
     kinds={"dynamodb", "postgres"},

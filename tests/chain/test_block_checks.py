@@ -28,6 +28,7 @@ def test_all_checks_pass_on_a_faithful_migration(instance, dynamodb, block_table
     outcomes = check_outcomes(result)
     assert set(outcomes) == set(checks.BLOCK_CHECK_NAMES)
     assert all(o.passed for o in outcomes.values())
+    assert {o.partition for o in outcomes.values()} == {"000000000000-000000000007"}  # kept per range
 
 
 def test_count_check_fails_when_a_block_could_not_be_stored(instance, dynamodb, block_table, target):

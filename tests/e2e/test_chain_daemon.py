@@ -50,7 +50,7 @@ def backfill(stack, asset_path, keys) -> None:
         status = stack.graphql(BACKFILL_STATUS, id=launched["backfillId"])["partitionBackfillOrError"]["status"]
         return status if status != "REQUESTED" else None
 
-    assert wait_until(finished, 420, f"the backfill of {asset_path}", stack) == "COMPLETED", stack.log_tail()
+    assert wait_until(finished, 420, f"the backfill of {asset_path}", stack) in ("COMPLETED", "COMPLETED_SUCCESS"), stack.log_tail()
 
 
 def latest_check(stack, asset_path, check, partition) -> dict:
