@@ -1,7 +1,11 @@
 """The continuous-sync sensor: reads the block and event watermarks, registers new ranges, requests
 runs. Each tick does two GetItem calls and bounded bookkeeping, far below Dagster's 60 s limit."""
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import dagster as dg
+from botocore.exceptions import ClientError
 
 from migration_assets.chain.assets import BLOCK_EVENTS, BLOCK_METADATA, SYNC_TAG
 from migration_assets.chain.event_source import EventLayout, max_event_id
@@ -13,6 +17,18 @@ from migration_assets.core.settings import ChainSettings
 
 REORG_MARGIN_HEIGHTS = 64
 MAX_NEW_RANGES_PER_TICK = 100
+T = TypeVar("T")
+
+
+def _unless_missing(context: dg.SensorEvaluationContext, table: str, read: Callable[[], T]) -> T | None:
+    """A watermark, or None (and a warning) when its table does not exist: the other stream goes on."""
+    try:
+        return read()
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+            raise
+        context.log.warning(f"DynamoDB table {table} not found: not syncing it (check CHAIN_*_TABLE)")
+        return None
 
 
 def _requests(plan: StreamPlan, asset: dg.AssetKey) -> list[dg.RunRequest]:
@@ -37,9 +53,11 @@ def chain_sync(context: dg.SensorEvaluationContext, chain_source: ChainSourceRes
     settings = chain_source.settings
     client = chain_source.client()
     cursor = SyncCursor.model_validate_json(context.cursor) if context.cursor else SyncCursor()
-    latest = latest_block(client, settings.block_table, settings.block_tag)
+    latest = _unless_missing(context, settings.block_table, lambda: latest_block(client, settings.block_table, settings.block_tag))
     block_tip = latest[0] if latest else None
-    event_tip = max_event_id(client, settings.event_table, EventLayout(settings.event_tag))
+    event_tip = _unless_missing(
+        context, settings.event_table, lambda: max_event_id(client, settings.event_table, EventLayout(settings.event_tag))
+    )
     blocks = plan_stream(
         "blocks", cursor.blocks, block_tip, settings.block_range_size, MAX_NEW_RANGES_PER_TICK, REORG_MARGIN_HEIGHTS,
         tip_marker=f"{latest[0]}:{latest[1]}" if latest else None,
@@ -52,10 +70,9 @@ def chain_sync(context: dg.SensorEvaluationContext, chain_source: ChainSourceRes
     return dg.SensorResult(
         run_requests=_requests(blocks, BLOCK_METADATA) + _requests(events, BLOCK_EVENTS),
         dynamic_partitions_requests=[
-            request
+            partitions.build_add_request(plan.new_keys)
             for partitions, plan in ((block_ranges, blocks), (event_ranges, events))
             if plan.new_keys
-            for request in [partitions.build_add_request(plan.new_keys)]
         ],
         cursor=SyncCursor(blocks=blocks.cursor, events=events.cursor).model_dump_json(),
     )

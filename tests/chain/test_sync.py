@@ -122,3 +122,14 @@ def test_sensor_follows_a_growing_chain(instance, dynamodb, block_table, event_t
     ).fetchall())
     assert winners == {33: block_hash(TAG, 33, 1), 34: block_hash(TAG, 34, 1)}
     assert target.execute("SELECT max(event_sequence) FROM block_events").fetchone()[0] == 39
+
+
+def test_sensor_syncs_blocks_when_the_event_table_is_missing(instance, dynamodb, block_table, target, monkeypatch):
+    monkeypatch.setenv("CHAIN_BLOCK_RANGE_SIZE", "10")
+    monkeypatch.setenv("CHAIN_EVENT_TABLE", "no_such_events_table")
+    seed(dynamodb, block_table, list(sample_chain(TAG, 0, 12)))
+    result = tick(instance, None)
+    assert planned(result) == [
+        ("block_metadata", "000000000000-000000000010", "complete"),
+        ("block_metadata", "000000000010-000000000020", "tip"),
+    ]
