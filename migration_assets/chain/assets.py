@@ -132,6 +132,8 @@ def block_events(
         client=chain_source.client(), table=settings.event_table, event_tag=settings.event_tag,
         start=start, end=end, read_concurrency=chain_source.read_concurrency,
         chunk_events=settings.load_chunk_events,
+        read_processes=chain_source.read_processes,
+        client_spec=chain_source.client_spec(),
     )
 
     def progress(result: EventRangeResult) -> None:

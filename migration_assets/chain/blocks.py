@@ -4,10 +4,8 @@ Each chunk of heights is one transaction, and every load is idempotent, so a run
 is repaired by running the range again.
 """
 
-import multiprocessing
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +15,9 @@ from psycopg_pool import ConnectionPool
 from migration_assets.chain.checks import SourceSummary, run_block_checks
 from migration_assets.chain.loader import load_heights
 from migration_assets.chain.source import HeightBlocks, latest_height, read_height
-from migration_assets.core.aws import DynamoClientSpec
+from migration_assets.core.aws import DynamoClientSpec, cached_client
 from migration_assets.core.checks import CheckOutcome
-from migration_assets.core.concurrency import ordered_map
+from migration_assets.core.concurrency import ordered_map, ordered_map_in_processes
 
 
 @dataclass
@@ -67,19 +65,15 @@ class BlockRangeRequest:
 
 _HEIGHTS_PER_TASK = 100
 _MIN_HEIGHTS_FOR_PROCESSES = 1000  # below this, starting the workers costs more than they save
-_worker_client: Any = None
 
 
 def _read_heights_in_worker(spec: DynamoClientSpec, table: str, tag: int, threads: int, heights: range) -> list[HeightBlocks]:
-    global _worker_client
-    if _worker_client is None:
-        _worker_client = spec.make()
-    return list(ordered_map(lambda h: read_height(_worker_client, table, tag, h), heights, threads))
+    client = cached_client(spec)
+    return list(ordered_map(lambda h: read_height(client, table, tag, h), heights, threads))
 
 
 def read_heights(request: BlockRangeRequest, end: int) -> Iterator[HeightBlocks]:
-    """Heights [start, end) in order, read by threads, or by worker processes each running threads:
-    botocore's per-request CPU makes one process CPU-bound when the source answers fast."""
+    """Heights [start, end) in order, read by threads, or by worker processes each running threads."""
     in_threads = end - request.start < _MIN_HEIGHTS_FOR_PROCESSES
     if in_threads or request.read_processes <= 1 or request.client_spec is None:
         yield from ordered_map(
@@ -90,10 +84,8 @@ def read_heights(request: BlockRangeRequest, end: int) -> Iterator[HeightBlocks]
     threads = max(1, request.read_concurrency // request.read_processes)
     task = partial(_read_heights_in_worker, request.client_spec, request.table, request.tag, threads)
     tasks = (range(s, min(s + _HEIGHTS_PER_TASK, end)) for s in range(request.start, end, _HEIGHTS_PER_TASK))
-    # spawn, not fork: the run process has threads (pools, Dagster) whose locks a fork would copy.
-    with ProcessPoolExecutor(request.read_processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for batch in ordered_map(task, tasks, request.read_processes, executor=pool):
-            yield from batch
+    for batch in ordered_map_in_processes(task, tasks, request.read_processes):
+        yield from batch
 
 
 def migrate_block_range(

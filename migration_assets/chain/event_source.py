@@ -10,12 +10,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from migration_assets.chain.source import SourceDataError, plain
-from migration_assets.core.concurrency import ordered_map
+from migration_assets.core.aws import DynamoClientSpec, cached_client
+from migration_assets.core.concurrency import ordered_map, ordered_map_in_processes
 
 BATCH_GET_LIMIT = 100  # keys per BatchGetItem call
 
@@ -110,18 +112,38 @@ def batch_get(client: Any, table: str, keys: list[dict[str, Any]], max_attempts:
                        "the table is throttled: lower read_concurrency or raise its capacity, then re-run")
 
 
+def _fetch_events(client: Any, table: str, layout: EventLayout, end: int, first: int) -> list[EventItem]:
+    keys = [layout.key(seq) for seq in range(first, min(first + BATCH_GET_LIMIT, end))]
+    events = [parse_event_item(layout, item) for item in batch_get(client, table, keys)]
+    return sorted(events, key=lambda e: e.sequence)
+
+
+def _read_events_in_worker(
+    spec: DynamoClientSpec, table: str, layout: EventLayout, end: int, threads: int, ids: range
+) -> list[EventItem]:
+    fetch = partial(_fetch_events, cached_client(spec), table, layout, end)
+    return [event for batch in ordered_map(fetch, ids, threads) for event in batch]
+
+
+_IDS_PER_TASK = 2000  # 20 BatchGetItem calls a worker task
+_MIN_IDS_FOR_PROCESSES = 10_000
+
+
 def read_events(
-    client: Any, table: str, layout: EventLayout, start: int, end: int, concurrency: int
+    client: Any, table: str, layout: EventLayout, start: int, end: int, concurrency: int,
+    processes: int = 1, client_spec: DynamoClientSpec | None = None,
 ) -> Iterator[list[EventItem]]:
-    """Batches of up to 100 events with ids in [start, end), in id order. A missing id is not an error
+    """Batches of events with ids in [start, end), in id order, read by threads, or by worker
+    processes each running threads (botocore's parsing is CPU-bound). A missing id is not an error
     here: the caller decides (a gap below the watermark is)."""
-
-    def fetch(first: int) -> list[EventItem]:
-        keys = [layout.key(seq) for seq in range(first, min(first + BATCH_GET_LIMIT, end))]
-        events = [parse_event_item(layout, item) for item in batch_get(client, table, keys)]
-        return sorted(events, key=lambda e: e.sequence)
-
-    yield from ordered_map(fetch, range(start, end, BATCH_GET_LIMIT), concurrency)
+    if processes <= 1 or client_spec is None or end - start < _MIN_IDS_FOR_PROCESSES:
+        fetch = partial(_fetch_events, client, table, layout, end)
+        yield from ordered_map(fetch, range(start, end, BATCH_GET_LIMIT), concurrency)
+        return
+    threads = max(1, concurrency // processes)
+    task = partial(_read_events_in_worker, client_spec, table, layout, end, threads)
+    tasks = (range(s, min(s + _IDS_PER_TASK, end), BATCH_GET_LIMIT) for s in range(start, end, _IDS_PER_TASK))
+    yield from ordered_map_in_processes(task, tasks, processes)
 
 
 def max_event_id(client: Any, table: str, layout: EventLayout) -> int | None:

@@ -15,6 +15,7 @@ from psycopg_pool import ConnectionPool
 from migration_assets.chain.event_checks import run_event_checks
 from migration_assets.chain.event_loader import load_events
 from migration_assets.chain.event_source import EventItem, EventLayout, max_event_id, read_events
+from migration_assets.core.aws import DynamoClientSpec
 from migration_assets.core.checks import CheckOutcome, listing
 
 
@@ -63,6 +64,8 @@ class EventRangeRequest:
     end: int
     read_concurrency: int = 16
     chunk_events: int = 20_000
+    read_processes: int = 1  # > 1 needs client_spec, for the worker processes' own clients
+    client_spec: DynamoClientSpec | None = None
 
 
 def migrate_event_range(
@@ -88,7 +91,11 @@ def migrate_event_range(
             chunk.clear()
             on_progress(result)
 
-        for batch in read_events(request.client, request.table, layout, first, result.read_end, request.read_concurrency):
+        batches = read_events(
+            request.client, request.table, layout, first, result.read_end, request.read_concurrency,
+            request.read_processes, request.client_spec,
+        )
+        for batch in batches:
             for event in batch:
                 gaps.extend(range(expected, event.sequence))
                 expected = event.sequence + 1

@@ -21,7 +21,7 @@ class ChainSourceResource(ResourceWithBoto3Configuration):
     read_concurrency: int = Field(default=16, description="DynamoDB requests in flight per run")
     read_processes: int = Field(
         default=2,
-        description="worker processes reading block heights; botocore spends ~1 ms of CPU per request, "
+        description="worker processes reading blocks and events; botocore spends ~1 ms of CPU per request, "
         "so at low latency one process's threads are CPU-bound. 1 reads in threads only.",
     )
     max_attempts: int = 10

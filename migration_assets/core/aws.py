@@ -1,6 +1,7 @@
 """AWS clients built from a picklable recipe, so worker processes can build their own."""
 
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import boto3
@@ -39,3 +40,9 @@ class DynamoClientSpec:
                 parameter_validation=False,
             ),
         )
+
+
+@cache
+def cached_client(spec: DynamoClientSpec) -> Any:
+    """One client per spec per process: worker processes build theirs on first use."""
+    return spec.make()

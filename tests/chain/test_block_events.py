@@ -202,3 +202,21 @@ def test_a_synced_event_run_waits_for_its_blocks_instead_of_failing(instance, dy
     retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     assert len(retries) == assets.SYNC_RETRIES
     assert not result.success and "Migrate those heights' blocks first" in failure_text(result)
+
+
+def test_worker_processes_read_exactly_what_threads_read(dynamodb, event_table):
+    from migration_assets.chain.event_source import read_events
+
+    events_name, layout = event_table
+    blocks = list(sample_chain(TAG, 0, 11_000, reorg_rate=0.05))
+    events = list(chain_events(blocks, layout))
+    seed(dynamodb, events_name, events)
+    end = len(events) + 5  # past the last id: absent ids are simply not returned
+    spec = ChainSourceResource().client_spec()
+
+    def flat(batches):
+        return [event for batch in batches for event in batch]
+
+    in_threads = flat(read_events(dynamodb, events_name, layout, 1, end, 8))
+    in_processes = flat(read_events(dynamodb, events_name, layout, 1, end, 8, processes=2, client_spec=spec))
+    assert in_processes == in_threads and len(in_threads) == len(events) - 1
