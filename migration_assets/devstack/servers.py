@@ -63,10 +63,11 @@ def start_dynalite(port: int | None = None, log_path: Path | None = None) -> Loc
     """dynalite, an in-memory DynamoDB-API server (fast enough for benchmarks, unlike moto)."""
     port = port or free_port()
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    npm_bin("dynalite")  # a clear error when `npm ci` has not run
     process = subprocess.Popen(
-        ["node", npm_bin("dynalite"), "--port", str(port), "--host", "127.0.0.1",
-         "--createTableMs", "0", "--deleteTableMs", "0", "--updateTableMs", "0"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "NODE_OPTIONS": ""},
+        ["node", str(Path(__file__).with_name("dynalite.js")), str(port), "127.0.0.1"],
+        stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "NODE_OPTIONS": "", "NODE_PATH": str(PROJECT_ROOT / "node_modules")},
     )
     server = LocalServer("dynalite", f"http://127.0.0.1:{port}", process)
     wait_until_listening(server)
