@@ -33,16 +33,19 @@ FROM staging_events s JOIN block_metadata bm
 WHERE s.skipped
 """
 
-_MISSING_BLOCKS = f"""
+_CREATE_RESOLVED = """
+CREATE TEMP TABLE IF NOT EXISTS resolved_events (LIKE block_events) ON COMMIT DELETE ROWS
+"""
+
+# The blocks are resolved once per chunk; what did not resolve is what is missing.
+_MISSING_BLOCKS = """
 SELECT DISTINCT s.height, s.hash FROM staging_events s
-WHERE s.event_sequence NOT IN (SELECT event_sequence FROM ({_RESOLVED}) resolved)
+WHERE NOT EXISTS (SELECT 1 FROM resolved_events r WHERE r.event_sequence = s.event_sequence)
 ORDER BY s.height
 """
 
-_INSERT = f"""
-INSERT INTO block_events (event_tag, event_sequence, event_type, block_metadata_id, height, hash)
-{_RESOLVED}
-ON CONFLICT DO NOTHING
+_INSERT = """
+INSERT INTO block_events SELECT * FROM resolved_events ON CONFLICT DO NOTHING
 """
 
 
@@ -51,8 +54,10 @@ def load_events(conn: psycopg.Connection, events: Sequence[EventItem]) -> list[t
     the missing (height, hash) pairs are returned."""
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(_CREATE_STAGING)
+        cur.execute(_CREATE_RESOLVED)
         rows = ((e.event_tag, e.sequence, e.type.value, e.height, e.hash, e.block_tag, e.skipped) for e in events)
         copy_rows(cur, "staging_events", _COLUMNS, rows)
+        cur.execute(f"INSERT INTO resolved_events {_RESOLVED}")
         missing = cur.execute(_MISSING_BLOCKS).fetchall()
         if not missing:
             cur.execute(_INSERT)

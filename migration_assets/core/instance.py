@@ -8,8 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from migration_assets.core import embedded
-from migration_assets.core.settings import data_dir
-from migration_assets.devstack.servers import PROJECT_ROOT
+from migration_assets.core.settings import PROJECT_ROOT, data_dir
 
 
 def prepare_dagster_environment() -> Path:

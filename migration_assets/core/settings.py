@@ -16,6 +16,10 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+# The checkout (the project is installed editable): workspace.yaml, dagster.yaml, node_modules.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
 def data_dir() -> Path:
     """Project-local folder for embedded state (PostgreSQL data, Dagster home of the demo)."""
     return Path(os.environ.get("MIGRATION_DATA_DIR", ".migration-data")).resolve()

@@ -17,10 +17,10 @@ from migration_assets.chain.event_source import EventLayout, max_event_id
 from migration_assets.chain.partitions import block_ranges, event_ranges, register_ranges
 from migration_assets.chain.source import latest_height
 from migration_assets.core.instance import project_instance
-from migration_assets.core.settings import ChainSettings, data_dir
+from migration_assets.core.settings import PROJECT_ROOT, ChainSettings, data_dir
 from migration_assets.devstack.sample_chain import create_block_table, sample_chain, write_items
 from migration_assets.devstack.sample_events import chain_events, create_event_table
-from migration_assets.devstack.servers import PROJECT_ROOT, LocalServer, local_aws_environment, start_dynalite
+from migration_assets.devstack.servers import LocalServer, local_aws_environment, start_dynalite
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

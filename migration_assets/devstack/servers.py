@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from migration_assets.core.settings import PROJECT_ROOT
+
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import pytest
 
 from migration_assets.cli import main
 from migration_assets.devstack.sample_chain import sample_chain
-from migration_assets.devstack.servers import PROJECT_ROOT
+from migration_assets.core.settings import PROJECT_ROOT
 from tests.chain.helpers import TAG, seed
 
 
