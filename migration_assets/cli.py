@@ -6,12 +6,14 @@ import sys
 
 from migration_assets.chain import cli as chain_cli
 from migration_assets.devstack import demo
+from migration_assets.repos import cli as repos_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="migration-assets", description=__doc__)
     commands = parser.add_subparsers(dest="pipeline", required=True)
     chain_cli.add_commands(commands)
+    repos_cli.add_commands(commands)
     demo.add_commands(commands)
     return parser
 

@@ -5,10 +5,16 @@ import dagster as dg
 from migration_assets.chain import definitions as chain
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.core.postgres import PostgresResource
+from migration_assets.repos import definitions as repos
+from migration_assets.repos.resources import RepoSourceResource
 
 
 def shared_resources() -> dict:
-    return {"postgres": PostgresResource(), "chain_source": ChainSourceResource()}
+    return {
+        "postgres": PostgresResource(),
+        "chain_source": ChainSourceResource(),
+        "repo_source": RepoSourceResource(),
+    }
 
 
-defs = dg.Definitions.merge(chain.defs, dg.Definitions(resources=shared_resources()))
+defs = dg.Definitions.merge(chain.defs, repos.defs, dg.Definitions(resources=shared_resources()))

@@ -94,6 +94,28 @@ def parse_did_key(text: str) -> PublicKey:
         raise DidKeyError(f"key {text!r} is not a point on {curve.name}") from None
 
 
+# Older DID documents (and did-plc servers still in use) name the curve in the method's type and
+# give the bare point, compressed or not, with no multicodec prefix.
+_LEGACY_KEY_TYPES: dict[str, ec.EllipticCurve] = {
+    "EcdsaSecp256k1VerificationKey2019": ec.SECP256K1(),
+    "EcdsaSecp256r1VerificationKey2019": ec.SECP256R1(),
+}
+
+
+def parse_verification_method(method_type: str, multibase: str) -> PublicKey:
+    """The key of a DID document verification method: `Multikey` (multicodec-prefixed, as did:key)
+    or a legacy `EcdsaSecp256{k,r}1VerificationKey2019` (bare point)."""
+    curve = _LEGACY_KEY_TYPES.get(method_type)
+    if curve is None:
+        return parse_did_key(multibase)
+    if not multibase.startswith("z"):
+        raise DidKeyError(f"key {multibase!r} is not base58btc multibase (prefix 'z')")
+    try:
+        return PublicKey(ec.EllipticCurvePublicKey.from_encoded_point(curve, b58decode(multibase[1:])))
+    except ValueError:
+        raise DidKeyError(f"{method_type} key {multibase!r} is not a point on {curve.name}") from None
+
+
 def verify_signature(key: PublicKey | str, message: bytes, sig: bytes) -> None:
     """Check a compact (r||s, 64 bytes) low-S ECDSA signature over sha256(message); raise SignatureError."""
     public = parse_did_key(key) if isinstance(key, str) else key

@@ -13,6 +13,7 @@ from migration_assets.chain.ranges import parse_range_key
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.core.instance import project_instance
 from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.runs import materialize_partition, print_partition_summary
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -83,10 +84,7 @@ def announce_snap(what: str, wanted: tuple[int, int], keys: list[str], size_vari
 
 
 def materialize(instance, asset, key, resources) -> dg.ExecuteInProcessResult:
-    return dg.materialize(
-        [asset], partition_key=key, instance=instance, resources=resources,
-        raise_on_error=False, tags={"migration-assets/cli": "chain migrate"},
-    )
+    return materialize_partition(instance, asset, key, resources, "chain migrate")
 
 
 def run_partitions(instance, asset, asset_key, keys, resources, summary) -> int:
@@ -127,30 +125,3 @@ def block_summary(meta: dict) -> str:
 
 def event_summary(meta: dict) -> str:
     return f"{meta['events']} events (ids {meta['ids_read']}), {meta['events_per_second']} events/s"
-
-
-def print_partition_summary(key: str, asset_key: dg.AssetKey, result: dg.ExecuteInProcessResult, summary) -> bool:
-    """One line for the partition, plus each failing check and error; True when all went well."""
-    ok = result.success
-    materializations = [
-        event.event_specific_data.materialization
-        for event in result.all_events
-        if event.is_step_materialization and event.asset_key == asset_key
-    ]
-    if materializations:
-        print(f"{key}: " + summary({name: value.value for name, value in materializations[-1].metadata.items()}))
-    for evaluation in result.get_asset_check_evaluations():
-        if not evaluation.passed:
-            ok = ok and evaluation.severity.value == "WARN"
-            print(f"  check {evaluation.check_name} FAILED ({evaluation.severity.value}): {evaluation.description}")
-    for event in result.all_events:
-        if event.is_step_failure:
-            print(f"{key}: FAILED: {root_cause(event.step_failure_data.error)}")
-    return ok
-
-
-def root_cause(error) -> str:
-    """The user's own error under Dagster's wrappers (a SerializableErrorInfo chain)."""
-    while error is not None and error.cls_name and error.cls_name.startswith("Dagster") and error.cause:
-        error = error.cause
-    return error.message.strip() if error else "unknown error"

@@ -1,0 +1,1 @@
+"""AT Protocol repo backfill: accounts' repositories from their PDSes into PostgreSQL `records`."""

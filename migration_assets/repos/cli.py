@@ -1,0 +1,76 @@
+"""`migration-assets repos backfill`: discover a host's repos and backfill every due bucket in-process."""
+
+import argparse
+import time
+from collections import Counter
+
+from migration_assets.core.instance import project_instance
+from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.runs import materialize_partition, materialized_metadata, print_partition_summary
+from migration_assets.repos import ledger
+from migration_assets.repos.assets import REPOS, repo_ledger, repos
+from migration_assets.repos.buckets import bucket_key
+from migration_assets.repos.resources import RepoSourceResource
+
+COMMAND = "repos backfill"
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("repos", help="AT Protocol repos from their PDSes into PostgreSQL")
+    actions = parser.add_subparsers(dest="action", required=True)
+    backfill = actions.add_parser("backfill", help="discover repos and backfill every due one")
+    backfill.add_argument("--host", action="append", default=[], help="PDS or relay to list repos from (repeatable)")
+    backfill.add_argument("--did", action="append", default=[], help="only these DIDs, listed or not (repeatable)")
+    backfill.add_argument("--no-verify", action="store_true", help="skip commit signature checks")
+    backfill.set_defaults(handler=backfill_command)
+
+
+def backfill_command(args: argparse.Namespace) -> int:
+    if not args.host and not args.did:
+        print("error: give --host URL (to list its repos) and/or --did DID")
+        return 2
+    source = RepoSourceResource(verify_signatures=False if args.no_verify else None)
+    resources = {"postgres": PostgresResource(), "repo_source": source}
+    instance = project_instance()
+    started = time.monotonic()
+    hosts = [] if args.did else args.host  # explicit DIDs: sync just those
+    config = {"ops": {"atproto__repo_ledger": {"config": {"hosts": hosts, "dids": args.did}}}}
+    result = materialize_partition(instance, repo_ledger, None, resources, COMMAND, run_config=config)
+    if not print_partition_summary("discovery", repo_ledger.key, result, discovery_summary):
+        print("next step: check the host URL and that it answers com.atproto.sync.listRepos, then run again")
+        return 1
+    with resources["postgres"].connection() as conn:
+        due = ledger.due_buckets(conn, source.settings.stale_claim_minutes)
+    print(f"{sum(n for n, _ in due.values())} repos due in {len(due)} buckets")
+    outcomes, records, failed_runs = Counter(), 0, 0
+    for bucket in due:
+        key = bucket_key(bucket)
+        result = materialize_partition(instance, repos, key, resources, COMMAND)
+        failed_runs += not print_partition_summary(f"bucket {key}", REPOS, result, bucket_summary)
+        metadata = materialized_metadata(result, REPOS) or {}
+        outcomes.update(metadata.get("outcomes", {}))
+        records += metadata.get("records_seen", 0)
+    print_totals(outcomes, records, time.monotonic() - started)
+    if failed_runs or outcomes["retry"] or outcomes["rate_limited"]:
+        print("next step: repos with errors retry by themselves (backoff up to 1 h) when the repo_sync sensor "
+              "runs, or run this command again; failures and reasons are in each bucket's metadata and the "
+              "repos table (status 'error', last_error)")
+        return 1
+    return 0
+
+
+def discovery_summary(meta: dict) -> str:
+    return f"{meta['repos']} repos in the ledger, {meta['explicit_dids']} explicit DIDs"
+
+
+def bucket_summary(meta: dict) -> str:
+    outcomes = ", ".join(f"{n} {status}" for status, n in sorted(meta["outcomes"].items())) or "nothing due"
+    return f"{outcomes}; {meta['records_seen']} records ({meta['records_created']} new, " \
+           f"{meta['records_updated']} updated, {meta['records_deleted']} deleted)"
+
+
+def print_totals(outcomes: Counter, records: int, seconds: float) -> None:
+    repos_done = sum(outcomes.values())
+    print(f"{repos_done} repos in {seconds:.1f} s: {60 * repos_done / seconds:.1f} users/min, "
+          f"{records / seconds:.1f} records/s")
+    print("outcomes: " + (", ".join(f"{status} {n}" for status, n in sorted(outcomes.items())) or "none"))

@@ -1,0 +1,173 @@
+"""The `repos` ledger: which accounts to sync, who holds them, and what happened to each.
+
+A bucket run claims its due repos (`in_progress`), syncs each, and finishes each in its own
+transaction with the records it changed. A run that dies leaves `in_progress` claims behind; they
+count as due again once older than the stale-claim limit, so nothing stays stuck.
+"""
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+
+from migration_assets.repos.buckets import bucket_of
+
+GONE_STATUSES = ("deleted", "deactivated", "takendown", "suspended")
+RETRY_BASE_SECONDS = 60
+RETRY_CAP_SECONDS = 3600
+
+_DUE = """(status = 'pending'
+           OR (status = 'error' AND next_retry_at <= now())
+           OR (status = 'in_progress' AND claimed_at < now() - make_interval(mins => %(stale)s)))"""
+
+
+@dataclass(frozen=True)
+class ListedRepo:
+    """One `com.atproto.sync.listRepos` item."""
+
+    did: str
+    head: str | None
+    rev: str | None
+    active: bool = True
+    status: str | None = None
+
+
+@dataclass(frozen=True)
+class ClaimedRepo:
+    did: str
+    bucket: int
+    attempts: int
+    head: str | None
+
+
+def retry_delay_seconds(attempts: int, rng: random.Random | None = None) -> float:
+    """Backoff after the `attempts`-th failure in a row: 60 s x 2^(n-1), capped at 1 hour, with jitter
+    (a random 50-100 % of it) so repos that failed together don't all come back together."""
+    base = min(RETRY_BASE_SECONDS * 2 ** max(0, attempts - 1), RETRY_CAP_SECONDS)
+    return base * (0.5 + 0.5 * (rng or random).random())
+
+
+def enqueue(conn: psycopg.Connection, dids: Iterable[str], buckets: int) -> int:
+    """Add DIDs as pending; known DIDs are left as they are. Returns how many were new."""
+    rows = [(did, bucket_of(did, buckets)) for did in dict.fromkeys(dids)]
+    if not rows:
+        return 0
+    with conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO repos (did, bucket) SELECT * FROM unnest(%s::text[], %s::int[]) "
+            "ON CONFLICT (did) DO NOTHING",
+            ([d for d, _ in rows], [b for _, b in rows]),
+        )
+        return cur.rowcount
+
+
+def record_listing(conn: psycopg.Connection, items: list[ListedRepo], buckets: int) -> tuple[int, int]:
+    """Upsert what listRepos reported. New DIDs become pending; a known repo becomes due (pending) when
+    its head or rev moved, or its active state no longer matches its status. Returns (new, due)."""
+    if not items:
+        return 0, 0
+    columns = (
+        [i.did for i in items], [bucket_of(i.did, buckets) for i in items],
+        [i.head for i in items], [i.rev for i in items], [i.active for i in items],
+    )
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(
+            "CREATE TEMP TABLE listed (did text, bucket int, head text, rev text, active bool) ON COMMIT DROP"
+        )
+        cur.execute("INSERT INTO listed SELECT * FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], %s::bool[])", columns)
+        cur.execute(
+            "INSERT INTO repos (did, bucket, listed_head, listed_rev) SELECT did, bucket, head, rev FROM listed "
+            "ON CONFLICT (did) DO NOTHING"
+        )
+        new = cur.rowcount
+        cur.execute(
+            """UPDATE repos r SET listed_head = l.head, listed_rev = l.rev,
+                   status = CASE WHEN r.status = 'in_progress' THEN r.status ELSE 'pending' END,
+                   next_retry_at = NULL, updated_at = now()
+               FROM listed l
+               WHERE r.did = l.did AND r.status NOT IN ('pending', 'in_progress')
+                 AND (r.head IS DISTINCT FROM l.head OR r.rev IS DISTINCT FROM l.rev
+                      OR (l.active AND r.status IN ('deactivated', 'takendown', 'suspended'))
+                      OR (NOT l.active AND r.status = 'synced'))"""
+        )
+        due = cur.rowcount
+        cur.execute(
+            "UPDATE repos r SET listed_head = l.head, listed_rev = l.rev FROM listed l "
+            "WHERE r.did = l.did AND (r.listed_head IS DISTINCT FROM l.head OR r.listed_rev IS DISTINCT FROM l.rev)"
+        )
+    return new, due
+
+
+def claim_due(conn: psycopg.Connection, buckets: list[int], stale_minutes: int) -> list[ClaimedRepo]:
+    """Take the due repos of these buckets for this run. SKIP LOCKED: two runs never take the same repo."""
+    rows = conn.execute(
+        f"""UPDATE repos SET status = 'in_progress', claimed_at = now(), updated_at = now()
+            WHERE did IN (SELECT did FROM repos WHERE bucket = ANY(%(buckets)s) AND {_DUE}
+                          ORDER BY did FOR UPDATE SKIP LOCKED)
+            RETURNING did, bucket, attempts, head""",
+        {"buckets": buckets, "stale": stale_minutes},
+    ).fetchall()
+    conn.commit()
+    return sorted((ClaimedRepo(*row) for row in rows), key=lambda r: r.did)
+
+
+def due_buckets(conn: psycopg.Connection, stale_minutes: int) -> dict[int, tuple[int, float]]:
+    """Buckets with due repos: {bucket: (how many, latest change as a unix time)}. The pair changes
+    whenever the bucket's due set does, so it can key a run request."""
+    rows = conn.execute(
+        f"""SELECT bucket, count(*), extract(epoch FROM max(updated_at))::float8 FROM repos
+            WHERE {_DUE} GROUP BY bucket ORDER BY bucket""",
+        {"stale": stale_minutes},
+    ).fetchall()
+    return {bucket: (count, latest) for bucket, count, latest in rows}
+
+
+def next_retry_at(attempts: int) -> datetime:
+    return datetime.now(timezone.utc) + timedelta(seconds=retry_delay_seconds(attempts))
+
+
+def finish_synced(cur: psycopg.Cursor, did: str, pds: str, head: str, rev: str | None, records: int) -> None:
+    cur.execute(
+        """UPDATE repos SET status = 'synced', pds = %s, head = %s, rev = %s, records_count = %s,
+               attempts = 0, next_retry_at = NULL, last_error = NULL, claimed_at = NULL,
+               synced_at = now(), updated_at = now()
+           WHERE did = %s""",
+        (pds, head, rev, records, did),
+    )
+
+
+def finish_gone(cur: psycopg.Cursor, did: str, status: str, pds: str | None, reason: str) -> None:
+    """Deactivated, taken down, suspended or deleted: nothing stays pending. Only a deleted repo loses
+    its records (see `delete_records`); the others keep theirs until the account comes back."""
+    assert status in GONE_STATUSES, status
+    cur.execute(
+        """UPDATE repos SET status = %s, pds = coalesce(%s, pds), attempts = 0, next_retry_at = NULL,
+               last_error = %s, claimed_at = NULL, updated_at = now()
+           WHERE did = %s""",
+        (status, pds, reason, did),
+    )
+
+
+def finish_failed(cur: psycopg.Cursor, did: str, error: str, retry_at: datetime, count_attempt: bool) -> None:
+    """Schedule a retry. A rate-limited repo retries when the host allows, without using an attempt."""
+    cur.execute(
+        """UPDATE repos SET status = 'error', attempts = attempts + %s, next_retry_at = %s,
+               last_error = %s, claimed_at = NULL, updated_at = now()
+           WHERE did = %s""",
+        (1 if count_attempt else 0, retry_at, error[:2000], did),
+    )
+
+
+def request_sync(conn: psycopg.Connection, dids: Iterable[str], buckets: int) -> int:
+    """Make these DIDs due now, known or not (an explicit resync). Returns how many were made due."""
+    dids = list(dict.fromkeys(dids))
+    enqueue(conn, dids, buckets)
+    with conn.cursor() as cur:
+        cur.execute(
+            "UPDATE repos SET status = 'pending', next_retry_at = NULL, updated_at = now() "
+            "WHERE did = ANY(%s) AND status <> 'in_progress'",
+            (dids,),
+        )
+        return cur.rowcount
