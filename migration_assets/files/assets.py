@@ -1,0 +1,145 @@
+"""Dagster assets of the file pipeline: a thin shell over `store` (ranges) and `worker` (copies)."""
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+
+from migration_assets.core.dagster_glue import check_result, check_specs
+from migration_assets.core.postgres import PostgresResource
+from migration_assets.files import checks, store
+from migration_assets.files.mover import S3Target
+from migration_assets.files.partitions import file_ranges, register_ranges
+from migration_assets.files.ranges import parse_range_key
+from migration_assets.files.resources import FilesResource
+from migration_assets.files.settings import FilesSettings
+from migration_assets.files.window import RunWindow
+from migration_assets.files.worker import Progress, RangeJob, StopReason, claimed, migrate_claimed_range, retry_failed, worker_name
+
+MIGRATION_RANGES = dg.AssetKey(["files", "migration_ranges"])
+COPIED_FILES = dg.AssetKey(["files", "copied_files"])
+FILE_RETRIES = dg.AssetKey(["files", "file_retries"])
+POOL = "files_s3"
+
+
+class WindowConfig(dg.Config):
+    ignore_window: bool = False  # copy even outside the run window (the CLI's --ignore-window)
+
+
+def window_stop(settings: FilesSettings, ignore: bool) -> StopReason:
+    window = RunWindow(settings.window)
+    return lambda: None if ignore or window.is_open() else f"the run window closed ({window.describe()})"
+
+
+def make_job(postgres: PostgresResource, files_s3: S3Resource, settings: FilesSettings, ignore_window: bool) -> RangeJob:
+    if not settings.source_root.is_dir():
+        raise dg.Failure(f"FILES_SOURCE_ROOT {settings.source_root} is not a directory: set it to the files' root")
+    target = S3Target(files_s3.get_client(), settings.bucket, settings.key_prefix)
+    return RangeJob(postgres.pool(), target, settings, window_stop(settings, ignore_window))
+
+
+def progress_metadata(progress: Progress) -> dict:
+    rate = progress.bytes_copied / progress.seconds / 1e6 if progress.seconds else 0.0
+    return {
+        "files_listed": dg.MetadataValue.int(progress.listed),
+        "files_copied": dg.MetadataValue.int(progress.copied),
+        "files_skipped": dg.MetadataValue.int(progress.skipped),
+        "files_failed": dg.MetadataValue.int(progress.failed),
+        "files_awaiting_retry": dg.MetadataValue.int(progress.awaiting_retry),
+        "bytes_copied": dg.MetadataValue.int(progress.bytes_copied),
+        "mb_per_second": dg.MetadataValue.float(round(rate, 2)),
+        "files_per_second": dg.MetadataValue.float(round(progress.done / progress.seconds, 1) if progress.seconds else 0.0),
+        "seconds": dg.MetadataValue.float(round(progress.seconds, 2)),
+        "failures": dg.MetadataValue.text("\n".join(f"{fid}: {err}" for fid, err in progress.failures) or "none"),
+    }
+
+
+def refuse_outside_window(settings: FilesSettings, ignore: bool) -> None:
+    window = RunWindow(settings.window)
+    if not ignore and not window.is_open():
+        raise dg.Failure(description=f"Nothing copied: {window.closed_message()}", allow_retries=False)
+
+
+@dg.asset(
+    key=MIGRATION_RANGES,
+    group_name="files",
+    kinds={"postgres"},
+    description="Expands migration_ranges from source_files (FILES_RANGE_SIZE ids each), reopens completed "
+    "ranges that gained files, releases ranges whose heartbeat went stale, and registers the partitions.",
+)
+def migration_ranges(context: dg.AssetExecutionContext, postgres: PostgresResource, files: FilesResource) -> dg.MaterializeResult:
+    settings = files.settings()
+    with postgres.connection() as conn:
+        released = store.release_stale(conn, settings.stale_minutes)
+        added, reopened = store.expand_ranges(conn, settings.range_size)
+        ranges = store.all_ranges(conn)
+    register_ranges(context.instance, [(lo, hi) for lo, hi, _ in ranges])
+    if released:
+        context.log.warning(f"released {len(released)} ranges with a stale heartbeat: {released[:10]}")
+    by_status = {s: sum(1 for *_, status in ranges if status == s) for s in ("PENDING", "PROCESSING", "COMPLETE")}
+    return dg.MaterializeResult(metadata={
+        "ranges_added": dg.MetadataValue.int(len(added)),
+        "ranges_reopened": dg.MetadataValue.int(len(reopened)),
+        "stale_ranges_released": dg.MetadataValue.int(len(released)),
+        **{f"ranges_{s.lower()}": dg.MetadataValue.int(n) for s, n in by_status.items()},
+    })
+
+
+@dg.asset(
+    key=COPIED_FILES,
+    partitions_def=file_ranges,
+    deps=[MIGRATION_RANGES],
+    check_specs=check_specs(COPIED_FILES, checks.DESCRIPTIONS, file_ranges, warn=checks.WARN_CHECKS),
+    group_name="files",
+    kinds={"s3", "postgres"},
+    pool=POOL,
+    description="Copies the range's files from FILES_SOURCE_ROOT to S3 with their SHA-256, verified, and "
+    "records each in migration_files. Stops cleanly when the run window closes (range back to PENDING).",
+)
+def copied_files(
+    context: dg.AssetExecutionContext, config: WindowConfig, postgres: PostgresResource,
+    files_s3: S3Resource, files: FilesResource,
+) -> dg.MaterializeResult:
+    settings = files.settings()
+    refuse_outside_window(settings, config.ignore_window)
+    job = make_job(postgres, files_s3, settings, config.ignore_window)
+    min_id, max_id = parse_range_key(context.partition_key)
+
+    def log_progress(progress: Progress) -> None:
+        context.log.info(f"[{min_id}, {max_id}): {progress.done}/{progress.listed} files, "
+                         f"{progress.bytes_copied / 1e6:.1f} MB, {progress.failed} failed")
+
+    try:
+        with claimed(job, min_id, max_id, worker_name()) as claim:
+            progress = migrate_claimed_range(job, claim, on_progress=log_progress)
+    except store.ClaimRefused as refused:
+        raise dg.Failure(description=str(refused), allow_retries=False) from None
+    if progress.stopped:
+        raise dg.Failure(
+            description=f"Stopped cleanly: {progress.stopped}. {progress.done}/{progress.listed} files done; "
+            f"range [{min_id}, {max_id}) released to PENDING; it resumes in the next window.",
+            metadata=progress_metadata(progress), allow_retries=False,
+        )
+    outcomes = checks.range_checks(job.pool, job.target, settings, min_id, max_id)
+    return dg.MaterializeResult(
+        metadata={**progress_metadata(progress), "dagster/row_count": dg.MetadataValue.int(progress.listed)},
+        check_results=[check_result(outcome) for outcome in outcomes],
+    )
+
+
+@dg.asset(
+    key=FILE_RETRIES,
+    deps=[COPIED_FILES],
+    group_name="files",
+    kinds={"s3", "postgres"},
+    pool=POOL,
+    description="Copies FAIL files again (up to FILES_MAX_RETRIES times each, FILES_RETRY_BATCH per run); "
+    "files out of retries stay FAIL with their error.",
+)
+def file_retries(
+    context: dg.AssetExecutionContext, config: WindowConfig, postgres: PostgresResource,
+    files_s3: S3Resource, files: FilesResource,
+) -> dg.MaterializeResult:
+    settings = files.settings()
+    refuse_outside_window(settings, config.ignore_window)
+    progress = retry_failed(make_job(postgres, files_s3, settings, config.ignore_window))
+    context.log.info(f"retried {progress.listed} files: {progress.copied + progress.skipped} copied, {progress.failed} still failing")
+    return dg.MaterializeResult(metadata=progress_metadata(progress))

@@ -1,0 +1,146 @@
+"""`migration-assets files ...`: expand ranges and migrate every pending one in-process (runs show
+in the Dagster UI), retry failed files, and seed demo files."""
+
+import argparse
+import time
+from datetime import datetime, timezone
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+
+from migration_assets.core.instance import project_instance
+from migration_assets.core.postgres import PostgresResource
+from migration_assets.files import assets
+from migration_assets.files.partitions import register_ranges
+from migration_assets.files.ranges import range_key
+from migration_assets.files.resources import FilesResource
+from migration_assets.files.seed import seed_files
+from migration_assets.files.window import RunWindow
+
+EXIT_WINDOW_CLOSED = 3  # stopped cleanly at the window's close: run again in the next window
+CLI_TAG = "migration-assets/cli"
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    files = commands.add_parser("files", help="files from FILES_SOURCE_ROOT to S3")
+    actions = files.add_subparsers(dest="action", required=True)
+    migrate = actions.add_parser("migrate", help="expand ranges, then copy every pending range")
+    migrate.add_argument("--ignore-window", action="store_true", help="copy now, even outside the run window")
+    migrate.add_argument("--no-wait", action="store_true",
+                         help=f"outside the window, exit {EXIT_WINDOW_CLOSED} instead of waiting for it to open")
+    migrate.set_defaults(handler=migrate_command)
+    retry = actions.add_parser("retry", help="copy FAIL files with retries left again (one batch)")
+    retry.add_argument("--ignore-window", action="store_true", help="copy now, even outside the run window")
+    retry.set_defaults(handler=retry_command)
+    seed = actions.add_parser("seed", help="demo data: N random files under FILES_SOURCE_ROOT and their source_files rows")
+    seed.add_argument("--count", type=int, default=1000, help="how many files (default 1000)")
+    seed.set_defaults(handler=seed_command)
+
+
+def resources() -> dict:
+    return {"postgres": PostgresResource(), "files_s3": S3Resource(), "files": FilesResource()}
+
+
+def wait_for_window(window: RunWindow, no_wait: bool) -> bool:
+    """True once the window is open; False (after saying why) when told not to wait."""
+    if window.is_open():
+        return True
+    print(window.closed_message())
+    if no_wait:
+        return False
+    while not window.is_open():
+        time.sleep(min(60.0, max(1.0, (window.next_open() - datetime.now(timezone.utc)).total_seconds())))
+    return True
+
+
+def materialize(instance, asset, resources: dict, partition_key: str | None = None, ignore_window: bool = False):
+    config = {"ops": {asset.op.name: {"config": {"ignore_window": ignore_window}}}} if asset is not assets.migration_ranges else None
+    return dg.materialize(
+        [asset], partition_key=partition_key, instance=instance, resources=resources, run_config=config,
+        raise_on_error=False, tags={CLI_TAG: "files migrate"},
+    )
+
+
+def failure_text(result: dg.ExecuteInProcessResult) -> str:
+    from migration_assets.chain.cli import root_cause
+    return "; ".join(root_cause(e.step_failure_data.error) for e in result.all_events if e.is_step_failure)
+
+
+def metadata_of(result: dg.ExecuteInProcessResult) -> dict:
+    for event in reversed(result.all_events):
+        if event.is_step_materialization:
+            return {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
+    return {}
+
+
+def migrate_command(args: argparse.Namespace) -> int:
+    res = resources()
+    settings = res["files"].settings()
+    if not args.ignore_window and not wait_for_window(RunWindow(settings.window), args.no_wait):
+        return EXIT_WINDOW_CLOSED
+    instance = project_instance()
+    ranges = materialize(instance, assets.migration_ranges, res)
+    if not ranges.success:
+        print(f"expanding ranges FAILED: {failure_text(ranges)}")
+        return 1
+    meta = metadata_of(ranges)
+    print(f"ranges: {meta['ranges_added']} added, {meta['ranges_reopened']} reopened, "
+          f"{meta['stale_ranges_released']} stale released, {meta['ranges_pending']} pending")
+    with res["postgres"].connection() as conn:
+        pending = conn.execute("SELECT min_id, max_id FROM migration_ranges WHERE status = 'PENDING' ORDER BY min_id").fetchall()
+    register_ranges(instance, pending)
+    failures = 0
+    for lo, hi in pending:
+        outcome = migrate_partition(instance, range_key(lo, hi), res, args.ignore_window)
+        if outcome == "stopped":
+            print("stopped cleanly at the run window's close: run the same command in the next window")
+            return EXIT_WINDOW_CLOSED
+        failures += outcome == "failed"
+    print(f"{len(pending) - failures}/{len(pending)} ranges migrated and verified")
+    if failures:
+        print("next step: read the failures above (or the runs in the Dagster UI); failed files are retried "
+              "every 30 min by the files_retries schedule, or now with `migration-assets files retry`")
+    return 1 if failures else 0
+
+
+def migrate_partition(instance, key: str, res: dict, ignore_window: bool) -> str:
+    result = materialize(instance, assets.copied_files, res, key, ignore_window)
+    meta = metadata_of(result)
+    if meta:
+        print(f"{key}: {meta['files_copied']} copied, {meta['files_skipped']} unchanged, {meta['files_failed']} failed "
+              f"of {meta['files_listed']}; {meta['bytes_copied'] / 1e6:.1f} MB at {meta['mb_per_second']} MB/s")
+    ok = result.success
+    for evaluation in result.get_asset_check_evaluations():
+        if not evaluation.passed:
+            ok = ok and evaluation.severity.value == "WARN"
+            print(f"  check {evaluation.check_name} FAILED ({evaluation.severity.value}): {evaluation.description}")
+    if not result.success:
+        text = failure_text(result)
+        print(f"{key}: {text}")
+        if text.startswith("Stopped cleanly"):
+            return "stopped"
+    return "ok" if ok else "failed"
+
+
+def retry_command(args: argparse.Namespace) -> int:
+    instance = project_instance()
+    result = materialize(instance, assets.file_retries, resources(), ignore_window=args.ignore_window)
+    meta = metadata_of(result)
+    if meta:
+        print(f"retried {meta['files_listed']} files: {meta['files_copied'] + meta['files_skipped']} copied, "
+              f"{meta['files_failed']} still failing")
+    if not result.success:
+        print(f"retry FAILED: {failure_text(result)}")
+    return 0 if result.success and not meta.get("files_failed") else 1
+
+
+def seed_command(args: argparse.Namespace) -> int:
+    if args.count <= 0:
+        print("error: --count must be positive")
+        return 2
+    settings = FilesResource().settings()
+    settings.source_root.mkdir(parents=True, exist_ok=True)
+    with PostgresResource().connection() as conn:
+        ids = seed_files(conn, settings.source_root, args.count)
+    print(f"seeded {len(ids)} files (ids {ids[0]}-{ids[-1]}) under {settings.source_root}")
+    return 0

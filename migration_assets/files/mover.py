@@ -1,0 +1,192 @@
+"""Copying files to S3: SHA-256 computed while reading, stored with the object, verified after upload.
+
+Checksum design. A single PUT (files up to FILES_MULTIPART_THRESHOLD_MB) reads the file once into
+memory, hashes it, and sends the digest as ChecksumSHA256: S3 checks the bytes it received against it
+and stores it, and the object's ChecksumSHA256 is the file's SHA-256. A multipart upload's stored
+checksum is a composite (the SHA-256 of the parts' digests, "-N"), never the file's, so a large file
+is hashed in a first streaming pass and its whole-file SHA-256 set as object metadata (`sha256`) when
+the upload starts; the upload pass hashes again, part by part (each part's checksum checked by S3),
+and a file whose second digest differs (changed while uploading) is aborted, not recorded. Reading
+twice costs little (the page cache serves the second pass) and every object carries its file's
+SHA-256; migration_files records both it and S3's stored (composite) checksum, and the checks compare
+them to the object's. boto3's managed transfer is not used: it cannot give a whole-file digest before
+the upload starts, nor stop a part loop when the file changes.
+"""
+
+import base64
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from migration_assets.files.settings import FilesSettings
+from migration_assets.files.store import FileResult, SourceFile
+
+READ_CHUNK = 1024 * 1024
+
+
+class FileFailed(Exception):
+    """This file cannot be copied now; the message names the file and the next step."""
+
+
+def b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+@dataclass(frozen=True)
+class S3Target:
+    client: Any
+    bucket: str
+    prefix: str  # "" or ending in "/"
+
+    def key_for(self, file_uri: str) -> str:
+        path = PurePosixPath(file_uri.replace("\\", "/"))
+        if path.is_absolute() or ".." in path.parts or not path.parts:
+            raise FileFailed(f"file_uri {file_uri!r} must be a relative path under FILES_SOURCE_ROOT: fix its source_files row")
+        return self.prefix + str(path)
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+
+def _s3_error(operation: str, uri: str, error: Exception) -> FileFailed:
+    if isinstance(error, ClientError):
+        info = error.response.get("Error", {})
+        detail = f"{info.get('Code', '?')}: {info.get('Message', '')}".strip()
+    else:
+        detail = f"{type(error).__name__}: {error}"
+    return FileFailed(f"S3 {operation} of {uri} failed ({detail}); the retry schedule tries it again")
+
+
+def _existing_copy(target: S3Target, key: str, size: int, sha256: str) -> str | None:
+    """The stored checksum of an object already holding exactly this file (a copy made before a
+    crash, not yet recorded), else None."""
+    try:
+        head = target.client.head_object(Bucket=target.bucket, Key=key, ChecksumMode="ENABLED")
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
+            return None
+        raise
+    if head.get("ContentLength") == size and head.get("Metadata", {}).get("sha256") == sha256:
+        return head.get("ChecksumSHA256") or ""
+    return None
+
+
+def _put_single(target: S3Target, key: str, data: bytes, sha: bytes) -> str:
+    response = target.client.put_object(
+        Bucket=target.bucket, Key=key, Body=data, ChecksumAlgorithm="SHA256",
+        ChecksumSHA256=b64(sha), Metadata={"sha256": sha.hex()},
+    )
+    stored = response.get("ChecksumSHA256")
+    if stored is None:  # some S3-API servers do not echo it: read what was stored
+        stored = target.client.head_object(Bucket=target.bucket, Key=key, ChecksumMode="ENABLED").get("ChecksumSHA256")
+    if stored != b64(sha):
+        raise FileFailed(f"{target.uri(key)}: S3 stored checksum {stored!r}, expected {b64(sha)!r}; the retry copies it again")
+    return stored
+
+
+def _put_multipart(target: S3Target, key: str, path: Path, sha_hex: str, part_size: int) -> str:
+    upload = target.client.create_multipart_upload(
+        Bucket=target.bucket, Key=key, ChecksumAlgorithm="SHA256", Metadata={"sha256": sha_hex},
+    )
+    upload_id = upload["UploadId"]
+    try:
+        whole, part_digests, parts = hashlib.sha256(), [], []
+        with open(path, "rb") as handle:
+            while chunk := handle.read(part_size):
+                whole.update(chunk)
+                digest = hashlib.sha256(chunk).digest()
+                number = len(parts) + 1
+                reply = target.client.upload_part(
+                    Bucket=target.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk,
+                    ChecksumAlgorithm="SHA256", ChecksumSHA256=b64(digest),
+                )
+                if reply.get("ChecksumSHA256", b64(digest)) != b64(digest):
+                    raise FileFailed(f"{target.uri(key)}: part {number} stored with another checksum; retry copies it again")
+                part_digests.append(digest)
+                parts.append({"PartNumber": number, "ETag": reply["ETag"], "ChecksumSHA256": b64(digest)})
+        if whole.hexdigest() != sha_hex:
+            raise FileFailed(f"{path} changed while uploading (SHA-256 {sha_hex} before, {whole.hexdigest()} after); "
+                             "the upload was aborted and the retry copies it again")
+        composite = b64(hashlib.sha256(b"".join(part_digests)).digest())
+        done = target.client.complete_multipart_upload(
+            Bucket=target.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts},
+        )
+    except BaseException:
+        try:
+            target.client.abort_multipart_upload(Bucket=target.bucket, Key=key, UploadId=upload_id)
+        except (ClientError, BotoCoreError):
+            pass  # an incomplete upload left behind is only storage; a bucket lifecycle rule expires it
+        raise
+    stored = done.get("ChecksumSHA256") or target.client.head_object(
+        Bucket=target.bucket, Key=key, ChecksumMode="ENABLED").get("ChecksumSHA256")
+    if stored is None or stored.split("-")[0] != composite:
+        raise FileFailed(f"{target.uri(key)}: S3 stored checksum {stored!r}, expected composite {composite!r}; "
+                         "the retry copies it again")
+    return f"{composite}-{len(parts)}"
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_listing(source: SourceFile, path: Path, size: int, sha_hex: str | None) -> None:
+    if source.size is not None and source.size != size:
+        raise FileFailed(f"{path} changed since it was listed: source_files says {source.size} bytes, the disk has "
+                         f"{size}; restore the file or update its source_files row (size, sha256), then retry")
+    if sha_hex is not None and source.sha256 is not None and source.sha256 != sha_hex:
+        raise FileFailed(f"{path} changed since it was listed: source_files says SHA-256 {source.sha256}, the disk "
+                         f"has {sha_hex}; restore the file or update its source_files row, then retry")
+
+
+def _unchanged(source: SourceFile) -> FileResult:
+    return FileResult(source.file_id, source.file_uri, source.file_name, source.create_date, "SUCCESS",
+                      sha256=source.copied_sha256, unchanged=True)
+
+
+def copy_file(target: S3Target, root: Path, source: SourceFile, settings: FilesSettings, probe: bool) -> FileResult:
+    """Copy one file and verify it; never raises for a per-file problem (it becomes a FAIL result).
+    `probe`: first look for an object already holding this file (a previous attempt may have copied
+    it and died before recording it), so a resumed range copies nothing twice."""
+    failed = lambda message: FileResult(  # noqa: E731
+        source.file_id, source.file_uri, source.file_name, source.create_date, "FAIL", error=message)
+    if source.copied_sha256 is not None and source.copied_sha256 == source.sha256:
+        return _unchanged(source)  # SUCCESS with the listed checksum: not even read
+    try:
+        key = target.key_for(source.file_uri)
+        path = root / source.file_uri
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise FileFailed(f"source file missing: {path} (file_id {source.file_id}); restore it or fix "
+                             "source_files.file_uri, and the retry schedule copies it") from None
+        _check_listing(source, path, size, None)
+        data = None
+        if size <= settings.multipart_threshold:
+            with open(path, "rb") as handle:
+                data = handle.read()
+            size, sha_hex = len(data), hashlib.sha256(data).hexdigest()
+        else:
+            sha_hex = _hash_file(path)
+        _check_listing(source, path, size, sha_hex)
+        if source.copied_sha256 == sha_hex:  # already SUCCESS with this content: nothing to send
+            return _unchanged(source)
+        stored = _existing_copy(target, key, size, sha_hex) if probe else None
+        uploaded = stored is None
+        if stored is None:
+            stored = (_put_single(target, key, data, bytes.fromhex(sha_hex)) if data is not None
+                      else _put_multipart(target, key, path, sha_hex, settings.part_size))
+        return FileResult(source.file_id, source.file_uri, source.file_name, source.create_date, "SUCCESS",
+                          target.uri(key), size, sha_hex, stored or None, uploaded=uploaded)
+    except FileFailed as error:
+        return failed(str(error))
+    except (ClientError, BotoCoreError) as error:
+        return failed(str(_s3_error("upload", f"file_id {source.file_id} ({source.file_uri})", error)))
+    except OSError as error:
+        return failed(f"reading {source.file_uri} (file_id {source.file_id}) failed: {error}; fix access and retry")

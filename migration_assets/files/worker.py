@@ -1,0 +1,201 @@
+"""A worker's passes: one claimed range (heartbeating, stopping cleanly when told), and a retry batch."""
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from psycopg_pool import ConnectionPool
+
+from migration_assets.files import store
+from migration_assets.files.mover import S3Target, copy_file
+from migration_assets.files.settings import FilesSettings
+from migration_assets.files.store import Claim, FileResult, SourceFile
+
+FLUSH_EVERY_FILES = 200
+FLUSH_EVERY_SECONDS = 1.0
+
+StopReason = Callable[[], str | None]  # None: go on; else why to stop starting new files
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+@dataclass
+class Progress:
+    listed: int = 0
+    copied: int = 0
+    skipped: int = 0           # already SUCCESS with the same content, or found already in S3
+    failed: int = 0
+    awaiting_retry: int = 0    # FAIL files with retries left: the retry schedule's, not this pass's
+    bytes_copied: int = 0
+    started: float = field(default_factory=time.monotonic)
+    stopped: str | None = None  # why the pass stopped early, None when it went through
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def done(self) -> int:
+        return self.copied + self.skipped + self.failed
+
+    def add(self, result: FileResult) -> None:
+        if result.status == "FAIL":
+            self.failed += 1
+            if len(self.failures) < 20:
+                self.failures.append((result.file_id, result.error or ""))
+        elif result.uploaded:
+            self.copied += 1
+            self.bytes_copied += result.size or 0
+        else:
+            self.skipped += 1
+
+
+class Heartbeat:
+    """Renews a range claim every `interval` seconds on its own connection while the range runs; when
+    the claim is lost (released as stale, claimed elsewhere) `lost` is set and the pass stops."""
+
+    def __init__(self, pool: ConnectionPool, claim: Claim, interval: float) -> None:
+        self.pool, self.claim, self.interval = pool, claim, interval
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.range_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with self.pool.connection() as conn:
+                    if not store.heartbeat(conn, self.claim):
+                        self.lost.set()
+                        return
+            except Exception:  # a blip: the next beat tries again; the stale limit is far longer
+                continue
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def copy_all(
+    files: Iterable[SourceFile], copy: Callable[[SourceFile], FileResult], concurrency: int,
+    stop_reason: StopReason, on_results: Callable[[list[FileResult]], None],
+) -> str | None:
+    """Copy files with up to `concurrency` in flight, handing results over in batches. Before each new
+    file asks `stop_reason`; once it answers, starts nothing more, lets the files in flight finish and
+    returns the reason (None when all went through)."""
+    pending: set[Future] = set()
+    batch: list[FileResult] = []
+    last_flush = time.monotonic()
+    stopped = None
+
+    def collect(done: Iterable[Future]) -> None:
+        nonlocal last_flush
+        batch.extend(f.result() for f in done)
+        if len(batch) >= FLUSH_EVERY_FILES or time.monotonic() - last_flush >= FLUSH_EVERY_SECONDS:
+            on_results(batch[:])
+            batch.clear()
+            last_flush = time.monotonic()
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3-copy") as pool:
+        for source in files:
+            stopped = stop_reason()
+            if stopped:
+                break
+            if len(pending) >= concurrency:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                collect(done)
+            pending.add(pool.submit(copy, source))
+        collect(pending)
+    on_results(batch)
+    return stopped
+
+
+@dataclass(frozen=True)
+class RangeJob:
+    pool: ConnectionPool
+    target: S3Target
+    settings: FilesSettings
+    window_stop: StopReason  # the run window's verdict (None: open)
+
+
+def migrate_claimed_range(job: RangeJob, claim: Claim, on_progress: Callable[[Progress], None] | None = None) -> Progress:
+    """Copy the claimed range's files; COMPLETE it when all were attempted, else release it to PENDING
+    for the next run. FAIL files with retries left belong to the retry schedule, not to this pass."""
+    progress = Progress()
+    with job.pool.connection() as conn:
+        files = store.range_files(conn, claim.min_id, claim.max_id)
+    progress.listed = len(files)
+    todo = [f for f in files if f.status != "FAIL" or f.retry_count >= job.settings.max_retries]
+    progress.awaiting_retry = sum(1 for f in files if f.status == "FAIL" and f.retry_count < job.settings.max_retries)
+    # After a crash (attempts > 1), or for files tried before, S3 may hold copies not yet recorded.
+    probe = claim.attempts > 1
+
+    with Heartbeat(job.pool, claim, job.settings.heartbeat_seconds) as beat, job.pool.connection() as conn:
+        def stop_reason() -> str | None:
+            if beat.lost.is_set():
+                return f"lost the claim on range [{claim.min_id}, {claim.max_id}) (heartbeat went stale)"
+            return job.window_stop()
+
+        def record(results: list[FileResult]) -> None:
+            store.record_results(conn, results)
+            for result in results:
+                progress.add(result)
+            if on_progress and results:
+                on_progress(progress)
+
+        copy = lambda f: copy_file(job.target, job.settings.source_root, f, job.settings, probe or f.status is not None)  # noqa: E731
+        progress.stopped = copy_all(todo, copy, job.settings.concurrency, stop_reason, record)
+        if progress.stopped:
+            store.release(conn, claim)
+        else:
+            store.complete(conn, claim, files[-1].file_id if files else None)
+    return progress
+
+
+@contextmanager
+def claimed(job: RangeJob, min_id: int, max_id: int, worker: str) -> Iterator[Claim]:
+    """Claim a range; on an error escaping the pass, release it so the next run takes it at once."""
+    with job.pool.connection() as conn:
+        claim = store.claim_range(conn, worker, min_id, max_id, job.settings.stale_minutes)
+    try:
+        yield claim
+    except BaseException:
+        with job.pool.connection() as conn:
+            store.release(conn, claim)
+        raise
+
+
+def retry_failed(job: RangeJob, on_progress: Callable[[Progress], None] | None = None) -> Progress:
+    """One retry batch: up to FILES_RETRY_BATCH FAIL files with retries left, copied again in one
+    transaction that holds their rows (SKIP LOCKED: retry workers split the backlog). A crash rolls
+    the batch back to FAIL; files left unattempted when the window closes get their retry back."""
+    progress = Progress()
+    with job.pool.connection() as conn, conn.transaction():
+        files = store.claim_retries(conn, job.settings.max_retries, job.settings.retry_batch)
+        progress.listed = len(files)
+        attempted: set[int] = set()
+
+        def record(results: list[FileResult]) -> None:
+            store.record_results(conn, results, commit=False)
+            for result in results:
+                attempted.add(result.file_id)
+                progress.add(result)
+            if on_progress and results:
+                on_progress(progress)
+
+        copy = lambda f: copy_file(job.target, job.settings.source_root, f, job.settings, probe=True)  # noqa: E731
+        progress.stopped = copy_all(files, copy, job.settings.concurrency, job.window_stop, record)
+        store.unclaim_retries(conn, [f.file_id for f in files if f.file_id not in attempted])
+    return progress

@@ -1,0 +1,187 @@
+"""The core against real PostgreSQL and a moto S3 server: copies, failures, retries, claims, cleanup."""
+
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from migration_assets.files import store
+from migration_assets.files.store import ClaimRefused
+from migration_assets.files.worker import Heartbeat, migrate_claimed_range, retry_failed
+from tests.files.conftest import make_job
+from tests.files.helpers import assert_bytes_equal, seed, statuses
+from tests.files.s3_proxy import s3_proxy
+
+
+def claim(job, lo=0, hi=100, worker="w1"):
+    with job.pool.connection() as conn:
+        return store.claim_range(conn, worker, lo, hi, job.settings.stale_minutes)
+
+
+def range_status(target, lo=0):
+    return target.execute("SELECT status, claim_token FROM migration_ranges WHERE min_id = %s", (lo,)).fetchone()
+
+
+def test_range_copies_every_file_with_its_checksum_and_a_rerun_copies_nothing(files_env, target, target_url, s3, bucket, source_root):
+    ids = seed(target, source_root, 30)
+    big = source_root / "big" / "video.bin"
+    big.parent.mkdir()
+    big.write_bytes(b"x" * (6 * 1024 * 1024 + 123))  # multipart: two 5 MiB parts
+    target.execute("INSERT INTO source_files (file_uri, file_name) VALUES ('big/video.bin', 'video.bin')")
+    job = make_job(files_env, target_url)
+
+    progress = migrate_claimed_range(job, claim(job))
+
+    assert (progress.copied, progress.failed, progress.stopped) == (31, 0, None)
+    assert set(statuses(target).values()) == {"SUCCESS"} and len(statuses(target)) == 31
+    assert assert_bytes_equal(target, s3, bucket, source_root) == 31
+    assert range_status(target) == ("COMPLETE", None)
+    head = s3.head_object(Bucket=bucket, Key="archive/big/video.bin", ChecksumMode="ENABLED")
+    sha, s3_checksum = target.execute("SELECT sha256, s3_checksum FROM migration_files WHERE file_name = 'video.bin'").fetchone()
+    assert head["Metadata"]["sha256"] == sha and s3_checksum.endswith("-2")
+    assert s3_checksum.split("-")[0] == head["ChecksumSHA256"].split("-")[0]
+    assert target.execute("SELECT new_uri FROM migration_files WHERE file_id = %s", (ids[0],)).fetchone()[0].startswith(f"s3://{bucket}/archive/batch-")
+
+    rerun = migrate_claimed_range(job, claim(job))
+    assert (rerun.copied, rerun.skipped) == (0, 31)
+
+
+def test_file_changed_since_listing_or_while_uploading_fails_without_a_record_of_wrong_bytes(
+    files_env, target, target_url, s3, bucket, source_root, moto_s3
+):
+    ids = seed(target, source_root, 5)
+    changed = source_root / target.execute("SELECT file_uri FROM source_files WHERE file_id = %s", (ids[1],)).fetchone()[0]
+    changed.write_bytes(changed.read_bytes()[::-1] + b"!")
+    big = source_root / "big.bin"
+    big.write_bytes(b"a" * (6 * 1024 * 1024))
+    (big_id,) = target.execute("INSERT INTO source_files (file_uri, file_name) VALUES ('big.bin', 'big.bin') RETURNING file_id").fetchone()
+
+    def change_big_when_upload_starts(method: str, path: str) -> None:
+        if method == "POST" and "big.bin?uploads" in path:
+            big.write_bytes(b"b" * (6 * 1024 * 1024))
+
+    with s3_proxy(moto_s3) as proxy:
+        proxy.before = change_big_when_upload_starts
+        job = make_job(files_env, target_url, endpoint=proxy.url)
+        progress = migrate_claimed_range(job, claim(job))
+
+    assert progress.failed == 2
+    errors = dict(target.execute("SELECT file_id, error FROM migration_files WHERE status = 'FAIL'"))
+    assert "changed since it was listed" in errors[ids[1]] and "source_files" in errors[ids[1]]
+    assert "changed while uploading" in errors[big_id]
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+    assert "archive/big.bin" not in keys and not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    assert assert_bytes_equal(target, s3, bucket, source_root) == 4
+
+
+def test_missing_file_stays_fail_with_its_error_after_its_retries(files_env, target, target_url, source_root):
+    ids = seed(target, source_root, 3)
+    missing = target.execute("SELECT file_uri FROM source_files WHERE file_id = %s", (ids[2],)).fetchone()[0]
+    (source_root / missing).unlink()
+    job = make_job(files_env, target_url)
+    migrate_claimed_range(job, claim(job))
+
+    attempts = [retry_failed(job).listed for _ in range(4)]
+
+    assert attempts == [1, 1, 1, 0]  # three retries, then it stays FAIL
+    status, retries, error = target.execute(
+        "SELECT status, retry_count, error FROM migration_files WHERE file_id = %s", (ids[2],)).fetchone()
+    assert (status, retries) == ("FAIL", 3)
+    assert "source file missing" in error and missing in error
+
+
+def test_failed_puts_recover_through_retries_with_their_new_uri(files_env, target, target_url, s3, bucket, source_root, moto_s3):
+    ids = seed(target, source_root, 12)
+    uris = dict(target.execute("SELECT file_id, file_uri FROM source_files"))
+    broken = {f"{bucket}/archive/{uris[i]}" for i in ids[:3]}
+    with s3_proxy(moto_s3) as proxy:
+        proxy.failing_keys = set(broken)
+        job = make_job(files_env, target_url, endpoint=proxy.url)
+        first = migrate_claimed_range(job, claim(job))
+        assert first.failed == 3 and "InternalError" in first.failures[0][1]
+        assert range_status(target) == ("COMPLETE", None)  # failed files are the retry schedule's now
+        proxy.failing_keys.clear()
+        retried = retry_failed(job)
+
+    assert (retried.listed, retried.copied, retried.failed) == (3, 3, 0)
+    rows = target.execute("SELECT status, retry_count, new_uri FROM migration_files WHERE file_id = ANY(%s)", (ids[:3],)).fetchall()
+    assert all(r[0] == "SUCCESS" and r[1] == 1 and r[2].startswith("s3://") for r in rows)
+    assert assert_bytes_equal(target, s3, bucket, source_root) == 12
+    assert all(proxy.uploads[k] == 1 for k in broken)
+
+
+def test_a_retry_worker_killed_mid_batch_leaves_no_file_retrying(files_env, target, target_url, source_root):
+    ids = seed(target, source_root, 3)
+    target.execute("INSERT INTO migration_files (file_id, old_uri, status, error) SELECT file_id, file_uri, 'FAIL', 'x' FROM source_files")
+    code = (
+        "import os, signal, psycopg\n"
+        "from migration_assets.files import store\n"
+        f"conn = psycopg.connect({target_url!r})\n"
+        "with conn.transaction():\n"
+        "    assert len(store.claim_retries(conn, 3, 500)) == 3\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+    assert killed.returncode == -9, killed.stderr
+    assert target.execute("SELECT status, retry_count FROM migration_files").fetchall() == [("FAIL", 0)] * len(ids)
+
+
+def test_two_workers_never_claim_the_same_range(files_env, target, target_url, source_root):
+    seed(target, source_root, 450)  # ranges [0, 100) ... [400, 500)
+    job = make_job(files_env, target_url)
+    gate = threading.Barrier(6)
+    claims, refusals = [], []
+
+    def take_next(name: str) -> None:
+        with job.pool.connection() as conn:
+            gate.wait()
+            while claim := store.claim_next(conn, name):
+                claims.append(claim)
+
+    def take_same(name: str) -> None:
+        gate.wait()
+        try:
+            claims.append(claim(job, 400, 500, name))
+        except ClaimRefused as refused:
+            refusals.append(str(refused))
+
+    threads = [threading.Thread(target=take_next, args=(f"w{i}",)) for i in range(4)]
+    threads += [threading.Thread(target=take_same, args=(f"s{i}",)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    ranges = [(c.min_id, c.max_id) for c in claims]
+    assert sorted(ranges) == [(0, 100), (100, 200), (200, 300), (300, 400), (400, 500)]
+    assert len(refusals) >= 1 and all("PROCESSING" in r for r in refusals)  # at most one took [400, 500)
+
+
+def test_cleanup_releases_a_stale_range_and_never_a_live_one(files_env, target, target_url, source_root):
+    seed(target, source_root, 150)
+    job = make_job(files_env, target_url)
+    live, dead = claim(job, 0, 100, "live"), claim(job, 100, 200, "dead")
+
+    with Heartbeat(job.pool, live, interval=0.1):
+        time.sleep(1.5)  # the dead worker's heartbeat is 1.5 s old, the live one's at most 0.1 s
+        with job.pool.connection() as conn:
+            released = store.release_stale(conn, stale_minutes=1 / 60)  # one second
+
+    assert released == [(100, 200)]
+    assert range_status(target, 0)[0] == "PROCESSING" and range_status(target, 100) == ("PENDING", None)
+    with job.pool.connection() as conn:
+        assert not store.heartbeat(conn, dead)  # the dead worker, if it woke, would know it lost its claim
+
+
+def test_expansion_adds_aligned_ranges_and_reopens_a_completed_range_that_grew(files_env, target, target_url, source_root):
+    seed(target, source_root, 150)
+    assert store.all_ranges(target) == [(0, 100, "PENDING"), (100, 200, "PENDING")]
+    job = make_job(files_env, target_url)
+    migrate_claimed_range(job, claim(job, 100, 200))
+
+    seed(target, source_root, 100)  # ids 151-250
+
+    assert store.all_ranges(target) == [(0, 100, "PENDING"), (100, 200, "PENDING"), (200, 300, "PENDING")]
