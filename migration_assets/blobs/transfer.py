@@ -1,0 +1,351 @@
+"""Moving one account's blobs from its old PDS to its new PDS: the seed's ImportBlobsJob, streamed.
+
+Blob by blob, one at a time: the download streams to `{work_dir}/{did}/blobs/{cid}` while it is hashed,
+the hash must equal the CID's digest, the file streams up with uploadBlob and is deleted at once, so
+memory stays flat whatever the blob sizes. Only what the new PDS reports missing (listMissingBlobs) is
+sent, so a resumed or repeated migration never sends a blob twice. No Dagster import here.
+"""
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel, Field
+
+from migration_assets.atproto.cid import CID, CidError, CidMismatch
+from migration_assets.atproto.ratelimit import HostRateLimiter
+from migration_assets.atproto.xrpc import (
+    AuthRequired, RateLimited, TransportFailure, XrpcClient, XrpcError,
+)
+from migration_assets.blobs.credentials import AccountCredentials
+from migration_assets.blobs.store import FailedBlob, ProgressData, now_iso
+from migration_assets.core.checks import CheckOutcome, listing
+
+LIST_PAGE = 1000  # listBlobs / listMissingBlobs maximum page size
+MIB = 1024 * 1024
+# Memory estimate (the seed's MemoryEstimatorService): streaming holds a chunk per direction, so what
+# grows with the account is the CID list, ~200 bytes per CID (a 59-char str, set and list slots).
+BASE_MEMORY_BYTES = 4 * MIB
+BYTES_PER_CID = 200
+
+CHECK_NOTHING_MISSING = "nothing_missing_on_new_pds"
+CHECK_NO_FAILED_BLOBS = "no_failed_blobs"
+CHECK_BYTES_VERIFIED = "bytes_verified"
+
+
+class TransferSettings(BaseModel):
+    work_dir: Path = Field(description="blobs are staged under {work_dir}/{did}/blobs/{cid}")
+    attempts: int = Field(default=3, ge=1, description="tries per blob")
+    backoff_base_seconds: float = Field(default=2.0, ge=0, description="waits 2, 4, 8... s between tries")
+    progress_every: int = Field(default=10, ge=1, description="write progress_data every N blobs")
+    chunk_bytes: int = Field(default=256 * 1024, ge=4096)
+    max_rate_limit_sleep: float = Field(default=3600.0, description="a 429 asking for longer fails the job")
+
+
+class JobFailure(RuntimeError):
+    """The whole account's transfer cannot go on (a PDS unreachable, login refused, local disk): the
+    migration is retried or marked failed; blobs already sent stay sent."""
+
+
+class PermanentFailure(JobFailure):
+    """Retrying cannot help (wrong password, account unknown): fail at once."""
+
+
+class BlobFailed(Exception):
+    """One blob could not be moved after its attempts; it goes into failed_blobs and the job goes on."""
+
+
+@dataclass
+class TransferResult:
+    progress: ProgressData
+    blobs_listed: int
+    missing_at_start: int
+    transferred: int = 0
+    run_bytes: int = 0  # bytes downloaded, hashed and uploaded in this run
+    acknowledged_bytes: int = 0  # sizes the new PDS reported for those uploads
+    size_mismatches: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.run_bytes / self.seconds if self.seconds > 0 else 0.0
+
+
+def backoff_delays(attempts: int, base: float) -> list[float]:
+    """Waits between the tries of one blob: base * 2^n (2 s, 4 s for three tries). The seed's third
+    wait (8 s) would follow the last try and delay nothing but the next blob, so it is not taken."""
+    return [base * 2**n for n in range(attempts - 1)]
+
+
+def estimate_memory_mb(blob_count: int, chunk_bytes: int) -> int:
+    return math.ceil((BASE_MEMORY_BYTES + 2 * chunk_bytes + blob_count * BYTES_PER_CID) / MIB)
+
+
+def blob_path(work_dir: Path, did: str, cid: str) -> Path:
+    """`{work_dir}/{did}/blobs/{cid}`; the DID and CID are validated first, so neither can leave it."""
+    CID.decode(cid)  # base32 only: no separators
+    if "/" in did or did in (".", ".."):
+        raise ValueError(f"unsafe DID for a path: {did!r}")
+    return work_dir / did / "blobs" / cid
+
+
+@contextmanager
+def logged_in_clients(
+    did: str, old_pds: str, new_pds: str, credentials: AccountCredentials, limiter: HostRateLimiter | None,
+    timeout: float = 120.0,
+) -> Iterator[tuple[XrpcClient, XrpcClient]]:
+    """Sessions on both PDSes as the account (its own session passes the deactivated gate of the old
+    PDS's sync endpoints). The client refreshes them when they expire."""
+    with ExitStack() as stack:
+        clients = []
+        for url, password, which in (
+            (old_pds, credentials.old_password, "old"), (new_pds, credentials.new_password, "new"),
+        ):
+            client = stack.enter_context(XrpcClient(url, limiter=limiter, timeout=timeout))
+            _login(client, did, password.get_secret_value(), which, url)
+            clients.append(client)
+        yield clients[0], clients[1]
+
+
+def _login(client: XrpcClient, did: str, password: str, which: str, url: str) -> None:
+    try:
+        client.login(did, password)
+    except (TransportFailure, httpx.TransportError) as error:
+        raise JobFailure(f"cannot reach the {which} PDS {url} to log in as {did}: {error}") from None
+    except XrpcError as error:
+        if error.status is not None and 400 <= error.status < 500 and not isinstance(error, RateLimited):
+            raise PermanentFailure(
+                f"the {which} PDS {url} refused the login of {did}: {error.error or error.status} "
+                f"{error.message or ''}. Check the {which} password (ATPROTO_{which.upper()}_PASSWORD for the "
+                "CLI) and that the account exists there, then request the migration again"
+            ) from None
+        raise JobFailure(f"login of {did} at the {which} PDS {url} failed: {error}") from None
+
+
+def list_old_blobs(old: XrpcClient, did: str) -> list[str]:
+    """Every blob CID of the account on the old PDS (listBlobs, cursor paging)."""
+    cids: list[str] = []
+    cursor: str | None = None
+    while True:
+        params = {"did": did, "limit": LIST_PAGE, **({"cursor": cursor} if cursor else {})}
+        page = old.query("com.atproto.sync.listBlobs", params, auth=True)
+        cids.extend(page.get("cids") or [])
+        next_cursor = page.get("cursor")
+        if not page.get("cids") or not next_cursor or next_cursor == cursor:
+            return list(dict.fromkeys(cids))  # in order, without duplicates
+        cursor = next_cursor
+
+
+def list_missing_blobs(new: XrpcClient) -> list[str]:
+    """CIDs the new PDS's imported repo references but has no blob for (listMissingBlobs, paged)."""
+    cids: list[str] = []
+    cursor: str | None = None
+    while True:
+        params = {"limit": LIST_PAGE, **({"cursor": cursor} if cursor else {})}
+        page = new.query("com.atproto.repo.listMissingBlobs", params, auth=True)
+        blobs = page.get("blobs") or []
+        cids.extend(blob["cid"] for blob in blobs)
+        next_cursor = page.get("cursor")
+        if not blobs or not next_cursor or next_cursor == cursor:
+            return list(dict.fromkeys(cids))
+        cursor = next_cursor
+
+
+@dataclass
+class _Sent:
+    size: int
+    acknowledged_size: int | None
+
+
+def transfer_blob(old: XrpcClient, new: XrpcClient, did: str, cid: str, path: Path, chunk_bytes: int) -> _Sent:
+    """Download to `path` while hashing, check the CID, upload the file, delete it (whatever happens)."""
+    expected = CID.decode(cid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        hasher = hashlib.sha256()
+        size = 0
+        with old.stream("com.atproto.sync.getBlob", {"did": did, "cid": cid}, auth=True) as response:
+            mime = response.headers.get("content-type") or "application/octet-stream"
+            with path.open("wb") as file:
+                for chunk in response.iter_bytes(chunk_bytes):
+                    file.write(chunk)
+                    hasher.update(chunk)
+                    size += len(chunk)
+        if hasher.digest() != expected.digest:
+            raise CidMismatch(expected, CID(expected.codec, hasher.digest()))
+        with path.open("rb") as file:
+            # With a Content-Length the file streams unchunked and the PDS can refuse an oversize blob up front.
+            reply = new.procedure(
+                "com.atproto.repo.uploadBlob", file, content_type=mime, headers={"Content-Length": str(size)},
+                auth=True,
+            )
+    finally:
+        path.unlink(missing_ok=True)
+    blob = reply.get("blob") or {}
+    stored_cid = (blob.get("ref") or {}).get("$link")
+    if stored_cid != cid:
+        raise BlobFailed(f"the new PDS stored the upload as {stored_cid}, not {cid}")
+    return _Sent(size, blob.get("size"))
+
+
+_TRANSPORT = (TransportFailure, httpx.TransportError)
+
+
+def transfer_with_retries(
+    old: XrpcClient, new: XrpcClient, did: str, cid: str, settings: TransferSettings,
+    sleep: Callable[[float], None] = time.sleep,
+) -> _Sent:
+    """`settings.attempts` tries with backoff; 429s wait for their reset without using a try. Raises
+    BlobFailed (this blob only) or JobFailure (a host down, login lost, local disk: the account)."""
+    delays = backoff_delays(settings.attempts, settings.backoff_base_seconds)
+    path = blob_path(settings.work_dir, did, cid)
+    attempt = 0
+    while True:
+        try:
+            return transfer_blob(old, new, did, cid, path, settings.chunk_bytes)
+        except RateLimited as error:  # the client already waited what it may; this one is longer
+            wait = error.retry_at - time.time()
+            if wait > settings.max_rate_limit_sleep:
+                raise JobFailure(f"{error.host} rate-limits us until unix time {error.retry_at:.0f}: run again later") from None
+            sleep(max(wait, 0.0))
+            continue
+        except AuthRequired as error:
+            raise JobFailure(f"the session on {error.host} was lost and could not be renewed: {error}") from None
+        except OSError as error:
+            raise JobFailure(f"local staging of blob {cid} under {settings.work_dir} failed: {error}") from None
+        except (*_TRANSPORT, CidMismatch, CidError, XrpcError, BlobFailed) as error:
+            if attempt >= len(delays):
+                if isinstance(error, _TRANSPORT):
+                    raise JobFailure(f"blob {cid}: {_reason(error)} ({settings.attempts} tries)") from None
+                raise BlobFailed(_reason(error)) from None
+            sleep(delays[attempt])
+            attempt += 1
+
+
+def _reason(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:500]
+
+
+class ProgressTracker:
+    """Counts as blobs go and writes progress_data every `every` blobs (and at the end)."""
+
+    def __init__(self, progress: ProgressData, every: int, write: Callable[[ProgressData], None]) -> None:
+        self.progress = progress
+        self.every = every
+        self._write = write
+        self._since_write = 0
+
+    def blob_done(self, size: int) -> None:
+        completed = self.progress.blobs_completed + 1
+        total = self.progress.blobs_total
+        self.progress.blobs_completed = completed if total is None else min(completed, total)
+        self.progress.bytes_transferred += size
+        self._tick()
+
+    def blob_failed(self, cid: str, reason: str) -> None:
+        self.progress.failed_blobs.append(FailedBlob(cid=cid, reason=reason))
+        self._tick()
+
+    def _tick(self) -> None:
+        self._since_write += 1
+        if self._since_write >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        self.progress.last_progress_update = now_iso()
+        self._write(self.progress)
+        self._since_write = 0
+
+
+def transfer_order(old_cids: list[str], missing: list[str]) -> list[str]:
+    """What to send: the missing CIDs, in the old PDS's order, then any it did not list (they will
+    fail as not found there, and be recorded)."""
+    wanted = set(missing)
+    listed = [cid for cid in old_cids if cid in wanted]
+    known = set(listed)
+    return listed + [cid for cid in missing if cid not in known]
+
+
+def migrate_blobs(
+    old: XrpcClient, new: XrpcClient, did: str, settings: TransferSettings, progress: ProgressData,
+    write_progress: Callable[[ProgressData], None], log: Callable[[str], None] = lambda _: None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> TransferResult:
+    """Send every blob the new PDS is missing; record the ones that fail and go on."""
+    started = time.monotonic()
+    progress = progress.model_copy(deep=True)
+    progress.blobs_started_at = progress.blobs_started_at or now_iso()
+    progress.blobs_completed_at = None
+    progress.failed_blobs = []  # this run retries every earlier failure
+    try:
+        old_cids = list_old_blobs(old, did)
+        missing = list_missing_blobs(new)
+    except _TRANSPORT as error:
+        raise JobFailure(f"listing the blobs of {did} failed: {_reason(error)}") from None
+    order = transfer_order(old_cids, missing)
+    present = len(old_cids) - len(set(old_cids) & set(missing))
+    progress.blob_count = progress.blobs_total = len(old_cids)
+    progress.blobs_completed = present
+    progress.estimated_memory_mb = estimate_memory_mb(len(old_cids), settings.chunk_bytes)
+    log(f"{did}: {len(old_cids)} blobs on the old PDS, {len(missing)} missing on the new one; "
+        f"estimated memory {progress.estimated_memory_mb} MB")
+    tracker = ProgressTracker(progress, settings.progress_every, write_progress)
+    tracker.flush()
+    result = TransferResult(progress=progress, blobs_listed=len(old_cids), missing_at_start=len(missing))
+    for number, cid in enumerate(order, 1):
+        try:
+            sent = transfer_with_retries(old, new, did, cid, settings, sleep)
+        except BlobFailed as failure:
+            log(f"{did}: blob {cid} failed: {failure}")
+            tracker.blob_failed(cid, str(failure))
+            continue
+        except JobFailure:
+            tracker.flush()  # what was sent stays counted
+            raise
+        result.transferred += 1
+        result.run_bytes += sent.size
+        result.acknowledged_bytes += sent.acknowledged_size or 0
+        if sent.acknowledged_size != sent.size:
+            result.size_mismatches.append(f"{cid} ({sent.size} sent, {sent.acknowledged_size} stored)")
+        tracker.blob_done(sent.size)
+        if number % settings.progress_every == 0:
+            log(f"{did}: transferred blob {number}/{len(order)}: {cid} ({sent.size / MIB:.1f} MB)")
+    tracker.flush()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def verify_account(new: XrpcClient, result: TransferResult) -> list[CheckOutcome]:
+    """The account's checks: nothing missing on the new PDS, no failed blob, every byte acknowledged."""
+    missing = list_missing_blobs(new)
+    status = new.query("com.atproto.server.checkAccountStatus", auth=True)
+    expected, imported = int(status.get("expectedBlobs", 0)), int(status.get("importedBlobs", 0))
+    complete = not missing and imported >= expected
+    failed = result.progress.failed_blobs
+    return [
+        CheckOutcome(
+            CHECK_NOTHING_MISSING, complete,
+            f"new PDS: {len(missing)} blobs missing, {imported} imported of {expected} expected"
+            + (f": {listing(missing)}" if missing else ""),
+            metadata={"missing": len(missing), "imported_blobs": imported, "expected_blobs": expected},
+        ),
+        CheckOutcome(
+            CHECK_NO_FAILED_BLOBS, not failed,
+            f"{len(failed)} blobs failed" + (": " + listing([f"{f.cid} ({f.reason})" for f in failed], 5) if failed else ""),
+            metadata={"failed_blobs": len(failed)},
+        ),
+        CheckOutcome(
+            CHECK_BYTES_VERIFIED,
+            not result.size_mismatches and result.run_bytes == result.acknowledged_bytes,
+            f"{result.transferred} blobs sent in this run, {result.run_bytes} bytes hashed to their CIDs, "
+            f"{result.acknowledged_bytes} bytes stored by the new PDS"
+            + (f"; size mismatches: {listing(result.size_mismatches)}" if result.size_mismatches else ""),
+            metadata={"run_bytes": result.run_bytes, "acknowledged_bytes": result.acknowledged_bytes},
+        ),
+    ]
