@@ -1,0 +1,277 @@
+"""DID resolution (did:plc, did:web) to the two facts a backfill needs: the PDS endpoint and the signing key.
+
+DID documents are untrusted input: the document must name the DID we asked for, the PDS endpoint must be
+an http(s) origin, the `#atproto` key must parse as a secp256k1/P-256 key. did:web hosts go through the
+same private-host guard as XRPC calls; the PLC directory is operator configuration and is trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from urllib.parse import unquote
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from migration_assets.atproto.errors import AtprotoError
+from migration_assets.atproto.signature import DidKeyError, PublicKey, parse_did_key, parse_verification_method
+from migration_assets.atproto.xrpc import PrivateHostRefused, guarded_http_client, private_hosts_allowed
+
+DEFAULT_PLC_URL = "https://plc.directory"
+_MAX_DOCUMENT_BYTES = 256 * 1024
+_PLC_DID = re.compile(r"^did:plc:[a-z2-7]{24}$")
+_WEB_DID = re.compile(r"^did:web:[A-Za-z0-9.\-]+(%3[Aa][0-9]{1,5})?$")
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1"}
+
+
+class IdentityError(AtprotoError):
+    """Resolving `did` failed."""
+
+    def __init__(self, did: str, message: str) -> None:
+        super().__init__(f"{did}: {message}")
+        self.did = did
+        self.detail = message
+
+    def __reduce__(self):
+        return (type(self), (self.did, self.detail))
+
+
+class InvalidDid(IdentityError, ValueError):
+    """Not a DID we can resolve (malformed, or did:web with a path)."""
+
+
+class UnsupportedDidMethod(IdentityError):
+    """A DID method other than plc and web."""
+
+
+class DidNotFound(IdentityError):
+    """The directory or host has no document for the DID (404)."""
+
+
+class DidTombstoned(IdentityError):
+    """The DID was deleted (PLC answers 410)."""
+
+
+class InvalidDidDocument(IdentityError):
+    """The document is malformed or lacks the PDS service / #atproto key; the message says what."""
+
+
+class DidResolutionFailed(IdentityError):
+    """The directory or host could not be reached or answered with an unexpected status (transient)."""
+
+
+class DidDocument(BaseModel):
+    """The atproto view of a DID document."""
+
+    id: str
+    also_known_as: list[str] = Field(default_factory=list)
+    pds_endpoint: str
+    signing_key: str  # publicKeyMultibase of the #atproto verification method ("z...")
+
+    @property
+    def handle(self) -> str | None:
+        """The claimed handle (first at:// alias); unverified."""
+        for alias in self.also_known_as:
+            if alias.startswith("at://"):
+                return alias.removeprefix("at://")
+        return None
+
+    def public_key(self) -> PublicKey:
+        return parse_did_key(self.signing_key)
+
+
+# --- raw W3C document (only the fields atproto uses) ---
+
+
+class _VerificationMethod(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: str = ""
+    publicKeyMultibase: str | None = None
+
+
+class _Service(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: str | list[str] = ""
+    serviceEndpoint: str | dict | list
+
+
+class _RawDocument(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    alsoKnownAs: list[str] = Field(default_factory=list)
+    verificationMethod: list[_VerificationMethod] = Field(default_factory=list)
+    service: list[_Service] = Field(default_factory=list)
+
+
+def _matches_fragment(item_id: str, did: str, fragment: str) -> bool:
+    return item_id == fragment or item_id == did + fragment
+
+
+def parse_document(did: str, raw: object, *, allow_http_endpoint: bool = False) -> DidDocument:
+    """Validate a fetched document for `did`; InvalidDidDocument says what is wrong."""
+    try:
+        doc = _RawDocument.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidDidDocument(did, f"not a DID document: {_first_error(exc)}") from None
+    if doc.id != did:
+        raise InvalidDidDocument(did, f"document is for {doc.id!r}, not the DID requested")
+    return DidDocument(
+        id=doc.id,
+        also_known_as=doc.alsoKnownAs,
+        pds_endpoint=_pds_endpoint(did, doc, allow_http_endpoint),
+        signing_key=_signing_key(did, doc),
+    )
+
+
+def _pds_endpoint(did: str, doc: _RawDocument, allow_http: bool) -> str:
+    for service in doc.service:
+        if not _matches_fragment(service.id, did, "#atproto_pds"):
+            continue
+        if service.type != "AtprotoPersonalDataServer":
+            raise InvalidDidDocument(did, f"#atproto_pds has type {service.type!r}, not AtprotoPersonalDataServer")
+        endpoint = service.serviceEndpoint
+        if not isinstance(endpoint, str):
+            raise InvalidDidDocument(did, "#atproto_pds serviceEndpoint is not a URL string")
+        try:
+            url = httpx.URL(endpoint)
+        except httpx.InvalidURL:
+            raise InvalidDidDocument(did, f"#atproto_pds endpoint {endpoint!r} is not a URL") from None
+        schemes = ("https", "http") if allow_http else ("https",)
+        if url.scheme not in schemes or not url.host or url.query or url.path not in ("", "/"):
+            raise InvalidDidDocument(did, f"#atproto_pds endpoint {endpoint!r} is not an {'/'.join(schemes)} origin")
+        return endpoint.rstrip("/")
+    raise InvalidDidDocument(did, "no #atproto_pds service of type AtprotoPersonalDataServer: the DID has no PDS")
+
+
+def _signing_key(did: str, doc: _RawDocument) -> str:
+    for method in doc.verificationMethod:
+        if not _matches_fragment(method.id, did, "#atproto"):
+            continue
+        if not method.publicKeyMultibase:
+            raise InvalidDidDocument(did, "#atproto verification method has no publicKeyMultibase")
+        try:
+            key = parse_verification_method(method.type, method.publicKeyMultibase)
+        except DidKeyError as exc:
+            raise InvalidDidDocument(did, f"#atproto key: {exc}") from None
+        return key.did_key().removeprefix("did:key:")  # one form for every document format
+    raise InvalidDidDocument(did, "no #atproto verification method: the repo signing key is unknown")
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc']) or 'document'}: {err['msg']}"
+
+
+class IdentityResolver:
+    """Resolves and caches DID documents for `ttl_seconds`. Thread-safe."""
+
+    def __init__(self, plc_url: str | None = None, ttl_seconds: float = 3600, allow_private_hosts: bool | None = None,
+                 *, timeout: float = 15.0, retries: int = 2) -> None:
+        self.plc_url = (plc_url or os.environ.get("ATPROTO_PLC_URL") or DEFAULT_PLC_URL).rstrip("/")
+        self.ttl_seconds = ttl_seconds
+        self.retries = retries
+        self._allow_private = private_hosts_allowed(allow_private_hosts)
+        self._web = guarded_http_client(timeout=timeout, allow_private=self._allow_private,
+                                        user_agent="migration-assets")
+        self._plc = httpx.Client(timeout=httpx.Timeout(timeout), trust_env=False, follow_redirects=False)
+        self._cache: dict[str, tuple[float, DidDocument]] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._web.close()
+        self._plc.close()
+
+    def __enter__(self) -> IdentityResolver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def resolve(self, did: str) -> DidDocument:
+        with self._lock:
+            cached = self._cache.get(did)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        document = self._resolve_uncached(did)
+        with self._lock:
+            self._cache[did] = (time.monotonic() + self.ttl_seconds, document)
+        return document
+
+    def invalidate(self, did: str) -> None:
+        """Forget `did` (e.g. its signature check failed: the key may have rotated, or the PDS moved)."""
+        with self._lock:
+            self._cache.pop(did, None)
+
+    def _resolve_uncached(self, did: str) -> DidDocument:
+        if did.startswith("did:plc:"):
+            if not _PLC_DID.match(did):
+                raise InvalidDid(did, "a did:plc is 'did:plc:' + 24 base32 characters")
+            raw = self._fetch(did, self._plc, f"{self.plc_url}/{did}")
+        elif did.startswith("did:web:"):
+            raw = self._fetch(did, self._web, self._web_url(did))
+        elif did.startswith("did:"):
+            method = did.split(":", 2)[1]
+            raise UnsupportedDidMethod(did, f"DID method {method!r} is not supported by atproto (plc, web)")
+        else:
+            raise InvalidDid(did, "not a DID (expected did:plc:... or did:web:...)")
+        return parse_document(did, raw, allow_http_endpoint=self._allow_private)
+
+    def _web_url(self, did: str) -> str:
+        if not _WEB_DID.match(did):
+            raise InvalidDid(did, "atproto supports host-level did:web only: did:web:<host>[%3A<port>]")
+        host = unquote(did.removeprefix("did:web:")).lower()
+        hostname = host.rsplit(":", 1)[0]
+        if hostname in _LOOPBACK_NAMES:
+            if not self._allow_private:
+                raise PrivateHostRefused(f"{did} names a loopback host; set ATPROTO_ALLOW_PRIVATE_HOSTS=true "
+                                         "only for local networks", host=host)
+            return f"http://{host}/.well-known/did.json"
+        return f"https://{host}/.well-known/did.json"
+
+    def _fetch(self, did: str, client: httpx.Client, url: str) -> object:
+        attempt = 0
+        while True:
+            try:
+                return self._fetch_once(did, client, url)
+            except DidResolutionFailed:
+                if attempt >= self.retries:
+                    raise
+                attempt += 1
+                time.sleep(0.25 * 2**attempt)
+
+    def _fetch_once(self, did: str, client: httpx.Client, url: str) -> object:
+        try:
+            with client.stream("GET", url, headers={"Accept": "application/did+ld+json, application/json"}) as reply:
+                if reply.status_code == 404:
+                    raise DidNotFound(did, f"{url} answered 404: no such DID")
+                if reply.status_code == 410:
+                    raise DidTombstoned(did, f"{url} answered 410: the DID was deleted (tombstoned)")
+                if reply.status_code != 200:
+                    raise DidResolutionFailed(did, f"{url} answered HTTP {reply.status_code}")
+                body = _read_capped(reply, _MAX_DOCUMENT_BYTES)
+        except httpx.TooManyRedirects:
+            raise InvalidDidDocument(did, f"{url} redirects too many times") from None
+        except httpx.TransportError as exc:
+            raise DidResolutionFailed(did, f"{url}: {type(exc).__name__}: {exc}") from None
+        if body is None:
+            raise InvalidDidDocument(did, f"document at {url} is larger than {_MAX_DOCUMENT_BYTES} bytes")
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise InvalidDidDocument(did, f"document at {url} is not JSON") from None
+
+
+def _read_capped(reply: httpx.Response, limit: int) -> bytes | None:
+    chunks, size = [], 0
+    for chunk in reply.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,345 @@
+"""XrpcClient against real HTTP servers on loopback: typed errors, sessions, 429s, retries, redirects, guard."""
+
+import io
+import logging
+import pickle
+import time
+
+import pytest
+
+from migration_assets.atproto import xrpc
+from migration_assets.atproto.ratelimit import HostRateLimiter
+from migration_assets.atproto.xrpc import (
+    AuthRequired,
+    BlobNotFound,
+    PrivateHostRefused,
+    RateLimited,
+    RepoDeactivated,
+    RepoNotFound,
+    RepoSuspended,
+    RepoTakendown,
+    TransportFailure,
+    XrpcClient,
+    XrpcError,
+    is_forbidden_address,
+)
+from tests.atproto.loopback import LoopbackServer, Reply, json_reply, serve, xrpc_error
+
+LIST_REPOS = "com.atproto.sync.listRepos"
+PATH = f"/xrpc/{LIST_REPOS}"
+OK = json_reply({"repos": []})
+PASSWORD = "hunter2-secret-pw"
+
+
+@pytest.fixture
+def servers():
+    yield from serve()
+
+
+@pytest.fixture
+def server(servers) -> LoopbackServer:
+    return servers()
+
+
+def client_for(server: LoopbackServer, **kwargs) -> XrpcClient:
+    kwargs.setdefault("allow_private_hosts", True)
+    kwargs.setdefault("backoff", 0.01)
+    return XrpcClient(server.url, **kwargs)
+
+
+# --- replies and typed errors ---
+
+
+def test_query_sends_params_and_returns_json(server):
+    server.route("GET", PATH, json_reply({"repos": [{"did": "did:plc:a"}], "cursor": "c1"}))
+    with client_for(server) as client:
+        reply = client.query(LIST_REPOS, {"limit": 2, "cursor": None, "flag": True})
+    assert reply == {"repos": [{"did": "did:plc:a"}], "cursor": "c1"}
+    assert server.calls(PATH)[0].query == {"limit": ["2"], "flag": ["true"]}
+    assert client.host == f"127.0.0.1:{server.port}"
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected", "error"),
+    [
+        (xrpc_error(400, "RepoNotFound", "Could not find repo for DID: did:plc:x"), RepoNotFound, "RepoNotFound"),
+        (xrpc_error(400, "RepoDeactivated", "Repo has been deactivated"), RepoDeactivated, "RepoDeactivated"),
+        (xrpc_error(400, "RepoTakendown", "Repo has been takendown"), RepoTakendown, "RepoTakendown"),
+        (xrpc_error(400, "RepoSuspended", "Repo has been suspended"), RepoSuspended, "RepoSuspended"),
+        (xrpc_error(400, "InvalidRequest", "Blob not found"), BlobNotFound, "InvalidRequest"),
+        (xrpc_error(404, "BlobNotFound", "no such blob"), BlobNotFound, "BlobNotFound"),
+        (xrpc_error(401, "AuthMissing", "Authentication Required"), AuthRequired, "AuthMissing"),
+        (xrpc_error(400, "InvalidRequest", "bad limit"), XrpcError, "InvalidRequest"),
+        (Reply(400, b"<html>oops</html>"), XrpcError, None),
+    ],
+)
+def test_error_replies_map_to_typed_errors(server, reply, expected, error):
+    server.route("GET", PATH, reply)
+    with client_for(server) as client, pytest.raises(expected) as raised:
+        client.query(LIST_REPOS)
+    exc = raised.value
+    assert type(exc) is expected
+    assert (exc.status, exc.error, exc.nsid, exc.host) == (reply.status, error, LIST_REPOS, client.host)
+    assert exc.message and exc.message in str(exc)
+    assert len(server.calls(PATH)) == 1  # 4xx is not retried
+    assert pickle.loads(pickle.dumps(exc)).error == error
+
+
+def test_procedure_bodies(server):
+    def echo(request):
+        return json_reply({"type": request.headers.get("content-type"), "size": len(request.body),
+                           "body": request.body.decode()})
+
+    server.route("POST", "/xrpc/com.atproto.repo.uploadBlob", echo)
+    nsid = "com.atproto.repo.uploadBlob"
+    with client_for(server) as client:
+        as_json = client.procedure(nsid, {"a": 1})
+        as_bytes = client.procedure(nsid, b"abc", content_type="image/png")
+        as_iter = client.procedure(nsid, iter([b"ab", b"cd"]))
+        as_file = client.procedure(nsid, io.BytesIO(b"x" * 100_000), content_type="text/plain")
+    assert as_json["type"] == "application/json" and as_json["body"] == '{"a":1}'
+    assert (as_bytes["type"], as_bytes["body"]) == ("image/png", "abc")
+    assert (as_iter["type"], as_iter["body"]) == ("application/octet-stream", "abcd")
+    assert (as_file["type"], as_file["size"]) == ("text/plain", 100_000)
+
+
+def test_empty_reply_is_empty_dict_and_non_json_reply_is_an_error(server):
+    server.route("POST", "/xrpc/x.empty", Reply(200))
+    server.route("GET", "/xrpc/x.html", Reply(200, b"<html/>", {"Content-Type": "text/html"}))
+    with client_for(server) as client:
+        assert client.procedure("x.empty") == {}
+        with pytest.raises(XrpcError, match="not JSON"):
+            client.query("x.html")
+
+
+# --- sessions ---
+
+
+def session_reply(n: int, did: str = "did:plc:abc") -> Reply:
+    return json_reply({"did": did, "handle": "alice.test", "accessJwt": f"access-{n}", "refreshJwt": f"refresh-{n}"})
+
+
+def protected(valid_token: str):
+    def handler(request):
+        if request.headers.get("authorization") != f"Bearer {valid_token}":
+            return xrpc_error(400, "ExpiredToken", "Token has expired")
+        return json_reply({"ok": True})
+
+    return handler
+
+
+def test_expired_token_refreshes_once_and_retries(server):
+    server.route("POST", "/xrpc/com.atproto.server.createSession", session_reply(1))
+    server.route("POST", "/xrpc/com.atproto.server.refreshSession", session_reply(2))
+    server.route("GET", "/xrpc/x.private", protected("access-2"))
+    with client_for(server) as client:
+        client.login("alice.test", PASSWORD)
+        assert client.query("x.private", auth=True) == {"ok": True}
+        assert client.query("x.private", auth=True) == {"ok": True}  # new token kept
+    login = server.calls("/xrpc/com.atproto.server.createSession")
+    refresh = server.calls("/xrpc/com.atproto.server.refreshSession")
+    assert len(login) == 1 and len(refresh) == 1
+    assert refresh[0].headers["authorization"] == "Bearer refresh-1"
+    assert client.session_did == "did:plc:abc"
+
+
+def test_failed_refresh_logs_in_again_with_stored_password(server):
+    server.route("POST", "/xrpc/com.atproto.server.createSession", [session_reply(1), session_reply(3)])
+    server.route("POST", "/xrpc/com.atproto.server.refreshSession", xrpc_error(400, "ExpiredToken", "expired"))
+    server.route("GET", "/xrpc/x.private", protected("access-3"))
+    with client_for(server) as client:
+        client.login("alice.test", PASSWORD)
+        assert client.query("x.private", auth=True) == {"ok": True}
+    logins = server.calls("/xrpc/com.atproto.server.createSession")
+    assert len(logins) == 2 and PASSWORD.encode() in logins[1].body
+
+
+def test_auth_without_login_and_bad_password_never_leak_secrets(server, caplog):
+    caplog.set_level(logging.DEBUG)
+    server.route("POST", "/xrpc/com.atproto.server.createSession",
+                 xrpc_error(401, "AuthenticationRequired", "Invalid identifier or password"))
+    with client_for(server) as client:
+        with pytest.raises(AuthRequired, match="login"):
+            client.query("x.private", auth=True)
+        with pytest.raises(AuthRequired) as raised:
+            client.login("alice.test", PASSWORD)
+        assert PASSWORD not in str(raised.value) and PASSWORD not in repr(raised.value)
+        assert PASSWORD not in repr(client)
+    assert PASSWORD not in caplog.text
+
+
+def test_tokens_stay_out_of_repr_and_logs(server, caplog):
+    caplog.set_level(logging.DEBUG)
+    server.route("POST", "/xrpc/com.atproto.server.createSession", session_reply(1))
+    server.route("GET", "/xrpc/x.private", protected("access-1"))
+    with client_for(server) as client:
+        client.login("alice.test", PASSWORD)
+        client.query("x.private", auth=True)
+        assert "access-1" not in repr(client) and "did:plc:abc" in repr(client)
+    assert "access-1" not in caplog.text and PASSWORD not in caplog.text
+
+
+# --- 429s ---
+
+
+def test_429_with_reset_soon_is_waited_out_without_using_retries(server):
+    reset = str(int(time.time()) + 2)
+    limited = xrpc_error(429, "RateLimitExceeded", "slow down", {"RateLimit-Reset": reset, "RateLimit-Remaining": "0"})
+    server.route("GET", PATH, [limited, xrpc_error(429, "RateLimitExceeded", "", {"Retry-After": "0"}), OK])
+    with client_for(server, retries=0) as client:
+        assert client.query(LIST_REPOS) == {"repos": []}
+    assert len(server.calls(PATH)) == 3
+
+
+def test_429_with_reset_far_ahead_raises_rate_limited(server):
+    reset = int(time.time()) + 3600
+    server.route("GET", PATH, xrpc_error(429, "RateLimitExceeded", "slow down", {"RateLimit-Reset": str(reset)}))
+    with client_for(server) as client, pytest.raises(RateLimited) as raised:
+        client.query(LIST_REPOS)
+    assert raised.value.retry_at == reset and raised.value.status == 429
+    assert pickle.loads(pickle.dumps(raised.value)).retry_at == reset
+    assert len(server.calls(PATH)) == 1
+
+
+def test_retry_after_seconds_beyond_the_wait_limit_raises(server):
+    server.route("GET", PATH, Reply(429, b"", {"Retry-After": "120"}))
+    before = time.time()
+    with client_for(server, max_rate_limit_wait=5) as client, pytest.raises(RateLimited) as raised:
+        client.query(LIST_REPOS)
+    assert raised.value.retry_at >= before + 120
+
+
+def test_429_pauses_the_host_for_every_client_sharing_the_limiter(server, target_url):
+    reset = int(time.time()) + 3600
+    server.route("GET", PATH, [Reply(429, b"", {"RateLimit-Reset": str(reset)}), OK])
+    limiter = HostRateLimiter(target_url, limit=100, window_seconds=60)
+    with client_for(server, limiter=limiter) as first, pytest.raises(RateLimited):
+        first.query(LIST_REPOS)
+    other_process_limiter = HostRateLimiter(target_url, limit=100, window_seconds=60)
+    with client_for(server, limiter=other_process_limiter, max_rate_limit_wait=1) as second:
+        with pytest.raises(RateLimited) as raised:
+            second.query(LIST_REPOS)
+    assert raised.value.retry_at == pytest.approx(reset, abs=5)
+    assert len(server.calls(PATH)) == 1  # the second client never sent its request
+
+
+# --- transient failures ---
+
+
+def test_503_is_retried_then_succeeds(server):
+    server.route("GET", PATH, [xrpc_error(503, "ServiceUnavailable"), Reply(502, b"bad gateway"), OK])
+    with client_for(server, retries=3) as client:
+        assert client.query(LIST_REPOS) == {"repos": []}
+    assert len(server.calls(PATH)) == 3
+
+
+def test_persistent_503_becomes_transport_failure(server):
+    server.route("GET", PATH, xrpc_error(503, "ServiceUnavailable", "down"))
+    with client_for(server, retries=2) as client, pytest.raises(TransportFailure) as raised:
+        client.query(LIST_REPOS)
+    assert raised.value.status == 503
+    assert len(server.calls(PATH)) == 3
+
+
+def test_timeout_becomes_transport_failure_after_retries(server):
+    server.route("GET", PATH, Reply(200, b"{}", delay=3))
+    with client_for(server, timeout=0.3, retries=1) as client, pytest.raises(TransportFailure, match="Timeout"):
+        client.query(LIST_REPOS)
+    assert len(server.calls(PATH)) == 2
+
+
+def test_connection_refused_becomes_transport_failure(servers):
+    dead = servers()
+    dead.stop()
+    with client_for(dead, retries=1) as client, pytest.raises(TransportFailure, match="ConnectError"):
+        client.query(LIST_REPOS)
+
+
+def test_one_shot_body_is_not_retried(server):
+    server.route("POST", "/xrpc/x.upload", [xrpc_error(503, "ServiceUnavailable"), OK])
+    with client_for(server) as client, pytest.raises(TransportFailure):
+        client.procedure("x.upload", iter([b"once"]))
+    assert len(server.calls("/xrpc/x.upload")) == 1
+
+
+# --- streams and redirects ---
+
+
+def test_stream_yields_the_body_in_chunks(server):
+    server.route("GET", "/xrpc/com.atproto.sync.getRepo", Reply(200, [b"a" * 70_000, b"b" * 70_000]))
+    with client_for(server) as client, client.stream("com.atproto.sync.getRepo", {"did": "did:plc:x"}) as reply:
+        data = b"".join(reply.iter_bytes())
+    assert data == b"a" * 70_000 + b"b" * 70_000
+
+
+def test_stream_error_reply_raises_typed_error(server):
+    server.route("GET", "/xrpc/com.atproto.sync.getBlob", xrpc_error(400, "InvalidRequest", "Blob not found"))
+    with client_for(server) as client, pytest.raises(BlobNotFound):
+        with client.stream("com.atproto.sync.getBlob", {"did": "did:plc:x", "cid": "bafk"}):
+            pytest.fail("the body of a failed stream must not be entered")
+
+
+def test_redirect_to_another_loopback_server_is_followed_when_allowed(servers):
+    origin, cdn = servers(), servers()
+    origin.route("GET", "/xrpc/com.atproto.sync.getBlob", Reply(302, b"", {"Location": f"{cdn.url}/blob/1"}))
+    cdn.route("GET", "/blob/1", Reply(200, b"blob bytes"))
+    with client_for(origin) as client, client.stream("com.atproto.sync.getBlob", {"cid": "b"}) as reply:
+        assert reply.read() == b"blob bytes"
+    assert len(cdn.calls("/blob/1")) == 1
+
+
+def test_redirect_loop_is_an_error(server):
+    server.route("GET", "/xrpc/x.loop", Reply(302, b"", {"Location": "/xrpc/x.loop"}))
+    with client_for(server) as client, pytest.raises(XrpcError, match="too many redirects"):
+        client.query("x.loop")
+
+
+def test_guard_refuses_loopback_host_unless_allowed(server, monkeypatch):
+    server.route("GET", PATH, OK)
+    monkeypatch.delenv(xrpc.ALLOW_PRIVATE_ENV, raising=False)
+    with XrpcClient(server.url) as client, pytest.raises(PrivateHostRefused, match="127.0.0.1"):
+        client.query(LIST_REPOS)
+    assert server.calls(PATH) == []
+    monkeypatch.setenv(xrpc.ALLOW_PRIVATE_ENV, "yes")
+    with XrpcClient(server.url) as client:
+        assert client.query(LIST_REPOS) == {"repos": []}
+
+
+def test_guard_checks_every_redirect_hop(servers, monkeypatch):
+    """The first hop must pass the guard, so its name is made to resolve to a public address for the guard
+    only (the machine has no public interface to serve from); the redirect target resolves for real."""
+    origin, internal = servers(), servers()
+    origin.route("GET", "/xrpc/com.atproto.sync.getBlob",
+                 Reply(302, b"", {"Location": f"http://127.0.0.1:{internal.port}/secret"}))
+    internal.route("GET", "/secret", Reply(200, b"internal data"))
+    real_resolve = xrpc._resolve
+
+    def resolve(host, port):
+        return ["93.184.215.14"] if host == "localhost" else real_resolve(host, port)
+
+    monkeypatch.setattr(xrpc, "_resolve", resolve)
+    with XrpcClient(f"http://localhost:{origin.port}", allow_private_hosts=False) as client:
+        with pytest.raises(PrivateHostRefused, match="127.0.0.1"):
+            with client.stream("com.atproto.sync.getBlob", {"cid": "b"}):
+                pass
+    assert len(origin.calls("/xrpc/com.atproto.sync.getBlob")) == 1
+    assert internal.calls("/secret") == []
+
+
+@pytest.mark.parametrize(
+    ("address", "forbidden"),
+    [
+        ("127.0.0.1", True), ("10.1.2.3", True), ("172.16.0.9", True), ("192.168.1.1", True),
+        ("169.254.169.254", True), ("100.64.0.1", True), ("0.0.0.0", True), ("224.0.0.1", True),
+        ("240.0.0.1", True), ("::1", True), ("fd00::2", True), ("fe80::1%eth0", True),
+        ("::ffff:10.0.0.1", True), ("192.0.2.2", True),
+        ("8.8.8.8", False), ("93.184.215.14", False), ("2606:4700:4700::1111", False),
+    ],
+)
+def test_forbidden_addresses(address, forbidden):
+    assert is_forbidden_address(address) is forbidden
+
+
+def test_bad_base_url_is_refused():
+    with pytest.raises(ValueError, match="http"):
+        XrpcClient("ftp://pds.example")
