@@ -10,6 +10,7 @@ from dagster_aws.s3 import S3Resource
 
 from migration_assets.core.instance import project_instance
 from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.runs import materialize_partition, materialized_metadata, print_partition_summary, root_cause
 from migration_assets.files import assets
 from migration_assets.files.partitions import register_ranges
 from migration_assets.files.ranges import range_key
@@ -18,7 +19,6 @@ from migration_assets.files.seed import seed_files
 from migration_assets.files.window import RunWindow
 
 EXIT_WINDOW_CLOSED = 3  # stopped cleanly at the window's close: run again in the next window
-CLI_TAG = "migration-assets/cli"
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -48,29 +48,24 @@ def wait_for_window(window: RunWindow, no_wait: bool) -> bool:
     print(window.closed_message())
     if no_wait:
         return False
+    if window.next_open() is None:
+        return False
     while not window.is_open():
         time.sleep(min(60.0, max(1.0, (window.next_open() - datetime.now(timezone.utc)).total_seconds())))
     return True
 
 
 def materialize(instance, asset, resources: dict, partition_key: str | None = None, ignore_window: bool = False):
-    config = {"ops": {asset.op.name: {"config": {"ignore_window": ignore_window}}}} if asset is not assets.migration_ranges else None
-    return dg.materialize(
-        [asset], partition_key=partition_key, instance=instance, resources=resources, run_config=config,
-        raise_on_error=False, tags={CLI_TAG: "files migrate"},
-    )
+    config = None if asset is assets.migration_ranges else {"ops": {asset.op.name: {"config": {"ignore_window": ignore_window}}}}
+    return materialize_partition(instance, asset, partition_key, resources, "files migrate", run_config=config)
 
 
 def failure_text(result: dg.ExecuteInProcessResult) -> str:
-    from migration_assets.chain.cli import root_cause
     return "; ".join(root_cause(e.step_failure_data.error) for e in result.all_events if e.is_step_failure)
 
 
-def metadata_of(result: dg.ExecuteInProcessResult) -> dict:
-    for event in reversed(result.all_events):
-        if event.is_step_materialization:
-            return {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
-    return {}
+def metadata_of(result: dg.ExecuteInProcessResult, asset_key: dg.AssetKey) -> dict:
+    return materialized_metadata(result, asset_key) or {}
 
 
 def migrate_command(args: argparse.Namespace) -> int:
@@ -83,7 +78,7 @@ def migrate_command(args: argparse.Namespace) -> int:
     if not ranges.success:
         print(f"expanding ranges FAILED: {failure_text(ranges)}")
         return 1
-    meta = metadata_of(ranges)
+    meta = metadata_of(ranges, assets.MIGRATION_RANGES)
     print(f"ranges: {meta['ranges_added']} added, {meta['ranges_reopened']} reopened, "
           f"{meta['stale_ranges_released']} stale released, {meta['ranges_pending']} pending")
     with res["postgres"].connection() as conn:
@@ -105,27 +100,21 @@ def migrate_command(args: argparse.Namespace) -> int:
 
 def migrate_partition(instance, key: str, res: dict, ignore_window: bool) -> str:
     result = materialize(instance, assets.copied_files, res, key, ignore_window)
-    meta = metadata_of(result)
-    if meta:
-        print(f"{key}: {meta['files_copied']} copied, {meta['files_skipped']} unchanged, {meta['files_failed']} failed "
-              f"of {meta['files_listed']}; {meta['bytes_copied'] / 1e6:.1f} MB at {meta['mb_per_second']} MB/s")
-    ok = result.success
-    for evaluation in result.get_asset_check_evaluations():
-        if not evaluation.passed:
-            ok = ok and evaluation.severity.value == "WARN"
-            print(f"  check {evaluation.check_name} FAILED ({evaluation.severity.value}): {evaluation.description}")
-    if not result.success:
-        text = failure_text(result)
-        print(f"{key}: {text}")
-        if text.startswith("Stopped cleanly"):
-            return "stopped"
+    ok = print_partition_summary(key, assets.COPIED_FILES, result, range_summary)
+    if failure_text(result).startswith("Stopped cleanly"):
+        return "stopped"
     return "ok" if ok else "failed"
+
+
+def range_summary(meta: dict) -> str:
+    return (f"{meta['files_copied']} copied, {meta['files_skipped']} unchanged, {meta['files_failed']} failed "
+            f"of {meta['files_listed']}; {meta['bytes_copied'] / 1e6:.1f} MB at {meta['mb_per_second']} MB/s")
 
 
 def retry_command(args: argparse.Namespace) -> int:
     instance = project_instance()
     result = materialize(instance, assets.file_retries, resources(), ignore_window=args.ignore_window)
-    meta = metadata_of(result)
+    meta = metadata_of(result, assets.FILE_RETRIES)
     if meta:
         print(f"retried {meta['files_listed']} files: {meta['files_copied'] + meta['files_skipped']} copied, "
               f"{meta['files_failed']} still failing")

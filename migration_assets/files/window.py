@@ -31,8 +31,9 @@ class RunWindow:
             return start <= now < end
         return now >= start or now < end  # crossing midnight, e.g. 22:00-06:00
 
-    def next_open(self, at: datetime | None = None) -> datetime:
-        """The moment the window next opens (`at` itself when open now)."""
+    def next_open(self, at: datetime | None = None) -> datetime | None:
+        """The moment the window next opens (`at` itself when open now); None if it never does
+        (an empty nightly window without weekends)."""
         at = at or self.clock()
         if self.is_open(at):
             return at
@@ -43,7 +44,7 @@ class RunWindow:
             candidates.append(datetime.combine(day, self.settings.start, self.zone))
             if self.settings.weekends and day.weekday() == SATURDAY:
                 candidates.append(datetime.combine(day, datetime.min.time(), self.zone))
-        return min(c for c in candidates if c > local and self.is_open(c))
+        return min((c for c in candidates if c > local and self.is_open(c)), default=None)
 
     def describe(self) -> str:
         s = self.settings
@@ -53,6 +54,8 @@ class RunWindow:
         return f"{s.start:%H:%M}-{s.end:%H:%M}{weekends} in {s.tz}"
 
     def closed_message(self) -> str:
-        opens = self.next_open().astimezone(self.zone)
-        return (f"outside the run window ({self.describe()}); it opens at {opens:%Y-%m-%d %H:%M %Z}. "
+        opens = self.next_open()
+        when = (f"it opens at {opens.astimezone(self.zone):%Y-%m-%d %H:%M %Z}" if opens else
+                "it never opens with these settings (FILES_RUN_WINDOW_START/END/WEEKENDS)")
+        return (f"outside the run window ({self.describe()}); {when}. "
                 "Run then, or pass --ignore-window / set FILES_RUN_WINDOW_ENABLED=false to run now")
