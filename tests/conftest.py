@@ -2,6 +2,7 @@
 and a Dagster instance on PostgreSQL storage. Each test gets a fresh target database and table."""
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 
@@ -12,6 +13,7 @@ import pytest
 
 from migration_assets.core import embedded
 from migration_assets.core.postgres import close_pools, shared_pool
+from migration_assets.core.settings import PROJECT_ROOT
 from migration_assets.devstack.sample_chain import create_block_table
 from migration_assets.devstack.servers import local_aws_environment, start_dynalite
 
@@ -103,3 +105,15 @@ def event_table(request, dynamodb, monkeypatch):
     monkeypatch.setenv("CHAIN_EVENT_TABLE", name)
     monkeypatch.setenv("CHAIN_EVENT_TAG", str(layout.event_tag))
     return name, layout
+
+
+@pytest.fixture
+def dagster_home(tmp_path, instance, monkeypatch):
+    """A DAGSTER_HOME with the project's dagster.yaml on the test instance's PostgreSQL storage: what
+    the `migration-assets` command (in-process or as a subprocess) runs against."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", instance.run_storage.postgres_url)
+    return home

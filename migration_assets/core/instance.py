@@ -8,6 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from migration_assets.core import embedded
+from migration_assets.core.pools import ensure_pool_limits
 from migration_assets.core.settings import PROJECT_ROOT, data_dir
 
 
@@ -33,4 +34,6 @@ def prepare_dagster_environment() -> Path:
 
 def project_instance() -> dg.DagsterInstance:
     prepare_dagster_environment()
-    return dg.DagsterInstance.get()
+    instance = dg.DagsterInstance.get()
+    ensure_pool_limits(instance)
+    return instance

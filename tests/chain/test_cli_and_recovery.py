@@ -1,7 +1,6 @@
 """`migration-assets chain migrate` end to end, and a run killed with SIGKILL mid-partition."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,19 +11,7 @@ import pytest
 
 from migration_assets.cli import main
 from migration_assets.devstack.sample_chain import sample_chain
-from migration_assets.core.settings import PROJECT_ROOT
 from tests.chain.helpers import TAG, seed
-
-
-@pytest.fixture
-def dagster_home(tmp_path, instance, monkeypatch):
-    """A DAGSTER_HOME with the project's dagster.yaml, on the test instance's PostgreSQL storage."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("DAGSTER_POSTGRES_URL", instance.run_storage.postgres_url)
-    return home
 
 
 def distinct_blocks(items) -> tuple[int, int]:

@@ -1,0 +1,27 @@
+"""The project's named pool limits (deploy/pools.yaml), applied to the local instance.
+
+Dagster keeps named pool limits in the instance database, not in dagster.yaml (whose `concurrency.pools`
+only has `default_limit`), so the demo and the CLI set them here; deployments run deploy/set-pools.sh.
+"""
+
+import dagster as dg
+import yaml
+
+from migration_assets.core.settings import PROJECT_ROOT
+
+POOLS_FILE = PROJECT_ROOT / "deploy" / "pools.yaml"
+
+
+def project_pool_limits() -> dict[str, int]:
+    return {str(k): int(v) for k, v in (yaml.safe_load(POOLS_FILE.read_text()) or {}).items()}
+
+
+def ensure_pool_limits(instance: dg.DagsterInstance) -> dict[str, int]:
+    """Give each project pool its limit where the instance has none yet (a limit an operator set in
+    the UI or with `dagster instance concurrency set` is kept). Returns the limits set now."""
+    storage = instance.event_log_storage
+    configured = {limit.name for limit in storage.get_pool_limits() if not limit.from_default}
+    missing = {pool: n for pool, n in project_pool_limits().items() if pool not in configured}
+    for pool, limit in missing.items():
+        storage.set_concurrency_slots(pool, limit)
+    return missing

@@ -1,0 +1,140 @@
+"""Repo backfill when hosts misbehave: rate limits, corrupt CARs, a signing key that doesn't match.
+
+The PDS is reached through a loopback proxy: a proxy in front of the PLC directory rewrites each DID
+document so its PDS endpoint is the PDS proxy (and, for one test, its signing key is another key)."""
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from migration_assets.atproto.signature import PublicKey
+from migration_assets.core.postgres import shared_pool
+from migration_assets.repos import ledger
+from migration_assets.repos.backfill import backfill_buckets
+from migration_assets.repos.resources import RepoSourceResource
+from tests.repos.conftest import handle
+from tests.repos.helpers import ledger_row, metadata, stored_records, sync_dids
+from tests.repos.pds_proxy import Reply, http_proxy
+
+POSTS = "app.bsky.feed.post"
+
+
+def post(n: int) -> dict:
+    return {"$type": POSTS, "text": f"post {n}", "createdAt": "2026-11-23T10:00:00.000Z"}
+
+
+@contextmanager
+def routed(network, pds_intercept=None, pds_rewrite=None, signing_key: str | None = None) -> Iterator[tuple]:
+    """(PLC proxy, PDS proxy): DID documents from the PLC proxy point at the PDS proxy."""
+    real_pds = network.pdses[0].url
+    with http_proxy(real_pds, pds_intercept, pds_rewrite) as pds_proxy:
+        def rewrite_document(method: str, path: str, reply: Reply) -> Reply:
+            if reply.status != 200:
+                return reply
+            text = reply.body.decode().replace(real_pds, pds_proxy.url)
+            if signing_key:
+                document = json.loads(text)
+                for vm in document["verificationMethod"]:
+                    vm.update(type="Multikey", publicKeyMultibase=signing_key)
+                text = json.dumps(document)
+            return Reply(reply.status, reply.headers, text.encode())
+
+        with http_proxy(network.plc_url, rewrite=rewrite_document) as plc_proxy:
+            yield plc_proxy, pds_proxy
+
+
+def test_429_with_ratelimit_reset_is_waited_out(pds, target, instance, atproto_env):
+    account = pds.create_account(handle())
+    pds.create_records(account, POSTS, [post(n) for n in range(4)])
+    refusals = []
+
+    def rate_limit_twice(method: str, path: str) -> Reply | None:
+        if "sync.getRepo" in path and len(refusals) < 2:
+            refusals.append(path)
+            reset = int(time.time()) + 2  # a unix time, not a delay
+            headers = {"content-type": "application/json", "RateLimit-Limit": "3000",
+                       "RateLimit-Remaining": "0", "RateLimit-Reset": str(reset)}
+            return Reply(429, headers, b'{"error":"RateLimitExceeded","message":"slow down"}')
+        return None
+
+    with routed(atproto_env, pds_intercept=rate_limit_twice) as (plc, pds_proxy):
+        (result,) = sync_dids(instance, target, [account.did], plc_url=plc.url).values()
+    assert metadata(result)["outcomes"] == {"synced": 1}
+    assert pds_proxy.count("sync.getRepo") == 3, "the 429s were neither retried nor terminal"
+    assert len(stored_records(target, account.did)) == 4
+
+
+def test_429_until_far_ahead_schedules_the_repo_without_using_an_attempt(pds, target, instance, atproto_env):
+    account = pds.create_account(handle())
+    reset = int(time.time()) + 3 * 3600
+
+    def always_limited(method: str, path: str) -> Reply | None:
+        if "sync.getRepo" in path:
+            return Reply(429, {"content-type": "application/json", "RateLimit-Reset": str(reset)},
+                         b'{"error":"RateLimitExceeded","message":"daily limit"}')
+        return None
+
+    with routed(atproto_env, pds_intercept=always_limited) as (plc, _):
+        (result,) = sync_dids(instance, target, [account.did], plc_url=plc.url).values()
+    assert result.success
+    row = ledger_row(target, account.did)
+    assert (row["status"], row["attempts"]) == ("error", 0), "a 429 must not count as a failed attempt"
+    assert abs(row["next_retry_at"].timestamp() - reset) < 5, row["next_retry_at"]
+    assert metadata(result)["outcomes"] == {"rate_limited": 1}
+
+
+def flip_last_block_byte(method: str, path: str, reply: Reply) -> Reply:
+    if "sync.getRepo" not in path or reply.status != 200:
+        return reply
+    body = bytearray(reply.body)
+    body[-1] ^= 0xFF
+    return Reply(reply.status, reply.headers, bytes(body))
+
+
+def test_corrupt_car_fails_only_its_repo_and_keeps_what_was_stored(pds, target_url, target, instance, atproto_env):
+    victim, bystander = pds.create_account(handle()), pds.create_account(handle())
+    for account in (victim, bystander):
+        pds.create_records(account, POSTS, [post(n) for n in range(6)])
+    sync_dids(instance, target, [victim.did])
+    before = stored_records(target, victim.did)
+    pds.create_records(victim, POSTS, [post(99)])
+    with target.transaction():
+        ledger.request_sync(target, [victim.did, bystander.did], 256)
+    victim_bucket, bystander_bucket = (ledger_row(target, d)["bucket"] for d in (victim.did, bystander.did))
+    pool = shared_pool(target_url)
+    with routed(atproto_env, pds_rewrite=flip_last_block_byte) as (plc, _):
+        clients = RepoSourceResource().clients(target_url)
+        # Only the victim's bucket goes through the corrupting proxy; the bystander's is read as is.
+        corrupted = RepoSourceResource(plc_url=plc.url).syncer(pool, clients)
+        victim_report = backfill_buckets(pool, corrupted, [victim_bucket], 4)
+        bystander_report = backfill_buckets(pool, RepoSourceResource().syncer(pool, clients), [bystander_bucket], 4)
+        clients.close()
+    (victim_outcome,) = [o for o in victim_report.outcomes if o.did == victim.did]
+    assert victim_outcome.status == "retry" and "CarError" in victim_outcome.error, victim_outcome
+    assert "does not match" in victim_outcome.error or "mismatch" in victim_outcome.error.lower(), victim_outcome.error
+    assert stored_records(target, victim.did) == before, "a corrupt export must not change stored records"
+    assert ledger_row(target, bystander.did)["status"] == "synced"
+    assert [o.status for o in bystander_report.outcomes if o.did == bystander.did] == ["synced"]
+
+
+def other_signing_key() -> str:
+    key = ec.generate_private_key(ec.SECP256K1()).public_key()
+    return PublicKey(key).did_key().removeprefix("did:key:")
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=["verified", "verification-off"])
+def test_commit_signed_by_another_key_is_refused_unless_verification_is_off(pds, target, instance, atproto_env, verify):
+    account = pds.create_account(handle())
+    pds.create_records(account, POSTS, [post(1), post(2)])
+    with routed(atproto_env, signing_key=other_signing_key()) as (plc, _):
+        (result,) = sync_dids(instance, target, [account.did], plc_url=plc.url, verify_signatures=verify).values()
+    row = ledger_row(target, account.did)
+    if verify:
+        assert row["status"] == "error" and "SignatureError" in row["last_error"], row
+        assert stored_records(target, account.did) == {}
+    else:
+        assert row["status"] == "synced" and len(stored_records(target, account.did)) == 2
