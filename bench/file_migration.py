@@ -1,0 +1,199 @@
+"""File copy throughput: this pipeline (the files/copied_files asset, checks included) against
+`rclone copy` at equal concurrency, into one local moto S3 server, same run, same trees.
+
+Trees: "mixed" = 500 x 64 KB + 4 x 20 MB (the reference's measurement), "many" = 10,000 x 8 KB.
+Each tool runs in its own process, timed around the copy, its peak RSS read from wait4(). The
+pipeline records and verifies every file: SHA-256 sent with each object, a row per file in
+PostgreSQL, then the range's checks (counts, and a HEAD of every object against its record).
+
+    python bench/file_migration.py                 # both trees
+    python bench/file_migration.py --small         # smoke run (50 x 64 KB + 1 x 20 MB, 500 x 8 KB)
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+try:
+    from bench.common import embedded_postgres, load_average, log, machine_info, write_result
+except ImportError:  # run as a script: bench/ is on sys.path
+    from common import embedded_postgres, load_average, log, machine_info, write_result
+
+NAME = "file_migration"
+MB = 1024 * 1024
+TARGET_RATIO = 1.0
+
+
+def make_tree(root: Path, shape: list[tuple[int, int]]) -> tuple[int, int]:
+    """Write count files of each size (random bytes); return (files, bytes)."""
+    rng = random.Random(7)
+    files = total = 0
+    for count, size in shape:
+        for i in range(count):
+            path = root / f"d{files // 1000:03d}" / f"f{files:06d}-{size}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(rng.randbytes(size))
+            files, total = files + 1, total + size
+    return files, total
+
+
+def run_measured(command: list[str], env: dict) -> tuple[float, float, str]:
+    """Like run_child, with the child's own peak RSS (wait4 on its pid)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = process.stdout.read()
+    err = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{command[:3]} failed ({process.returncode}): {err[-3000:]}")
+    cpu = round(usage.ru_utime + usage.ru_stime, 2)
+    return seconds, round(usage.ru_maxrss / 1024, 1), out, cpu
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a running process (the S3 server), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def count_objects(client, bucket: str) -> tuple[int, int]:
+    files = total = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            files, total = files + 1, total + item["Size"]
+    return files, total
+
+
+def rclone(src: Path, bucket: str, s3_url: str, transfers: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    env.update({
+        "RCLONE_CONFIG_MOTO_TYPE": "s3", "RCLONE_CONFIG_MOTO_PROVIDER": "Other",
+        "RCLONE_CONFIG_MOTO_ENDPOINT": s3_url, "RCLONE_CONFIG_MOTO_ACCESS_KEY_ID": "local",
+        "RCLONE_CONFIG_MOTO_SECRET_ACCESS_KEY": "local", "RCLONE_CONFIG_MOTO_REGION": "us-east-1",
+    })
+    command = ["/usr/bin/rclone", "copy", str(src), f"moto:{bucket}/rclone", "--transfers", str(transfers),
+               "--checkers", str(transfers), "--s3-no-head", "--config", "/dev/null"]
+    seconds, rss, _, cpu = run_measured(command, env)
+    return {"seconds": round(seconds, 3), "peak_rss_mb": rss, "client_cpu_seconds": cpu}
+
+
+def pipeline(src: Path, bucket: str, target_url: str, concurrency: int) -> dict:
+    """Insert the tree's source_files rows, then time the pipeline's assets in a child process."""
+    import psycopg
+
+    from migration_assets.core.postgres import shared_pool
+    shared_pool(target_url)  # schema
+    with psycopg.connect(target_url, autocommit=True) as conn:
+        conn.execute("TRUNCATE migration_files, migration_ranges, source_files RESTART IDENTITY")
+        rows = [(str(p.relative_to(src)), p.name, p.stat().st_size) for p in sorted(src.rglob("*.bin"))]
+        with conn.cursor() as cur, cur.copy("COPY source_files (file_uri, file_name, size) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+    env = {**os.environ, "MIGRATION_DATABASE_URL": target_url, "FILES_SOURCE_ROOT": str(src),
+           "FILES_S3_BUCKET": bucket, "FILES_S3_PREFIX": "pipeline", "FILES_CONCURRENCY": str(concurrency),
+           "FILES_RUN_WINDOW_ENABLED": "false", "FILES_RANGE_SIZE": "10000"}
+    seconds, rss, out, cpu = run_measured([sys.executable, __file__, "--child"], env)
+    return {**json.loads(out.strip().splitlines()[-1]), "process_seconds": round(seconds, 3), "peak_rss_mb": rss,
+            "client_cpu_seconds": cpu}
+
+
+def child() -> None:
+    """In the child: materialize the ranges and every partition on an ephemeral instance, timed."""
+    import dagster as dg
+    from dagster_aws.s3 import S3Resource
+
+    from migration_assets.core.postgres import PostgresResource
+    from migration_assets.files import assets
+    from migration_assets.files.resources import FilesResource
+
+    resources = {"postgres": PostgresResource(), "files_s3": S3Resource(), "files": FilesResource()}
+    instance = dg.DagsterInstance.ephemeral()
+    started = time.perf_counter()
+    assert dg.materialize([assets.migration_ranges], instance=instance, resources=resources).success
+    copied = checked = 0
+    copy_seconds = 0.0
+    for key in instance.get_dynamic_partitions("files_ranges"):
+        result = dg.materialize([assets.copied_files], partition_key=key, instance=instance, resources=resources)
+        meta = result.asset_materializations_for_node("files__copied_files")[0].metadata
+        copied += meta["files_copied"].value
+        copy_seconds += meta["seconds"].value
+        checked += sum(1 for e in result.get_asset_check_evaluations() if e.passed)
+    print(json.dumps({"seconds": round(time.perf_counter() - started, 3), "copy_phase_seconds": round(copy_seconds, 3),
+                      "files_copied": copied, "checks_passed": checked}))
+
+
+def measure(tree: str, shape: list[tuple[int, int]], work: Path, server, target_url: str, concurrency: int) -> dict:
+    s3_url = server.url
+    import boto3
+    client = boto3.client("s3", endpoint_url=s3_url)
+    src = work / tree
+    files, total = make_tree(src, shape)
+    log(f"{tree}: {files} files, {total / MB:.0f} MiB")
+    results = {}
+    for name in ("rclone", "pipeline"):
+        bucket = f"bench-{name}-{uuid.uuid4().hex[:8]}"
+        client.create_bucket(Bucket=bucket)
+        server_cpu = process_cpu_seconds(server.process.pid)
+        results[name] = (rclone(src, bucket, s3_url, concurrency) if name == "rclone"
+                         else pipeline(src, bucket, target_url, concurrency))
+        results[name]["s3_server_cpu_seconds"] = round(process_cpu_seconds(server.process.pid) - server_cpu, 2)
+        stored = count_objects(client, bucket)
+        if stored != (files, total):
+            raise RuntimeError(f"{name} stored {stored}, expected {(files, total)}")
+        results[name]["mb_per_second"] = round(total / MB / results[name]["seconds"], 1)
+        log(f"  {name}: {results[name]}")
+    shutil.rmtree(src)
+    return {"files": files, "bytes": total, **results,
+            "ratio": round(results["rclone"]["seconds"] / results["pipeline"]["seconds"], 3)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--small", action="store_true", help="smoke run on small trees")
+    parser.add_argument("--concurrency", type=int, default=8, help="uploads in flight for both tools (default 8)")
+    args = parser.parse_args(argv)
+    if args.child:
+        return child()
+    from migration_assets.devstack.s3 import local_s3_environment, start_moto_s3
+
+    trees = ({"mixed": [(50, 64 * 1024), (1, 20 * MB)], "many": [(500, 8 * 1024)]} if args.small else
+             {"mixed": [(500, 64 * 1024), (4, 20 * MB)], "many": [(10_000, 8 * 1024)]})
+    work = Path(tempfile.mkdtemp(prefix="bench-files-"))
+    server = None
+    try:
+        with embedded_postgres() as (target_url, _dagster_url):
+            figures = {}
+            for tree, shape in trees.items():
+                server = start_moto_s3(log_path=work / f"moto-{tree}.log")  # a fresh server per tree
+                os.environ.update(local_s3_environment(server.url))
+                os.environ.pop("AWS_CA_BUNDLE", None)
+                figures[tree] = measure(tree, shape, work, server, target_url, args.concurrency)
+                server.stop()
+                server = None
+    finally:
+        if server:
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    write_result(NAME, {
+        "bench": NAME, "machine": machine_info(), "load_average": load_average(),
+        "concurrency": args.concurrency, "s3_server": "moto (python -m moto.server), one per tree",
+        "pipeline_timing": "in the child, around the Dagster materializations (ranges, copy, checks); "
+                           "process_seconds adds Python and Dagster start-up",
+        "target_ratio": TARGET_RATIO, "trees": figures,
+        "ratio": min(f["ratio"] for f in figures.values()),
+    })
+
+
+if __name__ == "__main__":
+    main()
