@@ -121,14 +121,16 @@ def child() -> None:
     started = time.perf_counter()
     assert dg.materialize([assets.migration_ranges], instance=instance, resources=resources).success
     copied = checked = 0
-    copy_seconds = 0.0
+    copy_seconds = check_seconds = 0.0
     for key in instance.get_dynamic_partitions("files_ranges"):
         result = dg.materialize([assets.copied_files], partition_key=key, instance=instance, resources=resources)
         meta = result.asset_materializations_for_node("files__copied_files")[0].metadata
         copied += meta["files_copied"].value
         copy_seconds += meta["seconds"].value
+        check_seconds += meta["check_seconds"].value
         checked += sum(1 for e in result.get_asset_check_evaluations() if e.passed)
     print(json.dumps({"seconds": round(time.perf_counter() - started, 3), "copy_phase_seconds": round(copy_seconds, 3),
+                      "check_phase_seconds": round(check_seconds, 3),
                       "files_copied": copied, "checks_passed": checked}))
 
 

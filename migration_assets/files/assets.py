@@ -1,5 +1,7 @@
 """Dagster assets of the file pipeline: a thin shell over `store` (ranges) and `worker` (copies)."""
 
+import time
+
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 
@@ -118,9 +120,11 @@ def copied_files(
             f"range [{min_id}, {max_id}) released to PENDING; it resumes in the next window.",
             metadata=progress_metadata(progress), allow_retries=False,
         )
+    checks_started = time.monotonic()
     outcomes = checks.range_checks(job.pool, job.target, settings, min_id, max_id)
     return dg.MaterializeResult(
-        metadata={**progress_metadata(progress), "dagster/row_count": dg.MetadataValue.int(progress.listed)},
+        metadata={**progress_metadata(progress), "dagster/row_count": dg.MetadataValue.int(progress.listed),
+                  "check_seconds": dg.MetadataValue.float(round(time.monotonic() - checks_started, 2))},
         check_results=[check_result(outcome) for outcome in outcomes],
     )
 

@@ -36,12 +36,13 @@ class Progress:
     awaiting_retry: int = 0    # FAIL files with retries left: the retry schedule's, not this pass's
     bytes_copied: int = 0
     started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
     stopped: str | None = None  # why the pass stopped early, None when it went through
     failures: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def seconds(self) -> float:
-        return time.monotonic() - self.started
+        return (self.finished or time.monotonic()) - self.started
 
     @property
     def done(self) -> int:
@@ -157,6 +158,7 @@ def migrate_claimed_range(job: RangeJob, claim: Claim, on_progress: Callable[[Pr
 
         copy = lambda f: copy_file(job.target, job.settings.source_root, f, job.settings, probe or f.status is not None)  # noqa: E731
         progress.stopped = copy_all(todo, copy, job.settings.concurrency, stop_reason, record)
+        progress.finished = time.monotonic()
         if progress.stopped:
             store.release(conn, claim)
         else:
@@ -197,5 +199,6 @@ def retry_failed(job: RangeJob, on_progress: Callable[[Progress], None] | None =
 
         copy = lambda f: copy_file(job.target, job.settings.source_root, f, job.settings, probe=True)  # noqa: E731
         progress.stopped = copy_all(files, copy, job.settings.concurrency, job.window_stop, record)
+        progress.finished = time.monotonic()
         store.unclaim_retries(conn, [f.file_id for f in files if f.file_id not in attempted])
     return progress
