@@ -7,6 +7,7 @@ import sys
 from migration_assets.chain import cli as chain_cli
 from migration_assets.devstack import demo
 from migration_assets.repos import cli as repos_cli
+from migration_assets.status import cli as status_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="pipeline", required=True)
     chain_cli.add_commands(commands)
     repos_cli.add_commands(commands)
+    status_cli.add_commands(commands)
     demo.add_commands(commands)
     return parser
 

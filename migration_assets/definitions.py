@@ -7,6 +7,7 @@ from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.core.postgres import PostgresResource
 from migration_assets.repos import definitions as repos
 from migration_assets.repos.resources import RepoSourceResource
+from migration_assets.status import definitions as status
 
 
 def shared_resources() -> dict:
@@ -17,4 +18,4 @@ def shared_resources() -> dict:
     }
 
 
-defs = dg.Definitions.merge(chain.defs, repos.defs, dg.Definitions(resources=shared_resources()))
+defs = dg.Definitions.merge(chain.defs, repos.defs, status.defs, dg.Definitions(resources=shared_resources()))

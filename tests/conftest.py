@@ -108,6 +108,15 @@ def event_table(request, dynamodb, monkeypatch):
 
 
 @pytest.fixture
+def fresh_instance(pg_server_url) -> Iterator[dg.DagsterInstance]:
+    """A Dagster instance of its own (fresh PostgreSQL storage), for tests that count runs or partitions."""
+    name = f"dagster_{uuid.uuid4().hex[:10]}"
+    dagster_url = embedded.dagster_storage_url(embedded.database_url(pg_server_url, name))
+    with dg.instance_for_test(overrides={"storage": {"postgres": {"postgres_url": dagster_url}}}) as test_instance:
+        yield test_instance
+
+
+@pytest.fixture
 def dagster_home(tmp_path, instance, monkeypatch):
     """A DAGSTER_HOME with the project's dagster.yaml on the test instance's PostgreSQL storage: what
     the `migration-assets` command (in-process or as a subprocess) runs against."""

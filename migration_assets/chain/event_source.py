@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from migration_assets.chain.source import SourceDataError, plain
+from migration_assets.chain.source import SourceDataError, naming_missing_table, plain
 from migration_assets.core.aws import DynamoClientSpec, cached_client
 from migration_assets.core.concurrency import ordered_map, ordered_map_in_processes
 
@@ -148,7 +148,8 @@ def read_events(
 
 def max_event_id(client: Any, table: str, layout: EventLayout) -> int | None:
     """The event watermark, or None when the table has none yet."""
-    item = client.get_item(TableName=table, Key=layout.watermark_key(), ConsistentRead=True).get("Item")
+    with naming_missing_table(client, table, "CHAIN_EVENT_TABLE"):
+        item = client.get_item(TableName=table, Key=layout.watermark_key(), ConsistentRead=True).get("Item")
     return None if item is None else layout.watermark_value(item)
 
 

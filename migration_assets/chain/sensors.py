@@ -5,13 +5,12 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import dagster as dg
-from botocore.exceptions import ClientError
 
 from migration_assets.chain.assets import BLOCK_EVENTS, BLOCK_METADATA, SYNC_TAG
 from migration_assets.chain.event_source import EventLayout, max_event_id
 from migration_assets.chain.partitions import block_ranges, event_ranges
 from migration_assets.chain.resources import ChainSourceResource
-from migration_assets.chain.source import latest_block
+from migration_assets.chain.source import SourceTableMissing, latest_block
 from migration_assets.chain.sync import StreamPlan, SyncCursor, plan_stream
 from migration_assets.core.settings import ChainSettings
 
@@ -24,10 +23,8 @@ def _unless_missing(context: dg.SensorEvaluationContext, table: str, read: Calla
     """A watermark, or None (and a warning) when its table does not exist: the other stream goes on."""
     try:
         return read()
-    except ClientError as error:
-        if error.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
-            raise
-        context.log.warning(f"DynamoDB table {table} not found: not syncing it (check CHAIN_*_TABLE)")
+    except SourceTableMissing as error:
+        context.log.warning(f"{error}: not syncing it")
         return None
 
 

@@ -4,6 +4,8 @@ Items: `block_pid` = "{tag}-{height}", `block_rid` = the block hash, "canonical"
 copy, or "null" for a skipped block. Watermark: `block_pid` = "{tag}-latest", `block_rid` = "canonical".
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,13 +134,30 @@ def read_height(client: Any, table: str, tag: int, height: int) -> HeightBlocks:
     return order_height(tag, height, query_height_items(client, table, tag, height))
 
 
+class SourceTableMissing(SourceDataError):
+    """The configured DynamoDB table does not exist at the endpoint."""
+
+
+@contextmanager
+def naming_missing_table(client: Any, table: str, variable: str) -> Iterator[None]:
+    """DynamoDB's ResourceNotFoundException names no table: say which one, where, and what sets it."""
+    try:
+        yield
+    except client.exceptions.ResourceNotFoundException:
+        raise SourceTableMissing(
+            f"DynamoDB table {table!r} not found at {client.meta.endpoint_url}; "
+            f"check {variable} and AWS_ENDPOINT_URL_DYNAMODB"
+        ) from None
+
+
 def latest_block(client: Any, table: str, tag: int) -> tuple[int, str] | None:
     """(height, hash) of the "{tag}-latest" watermark, or None when the table has none yet."""
-    reply = client.get_item(
-        TableName=table,
-        Key={"block_pid": {"S": f"{tag}-latest"}, "block_rid": {"S": CANONICAL_RID}},
-        ConsistentRead=True,
-    )
+    with naming_missing_table(client, table, "CHAIN_BLOCK_TABLE"):
+        reply = client.get_item(
+            TableName=table,
+            Key={"block_pid": {"S": f"{tag}-latest"}, "block_rid": {"S": CANONICAL_RID}},
+            ConsistentRead=True,
+        )
     item = reply.get("Item")
     return None if item is None else (int(plain(item["height"])), str(plain(item.get("block_hash", {"S": ""}))))
 

@@ -1,0 +1,1 @@
+"""What an operator asks during a long migration, per pipeline: progress, rate, ETA, failures, stuck work."""
