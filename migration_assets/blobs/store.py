@@ -96,11 +96,13 @@ def _migration(row: dict[str, Any]) -> BlobMigration:
 def create_request(
     pool: ConnectionPool, request: MigrationRequest, credentials: AccountCredentials, origin: Origin = "queue"
 ) -> BlobMigration:
-    """Store a request. The account's pending one between the same PDSes (a killed run) is kept, with
+    """Store a request (insert requests only through here; see the lock). The account's pending one between the same PDSes (a killed run) is kept, with
     the new credentials; after a failed one, the new request carries its progress over."""
     token = encrypt(credentials)
     with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"blob_migrations:{request.did}",))
+        # One request insert at a time: ids then become visible in order, so the sensor's id cursor
+        # never passes a row a slower concurrent transaction was still inserting. Requests are rare.
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext('blob_migrations'))")
         pending = cur.execute(
             f"SELECT {_COLUMNS} FROM blob_migrations WHERE did = %s AND status = 'pending_blobs'", (request.did,)
         ).fetchone()

@@ -97,3 +97,10 @@ def test_request_validation():
         MigrationRequest(did="did:plc:" + "a" * 24, old_pds="https://a/xrpc", new_pds="https://b")
     with pytest.raises(ValidationError, match="http"):
         MigrationRequest(did="did:plc:" + "a" * 24, old_pds="ftp://a", new_pds="https://b")
+
+
+def test_account_dir_refuses_what_is_not_a_did(tmp_path: Path):
+    with pytest.raises(ValueError, match="unsafe DID"):
+        blob_path(tmp_path, "../x", raw_cid(b"a"))
+    with pytest.raises(ValueError, match="unsafe DID"):
+        blob_path(tmp_path, "did:web:a/../../b", raw_cid(b"a"))
