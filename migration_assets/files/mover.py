@@ -60,8 +60,8 @@ def _s3_error(operation: str, uri: str, error: Exception) -> FileFailed:
     return FileFailed(f"S3 {operation} of {uri} failed ({detail}); the retry schedule tries it again")
 
 
-def _existing_copy(target: S3Target, key: str, size: int, sha256: str) -> str | None:
-    """The stored checksum of an object already holding exactly this file (a copy made before a
+def _existing_copy(target: S3Target, key: str, size: int, sha256: str) -> tuple[str, str] | None:
+    """(stored checksum, ETag) of an object already holding exactly this file (a copy made before a
     crash, not yet recorded), else None."""
     try:
         head = target.client.head_object(Bucket=target.bucket, Key=key, ChecksumMode="ENABLED")
@@ -70,11 +70,11 @@ def _existing_copy(target: S3Target, key: str, size: int, sha256: str) -> str | 
             return None
         raise
     if head.get("ContentLength") == size and head.get("Metadata", {}).get("sha256") == sha256:
-        return head.get("ChecksumSHA256") or ""
+        return head.get("ChecksumSHA256") or "", head.get("ETag")
     return None
 
 
-def _put_single(target: S3Target, key: str, data: bytes, sha: bytes) -> str:
+def _put_single(target: S3Target, key: str, data: bytes, sha: bytes) -> tuple[str, str]:
     response = target.client.put_object(
         Bucket=target.bucket, Key=key, Body=data, ChecksumAlgorithm="SHA256",
         ChecksumSHA256=b64(sha), Metadata={"sha256": sha.hex()},
@@ -84,10 +84,10 @@ def _put_single(target: S3Target, key: str, data: bytes, sha: bytes) -> str:
         stored = target.client.head_object(Bucket=target.bucket, Key=key, ChecksumMode="ENABLED").get("ChecksumSHA256")
     if stored != b64(sha):
         raise FileFailed(f"{target.uri(key)}: S3 stored checksum {stored!r}, expected {b64(sha)!r}; the retry copies it again")
-    return stored
+    return stored, response["ETag"]
 
 
-def _put_multipart(target: S3Target, key: str, path: Path, sha_hex: str, part_size: int) -> str:
+def _put_multipart(target: S3Target, key: str, path: Path, sha_hex: str, part_size: int) -> tuple[str, str]:
     upload = target.client.create_multipart_upload(
         Bucket=target.bucket, Key=key, ChecksumAlgorithm="SHA256", Metadata={"sha256": sha_hex},
     )
@@ -125,7 +125,7 @@ def _put_multipart(target: S3Target, key: str, path: Path, sha_hex: str, part_si
     if stored is None or stored.split("-")[0] != composite:
         raise FileFailed(f"{target.uri(key)}: S3 stored checksum {stored!r}, expected composite {composite!r}; "
                          "the retry copies it again")
-    return f"{composite}-{len(parts)}"
+    return f"{composite}-{len(parts)}", done["ETag"]
 
 
 def _hash_file(path: Path) -> str:
@@ -177,13 +177,12 @@ def copy_file(target: S3Target, root: Path, source: SourceFile, settings: FilesS
         _check_listing(source, path, size, sha_hex)
         if source.copied_sha256 == sha_hex:  # already SUCCESS with this content: nothing to send
             return _unchanged(source)
-        stored = _existing_copy(target, key, size, sha_hex) if probe else None
-        uploaded = stored is None
-        if stored is None:
-            stored = (_put_single(target, key, data, bytes.fromhex(sha_hex)) if data is not None
-                      else _put_multipart(target, key, path, sha_hex, settings.part_size))
+        existing = _existing_copy(target, key, size, sha_hex) if probe else None
+        stored, etag = existing or (
+            _put_single(target, key, data, bytes.fromhex(sha_hex)) if data is not None
+            else _put_multipart(target, key, path, sha_hex, settings.part_size))
         return FileResult(source.file_id, source.file_uri, source.file_name, source.create_date, "SUCCESS",
-                          target.uri(key), size, sha_hex, stored or None, uploaded=uploaded)
+                          target.uri(key), size, sha_hex, stored or None, etag, uploaded=existing is None)
     except FileFailed as error:
         return failed(str(error))
     except (ClientError, BotoCoreError) as error:

@@ -3,6 +3,7 @@
 import os
 from datetime import time
 from pathlib import Path
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, field_validator
@@ -65,6 +66,7 @@ class FilesSettings(BaseModel):
     heartbeat_seconds: float = Field(default=30.0, gt=0, description="FILES_HEARTBEAT_SECONDS")
     stale_minutes: float = Field(default=60.0, gt=0, description="FILES_STALE_MINUTES: heartbeat age to release")
     max_range_runs: int = Field(default=4, gt=0, description="FILES_MAX_RANGE_RUNS: ranges the sensor launches at once")
+    check_mode: Literal["list", "head"] = Field(default="list", description="FILES_CHECK_MODE, see checks.py")
     window: WindowSettings = WindowSettings()
 
     @property
@@ -87,6 +89,7 @@ class FilesSettings(BaseModel):
             heartbeat_seconds=float(_env("FILES_HEARTBEAT_SECONDS", "30")),
             stale_minutes=float(_env("FILES_STALE_MINUTES", "60")),
             max_range_runs=int(_env("FILES_MAX_RANGE_RUNS", "4")),
+            check_mode=_env("FILES_CHECK_MODE", "list"),
             window=WindowSettings(
                 enabled=_env_bool("FILES_RUN_WINDOW_ENABLED", True),
                 tz=_env("FILES_RUN_WINDOW_TZ", "America/New_York"),

@@ -49,6 +49,7 @@ class FileResult:
     size: int | None = None
     sha256: str | None = None
     s3_checksum: str | None = None
+    s3_etag: str | None = None
     error: str | None = None
     uploaded: bool = False              # False: already in S3 (verified) or unchanged, nothing sent
     unchanged: bool = False             # already SUCCESS with this content: nothing to record either
@@ -207,11 +208,11 @@ def range_files(conn: psycopg.Connection, min_id: int, max_id: int) -> list[Sour
 
 _UPSERT = (
     "INSERT INTO migration_files (file_id, old_uri, new_uri, file_name, create_date, status, size, sha256, "
-    "  s3_checksum, last_attempt_date, migration_date, error) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, now(), CASE WHEN %s = 'SUCCESS' THEN now() END, %s) "
+    "  s3_checksum, s3_etag, last_attempt_date, migration_date, error) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now(), CASE WHEN %s = 'SUCCESS' THEN now() END, %s) "
     "ON CONFLICT (file_id) DO UPDATE SET old_uri = EXCLUDED.old_uri, new_uri = EXCLUDED.new_uri, "
     "  file_name = EXCLUDED.file_name, create_date = EXCLUDED.create_date, status = EXCLUDED.status, "
-    "  size = EXCLUDED.size, sha256 = EXCLUDED.sha256, s3_checksum = EXCLUDED.s3_checksum, "
+    "  size = EXCLUDED.size, sha256 = EXCLUDED.sha256, s3_checksum = EXCLUDED.s3_checksum, s3_etag = EXCLUDED.s3_etag, "
     "  last_attempt_date = EXCLUDED.last_attempt_date, "
     "  migration_date = coalesce(EXCLUDED.migration_date, migration_files.migration_date), error = EXCLUDED.error"
 )
@@ -226,7 +227,7 @@ def record_results(conn: psycopg.Connection, results: Sequence[FileResult], comm
     with conn.cursor() as cur:
         cur.executemany(_UPSERT, [
             (r.file_id, r.old_uri, r.new_uri, r.file_name, r.create_date, r.status, r.size, r.sha256,
-             r.s3_checksum, r.status, r.error)
+             r.s3_checksum, r.s3_etag, r.status, r.error)
             for r in results
         ])
     if commit:
@@ -294,11 +295,12 @@ class CopiedFile:
     size: int
     sha256: str
     s3_checksum: str | None
+    s3_etag: str | None
 
 
 def copied_files(conn: psycopg.Connection, min_id: int, max_id: int) -> list[CopiedFile]:
     rows = conn.execute(
-        "SELECT file_id, new_uri, size, sha256, s3_checksum FROM migration_files "
+        "SELECT file_id, new_uri, size, sha256, s3_checksum, s3_etag FROM migration_files "
         "WHERE file_id >= %s AND file_id < %s AND status = 'SUCCESS' ORDER BY file_id",
         (min_id, max_id),
     ).fetchall()

@@ -1,6 +1,8 @@
 """The Dagster shell on the real instance: materialize, checks, window refusal, schedule and sensor."""
 
 from datetime import datetime
+
+import pytest
 from zoneinfo import ZoneInfo
 
 import dagster as dg
@@ -38,13 +40,15 @@ def test_materialize_ranges_then_a_partition_with_its_checks(files_env, target, 
     assert assert_bytes_equal(target, s3, bucket, source_root) == 31  # ids 100-130
 
 
-def test_checksum_check_fails_when_an_object_no_longer_matches(files_env, target, s3, bucket, source_root, instance):
+@pytest.mark.parametrize("mode", ["list", "head"])
+def test_checksum_check_fails_when_an_object_no_longer_matches(mode, files_env, target, s3, bucket, source_root, instance, monkeypatch):
+    monkeypatch.setenv("FILES_CHECK_MODE", mode)
     seed(target, source_root, 5)
     dg.materialize([assets.migration_ranges], instance=instance, resources=resources())
     key = "000000000000-000000000100"
     assert dg.materialize([assets.copied_files], partition_key=key, instance=instance, resources=resources()).success
-    uri = target.execute("SELECT new_uri FROM migration_files ORDER BY file_id LIMIT 1").fetchone()[0]
-    s3.put_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"), Body=b"tampered")
+    uri, size = target.execute("SELECT new_uri, size FROM migration_files ORDER BY file_id LIMIT 1").fetchone()
+    s3.put_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"), Body=b"t" * size)  # same size
     target.execute("UPDATE source_files SET sha256 = NULL")  # so the re-run reads the disk
 
     rerun = dg.materialize([assets.copied_files], partition_key=key, instance=instance, resources=resources(),
@@ -53,7 +57,8 @@ def test_checksum_check_fails_when_an_object_no_longer_matches(files_env, target
     assert not rerun.success  # a blocking ERROR check fails the run
     failed = [e for e in rerun.get_asset_check_evaluations() if not e.passed]
     assert [e.check_name for e in failed] == ["s3_checksums"]
-    assert f"{uri}: 8 bytes" in failed[0].description and "re-run this partition" in failed[0].description
+    expected = f"{uri}: ETag" if mode == "list" else f"{uri}: sha256 metadata None"
+    assert expected in failed[0].description and "re-run this partition" in failed[0].description
 
 
 def test_a_run_outside_the_window_copies_nothing_and_says_when_it_opens(files_env, target, source_root, instance, monkeypatch):

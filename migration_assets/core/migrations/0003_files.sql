@@ -36,6 +36,7 @@ CREATE TABLE migration_files (
     size BIGINT,
     sha256 CHAR(64),                       -- whole-file SHA-256 of the bytes copied
     s3_checksum TEXT,                      -- S3's stored ChecksumSHA256 (composite "...-N" for multipart)
+    s3_etag TEXT,                          -- the object's ETag at upload: a listing shows it unchanged since
     retry_count INT NOT NULL DEFAULT 0,
     last_attempt_date TIMESTAMPTZ,
     migration_date TIMESTAMPTZ,
