@@ -45,6 +45,7 @@ class TransferSettings(BaseModel):
     backoff_base_seconds: float = Field(default=2.0, ge=0, description="waits 2, 4, 8... s between tries")
     progress_every: int = Field(default=10, ge=1, description="write progress_data every N blobs")
     chunk_bytes: int = Field(default=256 * 1024, ge=4096)
+    max_blob_bytes: int = Field(default=1 << 30, description="a bigger download is cut off (the disk is not filled)")
     max_rate_limit_sleep: float = Field(default=3600.0, description="a 429 asking for longer fails the job")
 
 
@@ -167,7 +168,9 @@ class _Sent:
     acknowledged_size: int | None
 
 
-def transfer_blob(old: XrpcClient, new: XrpcClient, did: str, cid: str, path: Path, chunk_bytes: int) -> _Sent:
+def transfer_blob(
+    old: XrpcClient, new: XrpcClient, did: str, cid: str, path: Path, chunk_bytes: int, max_bytes: int = 1 << 30,
+) -> _Sent:
     """Download to `path` while hashing, check the CID, upload the file, delete it (whatever happens)."""
     expected = CID.decode(cid)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +184,8 @@ def transfer_blob(old: XrpcClient, new: XrpcClient, did: str, cid: str, path: Pa
                     file.write(chunk)
                     hasher.update(chunk)
                     size += len(chunk)
+                    if size > max_bytes:
+                        raise BlobFailed(f"the old PDS sent more than {max_bytes} bytes for blob {cid}")
         if hasher.digest() != expected.digest:
             raise CidMismatch(expected, CID(expected.codec, hasher.digest()))
         with path.open("rb") as file:
@@ -212,7 +217,7 @@ def transfer_with_retries(
     attempt = 0
     while True:
         try:
-            return transfer_blob(old, new, did, cid, path, settings.chunk_bytes)
+            return transfer_blob(old, new, did, cid, path, settings.chunk_bytes, settings.max_blob_bytes)
         except RateLimited as error:  # the client already waited what it may; this one is longer
             wait = error.retry_at - time.time()
             if wait > settings.max_rate_limit_sleep:

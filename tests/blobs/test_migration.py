@@ -192,3 +192,17 @@ def test_old_pds_going_away_fails_after_retries_and_resumes_later(instance, migr
     assert after.status == "pending_prefs"
     assert after.progress.bytes_transferred == sum(len(d) for d in account.blobs.values())
     assert result.asset_materializations_for_node("atproto__blobs")[0].metadata["blobs_sent_this_run"].value == 5
+
+
+def test_an_oversized_download_is_cut_off_and_recorded(migrated, pdses, tmp_path, target):
+    from migration_assets.blobs.transfer import TransferSettings, logged_in_clients, migrate_blobs
+
+    account = migrated([5_000, 50_000])
+    big = next(cid for cid, data in account.blobs.items() if len(data) == 50_000)
+    settings = TransferSettings(work_dir=tmp_path, max_blob_bytes=10_000, backoff_base_seconds=0.01)
+    with logged_in_clients(account.did, *pdses, account.credentials(), None) as (old, new):
+        result = migrate_blobs(old, new, account.did, settings, store.ProgressData(), lambda p: None)
+
+    assert [f.cid for f in result.progress.failed_blobs] == [big]
+    assert "more than 10000 bytes" in result.progress.failed_blobs[0].reason
+    assert result.transferred == 1 and not list((tmp_path / account.did / "blobs").iterdir())
