@@ -93,7 +93,7 @@ def copy_all(
     files: Iterable[SourceFile], copy: Callable[[SourceFile], FileResult], concurrency: int,
     stop_reason: StopReason, on_results: Callable[[list[FileResult]], None],
 ) -> str | None:
-    """Copy files with up to `concurrency` in flight, handing results over in batches. Before each new
+    """Copy files `concurrency` at a time, handing results over in batches. Before each new
     file asks `stop_reason`; once it answers, starts nothing more, lets the files in flight finish and
     returns the reason (None when all went through)."""
     pending: set[Future] = set()
@@ -114,7 +114,7 @@ def copy_all(
             stopped = stop_reason()
             if stopped:
                 break
-            if len(pending) >= concurrency:
+            if len(pending) >= 2 * concurrency:  # queued work keeps the uploaders busy while we record
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 collect(done)
             pending.add(pool.submit(copy, source))
@@ -139,6 +139,7 @@ def migrate_claimed_range(job: RangeJob, claim: Claim, on_progress: Callable[[Pr
         files = store.range_files(conn, claim.min_id, claim.max_id)
     progress.listed = len(files)
     todo = [f for f in files if f.status != "FAIL" or f.retry_count >= job.settings.max_retries]
+    todo.sort(key=lambda f: -(f.size or 0))  # largest first (when listed): no big file left alone at the end
     progress.awaiting_retry = sum(1 for f in files if f.status == "FAIL" and f.retry_count < job.settings.max_retries)
     # After a crash (attempts > 1), or for files tried before, S3 may hold copies not yet recorded.
     probe = claim.attempts > 1
