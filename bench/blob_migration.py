@@ -14,7 +14,6 @@ listBlobs, then getBlob into memory and uploadBlob of those bytes, one blob afte
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -27,9 +26,9 @@ import httpx
 from cryptography.fernet import Fernet
 
 try:
-    from bench.common import embedded_postgres, load_average, log, machine_info, write_result
+    from bench.common import embedded_postgres, load_average, log, machine_info, peak_rss_mb, write_result
 except ImportError:  # run as a script: bench/ is on sys.path
-    from common import embedded_postgres, load_average, log, machine_info, write_result
+    from common import embedded_postgres, load_average, log, machine_info, peak_rss_mb, write_result
 
 from migration_assets.core.settings import PROJECT_ROOT
 
@@ -52,18 +51,6 @@ def blob_sizes(total_mb: int) -> list[int]:
     five = (total_mb * 3 // 10) // 5
     ones = total_mb - fifty * 50 - five * 5
     return [50 * MB] * fifty + [5 * MB] * five + [MB] * ones
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process's own address space (VmHWM). On Linux, ru_maxrss after exec keeps the
-    peak of the process that forked it (here the seeding parent, hundreds of MB), so it is not used."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # elsewhere: best effort
 
 
 # --- the two children (each a fresh process, so each ru_maxrss is its own) --------------------------

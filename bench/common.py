@@ -49,7 +49,17 @@ def load_average() -> list[float]:
 
 
 def peak_rss_mb(children: bool = False) -> float:
-    """Peak resident set size of this process (or of its waited-for children), in MiB."""
+    """Peak resident set size of this process (or of its waited-for children), in MiB.
+
+    For this process, Linux's VmHWM: ru_maxrss survives exec, so a child started by a big parent would
+    report the parent's peak."""
+    if not children:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+        except OSError:
+            pass
     usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
     kib = usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss  # bytes on macOS
     return round(kib / 1024, 1)

@@ -4,6 +4,7 @@ in DAGSTER_HOME (the runs show in the UI), prints a summary, exits non-zero on f
 import argparse
 import sys
 
+from migration_assets.blobs import cli as blobs_cli
 from migration_assets.chain import cli as chain_cli
 from migration_assets.devstack import demo
 from migration_assets.repos import cli as repos_cli
@@ -15,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="pipeline", required=True)
     chain_cli.add_commands(commands)
     repos_cli.add_commands(commands)
+    blobs_cli.add_commands(commands)
     status_cli.add_commands(commands)
     demo.add_commands(commands)
     return parser

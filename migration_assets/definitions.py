@@ -2,6 +2,8 @@
 
 import dagster as dg
 
+from migration_assets.blobs import definitions as blobs
+from migration_assets.blobs.resources import BlobMigrationResource
 from migration_assets.chain import definitions as chain
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.core.postgres import PostgresResource
@@ -15,7 +17,10 @@ def shared_resources() -> dict:
         "postgres": PostgresResource(),
         "chain_source": ChainSourceResource(),
         "repo_source": RepoSourceResource(),
+        "blob_migration": BlobMigrationResource(),
     }
 
 
-defs = dg.Definitions.merge(chain.defs, repos.defs, status.defs, dg.Definitions(resources=shared_resources()))
+defs = dg.Definitions.merge(
+    chain.defs, repos.defs, blobs.defs, status.defs, dg.Definitions(resources=shared_resources())
+)

@@ -1,7 +1,6 @@
 """Real components for the tests: an embedded PostgreSQL, a dynalite DynamoDB-API server on loopback,
 and a Dagster instance on PostgreSQL storage. Each test gets a fresh target database and table."""
 
-import os
 import shutil
 import uuid
 from collections.abc import Iterator

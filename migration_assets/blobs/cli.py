@@ -8,7 +8,7 @@ import dagster as dg
 from pydantic import SecretStr, ValidationError
 
 from migration_assets.blobs import store
-from migration_assets.blobs.assets import BLOBS, REQUEST_TAG, accounts, blobs
+from migration_assets.blobs.assets import REQUEST_TAG, accounts, blobs
 from migration_assets.blobs.credentials import AccountCredentials, CredentialsError
 from migration_assets.blobs.resources import BlobMigrationResource
 from migration_assets.core.runs import root_cause

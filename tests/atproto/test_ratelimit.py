@@ -1,7 +1,6 @@
 """HostRateLimiter on the real PostgreSQL: a budget shared by processes, pauses from headers and 429s."""
 
 import multiprocessing
-import time
 
 import psycopg
 import pytest

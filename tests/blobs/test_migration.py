@@ -2,7 +2,6 @@
 byte, a tampered blob, a 429 storm, the old PDS going away, and no credentials anywhere in Dagster."""
 
 import httpx
-import psycopg
 import pytest
 from dagster._serdes import serialize_value
 

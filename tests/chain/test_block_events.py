@@ -3,12 +3,11 @@
 import json
 
 from migration_assets.chain import event_checks
-from migration_assets.chain.event_source import EventLayout
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.devstack.sample_chain import block_hash, sample_chain
 from migration_assets.devstack.sample_events import ADDED, REMOVED, chain_events, event_item, watermark_item
 from tests.chain.helpers import (
-    TAG, canonical_pair, check_outcomes, failure_text, linear_chain, materialize_events, materialize_range,
+    TAG, check_outcomes, failure_text, linear_chain, materialize_events, materialize_range,
     orphan, seed,
 )
 from tests.fault_proxy import fault_proxy

@@ -7,7 +7,6 @@ import sys
 import time
 
 import dagster as dg
-import pytest
 
 from migration_assets.cli import main
 from migration_assets.devstack.sample_chain import sample_chain
