@@ -52,7 +52,7 @@ def run_blob_migration(
         progress.blobs_completed = progress.blobs_total or progress.blobs_completed
         store.mark_completed(pool, migration.id, progress)
         log(f"{migration.did}: blob transfer complete: {progress.blobs_completed}/{progress.blobs_total}, "
-            f"{progress.bytes_transferred / 1e9:.2f} GB in all")
+            f"{progress.bytes_transferred / 1e6:.1f} MB in all")
     else:
         store.write_progress(pool, migration.id, progress)
         store.mark_failed(pool, migration.id, failure_message(migration, checks))

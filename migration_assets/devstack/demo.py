@@ -1,8 +1,9 @@
 """`migration-assets dev`: the project on embedded defaults with demo data.
 
-Embedded PostgreSQL (target and Dagster storage), a dynalite DynamoDB-API server seeded with a
-sample chain (reorgs, skipped blocks), its block ranges registered as partitions, then `dagster dev`
-(webserver and daemon) on the project's workspace.
+Embedded PostgreSQL (target and Dagster storage); a dynalite DynamoDB-API server seeded with a
+sample chain (reorgs, skipped blocks), its block ranges registered as partitions; a PLC directory and
+two reference PDSes with accounts to backfill and accounts whose blobs wait to move; then `dagster dev`
+(webserver and daemon) on the project's workspace, with the AT Protocol sensors turned on.
 """
 
 import argparse
@@ -10,14 +11,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import boto3
+import httpx
 
 from migration_assets.chain.event_source import EventLayout, max_event_id
 from migration_assets.chain.partitions import block_ranges, event_ranges, register_ranges
 from migration_assets.chain.source import latest_height
 from migration_assets.core.instance import project_instance
 from migration_assets.core.settings import PROJECT_ROOT, ChainSettings, data_dir
+from migration_assets.devstack import demo_atproto
 from migration_assets.devstack.sample_chain import create_block_table, sample_chain, write_items
 from migration_assets.devstack.sample_events import chain_events, create_event_table
 from migration_assets.devstack.servers import LocalServer, local_aws_environment, start_dynalite
@@ -28,6 +33,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     dev.add_argument("--port", type=int, default=3000, help="Dagster UI port (default 3000)")
     dev.add_argument("--heights", type=int, default=30_000, help="sample chain length (default 30000)")
     dev.add_argument("--dynamodb-port", type=int, default=8765, help="local DynamoDB-API port")
+    dev.add_argument("--repo-accounts", type=int, default=20, help="accounts with records to backfill (default 20)")
+    dev.add_argument("--blob-accounts", type=int, default=3, help="accounts whose blobs wait to move (default 3)")
     dev.set_defaults(handler=dev_command)
 
 
@@ -60,11 +67,43 @@ def start_local_sources(args: argparse.Namespace) -> list[LocalServer]:
     return servers
 
 
+DEMO_SENSORS = ("repo_sync", "atproto_blob_requests")
+START_SENSOR = """
+mutation($selector: SensorSelector!) {
+  startSensor(sensorSelector: $selector) { __typename ... on PythonError { message } }
+}"""
+
+
+def turn_on_sensors(url: str, names: tuple[str, ...], timeout: float = 300) -> None:
+    """Once the webserver answers, turn the demo's sensors on through the API the UI uses."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            for name in names:
+                selector = {"repositoryLocationName": "migration_assets", "repositoryName": "__repository__",
+                            "sensorName": name}
+                reply = httpx.post(f"{url}/graphql", json={"query": START_SENSOR, "variables": {"selector": selector}},
+                                   timeout=30).json()
+                if reply.get("errors") or reply["data"]["startSensor"]["__typename"] == "PythonError":
+                    raise RuntimeError(reply)
+            print(f"sensors on: {', '.join(names)}")
+            return
+        except (httpx.HTTPError, RuntimeError, KeyError, TypeError):
+            time.sleep(2)
+    print(f"warning: could not turn on {', '.join(names)}; turn them on in the UI (Automation page)")
+
+
 def dev_command(args: argparse.Namespace) -> int:
     data_dir().mkdir(parents=True, exist_ok=True)
     instance = project_instance()
     servers = start_local_sources(args)
     try:
+        network = demo_atproto.start_network()
+        servers.append(network.server)
+        print(f"PLC directory at {network.plc_url}, PDSes at {', '.join(p.url for p in network.pdses)}")
+        atproto = demo_atproto.seed(network, args.repo_accounts, args.blob_accounts)
+        print(f"{len(atproto['repo_dids'])} accounts to backfill (repo_sync sensor), "
+              f"{len(atproto['blob_migration_dids'])} blob migrations queued (atproto_blob_requests sensor)")
         block_tip, event_tip = seed_chain(args.heights)
         settings = ChainSettings.from_env()
         blocks = register_ranges(instance, block_ranges, 0, block_tip + 1, settings.block_range_size)
@@ -76,6 +115,8 @@ def dev_command(args: argparse.Namespace) -> int:
                    "-p", str(args.port)]
         dagster = subprocess.Popen(command, cwd=os.environ["DAGSTER_HOME"])
         servers.append(LocalServer("dagster dev", f"http://127.0.0.1:{args.port}", dagster))
+        threading.Thread(target=turn_on_sensors, args=(f"http://127.0.0.1:{args.port}", DEMO_SENSORS),
+                         daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the children on SIGTERM too
         return dagster.wait()
     except KeyboardInterrupt:
