@@ -8,6 +8,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, Field, field_validator
 
+from migration_assets.core.settings import data_dir
+
 MIB = 1024 * 1024
 
 
@@ -77,7 +79,7 @@ class FilesSettings(BaseModel):
     def from_env(cls) -> "FilesSettings":
         mib = lambda name, default: int(float(_env(name, str(default))) * MIB)  # noqa: E731
         return cls(
-            source_root=Path(_env("FILES_SOURCE_ROOT", "files-source")).resolve(),
+            source_root=Path(_env("FILES_SOURCE_ROOT", str(data_dir() / "files-source"))).resolve(),
             bucket=_env("FILES_S3_BUCKET", "migrated-files"),
             prefix=_env("FILES_S3_PREFIX", ""),
             range_size=int(_env("FILES_RANGE_SIZE", "10000")),
