@@ -7,6 +7,7 @@ import sys
 from migration_assets.blobs import cli as blobs_cli
 from migration_assets.chain import cli as chain_cli
 from migration_assets.devstack import demo
+from migration_assets.files import cli as files_cli
 from migration_assets.repos import cli as repos_cli
 from migration_assets.status import cli as status_cli
 
@@ -17,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     chain_cli.add_commands(commands)
     repos_cli.add_commands(commands)
     blobs_cli.add_commands(commands)
+    files_cli.add_commands(commands)
     status_cli.add_commands(commands)
     demo.add_commands(commands)
     return parser

@@ -7,6 +7,7 @@ webserver, the daemon, run workers and the CLI all share it; whoever comes first
 
 import logging
 import os
+import threading
 import warnings
 from functools import cache
 from pathlib import Path
@@ -23,14 +24,21 @@ DAGSTER_DATABASE = "dagster"
 log = logging.getLogger(__name__)
 
 
+# One thread at a time starts or asks the server: pgserver's handle is not thread-safe (two sensors
+# evaluated at once in one code server saw it half-initialised).
+_lock = threading.Lock()
+
+
 def embedded_server_url() -> str:
     """Start (or find running) the embedded server; return a URL to its `postgres` database."""
-    return _server(data_dir() / "postgres").get_uri()
+    with _lock:
+        return _server(data_dir() / "postgres").get_uri()
 
 
 def stop_embedded_server() -> None:
     """Stop the embedded server of the current data folder (tests and benchmarks clean up)."""
-    _server(data_dir() / "postgres").stop()
+    with _lock:
+        _server(data_dir() / "postgres").stop()
 
 
 @cache

@@ -1,12 +1,14 @@
 """`migration-assets dev`: the project on embedded defaults with demo data.
 
 Embedded PostgreSQL (target and Dagster storage); a dynalite DynamoDB-API server seeded with a
-sample chain (reorgs, skipped blocks), its block ranges registered as partitions; a PLC directory and
+sample chain (reorgs, skipped blocks), its block ranges registered as partitions; a local S3-API server
+(moto) and sample files listed in `source_files`, their ranges registered; a PLC directory and
 two reference PDSes with accounts to backfill and accounts whose blobs wait to move; then `dagster dev`
 (webserver and daemon) on the project's workspace, with the AT Protocol sensors turned on.
 """
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +24,7 @@ from migration_assets.chain.partitions import block_ranges, event_ranges, regist
 from migration_assets.chain.source import latest_height
 from migration_assets.core.instance import project_instance
 from migration_assets.core.settings import PROJECT_ROOT, ChainSettings, data_dir
-from migration_assets.devstack import demo_atproto
+from migration_assets.devstack import demo_atproto, demo_files
 from migration_assets.devstack.sample_chain import create_block_table, sample_chain, write_items
 from migration_assets.devstack.sample_events import chain_events, create_event_table
 from migration_assets.devstack.servers import LocalServer, local_aws_environment, start_dynalite
@@ -35,6 +37,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     dev.add_argument("--dynamodb-port", type=int, default=8765, help="local DynamoDB-API port")
     dev.add_argument("--repo-accounts", type=int, default=20, help="accounts with records to backfill (default 20)")
     dev.add_argument("--blob-accounts", type=int, default=3, help="accounts whose blobs wait to move (default 3)")
+    dev.add_argument("--files", type=int, default=300, help="sample files to copy to S3 (default 300)")
     dev.set_defaults(handler=dev_command)
 
 
@@ -67,6 +70,7 @@ def start_local_sources(args: argparse.Namespace) -> list[LocalServer]:
     return servers
 
 
+SERVERS_FILE = "demo-servers.json"  # every server the demo started, for tests that check they stop
 DEMO_SENSORS = ("repo_sync", "atproto_blob_requests")
 START_SENSOR = """
 mutation($selector: SensorSelector!) {
@@ -98,6 +102,10 @@ def dev_command(args: argparse.Namespace) -> int:
     instance = project_instance()
     servers = start_local_sources(args)
     try:
+        s3 = demo_files.start_s3()
+        if s3:
+            servers.append(s3)
+        print(demo_files.seed(args.files))
         network = demo_atproto.start_network()
         servers.append(network.server)
         print(f"PLC directory at {network.plc_url}, PDSes at {', '.join(p.url for p in network.pdses)}")
@@ -115,6 +123,7 @@ def dev_command(args: argparse.Namespace) -> int:
                    "-p", str(args.port)]
         dagster = subprocess.Popen(command, cwd=os.environ["DAGSTER_HOME"])
         servers.append(LocalServer("dagster dev", f"http://127.0.0.1:{args.port}", dagster))
+        (data_dir() / SERVERS_FILE).write_text(json.dumps({server.name: server.url for server in servers}))
         threading.Thread(target=turn_on_sensors, args=(f"http://127.0.0.1:{args.port}", DEMO_SENSORS),
                          daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the children on SIGTERM too

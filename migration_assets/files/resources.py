@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from migration_assets.files.settings import FilesSettings
+from migration_assets.files.settings import FilesSettings, WindowSettings, parse_clock
 
 
 class FilesResource(dg.ConfigurableResource):
@@ -15,6 +15,11 @@ class FilesResource(dg.ConfigurableResource):
     bucket: str | None = Field(default=None, description="defaults to FILES_S3_BUCKET")
     prefix: str | None = Field(default=None, description="defaults to FILES_S3_PREFIX")
     concurrency: int | None = Field(default=None, description="uploads in flight per run (FILES_CONCURRENCY, 8)")
+    run_window_enabled: bool | None = Field(default=None, description="defaults to FILES_RUN_WINDOW_ENABLED")
+    run_window_start: str | None = Field(default=None, description="HH:MM, defaults to FILES_RUN_WINDOW_START")
+    run_window_end: str | None = Field(default=None, description="HH:MM, defaults to FILES_RUN_WINDOW_END")
+    run_window_weekends: bool | None = Field(default=None, description="defaults to FILES_RUN_WINDOW_WEEKENDS")
+    run_window_tz: str | None = Field(default=None, description="defaults to FILES_RUN_WINDOW_TZ")
 
     def settings(self) -> FilesSettings:
         env = FilesSettings.from_env()
@@ -22,4 +27,17 @@ class FilesResource(dg.ConfigurableResource):
             "source_root": Path(self.source_root).resolve() if self.source_root else None,
             "bucket": self.bucket, "prefix": self.prefix, "concurrency": self.concurrency,
         }
-        return env.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        settings = env.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        return settings.model_copy(update={"window": self.window(settings.window)})
+
+    def window(self, base: WindowSettings) -> WindowSettings:
+        """The window of this run: the environment's, with any field set here (e.g. in a run's
+        launchpad config, to move one run's window) taking its place."""
+        overrides = {
+            "enabled": self.run_window_enabled,
+            "start": parse_clock(self.run_window_start, "run_window_start") if self.run_window_start else None,
+            "end": parse_clock(self.run_window_end, "run_window_end") if self.run_window_end else None,
+            "weekends": self.run_window_weekends,
+            "tz": self.run_window_tz,
+        }
+        return WindowSettings.model_validate(base.model_dump() | {k: v for k, v in overrides.items() if v is not None})

@@ -2,12 +2,10 @@
 API and run by the daemon, its asset-check results read back per partition, and the sync sensor
 discovering new ranges as the source grows."""
 
-import pytest
-
 from migration_assets.chain.event_source import EventLayout
 from migration_assets.devstack.sample_chain import sample_chain, write_items
 from migration_assets.devstack.sample_events import chain_events
-from tests.e2e.stack import LOCATION, REPOSITORY, start_stack, stop_stack, wait_until
+from tests.e2e.stack import LOCATION, REPOSITORY, wait_until
 
 BLOCK_KEYS = ["000000000000-000000010000", "000000010000-000000020000", "000000020000-000000030000"]
 LAUNCH_BACKFILL = """
@@ -32,13 +30,6 @@ RUNS = """
 query($filter: RunsFilter) {
   runsOrError(filter: $filter) { ... on Runs { results { status tags { key value } } } }
 }"""
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    running = start_stack(tmp_path_factory.mktemp("e2e"), heights=25_000, extra_env={"CHAIN_SYNC_INTERVAL_SECONDS": "5"})
-    yield running
-    stop_stack(running)
 
 
 def backfill(stack, asset_path, keys) -> None:
