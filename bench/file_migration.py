@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         return child()
-    from migration_assets.devstack.s3 import local_s3_environment, start_moto_s3
+    from migration_assets.devstack.servers import local_aws_environment, start_moto_s3
 
     trees = ({"mixed": [(50, 64 * 1024), (1, 20 * MB)], "many": [(500, 8 * 1024)]} if args.small else
              {"mixed": [(500, 64 * 1024), (4, 20 * MB)], "many": [(10_000, 8 * 1024)]})
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             figures = {}
             for tree, shape in trees.items():
                 server = start_moto_s3(log_path=work / f"moto-{tree}.log")  # a fresh server per tree
-                os.environ.update(local_s3_environment(server.url))
+                os.environ.update(local_aws_environment(s3_url=server.url))
                 os.environ.pop("AWS_CA_BUNDLE", None)
                 figures[tree] = measure(tree, shape, work, server, target_url, args.concurrency, args.repeats)
                 server.stop()

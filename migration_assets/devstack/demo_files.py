@@ -8,8 +8,7 @@ import boto3
 from migration_assets.core.instance import project_instance
 from migration_assets.core.postgres import PostgresResource
 from migration_assets.core.settings import data_dir
-from migration_assets.devstack.s3 import local_s3_environment, start_moto_s3
-from migration_assets.devstack.servers import LocalServer
+from migration_assets.devstack.servers import LocalServer, start_moto_s3
 from migration_assets.files import store
 from migration_assets.files.partitions import register_ranges
 from migration_assets.files.seed import seed_files
@@ -22,7 +21,7 @@ def start_s3() -> LocalServer | None:
     if os.environ.get("AWS_ENDPOINT_URL_S3"):
         return None  # the user's own S3(-API) endpoint
     server = start_moto_s3(log_path=data_dir() / "moto-s3.log")
-    os.environ.update({k: v for k, v in local_s3_environment(server.url).items() if k == "AWS_ENDPOINT_URL_S3"})
+    os.environ["AWS_ENDPOINT_URL_S3"] = server.url  # credentials: the dynalite ones (local_aws_environment)
     return server
 
 

@@ -4,6 +4,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,25 +61,38 @@ def wait_until_listening(server: LocalServer, timeout: float = 30.0) -> None:
     raise TimeoutError(f"{server.name} did not answer at {server.url} within {timeout} s")
 
 
-def start_dynalite(port: int | None = None, log_path: Path | None = None) -> LocalServer:
-    """dynalite, an in-memory DynamoDB-API server (fast enough for benchmarks, unlike moto)."""
-    port = port or free_port()
+def start_local_server(name: str, command: list[str], port: int, log_path: Path | None, env: dict | None = None) -> LocalServer:
+    """Start `command` (which listens on loopback `port`) and wait until it answers."""
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    npm_bin("dynalite")  # a clear error when `npm ci` has not run
-    process = subprocess.Popen(
-        ["node", str(Path(__file__).with_name("dynalite.js")), str(port), "127.0.0.1"],
-        stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, "NODE_OPTIONS": "", "NODE_PATH": str(PROJECT_ROOT / "node_modules")},
-    )
-    server = LocalServer("dynalite", f"http://127.0.0.1:{port}", process)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = LocalServer(name, f"http://127.0.0.1:{port}", process)
     wait_until_listening(server)
     return server
 
 
-def local_aws_environment(dynamodb_url: str) -> dict[str, str]:
-    """Environment for boto3 to talk to local servers with dummy credentials."""
+def start_dynalite(port: int | None = None, log_path: Path | None = None) -> LocalServer:
+    """dynalite, an in-memory DynamoDB-API server (fast enough for benchmarks, unlike moto)."""
+    port = port or free_port()
+    npm_bin("dynalite")  # a clear error when `npm ci` has not run
+    command = ["node", str(Path(__file__).with_name("dynalite.js")), str(port), "127.0.0.1"]
+    env = {**os.environ, "NODE_OPTIONS": "", "NODE_PATH": str(PROJECT_ROOT / "node_modules")}
+    return start_local_server("dynalite", command, port, log_path, env)
+
+
+def start_moto_s3(port: int | None = None, log_path: Path | None = None) -> LocalServer:
+    """moto's server as a local S3-API server (moto[server] comes with the test extra): every bucket
+    lives in its memory."""
+    port = port or free_port()
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    return start_local_server("moto S3", command, port, log_path)
+
+
+def local_aws_environment(dynamodb_url: str | None = None, s3_url: str | None = None) -> dict[str, str]:
+    """Environment for boto3 to talk to local servers with dummy credentials (boto3 reads
+    AWS_DEFAULT_REGION; AWS_REGION is set too for other AWS SDKs)."""
+    endpoints = {"AWS_ENDPOINT_URL_DYNAMODB": dynamodb_url, "AWS_ENDPOINT_URL_S3": s3_url}
     return {
-        "AWS_ENDPOINT_URL_DYNAMODB": dynamodb_url,
+        **{name: url for name, url in endpoints.items() if url},
         "AWS_ACCESS_KEY_ID": "local",
         "AWS_SECRET_ACCESS_KEY": "local",
         "AWS_REGION": "us-east-1",

@@ -3,7 +3,6 @@ blobs migrated the real way (service auth, createAccount with the DID, importRep
 
 import itertools
 import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from migration_assets.blobs.assets import accounts
 from migration_assets.blobs.credentials import AccountCredentials
 from migration_assets.blobs.resources import BlobMigrationResource
 from migration_assets.core.postgres import PostgresResource, shared_pool
-from migration_assets.core.settings import PROJECT_ROOT
 from migration_assets.devstack.atproto import (
     Account, AtprotoNetwork, PdsSeeder, migrate_account, start_atproto_network,
 )
@@ -111,12 +109,3 @@ def run_partition(instance: dg.DagsterInstance, did: str, resources: dict, migra
     )
 
 
-@pytest.fixture
-def dagster_home(tmp_path, instance, monkeypatch):
-    """A DAGSTER_HOME with the project's dagster.yaml, on the test instance's PostgreSQL storage."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("DAGSTER_POSTGRES_URL", instance.run_storage.postgres_url)
-    return home

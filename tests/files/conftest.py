@@ -10,7 +10,7 @@ import pytest
 from botocore.config import Config
 
 from migration_assets.core.postgres import shared_pool
-from migration_assets.devstack.s3 import local_s3_environment, start_moto_s3
+from migration_assets.devstack.servers import local_aws_environment, start_moto_s3
 from migration_assets.files.mover import S3Target
 from migration_assets.files.settings import FilesSettings
 from migration_assets.files.worker import RangeJob
@@ -20,7 +20,7 @@ from migration_assets.files.worker import RangeJob
 def moto_s3(tmp_path_factory) -> Iterator[str]:
     server = start_moto_s3(log_path=tmp_path_factory.mktemp("logs") / "moto.log")
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in local_s3_environment(server.url).items():
+        for name, value in local_aws_environment(s3_url=server.url).items():
             mp.setenv(name, value)
         mp.delenv("AWS_CA_BUNDLE", raising=False)
         yield server.url

@@ -1,28 +1,14 @@
 """`migration-assets files ...` end to end, and a run killed with SIGKILL mid-range then resumed."""
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-import pytest
 
-from migration_assets.cli import main
-from migration_assets.core.settings import PROJECT_ROOT
 from tests.files.helpers import assert_bytes_equal, seed
 from tests.files.s3_proxy import s3_proxy
-
-
-@pytest.fixture
-def dagster_home(tmp_path, instance, monkeypatch):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    monkeypatch.setenv("DAGSTER_POSTGRES_URL", instance.run_storage.postgres_url)
-    return home
 
 
 def recorded(target) -> int:

@@ -5,7 +5,6 @@ import sys
 import threading
 import time
 
-import pytest
 
 from migration_assets.files import store
 from migration_assets.files.store import ClaimRefused
