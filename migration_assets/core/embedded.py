@@ -64,8 +64,8 @@ def database_url(server_url: str, database: str) -> str:
         if not exists:
             try:
                 conn.execute(f'CREATE DATABASE "{database}"')
-            except psycopg.errors.DuplicateDatabase:
-                pass  # another process created it first
+            except (psycopg.errors.DuplicateDatabase, psycopg.errors.UniqueViolation):
+                pass  # another process created it first (a race reports the catalog's unique index)
     # A URL (not a key=value string): dagster-postgres hands it to SQLAlchemy.
     return urlunsplit(urlsplit(server_url)._replace(path=f"/{database}"))
 

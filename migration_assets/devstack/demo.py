@@ -22,6 +22,7 @@ import httpx
 from migration_assets.chain.event_source import EventLayout, max_event_id
 from migration_assets.chain.partitions import block_ranges, event_ranges, register_ranges
 from migration_assets.chain.source import latest_height
+from migration_assets.core import embedded
 from migration_assets.core.instance import project_instance
 from migration_assets.core.settings import PROJECT_ROOT, ChainSettings, data_dir
 from migration_assets.devstack import demo_atproto, demo_files
@@ -121,8 +122,8 @@ def dev_command(args: argparse.Namespace) -> int:
         print(f"Dagster UI: http://127.0.0.1:{args.port} (Ctrl-C stops everything)")
         command = [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
                    "-p", str(args.port)]
-        dagster = subprocess.Popen(command, cwd=os.environ["DAGSTER_HOME"])
-        servers.append(LocalServer("dagster dev", f"http://127.0.0.1:{args.port}", dagster))
+        dagster = subprocess.Popen(command, cwd=os.environ["DAGSTER_HOME"], start_new_session=True)
+        servers.append(LocalServer("dagster dev", f"http://127.0.0.1:{args.port}", dagster, own_group=True))
         (data_dir() / SERVERS_FILE).write_text(json.dumps({server.name: server.url for server in servers}))
         threading.Thread(target=turn_on_sensors, args=(f"http://127.0.0.1:{args.port}", DEMO_SENSORS),
                          daemon=True).start()
@@ -133,3 +134,5 @@ def dev_command(args: argparse.Namespace) -> int:
     finally:
         for server in reversed(servers):
             server.stop()
+        if not os.environ.get("MIGRATION_DATABASE_URL"):
+            embedded.stop_embedded_server()  # the demo's own PostgreSQL; its data stays for next time

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -37,14 +38,27 @@ class LocalServer:
     name: str
     url: str
     process: subprocess.Popen
+    # Started with start_new_session=True: stop its whole process group (`dagster dev` has children
+    # of its own, the webserver, daemon and code servers, that would otherwise outlive it).
+    own_group: bool = False
 
-    def stop(self) -> None:
-        if self.process.poll() is None:
+    def stop(self, timeout: float = 30) -> None:
+        if self.own_group:
+            self._signal_group(signal.SIGTERM)
+        elif self.process.poll() is None:
             self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        if self.own_group:
+            self._signal_group(signal.SIGKILL)  # whatever of the group ignored SIGTERM
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def wait_until_listening(server: LocalServer, timeout: float = 30.0) -> None:
