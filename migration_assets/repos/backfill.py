@@ -8,7 +8,7 @@ target database itself stops the run, since then no outcome could be recorded.
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 import psycopg
@@ -86,8 +86,7 @@ class RepoSyncer:
 
     def sync(self, repo: ClaimedRepo) -> RepoOutcome:
         started = time.monotonic()
-        outcome = self._sync(repo)
-        return RepoOutcome(**{**outcome.__dict__, "seconds": time.monotonic() - started})
+        return replace(self._sync(repo), seconds=time.monotonic() - started)
 
     def _sync(self, repo: ClaimedRepo) -> RepoOutcome:
         did, pds = repo.did, None

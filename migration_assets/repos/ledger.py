@@ -64,8 +64,10 @@ def enqueue(conn: psycopg.Connection, dids: Iterable[str], buckets: int) -> int:
 
 
 def record_listing(conn: psycopg.Connection, items: list[ListedRepo], buckets: int) -> tuple[int, int]:
-    """Upsert what listRepos reported. New DIDs become pending; a known repo becomes due (pending) when
-    its head or rev moved, or its active state no longer matches its status. Returns (new, due)."""
+    """Upsert what listRepos reported; returns (new, due). New DIDs become pending. A known repo
+    becomes due when the listing says it changed: a synced repo whose head or rev moved or that went
+    inactive, an inactive or deleted one that is active again. A repo waiting for its retry keeps its
+    backoff, and an inactive one is not fetched again at every pass."""
     if not items:
         return 0, 0
     columns = (
@@ -83,14 +85,12 @@ def record_listing(conn: psycopg.Connection, items: list[ListedRepo], buckets: i
         )
         new = cur.rowcount
         cur.execute(
-            """UPDATE repos r SET listed_head = l.head, listed_rev = l.rev,
-                   status = CASE WHEN r.status = 'in_progress' THEN r.status ELSE 'pending' END,
-                   next_retry_at = NULL, updated_at = now()
+            """UPDATE repos r SET status = 'pending', next_retry_at = NULL, updated_at = now()
                FROM listed l
-               WHERE r.did = l.did AND r.status NOT IN ('pending', 'in_progress')
-                 AND (r.head IS DISTINCT FROM l.head OR r.rev IS DISTINCT FROM l.rev
-                      OR (l.active AND r.status IN ('deactivated', 'takendown', 'suspended'))
-                      OR (NOT l.active AND r.status = 'synced'))"""
+               WHERE r.did = l.did AND (
+                   (r.status = 'synced' AND (NOT l.active OR r.head IS DISTINCT FROM l.head
+                                             OR r.rev IS DISTINCT FROM l.rev))
+                   OR (r.status IN ('deactivated', 'takendown', 'suspended', 'deleted') AND l.active))"""
         )
         due = cur.rowcount
         cur.execute(

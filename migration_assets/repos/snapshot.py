@@ -4,6 +4,7 @@ Only the blocks are kept in memory (the CAR itself is streamed and never held wh
 decoded only when the store needs it, i.e. when it is new or changed.
 """
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -27,8 +28,6 @@ class RepoSnapshot:
     car_bytes: int
 
     def record_json(self, cid: CID) -> str:
-        import json
-
         try:
             block = self.blocks[cid]
         except KeyError:

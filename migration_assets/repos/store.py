@@ -3,6 +3,7 @@ ledger update, in one transaction (a crash leaves the repo either fully at the o
 
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 
 import psycopg
 
@@ -97,6 +98,6 @@ def mark_gone(conn: psycopg.Connection, did: str, status: str, pds: str | None, 
         ledger.finish_gone(cur, did, status, pds, reason)
 
 
-def mark_failed(conn: psycopg.Connection, did: str, error: str, retry_at, count_attempt: bool) -> None:
+def mark_failed(conn: psycopg.Connection, did: str, error: str, retry_at: datetime, count_attempt: bool) -> None:
     with conn.transaction(), conn.cursor() as cur:
         ledger.finish_failed(cur, did, error, retry_at, count_attempt)
