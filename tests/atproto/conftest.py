@@ -8,6 +8,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CID
 from tests.atproto.builders import Blocks, build_mst, private_key, put, signed_commit
+from tests.atproto.loopback import serve
 
 COLLECTIONS = ("app.bsky.actor.profile", "app.bsky.feed.like", "app.bsky.feed.post")
 
@@ -41,3 +42,9 @@ def make_repo(count: int = 48) -> Repo:
 @pytest.fixture(scope="session")
 def repo() -> Repo:
     return make_repo()
+
+
+@pytest.fixture
+def servers():
+    """A factory of loopback HTTP servers (tests/atproto/loopback.py), all stopped after the test."""
+    yield from serve()

@@ -16,7 +16,7 @@ from migration_assets.atproto.identity import (
 )
 from migration_assets.atproto.signature import PublicKey
 from migration_assets.atproto.xrpc import PrivateHostRefused
-from tests.atproto.loopback import LoopbackServer, Reply, json_reply, serve
+from tests.atproto.loopback import LoopbackServer, Reply, json_reply
 
 DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
 KEY = PublicKey(ec.derive_private_key(0xC0FFEE, ec.SECP256K1()).public_key()).did_key().removeprefix("did:key:")
@@ -35,11 +35,6 @@ def document(did: str = DID, pds: str = "https://pds.example.com", key: str = KE
     }
     doc.update(overrides)
     return doc
-
-
-@pytest.fixture
-def servers():
-    yield from serve()
 
 
 @pytest.fixture

@@ -23,17 +23,12 @@ from migration_assets.atproto.xrpc import (
     XrpcError,
     is_forbidden_address,
 )
-from tests.atproto.loopback import LoopbackServer, Reply, json_reply, serve, xrpc_error
+from tests.atproto.loopback import LoopbackServer, Reply, json_reply, xrpc_error
 
 LIST_REPOS = "com.atproto.sync.listRepos"
 PATH = f"/xrpc/{LIST_REPOS}"
 OK = json_reply({"repos": []})
 PASSWORD = "hunter2-secret-pw"
-
-
-@pytest.fixture
-def servers():
-    yield from serve()
 
 
 @pytest.fixture
