@@ -1,4 +1,4 @@
-"""A small deterministic repo shared by the CAR and MST tests."""
+"""A small deterministic repo shared by the CAR and MST tests, and loopback servers for the client tests."""
 
 from dataclasses import dataclass
 
