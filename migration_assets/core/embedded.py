@@ -71,11 +71,19 @@ def database_url(server_url: str, database: str) -> str:
 
 
 def embedded_target_url() -> str:
-    return database_url(embedded_server_url(), TARGET_DATABASE)
+    return _embedded_database_url(data_dir(), TARGET_DATABASE)
 
 
 def embedded_dagster_url() -> str:
-    return dagster_storage_url(database_url(embedded_server_url(), DAGSTER_DATABASE))
+    return dagster_storage_url(_embedded_database_url(data_dir(), DAGSTER_DATABASE))
+
+
+@cache
+def _embedded_database_url(data: Path, database: str) -> str:
+    """Once per process and data folder: every resource call asks for the URL, and each ask would
+    otherwise connect to check that the database exists. The URL (a socket path under `data`) stays
+    valid when the server restarts."""
+    return database_url(embedded_server_url(), database)
 
 
 def dagster_storage_url(url: str) -> str:
