@@ -90,7 +90,7 @@ def download_all(repos: dict[str, tuple[str, int]], concurrency: int) -> tuple[f
 
 
 def backfill(target_url: str, dids: list[str], concurrency: int) -> tuple[float, dict]:
-    pool = shared_pool(target_url, max_size=concurrency + 2)
+    pool = shared_pool(target_url, max_size=2 * concurrency + 2)
     source = RepoSourceResource(concurrency=concurrency)
     buckets = source.settings.buckets
     with pool.connection() as conn:
@@ -99,7 +99,7 @@ def backfill(target_url: str, dids: list[str], concurrency: int) -> tuple[float,
     clients = source.clients(target_url)
     try:
         started = time.perf_counter()
-        report = backfill_buckets(pool, source.syncer(pool, clients), list(range(buckets)), concurrency)
+        report = backfill_buckets(pool, source.syncer(pool, clients), list(range(buckets)))
         seconds = time.perf_counter() - started
     finally:
         clients.close()
@@ -137,7 +137,7 @@ def child_sync(did: str) -> None:
         bucket = conn.execute("SELECT bucket FROM repos WHERE did = %s", (did,)).fetchone()[0]
     before = peak_rss_mb()
     clients = source.clients(url)
-    report = backfill_buckets(pool, source.syncer(pool, clients), [bucket], 1)
+    report = backfill_buckets(pool, source.syncer(pool, clients), [bucket])
     assert [o.status for o in report.outcomes if o.did == did] == ["synced"], report.outcomes
     print(f"{before} {peak_rss_mb()}")
 

@@ -7,11 +7,12 @@ and a section that claims more than the remaining budget fails before it is buff
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
 from migration_assets.atproto import dagcbor
-from migration_assets.atproto.cid import CID, CidError, CidMismatch, decode_varint, read_cid
+from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID, SHA2_256, CidError, CidMismatch, decode_varint, read_cid
 from migration_assets.atproto.errors import AtprotoFormatError
 
 READ_SIZE = 64 * 1024
@@ -32,7 +33,10 @@ class Readable(Protocol):
 
 
 class _Source:
-    """Buffered reader over a file-like object or an iterator of byte chunks, counting toward a cap."""
+    """Buffered reader over a file-like object or an iterator of byte chunks, counting toward a cap.
+
+    The buffer is immutable `bytes`, so a block is one slice (one copy) of it; a refill joins the unread
+    rest with as many chunks as needed in one go, so a block spanning many chunks is copied once."""
 
     def __init__(self, source: Readable | Iterable[bytes], max_size: int) -> None:
         if isinstance(source, Readable):
@@ -40,55 +44,67 @@ class _Source:
             self._chunks: Iterator[bytes] = iter(lambda: reader.read(READ_SIZE), b"")
         else:
             self._chunks = iter(source)
-        self._buf = bytearray()
-        self._pos = 0
-        self.offset = 0  # stream offset of self._buf[self._pos], for error messages
+        self.buf = b""
+        self.pos = 0
+        self.offset = 0  # stream offset of self.buf[self.pos], for error messages
         self.pulled = 0
         self.max_size = max_size
 
-    def _fill(self, want: int) -> bool:
+    def fill(self, want: int) -> bool:
         """Buffer at least `want` unread bytes; False if the stream ends first."""
-        while len(self._buf) - self._pos < want:
+        have = len(self.buf) - self.pos
+        if have >= want:
+            return True
+        parts = [self.buf[self.pos :]]
+        while have < want:
             chunk = next(self._chunks, None)
             if chunk is None:
-                return False
+                break
             self.pulled += len(chunk)
             if self.pulled > self.max_size:
                 raise CarTooLarge(
                     f"CAR is larger than the cap of {self.max_size} bytes; raise the cap or skip this repo"
                 )
-            if self._pos:  # drop consumed bytes before growing, so the buffer holds one section at most
-                del self._buf[: self._pos]
-                self._pos = 0
-            self._buf += chunk
-        return True
-
-    def at_eof(self) -> bool:
-        return not self._fill(1)
+            parts.append(bytes(chunk))
+            have += len(chunk)
+        self.buf, self.pos = b"".join(parts), 0
+        return have >= want
 
     def varint(self, what: str) -> int:
-        self._fill(_VARINT_MAX)  # may stop short at the end of the stream; decode_varint then says so
-        try:
-            value, end = decode_varint(self._buf, self._pos)
-        except CidError as exc:
-            raise CarError(f"bad varint for {what} at byte {self.offset}: {exc}") from None
-        self.offset += end - self._pos
-        self._pos = end
+        buf, pos = self.buf, self.pos
+        if pos + 1 < len(buf) and buf[pos] < 0x80:  # fast paths: the one- and two-byte varints of blocks
+            value, end = buf[pos], pos + 1
+        elif pos + 1 < len(buf) and 0 < buf[pos + 1] < 0x80:
+            value, end = (buf[pos] & 0x7F) | (buf[pos + 1] << 7), pos + 2
+        else:
+            self.fill(_VARINT_MAX)  # may stop short at the end of the stream; decode_varint then says so
+            try:
+                value, end = decode_varint(self.buf, self.pos)
+            except CidError as exc:
+                raise CarError(f"bad varint for {what} at byte {self.offset}: {exc}") from None
+        self.offset += end - self.pos
+        self.pos = end
         return value
 
-    def take(self, size: int, what: str) -> bytes:
+    def need(self, size: int, what: str) -> None:
+        """Make the next `size` bytes readable at self.buf[self.pos:], or fail (cap, truncation)."""
         if self.offset + size > self.max_size:
             raise CarTooLarge(
                 f"{what} at byte {self.offset} claims {size} bytes, past the cap of {self.max_size} bytes; "
                 "raise the cap or skip this repo"
             )
-        if not self._fill(size):
-            have = len(self._buf) - self._pos
+        if not self.fill(size):
+            have = len(self.buf) - self.pos
             raise CarError(f"CAR truncated: {what} at byte {self.offset} needs {size} bytes, only {have} remain")
-        with memoryview(self._buf) as view:  # one copy; the view is released before the buffer resizes
-            data = bytes(view[self._pos : self._pos + size])
-        self._pos += size
+
+    def skip(self, size: int) -> None:
+        self.pos += size
         self.offset += size
+
+    def take(self, size: int, what: str) -> bytes:
+        self.need(size, what)
+        data = self.buf[self.pos : self.pos + size]
+        self.skip(size)
         return data
 
 
@@ -100,7 +116,7 @@ class CarReader:
 
     def __init__(self, source: Readable | Iterable[bytes], *, max_size: int) -> None:
         self._src = _Source(source, max_size)
-        if self._src.at_eof():
+        if not self._src.fill(1):
             raise CarError("CAR is empty: no header")
         size = self._src.varint("header length")
         if size == 0:
@@ -122,20 +138,32 @@ class CarReader:
         return roots
 
     def __iter__(self) -> Iterator[tuple[CID, bytes]]:
-        src = self._src
-        while not src.at_eof():
+        # The hot loop of a repo sync (one pass per block): locals only, one slice per block.
+        src, sha256 = self._src, hashlib.sha256
+        while src.fill(1):
             start = src.offset
             size = src.varint("section length")
             if size == 0:
                 raise CarError(f"empty CAR section at byte {start}")
-            section = src.take(size, "block")
-            try:
-                cid, end = read_cid(section)
-            except CidError as exc:
-                raise CarError(f"bad CID in the section at byte {start}: {exc}") from None
-            data = section[end:]
-            try:
-                cid.verify(data)
-            except (CidMismatch, CidError) as exc:
-                raise CarError(f"section at byte {start}: {exc}") from None
+            src.need(size, "block")
+            buf, pos = src.buf, src.pos
+            codec = CODEC_OF_PREFIX.get(buf[pos : pos + 4]) if size >= 36 else None
+            if codec is not None:  # every atproto block: CIDv1, sha2-256, 32-byte digest
+                cid, data = CID(codec, buf[pos + 4 : pos + 36]), buf[pos + 36 : pos + size]
+            else:
+                cid, data = _read_section(buf[pos : pos + size], start)
+            src.skip(size)
+            if cid.hash_code != SHA2_256 or sha256(data).digest() != cid.digest:
+                try:
+                    cid.verify(data)
+                except (CidMismatch, CidError) as exc:
+                    raise CarError(f"section at byte {start}: {exc}") from None
             yield cid, data
+
+
+def _read_section(section: bytes, start: int) -> tuple[CID, bytes]:
+    try:
+        cid, end = read_cid(section)
+    except CidError as exc:
+        raise CarError(f"bad CID in the section at byte {start}: {exc}") from None
+    return cid, section[end:]

@@ -71,8 +71,10 @@ def parse_commit(block: bytes) -> Commit:
 def key_layer(key: bytes | str) -> int:
     """MST layer of a key: leading zero bits of sha256(key) counted in 2-bit chunks."""
     raw = key.encode() if isinstance(key, str) else key
-    digest = int.from_bytes(hashlib.sha256(raw).digest(), "big")
-    return (256 - digest.bit_length()) // 2
+    digest = hashlib.sha256(raw).digest()
+    if digest[0] >= 0x40:  # three keys in four: layer 0 without building a 256-bit integer
+        return 0
+    return (256 - int.from_bytes(digest, "big").bit_length()) // 2
 
 
 def walk_records(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[str, str, CID]]:
@@ -80,13 +82,42 @@ def walk_records(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[str, 
 
     Raises MstError on a missing node, a malformed node or key, keys out of order, or a wrong layer.
     """
-    last: list[bytes] = [b""]
-    for key, value in _walk(blocks, root, None, last):
+    for key, value in _walk(blocks, root):
         text = key.decode("ascii", errors="replace")
         collection, sep, rkey = text.partition("/")
         if not key.isascii() or not sep or not collection or not rkey or "/" in rkey:
             raise MstError(f"MST key {text!r} is not 'collection/rkey'")
         yield collection, rkey, value
+
+
+def _walk(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[bytes, CID]]:
+    """In-order walk with an explicit stack (no generator per tree level). A stack item is either a
+    subtree to expand, (None, node CID, expected layer or None for the root), or an entry to yield,
+    (key, record CID, CID of its node)."""
+    stack: list[tuple[bytes | None, CID, Any]] = [(None, root, None)]
+    last = b""
+    while stack:
+        key, cid, extra = stack.pop()
+        if key is not None:
+            if key <= last:
+                raise MstError(f"MST key {key!r} in node {extra} is not after {last!r}; keys are out of order")
+            last = key
+            yield key, cid
+            continue
+        left, entries = _node(blocks, cid)
+        keys = _entry_keys(cid, entries)
+        layer = _node_layer(cid, left, keys, extra)
+        if layer is None:
+            continue  # the empty root of an empty repo
+        children = [left] + [entry["t"] for entry in entries]
+        if layer == 0 and any(children):
+            raise MstError(f"MST node {cid} at layer 0 has a subtree; nothing can sit below layer 0")
+        expand: list[tuple[bytes | None, CID, Any]] = [] if left is None else [(None, left, layer - 1)]
+        for key, entry in zip(keys, entries):
+            expand.append((key, entry["v"], cid))
+            if entry["t"] is not None:
+                expand.append((None, entry["t"], layer - 1))
+        stack.extend(reversed(expand))
 
 
 def _node(blocks: Mapping[CID, bytes], cid: CID) -> tuple[CID | None, list[dict[str, Any]]]:
@@ -107,19 +138,17 @@ def _node(blocks: Mapping[CID, bytes], cid: CID) -> tuple[CID | None, list[dict[
     for entry in entries:
         if not (
             isinstance(entry, dict)
-            and isinstance(entry.get("p"), int)
-            and not isinstance(entry.get("p"), bool)
-            and isinstance(entry.get("k"), bytes)
-            and isinstance(entry.get("v"), CID)
-            and (entry.get("t") is None or isinstance(entry.get("t"), CID))
+            and type(entry.get("p")) is int
+            and type(entry.get("k")) is bytes
+            and type(entry.get("v")) is CID
+            and (entry.get("t") is None or type(entry.get("t")) is CID)
         ):
             raise MstError(f"MST node {cid} has an entry that is not {{p: int, k: bytes, v: CID, t: CID|null}}")
     return left, entries
 
 
-def _walk(blocks: Mapping[CID, bytes], cid: CID, layer: int | None, last: list[bytes]) -> Iterator[tuple[bytes, CID]]:
-    """In-order walk of the subtree at `cid`, expected at `layer` (None: the root, whose layer is its keys')."""
-    left, entries = _node(blocks, cid)
+def _entry_keys(cid: CID, entries: list[dict[str, Any]]) -> list[bytes]:
+    """Full keys of a node's entries: each is the previous key's first `p` bytes + `k`."""
     keys: list[bytes] = []
     prev = b""
     for entry in entries:
@@ -128,30 +157,23 @@ def _walk(blocks: Mapping[CID, bytes], cid: CID, layer: int | None, last: list[b
             raise MstError(f"MST node {cid}: prefix length {prefix} exceeds the previous key")
         prev = prev[:prefix] + entry["k"]
         keys.append(prev)
+    return keys
+
+
+def _node_layer(cid: CID, left: CID | None, keys: list[bytes], expected: int | None) -> int | None:
+    """The node's layer, checked against where it sits (`expected`; None for the root)."""
     if keys:
         layers = {key_layer(k) for k in keys}
         if len(layers) > 1:
             raise MstError(f"MST node {cid} mixes keys of layers {sorted(layers)}; the tree is malformed")
-        node_layer = layers.pop()
-        if layer is not None and node_layer != layer:
-            raise MstError(f"MST node {cid} holds layer-{node_layer} keys where layer {layer} belongs")
-    elif layer is None:
+        layer = layers.pop()
+        if expected is not None and layer != expected:
+            raise MstError(f"MST node {cid} holds layer-{layer} keys where layer {expected} belongs")
+        return layer
+    if expected is None:
         if left is not None:  # an empty root with a child is an untrimmed tree: no canonical repo has one
             raise MstError(f"MST root {cid} has no entries but a subtree; the tree is not canonical")
-        return
-    elif left is None:
+        return None
+    if left is None:
         raise MstError(f"MST node {cid} below the root is empty")
-    else:
-        node_layer = layer
-    children = [left] + [entry["t"] for entry in entries]
-    if node_layer == 0 and any(children):
-        raise MstError(f"MST node {cid} at layer 0 has a subtree; nothing can sit below layer 0")
-    if left is not None:
-        yield from _walk(blocks, left, node_layer - 1, last)
-    for key, entry in zip(keys, entries):
-        if key <= last[0]:
-            raise MstError(f"MST key {key!r} in node {cid} is not after {last[0]!r}; keys are out of order")
-        last[0] = key
-        yield key, entry["v"]
-        if entry["t"] is not None:
-            yield from _walk(blocks, entry["t"], node_layer - 1, last)
+    return expected

@@ -119,7 +119,7 @@ def repos(
         context.log.info(message)
 
     try:
-        report = backfill_buckets(pool, repo_source.syncer(pool, clients), [bucket], settings.concurrency, progress)
+        report = backfill_buckets(pool, repo_source.syncer(pool, clients), [bucket], progress)
     finally:
         clients.close()
     with postgres.connection() as conn:

@@ -5,6 +5,7 @@ takendown, suspended, retry scheduled, rate limited) written to the ledger. Only
 target database itself stops the run, since then no outcome could be recorded.
 """
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -75,7 +76,11 @@ def describe(exc: BaseException) -> str:
 
 
 class RepoSyncer:
-    """Syncs one claimed repo at a time; safe to call from many threads (clients are per PDS host)."""
+    """Syncs one claimed repo at a time; safe to call from many threads (clients are per PDS host).
+
+    Only the download (with the CAR parse it streams into) is limited to `settings.concurrency` at
+    once; resolving the DID and storing run outside that limit, in the extra threads that
+    `backfill_buckets` starts, so the PDSes always have `concurrency` downloads in flight."""
 
     def __init__(self, pool: ConnectionPool, resolver: IdentityResolver,
                  client_for: Callable[[str], xrpc.XrpcClient], settings: RepoSettings) -> None:
@@ -83,6 +88,7 @@ class RepoSyncer:
         self.resolver = resolver
         self.client_for = client_for
         self.settings = settings
+        self._downloads = threading.BoundedSemaphore(settings.concurrency)
 
     def sync(self, repo: ClaimedRepo) -> RepoOutcome:
         started = time.monotonic()
@@ -124,7 +130,7 @@ class RepoSyncer:
 
     def fetch(self, did: str, pds: str) -> RepoSnapshot:
         client = self.client_for(pds)
-        with client.stream("com.atproto.sync.getRepo", {"did": did}) as response:
+        with self._downloads, client.stream("com.atproto.sync.getRepo", {"did": did}) as response:
             chunks = _within(response.iter_bytes(), self.settings.fetch_timeout_seconds, did, pds)
             return read_snapshot(did, chunks, self.settings.max_car_bytes)
 
@@ -145,15 +151,16 @@ def _within(chunks: Iterable[bytes], seconds: float, did: str, pds: str) -> Iter
 
 
 def backfill_buckets(
-    pool: ConnectionPool, syncer: RepoSyncer, buckets: list[int], concurrency: int,
+    pool: ConnectionPool, syncer: RepoSyncer, buckets: list[int],
     on_outcome: Callable[[RepoOutcome, int, int], None] | None = None,
 ) -> BackfillReport:
-    """Claim the due repos of `buckets` and sync them, `concurrency` at a time."""
+    """Claim the due repos of `buckets` and sync them: `concurrency` downloads at a time (the syncer's
+    settings), and as many repos again being resolved or stored meanwhile."""
     started = time.monotonic()
     with pool.connection() as conn:
         claimed = ledger.claim_due(conn, buckets, syncer.settings.stale_claim_minutes)
     report = BackfillReport()
-    for outcome in ordered_map(syncer.sync, claimed, concurrency):
+    for outcome in ordered_map(syncer.sync, claimed, 2 * syncer.settings.concurrency):
         report.outcomes.append(outcome)
         if on_outcome:
             on_outcome(outcome, len(report.outcomes), len(claimed))

@@ -4,7 +4,6 @@ Only the blocks are kept in memory (the CAR itself is streamed and never held wh
 decoded only when the store needs it, i.e. when it is new or changed.
 """
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ class RepoSnapshot:
             block = self.blocks[cid]
         except KeyError:
             raise MstError(f"record block {cid} is missing from the CAR; the export is incomplete") from None
-        return json.dumps(dagcbor.to_json(dagcbor.decode(block)), separators=(",", ":"), ensure_ascii=False)
+        return dagcbor.to_json_text(block)
 
 
 class _Counting:

@@ -1,6 +1,8 @@
 """CID parsing, formatting and block verification."""
 
+import base64
 import hashlib
+import random
 
 import pytest
 
@@ -10,6 +12,7 @@ from migration_assets.atproto.cid import (
     RAW,
     CidError,
     CidMismatch,
+    base32_lower,
     decode_varint,
     encode_varint,
     link_from_tag42,
@@ -109,3 +112,10 @@ def test_tag42_needs_the_identity_prefix():
     assert link_from_tag42(b"\x00" + bytes(cid)) == cid
     with pytest.raises(CidError, match="0x00"):
         link_from_tag42(bytes(cid))
+
+
+def test_base32_matches_the_standard_library_at_every_length():
+    rng = random.Random(7)
+    for size in range(0, 120):
+        data = rng.randbytes(size)
+        assert base32_lower(data) == base64.b32encode(data).decode().lower().rstrip("="), size

@@ -110,8 +110,8 @@ def test_corrupt_car_fails_only_its_repo_and_keeps_what_was_stored(pds, target_u
         clients = RepoSourceResource().clients(target_url)
         # Only the victim's bucket goes through the corrupting proxy; the bystander's is read as is.
         corrupted = RepoSourceResource(plc_url=plc.url).syncer(pool, clients)
-        victim_report = backfill_buckets(pool, corrupted, [victim_bucket], 4)
-        bystander_report = backfill_buckets(pool, RepoSourceResource().syncer(pool, clients), [bystander_bucket], 4)
+        victim_report = backfill_buckets(pool, corrupted, [victim_bucket])
+        bystander_report = backfill_buckets(pool, RepoSourceResource().syncer(pool, clients), [bystander_bucket])
         clients.close()
     (victim_outcome,) = [o for o in victim_report.outcomes if o.did == victim.did]
     assert victim_outcome.status == "retry" and "CarError" in victim_outcome.error, victim_outcome
