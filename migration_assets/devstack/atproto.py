@@ -43,7 +43,7 @@ class PdsInfo:
 
 @dataclass
 class AtprotoNetwork:
-    """A running PLC + N PDSes on loopback, started as one Node subprocess."""
+    """A running PLC + N PDSes on loopback (or only one of the two), started as one Node subprocess."""
 
     plc_url: str
     pdses: list[PdsInfo]
@@ -80,11 +80,15 @@ def start_atproto_network(
     log_path: Path | None = None,
     data_dir: Path | None = None,
     plc_port: int | None = None,
+    plc_url: str | None = None,
     pds_ports: Sequence[int] | None = None,
     max_import_size: int | None = None,
     startup_timeout: float = 120.0,
 ) -> AtprotoNetwork:
     """Start PLC + `pds_count` PDSes; returns once every server answers.
+
+    plc_url: start only the PDSes, against this PLC (e.g. one started with pds_count=0, so PLC and
+      PDSes run in separate processes, as in production; the bench needs that).
 
     data_dir: kept after stop (default: a temp dir the launcher deletes on shutdown); give a fresh
       one, since the PLC directory lives in memory and forgets the DIDs of an earlier run.
@@ -101,6 +105,8 @@ def start_atproto_network(
         args += ["--data-dir", str(data_dir)]
     if plc_port:
         args += ["--plc-port", str(plc_port)]
+    if plc_url:
+        args += ["--plc-url", plc_url]
     if pds_ports:
         args += ["--pds-ports", ",".join(map(str, pds_ports))]
     started = time.monotonic()

@@ -5,6 +5,7 @@
 //
 // Usage: node atproto_network.mjs [--pds-count N] [--blob-upload-limit BYTES]
 //          [--max-import-size BYTES] [--data-dir DIR] [--plc-port P] [--pds-ports P1,P2,...]
+//          [--plc-url URL]   (PDSes only, against that PLC; --pds-count 0 starts a PLC alone)
 // Each flag falls back to env ATPROTO_DEV_<FLAG> (e.g. ATPROTO_DEV_PDS_COUNT).
 // When ready, prints ONE JSON line on stdout: {"plc": url, "pdses": [{"url", "did", "admin_password"}]}.
 // Runs until SIGTERM/SIGINT or until stdin closes (the parent went away), then shuts down cleanly.
@@ -50,7 +51,7 @@ net.Server.prototype.listen = function (...args) {
 }
 
 function readOptions() {
-  const flags = ['pds-count', 'blob-upload-limit', 'max-import-size', 'data-dir', 'plc-port', 'pds-ports']
+  const flags = ['pds-count', 'blob-upload-limit', 'max-import-size', 'data-dir', 'plc-port', 'plc-url', 'pds-ports']
   const { values } = parseArgs({
     options: Object.fromEntries(flags.map((f) => [f, { type: 'string' }])),
   })
@@ -63,7 +64,8 @@ function readOptions() {
     return n
   }
   const pdsCount = int('pds-count', 2)
-  if (pdsCount < 1) throw new Error('--pds-count must be at least 1')
+  const plcUrl = get('plc-url')
+  if (pdsCount < 1 && plcUrl) throw new Error('--pds-count 0 starts a PLC alone; it cannot be given --plc-url')
   const blobUploadLimit = int('blob-upload-limit', 5 * MB)
   const pdsPorts = (get('pds-ports') ?? '').split(',').filter(Boolean).map(Number)
   if (pdsPorts.length > 0 && pdsPorts.length !== pdsCount) {
@@ -76,6 +78,7 @@ function readOptions() {
     maxImportSize: int('max-import-size', Math.max(blobUploadLimit, 100 * MB)),
     dataDir: get('data-dir'),
     plcPort: int('plc-port', 0),
+    plcUrl,
     pdsPorts,
   }
 }
@@ -159,8 +162,9 @@ async function main() {
   process.stdin.resume()
 
   try {
-    running.plc = await startPlc(opts.plcPort || (await freePort()))
-    const plcUrl = running.plc.url
+    // --plc-url: PDSes only, against a PLC running elsewhere (its own process, as in production)
+    if (!opts.plcUrl) running.plc = await startPlc(opts.plcPort || (await freePort()))
+    const plcUrl = opts.plcUrl ?? running.plc.url
     const infos = []
     for (let i = 0; i < opts.pdsCount; i++) {
       const { close, info } = await startPds(i, opts, plcUrl, root)

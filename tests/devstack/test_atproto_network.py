@@ -217,5 +217,16 @@ def test_network_stops_and_removes_its_data_when_stdin_closes():
 
 
 def test_start_failure_reports_the_launcher_log(tmp_path):
-    with pytest.raises(AtprotoNetworkError, match=r"exited with code 1[\s\S]*--pds-count must be at least 1"):
-        start_atproto_network(0, log_path=tmp_path / "net.log")
+    with pytest.raises(AtprotoNetworkError, match=r"exited with code 1[\s\S]*cannot be given --plc-url"):
+        start_atproto_network(0, plc_url="http://localhost:1", log_path=tmp_path / "net.log")
+
+
+def test_pdses_can_run_apart_from_their_plc():
+    with start_atproto_network(0) as plc, start_atproto_network(1, plc_url=plc.plc_url) as pdses:
+        assert pdses.plc_url == plc.plc_url and not plc.pdses
+        assert len(listening_addresses(plc.server.process.pid)) == 1  # the PLC alone
+        with PdsSeeder(pdses.pdses[0]) as seeder:
+            account = seeder.create_account("apart.test")
+        doc = httpx.get(f"{plc.plc_url}/{account.did}").json()
+        [pds_service] = [s for s in doc["service"] if s["id"] == "#atproto_pds"]
+        assert pds_service["serviceEndpoint"] == pdses.pdses[0].url
