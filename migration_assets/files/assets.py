@@ -12,6 +12,7 @@ from migration_assets.files.mover import S3Target
 from migration_assets.files.partitions import file_ranges, register_ranges
 from migration_assets.files.ranges import parse_range_key
 from migration_assets.files.resources import FilesResource
+from migration_assets.files.s3client import copy_client
 from migration_assets.files.settings import FilesSettings
 from migration_assets.files.window import RunWindow
 from migration_assets.files.worker import Progress, RangeJob, StopReason, claimed, migrate_claimed_range, retry_failed, worker_name
@@ -34,7 +35,7 @@ def window_stop(settings: FilesSettings, ignore: bool) -> StopReason:
 def make_job(postgres: PostgresResource, files_s3: S3Resource, settings: FilesSettings, ignore_window: bool) -> RangeJob:
     if not settings.source_root.is_dir():
         raise dg.Failure(f"FILES_SOURCE_ROOT {settings.source_root} is not a directory: set it to the files' root")
-    target = S3Target(files_s3.get_client(), settings.bucket, settings.key_prefix)
+    target = S3Target(copy_client(files_s3, settings.concurrency), settings.bucket, settings.key_prefix)
     return RangeJob(postgres.pool(), target, settings, window_stop(settings, ignore_window))
 
 

@@ -8,10 +8,12 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config
+from dagster_aws.s3 import S3Resource
 
 from migration_assets.core.postgres import shared_pool
 from migration_assets.devstack.servers import local_aws_environment, start_moto_s3
 from migration_assets.files.mover import S3Target
+from migration_assets.files.s3client import copy_client
 from migration_assets.files.settings import FilesSettings
 from migration_assets.files.worker import RangeJob
 
@@ -68,5 +70,7 @@ def files_env(target_url, bucket, source_root, monkeypatch) -> FilesSettings:
 
 
 def make_job(settings: FilesSettings, target_url: str, endpoint: str | None = None, window_stop=lambda: None) -> RangeJob:
-    return RangeJob(shared_pool(target_url), S3Target(s3_client(endpoint), settings.bucket, settings.key_prefix),
+    """The pipeline's own tuned client (one attempt per request, so injected failures reach the pipeline)."""
+    client = copy_client(S3Resource(endpoint_url=endpoint, max_attempts=1), settings.concurrency)
+    return RangeJob(shared_pool(target_url), S3Target(client, settings.bucket, settings.key_prefix),
                     settings, window_stop)

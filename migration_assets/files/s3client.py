@@ -1,0 +1,49 @@
+"""The S3 client the copies use: dagster-aws's S3Resource settings, with botocore tuned for many small PUTs.
+
+Measured on 3,000 x 8 KB files into a local S3-API server (8 uploads in flight): botocore's defaults
+cost ~2.4 ms of client CPU per PutObject; a third of that was rebuilding the User-Agent string twice
+per request (character by character) and validating parameters we build ourselves. And botocore
+sends every PutObject with `Expect: 100-continue`, a round trip (and a server write) per file that
+only pays off when a large body would be refused. With the three changes below: ~1.6 ms client CPU
+per file, 10-20% less server CPU per file, 10-30% more files per second.
+"""
+
+from typing import Any
+
+import boto3
+import botocore
+from botocore import UNSIGNED
+from botocore.config import Config
+from dagster_aws.s3 import S3Resource
+
+# A fixed User-Agent (botocore's legacy form): built once, not per request.
+USER_AGENT = f"Boto3/{boto3.__version__} Botocore/{botocore.__version__} migration-assets-files"
+
+
+def _no_expect_on_single_puts(model: Any, params: dict, **_: Any) -> None:
+    """Single PUTs are at most FILES_MULTIPART_THRESHOLD_MB: sending the body at once costs less than
+    a 100-continue round trip per file. Multipart parts keep the header."""
+    if model.name == "PutObject":
+        params["headers"].pop("Expect", None)
+
+
+def copy_client(resource: S3Resource, concurrency: int) -> Any:
+    """An S3 client from the resource's settings (endpoint, region, credentials, profile, retries),
+    one shared by all upload threads, with a connection pool as large as the uploads in flight."""
+    session = boto3.session.Session(profile_name=resource.profile_name)
+    config = Config(
+        retries={"max_attempts": resource.max_attempts, "mode": "standard"},
+        max_pool_connections=max(10, concurrency),
+        parameter_validation=False,  # mover.py builds every request itself
+        user_agent=USER_AGENT,
+    )
+    client = session.client(
+        "s3", region_name=resource.region_name, endpoint_url=resource.endpoint_url, use_ssl=resource.use_ssl,
+        verify=resource.verify, aws_access_key_id=resource.aws_access_key_id,
+        aws_secret_access_key=resource.aws_secret_access_key, aws_session_token=resource.aws_session_token,
+        config=config,
+    )
+    if resource.use_unsigned_session:
+        client.meta.events.register("choose-signer.s3.*", lambda **_: UNSIGNED)
+    client.meta.events.register_last("before-call.s3", _no_expect_on_single_puts)
+    return client

@@ -1,0 +1,34 @@
+"""The copies' S3 client against the moto server: what each request carries on the wire."""
+
+from dagster_aws.s3 import S3Resource
+
+from migration_assets.files.s3client import USER_AGENT, copy_client
+
+
+def sent_headers(client) -> list[tuple[str, dict]]:
+    seen: list[tuple[str, dict]] = []
+    client.meta.events.register("before-send.s3", lambda request, **_: seen.append(
+        (request.method + " " + request.url.split("?")[-1], dict(request.headers))))
+    return seen
+
+
+def test_single_puts_go_without_expect_and_parts_keep_it(moto_s3, bucket):
+    client = copy_client(S3Resource(endpoint_url=moto_s3, max_attempts=1), concurrency=4)
+    seen = sent_headers(client)
+
+    client.put_object(Bucket=bucket, Key="one", Body=b"x" * 1000, ChecksumAlgorithm="SHA256")
+    upload = client.create_multipart_upload(Bucket=bucket, Key="big")
+    client.upload_part(Bucket=bucket, Key="big", UploadId=upload["UploadId"], PartNumber=1, Body=b"y" * 1000)
+    client.abort_multipart_upload(Bucket=bucket, Key="big", UploadId=upload["UploadId"])
+
+    put, _, part, _ = seen
+    assert "Expect" not in put[1] and put[1]["User-Agent"].startswith(USER_AGENT.encode())
+    assert part[1]["Expect"] == b"100-continue"
+    assert client.get_object(Bucket=bucket, Key="one")["Body"].read() == b"x" * 1000
+    assert client.meta.config.max_pool_connections >= 4
+
+
+def test_settings_of_the_resource_carry_over(moto_s3):
+    client = copy_client(S3Resource(endpoint_url=moto_s3, region_name="eu-west-1", max_attempts=7), concurrency=32)
+    assert client.meta.region_name == "eu-west-1" and client.meta.endpoint_url == moto_s3
+    assert client.meta.config.retries["total_max_attempts"] == 8  # as dagster-aws: retries after the first and client.meta.config.max_pool_connections == 32
