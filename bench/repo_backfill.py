@@ -116,7 +116,8 @@ def store_from_memory(target_url: str, cars: dict[str, bytes], pds_of: dict) -> 
         conn.commit()
         started = time.perf_counter()
         for did, car in cars.items():
-            store_snapshot(conn, read_snapshot(did, [car], len(car)), pds_of[did][0])
+            with read_snapshot(did, [car], len(car)) as snapshot:
+                store_snapshot(conn, snapshot, pds_of[did][0])
         return time.perf_counter() - started
 
 

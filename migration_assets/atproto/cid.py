@@ -103,7 +103,7 @@ class CID:
         return (prefix if prefix is not None else b"".join(map(encode_varint, head))) + self.digest
 
     def __str__(self) -> str:
-        return _text(self.codec, self.digest, self.hash_code)
+        return "b" + base32_lower(bytes(self))
 
     def __repr__(self) -> str:
         return f"CID({str(self)!r})"
@@ -147,11 +147,6 @@ def base32_lower(data: bytes) -> str:
         value = (value & low) | ((value & high) << shift)
     text = value.to_bytes(8 * slots, "big").translate(_BASE32).decode("ascii")
     return text[8 * (slots - groups) :][: (len(data) * 8 + 4) // 5]
-
-
-@lru_cache(maxsize=1 << 16)  # a repo's records are stringified twice (diff, then the row)
-def _text(codec: int, digest: bytes, hash_code: int) -> str:
-    return "b" + base32_lower(bytes(CID(codec, digest, hash_code)))
 
 
 def read_cid(data: bytes | bytearray | memoryview, pos: int = 0) -> tuple[CID, int]:

@@ -100,12 +100,12 @@ class RepoSyncer:
             self.resolver.invalidate(did)  # a moved account must be fetched from its new PDS
             document = self.resolver.resolve(did)
             pds = document.pds_endpoint
-            snapshot = self.fetch(did, pds)
-            if self.settings.verify_signatures:
-                verify_snapshot(snapshot, document.signing_key)
-            with self.pool.connection() as conn:
-                changes = store.store_snapshot(conn, snapshot, pds)
-            return RepoOutcome(did, "synced", len(snapshot.records), changes, snapshot.car_bytes)
+            with self.fetch(did, pds) as snapshot:
+                if self.settings.verify_signatures:
+                    verify_snapshot(snapshot, document.signing_key)
+                with self.pool.connection() as conn:
+                    changes = store.store_snapshot(conn, snapshot, pds)
+            return RepoOutcome(did, "synced", snapshot.records, changes, snapshot.car_bytes)
         except psycopg.Error:
             raise  # the target is failing: no outcome can be recorded, so stop the run
         except (xrpc.RepoNotFound, DidNotFound, DidTombstoned) as exc:

@@ -1,19 +1,64 @@
-"""A repo at one commit, read from its CAR export: the commit, and every record's (collection, rkey, CID).
+"""A repo at one commit, read from its CAR export: the commit, and every record's (collection, rkey, CID)
+with its JSON form, staged on local disk so memory stays flat however big the repo.
 
-Only the blocks are kept in memory (the CAR itself is streamed and never held whole), and a record is
-decoded only when the store needs it, i.e. when it is new or changed.
+The CAR streams through once. MST nodes stay in memory (a node holds several keys, so they are a
+fraction of the blocks); the commit is kept apart; every other block is turned into its JSON form and
+appended to a spool file. The MST walk then appends each record's key to a second spool file. Storing
+(store.py) COPYs both into PostgreSQL and diffs there. Blocks may come in any order, so nothing can be
+stored before the CAR ends, and disk is where the rest of it waits.
 """
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import marshal
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO
 
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.car import CarError, CarReader
 from migration_assets.atproto.cid import CID
-from migration_assets.atproto.mst import Commit, MstError, parse_commit, walk_records
+from migration_assets.atproto.errors import AtprotoFormatError
+from migration_assets.atproto.mst import Commit, parse_commit, walk_records
 from migration_assets.atproto.signature import verify_commit
 
-RecordKey = tuple[str, str]  # (collection, rkey)
+# Canonical DAG-CBOR of an MST node {e: [...], l: ...}: a two-entry map whose first key is "e".
+# A record can start the same way (e.g. {"e": 1, "$type": ...}): it is kept as a node and staged as
+# a record too when the walk finds it under a key.
+_NODE_PREFIX = b"\xa2\x61\x65"
+_BATCH = 1000  # rows per marshal record in a spool file
+
+
+class Spool:
+    """Rows (tuples of str/None) appended to an anonymous temp file in batches, read back in order."""
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] = tempfile.TemporaryFile(prefix="repo-spool-")
+        self._batch: list[tuple] = []
+        self.rows = 0
+
+    def append(self, row: tuple) -> None:
+        self._batch.append(row)
+        self.rows += 1
+        if len(self._batch) >= _BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._batch:
+            marshal.dump(self._batch, self._file)
+            self._batch = []
+
+    def __iter__(self) -> Iterator[tuple]:
+        self._flush()
+        self._file.seek(0)
+        while True:
+            try:
+                yield from marshal.load(self._file)
+            except EOFError:
+                return
+
+    def close(self) -> None:
+        self._file.close()
 
 
 @dataclass
@@ -22,16 +67,24 @@ class RepoSnapshot:
     head: CID
     commit: Commit
     commit_block: bytes
-    records: dict[RecordKey, CID]
-    blocks: dict[CID, bytes]
     car_bytes: int
+    blocks: Spool = field(repr=False)  # (cid, record JSON or None, why not)
+    keys: Spool = field(repr=False)  # (collection, rkey, cid) in key order
+    collections: Counter = field(default_factory=Counter)
 
-    def record_json(self, cid: CID) -> str:
-        try:
-            block = self.blocks[cid]
-        except KeyError:
-            raise MstError(f"record block {cid} is missing from the CAR; the export is incomplete") from None
-        return dagcbor.to_json_text(block)
+    @property
+    def records(self) -> int:
+        return self.keys.rows
+
+    def close(self) -> None:
+        self.blocks.close()
+        self.keys.close()
+
+    def __enter__(self) -> "RepoSnapshot":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _Counting:
@@ -47,22 +100,55 @@ class _Counting:
             yield chunk
 
 
+def _staged(cid: CID, block: bytes) -> tuple[str, str | None, str | None]:
+    """A block's spool row. One that is not DAG-CBOR fails the repo only if a record needs it."""
+    try:
+        return str(cid), dagcbor.to_json_text(block), None
+    except AtprotoFormatError as exc:
+        return str(cid), None, str(exc)
+
+
 def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int) -> RepoSnapshot:
     """Parse a getRepo CAR stream. Raises CarError / CommitError / MstError on a bad export."""
     counted = _Counting(chunks)
     reader = CarReader(counted, max_size=max_bytes)
-    blocks = dict(reader)
     head = reader.roots[0]
-    if head not in blocks:
-        raise CarError(f"the CAR's root (commit {head}) is not among its blocks; the export is incomplete")
-    commit_block = blocks[head]
-    commit = parse_commit(commit_block)
-    if commit.did != did:
-        raise CarError(f"the CAR's commit is for {commit.did}, not {did}; the PDS served another repo")
-    records = {(collection, rkey): cid for collection, rkey, cid in walk_records(blocks, commit.data)}
-    return RepoSnapshot(did, head, commit, commit_block, records, blocks, counted.total)
+    blocks, keys = Spool(), Spool()
+    try:
+        nodes, commit_block = _stage_blocks(reader, head, blocks)
+        if commit_block is None:
+            raise CarError(f"the CAR's root (commit {head}) is not among its blocks; the export is incomplete")
+        commit = parse_commit(commit_block)
+        if commit.did != did:
+            raise CarError(f"the CAR's commit is for {commit.did}, not {did}; the PDS served another repo")
+        snapshot = RepoSnapshot(did, head, commit, commit_block, counted.total, blocks, keys)
+        for collection, rkey, cid in walk_records(nodes, commit.data):
+            keys.append((collection, rkey, str(cid)))
+            snapshot.collections[collection] += 1
+            if cid in nodes:  # a record shaped like a node (see _NODE_PREFIX): stage it after all
+                blocks.append(_staged(cid, nodes[cid]))
+        return snapshot
+    except BaseException:
+        blocks.close()
+        keys.close()
+        raise
+
+
+def _stage_blocks(reader: CarReader, head: CID, spool: Spool) -> tuple[dict[CID, bytes], bytes | None]:
+    """Spool every block but the MST nodes (returned) and the commit (returned)."""
+    nodes: dict[CID, bytes] = {}
+    commit_block = None
+    for cid, block in reader:
+        if block[:3] == _NODE_PREFIX:
+            nodes[cid] = block
+        elif cid == head:
+            commit_block = block
+        else:
+            spool.append(_staged(cid, block))
+    return nodes, commit_block
 
 
 def verify_snapshot(snapshot: RepoSnapshot, signing_key: str) -> None:
     """Check the commit signature against the DID document's #atproto key (SignatureError if not)."""
     verify_commit(snapshot.commit_block, signing_key)
+

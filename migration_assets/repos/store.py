@@ -1,17 +1,58 @@
 """Store a repo snapshot: diff it against the stored records and write only what changed, with the
-ledger update, in one transaction (a crash leaves the repo either fully at the old rev or the new)."""
+ledger update, in one transaction (a crash leaves the repo either fully at the old rev or the new).
 
-from collections import Counter
+The snapshot's spooled blocks and keys are COPYed into two temp tables and the diff is one set-based
+statement, so memory stays flat however big the repo; unchanged records are not written."""
+
 from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg
 
+from migration_assets.atproto.mst import MstError
 from migration_assets.core.postgres import copy_rows
 from migration_assets.repos import ledger
-from migration_assets.repos.snapshot import RecordKey, RepoSnapshot
+from migration_assets.repos.snapshot import RepoSnapshot
 
-_INCOMING = "incoming_records"
+# Session-local staging, emptied at each commit; created once per connection.
+_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS incoming_blocks (cid text, record text, error text) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS incoming_keys (collection text, rkey text, cid text) ON COMMIT DELETE ROWS",
+)
+
+# Changed records without a usable block: missing from the CAR, or not DAG-CBOR. Only run when the
+# write found fewer blocks than changes; MATERIALIZED keeps LIMIT from turning the join quadratic.
+_UNUSABLE = """
+    WITH unusable AS MATERIALIZED (
+        SELECT k.collection, k.rkey, k.cid FROM incoming_keys k
+        LEFT JOIN (SELECT DISTINCT cid FROM incoming_blocks WHERE record IS NOT NULL) b ON b.cid = k.cid
+        WHERE b.cid IS NULL
+    )
+    SELECT u.*, (SELECT e.error FROM incoming_blocks e WHERE e.cid = u.cid AND e.error IS NOT NULL LIMIT 1)
+    FROM unusable u LIMIT 1"""
+
+# One statement: creates and updates (CID changed) and deletes (stored, no longer in the MST) touch
+# disjoint rows. xmax = 0 tells an inserted row from an updated one. Unchanged records are not written.
+_DIFF_AND_WRITE = """
+    WITH changed AS (
+        SELECT k.collection, k.rkey, k.cid FROM incoming_keys k
+        LEFT JOIN records r ON r.did = %(did)s AND r.collection = k.collection AND r.rkey = k.rkey
+        WHERE r.cid IS DISTINCT FROM k.cid
+    ), written AS (
+        INSERT INTO records (did, collection, rkey, cid, record)
+        SELECT %(did)s, c.collection, c.rkey, c.cid, b.record::jsonb FROM changed c
+        JOIN (SELECT DISTINCT ON (cid) cid, record FROM incoming_blocks WHERE record IS NOT NULL) b ON b.cid = c.cid
+        ON CONFLICT (did, collection, rkey)
+        DO UPDATE SET cid = excluded.cid, record = excluded.record, indexed_at = now()
+        RETURNING xmax = 0 AS created
+    ), gone AS (
+        DELETE FROM records r WHERE r.did = %(did)s AND NOT EXISTS
+            (SELECT 1 FROM incoming_keys k WHERE k.collection = r.collection AND k.rkey = r.rkey)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FILTER (WHERE created) FROM written),
+           (SELECT count(*) FILTER (WHERE NOT created) FROM written),
+           (SELECT count(*) FROM gone), (SELECT count(*) FROM changed)"""
 
 
 @dataclass(frozen=True)
@@ -23,60 +64,35 @@ class RecordChanges:
 
 
 def store_snapshot(conn: psycopg.Connection, snapshot: RepoSnapshot, pds: str) -> RecordChanges:
-    did = snapshot.did
-    # Pipelined: the lock and the read go out together, as do the writes after the COPY, so a repo
-    # costs four round trips (read, COPY, writes, commit) whatever it holds.
+    did = {"did": snapshot.did}
     with conn.transaction(), conn.cursor() as cur:
         with conn.pipeline():
-            cur.execute("SELECT 1 FROM repos WHERE did = %s FOR UPDATE", (did,))
-            cur.execute("SELECT collection, rkey, cid FROM records WHERE did = %s", (did,))
-            stored: dict[RecordKey, str] = {(c, r): cid for c, r, cid in cur.fetchall()}
-        changed = [(key, cid) for key, cid in snapshot.records.items() if stored.get(key) != str(cid)]
-        gone = [key for key in stored if key not in snapshot.records]
-        created = sum(1 for key, _ in changed if key not in stored)
-        _write_changed(cur, snapshot, changed, upsert=bool(stored))
+            cur.execute("SELECT 1 FROM repos WHERE did = %(did)s FOR UPDATE", did)
+            for statement in _STAGING:
+                cur.execute(statement)
+        copy_rows(cur, "incoming_blocks", ("cid", "record", "error"), snapshot.blocks)
+        copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid"), snapshot.keys)
+        created, updated, deleted, changed = cur.execute(_DIFF_AND_WRITE, did).fetchone()
+        if created + updated < changed:  # some changed record had no block to write: roll it all back
+            _refuse_unusable(cur, snapshot)
         with conn.pipeline():
-            _delete(cur, did, gone)
-            _write_counts(cur, did, snapshot)
-            ledger.finish_synced(cur, did, pds, str(snapshot.head), snapshot.commit.rev, len(snapshot.records))
-    return RecordChanges(created, len(changed) - created, len(gone), len(snapshot.records) - len(changed))
+            _write_counts(cur, snapshot)
+            ledger.finish_synced(cur, snapshot.did, pds, str(snapshot.head), snapshot.commit.rev, snapshot.records)
+    return RecordChanges(created, updated, deleted, snapshot.records - created - updated)
 
 
-def _write_changed(cur: psycopg.Cursor, snapshot: RepoSnapshot, changed: list, upsert: bool) -> None:
-    if not changed:
-        return
-    rows = ((snapshot.did, c, r, str(cid), snapshot.record_json(cid)) for (c, r), cid in changed)
-    columns = ("did", "collection", "rkey", "cid", "record")
-    if not upsert:  # nothing stored for this repo yet (and its ledger row is locked): COPY straight in
-        copy_rows(cur, "records", columns, rows)
-        return
-    cur.execute(
-        f"CREATE TEMP TABLE IF NOT EXISTS {_INCOMING} (did text, collection text, rkey text, cid text, record jsonb) "
-        "ON COMMIT DELETE ROWS"
-    )
-    copy_rows(cur, _INCOMING, columns, rows)
-    cur.execute(
-        f"""INSERT INTO records (did, collection, rkey, cid, record) SELECT * FROM {_INCOMING}
-            ON CONFLICT (did, collection, rkey)
-            DO UPDATE SET cid = excluded.cid, record = excluded.record, indexed_at = now()"""
-    )
+def _refuse_unusable(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:
+    collection, rkey, cid, error = cur.execute(_UNUSABLE).fetchone()
+    if error:
+        raise MstError(f"record {collection}/{rkey} ({cid}) of {snapshot.did} is not valid DAG-CBOR: {error}")
+    raise MstError(f"record block {cid} ({collection}/{rkey}) is missing from the CAR; the export is incomplete")
 
 
-def _delete(cur: psycopg.Cursor, did: str, keys: list[RecordKey]) -> None:
-    if keys:
-        cur.execute(
-            "DELETE FROM records WHERE did = %s AND (collection, rkey) IN "
-            "(SELECT * FROM unnest(%s::text[], %s::text[]))",
-            (did, [c for c, _ in keys], [r for _, r in keys]),
-        )
-
-
-def _write_counts(cur: psycopg.Cursor, did: str, snapshot: RepoSnapshot) -> None:
-    counts = Counter(collection for collection, _ in snapshot.records)
-    cur.execute("DELETE FROM repo_collection_counts WHERE did = %s", (did,))
+def _write_counts(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:
+    cur.execute("DELETE FROM repo_collection_counts WHERE did = %s", (snapshot.did,))
     cur.executemany(  # a repo has a few collections; pipelined, this costs no round trip of its own
         "INSERT INTO repo_collection_counts (did, collection, records) VALUES (%s, %s, %s)",
-        [(did, collection, count) for collection, count in counts.items()],
+        [(snapshot.did, collection, count) for collection, count in snapshot.collections.items()],
     )
 
 
