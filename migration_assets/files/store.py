@@ -126,15 +126,18 @@ def claim_range(conn: psycopg.Connection, worker: str, min_id: int, max_id: int,
     )
     if claim:
         return claim
+    # FOR SHARE waits out a claim being committed right now (SKIP LOCKED passed over its row), so
+    # the refusal names the worker that took it.
     row = conn.execute(
-        "SELECT status, claimed_by, heartbeat FROM migration_ranges WHERE min_id = %s AND max_id = %s",
+        "SELECT status, claimed_by, heartbeat FROM migration_ranges WHERE min_id = %s AND max_id = %s FOR SHARE",
         (min_id, max_id),
     ).fetchone()
     conn.commit()
     if row is None:
         raise ClaimRefused(f"no migration range [{min_id}, {max_id}): materialize files/migration_ranges "
                            "(or run `migration-assets files migrate`) to create the ranges first")
-    raise ClaimRefused(f"range [{min_id}, {max_id}) is {row[0]}, held by {row[1]} (heartbeat {row[2]:%Y-%m-%d %H:%M:%S %Z}): "
+    beat = f"{row[2]:%Y-%m-%d %H:%M:%S %Z}" if row[2] else "none yet"
+    raise ClaimRefused(f"range [{min_id}, {max_id}) is {row[0]}, held by {row[1]} (heartbeat {beat}): "
                        "that worker is copying it; nothing to do here")
 
 

@@ -1,11 +1,11 @@
 """A worker's passes: one claimed range (heartbeating, stopping cleanly when told), and a retry batch."""
 
 import os
+import queue
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -88,38 +88,91 @@ class Heartbeat:
         self._thread.join()
 
 
+class _Feed:
+    """The files to copy, handed out one at a time to the upload threads; asks `stop_reason` before
+    each, and once it answers (or an upload thread fails) hands out nothing more."""
+
+    def __init__(self, files: Iterable[SourceFile], stop_reason: StopReason) -> None:
+        self._files, self._stop_reason = iter(files), stop_reason
+        self._lock = threading.Lock()
+        self.stopped: str | None = None
+        self.halted = False  # an error: stop without a reason to report
+
+    def next(self) -> SourceFile | None:
+        with self._lock:
+            if self.halted or self.stopped:
+                return None
+            self.stopped = self._stop_reason()
+            return None if self.stopped else next(self._files, None)
+
+    def halt(self) -> None:
+        with self._lock:
+            self.halted = True
+
+
+_DONE = object()  # an upload thread's last word
+
+
 def copy_all(
     files: Iterable[SourceFile], copy: Callable[[SourceFile], FileResult], concurrency: int,
     stop_reason: StopReason, on_results: Callable[[list[FileResult]], None],
 ) -> str | None:
     """Copy files `concurrency` at a time, handing results over in batches. Before each new
     file asks `stop_reason`; once it answers, starts nothing more, lets the files in flight finish and
-    returns the reason (None when all went through)."""
-    pending: set[Future] = set()
+    returns the reason (None when all went through).
+
+    `concurrency` upload threads each take the next file and copy it; this thread only records their
+    results (batches of FLUSH_EVERY_FILES, or every FLUSH_EVERY_SECONDS). Plain threads and a queue,
+    not an executor's futures: per file that bookkeeping cost as much client CPU as a quarter of the
+    PUT itself (measured with 10,000 small files)."""
+    feed, results = _Feed(files, stop_reason), queue.SimpleQueue()
+
+    def upload() -> None:
+        try:
+            while (source := feed.next()) is not None:
+                results.put(copy(source))
+        except BaseException as error:  # copy_file turns per-file problems into results: this is a bug
+            feed.halt()
+            results.put(error)
+        finally:
+            results.put(_DONE)
+
+    threads = [threading.Thread(target=upload, name=f"s3-copy-{n}", daemon=True) for n in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    try:
+        _record_until_done(results, len(threads), on_results)
+    except BaseException:
+        feed.halt()  # e.g. the database went away: start nothing more, let the uploads in flight end
+        raise
+    finally:
+        for thread in threads:
+            thread.join()
+    return feed.stopped
+
+
+def _record_until_done(results: queue.SimpleQueue, running: int, on_results: Callable[[list[FileResult]], None]) -> None:
     batch: list[FileResult] = []
+    error: BaseException | None = None
     last_flush = time.monotonic()
-    stopped = None
-
-    def collect(done: Iterable[Future]) -> None:
-        nonlocal last_flush
-        batch.extend(f.result() for f in done)
-        if len(batch) >= FLUSH_EVERY_FILES or time.monotonic() - last_flush >= FLUSH_EVERY_SECONDS:
-            on_results(batch[:])
-            batch.clear()
+    while running:
+        try:
+            item = results.get(timeout=FLUSH_EVERY_SECONDS)
+        except queue.Empty:
+            item = None
+        if item is _DONE:
+            running -= 1
+        elif isinstance(item, BaseException):
+            error = error or item
+        elif item is not None:
+            batch.append(item)
+        if batch and (len(batch) >= FLUSH_EVERY_FILES or time.monotonic() - last_flush >= FLUSH_EVERY_SECONDS):
+            on_results(batch)
+            batch = []
             last_flush = time.monotonic()
-
-    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3-copy") as pool:
-        for source in files:
-            stopped = stop_reason()
-            if stopped:
-                break
-            if len(pending) >= 2 * concurrency:  # queued work keeps the uploaders busy while we record
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                collect(done)
-            pending.add(pool.submit(copy, source))
-        collect(pending)
     on_results(batch)
-    return stopped
+    if error:
+        raise error
 
 
 @dataclass(frozen=True)
