@@ -68,8 +68,8 @@ class RepoSnapshot:
     commit: Commit
     commit_block: bytes
     car_bytes: int
-    blocks: Spool = field(repr=False)  # (cid, record JSON or None, why not)
-    keys: Spool = field(repr=False)  # (collection, rkey, cid) in key order
+    blocks: Spool = field(repr=False)  # (binary CID, record JSON or None, why not)
+    keys: Spool = field(repr=False)  # (collection, rkey, CID, binary CID) in key order
     collections: Counter = field(default_factory=Counter)
 
     @property
@@ -100,12 +100,13 @@ class _Counting:
             yield chunk
 
 
-def _staged(cid: CID, block: bytes) -> tuple[str, str | None, str | None]:
-    """A block's spool row. One that is not DAG-CBOR fails the repo only if a record needs it."""
+def _staged(cid: CID, block: bytes) -> tuple[bytes, str | None, str | None]:
+    """A block's spool row, keyed by the binary CID (the text form is only needed for the records
+    written, and it costs far more). A block that is not DAG-CBOR fails the repo only if a record needs it."""
     try:
-        return str(cid), dagcbor.to_json_text(block), None
+        return bytes(cid), dagcbor.to_json_text(block), None
     except AtprotoFormatError as exc:
-        return str(cid), None, str(exc)
+        return bytes(cid), None, str(exc)
 
 
 def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int) -> RepoSnapshot:
@@ -123,7 +124,7 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int) -> RepoSnap
             raise CarError(f"the CAR's commit is for {commit.did}, not {did}; the PDS served another repo")
         snapshot = RepoSnapshot(did, head, commit, commit_block, counted.total, blocks, keys)
         for collection, rkey, cid in walk_records(nodes, commit.data):
-            keys.append((collection, rkey, str(cid)))
+            keys.append((collection, rkey, str(cid), bytes(cid)))
             snapshot.collections[collection] += 1
             if cid in nodes:  # a record shaped like a node (see _NODE_PREFIX): stage it after all
                 blocks.append(_staged(cid, nodes[cid]))

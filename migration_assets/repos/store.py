@@ -16,32 +16,34 @@ from migration_assets.repos.snapshot import RepoSnapshot
 
 # Session-local staging, emptied at each commit; created once per connection.
 _STAGING = (
-    "CREATE TEMP TABLE IF NOT EXISTS incoming_blocks (cid text, record text, error text) ON COMMIT DELETE ROWS",
-    "CREATE TEMP TABLE IF NOT EXISTS incoming_keys (collection text, rkey text, cid text) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS incoming_blocks (link bytea, record text, error text) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS incoming_keys (collection text, rkey text, cid text, link bytea) "
+    "ON COMMIT DELETE ROWS",
 )
 
 # Changed records without a usable block: missing from the CAR, or not DAG-CBOR. Only run when the
 # write found fewer blocks than changes; MATERIALIZED keeps LIMIT from turning the join quadratic.
 _UNUSABLE = """
     WITH unusable AS MATERIALIZED (
-        SELECT k.collection, k.rkey, k.cid FROM incoming_keys k
-        LEFT JOIN (SELECT DISTINCT cid FROM incoming_blocks WHERE record IS NOT NULL) b ON b.cid = k.cid
-        WHERE b.cid IS NULL
+        SELECT k.collection, k.rkey, k.cid, k.link FROM incoming_keys k
+        LEFT JOIN (SELECT DISTINCT link FROM incoming_blocks WHERE record IS NOT NULL) b ON b.link = k.link
+        WHERE b.link IS NULL
     )
-    SELECT u.*, (SELECT e.error FROM incoming_blocks e WHERE e.cid = u.cid AND e.error IS NOT NULL LIMIT 1)
+    SELECT u.collection, u.rkey, u.cid,
+           (SELECT e.error FROM incoming_blocks e WHERE e.link = u.link AND e.error IS NOT NULL LIMIT 1)
     FROM unusable u LIMIT 1"""
 
 # One statement: creates and updates (CID changed) and deletes (stored, no longer in the MST) touch
 # disjoint rows. xmax = 0 tells an inserted row from an updated one. Unchanged records are not written.
 _DIFF_AND_WRITE = """
     WITH changed AS (
-        SELECT k.collection, k.rkey, k.cid FROM incoming_keys k
+        SELECT k.collection, k.rkey, k.cid, k.link FROM incoming_keys k
         LEFT JOIN records r ON r.did = %(did)s AND r.collection = k.collection AND r.rkey = k.rkey
         WHERE r.cid IS DISTINCT FROM k.cid
     ), written AS (
         INSERT INTO records (did, collection, rkey, cid, record)
         SELECT %(did)s, c.collection, c.rkey, c.cid, b.record::jsonb FROM changed c
-        JOIN (SELECT DISTINCT ON (cid) cid, record FROM incoming_blocks WHERE record IS NOT NULL) b ON b.cid = c.cid
+        JOIN (SELECT DISTINCT ON (link) link, record FROM incoming_blocks WHERE record IS NOT NULL) b ON b.link = c.link
         ON CONFLICT (did, collection, rkey)
         DO UPDATE SET cid = excluded.cid, record = excluded.record, indexed_at = now()
         RETURNING xmax = 0 AS created
@@ -70,8 +72,8 @@ def store_snapshot(conn: psycopg.Connection, snapshot: RepoSnapshot, pds: str) -
             cur.execute("SELECT 1 FROM repos WHERE did = %(did)s FOR UPDATE", did)
             for statement in _STAGING:
                 cur.execute(statement)
-        copy_rows(cur, "incoming_blocks", ("cid", "record", "error"), snapshot.blocks)
-        copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid"), snapshot.keys)
+        copy_rows(cur, "incoming_blocks", ("link", "record", "error"), snapshot.blocks)
+        copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid", "link"), snapshot.keys)
         created, updated, deleted, changed = cur.execute(_DIFF_AND_WRITE, did).fetchone()
         if created + updated < changed:  # some changed record had no block to write: roll it all back
             _refuse_unusable(cur, snapshot)
