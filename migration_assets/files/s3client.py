@@ -8,12 +8,15 @@ only pays off when a large body would be refused. With the three changes below: 
 per file, 10-20% less server CPU per file, 10-30% more files per second.
 """
 
+from datetime import datetime
 from typing import Any
 
 import boto3
 import botocore
+import botocore.session
 from botocore import UNSIGNED
 from botocore.config import Config
+from botocore.utils import parse_timestamp
 from dagster_aws.s3 import S3Resource
 
 # A fixed User-Agent (botocore's legacy form): built once, not per request.
@@ -27,10 +30,22 @@ def _no_expect_on_single_puts(model: Any, params: dict, **_: Any) -> None:
         params["headers"].pop("Expect", None)
 
 
+def _timestamp(value: str) -> datetime:
+    """ISO 8601 as S3 lists it ("2026-01-02T03:04:05.000Z") by the standard library; anything else
+    (HTTP dates in headers) by botocore. dateutil's general parser was a third of the client CPU of
+    a range's check, which lists every object."""
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return parse_timestamp(value)
+
+
 def copy_client(resource: S3Resource, concurrency: int) -> Any:
     """An S3 client from the resource's settings (endpoint, region, credentials, profile, retries),
     one shared by all upload threads, with a connection pool as large as the uploads in flight."""
-    session = boto3.session.Session(profile_name=resource.profile_name)
+    core = botocore.session.Session(profile=resource.profile_name)
+    core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
+    session = boto3.session.Session(botocore_session=core)
     config = Config(
         retries={"max_attempts": resource.max_attempts, "mode": "standard"},
         max_pool_connections=max(10, concurrency),

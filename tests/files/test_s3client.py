@@ -32,3 +32,11 @@ def test_settings_of_the_resource_carry_over(moto_s3):
     client = copy_client(S3Resource(endpoint_url=moto_s3, region_name="eu-west-1", max_attempts=7), concurrency=32)
     assert client.meta.region_name == "eu-west-1" and client.meta.endpoint_url == moto_s3
     assert client.meta.config.retries["total_max_attempts"] == 8  # as dagster-aws: retries after the first and client.meta.config.max_pool_connections == 32
+
+
+def test_listing_and_head_times_parse_to_the_same_instant(moto_s3, bucket):
+    client = copy_client(S3Resource(endpoint_url=moto_s3), concurrency=2)
+    client.put_object(Bucket=bucket, Key="t", Body=b"1")
+    listed = client.list_objects_v2(Bucket=bucket)["Contents"][0]["LastModified"]
+    headed = client.head_object(Bucket=bucket, Key="t")["LastModified"]
+    assert listed.utcoffset().total_seconds() == 0 and abs((listed - headed).total_seconds()) < 1
