@@ -65,6 +65,35 @@ def peak_rss_mb(children: bool = False) -> float:
     return round(kib / 1024, 1)
 
 
+def process_tree_cpu_seconds(root_pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants, plus its reaped children."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stats[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+    children: dict[int, list[int]] = {}
+    for pid, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(pid)
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            utime, stime, cutime, cstime = map(int, stats[pid][11:15])
+            total += utime + stime + (cutime + cstime if pid == root_pid else 0)
+            todo += children.get(pid, [])
+    return total / ticks
+
+
+def embedded_postgres_pid() -> int:
+    """The postmaster of the embedded server under MIGRATION_DATA_DIR (see embedded_postgres)."""
+    [pid_file] = Path(os.environ["MIGRATION_DATA_DIR"]).rglob("postmaster.pid")
+    return int(pid_file.read_text().split()[0])
+
+
 def write_result(name: str, payload: dict[str, Any]) -> Path:
     """Write bench/results/{name}.json (indent 2) and print the payload as one JSON line on stdout."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

@@ -30,9 +30,11 @@ from pathlib import Path
 import httpx
 
 try:
-    from bench.common import embedded_postgres, load_average, log, machine_info, peak_rss_mb, write_result
+    from bench.common import (embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
+                              peak_rss_mb, process_tree_cpu_seconds, write_result)
 except ImportError:  # run as a script: bench/ is on sys.path
-    from common import embedded_postgres, load_average, log, machine_info, peak_rss_mb, write_result
+    from common import (embedded_postgres, embedded_postgres_pid, load_average, log, machine_info, peak_rss_mb,
+                        process_tree_cpu_seconds, write_result)
 
 from migration_assets.core.postgres import close_pools, shared_pool
 from migration_assets.devstack.atproto import PdsSeeder, populate, start_atproto_network
@@ -121,6 +123,26 @@ def store_from_memory(target_url: str, cars: dict[str, bytes], pds_of: dict) -> 
         return time.perf_counter() - started
 
 
+class CpuMeter:
+    """CPU seconds each process spent in a phase: the download loop needs only the PDSes; the backfill
+    also the PLC (one lookup per repo), PostgreSQL and this process, all on the same cores."""
+
+    def __init__(self, **pids: int) -> None:
+        self.pids = pids
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    def _now(self) -> dict[str, float]:
+        return {name: process_tree_cpu_seconds(pid) for name, pid in self.pids.items()} | {
+            "bench_process": time.process_time()}
+
+    def measure(self, phase: str, fn, *args):
+        before = self._now()
+        result = fn(*args)
+        after = self._now()
+        self.seconds[phase] = {name: round(after[name] - before[name], 2) for name in after}
+        return result
+
+
 def libipld_decode(cars: dict[str, bytes]) -> float:
     import libipld
 
@@ -168,10 +190,11 @@ def main(argv=None) -> None:
         repos = seed(network, args)
         records = sum(n for _, n in repos.values())
         dids = list(repos)
+        cpu = CpuMeter(pds=network.server.process.pid, plc=plc.server.process.pid, postgres=embedded_postgres_pid())
         log(f"{len(repos)} repos, {records} records; raw download ...")
-        download_seconds, cars = download_all(repos, args.concurrency)
+        download_seconds, cars = cpu.measure("download", download_all, repos, args.concurrency)
         log(f"download {download_seconds:.2f} s; backfill ...")
-        backfill_seconds, outcomes = backfill(target_url, dids, args.concurrency)
+        backfill_seconds, outcomes = cpu.measure("backfill", backfill, target_url, dids, args.concurrency)
         if outcomes != {"synced": len(dids)}:
             raise SystemExit(f"backfill did not sync every repo: {outcomes}")
         close_pools()
@@ -200,6 +223,7 @@ def main(argv=None) -> None:
                          "accounts_per_minute": round(60 * len(repos) / download_seconds, 1),
                          "records_per_second": round(records / download_seconds, 1)},
         "backfill_vs_download": round(download_seconds / backfill_seconds, 3),
+        "cpu_seconds": cpu.seconds,
         "backfill_target": DOWNLOAD_TARGET,
         "store_from_memory": {"seconds": round(store_seconds, 2), "records_per_second": round(records / store_seconds, 1)},
         "libipld_decode": {"seconds": round(libipld_seconds, 3), "records_per_second": round(records / libipld_seconds, 1)},
