@@ -18,7 +18,8 @@ _pools_lock = threading.Lock()
 
 
 def shared_pool(url: str, max_size: int = 8) -> ConnectionPool:
-    """One pool per database per process; the schema is brought up to date when it is first made."""
+    """One pool per database per process; the schema is brought up to date when it is first made.
+    A caller that needs more connections than the pool has (`max_size`) grows it; it never shrinks."""
     with _pools_lock:
         pool = _pools.get(url)
         if pool is None:
@@ -26,6 +27,8 @@ def shared_pool(url: str, max_size: int = 8) -> ConnectionPool:
                 apply_migrations(conn)
             pool = ConnectionPool(url, min_size=1, max_size=max_size, open=True, name="migration-target")
             _pools[url] = pool
+        elif pool.max_size < max_size:
+            pool.resize(pool.min_size, max_size)
         return pool
 
 
@@ -56,8 +59,9 @@ class PostgresResource(dg.ConfigurableResource):
     def resolved_url(self) -> str:
         return self.database_url or target_database_url()
 
-    def pool(self) -> ConnectionPool:
-        return shared_pool(self.resolved_url(), self.pool_size)
+    def pool(self, size: int = 0) -> ConnectionPool:
+        """The process's pool of this database, with at least `size` connections (and pool_size)."""
+        return shared_pool(self.resolved_url(), max(size, self.pool_size))
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:

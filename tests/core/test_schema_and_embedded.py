@@ -1,10 +1,12 @@
 """Schema migrations apply once, in order, and concurrently without harm; the embedded server serves."""
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 
 from migration_assets.core import embedded
+from migration_assets.core.postgres import PostgresResource, shared_pool
 from migration_assets.core.schema import apply_migrations, available_migrations
 
 
@@ -49,3 +51,19 @@ def test_dagster_urls_name_the_psycopg2_driver():
     assert embedded.dagster_storage_url("postgresql://u@h/db") == "postgresql+psycopg2://u@h/db"
     assert embedded.dagster_storage_url("postgres://u@h/db") == "postgresql+psycopg2://u@h/db"
     assert embedded.dagster_storage_url("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"
+
+
+def test_a_caller_needing_more_connections_grows_the_shared_pool(target_url):
+    assert shared_pool(target_url, 4).max_size == 4
+    assert PostgresResource(database_url=target_url).pool(18).max_size == 18
+    assert shared_pool(target_url).max_size == 18  # never shrinks under a caller that needs it
+    with ThreadPoolExecutor(18) as threads:  # all 18 held at once: none waits for another
+        held = list(threads.map(lambda _: _hold(shared_pool(target_url)), range(18)))
+    assert len(set(held)) == 18
+
+
+def _hold(pool):
+    with pool.connection() as conn:
+        pid = conn.info.backend_pid
+        time.sleep(0.3)
+        return pid
