@@ -59,19 +59,35 @@ def _object_problem(target: S3Target, copied: store.CopiedFile) -> str | None:
     return None
 
 
-def _listing(target: S3Target, files: list[store.CopiedFile]) -> dict[str, tuple[int, str]]:
-    """Size and ETag of the range's objects from ListObjectsV2 under their common prefix (1,000 keys a
-    request), giving up after a few pages more than the range needs (a prefix shared with others)."""
-    wanted = {_key(target, f) for f in files}
-    found: dict[str, tuple[int, str]] = {}
-    budget = len(wanted) // 1000 * 2 + 3
-    pages = target.client.get_paginator("list_objects_v2").paginate(
-        Bucket=target.bucket, Prefix=os.path.commonprefix(sorted(wanted)))
-    for number, page in enumerate(pages, start=1):
-        found.update({o["Key"]: (o["Size"], o["ETag"]) for o in page.get("Contents", []) if o["Key"] in wanted})
-        if len(found) == len(wanted) or number >= budget:
+LIST_PAGE = 1000  # S3's most keys per ListObjectsV2 response
+
+
+def _list_slice(target: S3Target, keys: list[str], start_after: str | None) -> dict[str, tuple[int, str]]:
+    """Size and ETag of `keys` (sorted, consecutive in the range) from ListObjectsV2 starting just
+    after the key before them, giving up a few pages past the slice (a prefix shared with others)."""
+    wanted, found = set(keys), {}
+    params = {"Bucket": target.bucket, "Prefix": os.path.commonprefix(keys), "MaxKeys": LIST_PAGE}
+    if start_after is not None:
+        params["StartAfter"] = start_after
+    for _ in range(3):
+        page = target.client.list_objects_v2(**params)
+        contents = page.get("Contents", [])
+        found.update({o["Key"]: (o["Size"], o["ETag"]) for o in contents if o["Key"] in wanted})
+        if len(found) == len(wanted) or not page.get("IsTruncated") or (contents and contents[-1]["Key"] >= keys[-1]):
             break
+        params["ContinuationToken"] = page["NextContinuationToken"]
     return found
+
+
+def _listing(target: S3Target, files: list[store.CopiedFile], concurrency: int) -> dict[str, tuple[int, str]]:
+    """Size and ETag of the range's objects. The keys are known, so the listing is cut into slices of
+    a page each (StartAfter the key before the slice) listed concurrently, not page after page:
+    10,000 objects take the time of two pages, not ten."""
+    keys = sorted(_key(target, f) for f in files)  # S3 lists in UTF-8 byte order: code point order
+    starts = range(0, len(keys), LIST_PAGE)
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3-list") as pool:
+        slices = pool.map(lambda i: _list_slice(target, keys[i:i + LIST_PAGE], keys[i - 1] if i else None), starts)
+        return {key: entry for found in slices for key, entry in found.items()}
 
 
 def _listed_problem(copied: store.CopiedFile, size: int, etag: str) -> str | None:
@@ -90,7 +106,7 @@ def checksum_check(target: S3Target, files: list[store.CopiedFile], concurrency:
     problems: list[str] = []
     to_head = files
     if mode == "list" and files:
-        listed = _listing(target, files)
+        listed = _listing(target, files, concurrency)
         to_head = []
         for copied in files:
             entry = listed.get(_key(target, copied))
