@@ -111,13 +111,12 @@ def pipeline(src: Path, bucket: str, target_url: str, concurrency: int) -> dict:
 def child() -> None:
     """In the child: materialize the ranges and every partition on an ephemeral instance, timed."""
     import dagster as dg
-    from dagster_aws.s3 import S3Resource
 
     from migration_assets.core.postgres import PostgresResource
     from migration_assets.files import assets
-    from migration_assets.files.resources import FilesResource
+    from migration_assets.files.resources import FilesResource, FilesS3Resource
 
-    resources = {"postgres": PostgresResource(), "files_s3": S3Resource(), "files": FilesResource()}
+    resources = {"postgres": PostgresResource(), "files_s3": FilesS3Resource(), "files": FilesResource()}
     instance = dg.DagsterInstance.ephemeral()
     started = time.perf_counter()
     assert dg.materialize([assets.migration_ranges], instance=instance, resources=resources).success

@@ -6,7 +6,6 @@ import time
 from datetime import datetime, timezone
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from migration_assets.core.instance import project_instance
 from migration_assets.core.postgres import PostgresResource
@@ -14,7 +13,7 @@ from migration_assets.core.runs import materialize_partition, materialized_metad
 from migration_assets.files import assets
 from migration_assets.files.partitions import register_ranges
 from migration_assets.files.ranges import range_key
-from migration_assets.files.resources import FilesResource
+from migration_assets.files.resources import FilesResource, FilesS3Resource
 from migration_assets.files.seed import seed_files
 from migration_assets.files.window import RunWindow
 
@@ -38,7 +37,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def resources() -> dict:
-    return {"postgres": PostgresResource(), "files_s3": S3Resource(), "files": FilesResource()}
+    return {"postgres": PostgresResource(), "files_s3": FilesS3Resource(), "files": FilesResource()}
 
 
 def wait_for_window(window: RunWindow, no_wait: bool) -> bool:

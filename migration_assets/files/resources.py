@@ -1,8 +1,10 @@
-"""The file pipeline's configuration as a Dagster resource; the S3 client is dagster-aws's S3Resource."""
+"""The file pipeline's configuration as a Dagster resource, and its S3 resource (dagster-aws's S3Resource)."""
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
+from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from migration_assets.files.settings import FilesSettings, WindowSettings, parse_clock
@@ -41,3 +43,12 @@ class FilesResource(dg.ConfigurableResource):
             "tz": self.run_window_tz,
         }
         return WindowSettings.model_validate(base.model_dump() | {k: v for k, v in overrides.items() if v is not None})
+
+
+class FilesS3Resource(S3Resource):
+    """dagster-aws's S3Resource (same fields, same AWS_* defaults), for the file assets: they build
+    their own tuned client from it (files/s3client.py). Dagster would otherwise build a plain client
+    for every run's context that nothing uses (0.1-0.3 s a run: a boto3 session loading the S3 model)."""
+
+    def get_object_to_set_on_execution_context(self) -> Any:
+        return self

@@ -8,6 +8,7 @@ only pays off when a large body would be refused. With the three changes below: 
 per file, 10-20% less server CPU per file, 10-30% more files per second.
 """
 
+import threading
 from datetime import datetime
 from typing import Any
 
@@ -40,24 +41,35 @@ def _timestamp(value: str) -> datetime:
         return parse_timestamp(value)
 
 
+_sessions: dict[str | None, boto3.session.Session] = {}
+_sessions_lock = threading.Lock()  # a session is not thread-safe; the clients it makes are
+
+
+def _session(profile: str | None) -> boto3.session.Session:
+    """One session per profile and process: it loads the S3 model once (~0.1 s), not per run."""
+    if profile not in _sessions:
+        core = botocore.session.Session(profile=profile)
+        core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
+        _sessions[profile] = boto3.session.Session(botocore_session=core)
+    return _sessions[profile]
+
+
 def copy_client(resource: S3Resource, concurrency: int) -> Any:
     """An S3 client from the resource's settings (endpoint, region, credentials, profile, retries),
     one shared by all upload threads, with a connection pool as large as the uploads in flight."""
-    core = botocore.session.Session(profile=resource.profile_name)
-    core.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_timestamp)
-    session = boto3.session.Session(botocore_session=core)
     config = Config(
         retries={"max_attempts": resource.max_attempts, "mode": "standard"},
         max_pool_connections=max(10, concurrency),
         parameter_validation=False,  # mover.py builds every request itself
         user_agent=USER_AGENT,
     )
-    client = session.client(
-        "s3", region_name=resource.region_name, endpoint_url=resource.endpoint_url, use_ssl=resource.use_ssl,
-        verify=resource.verify, aws_access_key_id=resource.aws_access_key_id,
-        aws_secret_access_key=resource.aws_secret_access_key, aws_session_token=resource.aws_session_token,
-        config=config,
-    )
+    with _sessions_lock:
+        client = _session(resource.profile_name).client(
+            "s3", region_name=resource.region_name, endpoint_url=resource.endpoint_url, use_ssl=resource.use_ssl,
+            verify=resource.verify, aws_access_key_id=resource.aws_access_key_id,
+            aws_secret_access_key=resource.aws_secret_access_key, aws_session_token=resource.aws_session_token,
+            config=config,
+        )
     if resource.use_unsigned_session:
         client.meta.events.register("choose-signer.s3.*", lambda **_: UNSIGNED)
     client.meta.events.register_last("before-call.s3", _no_expect_on_single_puts)

@@ -6,13 +6,12 @@ import pytest
 from zoneinfo import ZoneInfo
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from migration_assets.core.postgres import PostgresResource
 from migration_assets.files import assets
 from migration_assets.files.cli import failure_text
 from migration_assets.files.definitions import defs as files_defs
-from migration_assets.files.resources import FilesResource
+from migration_assets.files.resources import FilesResource, FilesS3Resource
 from migration_assets.files.schedules import files_pending_ranges, files_retries
 from tests.files.helpers import assert_bytes_equal, seed
 
@@ -20,7 +19,7 @@ NY = ZoneInfo("America/New_York")
 
 
 def resources() -> dict:
-    return {"postgres": PostgresResource(), "files_s3": S3Resource(), "files": FilesResource()}
+    return {"postgres": PostgresResource(), "files_s3": FilesS3Resource(), "files": FilesResource()}
 
 
 def test_materialize_ranges_then_a_partition_with_its_checks(files_env, target, s3, bucket, source_root, instance):
