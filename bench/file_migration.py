@@ -4,8 +4,10 @@
 Trees: "mixed" = 500 x 64 KB + 4 x 20 MB (the reference's measurement), "many" = 10,000 x 8 KB.
 Each tool runs in its own process, alternating (rclone, pipeline, pipeline, rclone: the machine's
 load drifts), the best run of each counting, its peak RSS read from wait4(). The
-pipeline records and verifies every file: SHA-256 sent with each object, a row per file in
-PostgreSQL, then the range's checks (counts, and a HEAD of every object against its record).
+pipeline records and verifies every file: SHA-256 sent with each object and checked against what S3
+stored, a row per file in PostgreSQL, then the range's checks (counts; a listing of every object
+against its recorded size and ETag; a sample of HEADs re-reading stored checksums). Both tools keep
+`--concurrency` uploads in flight (rclone --transfers; the pipeline's upload threads).
 
     python bench/file_migration.py                 # both trees
     python bench/file_migration.py --small         # smoke run (50 x 64 KB + 1 x 20 MB, 500 x 8 KB)

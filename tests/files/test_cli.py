@@ -42,6 +42,7 @@ def test_run_killed_mid_range_then_resumed_copies_no_file_twice(
         command = [sys.executable, "-c", "import sys; from migration_assets.files.cli import add_commands; "
                    "import argparse; p = argparse.ArgumentParser(); add_commands(p.add_subparsers()); "
                    "a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a))", "files", "migrate"]
+        proxy.before = lambda method, path: time.sleep(0.01) if method == "PUT" else None  # >= 2 s in all: the kill lands mid-range
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
         while recorded(target) == 0 and process.poll() is None and time.monotonic() < deadline:
@@ -52,6 +53,7 @@ def test_run_killed_mid_range_then_resumed_copies_no_file_twice(
         state = target.execute("SELECT status FROM migration_ranges").fetchone()[0]
         assert state == "PROCESSING", process.stdout.read().decode()[-3000:]
         time.sleep(1.5)
+        proxy.before = None
 
         rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
