@@ -1,7 +1,6 @@
 """`defs`: every pipeline's definitions, with the resources they share."""
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from migration_assets.blobs import definitions as blobs
 from migration_assets.blobs.resources import BlobMigrationResource
@@ -9,7 +8,7 @@ from migration_assets.chain import definitions as chain
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.core.postgres import PostgresResource
 from migration_assets.files import definitions as files
-from migration_assets.files.resources import FilesResource
+from migration_assets.files.resources import FilesResource, FilesS3Resource
 from migration_assets.repos import definitions as repos
 from migration_assets.repos.resources import RepoSourceResource
 from migration_assets.status import definitions as status
@@ -22,7 +21,7 @@ def shared_resources() -> dict:
         "repo_source": RepoSourceResource(),
         "blob_migration": BlobMigrationResource(),
         "files": FilesResource(),
-        "files_s3": S3Resource(),  # endpoint, region and credentials from the standard AWS_* variables
+        "files_s3": FilesS3Resource(),  # endpoint, region and credentials from the standard AWS_* variables
     }
 
 
