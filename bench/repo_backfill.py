@@ -95,8 +95,8 @@ def download_all(repos: dict[str, tuple[str, int]], concurrency: int) -> tuple[f
 
 
 def backfill(target_url: str, dids: list[str], concurrency: int) -> tuple[float, dict]:
-    pool = shared_pool(target_url, max_size=2 * concurrency + 2)
     source = RepoSourceResource(concurrency=concurrency)
+    pool = shared_pool(target_url, max_size=source.settings.connections)
     buckets = source.settings.buckets
     with pool.connection() as conn:
         ledger.enqueue(conn, dids, buckets)

@@ -110,7 +110,7 @@ def repos(
     bucket = parse_bucket_key(context.partition_key)
     settings = repo_source.settings
     clients = repo_source.clients(postgres.resolved_url())
-    pool = postgres.pool(2 * settings.concurrency + 2)  # every sync thread may store at once, plus the limiter
+    pool = postgres.pool(settings.connections)
 
     def progress(outcome: RepoOutcome, done: int, total: int) -> None:
         message = f"{done}/{total} {outcome.did}: {outcome.status}, {outcome.records} records"

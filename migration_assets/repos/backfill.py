@@ -160,7 +160,7 @@ def backfill_buckets(
     with pool.connection() as conn:
         claimed = ledger.claim_due(conn, buckets, syncer.settings.stale_claim_minutes)
     report = BackfillReport()
-    for outcome in ordered_map(syncer.sync, claimed, 2 * syncer.settings.concurrency):
+    for outcome in ordered_map(syncer.sync, claimed, syncer.settings.sync_threads):
         report.outcomes.append(outcome)
         if on_outcome:
             on_outcome(outcome, len(report.outcomes), len(claimed))

@@ -21,6 +21,16 @@ class RepoSettings(BaseModel):
     fetch_timeout_seconds: float = 120.0
     stale_claim_minutes: int = Field(default=30, description="an in-progress claim older than this is taken over")
 
+    @property
+    def sync_threads(self) -> int:
+        """Threads of a run: `concurrency` downloading, as many again resolving or storing."""
+        return 2 * self.concurrency
+
+    @property
+    def connections(self) -> int:
+        """Database connections a run may use at once: every sync thread storing, plus the rate limiter's."""
+        return self.sync_threads + 2
+
     @classmethod
     def from_env(cls) -> "RepoSettings":
         hosts = [h.strip().rstrip("/") for h in os.environ.get("REPO_DISCOVERY_HOSTS", "").split(",") if h.strip()]
