@@ -1,23 +1,26 @@
 """Copying files to S3: SHA-256 computed while reading, stored with the object, verified after upload.
 
-Checksum design. A single PUT (files up to FILES_MULTIPART_THRESHOLD_MB) reads the file once into
-memory, hashes it, and sends the digest as ChecksumSHA256: S3 checks the bytes it received against it
-and stores it, and the object's ChecksumSHA256 is the file's SHA-256. A multipart upload's stored
-checksum is a composite (the SHA-256 of the parts' digests, "-N"), never the file's, so a large file
-is hashed in a first streaming pass and its whole-file SHA-256 set as object metadata (`sha256`) when
-the upload starts; the upload pass hashes again, part by part (each part's checksum checked by S3),
-and a file whose second digest differs (changed while uploading) is aborted, not recorded. Reading
-twice costs little (the page cache serves the second pass) and every object carries its file's
-SHA-256; migration_files records both it and S3's stored (composite) checksum, and the checks compare
-them to the object's. boto3's managed transfer is not used: it cannot give a whole-file digest before
-the upload starts, nor stop a part loop when the file changes.
+Checksum design. A single PUT (files up to FILES_MULTIPART_THRESHOLD_MB) carries the file's SHA-256
+as ChecksumSHA256: S3 checks the bytes it received against it and stores it, and the object's
+ChecksumSHA256 is the file's SHA-256. Files up to IN_MEMORY_MAX are read once into memory and hashed;
+larger ones are hashed in a first pass, then streamed from disk (memory stays flat) through a reader
+that hashes what is actually sent, so a file that changed in between is caught even by a server that
+does not check (real S3 refuses it with BadDigest). A multipart upload's stored checksum is a
+composite (the SHA-256 of the parts' digests, "-N"), never the file's, so a file above the threshold
+is hashed first and its whole-file SHA-256 set as object metadata (`sha256`) when the upload starts;
+the upload pass hashes again, part by part (each part's checksum checked by S3), and a file whose
+second digest differs (changed while uploading) is aborted, not recorded. Reading twice costs little
+(the page cache serves the second pass) and every object carries its file's SHA-256 in its `sha256`
+metadata; migration_files records both it and S3's stored checksum, and the checks compare them to
+the object's. boto3's managed transfer is not used: it cannot give a whole-file digest before the
+upload starts, nor stop a part loop when the file changes.
 """
 
 import base64
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -25,6 +28,7 @@ from migration_assets.files.settings import FilesSettings
 from migration_assets.files.store import FileResult, SourceFile
 
 READ_CHUNK = 1024 * 1024
+IN_MEMORY_MAX = 8 * READ_CHUNK  # single PUTs up to this size send bytes read once; larger ones stream
 
 
 class FileFailed(Exception):
@@ -74,9 +78,10 @@ def _existing_copy(target: S3Target, key: str, size: int, sha256: str) -> tuple[
     return None
 
 
-def _put_single(target: S3Target, key: str, data: bytes, sha: bytes) -> tuple[str, str]:
+def _put_object(target: S3Target, key: str, body: Any, size: int, sha: bytes) -> tuple[str, str]:
+    """One PUT of `body` (bytes, or a reader of `size` bytes) with its SHA-256; (stored checksum, ETag)."""
     response = target.client.put_object(
-        Bucket=target.bucket, Key=key, Body=data, ChecksumAlgorithm="SHA256",
+        Bucket=target.bucket, Key=key, Body=body, ContentLength=size, ChecksumAlgorithm="SHA256",
         ChecksumSHA256=b64(sha), Metadata={"sha256": sha.hex()},
     )
     stored = response.get("ChecksumSHA256")
@@ -85,6 +90,61 @@ def _put_single(target: S3Target, key: str, data: bytes, sha: bytes) -> tuple[st
     if stored != b64(sha):
         raise FileFailed(f"{target.uri(key)}: S3 stored checksum {stored!r}, expected {b64(sha)!r}; the retry copies it again")
     return stored, response["ETag"]
+
+
+class _HashedBody:
+    """A file as a PUT body: reads stop at the size it had when hashed, and every byte handed to the
+    connection is hashed again, so what was sent can be compared with what was announced. A file that
+    shrank ends the read with an error rather than leaving the server waiting for the missing bytes.
+    botocore rewinds (seek 0) to send it again on a retry."""
+
+    def __init__(self, handle: BinaryIO, size: int, sha: bytes) -> None:
+        self._handle, self._size, self._sha = handle, size, sha
+        self.seek(0)
+
+    def read(self, amount: int | None = -1) -> bytes:
+        left = self._size - self._sent
+        chunk = self._handle.read(left if amount is None or amount < 0 else min(amount, left))
+        if not chunk and left:
+            self._shrank = True
+            raise OSError(f"{self._handle.name} ended {left} bytes early: it shrank while uploading")
+        self._sent += len(chunk)
+        self._digest.update(chunk)
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if (offset, whence) != (0, 0):
+            raise OSError("only a rewind to the start is supported")
+        self._handle.seek(0)
+        self._sent, self._digest, self._shrank = 0, hashlib.sha256(), False
+        return 0
+
+    def tell(self) -> int:
+        return self._sent
+
+    @property
+    def changed(self) -> bool:
+        """The last attempt sent other bytes than those hashed (a body not sent whole proves nothing)."""
+        return self._shrank or (self._sent == self._size and self._digest.digest() != self._sha)
+
+
+def _put_streamed(target: S3Target, key: str, path: Path, size: int, sha: bytes) -> tuple[str, str]:
+    """One PUT streamed from disk. When the bytes sent are not the ones hashed, the file changed: S3
+    refused them (BadDigest) or, on a server that does not check, they are deleted again."""
+    with open(path, "rb") as handle:
+        body = _HashedBody(handle, size, sha)
+        try:
+            stored = _put_object(target, key, body, size, sha)
+        except (ClientError, BotoCoreError, FileFailed, OSError):
+            if not body.changed:
+                raise
+            stored = None
+    if body.changed:
+        if stored is not None:
+            target.client.delete_object(Bucket=target.bucket, Key=key)
+        raise FileFailed(f"{path} changed while uploading (it no longer has the SHA-256 {sha.hex()} it was sent "
+                         "with); nothing was recorded and the retry copies it again")
+    return stored
 
 
 def _put_multipart(target: S3Target, key: str, path: Path, sha_hex: str, part_size: int) -> tuple[str, str]:
@@ -128,6 +188,15 @@ def _put_multipart(target: S3Target, key: str, path: Path, sha_hex: str, part_si
     return f"{composite}-{len(parts)}", done["ETag"]
 
 
+def _upload(target: S3Target, key: str, path: Path, data: bytes | None, size: int, sha: bytes,
+            settings: FilesSettings) -> tuple[str, str]:
+    if data is not None:
+        return _put_object(target, key, data, size, sha)
+    if size <= settings.multipart_threshold:
+        return _put_streamed(target, key, path, size, sha)
+    return _put_multipart(target, key, path, sha.hex(), settings.part_size)
+
+
 def _hash_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -168,7 +237,7 @@ def copy_file(target: S3Target, root: Path, source: SourceFile, settings: FilesS
                              "source_files.file_uri, and the retry schedule copies it") from None
         _check_listing(source, path, size, None)
         data = None
-        if size <= settings.multipart_threshold:
+        if size <= min(IN_MEMORY_MAX, settings.multipart_threshold):
             with open(path, "rb") as handle:
                 data = handle.read()
             size, sha_hex = len(data), hashlib.sha256(data).hexdigest()
@@ -178,9 +247,7 @@ def copy_file(target: S3Target, root: Path, source: SourceFile, settings: FilesS
         if source.copied_sha256 == sha_hex:  # already SUCCESS with this content: nothing to send
             return _unchanged(source)
         existing = _existing_copy(target, key, size, sha_hex) if probe else None
-        stored, etag = existing or (
-            _put_single(target, key, data, bytes.fromhex(sha_hex)) if data is not None
-            else _put_multipart(target, key, path, sha_hex, settings.part_size))
+        stored, etag = existing or _upload(target, key, path, data, size, bytes.fromhex(sha_hex), settings)
         return FileResult(source.file_id, source.file_uri, source.file_name, source.create_date, "SUCCESS",
                           target.uri(key), size, sha_hex, stored or None, etag, uploaded=existing is None)
     except FileFailed as error:

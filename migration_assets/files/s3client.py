@@ -4,10 +4,13 @@ Measured on 3,000 x 8 KB files into a local S3-API server (8 uploads in flight):
 cost ~2.4 ms of client CPU per PutObject; a third of that was rebuilding the User-Agent string twice
 per request (character by character) and validating parameters we build ourselves. And botocore
 sends every PutObject with `Expect: 100-continue`, a round trip (and a server write) per file that
-only pays off when a large body would be refused. With the three changes below: ~1.6 ms client CPU
-per file, 10-20% less server CPU per file, 10-30% more files per second.
+only pays off when a large body would be refused. With the changes below: ~1.6 ms client CPU
+per file, 10-20% less server CPU per file, 10-30% more files per second. Over plain http (a local
+S3-API server) botocore also hashed each body for the signature, one more SHA-256 pass over every
+file, where the body's ChecksumSHA256 header (signed, and checked by S3) already guards it.
 """
 
+import io
 import threading
 from datetime import datetime
 from typing import Any
@@ -24,10 +27,10 @@ from dagster_aws.s3 import S3Resource
 USER_AGENT = f"Boto3/{boto3.__version__} Botocore/{botocore.__version__} migration-assets-files"
 
 
-def _no_expect_on_single_puts(model: Any, params: dict, **_: Any) -> None:
-    """Single PUTs are at most FILES_MULTIPART_THRESHOLD_MB: sending the body at once costs less than
-    a 100-continue round trip per file. Multipart parts keep the header."""
-    if model.name == "PutObject":
+def _no_expect_on_puts_from_memory(model: Any, params: dict, **_: Any) -> None:
+    """A PUT of bytes read into memory (at most mover.IN_MEMORY_MAX): sending the body at once costs less
+    than a 100-continue round trip per file. Bodies streamed from disk and multipart parts keep it."""
+    if model.name == "PutObject" and isinstance(params.get("body"), io.BytesIO):  # botocore wraps bytes so
         params["headers"].pop("Expect", None)
 
 
@@ -61,6 +64,9 @@ def copy_client(resource: S3Resource, concurrency: int) -> Any:
         retries={"max_attempts": resource.max_attempts, "mode": "standard"},
         max_pool_connections=max(10, concurrency),
         parameter_validation=False,  # mover.py builds every request itself
+        # Every body goes with its ChecksumSHA256 in a signed header, which S3 verifies: no second
+        # SHA-256 of the body for the signature over http (botocore's default over https already).
+        s3={"payload_signing_enabled": False},
         user_agent=USER_AGENT,
     )
     with _sessions_lock:
@@ -72,5 +78,5 @@ def copy_client(resource: S3Resource, concurrency: int) -> Any:
         )
     if resource.use_unsigned_session:
         client.meta.events.register("choose-signer.s3.*", lambda **_: UNSIGNED)
-    client.meta.events.register_last("before-call.s3", _no_expect_on_single_puts)
+    client.meta.events.register_last("before-call.s3", _no_expect_on_puts_from_memory)
     return client

@@ -1,5 +1,7 @@
 """A loopback proxy in front of the moto S3 server: counts completed uploads per key, fails PUTs of
-chosen keys (S3 500 InternalError) until healed, and calls a hook before forwarding a request."""
+chosen keys (S3 500 InternalError) or drops them midway until healed, and calls a hook once per
+request: before the client sends its body when it asks to (Expect: 100-continue), else before
+forwarding."""
 
 import threading
 from collections import Counter
@@ -20,6 +22,7 @@ _ERROR = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Co
 class ProxyState:
     url: str = ""
     failing_keys: set[str] = field(default_factory=set)    # "bucket/key" whose PUTs fail
+    cut_keys: set[str] = field(default_factory=set)        # "bucket/key" whose PUTs the proxy drops midway
     uploads: Counter = field(default_factory=Counter)       # "bucket/key" -> completed uploads
     before: Callable[[str, str], None] | None = None        # (method, path with query) hook
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -39,12 +42,29 @@ def s3_proxy(upstream: str) -> Iterator[ProxyState]:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        hooked = False  # the hook already ran for this request
+
+        def handle_expect_100(self) -> bool:
+            """The body is not sent yet: a hook here can change a file as its upload starts."""
+            if state.before:
+                state.before(self.command, self.path)
+                self.hooked = True
+            return super().handle_expect_100()
 
         def _forward(self) -> None:
-            body = self.rfile.read(int(self.headers.get("content-length", 0) or 0))
+            hooked, self.hooked = self.hooked, False
+            length = int(self.headers.get("content-length", 0) or 0)
+            if urlsplit(self.path).path.lstrip("/") in state.cut_keys:  # dies mid-body, answers nothing
+                self.rfile.read(min(length, 1 << 20))
+                self.close_connection = True
+                return
+            body = self.rfile.read(length)
+            if len(body) < length:  # the client gave up mid-body: like S3, store nothing
+                self.close_connection = True
+                return
             parts = urlsplit(self.path)
             object_name = parts.path.lstrip("/")
-            if state.before:
+            if state.before and not hooked:
                 state.before(self.command, self.path)
             if self.command in ("PUT", "POST") and object_name in state.failing_keys:
                 self._reply(500, {"content-type": "application/xml"}, _ERROR)

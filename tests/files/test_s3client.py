@@ -12,20 +12,36 @@ def sent_headers(client) -> list[tuple[str, dict]]:
     return seen
 
 
-def test_single_puts_go_without_expect_and_parts_keep_it(moto_s3, bucket):
+def test_puts_from_memory_go_without_expect_and_streams_and_parts_keep_it(moto_s3, bucket, tmp_path):
     client = copy_client(S3Resource(endpoint_url=moto_s3, max_attempts=1), concurrency=4)
     seen = sent_headers(client)
+    (tmp_path / "f").write_bytes(b"z" * 1000)
 
     client.put_object(Bucket=bucket, Key="one", Body=b"x" * 1000, ChecksumAlgorithm="SHA256")
+    with open(tmp_path / "f", "rb") as handle:
+        client.put_object(Bucket=bucket, Key="streamed", Body=handle, ChecksumAlgorithm="SHA256")
     upload = client.create_multipart_upload(Bucket=bucket, Key="big")
     client.upload_part(Bucket=bucket, Key="big", UploadId=upload["UploadId"], PartNumber=1, Body=b"y" * 1000)
     client.abort_multipart_upload(Bucket=bucket, Key="big", UploadId=upload["UploadId"])
 
-    put, _, part, _ = seen
+    put, streamed, _, part, _ = seen
     assert "Expect" not in put[1] and put[1]["User-Agent"].startswith(USER_AGENT.encode())
-    assert part[1]["Expect"] == b"100-continue"
+    assert streamed[1]["Expect"] == part[1]["Expect"] == b"100-continue"
     assert client.get_object(Bucket=bucket, Key="one")["Body"].read() == b"x" * 1000
+    assert client.get_object(Bucket=bucket, Key="streamed")["Body"].read() == b"z" * 1000
     assert client.meta.config.max_pool_connections >= 4
+
+
+def test_bodies_are_not_hashed_again_for_the_signature_their_signed_checksum_guards_them(moto_s3, bucket):
+    client = copy_client(S3Resource(endpoint_url=moto_s3, max_attempts=1), concurrency=1)
+    seen = sent_headers(client)
+
+    client.put_object(Bucket=bucket, Key="one", Body=b"x" * 1000, ChecksumAlgorithm="SHA256")
+
+    (_, headers), = seen
+    assert headers["X-Amz-Content-SHA256"] == b"UNSIGNED-PAYLOAD"
+    signed = headers["Authorization"].decode().split("SignedHeaders=")[1].split(",")[0].split(";")
+    assert "x-amz-checksum-sha256" in signed
 
 
 def test_settings_of_the_resource_carry_over(moto_s3):

@@ -1,5 +1,8 @@
 """The core against real PostgreSQL and a moto S3 server: copies, failures, retries, claims, cleanup."""
 
+import base64
+import hashlib
+import os
 import subprocess
 import sys
 import threading
@@ -7,6 +10,7 @@ import time
 
 
 from migration_assets.files import store
+from migration_assets.files.settings import FilesSettings
 from migration_assets.files.store import ClaimRefused
 from migration_assets.files.worker import Heartbeat, migrate_claimed_range, retry_failed
 from tests.files.conftest import make_job
@@ -75,6 +79,53 @@ def test_file_changed_since_listing_or_while_uploading_fails_without_a_record_of
     assert assert_bytes_equal(target, s3, bucket, source_root) == 4
 
 
+def test_single_puts_above_the_memory_limit_stream_and_a_file_changed_meanwhile_is_not_recorded(
+    files_env, target, target_url, s3, bucket, source_root, moto_s3, monkeypatch
+):
+    """9 MiB files under a 16 MiB multipart threshold: one PUT each, streamed from disk. moto stores
+    any bytes under any announced checksum, so the pipeline itself must notice what it sent."""
+    monkeypatch.setenv("FILES_MULTIPART_THRESHOLD_MB", "16")
+    settings = FilesSettings.from_env()
+    size = 9 * 1024 * 1024 + 5
+    names = ("kept", "changed", "shrunk", "cut")
+    for name in names:
+        (source_root / f"{name}.bin").write_bytes(os.urandom(size))
+        target.execute("INSERT INTO source_files (file_uri, file_name) VALUES (%s, %s)", (f"{name}.bin", f"{name}.bin"))
+    store.expand_ranges(target, 100)
+    target.commit()
+
+    def change_as_upload_starts(method: str, path: str) -> None:
+        if method == "PUT" and path.endswith("/changed.bin"):
+            (source_root / "changed.bin").write_bytes(os.urandom(size))  # same size, other bytes
+        if method == "PUT" and path.endswith("/shrunk.bin"):
+            os.truncate(source_root / "shrunk.bin", size // 2)
+
+    with s3_proxy(moto_s3) as proxy:
+        proxy.before = change_as_upload_starts
+        proxy.cut_keys = {f"{bucket}/archive/cut.bin"}  # the connection dies mid-body
+        job = make_job(settings, target_url, endpoint=proxy.url)
+        progress = migrate_claimed_range(job, claim(job))
+        proxy.before = None
+        proxy.cut_keys.clear()
+        retried = retry_failed(job)
+
+    assert (progress.copied, progress.failed) == (1, 3)
+    name_of = dict(target.execute("SELECT file_id, file_name FROM source_files"))
+    errors = {name_of[file_id]: error for file_id, error in progress.failures}
+    assert "changed while uploading" in errors["changed.bin"] and "changed while uploading" in errors["shrunk.bin"]
+    assert "S3 upload" in errors["cut.bin"] and "changed" not in errors["cut.bin"]  # half sent proves nothing
+    assert (retried.listed, retried.copied, retried.failed) == (3, 3, 0)  # the files as they are now
+    assert assert_bytes_equal(target, s3, bucket, source_root) == 4
+    for name in names:
+        head = s3.head_object(Bucket=bucket, Key=f"archive/{name}.bin", ChecksumMode="ENABLED")
+        digest = hashlib.sha256((source_root / f"{name}.bin").read_bytes()).digest()
+        assert head["ChecksumSHA256"] == base64.b64encode(digest).decode()  # one PUT: the file's own SHA-256
+    # the changed file's wrong bytes were stored (and deleted again); the shrunk one's never arrived whole
+    assert proxy.uploads == {f"{bucket}/archive/kept.bin": 1, f"{bucket}/archive/changed.bin": 2,
+                             f"{bucket}/archive/shrunk.bin": 1, f"{bucket}/archive/cut.bin": 1}
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
 def test_missing_file_stays_fail_with_its_error_after_its_retries(files_env, target, target_url, source_root):
     ids = seed(target, source_root, 3)
     missing = target.execute("SELECT file_uri FROM source_files WHERE file_id = %s", (ids[2],)).fetchone()[0]
@@ -101,7 +152,7 @@ def test_failed_puts_recover_through_retries_with_their_new_uri(files_env, targe
         first = migrate_claimed_range(job, claim(job))
         assert first.failed == 3 and "InternalError" in first.failures[0][1]
         assert range_status(target) == ("COMPLETE", None)  # failed files are the retry schedule's now
-        proxy.failing_keys.clear()
+        proxy.cut_keys.clear()
         retried = retry_failed(job)
 
     assert (retried.listed, retried.copied, retried.failed) == (3, 3, 0)
