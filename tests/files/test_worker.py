@@ -152,7 +152,7 @@ def test_failed_puts_recover_through_retries_with_their_new_uri(files_env, targe
         first = migrate_claimed_range(job, claim(job))
         assert first.failed == 3 and "InternalError" in first.failures[0][1]
         assert range_status(target) == ("COMPLETE", None)  # failed files are the retry schedule's now
-        proxy.cut_keys.clear()
+        proxy.failing_keys.clear()
         retried = retry_failed(job)
 
     assert (retried.listed, retried.copied, retried.failed) == (3, 3, 0)
