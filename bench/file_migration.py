@@ -141,6 +141,7 @@ def child() -> None:
     """In the child: materialize the ranges and every partition on an ephemeral instance, timed."""
     import dagster as dg
 
+    import migration_assets.definitions  # noqa: F401  (a run's process loads the code location first)
     from migration_assets.core.postgres import PostgresResource
     from migration_assets.files import assets
     from migration_assets.files.resources import FilesResource, FilesS3Resource

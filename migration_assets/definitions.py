@@ -1,5 +1,7 @@
 """`defs`: every pipeline's definitions, with the resources they share."""
 
+import gc
+
 import dagster as dg
 
 from migration_assets.blobs import definitions as blobs
@@ -28,3 +30,8 @@ def shared_resources() -> dict:
 defs = dg.Definitions.merge(
     chain.defs, repos.defs, blobs.defs, files.defs, status.defs, dg.Definitions(resources=shared_resources())
 )
+
+# A process that loads this code location (each run's, the webserver's, the daemon's) keeps what the
+# imports built for its whole life: freeze it out of the collector's full passes. One such pass over
+# Dagster's objects paused a file-copy run for ~0.17 s; the objects are never garbage anyway.
+gc.freeze()

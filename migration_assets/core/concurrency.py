@@ -1,8 +1,11 @@
 """Bounded, order-preserving concurrency for I/O-bound reads."""
 
+import multiprocessing
+import os
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-import multiprocessing
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import TypeVar
@@ -40,5 +43,18 @@ def ordered_map_in_processes(fn: Callable[[In], Out], items: Iterable[In], proce
     """`ordered_map` over worker processes; `fn` and the items must pickle. For CPU-bound clients
     (botocore spends ~1 ms of CPU a request), where threads of one process contend for the GIL."""
     # spawn, not fork: the calling process has threads (pools, Dagster) whose locks a fork would copy.
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_leave_with_parent, initargs=(os.getpid(),)) as pool:
         yield from ordered_map(fn, items, processes, executor=pool)
+
+
+def _leave_with_parent(parent: int) -> None:
+    """Worker initializer. A worker whose run was killed (SIGKILL, OOM) would wait forever on its
+    queues, holding its memory: it leaves within a second of its parent."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="leave-with-parent", daemon=True).start()

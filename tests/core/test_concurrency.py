@@ -1,0 +1,66 @@
+"""Order, errors and worker lifetimes of the bounded maps."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from migration_assets.core.concurrency import ordered_map
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_results_come_in_input_order_and_an_error_surfaces_at_its_item():
+    def slow_for_small(n: int) -> int:
+        time.sleep(0.01 * (5 - n % 5))
+        if n == 7:
+            raise ValueError("seven")
+        return n * n
+
+    results = ordered_map(slow_for_small, range(10), concurrency=4)
+    assert [next(results) for _ in range(7)] == [n * n for n in range(7)]
+    with pytest.raises(ValueError, match="seven"):
+        next(results)
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+        if entry.isdigit() and int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process parents from /proc")
+def test_pool_workers_leave_when_their_run_is_killed():
+    code = ("from migration_assets.core.concurrency import ordered_map_in_processes\n"
+            "from tests.core.pool_work import pid_after\n"
+            "for pid in ordered_map_in_processes(pid_after, [0.0, 0.0] + [600.0] * 4, 2):\n"
+            "    print(pid, flush=True)\n")
+    run = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        first = int(run.stdout.readline())  # the workers are up and busy with 600 s items
+        workers = {pid for pid in _children(run.pid) if _alive(pid)}  # and spawn's resource tracker
+        assert first in workers
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in workers if _alive(pid)], "pool workers outlived their killed parent"
