@@ -29,8 +29,9 @@ USER_AGENT = f"Boto3/{boto3.__version__} Botocore/{botocore.__version__} migrati
 
 def _no_expect_on_puts_from_memory(model: Any, params: dict, **_: Any) -> None:
     """A PUT of bytes read into memory (at most mover.IN_MEMORY_MAX): sending the body at once costs less
-    than a 100-continue round trip per file. Bodies streamed from disk and multipart parts keep it."""
-    if model.name == "PutObject" and isinstance(params.get("body"), io.BytesIO):  # botocore wraps bytes so
+    than a 100-continue round trip per file. Bodies streamed from disk and multipart parts keep it.
+    (botocore has wrapped bytes in a BytesIO by now.)"""
+    if model.name == "PutObject" and isinstance(params.get("body"), io.BytesIO):
         params["headers"].pop("Expect", None)
 
 

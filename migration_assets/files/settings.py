@@ -61,7 +61,8 @@ class FilesSettings(BaseModel):
     prefix: str = Field(default="", description="FILES_S3_PREFIX: key prefix, e.g. 'archive/'")
     range_size: int = Field(default=10_000, gt=0, description="FILES_RANGE_SIZE: file ids per range")
     concurrency: int = Field(default=8, gt=0, le=64, description="FILES_CONCURRENCY: uploads in flight per run")
-    multipart_threshold: int = Field(default=100 * MIB, ge=5 * MIB, description="FILES_MULTIPART_THRESHOLD_MB: single PUT up to this size (streamed from disk above 8 MiB)")
+    multipart_threshold: int = Field(default=100 * MIB, ge=5 * MIB,
+                                     description="FILES_MULTIPART_THRESHOLD_MB: one PUT up to this size")
     part_size: int = Field(default=8 * MIB, ge=5 * MIB, description="FILES_PART_SIZE_MB (S3 minimum 5)")
     max_retries: int = Field(default=3, ge=0, description="FILES_MAX_RETRIES: retries of a FAIL file")
     retry_batch: int = Field(default=500, gt=0, description="FILES_RETRY_BATCH: files per retry run")

@@ -53,8 +53,10 @@ def s3_proxy(upstream: str) -> Iterator[ProxyState]:
 
         def _forward(self) -> None:
             hooked, self.hooked = self.hooked, False
+            parts = urlsplit(self.path)
+            object_name = parts.path.lstrip("/")
             length = int(self.headers.get("content-length", 0) or 0)
-            if urlsplit(self.path).path.lstrip("/") in state.cut_keys:  # dies mid-body, answers nothing
+            if object_name in state.cut_keys:  # dies mid-body, answers nothing
                 self.rfile.read(min(length, 1 << 20))
                 self.close_connection = True
                 return
@@ -62,8 +64,6 @@ def s3_proxy(upstream: str) -> Iterator[ProxyState]:
             if len(body) < length:  # the client gave up mid-body: like S3, store nothing
                 self.close_connection = True
                 return
-            parts = urlsplit(self.path)
-            object_name = parts.path.lstrip("/")
             if state.before and not hooked:
                 state.before(self.command, self.path)
             if self.command in ("PUT", "POST") and object_name in state.failing_keys:
