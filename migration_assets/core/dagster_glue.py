@@ -37,3 +37,10 @@ def check_result(outcome: CheckOutcome) -> dg.AssetCheckResult:
         description=outcome.summary,
         metadata={"summary": dg.MetadataValue.text(outcome.summary), **outcome.metadata},
     )
+
+
+def step_retry_policy(max_retries: int, base_seconds: float) -> dg.RetryPolicy:
+    """Dagster retries a whole step after `base_seconds` x 2^n with full jitter: the same shape as
+    `core.backoff.Backoff`, kept by Dagster so a retry survives the process."""
+    return dg.RetryPolicy(max_retries=max_retries, delay=base_seconds,
+                          backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.FULL)
