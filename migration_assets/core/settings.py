@@ -148,3 +148,14 @@ class ChainSettings(EnvSettings):
     @classmethod
     def from_env(cls) -> "ChainSettings":
         return cls.load()
+
+
+def _env_int(name: str, default: int) -> int:
+    """Transitional: modules not yet moved to a settings model (to be removed)."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
