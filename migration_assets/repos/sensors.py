@@ -58,8 +58,9 @@ def list_hosts(context: dg.SensorEvaluationContext, conn: psycopg.Connection, cl
     however slow a host is; each host goes on from its updated cursor next tick."""
     hosts = settings.discovery_hosts
     end = time.monotonic() + settings.sensor_tick_seconds
-    for left, host in zip(range(len(hosts), 0, -1), hosts):
-        deadline = time.monotonic() + (end - time.monotonic()) / left
+    for index, host in enumerate(hosts):
+        now = time.monotonic()
+        deadline = now + (end - now) / (len(hosts) - index)
         try:
             progress = discover(conn, clients(host), settings.buckets, cursors.get(host), deadline)
         except Exception as exc:  # noqa: BLE001 - one dead host must not stop the others' sync
