@@ -29,7 +29,7 @@ def backfill_command(args: argparse.Namespace) -> int:
     if not args.host and not args.did:
         print("error: give --host URL (to list its repos) and/or --did DID")
         return 2
-    source = RepoSourceResource(verify_signatures=False if args.no_verify else None)
+    source = RepoSourceResource(**({"verify_signatures": False} if args.no_verify else {}))
     resources = {"postgres": PostgresResource(), "repo_source": source}
     instance = project_instance()
     started = time.monotonic()
