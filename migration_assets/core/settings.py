@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BeforeValidator, Field, ValidationError
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict  # noqa: F401 (re-exported)
 
 # The package itself (data files that ship with it: SQL migrations, pools.yaml, dynalite.js).
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
