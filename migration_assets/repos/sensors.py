@@ -4,7 +4,7 @@ import json
 
 import dagster as dg
 
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.core.settings import _env_int
 from migration_assets.repos import ledger
 from migration_assets.repos.assets import REPOS

@@ -5,7 +5,7 @@ import json
 
 import dagster as dg
 
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.repos import sensors
 from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.resources import RepoSourceResource
