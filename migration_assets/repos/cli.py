@@ -5,7 +5,7 @@ import time
 from collections import Counter
 
 from migration_assets.core.instance import project_instance
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.core.runs import materialize_partition, materialized_metadata, print_partition_summary
 from migration_assets.repos import ledger
 from migration_assets.repos.assets import REPOS, repo_ledger, repos

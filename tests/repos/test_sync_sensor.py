@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import dagster as dg
 
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.resources import RepoSourceResource
 from migration_assets.repos.sensors import repo_sync
