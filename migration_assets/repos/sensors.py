@@ -6,12 +6,7 @@ import time
 import dagster as dg
 import psycopg
 
-<<<<<<< HEAD
-from migration_assets.core.postgres import PostgresResource
-=======
 from migration_assets.core.resources import PostgresResource
-from migration_assets.core.settings import _env_int
->>>>>>> purity
 from migration_assets.repos import ledger
 from migration_assets.repos.assets import REPOS
 from migration_assets.repos.buckets import bucket_key
