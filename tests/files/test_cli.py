@@ -35,7 +35,8 @@ def test_run_killed_mid_range_then_resumed_copies_no_file_twice(
     files_env, dagster_home, target, s3, bucket, source_root, moto_s3, monkeypatch
 ):
     """The first 100 PUTs pass, the next ones are held; once some copies are recorded the run is
-    killed, and the held PUTs reach S3 unrecorded. The rerun releases the dead run's claim (aged in SQL) and copies the rest, each once."""
+    killed, and the held PUTs reach S3 unrecorded. The rerun releases the dead run's claim (aged in
+    SQL) and copies the rest, each file once."""
     monkeypatch.setenv("FILES_RANGE_SIZE", "1000")  # one range
     seed(target, source_root, 400, sizes=(16_000,))
     gate, puts, lock = threading.Event(), [], threading.Lock()
