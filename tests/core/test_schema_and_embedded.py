@@ -1,6 +1,6 @@
 """Schema migrations apply once, in order, and concurrently without harm; the embedded server serves."""
 
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
@@ -25,9 +25,11 @@ def test_migrations_apply_once_and_are_recorded(pg_server_url):
 
 def test_concurrent_appliers_apply_each_migration_once(pg_server_url):
     url = embedded.database_url(pg_server_url, "schema_concurrent")
+    connected = threading.Barrier(4)
 
     def apply(_):
         with psycopg.connect(url, autocommit=True) as conn:
+            connected.wait(30)  # all four start applying at once
             return apply_migrations(conn)
 
     with ThreadPoolExecutor(4) as pool:
@@ -58,13 +60,13 @@ def test_a_caller_needing_more_connections_grows_the_shared_pool(target_url):
     assert shared_pool(target_url, 4).max_size == 4
     assert PostgresResource(database_url=target_url).pool(18).max_size == 18
     assert shared_pool(target_url).max_size == 18  # never shrinks under a caller that needs it
-    with ThreadPoolExecutor(18) as threads:  # all 18 held at once: none waits for another
-        held = list(threads.map(lambda _: _hold(shared_pool(target_url)), range(18)))
+    all_held = threading.Barrier(18)  # passed only while 18 connections are out of the pool at once
+
+    def hold(_):
+        with shared_pool(target_url).connection(timeout=60) as conn:
+            all_held.wait(30)
+            return conn.info.backend_pid
+
+    with ThreadPoolExecutor(18) as threads:
+        held = list(threads.map(hold, range(18)))
     assert len(set(held)) == 18
-
-
-def _hold(pool):
-    with pool.connection() as conn:
-        pid = conn.info.backend_pid
-        time.sleep(0.3)
-        return pid

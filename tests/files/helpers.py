@@ -25,3 +25,11 @@ def assert_bytes_equal(conn, s3, bucket: str, root) -> int:
         key = new_uri.removeprefix(f"s3://{bucket}/")
         assert s3.get_object(Bucket=bucket, Key=key)["Body"].read() == (root / file_uri).read_bytes(), new_uri
     return len(rows)
+
+
+def expire_claim(conn: psycopg.Connection, min_id: int, max_id: int) -> None:
+    """Age the claim on [min_id, max_id) far past any stale limit, as if its worker died long ago:
+    the claim's staleness is set in SQL instead of sleeping past a limit."""
+    conn.execute("UPDATE migration_ranges SET heartbeat = now() - interval '1 day' WHERE min_id = %s AND max_id = %s",
+                 (min_id, max_id))
+    conn.commit()

@@ -4,10 +4,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
-
-from tests.files.helpers import assert_bytes_equal, seed
+from tests.files.helpers import assert_bytes_equal, expire_claim, seed
 from tests.files.s3_proxy import s3_proxy
 
 
@@ -34,26 +34,42 @@ def test_seed_then_migrate_prints_the_summary(files_env, dagster_home, target, s
 def test_run_killed_mid_range_then_resumed_copies_no_file_twice(
     files_env, dagster_home, target, s3, bucket, source_root, moto_s3, monkeypatch
 ):
+    """The first 100 PUTs pass, the next ones are held; once some copies are recorded the run is
+    killed, and the held PUTs reach S3 unrecorded. The rerun releases the dead run's claim (aged in
+    SQL) and copies the rest, each file once."""
     monkeypatch.setenv("FILES_RANGE_SIZE", "1000")  # one range
     seed(target, source_root, 400, sizes=(16_000,))
+    gate, puts, lock = threading.Event(), [], threading.Lock()
+
+    def hold_after_100_puts(method: str, path: str) -> None:
+        if method == "PUT":
+            with lock:
+                puts.append(path)
+                held = len(puts) > 100
+            if held:
+                gate.wait(60)
+
     with s3_proxy(moto_s3) as proxy:
-        env = {**os.environ, "AWS_ENDPOINT_URL_S3": proxy.url, "FILES_RANGE_SIZE": "1000", "FILES_CONCURRENCY": "2",
-               "FILES_STALE_MINUTES": "0.02"}  # 1.2 s: the rerun's cleanup releases the dead run's range
+        env = {**os.environ, "AWS_ENDPOINT_URL_S3": proxy.url, "FILES_RANGE_SIZE": "1000", "FILES_CONCURRENCY": "2"}
         command = [sys.executable, "-c", "import sys; from migration_assets.files.cli import add_commands; "
                    "import argparse; p = argparse.ArgumentParser(); add_commands(p.add_subparsers()); "
                    "a = p.parse_args(sys.argv[1:]); sys.exit(a.handler(a))", "files", "migrate"]
-        proxy.before = lambda method, path: time.sleep(0.01) if method == "PUT" else None  # >= 2 s in all: the kill lands mid-range
+        proxy.before = hold_after_100_puts
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
-        while recorded(target) == 0 and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        while not (recorded(target) and len(puts) > 100) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # until some copies are recorded and some held
         process.send_signal(signal.SIGKILL)
         process.wait()
-        assert 0 < recorded(target) < 400, "the kill must land mid-range"
+        assert 0 < recorded(target) <= 100, "the kill must land mid-range"
         state = target.execute("SELECT status FROM migration_ranges").fetchone()[0]
         assert state == "PROCESSING", process.stdout.read().decode()[-3000:]
-        time.sleep(1.5)
         proxy.before = None
+        gate.set()  # the held PUTs reach S3 after their client died: copies nobody recorded
+        while sum(proxy.uploads.values()) < len(puts) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sum(proxy.uploads.values()) == len(puts) > 100
+        expire_claim(target, 0, 1000)  # the dead run's claim, as the next run finds it after the stale limit
 
         rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 

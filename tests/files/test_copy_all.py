@@ -25,23 +25,43 @@ def test_every_file_is_copied_once_and_recorded_in_batches():
 
 
 def test_a_stop_starts_nothing_more_and_lets_files_in_flight_finish():
-    asked = 0
+    """Four copies block in flight; the stop is given; one copy ends and its thread is told to stop;
+    only then do the other three end. They must be recorded, and no fifth file started."""
+    stop, stop_told = threading.Event(), threading.Event()
+    in_flight = threading.Semaphore(0)
+    finish = {i: threading.Event() for i in range(4)}  # the first four block; a fifth would not
     started: list[int] = []
     lock = threading.Lock()
 
-    def stop_after_ten() -> str | None:
-        nonlocal asked
-        asked += 1
-        return "window closed" if asked > 10 else None
+    def window() -> str | None:
+        if stop.is_set():
+            stop_told.set()
+            return "window closed"
+        return None
 
-    def slow(source: SourceFile) -> FileResult:
+    def blocking(source: SourceFile) -> FileResult:
         with lock:
             started.append(source.file_id)
+        if source.file_id in finish:
+            in_flight.release()
+            assert finish[source.file_id].wait(30), f"file {source.file_id} was never let finish"
         return ok(source)
 
     recorded: list[FileResult] = []
-    assert copy_all(sources(100), slow, 4, stop_after_ten, recorded.extend) == "window closed"
-    assert len(started) == 10 and sorted(r.file_id for r in recorded) == sorted(started)
+    outcome: list[str | None] = []
+    run = threading.Thread(target=lambda: outcome.append(copy_all(sources(100), blocking, 4, window, recorded.extend)))
+    run.start()
+    assert all(in_flight.acquire(timeout=30) for _ in range(4)), "four copies should be in flight"
+    stop.set()
+    finish[0].set()  # its thread asks for the next file and is told to stop
+    assert stop_told.wait(30)
+    for file_id in (1, 2, 3):
+        finish[file_id].set()
+    run.join(30)
+
+    assert sorted(started) == [0, 1, 2, 3], "files were started after the stop"
+    assert not run.is_alive() and outcome == ["window closed"]
+    assert sorted(r.file_id for r in recorded) == [0, 1, 2, 3]  # the three still in flight at the stop too
 
 
 def test_an_upload_thread_failing_stops_the_others_and_raises():

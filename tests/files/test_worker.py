@@ -6,15 +6,15 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 
 from migration_assets.files import store
+from migration_assets.files.seed import seed_files
 from migration_assets.files.settings import FilesSettings
 from migration_assets.files.store import ClaimRefused
 from migration_assets.files.worker import Heartbeat, migrate_claimed_range, retry_failed
 from tests.files.conftest import make_job
-from tests.files.helpers import assert_bytes_equal, seed, statuses
+from tests.files.helpers import assert_bytes_equal, expire_claim, seed, statuses
 from tests.files.s3_proxy import s3_proxy
 
 
@@ -210,15 +210,24 @@ def test_two_workers_never_claim_the_same_range(files_env, target, target_url, s
     assert len(refusals) >= 1 and all("PROCESSING" in r for r in refusals)  # at most one took [400, 500)
 
 
-def test_cleanup_releases_a_stale_range_and_never_a_live_one(files_env, target, target_url, source_root):
+def test_cleanup_releases_a_stale_range_and_never_a_live_one(files_env, target, target_url, source_root, monkeypatch):
     seed(target, source_root, 150)
     job = make_job(files_env, target_url)
     live, dead = claim(job, 0, 100, "live"), claim(job, 100, 200, "dead")
+    expire_claim(target, 0, 100)
+    expire_claim(target, 100, 200)
+    renewed, renew = threading.Event(), store.heartbeat
 
-    with Heartbeat(job.pool, live, interval=0.1):
-        time.sleep(1.5)  # the dead worker's heartbeat is 1.5 s old, the live one's at most 0.1 s
+    def heartbeat_seen(conn, claim):
+        if (ours := renew(conn, claim)) and claim == live:
+            renewed.set()
+        return ours
+
+    monkeypatch.setattr(store, "heartbeat", heartbeat_seen)  # the real renewal, observed
+    with Heartbeat(job.pool, live, interval=0.05):
+        assert renewed.wait(30), "the live worker's heartbeat never renewed its claim"
         with job.pool.connection() as conn:
-            released = store.release_stale(conn, stale_minutes=1 / 60)  # one second
+            released = store.release_stale(conn, stale_minutes=10)
 
     assert released == [(100, 200)]
     assert range_status(target, 0)[0] == "PROCESSING" and range_status(target, 100) == ("PENDING", None)
@@ -231,7 +240,10 @@ def test_expansion_adds_aligned_ranges_and_reopens_a_completed_range_that_grew(f
     assert store.all_ranges(target) == [(0, 100, "PENDING"), (100, 200, "PENDING")]
     job = make_job(files_env, target_url)
     migrate_claimed_range(job, claim(job, 100, 200))
+    assert store.all_ranges(target) == [(0, 100, "PENDING"), (100, 200, "COMPLETE")]
 
-    seed(target, source_root, 100)  # ids 151-250
+    seed_files(target, source_root, 100)  # ids 151-250
+    added, reopened = store.expand_ranges(target, 100)
 
+    assert (added, reopened) == ([(200, 300)], [(100, 200)])
     assert store.all_ranges(target) == [(0, 100, "PENDING"), (100, 200, "PENDING"), (200, 300, "PENDING")]
