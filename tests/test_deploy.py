@@ -392,11 +392,72 @@ def test_every_project_variable_the_code_reads_is_in_the_guide():
     assert read - documented == set(), f"variables the code reads but deploy/README.md does not list: {read - documented}"
 
 
+SECRET_KEY_SHAPE = re.compile(r"(?i).*(password|secret_access_key|secret_key|token)")
+
+
+def secret_names() -> set[str]:
+    return {row["variable"] for row in guide_table("Environment") if row["secret"] == "yes"}
+
+
+def _literal(value: object) -> bool:
+    """A value written out, as opposed to a reference (`{env: X}`, `valueFrom: arn`, a Secret's name)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip() != ""
+
+
+def literal_secrets(node: object, secrets: set[str], where: str = "") -> list[str]:
+    """Every place a parsed YAML document gives a secret a literal value: `NAME: value` keys, the
+    ECS/Kubernetes `- name: NAME / value: literal` items, `NAME=value` strings (ECS env_vars), and
+    password/secret-key/token keys whatever their name."""
+    def is_secret(name: object) -> bool:
+        return isinstance(name, str) and (name in secrets or SECRET_KEY_SHAPE.fullmatch(name) is not None)
+
+    found = []
+    if isinstance(node, dict):
+        if is_secret(node.get("name")) and _literal(node.get("value")):
+            found.append(f"{where}: {node['name']} = {node['value']!r}")
+        for key, value in node.items():
+            if is_secret(key) and _literal(value):
+                found.append(f"{where}.{key} = {value!r}")
+            found += literal_secrets(value, secrets, f"{where}.{key}")
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            found += literal_secrets(item, secrets, f"{where}[{index}]")
+    elif isinstance(node, str) and "=" in node:
+        name, value = node.split("=", 1)
+        if is_secret(name.strip()) and _literal(value):
+            found.append(f"{where}: {node!r}")
+    return found
+
+
+def test_the_secret_finder_catches_every_literal_form():
+    secrets = {"MIGRATION_SECRET_KEY"}
+    hostile = yaml.safe_load("""
+ecs: {secrets: [{name: MIGRATION_SECRET_KEY, value: abc}], env_vars: [MIGRATION_SECRET_KEY=abc]}
+k8s: {env: [{name: MIGRATION_SECRET_KEY, value: "0"}], envMap: {MIGRATION_SECRET_KEY: abc}}
+storage: {postgres_db: {password: hunter2}}
+""")
+    assert len(literal_secrets(hostile, secrets)) == 5, literal_secrets(hostile, secrets)
+    references = yaml.safe_load("""
+secrets: [{name: MIGRATION_SECRET_KEY, valueFrom: "arn:aws:secretsmanager:r:1:secret:x"}]
+env_vars: [CHAIN_BLOCK_TABLE, MIGRATION_SECRET_KEY]
+postgres_db: {password: {env: DAGSTER_PG_PASSWORD}}
+global: {postgresqlSecretName: dagster-postgresql-secret}
+envSecrets: [{name: migration-assets-env}]
+env: {MIGRATION_SECRET_KEY: ""}
+""")
+    assert literal_secrets(references, secrets) == []
+
+
 def test_secrets_never_appear_as_values_in_deploy_configs():
-    secret_names = {row["variable"] for row in guide_table("Environment") if row["secret"] == "yes"}
-    for path in [DEPLOY / "ecs" / "dagster.yaml", DEPLOY / "k8s" / "values.yaml"]:
-        text = path.read_text()
-        for name in secret_names:
-            for match in re.finditer(rf"{name}\s*[:=]\s*(\S+)", text):
-                assert match.group(1) in ("", "|"), f"{path.name}: {name} given a value: {match.group(0)}"
-        assert not re.search(r"(password|secret_access_key)\s*:\s*[\"']?\w", text, re.I), f"{path.name}: literal secret"
+    secrets = secret_names()
+    assert {"MIGRATION_SECRET_KEY", "MIGRATION_DATABASE_URL", "AWS_SECRET_ACCESS_KEY"} <= secrets
+    files = sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml"))
+    assert {DEPLOY / "ecs" / "dagster.yaml", DEPLOY / "k8s" / "values.yaml"} <= set(files)
+    for path in files:
+        for document in yaml.safe_load_all(path.read_text()):
+            assert literal_secrets(document, secrets) == [], f"{path.relative_to(DEPLOY)}: literal secret"
+    for instruction, argument in dockerfile_instructions():
+        if instruction in ("ENV", "ARG"):
+            assignments = re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)", argument) or [tuple(argument.split(None, 1))]
+            leaked = [name for name, *value in assignments if name in secrets and value]
+            assert not leaked, f"Dockerfile {instruction} gives {leaked} a value: pass it at run time instead"
