@@ -2,6 +2,7 @@
 instance schema and as real instances on PostgreSQL, the pool limits through the real CLI, the
 image's command by running it, and the guide's variable table against the code."""
 
+import importlib.metadata
 import json
 import os
 import re
@@ -161,17 +162,55 @@ def k8s_values() -> dict:
     return yaml.safe_load((DEPLOY / "k8s" / "values.yaml").read_text())
 
 
-def test_k8s_values_render_to_a_valid_instance_config(tmp_path):
+@pytest.fixture(scope="module")
+def dagster_k8s(tmp_path_factory) -> Path:
+    """dagster-k8s of this Dagster release, with the kubernetes client it imports, installed from PyPI
+    into a folder of its own: it is not a project dependency (it runs in the chart's images). Neither
+    helm nor Dagster's chart (nor its values.schema.json) ships in a package of PyPI, npm or Debian
+    (dagster-k8s's wheel holds only Python), so the launcher's own config schema is what checks the
+    chart's run launcher section."""
+    target = tmp_path_factory.mktemp("dagster_k8s")
+    libraries = importlib.metadata.version("dagster-postgres")  # the integrations' version of this Dagster
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+                    "--target", str(target), f"dagster-k8s=={libraries}", *K8S_CLIENT], check=True, timeout=300)
+    return target
+
+
+K8S_CLIENT = ("kubernetes", "durationpy", "websocket-client", "requests-oauthlib", "oauthlib", "google-auth")
+CHECK_LAUNCHER_CONFIG = """
+import json, sys
+from dagster._config import process_config, resolve_to_config_type
+from dagster_k8s import K8sRunLauncher
+result = process_config(resolve_to_config_type(K8sRunLauncher.config_type()), json.load(sys.stdin))
+print(json.dumps([error.message for error in result.errors or []]))
+"""
+
+
+def k8s_launcher_config_errors(config: dict, dagster_k8s: Path) -> list[str]:
+    """dagster-k8s's K8sRunLauncher config schema on this config (the env vars the chart sets, set)."""
+    env = {**os.environ, "PYTHONPATH": str(dagster_k8s), **{name: "from-the-chart" for name in (
+        "DAGSTER_HOME", "DAGSTER_K8S_INSTANCE_CONFIG_MAP", "DAGSTER_K8S_PG_PASSWORD_SECRET",
+        "DAGSTER_K8S_PIPELINE_RUN_ENV_CONFIGMAP")}}
+    result = subprocess.run([sys.executable, "-c", CHECK_LAUNCHER_CONFIG], input=json.dumps(config), env=env,
+                            capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(result.stdout)
+
+
+def test_k8s_values_render_to_a_valid_instance_config(tmp_path, dagster_k8s):
     values = k8s_values()
     assert values["postgresql"]["enabled"] is False and values["generatePostgresqlPasswordSecret"] is False
     assert values["global"]["postgresqlSecretName"]
     assert values["concurrency"]["enabled"] is True
 
-    config, _ = dagster_instance_config(str(instance_home(tmp_path, render_chart_instance(values))))
+    rendered = render_chart_instance(values)
+    config, _ = dagster_instance_config(str(instance_home(tmp_path, rendered)))
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["concurrency"]["pools"] == {"default_limit": 4, "granularity": "run"}
     assert config["run_retries"]["retry_on_asset_or_op_failure"] is False
     assert config["run_monitoring"]["max_runtime_seconds"] == 21600
+    assert k8s_launcher_config_errors(rendered["run_launcher"]["config"], dagster_k8s) == []
+    wrong = {**rendered["run_launcher"]["config"], "job_namespace": 5, "run_k8s_config": {"pod_spec": {}}}
+    assert len(k8s_launcher_config_errors(wrong, dagster_k8s)) == 2  # the schema does reject
 
 
 def test_k8s_run_launcher_section_structurally():
