@@ -13,6 +13,7 @@ from migration_assets.status.report import FailureGroup, PipelineStatus
 RECENT_MATERIALIZATIONS = 500
 STUCK_RUN_SECONDS = 3600
 MAX_FAILED_RUNS_READ = 50  # failed partitions whose run logs are read for a reason
+UNKNOWN_FAILURE = ("RunFailure", "run failed (see the run's logs)")
 
 
 def _run_failure(instance: dg.DagsterInstance, run_id: str) -> tuple[str, str]:
@@ -23,7 +24,7 @@ def _run_failure(instance: dg.DagsterInstance, run_id: str) -> tuple[str, str]:
             error = error.cause
         if error is not None:
             return error.cls_name or "error", error.message.strip().splitlines()[0]
-    return "RunFailure", "run failed (see the run's logs)"
+    return UNKNOWN_FAILURE
 
 
 def _latest_run_id(instance: dg.DagsterInstance, asset_key: dg.AssetKey, key: str) -> str | None:
@@ -34,7 +35,7 @@ def _latest_run_id(instance: dg.DagsterInstance, asset_key: dg.AssetKey, key: st
 
 def _partition_failure(instance: dg.DagsterInstance, asset_key: dg.AssetKey, key: str) -> tuple[str, str]:
     run_id = _latest_run_id(instance, asset_key, key)
-    return _run_failure(instance, run_id) if run_id else ("RunFailure", "run failed (see the run's logs)")
+    return _run_failure(instance, run_id) if run_id else UNKNOWN_FAILURE
 
 
 def _group_partition_failures(failures: list[tuple[str, str, str]]) -> list[FailureGroup]:
