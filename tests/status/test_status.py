@@ -1,11 +1,14 @@
 """The operator's view: progress, failures and stuck work of each pipeline, from real runs and tables."""
 
+import threading
+
 import dagster as dg
 
 from migration_assets.chain.partitions import block_ranges, register_ranges
 from migration_assets.cli import main
 from migration_assets.core.postgres import PostgresResource
 from migration_assets.repos import ledger
+from migration_assets.status import collect as collect_module
 from migration_assets.status.collect import blobs_status, collect, files_status, repos_status
 from migration_assets.status.definitions import migration_status
 from migration_assets.status.report import PipelineStatus, eta_text, text
@@ -120,3 +123,47 @@ def test_blob_and_file_failures_are_grouped_too(target):
     files = files_status(target, stale_minutes=30)
     assert [(g.count, g.kind, g.example) for g in files.failures] == [
         (2, "source file missing", "file 1 a/1"), (1, "error", "file 3 a/3")]
+
+
+RANGES = dg.DynamicPartitionsDefinition(name="status_test_ranges")
+ENTERED, RELEASE = threading.Event(), threading.Event()
+
+
+@dg.asset(partitions_def=RANGES, key=dg.AssetKey(["status_test", "ranges"]))
+def status_test_ranges(context: dg.AssetExecutionContext) -> None:
+    if context.partition_key.startswith("value"):
+        raise ValueError(f"bad value in {context.partition_key}")
+    if context.partition_key.startswith("key"):
+        raise KeyError(context.partition_key)
+    if context.partition_key == "slow":
+        ENTERED.set()
+        assert RELEASE.wait(120), "never released"
+
+
+def test_partition_failures_grouped_by_kind_and_a_running_partition_is_stuck(fresh_instance, monkeypatch):
+    """Dagster's per-partition status decides: failed partitions grouped by their error's class, and a
+    partition whose run is still going past the limit listed as stuck."""
+    instance = fresh_instance
+    keys = ["done", "key-1", "slow", "value-1", "value-2"]
+    instance.add_dynamic_partitions(RANGES.name, keys)
+    for key in keys:
+        if key != "slow":
+            dg.materialize([status_test_ranges], instance=instance, partition_key=key, raise_on_error=False)
+    ENTERED.clear()
+    RELEASE.clear()
+    slow = threading.Thread(target=dg.materialize, args=([status_test_ranges],),
+                            kwargs={"instance": instance, "partition_key": "slow"})
+    slow.start()
+    try:
+        assert ENTERED.wait(60), "the slow partition's run never started"
+        monkeypatch.setattr(collect_module, "STUCK_RUN_SECONDS", -1)  # any running partition counts as stuck
+        status = collect_module.partition_status(instance, status_test_ranges.key, RANGES, "test", "ranges",
+                                                 "rate", "/s")
+    finally:
+        RELEASE.set()
+        slow.join()
+    assert (status.done, status.total, status.failure_count) == (1, 5, 3)
+    assert [(g.count, g.kind, g.example) for g in status.failures] == [(2, "ValueError", "value-1"),
+                                                                      (1, "KeyError", "key-1")]
+    assert "bad value in value-1" in status.failures[0].reason
+    assert [item.split()[0] for item in status.stuck] == ["slow"]
