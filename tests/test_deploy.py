@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from functools import cache
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -384,8 +385,22 @@ def package_sources() -> str:
     return "\n".join(path.read_text() for path in (PROJECT_ROOT / "migration_assets").rglob("*.py"))
 
 
+@cache
+def settings_variables() -> frozenset[str]:
+    """Every variable a settings model reads (`EnvSettings` subclasses of every pipeline)."""
+    import migration_assets.definitions  # noqa: F401  (imports every pipeline's settings)
+    from migration_assets.core.settings import EnvSettings
+
+    models, todo = set(), [EnvSettings]
+    while todo:
+        for model in todo.pop().__subclasses__():
+            models.add(model)
+            todo.append(model)
+    return frozenset(name for model in models for name, _, _ in model.describe())
+
+
 def reads_variable(sources: str, name: str) -> bool:
-    return re.search(rf"[\"']{re.escape(name)}[\"']", sources) is not None
+    return re.search(rf"[\"']{re.escape(name)}[\"']", sources) is not None or name in settings_variables()
 
 
 def boto3_reads(name: str, monkeypatch) -> bool:
@@ -426,8 +441,8 @@ def test_every_project_variable_the_code_reads_is_in_the_guide():
     documented = {row["variable"] for row in guide_table("Environment")}
     sources = package_sources()
     pattern = r"[\"']((?:MIGRATION|DAGSTER|CHAIN|ATPROTO|REPO|FILES)_[A-Z0-9_]+)[\"']"
-    read = {name for name in re.findall(pattern, sources) if not name.startswith("DAGSTER_") or name in
-            {"DAGSTER_HOME", "DAGSTER_POSTGRES_URL"}}
+    read = {name for name in {*re.findall(pattern, sources), *settings_variables()}
+            if not name.startswith("DAGSTER_") or name in {"DAGSTER_HOME", "DAGSTER_POSTGRES_URL"}}
     assert read - documented == set(), f"variables the code reads but deploy/README.md does not list: {read - documented}"
 
 
