@@ -2,6 +2,7 @@
 instance schema and as real instances on PostgreSQL, the pool limits through the real CLI, the
 image's command by running it, and the guide's variable table against the code."""
 
+import importlib.metadata
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from functools import cache
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -162,17 +164,55 @@ def k8s_values() -> dict:
     return yaml.safe_load((DEPLOY / "k8s" / "values.yaml").read_text())
 
 
-def test_k8s_values_render_to_a_valid_instance_config(tmp_path):
+@pytest.fixture(scope="module")
+def dagster_k8s(tmp_path_factory) -> Path:
+    """dagster-k8s of this Dagster release, with the kubernetes client it imports, installed from PyPI
+    into a folder of its own: it is not a project dependency (it runs in the chart's images). Neither
+    helm nor Dagster's chart (nor its values.schema.json) ships in a package of PyPI, npm or Debian
+    (dagster-k8s's wheel holds only Python), so the launcher's own config schema is what checks the
+    chart's run launcher section."""
+    target = tmp_path_factory.mktemp("dagster_k8s")
+    libraries = importlib.metadata.version("dagster-postgres")  # the integrations' version of this Dagster
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+                    "--target", str(target), f"dagster-k8s=={libraries}", *K8S_CLIENT], check=True, timeout=300)
+    return target
+
+
+K8S_CLIENT = ("kubernetes", "durationpy", "websocket-client", "requests-oauthlib", "oauthlib", "google-auth")
+CHECK_LAUNCHER_CONFIG = """
+import json, sys
+from dagster._config import process_config, resolve_to_config_type
+from dagster_k8s import K8sRunLauncher
+result = process_config(resolve_to_config_type(K8sRunLauncher.config_type()), json.load(sys.stdin))
+print(json.dumps([error.message for error in result.errors or []]))
+"""
+
+
+def k8s_launcher_config_errors(config: dict, dagster_k8s: Path) -> list[str]:
+    """dagster-k8s's K8sRunLauncher config schema on this config (the env vars the chart sets, set)."""
+    env = {**os.environ, "PYTHONPATH": str(dagster_k8s), **{name: "from-the-chart" for name in (
+        "DAGSTER_HOME", "DAGSTER_K8S_INSTANCE_CONFIG_MAP", "DAGSTER_K8S_PG_PASSWORD_SECRET",
+        "DAGSTER_K8S_PIPELINE_RUN_ENV_CONFIGMAP")}}
+    result = subprocess.run([sys.executable, "-c", CHECK_LAUNCHER_CONFIG], input=json.dumps(config), env=env,
+                            capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(result.stdout)
+
+
+def test_k8s_values_render_to_a_valid_instance_config(tmp_path, dagster_k8s):
     values = k8s_values()
     assert values["postgresql"]["enabled"] is False and values["generatePostgresqlPasswordSecret"] is False
     assert values["global"]["postgresqlSecretName"]
     assert values["concurrency"]["enabled"] is True
 
-    config, _ = dagster_instance_config(str(instance_home(tmp_path, render_chart_instance(values))))
+    rendered = render_chart_instance(values)
+    config, _ = dagster_instance_config(str(instance_home(tmp_path, rendered)))
     assert config["run_coordinator"]["class"] == "QueuedRunCoordinator"
     assert config["concurrency"]["pools"] == {"default_limit": 4, "granularity": "run"}
     assert config["run_retries"]["retry_on_asset_or_op_failure"] is False
     assert config["run_monitoring"]["max_runtime_seconds"] == 21600
+    assert k8s_launcher_config_errors(rendered["run_launcher"]["config"], dagster_k8s) == []
+    wrong = {**rendered["run_launcher"]["config"], "job_namespace": 5, "run_k8s_config": {"pod_spec": {}}}
+    assert len(k8s_launcher_config_errors(wrong, dagster_k8s)) == 2  # the schema does reject
 
 
 def test_k8s_run_launcher_section_structurally():
@@ -346,8 +386,22 @@ def package_sources() -> str:
     return "\n".join(path.read_text() for path in (PROJECT_ROOT / "migration_assets").rglob("*.py"))
 
 
+@cache
+def settings_variables() -> frozenset[str]:
+    """Every variable a settings model reads (`EnvSettings` subclasses of every pipeline)."""
+    import migration_assets.definitions  # noqa: F401  (imports every pipeline's settings)
+    from migration_assets.core.settings import EnvSettings
+
+    models, todo = set(), [EnvSettings]
+    while todo:
+        for model in todo.pop().__subclasses__():
+            models.add(model)
+            todo.append(model)
+    return frozenset(name for model in models for name, _, _ in model.describe())
+
+
 def reads_variable(sources: str, name: str) -> bool:
-    return re.search(rf"[\"']{re.escape(name)}[\"']", sources) is not None
+    return re.search(rf"[\"']{re.escape(name)}[\"']", sources) is not None or name in settings_variables()
 
 
 def boto3_reads(name: str, monkeypatch) -> bool:
@@ -388,16 +442,77 @@ def test_every_project_variable_the_code_reads_is_in_the_guide():
     documented = {row["variable"] for row in guide_table("Environment")}
     sources = package_sources()
     pattern = r"[\"']((?:MIGRATION|DAGSTER|CHAIN|ATPROTO|REPO|FILES)_[A-Z0-9_]+)[\"']"
-    read = {name for name in re.findall(pattern, sources) if not name.startswith("DAGSTER_") or name in
-            {"DAGSTER_HOME", "DAGSTER_POSTGRES_URL"}}
+    read = {name for name in {*re.findall(pattern, sources), *settings_variables()}
+            if not name.startswith("DAGSTER_") or name in {"DAGSTER_HOME", "DAGSTER_POSTGRES_URL"}}
     assert read - documented == set(), f"variables the code reads but deploy/README.md does not list: {read - documented}"
 
 
+SECRET_KEY_SHAPE = re.compile(r"(?i).*(password|secret_access_key|secret_key|token)")
+
+
+def secret_names() -> set[str]:
+    return {row["variable"] for row in guide_table("Environment") if row["secret"] == "yes"}
+
+
+def _literal(value: object) -> bool:
+    """A value written out, as opposed to a reference (`{env: X}`, `valueFrom: arn`, a Secret's name)."""
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip() != ""
+
+
+def literal_secrets(node: object, secrets: set[str], where: str = "") -> list[str]:
+    """Every place a parsed YAML document gives a secret a literal value: `NAME: value` keys, the
+    ECS/Kubernetes `- name: NAME / value: literal` items, `NAME=value` strings (ECS env_vars), and
+    password/secret-key/token keys whatever their name."""
+    def is_secret(name: object) -> bool:
+        return isinstance(name, str) and (name in secrets or SECRET_KEY_SHAPE.fullmatch(name) is not None)
+
+    found = []
+    if isinstance(node, dict):
+        if is_secret(node.get("name")) and _literal(node.get("value")):
+            found.append(f"{where}: {node['name']} = {node['value']!r}")
+        for key, value in node.items():
+            if is_secret(key) and _literal(value):
+                found.append(f"{where}.{key} = {value!r}")
+            found += literal_secrets(value, secrets, f"{where}.{key}")
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            found += literal_secrets(item, secrets, f"{where}[{index}]")
+    elif isinstance(node, str) and "=" in node:
+        name, value = node.split("=", 1)
+        if is_secret(name.strip()) and _literal(value):
+            found.append(f"{where}: {node!r}")
+    return found
+
+
+def test_the_secret_finder_catches_every_literal_form():
+    secrets = {"MIGRATION_SECRET_KEY"}
+    hostile = yaml.safe_load("""
+ecs: {secrets: [{name: MIGRATION_SECRET_KEY, value: abc}], env_vars: [MIGRATION_SECRET_KEY=abc]}
+k8s: {env: [{name: MIGRATION_SECRET_KEY, value: "0"}], envMap: {MIGRATION_SECRET_KEY: abc}}
+storage: {postgres_db: {password: hunter2}}
+""")
+    assert len(literal_secrets(hostile, secrets)) == 5, literal_secrets(hostile, secrets)
+    references = yaml.safe_load("""
+secrets: [{name: MIGRATION_SECRET_KEY, valueFrom: "arn:aws:secretsmanager:r:1:secret:x"}]
+env_vars: [CHAIN_BLOCK_TABLE, MIGRATION_SECRET_KEY]
+postgres_db: {password: {env: DAGSTER_PG_PASSWORD}}
+global: {postgresqlSecretName: dagster-postgresql-secret}
+envSecrets: [{name: migration-assets-env}]
+env: {MIGRATION_SECRET_KEY: ""}
+""")
+    assert literal_secrets(references, secrets) == []
+
+
 def test_secrets_never_appear_as_values_in_deploy_configs():
-    secret_names = {row["variable"] for row in guide_table("Environment") if row["secret"] == "yes"}
-    for path in [DEPLOY / "ecs" / "dagster.yaml", DEPLOY / "k8s" / "values.yaml"]:
-        text = path.read_text()
-        for name in secret_names:
-            for match in re.finditer(rf"{name}\s*[:=]\s*(\S+)", text):
-                assert match.group(1) in ("", "|"), f"{path.name}: {name} given a value: {match.group(0)}"
-        assert not re.search(r"(password|secret_access_key)\s*:\s*[\"']?\w", text, re.I), f"{path.name}: literal secret"
+    secrets = secret_names()
+    assert {"MIGRATION_SECRET_KEY", "MIGRATION_DATABASE_URL", "AWS_SECRET_ACCESS_KEY"} <= secrets
+    files = sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.yml"))
+    assert {DEPLOY / "ecs" / "dagster.yaml", DEPLOY / "k8s" / "values.yaml"} <= set(files)
+    for path in files:
+        for document in yaml.safe_load_all(path.read_text()):
+            assert literal_secrets(document, secrets) == [], f"{path.relative_to(DEPLOY)}: literal secret"
+    for instruction, argument in dockerfile_instructions():
+        if instruction in ("ENV", "ARG"):
+            assignments = re.findall(r"([A-Za-z_][A-Za-z0-9_]*)=(\S+)", argument) or [tuple(argument.split(None, 1))]
+            leaked = [name for name, *value in assignments if name in secrets and value]
+            assert not leaked, f"Dockerfile {instruction} gives {leaked} a value: pass it at run time instead"

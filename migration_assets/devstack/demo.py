@@ -111,6 +111,7 @@ def dev_command(args: argparse.Namespace) -> int:
         servers.append(network.server)
         print(f"PLC directory at {network.plc_url}, PDSes at {', '.join(p.url for p in network.pdses)}")
         atproto = demo_atproto.seed(network, args.repo_accounts, args.blob_accounts)
+        print(atproto["forgotten"])
         print(f"{len(atproto['repo_dids'])} accounts to backfill (repo_sync sensor), "
               f"{len(atproto['blob_migration_dids'])} blob migrations queued (atproto_blob_requests sensor)")
         block_tip, event_tip = seed_chain(args.heights)

@@ -5,6 +5,7 @@ each with a queued blob-migration request (blob migration)."""
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 from pydantic import SecretStr
@@ -28,13 +29,37 @@ def start_network() -> AtprotoNetwork:
     return network
 
 
-def forget_previous_demo(postgres: PostgresResource) -> None:
-    """The PLC directory lives in memory: accounts of an earlier demo no longer resolve, so their
-    ledger rows and requests would only fail. Only the embedded demo database is cleared."""
-    if os.environ.get("MIGRATION_DATABASE_URL"):
-        return
-    with postgres.connection() as conn:
-        conn.execute("TRUNCATE repos, records, repo_collection_counts, blob_migrations")
+def forget_previous_network(postgres: PostgresResource) -> str:
+    """Delete what the previous demo start's AT Protocol network left in the target database.
+
+    Its PLC directory lived in memory and its PDSes held throwaway accounts: none of its DIDs resolve
+    again, so their ledger rows, records and blob migrations would only fail, and its hosts' rate-limit
+    rows are of hosts that are gone. Only rows of that network's DIDs and hosts (from DEMO_FILE) are
+    deleted, so a database shared with other work keeps the rest. Dagster's run history stays."""
+    path = data_dir() / DEMO_FILE
+    if not path.exists():
+        return "no previous demo network to forget"
+    previous = json.loads(path.read_text())
+    dids = [*previous.get("repo_dids", []), *previous.get("blob_migration_dids", [])]
+    urls = [previous["plc"], *previous["pdses"]]
+    with postgres.connection() as conn, conn.transaction():
+        repos = conn.execute(
+            """WITH gone AS (DELETE FROM repos WHERE did = ANY(%(dids)s) OR pds = ANY(%(urls)s) RETURNING did),
+                    records AS (DELETE FROM records WHERE did IN (SELECT did FROM gone) OR did = ANY(%(dids)s)),
+                    counts AS (DELETE FROM repo_collection_counts
+                               WHERE did IN (SELECT did FROM gone) OR did = ANY(%(dids)s))
+               SELECT count(*) FROM gone""", {"dids": dids, "urls": urls}).fetchone()[0]
+        blobs = conn.execute(
+            "DELETE FROM blob_migrations WHERE did = ANY(%s) OR old_pds = ANY(%s) OR new_pds = ANY(%s)",
+            (dids, urls, urls)).rowcount
+        hosts = conn.execute("DELETE FROM atproto_rate_limits WHERE host = ANY(%s)",
+                             ([urlsplit(url).netloc for url in urls],)).rowcount
+    return (f"previous demo network forgotten (its PLC directory lived in memory): {repos} repos, "
+            f"{blobs} blob migrations and {hosts} rate-limit hosts of its accounts deleted")
+
+
+def _write_summary(summary: dict) -> None:
+    (data_dir() / DEMO_FILE).write_text(json.dumps(summary, indent=2))
 
 
 def seed_repos(seeder: PdsSeeder, accounts: int, records: int) -> list[str]:
@@ -67,12 +92,14 @@ def seed_blob_migrations(old: PdsSeeder, new: PdsSeeder, accounts: int, postgres
 
 
 def seed(network: AtprotoNetwork, repo_accounts: int, blob_accounts: int) -> dict:
+    """Forget the previous start's network, then seed this one; the summary names what was forgotten."""
     postgres = PostgresResource()
-    forget_previous_demo(postgres)
+    forgotten = forget_previous_network(postgres)
+    summary = {"plc": network.plc_url, "pdses": [p.url for p in network.pdses], "repo_dids": [],
+               "blob_migration_dids": []}
+    _write_summary(summary)  # first: if seeding dies half-way, the next start still finds these hosts
     with PdsSeeder(network.pdses[0]) as old, PdsSeeder(network.pdses[1]) as new:
-        repos = seed_repos(old, repo_accounts, 50)
-        movers = seed_blob_migrations(old, new, blob_accounts, postgres)
-    summary = {"plc": network.plc_url, "pdses": [p.url for p in network.pdses], "repo_dids": repos,
-               "blob_migration_dids": movers}
-    (data_dir() / DEMO_FILE).write_text(json.dumps(summary, indent=2))
-    return summary
+        summary["repo_dids"] = seed_repos(old, repo_accounts, 50)
+        summary["blob_migration_dids"] = seed_blob_migrations(old, new, blob_accounts, postgres)
+    _write_summary(summary)
+    return {**summary, "forgotten": forgotten}

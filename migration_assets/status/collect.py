@@ -8,27 +8,52 @@ import psycopg
 
 from migration_assets.chain.assets import BLOCK_EVENTS, BLOCK_METADATA
 from migration_assets.chain.partitions import block_ranges, event_ranges
-from migration_assets.status.report import PipelineStatus
+from migration_assets.status.report import FailureGroup, PipelineStatus
 
 RECENT_MATERIALIZATIONS = 500
 STUCK_RUN_SECONDS = 3600
+MAX_FAILED_RUNS_READ = 50  # failed partitions whose run logs are read for a reason
+UNKNOWN_FAILURE = ("RunFailure", "run failed (see the run's logs)")
 
 
-def _failure_reason(instance: dg.DagsterInstance, run_id: str) -> str:
+def _run_failure(instance: dg.DagsterInstance, run_id: str) -> tuple[str, str]:
+    """(error class, first line of its message) of the run's failed step, past Dagster's wrappers."""
     for record in instance.all_logs(run_id, of_type=dg.DagsterEventType.STEP_FAILURE):
         error = record.dagster_event.step_failure_data.error
         while error is not None and error.cls_name and error.cls_name.startswith("Dagster") and error.cause:
             error = error.cause
         if error is not None:
-            return error.message.strip().splitlines()[0]
-    return "run failed (see the run's logs)"
+            return error.cls_name or "error", error.message.strip().splitlines()[0]
+    return UNKNOWN_FAILURE
+
+
+def _latest_run_id(instance: dg.DagsterInstance, asset_key: dg.AssetKey, key: str) -> str | None:
+    """The run that last planned to materialize this partition (the failed or in-progress one)."""
+    planned = instance.get_latest_planned_materialization_info(asset_key, key)
+    return planned.run_id if planned else None
+
+
+def _partition_failure(instance: dg.DagsterInstance, asset_key: dg.AssetKey, key: str) -> tuple[str, str]:
+    run_id = _latest_run_id(instance, asset_key, key)
+    return _run_failure(instance, run_id) if run_id else UNKNOWN_FAILURE
+
+
+def _group_partition_failures(failures: list[tuple[str, str, str]]) -> list[FailureGroup]:
+    """(partition, kind, reason) -> one group per kind, most partitions first."""
+    groups: dict[str, FailureGroup] = {}
+    for key, kind, reason in sorted(failures):
+        group = groups.setdefault(kind, FailureGroup(kind, "", 0, key, reason))
+        group.count += 1
+    return sorted(groups.values(), key=lambda g: -g.count)
 
 
 def partition_status(
-    instance: dg.DagsterInstance, asset_key: dg.AssetKey, keys: list[str], pipeline: str, unit: str,
-    rate_field: str, rate_unit: str,
+    instance: dg.DagsterInstance, asset_key: dg.AssetKey, partitions_def: dg.DynamicPartitionsDefinition,
+    pipeline: str, unit: str, rate_field: str, rate_unit: str,
 ) -> PipelineStatus:
-    """Progress of a partitioned asset: materialized partitions, recent rate, failed and stuck runs."""
+    """Progress of a partitioned asset: materialized partitions, recent rate, failed and stuck partitions
+    (from Dagster's per-partition status: a partition's latest run decides)."""
+    keys = instance.get_dynamic_partitions(partitions_def.name)
     done_keys = instance.get_materialized_partitions(asset_key) & set(keys)
     records = instance.fetch_materializations(asset_key, limit=RECENT_MATERIALIZATIONS).records
     hour_ago = time.time() - 3600
@@ -40,42 +65,51 @@ def partition_status(
         pipeline, unit, len(done_keys), len(keys), per_hour=float(len(recent)),
         throughput=f"{sum(rates) / len(rates):.0f} {rate_unit}" if rates else "", slowest=slowest,
     )
-    runs = _partition_runs(instance, asset_key)
-    failed_keys: set[str] = set()
-    for key, run in runs:  # newest first: a partition's latest run decides
-        if key in failed_keys or key in done_keys or run.status != dg.DagsterRunStatus.FAILURE:
-            continue
-        failed_keys.add(key)
-        if len(status.failures) < 10:
-            status.failures.append((key, _failure_reason(instance, run.run_id)))
-    status.failure_count = len(failed_keys)
+    by_partition = instance.get_status_by_partition(asset_key, keys, partitions_def) or {}
+    failed = sorted(k for k, s in by_partition.items() if s == dg.AssetPartitionStatus.FAILED and k not in done_keys)
+    status.failure_count = len(failed)
+    status.failures = _group_partition_failures(
+        [(key, *_partition_failure(instance, asset_key, key)) for key in failed[:MAX_FAILED_RUNS_READ]])
     now = time.time()
-    for key, run in runs:
-        if run.status == dg.DagsterRunStatus.STARTED:
-            record = instance.get_run_record_by_id(run.run_id)
-            if record and record.start_time and now - record.start_time > STUCK_RUN_SECONDS:
-                status.stuck.append(f"{key} (run {run.run_id[:8]}, {(now - record.start_time) / 3600:.1f} h)")
+    for key in sorted(k for k, s in by_partition.items() if s == dg.AssetPartitionStatus.IN_PROGRESS):
+        run_id = _latest_run_id(instance, asset_key, key)
+        record = instance.get_run_record_by_id(run_id) if run_id else None
+        if record and record.start_time and now - record.start_time > STUCK_RUN_SECONDS:
+            status.stuck.append(f"{key} (run {run_id[:8]}, {(now - record.start_time) / 3600:.1f} h)")
     return status
-
-
-def _partition_runs(instance: dg.DagsterInstance, asset_key: dg.AssetKey) -> list[tuple[str, dg.DagsterRun]]:
-    """(partition, run) of the asset's recent runs, newest first, from their planned materializations
-    (runs launched by `materialize()` carry no asset selection, so the event log is what says)."""
-    planned = instance.fetch_planned_materializations(asset_key, limit=RECENT_MATERIALIZATIONS).records
-    pairs = [(r.event_log_entry.dagster_event.event_specific_data.partition, r.run_id) for r in planned]
-    if not pairs:
-        return []
-    runs = {run.run_id: run for run in instance.get_runs(dg.RunsFilter(run_ids=list({rid for _, rid in pairs})))}
-    return [(key, runs[rid]) for key, rid in pairs if key and rid in runs]
 
 
 def chain_status(instance: dg.DagsterInstance) -> list[PipelineStatus]:
     return [
-        partition_status(instance, BLOCK_METADATA, instance.get_dynamic_partitions(block_ranges.name),
-                         "chain blocks", "block ranges", "heights_per_second", "heights/s"),
-        partition_status(instance, BLOCK_EVENTS, instance.get_dynamic_partitions(event_ranges.name),
-                         "chain events", "event ranges", "events_per_second", "events/s"),
+        partition_status(instance, BLOCK_METADATA, block_ranges, "chain blocks", "block ranges",
+                         "heights_per_second", "heights/s"),
+        partition_status(instance, BLOCK_EVENTS, event_ranges, "chain events", "event ranges",
+                         "events_per_second", "events/s"),
     ]
+
+
+_GROUP_FAILURES = """
+WITH failed (item, message, item_url) AS ({failed}),
+classified AS (
+    SELECT item, message,
+           coalesce(substring(message FROM '^([A-Za-z_][A-Za-z0-9_. ]{{0,60}}?):'), 'error') AS kind,
+           coalesce(substring(message FROM 'https?://([A-Za-z0-9.:\\[\\]-]*[A-Za-z0-9\\]])'),
+                    substring(item_url FROM '//([^/]+)'), '') AS host
+    FROM failed),
+groups AS (
+    SELECT kind, host, count(*) AS items, min(item) AS example FROM classified
+    GROUP BY kind, host ORDER BY items DESC, kind, host LIMIT 10)
+SELECT DISTINCT ON (g.items, g.kind, g.host) g.kind, g.host, g.items, g.example, left(c.message, 300)
+FROM groups g JOIN classified c ON (c.item, c.kind, c.host) = (g.example, g.kind, g.host)
+ORDER BY g.items DESC, g.kind, g.host
+"""
+
+
+def failure_groups(conn: psycopg.Connection, failed: str) -> list[FailureGroup]:
+    """Group failing items by error kind (the class the message starts with) and host (the first URL in
+    the message, else the item's own URL). `failed` is a query of (item, message, item_url) rows."""
+    rows = conn.execute(_GROUP_FAILURES.format(failed=failed)).fetchall()
+    return [FailureGroup(kind, host, count, example, reason) for kind, host, count, example, reason in rows]
 
 
 def repos_status(conn: psycopg.Connection, stale_minutes: int) -> PipelineStatus:
@@ -85,10 +119,6 @@ def repos_status(conn: psycopg.Connection, stale_minutes: int) -> PipelineStatus
     records = conn.execute(
         "SELECT count(*) FROM records WHERE indexed_at > now() - interval '1 hour'"
     ).fetchone()[0]
-    reasons = conn.execute(
-        """SELECT left(last_error, 200), count(*), min(did) FROM repos WHERE status = 'error'
-           GROUP BY 1 ORDER BY 2 DESC LIMIT 10"""
-    ).fetchall()
     stuck = [did for (did,) in conn.execute(
         "SELECT did FROM repos WHERE status = 'in_progress' AND claimed_at < now() - make_interval(mins => %s) "
         "ORDER BY claimed_at LIMIT 10", (stale_minutes,)
@@ -96,7 +126,7 @@ def repos_status(conn: psycopg.Connection, stale_minutes: int) -> PipelineStatus
     return PipelineStatus(
         "atproto repos", "repos", finished, sum(counts.values()), per_hour=float(per_hour),
         throughput=f"{records / 3600:.1f} records/s (last hour)",
-        failures=[(f"{n} repos, e.g. {did}", reason) for reason, n, did in reasons],
+        failures=failure_groups(conn, "SELECT did, last_error, pds FROM repos WHERE status = 'error'"),
         failure_count=counts.get("error", 0), stuck=stuck,
     )
 
@@ -110,12 +140,10 @@ def blobs_status(conn: psycopg.Connection) -> PipelineStatus:
         """SELECT coalesce(sum((progress_data->>'bytes_transferred')::bigint), 0)::float8 FROM blob_migrations
            WHERE updated_at > now() - interval '1 hour'"""
     ).fetchone()[0]
-    failed = conn.execute(
-        """SELECT did, coalesce(error, jsonb_array_length(progress_data->'failed_blobs') || ' blobs failed')
-           FROM blob_migrations
-           WHERE status = 'failed' OR jsonb_array_length(coalesce(progress_data->'failed_blobs', '[]')) > 0
-           ORDER BY updated_at DESC LIMIT 10"""
-    ).fetchall()
+    failed = """SELECT did, coalesce(error, 'BlobsFailed: ' || jsonb_array_length(progress_data->'failed_blobs')
+                                || ' blobs failed'), old_pds FROM blob_migrations
+                WHERE status = 'failed' OR jsonb_array_length(coalesce(progress_data->'failed_blobs', '[]')) > 0"""
+    failure_count = conn.execute(f"SELECT count(*) FROM ({failed}) f").fetchone()[0]
     stuck = [f"{did} (no progress for {minutes:.0f} min)" for did, minutes in conn.execute(
         """SELECT did, (extract(epoch FROM now() - updated_at) / 60)::float8 FROM blob_migrations
            WHERE status = 'pending_blobs' AND progress_data ? 'blobs_started_at'
@@ -123,8 +151,8 @@ def blobs_status(conn: psycopg.Connection) -> PipelineStatus:
     )]
     return PipelineStatus(
         "atproto blobs", "accounts", counts.get("pending_prefs", 0), sum(counts.values()), per_hour=float(per_hour),
-        throughput=f"{moved / 3600 / 1e6:.2f} MB/s (last hour)", failures=[(d, r) for d, r in failed],
-        failure_count=len(failed), stuck=stuck,
+        throughput=f"{moved / 3600 / 1e6:.2f} MB/s (last hour)",
+        failures=failure_groups(conn, failed), failure_count=failure_count, stuck=stuck,
     )
 
 
@@ -136,10 +164,6 @@ def files_status(conn: psycopg.Connection, stale_minutes: float) -> PipelineStat
     ).fetchone()
     files_total = conn.execute("SELECT count(*) FROM source_files").fetchone()[0]
     files_done = conn.execute("SELECT count(*) FROM migration_files WHERE status = 'SUCCESS'").fetchone()[0]
-    failed = conn.execute(
-        "SELECT file_id, old_uri, coalesce(error, 'failed') FROM migration_files WHERE status = 'FAIL' "
-        "ORDER BY retry_count DESC, file_id LIMIT 10"
-    ).fetchall()
     failure_count = conn.execute("SELECT count(*) FROM migration_files WHERE status = 'FAIL'").fetchone()[0]
     stuck = [f"range {rid} [{lo}, {hi}] heartbeat {age:.0f} min ago" for rid, lo, hi, age in conn.execute(
         """SELECT range_id, min_id, max_id, (extract(epoch FROM now() - heartbeat) / 60)::float8 FROM migration_ranges
@@ -149,7 +173,9 @@ def files_status(conn: psycopg.Connection, stale_minutes: float) -> PipelineStat
     return PipelineStatus(
         "files", f"files ({counts.get('COMPLETE', 0)}/{sum(counts.values())} ranges complete)", files_done,
         files_total, per_hour=float(per_hour), throughput=f"{bytes_hour / 3600 / 1e6:.2f} MB/s (last hour)",
-        failures=[(f"file {fid} {uri}", reason) for fid, uri, reason in failed], failure_count=failure_count,
+        failures=failure_groups(conn, "SELECT 'file ' || file_id || ' ' || old_uri, coalesce(error, 'failed'), "
+                                      "NULL::text FROM migration_files WHERE status = 'FAIL'"),
+        failure_count=failure_count,
         stuck=stuck,
     )
 

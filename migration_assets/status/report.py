@@ -4,6 +4,21 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class FailureGroup:
+    """Failing items sharing an error kind and host: one line however many items fail alike."""
+
+    kind: str       # the error's class, e.g. "DidResolutionFailed" ("error" when the message names none)
+    host: str       # the host the error names, else the item's own host ("" when none)
+    count: int
+    example: str    # one failing item (DID, partition, file)
+    reason: str     # that item's message
+
+    @property
+    def label(self) -> str:
+        return f"{self.count} x {self.kind}" + (f" at {self.host}" if self.host else "")
+
+
+@dataclass
 class PipelineStatus:
     pipeline: str
     unit: str                      # what `done` / `total` count: "block ranges", "repos", ...
@@ -11,8 +26,8 @@ class PipelineStatus:
     total: int
     per_hour: float = 0.0          # units finished in the last hour
     throughput: str = ""           # the work's own rate, e.g. "950 heights/s"
-    failures: list[tuple[str, str]] = field(default_factory=list)   # (item, reason), worst first
-    failure_count: int = 0
+    failures: list[FailureGroup] = field(default_factory=list)      # most items first
+    failure_count: int = 0         # failing items, all groups
     slowest: list[tuple[str, float]] = field(default_factory=list)  # (item, seconds)
     stuck: list[str] = field(default_factory=list)
 
@@ -61,11 +76,12 @@ def markdown(statuses: list[PipelineStatus]) -> str:
 
 
 def failures_markdown(statuses: list[PipelineStatus]) -> str:
-    rows = [(s.pipeline, item, reason) for s in statuses for item, reason in s.failures]
+    rows = [(s.pipeline, group) for s in statuses for group in s.failures]
     if not rows:
         return "no failures"
-    lines = ["| pipeline | item | reason |", "|---|---|---|"]
-    lines += [f"| {p} | {item} | {reason[:300].replace('|', '/')} |" for p, item, reason in rows]
+    lines = ["| pipeline | items | kind | host | example | its reason |", "|---|---|---|---|---|---|"]
+    lines += [f"| {p} | {g.count} | {g.kind} | {g.host or '-'} | {g.example} | {g.reason[:300].replace('|', '/')} |"
+              for p, g in rows]
     return "\n".join(lines)
 
 
@@ -82,8 +98,8 @@ def text(statuses: list[PipelineStatus]) -> str:
     out = []
     for status in statuses:
         out.append(summary_line(status))
-        for item, reason in status.failures[:10]:
-            out.append(f"  failed   {item}: {reason[:200]}")
+        for group in status.failures[:10]:
+            out.append(f"  failed   {group.label}, e.g. {group.example}: {group.reason[:200]}")
         for item in status.stuck[:10]:
             out.append(f"  stuck    {item}")
         for item, seconds in status.slowest[:3]:
