@@ -101,7 +101,7 @@ def test_reset_header_forms():
 def test_remaining_zero_with_an_absurd_reset_on_a_200_pauses_at_most_the_cap(target_url, reset):
     limiter = HostRateLimiter(target_url, limit=100, window_seconds=60)
     limiter.observe(HOST, {"RateLimit-Remaining": "0", "RateLimit-Reset": reset})
-    cap = limiter.settings.max_pause_seconds
+    cap = AtprotoSettings().max_pause_seconds
     stored = psycopg.connect(target_url).execute(
         "SELECT paused_until FROM atproto_rate_limits WHERE host = %s", (HOST,)).fetchone()[0]
     assert 0 < stored - db_now(target_url) <= cap
@@ -116,7 +116,7 @@ def test_an_absurd_pause_stored_by_an_older_version_is_read_back_bounded(target_
     target.execute("INSERT INTO atproto_rate_limits (host, window_start, paused_until) VALUES (%s, 0, %s::float8)",
                    (HOST, stored))
     limiter = HostRateLimiter(target_url, limit=100, window_seconds=60)
-    cap = limiter.settings.max_pause_seconds
+    cap = AtprotoSettings().max_pause_seconds
     latest = time.time() + cap + 5
     assert limiter.paused_until(HOST) <= latest
     with pytest.raises(LimiterWaitExceeded) as raised:
