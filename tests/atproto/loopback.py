@@ -26,6 +26,7 @@ class Reply:
     body: bytes | list[bytes] = b""  # a list is sent as separate writes
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before answering (timeouts)
+    chunk_delay: float = 0.0  # seconds between the writes of a list body (a host dripping bytes)
 
 
 def json_reply(value: object, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
@@ -114,7 +115,9 @@ def _make_handler(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(sum(len(c) for c in chunks)))
                 self.end_headers()
-                for chunk in chunks:
+                for n, chunk in enumerate(chunks):
+                    if n and reply.chunk_delay:
+                        time.sleep(reply.chunk_delay)
                     self.wfile.write(chunk)
                     self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
