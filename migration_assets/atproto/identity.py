@@ -28,7 +28,13 @@ from migration_assets.atproto.errors import AtprotoError
 from migration_assets.atproto.ratelimit import LimiterWaitExceeded, pause_end
 from migration_assets.atproto.settings import AtprotoSettings
 from migration_assets.atproto.signature import DidKeyError, PublicKey, parse_did_key, parse_verification_method
-from migration_assets.atproto.xrpc import ALLOW_PRIVATE_ENV, PrivateHostRefused, RateLimited, guarded_http_client, host_key
+from migration_assets.atproto.xrpc import (
+    ALLOW_PRIVATE_ENV,
+    PrivateHostRefused,
+    RateLimited,
+    guarded_http_client,
+    host_key,
+)
 from migration_assets.core.backoff import Backoff
 
 if TYPE_CHECKING:

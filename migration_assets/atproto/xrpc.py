@@ -290,7 +290,8 @@ class XrpcClient:
         self.max_rate_limit_wait = max_rate_limit_wait
         self.retries = retries
         self.backoff = Backoff(base=backoff, cap=max(30.0, backoff), floor=0.5)
-        self.allow_private = allow_private_hosts if allow_private_hosts is not None else self.settings.allow_private_hosts
+        self.allow_private = (self.settings.allow_private_hosts if allow_private_hosts is None
+                              else allow_private_hosts)
         self._http = guarded_http_client(timeout=timeout, allow_private=self.allow_private, user_agent=user_agent,
                                          resolve=resolve)
         self._session: _Session | None = None

@@ -3,7 +3,8 @@ with its JSON form, staged on local disk so memory stays flat however big the re
 
 The CAR streams through once. The MST nodes the commit reaches stay in memory (a node holds several
 keys, so they are a fraction of the blocks; atproto.repo keeps unreferenced ones out); the commit is kept
-apart; every other block is turned into its JSON form and appended to a spool file. The MST walk then appends each record's key to a second spool file. Storing
+apart; every other block is turned into its JSON form and appended to a spool file. The MST walk
+then appends each record's key to a second spool file. Storing
 (store.py) COPYs both into PostgreSQL and diffs there. Blocks may come in any order, so nothing can be
 stored before the CAR ends, and disk is where the rest of it waits.
 """
