@@ -155,11 +155,6 @@ def error_class(status: int, error: str | None, message: str) -> type[XrpcError]
 # --- private-host guard -----------------------------------------------------------------------------
 
 
-def private_hosts_allowed(explicit: bool | None = None) -> bool:
-    """`explicit` if given, else ATPROTO_ALLOW_PRIVATE_HOSTS."""
-    return explicit if explicit is not None else AtprotoSettings.load().allow_private_hosts
-
-
 def is_forbidden_address(address: str) -> bool:
     """True for anything but a public unicast address (private, loopback, link-local, reserved, ...)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
