@@ -30,6 +30,7 @@ try:
 except ImportError:  # run as a script: bench/ is on sys.path
     from common import embedded_postgres, load_average, log, machine_info, peak_rss_mb, write_result
 
+from migration_assets.core.instance import INSTANCE_CONFIG
 from migration_assets.core.settings import PROJECT_ROOT
 
 NAME = "blob_migration"
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     run_started, load_at_start = time.perf_counter(), load_average()
     home = Path(tempfile.mkdtemp(prefix="bench-dagster-home-"))
-    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(INSTANCE_CONFIG, home / "dagster.yaml")
     network = start_atproto_network(2, blob_upload_limit=UPLOAD_LIMIT)
     try:
         with embedded_postgres() as (target_url, dagster_url):

@@ -142,7 +142,7 @@ def child() -> None:
     import dagster as dg
 
     import migration_assets.definitions  # noqa: F401  (a run's process loads the code location first)
-    from migration_assets.core.postgres import PostgresResource
+    from migration_assets.core.resources import PostgresResource
     from migration_assets.files import assets
     from migration_assets.files.resources import FilesResource, FilesS3Resource
 

@@ -8,7 +8,7 @@ from migration_assets.blobs import definitions as blobs
 from migration_assets.blobs.resources import BlobMigrationResource
 from migration_assets.chain import definitions as chain
 from migration_assets.chain.resources import ChainSourceResource
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.files import definitions as files
 from migration_assets.files.resources import FilesResource, FilesS3Resource
 from migration_assets.repos import definitions as repos

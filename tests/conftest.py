@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from migration_assets.core import embedded
+from migration_assets.core.instance import INSTANCE_CONFIG
 from migration_assets.core.postgres import close_pools, shared_pool
-from migration_assets.core.settings import PROJECT_ROOT
 from migration_assets.devstack.sample_chain import create_block_table
 from migration_assets.devstack.servers import local_aws_environment, start_dynalite
 
@@ -121,7 +121,7 @@ def dagster_home(tmp_path, instance, monkeypatch):
     the `migration-assets` command (in-process or as a subprocess) runs against."""
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(INSTANCE_CONFIG, home / "dagster.yaml")
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("DAGSTER_POSTGRES_URL", instance.run_storage.postgres_url)
     return home

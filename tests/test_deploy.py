@@ -21,6 +21,7 @@ from dagster._core.instance.config import dagster_instance_config
 from dagster._core.run_coordinator import QueuedRunCoordinator
 
 from migration_assets.core import embedded
+from migration_assets.core.pools import POOLS_FILE
 from migration_assets.core.settings import PROJECT_ROOT
 from migration_assets.devstack.servers import free_port
 
@@ -221,7 +222,7 @@ def test_k8s_rendered_instance_runs_on_postgres(pg_server_url, tmp_path, monkeyp
 # --- pools -----------------------------------------------------------------------------------------
 
 def test_pool_limits_are_documented_and_applied_by_set_pools(pg_server_url, tmp_path, monkeypatch, offline_aws):
-    pools = yaml.safe_load((DEPLOY / "pools.yaml").read_text())
+    pools = yaml.safe_load(POOLS_FILE.read_text())
     assert pools["atproto_blobs"] == 15
     documented = {row["pool"]: int(row["limit"]) for row in guide_table("The run queue and pools")}
     assert documented == pools
@@ -240,11 +241,11 @@ def test_pool_limits_are_documented_and_applied_by_set_pools(pg_server_url, tmp_
 
 
 def test_every_pool_an_asset_names_has_a_limit():
-    pools = yaml.safe_load((DEPLOY / "pools.yaml").read_text())
+    pools = yaml.safe_load(POOLS_FILE.read_text())
     named = set(re.findall(r"\bpool\s*=\s*\"(\w+)\"|\b\w*POOL\s*=\s*\"(\w+)\"", package_sources()))
     used = {name for pair in named for name in pair if name}
     assert "chain_dynamodb" in used
-    assert used - set(pools) == set(), f"pools without a limit in deploy/pools.yaml: {used - set(pools)}"
+    assert used - set(pools) == set(), f"pools without a limit in {POOLS_FILE}: {used - set(pools)}"
 
 
 # --- the image ---------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from migration_assets.blobs.transfer import (
 )
 from migration_assets.core.checks import listing
 from migration_assets.core.dagster_glue import check_result, check_specs
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 
 BLOBS = dg.AssetKey(["atproto", "blobs"])
 BLOB_POOL = "atproto_blobs"  # limit 15, run granularity (dagster.yaml): the 16th account waits queued

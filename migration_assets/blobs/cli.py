@@ -13,7 +13,7 @@ from migration_assets.blobs.credentials import AccountCredentials, CredentialsEr
 from migration_assets.blobs.resources import BlobMigrationResource
 from migration_assets.core.runs import root_cause
 from migration_assets.core.instance import project_instance
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 
 OLD_PASSWORD = "ATPROTO_OLD_PASSWORD"
 NEW_PASSWORD = "ATPROTO_NEW_PASSWORD"

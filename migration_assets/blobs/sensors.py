@@ -6,7 +6,7 @@ import dagster as dg
 
 from migration_assets.blobs import store
 from migration_assets.blobs.assets import BLOBS, REQUEST_TAG, accounts
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 
 MAX_REQUESTS_PER_TICK = 500
 

@@ -9,7 +9,7 @@ from migration_assets.chain.partitions import block_ranges, event_ranges
 from migration_assets.chain.ranges import parse_range_key
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.core.dagster_glue import check_result, check_specs
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 
 BLOCK_METADATA = dg.AssetKey(["chain", "block_metadata"])
 BLOCK_EVENTS = dg.AssetKey(["chain", "block_events"])

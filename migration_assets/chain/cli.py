@@ -12,7 +12,7 @@ from migration_assets.chain.partitions import block_ranges, event_ranges, regist
 from migration_assets.chain.ranges import parse_range_key
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.core.instance import project_instance
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.core.runs import materialize_partition, print_partition_summary
 
 

@@ -1,22 +1,26 @@
-"""The project's named pool limits (deploy/pools.yaml), applied to the local instance.
+"""The project's named pool limits (core/pools.yaml, shipped with the package), applied to an instance.
 
 Dagster keeps named pool limits in the instance database, not in dagster.yaml (whose `concurrency.pools`
-only has `default_limit`), so the demo and the CLI set them here; deployments run deploy/set-pools.sh.
+only has `default_limit`), so the demo and the CLI set them here; deployments run deploy/set-pools.sh,
+which reads the same file from the installed package.
 """
 
-import dagster as dg
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import yaml
 
-from migration_assets.core.settings import PROJECT_ROOT
+if TYPE_CHECKING:  # the instance is only passed through: no Dagster import at run time
+    import dagster as dg
 
-POOLS_FILE = PROJECT_ROOT / "deploy" / "pools.yaml"
+POOLS_FILE = Path(__file__).with_name("pools.yaml")
 
 
 def project_pool_limits() -> dict[str, int]:
     return {str(k): int(v) for k, v in (yaml.safe_load(POOLS_FILE.read_text()) or {}).items()}
 
 
-def ensure_pool_limits(instance: dg.DagsterInstance) -> dict[str, int]:
+def ensure_pool_limits(instance: "dg.DagsterInstance") -> dict[str, int]:
     """Give each project pool its limit where the instance has none yet (a limit an operator set in
     the UI or with `dagster instance concurrency set` is kept). Returns the limits set now."""
     storage = instance.event_log_storage
@@ -25,3 +29,4 @@ def ensure_pool_limits(instance: dg.DagsterInstance) -> dict[str, int]:
     for pool, limit in missing.items():
         storage.set_concurrency_slots(pool, limit)
     return missing
+

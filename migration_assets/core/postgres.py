@@ -1,16 +1,13 @@
-"""The PostgreSQL target: a pooled psycopg 3 connection per process, COPY helpers, schema on first use."""
+"""The PostgreSQL target: a pooled psycopg 3 connection per process, COPY helpers, schema on first use.
+Pure core (no Dagster): the Dagster resource over it is core/resources.py."""
 
 import threading
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import dagster as dg
 import psycopg
 from psycopg_pool import ConnectionPool
-from pydantic import Field
 
-from migration_assets.core.embedded import target_database_url
 from migration_assets.core.schema import apply_migrations
 
 _pools: dict[str, ConnectionPool] = {}
@@ -48,22 +45,3 @@ def copy_rows(cur: psycopg.Cursor, table: str, columns: Sequence[str], rows: Ite
             count += 1
     return count
 
-
-class PostgresResource(dg.ConfigurableResource):
-    """The migration target. Leave `database_url` unset to use MIGRATION_DATABASE_URL (or the embedded
-    server); if you set it, pass `dg.EnvVar(...)` so the URL and its password stay out of run config."""
-
-    database_url: str | None = Field(default=None, description="defaults to MIGRATION_DATABASE_URL")
-    pool_size: int = 8
-
-    def resolved_url(self) -> str:
-        return self.database_url or target_database_url()
-
-    def pool(self, size: int = 0) -> ConnectionPool:
-        """The process's pool of this database, with at least `size` connections (and pool_size)."""
-        return shared_pool(self.resolved_url(), max(size, self.pool_size))
-
-    @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
-        with self.pool().connection() as conn:
-            yield conn

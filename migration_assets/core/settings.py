@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BeforeValidator, Field, ValidationError
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict  # noqa: F401 (re-exported)
 
 # The package itself (data files that ship with it: SQL migrations, pools.yaml, dynalite.js).
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-# The checkout, for what only a checkout has (workspace.yaml, dagster.yaml, node_modules): the demo
+# The checkout, for what only a checkout has (workspace.yaml, node_modules, README): the demo
 # and the tests. Never used by code that runs from an installed package.
 PROJECT_ROOT = PACKAGE_ROOT.parent
 

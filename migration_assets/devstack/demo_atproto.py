@@ -11,7 +11,7 @@ from pydantic import SecretStr
 
 from migration_assets.blobs import store as blob_store
 from migration_assets.blobs.credentials import AccountCredentials
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.core.settings import data_dir
 from migration_assets.devstack.atproto import AtprotoNetwork, PdsSeeder, migrate_account, start_atproto_network
 

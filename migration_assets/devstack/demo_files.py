@@ -6,7 +6,7 @@ import os
 import boto3
 
 from migration_assets.core.instance import project_instance
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.core.settings import data_dir
 from migration_assets.devstack.servers import LocalServer, start_moto_s3
 from migration_assets.files import store

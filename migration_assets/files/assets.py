@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 
 from migration_assets.core.dagster_glue import check_result, check_specs
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.files import checks, store
 from migration_assets.files.mover import S3Target
 from migration_assets.files.partitions import file_ranges, register_ranges

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from migration_assets.core.instance import project_instance
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.core.runs import materialize_partition, materialized_metadata, print_partition_summary, root_cause
 from migration_assets.files import assets
 from migration_assets.files.partitions import register_ranges

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 import dagster as dg
 from pydantic import BaseModel
 
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.files.assets import COPIED_FILES, FILE_RETRIES, MIGRATION_RANGES
 from migration_assets.files.ranges import range_key
 from migration_assets.files.resources import FilesResource

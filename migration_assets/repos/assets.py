@@ -4,7 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from migration_assets.core.dagster_glue import check_result, check_specs
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.repos import checks, ledger
 from migration_assets.repos.backfill import BackfillReport, RepoOutcome, backfill_buckets
 from migration_assets.repos.buckets import parse_bucket_key

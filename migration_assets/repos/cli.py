@@ -5,7 +5,7 @@ import time
 from collections import Counter
 
 from migration_assets.core.instance import project_instance
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.core.runs import materialize_partition, materialized_metadata, print_partition_summary
 from migration_assets.repos import ledger
 from migration_assets.repos.assets import REPOS, repo_ledger, repos
@@ -29,7 +29,7 @@ def backfill_command(args: argparse.Namespace) -> int:
     if not args.host and not args.did:
         print("error: give --host URL (to list its repos) and/or --did DID")
         return 2
-    source = RepoSourceResource(verify_signatures=False if args.no_verify else None)
+    source = RepoSourceResource(**({"verify_signatures": False} if args.no_verify else {}))
     resources = {"postgres": PostgresResource(), "repo_source": source}
     instance = project_instance()
     started = time.monotonic()

@@ -1,5 +1,6 @@
 """Discovery: page through `com.atproto.sync.listRepos` of a PDS or relay into the ledger."""
 
+import time
 from dataclasses import dataclass
 
 import psycopg
@@ -37,12 +38,13 @@ def list_page(client: XrpcClient, cursor: str | None, limit: int = PAGE_SIZE) ->
 
 def discover(
     conn: psycopg.Connection, client: XrpcClient, buckets: int, cursor: str | None = None,
-    max_pages: int | None = None, page_size: int = PAGE_SIZE,
+    deadline: float | None = None, page_size: int = PAGE_SIZE,
 ) -> DiscoveryProgress:
-    """List repos from `cursor` on, up to `max_pages` pages (None: to the end), recording each page in
-    the ledger as it arrives; `progress.cursor` is where to go on next time (None once finished)."""
+    """List repos from `cursor` on, recording each page in the ledger as it arrives, to the end or until
+    `deadline` (a time.monotonic() value) has passed after a page; `progress.cursor` is where to go on
+    next time (None once finished). At least one page is listed, so every call makes progress."""
     progress = DiscoveryProgress(client.base_url, cursor=cursor)
-    while max_pages is None or progress.pages < max_pages:
+    while True:
         items, next_cursor = list_page(client, progress.cursor, page_size)
         new, due = ledger.record_listing(conn, items, buckets)
         progress.pages += 1
@@ -52,5 +54,6 @@ def discover(
         progress.cursor = next_cursor
         if next_cursor is None:
             progress.finished = True
-            break
-    return progress
+            return progress
+        if deadline is not None and time.monotonic() >= deadline:
+            return progress

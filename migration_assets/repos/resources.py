@@ -37,20 +37,28 @@ class HostClients:
             self._clients.clear()
 
 
+# The environment as this process started with it: the resource's defaults, so the UI shows the
+# configuration a run will use (a bad REPO_* value fails here, when the definitions load).
+_ENV = RepoSettings.load()
+
+
 class RepoSourceResource(dg.ConfigurableResource):
-    """Where repos come from. Unset fields fall back to the environment (ATPROTO_PLC_URL,
-    ATPROTO_ALLOW_PRIVATE_HOSTS, REPO_* variables; see README)."""
+    """Where repos come from and how they are fetched. Defaults come from the environment (REPO_*;
+    plc_url and allow_private_hosts from ATPROTO_PLC_URL and ATPROTO_ALLOW_PRIVATE_HOSTS when unset)."""
 
     plc_url: str | None = Field(default=None, description="PLC directory (default ATPROTO_PLC_URL)")
     allow_private_hosts: bool | None = Field(default=None, description="default ATPROTO_ALLOW_PRIVATE_HOSTS")
-    verify_signatures: bool | None = Field(default=None, description="default REPO_VERIFY_SIGNATURES (on)")
-    concurrency: int | None = Field(default=None, description="repos fetched at once (REPO_CONCURRENCY)")
+    verify_signatures: bool = Field(default=_ENV.verify_signatures, description="REPO_VERIFY_SIGNATURES")
+    concurrency: int = Field(default=_ENV.concurrency, ge=1, description="repo downloads at once (REPO_CONCURRENCY)")
+    max_car_bytes: int = Field(default=_ENV.max_car_bytes, gt=0, description="REPO_MAX_CAR_BYTES")
+    fetch_timeout_seconds: float = Field(default=_ENV.fetch_timeout_seconds, gt=0,
+                                         description="REPO_FETCH_TIMEOUT_SECONDS")
 
     @property
     def settings(self) -> RepoSettings:
-        settings = RepoSettings.from_env()
-        overrides = {"verify_signatures": self.verify_signatures, "concurrency": self.concurrency}
-        return settings.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+        """The environment's REPO_* settings with this resource's fields in their place."""
+        return RepoSettings.load(verify_signatures=self.verify_signatures, concurrency=self.concurrency,
+                                 max_car_bytes=self.max_car_bytes, fetch_timeout_seconds=self.fetch_timeout_seconds)
 
     def resolver(self, limiter: HostRateLimiter | None = None) -> IdentityResolver:
         return IdentityResolver(self.plc_url, allow_private_hosts=self.allow_private_hosts, limiter=limiter)

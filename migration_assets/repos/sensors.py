@@ -1,33 +1,31 @@
 """Continuous sync: page listRepos across ticks, mark moved repos due, run the buckets that have due repos."""
 
 import json
+import time
 
 import dagster as dg
+import psycopg
 
-from migration_assets.core.postgres import PostgresResource
-from migration_assets.core.settings import _env_int
+from migration_assets.core.resources import PostgresResource
 from migration_assets.repos import ledger
 from migration_assets.repos.assets import REPOS
 from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.discovery import discover
-from migration_assets.repos.resources import RepoSourceResource
+from migration_assets.repos.resources import HostClients, RepoSourceResource
+from migration_assets.repos.settings import RepoSettings
 
-PAGES_PER_TICK = 5  # x 1000 repos per host: keeps a tick well under the 60 s sensor timeout
 MAX_RUNS_PER_TICK = 64
 SYNC_TAG = "migration-assets/repo-sync"
 
 
-def sync_interval_seconds() -> int:
-    return _env_int("REPO_SYNC_INTERVAL_SECONDS", 60)
-
-
 @dg.sensor(
     name="repo_sync",
-    minimum_interval_seconds=sync_interval_seconds(),
+    minimum_interval_seconds=RepoSettings.load().sync_interval_seconds,
     asset_selection=[REPOS],
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Lists repos of REPO_DISCOVERY_HOSTS a few pages per tick (cursor kept across ticks), marks "
-    "new repos and repos whose head moved as due, and runs each bucket that has due repos (incl. retries).",
+    description="Lists repos of REPO_DISCOVERY_HOSTS for up to REPO_SENSOR_TICK_SECONDS per tick (cursor kept "
+    "across ticks), marks new repos and repos whose head moved as due, and runs each bucket that has due "
+    "repos (incl. retries).",
 )
 def repo_sync(
     context: dg.SensorEvaluationContext, postgres: PostgresResource, repo_source: RepoSourceResource
@@ -37,15 +35,7 @@ def repo_sync(
     clients = repo_source.clients(postgres.resolved_url())
     try:
         with postgres.connection() as conn:
-            for host in settings.discovery_hosts:
-                try:
-                    progress = discover(conn, clients(host), settings.buckets, cursors.get(host), PAGES_PER_TICK)
-                except Exception as exc:  # noqa: BLE001 - one dead host must not stop the others' sync
-                    context.log.warning(f"listRepos of {host} failed, will try again next tick: {exc}")
-                    continue
-                cursors[host] = progress.cursor  # None after the last page: the next tick starts over
-                context.log.info(f"{host}: {progress.listed} listed, {progress.new} new, {progress.due} due"
-                                 + (" (pass complete)" if progress.finished else ""))
+            list_hosts(context, conn, clients, settings, cursors)
             conn.commit()
             due = ledger.due_buckets(conn, settings.stale_claim_minutes)
     finally:
@@ -59,3 +49,23 @@ def repo_sync(
         for bucket, (count, latest) in list(due.items())[:MAX_RUNS_PER_TICK]
     ]
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursors))
+
+
+def list_hosts(context: dg.SensorEvaluationContext, conn: psycopg.Connection, clients: HostClients,
+               settings: RepoSettings, cursors: dict[str, str | None]) -> None:
+    """Page each host's listRepos from its cursor, within the tick's time budget shared evenly by the
+    hosts (what one leaves unused goes to the next), so the tick stays under Dagster's sensor timeout
+    however slow a host is; each host goes on from its updated cursor next tick."""
+    hosts = settings.discovery_hosts
+    end = time.monotonic() + settings.sensor_tick_seconds
+    for index, host in enumerate(hosts):
+        now = time.monotonic()
+        deadline = now + (end - now) / (len(hosts) - index)
+        try:
+            progress = discover(conn, clients(host), settings.buckets, cursors.get(host), deadline)
+        except Exception as exc:  # noqa: BLE001 - one dead host must not stop the others' sync
+            context.log.warning(f"listRepos of {host} failed, will try again next tick: {exc}")
+            continue
+        cursors[host] = progress.cursor  # None after the last page: the next tick starts over
+        context.log.info(f"{host}: {progress.pages} pages, {progress.listed} listed, {progress.new} new, "
+                         f"{progress.due} due" + (" (pass complete)" if progress.finished else " (goes on next tick)"))

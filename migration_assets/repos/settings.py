@@ -1,25 +1,33 @@
-"""Repo backfill settings from the environment (the stable interface; see README)."""
+"""REPO_*: repo backfill settings from the environment (the stable interface; see README)."""
 
-import os
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
-from pydantic import BaseModel, Field
-
-from migration_assets.core.settings import _env_int
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "").strip().lower()
-    return default if not raw else raw in {"1", "true", "yes", "on"}
+from migration_assets.core.settings import CommaList, EnvBool, EnvSettings
 
 
-class RepoSettings(BaseModel):
-    buckets: int = Field(default=256, ge=1, description="hash buckets = partitions (REPO_BUCKETS)")
-    discovery_hosts: list[str] = Field(default_factory=list, description="REPO_DISCOVERY_HOSTS")
-    verify_signatures: bool = True
-    concurrency: int = Field(default=8, ge=1, description="repos fetched at once per run")
-    max_car_bytes: int = Field(default=512 * 1024 * 1024, description="a larger repo export fails")
-    fetch_timeout_seconds: float = 120.0
-    stale_claim_minutes: int = Field(default=30, description="an in-progress claim older than this is taken over")
+class RepoSettings(EnvSettings):
+    """How repos are discovered, fetched and synced. A bad value fails at start-up naming the variable."""
+
+    model_config = SettingsConfigDict(env_prefix="REPO_", env_ignore_empty=True, extra="ignore")
+
+    buckets: int = Field(default=256, ge=1, description="hash buckets of the DIDs = partitions of atproto/repos")
+    discovery_hosts: CommaList = Field(
+        default_factory=list, description="comma-separated PDS or relay URLs to list repos from (listRepos)")
+    verify_signatures: EnvBool = Field(default=True, description="check each commit's signature against the DID key")
+    concurrency: int = Field(default=8, ge=1, description="repo downloads at once per run")
+    max_car_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="a larger repo export fails that repo")
+    fetch_timeout_seconds: float = Field(default=120.0, gt=0, description="deadline for one whole repo download")
+    stale_claim_minutes: int = Field(
+        default=30, ge=1, description="an in-progress claim older than this is taken over by the next run")
+    sync_interval_seconds: int = Field(default=60, ge=1, description="repo_sync sensor interval")
+    sensor_tick_seconds: float = Field(
+        default=30.0, gt=0, description="time a repo_sync tick spends paging listRepos; the next tick goes on from there")
+
+    @field_validator("discovery_hosts")
+    @classmethod
+    def _without_trailing_slash(cls, hosts: list[str]) -> list[str]:
+        return [host.rstrip("/") for host in hosts]
 
     @property
     def sync_threads(self) -> int:
@@ -33,13 +41,4 @@ class RepoSettings(BaseModel):
 
     @classmethod
     def from_env(cls) -> "RepoSettings":
-        hosts = [h.strip().rstrip("/") for h in os.environ.get("REPO_DISCOVERY_HOSTS", "").split(",") if h.strip()]
-        return cls(
-            buckets=_env_int("REPO_BUCKETS", 256),
-            discovery_hosts=hosts,
-            verify_signatures=_env_flag("REPO_VERIFY_SIGNATURES", True),
-            concurrency=_env_int("REPO_CONCURRENCY", 8),
-            max_car_bytes=_env_int("REPO_MAX_CAR_BYTES", 512 * 1024 * 1024),
-            fetch_timeout_seconds=float(_env_int("REPO_FETCH_TIMEOUT_SECONDS", 120)),
-            stale_claim_minutes=_env_int("REPO_STALE_CLAIM_MINUTES", 30),
-        )
+        return cls.load()

@@ -3,12 +3,14 @@ with its JSON form, staged on local disk so memory stays flat however big the re
 
 The CAR streams through once. The MST nodes the commit reaches stay in memory (a node holds several
 keys, so they are a fraction of the blocks; atproto.repo keeps unreferenced ones out); the commit is kept
-apart; every other block is turned into its JSON form and appended to a spool file. The MST walk
-then appends each record's key to a second spool file. Storing
+apart; every other block is turned into its JSON form and appended to a spool file (see `_staged` for
+the records that jsonb cannot hold). The MST walk then appends each record's key to a second spool
+file. Storing
 (store.py) COPYs both into PostgreSQL and diffs there. Blocks may come in any order, so nothing can be
 stored before the CAR ends, and disk is where the rest of it waits.
 """
 
+import json
 import marshal
 import tempfile
 from collections import Counter
@@ -25,6 +27,8 @@ from migration_assets.atproto.repo import collect_repo_blocks
 from migration_assets.atproto.signature import verify_commit
 
 _BATCH = 1000  # rows per marshal record in a spool file
+_JSON_NUL = "\\u0000"  # how json writes U+0000, which jsonb refuses
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as dagcbor.to_json_text writes
 
 
 class Spool:
@@ -66,7 +70,7 @@ class RepoSnapshot:
     commit: Commit
     commit_block: bytes
     car_bytes: int
-    blocks: Spool = field(repr=False)  # (binary CID, record JSON or None, why not)
+    blocks: Spool = field(repr=False)  # (binary CID, record JSON or None, why not, exact block or None)
     keys: Spool = field(repr=False)  # (collection, rkey, CID, binary CID) in key order
     collections: Counter = field(default_factory=Counter)
 
@@ -98,13 +102,31 @@ class _Counting:
             yield chunk
 
 
-def _staged(cid: CID, block: bytes) -> tuple[bytes, str | None, str | None]:
+def _staged(cid: CID, block: bytes) -> tuple[bytes, str | None, str | None, bytes | None]:
     """A block's spool row, keyed by the binary CID (the text form is only needed for the records
-    written, and it costs far more). A block that is not DAG-CBOR fails the repo only if a record needs it."""
+    written, and it costs far more). A block that is not DAG-CBOR fails the repo only if a record needs it.
+
+    jsonb cannot hold U+0000, which atproto strings may: such a record's JSON form gets U+FFFD in its
+    place, and the exact block is kept with it (the check is one scan of the text, for every block)."""
     try:
-        return bytes(cid), dagcbor.to_json_text(block), None
+        text = dagcbor.to_json_text(block)
     except AtprotoFormatError as exc:
-        return bytes(cid), None, str(exc)
+        return bytes(cid), None, str(exc), None
+    if _JSON_NUL in text:  # or a literal backslash before "u0000": then nothing changes below
+        readable = _JSON.encode(_without_nul(json.loads(text)))
+        if readable != text:
+            return bytes(cid), readable, None, bytes(block)
+    return bytes(cid), text, None, None
+
+
+def _without_nul(value: object) -> object:
+    if isinstance(value, str):
+        return value.replace("\0", "\ufffd")
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    return value
 
 
 def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int) -> RepoSnapshot:

@@ -16,7 +16,7 @@ from migration_assets.repos.snapshot import RepoSnapshot
 
 # Session-local staging, emptied at each commit; created once per connection.
 _STAGING = (
-    "CREATE TEMP TABLE IF NOT EXISTS incoming_blocks (link bytea, record text, error text) ON COMMIT DELETE ROWS",
+    "CREATE TEMP TABLE IF NOT EXISTS incoming_blocks (link bytea, record text, error text, record_cbor bytea) ON COMMIT DELETE ROWS",
     "CREATE TEMP TABLE IF NOT EXISTS incoming_keys (collection text, rkey text, cid text, link bytea) "
     "ON COMMIT DELETE ROWS",
 )
@@ -41,11 +41,13 @@ _DIFF_AND_WRITE = """
         LEFT JOIN records r ON r.did = %(did)s AND r.collection = k.collection AND r.rkey = k.rkey
         WHERE r.cid IS DISTINCT FROM k.cid
     ), written AS (
-        INSERT INTO records (did, collection, rkey, cid, record)
-        SELECT %(did)s, c.collection, c.rkey, c.cid, b.record::jsonb FROM changed c
-        JOIN (SELECT DISTINCT ON (link) link, record FROM incoming_blocks WHERE record IS NOT NULL) b ON b.link = c.link
+        INSERT INTO records (did, collection, rkey, cid, record, record_cbor)
+        SELECT %(did)s, c.collection, c.rkey, c.cid, b.record::jsonb, b.record_cbor FROM changed c
+        JOIN (SELECT DISTINCT ON (link) link, record, record_cbor FROM incoming_blocks WHERE record IS NOT NULL) b
+          ON b.link = c.link
         ON CONFLICT (did, collection, rkey)
-        DO UPDATE SET cid = excluded.cid, record = excluded.record, indexed_at = now()
+        DO UPDATE SET cid = excluded.cid, record = excluded.record, record_cbor = excluded.record_cbor,
+                      indexed_at = now()
         RETURNING xmax = 0 AS created
     ), gone AS (
         DELETE FROM records r WHERE r.did = %(did)s AND NOT EXISTS
@@ -72,7 +74,7 @@ def store_snapshot(conn: psycopg.Connection, snapshot: RepoSnapshot, pds: str) -
             cur.execute("SELECT 1 FROM repos WHERE did = %(did)s FOR UPDATE", did)
             for statement in _STAGING:
                 cur.execute(statement)
-        copy_rows(cur, "incoming_blocks", ("link", "record", "error"), snapshot.blocks)
+        copy_rows(cur, "incoming_blocks", ("link", "record", "error", "record_cbor"), snapshot.blocks)
         copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid", "link"), snapshot.keys)
         created, updated, deleted, changed = cur.execute(_DIFF_AND_WRITE, did).fetchone()
         if created + updated < changed:  # some changed record had no block to write: roll it all back

@@ -3,7 +3,7 @@
 import argparse
 
 from migration_assets.core.instance import project_instance
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.status import report
 from migration_assets.status.collect import collect
 

@@ -7,7 +7,7 @@ import dagster as dg
 
 from migration_assets.core.checks import CheckOutcome
 from migration_assets.core.dagster_glue import check_result
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.status import report
 from migration_assets.status.collect import collect
 

@@ -15,7 +15,8 @@ from migration_assets.blobs import store
 from migration_assets.blobs.assets import accounts
 from migration_assets.blobs.credentials import AccountCredentials
 from migration_assets.blobs.resources import BlobMigrationResource
-from migration_assets.core.postgres import PostgresResource, shared_pool
+from migration_assets.core.postgres import shared_pool
+from migration_assets.core.resources import PostgresResource
 from migration_assets.devstack.atproto import (
     Account, AtprotoNetwork, PdsSeeder, migrate_account, start_atproto_network,
 )

@@ -7,7 +7,7 @@ from dagster._serdes import serialize_value
 
 from migration_assets.blobs import store
 from migration_assets.blobs.transfer import CHECK_NO_FAILED_BLOBS, CHECK_NOTHING_MISSING
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from tests.blobs.conftest import request_migration, run_partition
 from tests.blobs.pds_proxy import PdsProxy
 

@@ -9,7 +9,7 @@ from migration_assets.blobs import store
 from migration_assets.blobs.assets import BLOB_POOL, BLOBS, REQUEST_TAG, accounts, blobs
 from migration_assets.blobs.credentials import AccountCredentials
 from migration_assets.blobs.sensors import blob_migration_requests
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 
 
 def random_did() -> str:

@@ -52,7 +52,7 @@ def test_count_check_fails_when_a_block_could_not_be_stored(instance, dynamodb, 
 def test_canonical_check_fails_when_pointing_at_another_block(dynamodb, block_table, target):
     seed(dynamodb, block_table, linear_chain(0, 5) + [orphan(5, 1)] + canonical_pair(5))
     from migration_assets.chain.blocks import BlockRangeRequest, migrate_block_range
-    from migration_assets.core.postgres import PostgresResource
+    from migration_assets.core.resources import PostgresResource
 
     migrate_block_range(BlockRangeRequest(dynamodb, block_table, TAG, 0, 6), PostgresResource().pool())
     target.execute(
@@ -67,7 +67,7 @@ def test_canonical_check_fails_when_pointing_at_another_block(dynamodb, block_ta
 def test_resolve_check_fails_for_a_row_pointing_at_another_height(dynamodb, block_table, target):
     seed(dynamodb, block_table, linear_chain(0, 5))
     from migration_assets.chain.blocks import BlockRangeRequest, migrate_block_range
-    from migration_assets.core.postgres import PostgresResource
+    from migration_assets.core.resources import PostgresResource
 
     migrate_block_range(BlockRangeRequest(dynamodb, block_table, TAG, 0, 5), PostgresResource().pool())
     assert checks.check_canonical_resolves(target, TAG, 0, 5).passed

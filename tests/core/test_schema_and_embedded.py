@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 
 from migration_assets.core import embedded
-from migration_assets.core.postgres import PostgresResource, shared_pool
+from migration_assets.core.postgres import shared_pool
+from migration_assets.core.resources import PostgresResource
 from migration_assets.core.schema import apply_migrations, available_migrations
 
 

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import dagster as dg
 
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.files import assets
 from migration_assets.files.cli import failure_text
 from migration_assets.files.definitions import defs as files_defs

@@ -4,7 +4,7 @@ import dagster as dg
 import httpx
 import psycopg
 
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.repos.assets import REPOS, repo_ledger, repos
 from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.resources import RepoSourceResource

@@ -114,3 +114,24 @@ def test_spool_files_are_removed_when_the_snapshot_closes():
         files = [snapshot.blocks._file, snapshot.keys._file]
         assert [row[:2] for row in snapshot.keys] == [("app.bsky.feed.post", "1")]
     assert all(f.closed for f in files)
+
+
+def test_a_record_holding_u0000_is_stored_faithfully(conn):
+    # U+0000 is legal in atproto strings, keys too; jsonb refuses it (the whole repo used to fail).
+    nul = {"$type": "com.example.nul", "text": "a\x00b", "facets": [{"k\x00ey": {"deep": "\x00"}}]}
+    literal = post("a backslash, then u0000: \\u0000")  # looks like the escape in JSON text, is not
+    records = {"com.example.nul/1": nul, "app.bsky.feed.post/1": literal}
+    sync(conn, export(records))
+
+    rows = {f"{c}/{r}": (cid, record, raw) for c, r, cid, record, raw in conn.execute(
+        "SELECT collection, rkey, cid, record, record_cbor FROM records WHERE did = %s", (DID,))}
+    cid, record, raw = rows["com.example.nul/1"]
+    assert dagcbor.decode(raw) == nul, "record_cbor is the exact record"
+    assert str(CID.for_block(raw)) == cid
+    assert record == {"$type": "com.example.nul", "text": "a\ufffdb", "facets": [{"k\ufffdey": {"deep": "\ufffd"}}]}
+    assert rows["app.bsky.feed.post/1"][1:] == (literal, None), "a record without U+0000 is jsonb alone"
+
+    records["com.example.nul/1"] = {"$type": "com.example.nul", "text": "ab"}  # edited: no U+0000 left
+    sync(conn, export(records))
+    assert conn.execute("SELECT record, record_cbor FROM records WHERE rkey = '1' AND collection = 'com.example.nul'"
+                        ).fetchone() == (records["com.example.nul/1"], None)

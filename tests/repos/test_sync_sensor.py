@@ -1,25 +1,27 @@
 """The repo_sync sensor tick by tick against a real PDS: it pages listRepos across ticks, requests runs
-for the buckets with due repos, and asks again only when a repo's head moves."""
+for the buckets with due repos, and asks again only when a repo's head moves; against a slow host, a
+tick stops paging at its time budget and the next goes on from there."""
 
 import json
+from dataclasses import replace
 
 import dagster as dg
 
-from migration_assets.core.postgres import PostgresResource
-from migration_assets.repos import sensors
+from migration_assets.core.resources import PostgresResource
 from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.resources import RepoSourceResource
 from migration_assets.repos.sensors import repo_sync
+from tests.atproto.loopback import LoopbackServer, Reply, Request, json_reply
 from tests.repos.conftest import handle
 from tests.repos.helpers import ledger_row, run_bucket
 
 POSTS = "app.bsky.feed.post"
 
 
-def tick(instance, cursor):
+def tick(instance, cursor, **source):
     context = dg.build_sensor_context(
         instance=instance, cursor=cursor,
-        resources={"postgres": PostgresResource(), "repo_source": RepoSourceResource()},
+        resources={"postgres": PostgresResource(), "repo_source": RepoSourceResource(**source)},
     )
     return repo_sync(context)
 
@@ -29,7 +31,7 @@ def test_sensor_discovers_across_ticks_and_resyncs_moved_repos(pds, target, inst
     for n, account in enumerate(accounts):
         pds.create_records(account, POSTS, [{"$type": POSTS, "text": f"{n}", "createdAt": "2026-11-23T00:00:00Z"}])
     monkeypatch.setenv("REPO_DISCOVERY_HOSTS", pds.pds.url)
-    monkeypatch.setattr(sensors, "PAGES_PER_TICK", 1)
+    monkeypatch.setenv("REPO_SENSOR_TICK_SECONDS", "0.000001")  # a tick ends after its first page
     monkeypatch.setattr("migration_assets.repos.discovery.PAGE_SIZE", 2)  # several pages, one per tick
 
     cursor, requested = None, {}
@@ -81,3 +83,35 @@ def test_sensor_keeps_going_when_a_host_is_down(pds, target, instance, monkeypat
         if json.loads(cursor).get(pds.pds.url, "x") is None:
             break
     assert ledger_row(target, account.did)["status"] == "pending"
+
+
+def test_a_slow_host_is_listed_across_ticks_within_the_budget(target, instance, monkeypatch):
+    pages = [[f"did:plc:slowhost{page}{n}aaaaaaaaaaaaaa" for n in range(3)] for page in range(4)]
+    host = LoopbackServer()
+
+    def list_repos(request: Request) -> Reply:
+        at = int(request.query.get("cursor", ["0"])[0])
+        reply = {"repos": [{"did": did, "head": f"head-{did}", "rev": "3l5aaaaaaaa22"} for did in pages[at]]}
+        if at + 1 < len(pages):
+            reply["cursor"] = str(at + 1)
+        return replace(json_reply(reply), delay=0.05)  # a slow host: every page outlasts the budget
+
+    host.route("GET", "/xrpc/com.atproto.sync.listRepos", list_repos)
+    monkeypatch.setenv("REPO_DISCOVERY_HOSTS", host.url + "/")  # the trailing slash is dropped
+    monkeypatch.setenv("REPO_SENSOR_TICK_SECONDS", "0.01")
+    try:
+        first = tick(instance, None, allow_private_hosts=True)
+        assert json.loads(first.cursor) == {host.url: "1"}, "the first tick stopped at its budget, cursor kept"
+        known = {row[0] for row in target.execute("SELECT did FROM repos")}
+        assert known == set(pages[0])
+
+        cursor = first.cursor
+        for _ in range(len(pages) - 1):
+            cursor = tick(instance, cursor, allow_private_hosts=True).cursor
+        assert json.loads(cursor) == {host.url: None}, "the pass is complete"
+    finally:
+        host.stop()
+    asked = [r.query.get("cursor", [None])[0] for r in host.calls("/xrpc/com.atproto.sync.listRepos")]
+    assert asked == [None, "1", "2", "3"], "each tick went on from the saved cursor"
+    known = {row[0] for row in target.execute("SELECT did FROM repos")}
+    assert known == {did for page in pages for did in page}

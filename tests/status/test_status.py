@@ -4,7 +4,7 @@ import dagster as dg
 
 from migration_assets.chain.partitions import block_ranges, register_ranges
 from migration_assets.cli import main
-from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.resources import PostgresResource
 from migration_assets.repos import ledger
 from migration_assets.status.collect import collect
 from migration_assets.status.definitions import migration_status
