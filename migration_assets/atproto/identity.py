@@ -1,28 +1,45 @@
 """DID resolution (did:plc, did:web) to the two facts a backfill needs: the PDS endpoint and the signing key.
 
 DID documents are untrusted input: the document must name the DID we asked for, the PDS endpoint must be
-an http(s) origin, the `#atproto` key must parse as a secp256k1/P-256 key. did:web hosts go through the
-same private-host guard as XRPC calls; the PLC directory is operator configuration and is trusted.
+an http(s) origin, the `#atproto` key must parse as a secp256k1/P-256 key. A fetch has a whole-request
+deadline and a size cap (a host dripping bytes holds no thread). did:web hosts go through the same
+private-host guard as XRPC calls; the PLC directory is operator configuration and is trusted. Every
+fetch takes a token from the shared per-host rate limiter, as XRPC calls do.
+
+Caching: a document is reused for `identity_ttl_seconds`. Callers re-resolve when what they did with it
+failed in a way a stale document explains (the signature does not verify: the key rotated; the PDS no
+longer has the repo: the account moved): `resolve(did, fresh=True)` or `invalidate(did)`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from migration_assets.atproto.errors import AtprotoError
+from migration_assets.atproto.ratelimit import LimiterWaitExceeded, pause_end
+from migration_assets.atproto.settings import AtprotoSettings
 from migration_assets.atproto.signature import DidKeyError, PublicKey, parse_did_key, parse_verification_method
-from migration_assets.atproto.xrpc import PrivateHostRefused, guarded_http_client, private_hosts_allowed
+from migration_assets.atproto.xrpc import (
+    ALLOW_PRIVATE_ENV,
+    PrivateHostRefused,
+    RateLimited,
+    guarded_http_client,
+    host_key,
+)
+from migration_assets.core.backoff import Backoff
 
-DEFAULT_PLC_URL = "https://plc.directory"
-_MAX_DOCUMENT_BYTES = 256 * 1024
+if TYPE_CHECKING:
+    from migration_assets.atproto.ratelimit import HostRateLimiter
+
 _PLC_DID = re.compile(r"^did:plc:[a-z2-7]{24}$")
 _WEB_DID = re.compile(r"^did:web:[A-Za-z0-9.\-]+(%3[Aa][0-9]{1,5})?$")
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1"}
@@ -61,7 +78,16 @@ class InvalidDidDocument(IdentityError):
 
 
 class DidResolutionFailed(IdentityError):
-    """The directory or host could not be reached or answered with an unexpected status (transient)."""
+    """The directory or host could not be reached, answered with an unexpected status, or took longer
+    than the deadline (transient)."""
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _PastDeadline(Exception):
+    pass
 
 
 class DidDocument(BaseModel):
@@ -169,17 +195,29 @@ def _first_error(exc: ValidationError) -> str:
 
 
 class IdentityResolver:
-    """Resolves and caches DID documents for `ttl_seconds`. Thread-safe."""
+    """Resolves and caches DID documents (see the module docstring). Thread-safe. Arguments left None come
+    from AtprotoSettings (ATPROTO_*)."""
 
-    def __init__(self, plc_url: str | None = None, ttl_seconds: float = 3600, allow_private_hosts: bool | None = None,
-                 *, timeout: float = 15.0, retries: int = 2) -> None:
-        self.plc_url = (plc_url or os.environ.get("ATPROTO_PLC_URL") or DEFAULT_PLC_URL).rstrip("/")
-        self.ttl_seconds = ttl_seconds
+    def __init__(self, plc_url: str | None = None, ttl_seconds: float | None = None,
+                 allow_private_hosts: bool | None = None, *, limiter: HostRateLimiter | None = None,
+                 max_rate_limit_wait: float = 60.0, deadline_seconds: float | None = None,
+                 max_document_bytes: int | None = None, retries: int = 2,
+                 settings: AtprotoSettings | None = None) -> None:
+        settings = settings or AtprotoSettings.load()
+        self.plc_url = (plc_url or settings.plc_url).rstrip("/")
+        self.ttl_seconds = settings.identity_ttl_seconds if ttl_seconds is None else ttl_seconds
+        self.deadline_seconds = deadline_seconds or settings.did_fetch_deadline_seconds
+        self.max_document_bytes = max_document_bytes or settings.did_document_max_bytes
+        self.settings = settings
+        self.limiter = limiter
+        self.max_rate_limit_wait = max_rate_limit_wait
         self.retries = retries
-        self._allow_private = private_hosts_allowed(allow_private_hosts)
-        self._web = guarded_http_client(timeout=timeout, allow_private=self._allow_private,
+        self._backoff = Backoff(base=0.5, cap=5.0, floor=0.5)
+        self._allow_private = settings.allow_private_hosts if allow_private_hosts is None else allow_private_hosts
+        # No single read may outlast the whole deadline; the deadline itself is checked between reads.
+        self._web = guarded_http_client(timeout=self.deadline_seconds, allow_private=self._allow_private,
                                         user_agent="migration-assets")
-        self._plc = httpx.Client(timeout=httpx.Timeout(timeout), trust_env=False, follow_redirects=False)
+        self._plc = httpx.Client(timeout=httpx.Timeout(self.deadline_seconds), trust_env=False, follow_redirects=False)
         self._cache: dict[str, tuple[float, DidDocument]] = {}
         self._lock = threading.Lock()
 
@@ -193,18 +231,21 @@ class IdentityResolver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def resolve(self, did: str) -> DidDocument:
-        with self._lock:
-            cached = self._cache.get(did)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
+    def resolve(self, did: str, *, fresh: bool = False) -> DidDocument:
+        """The DID's document: from the cache while its TTL lasts, else (or with `fresh`) fetched again."""
+        if not fresh:
+            with self._lock:
+                cached = self._cache.get(did)
+            if cached is not None and cached[0] > time.monotonic():
+                return cached[1]
         document = self._resolve_uncached(did)
         with self._lock:
             self._cache[did] = (time.monotonic() + self.ttl_seconds, document)
         return document
 
     def invalidate(self, did: str) -> None:
-        """Forget `did` (e.g. its signature check failed: the key may have rotated, or the PDS moved)."""
+        """Forget `did`: the next resolve fetches it again (its signature failed: the key may have rotated;
+        its PDS no longer has the repo: the account may have moved)."""
         with self._lock:
             self._cache.pop(did, None)
 
@@ -229,7 +270,7 @@ class IdentityResolver:
         hostname = host.rsplit(":", 1)[0]
         if hostname in _LOOPBACK_NAMES:
             if not self._allow_private:
-                raise PrivateHostRefused(f"{did} names a loopback host; set ATPROTO_ALLOW_PRIVATE_HOSTS=true "
+                raise PrivateHostRefused(f"{did} names a loopback host; set {ALLOW_PRIVATE_ENV}=true "
                                          "only for local networks", host=host)
             return f"http://{host}/.well-known/did.json"
         return f"https://{host}/.well-known/did.json"
@@ -243,35 +284,75 @@ class IdentityResolver:
                 if attempt >= self.retries:
                     raise
                 attempt += 1
-                time.sleep(0.25 * 2**attempt)
+                self._backoff.sleep(attempt)
+
+    def _acquire(self, host: str) -> None:
+        if self.limiter is None:
+            return
+        try:
+            self.limiter.acquire(host, max_wait=self.max_rate_limit_wait)
+        except LimiterWaitExceeded as exc:
+            raise RateLimited("DID resolution: host paused or out of budget", host=host,
+                              error="RateLimitExceeded", retry_at=exc.retry_at) from None
 
     def _fetch_once(self, did: str, client: httpx.Client, url: str) -> object:
+        host = host_key(url)
+        self._acquire(host)
+        deadline = time.monotonic() + self.deadline_seconds
         try:
             with client.stream("GET", url, headers={"Accept": "application/did+ld+json, application/json"}) as reply:
-                if reply.status_code == 404:
-                    raise DidNotFound(did, f"{url} answered 404: no such DID")
-                if reply.status_code == 410:
-                    raise DidTombstoned(did, f"{url} answered 410: the DID was deleted (tombstoned)")
-                if reply.status_code != 200:
-                    raise DidResolutionFailed(did, f"{url} answered HTTP {reply.status_code}")
-                body = _read_capped(reply, _MAX_DOCUMENT_BYTES)
+                if self.limiter is not None:
+                    self.limiter.observe(host, reply.headers)
+                self._check_status(did, url, host, reply)
+                body = _read_within(reply, self.max_document_bytes, deadline)
         except httpx.TooManyRedirects:
             raise InvalidDidDocument(did, f"{url} redirects too many times") from None
         except httpx.TransportError as exc:
             raise DidResolutionFailed(did, f"{url}: {type(exc).__name__}: {exc}") from None
-        if body is None:
-            raise InvalidDidDocument(did, f"document at {url} is larger than {_MAX_DOCUMENT_BYTES} bytes")
+        except _TooLarge:
+            raise InvalidDidDocument(did, f"document at {url} is larger than {self.max_document_bytes} bytes "
+                                          "(ATPROTO_DID_DOCUMENT_MAX_BYTES)") from None
+        except _PastDeadline:
+            raise DidResolutionFailed(did, f"{url} took longer than the {self.deadline_seconds:g} s deadline "
+                                           "(ATPROTO_DID_FETCH_DEADLINE_SECONDS)") from None
         try:
             return json.loads(body)
         except ValueError:
             raise InvalidDidDocument(did, f"document at {url} is not JSON") from None
 
+    def _check_status(self, did: str, url: str, host: str, reply: httpx.Response) -> None:
+        if reply.status_code == 200:
+            return
+        if reply.status_code == 404:
+            raise DidNotFound(did, f"{url} answered 404: no such DID")
+        if reply.status_code == 410:
+            raise DidTombstoned(did, f"{url} answered 410: the DID was deleted (tombstoned)")
+        if reply.status_code == 429:
+            retry_at = pause_end(reply.headers, time.time(), self.settings)
+            if self.limiter is not None:
+                self.limiter.pause_until(host, retry_at)
+            raise RateLimited(f"resolving {did}", host=host, status=429, error="RateLimitExceeded", retry_at=retry_at)
+        raise DidResolutionFailed(did, f"{url} answered HTTP {reply.status_code}")
 
-def _read_capped(reply: httpx.Response, limit: int) -> bytes | None:
-    chunks, size = [], 0
-    for chunk in reply.iter_bytes():
+
+def _read_within(reply: httpx.Response, limit: int, deadline: float) -> bytes:
+    """The body, or _TooLarge past `limit` bytes, or _PastDeadline once the deadline has passed (httpx's
+    timeouts are per read: a host sending one byte at a time would otherwise never be cut)."""
+    length = reply.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in _until(reply.iter_bytes(), deadline):
         size += len(chunk)
         if size > limit:
-            return None
+            raise _TooLarge
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _until(chunks: Iterable[bytes], deadline: float) -> Iterable[bytes]:
+    for chunk in chunks:
+        if time.monotonic() > deadline:
+            raise _PastDeadline
+        yield chunk

@@ -4,12 +4,15 @@ A node is `{l: CID|null, e: [{p, k, v, t}]}`; an entry's key is the previous key
 A key's layer is the count of leading zero bits of sha256(key), halved (fanout 4). All entries of a node
 share its layer, subtrees sit exactly one layer lower (empty intermediate nodes fill the gaps), and an
 in-order walk yields strictly increasing keys. Checking these on untrusted input keeps a malicious or
-corrupt repo from hiding, duplicating or reordering records.
+corrupt repo from hiding, duplicating or reordering records. A key must be `collection/rkey`, the
+collection a valid NSID and the rkey a valid record key (AT Protocol syntax), so no stored path holds
+`..`, spaces or an unbounded length.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -18,6 +21,25 @@ from pydantic import BaseModel, ConfigDict
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.errors import AtprotoFormatError
+
+
+# AT Protocol syntax (atproto.com/specs/nsid, /specs/record-key): a reversed domain of at least two
+# segments then a name (letters and digits, not starting with a digit), 317 characters at most; a record
+# key is 1-512 of [A-Za-z0-9._~:-], but not "." or "..".
+_NSID = re.compile(
+    r"[a-zA-Z](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)+"
+    r"\.[a-zA-Z][a-zA-Z0-9]{0,62}"
+)
+_NSID_MAX = 317
+_RECORD_KEY = re.compile(r"[A-Za-z0-9._~:-]{1,512}")
+
+
+def is_valid_nsid(text: str) -> bool:
+    return len(text) <= _NSID_MAX and _NSID.fullmatch(text) is not None
+
+
+def is_valid_record_key(text: str) -> bool:
+    return text not in (".", "..") and _RECORD_KEY.fullmatch(text) is not None
 
 
 class MstError(AtprotoFormatError):
@@ -82,12 +104,29 @@ def walk_records(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[str, 
 
     Raises MstError on a missing node, a malformed node or key, keys out of order, or a wrong layer.
     """
+    collections: set[str] = set()  # a repo has few collections: each is checked once
     for key, value in _walk(blocks, root):
-        text = key.decode("ascii", errors="replace")
-        collection, sep, rkey = text.partition("/")
-        if not key.isascii() or not sep or not collection or not rkey or "/" in rkey:
-            raise MstError(f"MST key {text!r} is not 'collection/rkey'")
+        collection, rkey = _split_key(key, collections)
         yield collection, rkey, value
+
+
+def _split_key(key: bytes, valid_collections: set[str]) -> tuple[str, str]:
+    text = key.decode("utf-8", errors="replace")
+    collection, sep, rkey = text.partition("/")
+    problem = None
+    if not key.isascii() or not sep:
+        problem = "is not 'collection/rkey' in ASCII"
+    elif collection not in valid_collections:
+        if not is_valid_nsid(collection):
+            problem = f"has collection {collection[:100]!r}, which is not a valid NSID"
+        else:
+            valid_collections.add(collection)
+    if problem is None and not is_valid_record_key(rkey):
+        problem = f"has record key {rkey[:100]!r} ({len(rkey)} characters), which is not a valid record key"
+    if problem:
+        shown = text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
+        raise MstError(f"MST key {shown!r} {problem}; the repo export is invalid, so this repo is not stored")
+    return collection, rkey
 
 
 def _walk(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[bytes, CID]]:

@@ -13,18 +13,18 @@ is limit/100 capped at 10 (1 for small limits): 3000/300 s -> 10, i.e. one round
 
 from __future__ import annotations
 
-import os
+import math
 import random
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 
 from migration_assets.atproto.errors import AtprotoError
+from migration_assets.atproto.settings import AtprotoSettings
 from migration_assets.core.postgres import shared_pool
 
-DEFAULT_LIMIT = 3000
-DEFAULT_WINDOW_SECONDS = 300.0
 # A RateLimit-Reset below this is a delay in seconds (some servers follow the IETF draft), not a unix time.
 _UNIX_TIME_FLOOR = 1_000_000_000
 
@@ -41,30 +41,60 @@ class LimiterWaitExceeded(AtprotoError):
         return (type(self), (self.host, self.retry_at))
 
 
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {raw!r}")
-    return value
+# --- pauses asked for by a host's headers: untrusted, so always a finite time within max_pause_seconds ---
 
 
-def reset_time(value: str | None, now: float | None = None) -> float | None:
-    """RateLimit-Reset as a unix time (a small number is read as a delay in seconds); None if unusable."""
-    if value is None:
-        return None
+def bounded_wait(seconds: float, settings: AtprotoSettings) -> float:
+    """A wait in [0, max_pause_seconds]; NaN (never a real wait) becomes the short default pause."""
+    if math.isnan(seconds):
+        return settings.default_pause_seconds
+    return min(max(seconds, 0.0), settings.max_pause_seconds)
+
+
+def _finite_non_negative(value: str) -> float | None:
     try:
         number = float(value.strip())
     except ValueError:
         return None
-    if number < _UNIX_TIME_FLOOR:
-        return (time.time() if now is None else now) + max(number, 0.0)
-    return number
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def reset_time(value: str | None, now: float | None = None, settings: AtprotoSettings | None = None) -> float | None:
+    """RateLimit-Reset as a unix time (a small number is a delay in seconds), at most max_pause_seconds
+    ahead; a value that is not a finite non-negative number means the short default pause; None if absent."""
+    if value is None:
+        return None
+    settings = settings or AtprotoSettings.load()
+    now = time.time() if now is None else now
+    number = _finite_non_negative(value)
+    if number is None:
+        return now + settings.default_pause_seconds
+    wait = number if number < _UNIX_TIME_FLOOR else number - now
+    return now + bounded_wait(wait, settings)
+
+
+def retry_after_time(value: str | None, now: float, settings: AtprotoSettings) -> float | None:
+    """Retry-After (seconds, or an HTTP date) as a unix time at most max_pause_seconds ahead; garbage
+    means the short default pause; None if absent."""
+    if value is None or not value.strip():
+        return None
+    seconds = _finite_non_negative(value)
+    if seconds is None:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            seconds = settings.default_pause_seconds
+    return now + bounded_wait(seconds, settings)
+
+
+def pause_end(headers: Mapping[str, str], now: float, settings: AtprotoSettings) -> float:
+    """When a 429 lifts: RateLimit-Reset, else Retry-After, else the short default pause."""
+    lowered = {key.lower(): value for key, value in headers.items()}
+    for when in (reset_time(lowered.get("ratelimit-reset"), now, settings),
+                 retry_after_time(lowered.get("retry-after"), now, settings)):
+        if when is not None:
+            return when
+    return now + settings.default_pause_seconds
 
 
 @dataclass
@@ -78,12 +108,10 @@ class HostRateLimiter:
     """Requests per host and window, enforced across processes; see the module docstring."""
 
     def __init__(self, database_url: str, *, limit: int | None = None, window_seconds: float | None = None,
-                 batch: int | None = None) -> None:
-        self.limit = int(limit if limit is not None else _env_number("ATPROTO_RATE_LIMIT", DEFAULT_LIMIT))
-        self.window_seconds = float(
-            window_seconds if window_seconds is not None
-            else _env_number("ATPROTO_RATE_WINDOW_SECONDS", DEFAULT_WINDOW_SECONDS)
-        )
+                 batch: int | None = None, settings: AtprotoSettings | None = None) -> None:
+        self.settings = settings or AtprotoSettings.load()
+        self.limit = int(limit if limit is not None else self.settings.rate_limit)
+        self.window_seconds = float(window_seconds if window_seconds is not None else self.settings.rate_window_seconds)
         if self.limit < 1 or self.window_seconds <= 0:
             raise ValueError(f"rate limit must be >= 1 per positive window, got {self.limit}/{self.window_seconds}s")
         self.batch = max(1, batch if batch is not None else min(10, self.limit // 100))
@@ -119,28 +147,36 @@ class HostRateLimiter:
         remaining = lowered.get("ratelimit-remaining")
         if remaining is None or remaining.strip() != "0":
             return
-        reset = reset_time(lowered.get("ratelimit-reset"))
+        reset = reset_time(lowered.get("ratelimit-reset"), settings=self.settings)
         if reset is not None:
             self.pause_until(host, reset)
 
     def pause_until(self, host: str, unix_time: float) -> None:
-        """No grants for `host` before `unix_time` (every process); an earlier pause never shortens a later one."""
+        """No grants for `host` before `unix_time` (every process), at most max_pause_seconds ahead; an
+        earlier pause never shortens a later one, but a stored pause past the cap (an older version
+        stored any value) is cut back to it."""
+        now = time.time()
+        until = now + bounded_wait(float(unix_time) - now, self.settings)
         with self._lock:
             self._local.pop(host, None)
         with shared_pool(self._database_url).connection() as conn:
             conn.execute(
                 "INSERT INTO atproto_rate_limits (host, window_start, paused_until)"
-                " VALUES (%s, extract(epoch FROM clock_timestamp()), %s)"
-                " ON CONFLICT (host) DO UPDATE"
-                " SET paused_until = GREATEST(atproto_rate_limits.paused_until, EXCLUDED.paused_until)",
-                (host, float(unix_time)),
+                " VALUES (%(host)s, extract(epoch FROM clock_timestamp()), %(until)s)"
+                " ON CONFLICT (host) DO UPDATE SET paused_until = GREATEST(EXCLUDED.paused_until,"
+                "   LEAST(atproto_rate_limits.paused_until, extract(epoch FROM clock_timestamp()) + %(cap)s))",
+                {"host": host, "until": until, "cap": self.settings.max_pause_seconds},
             )
 
     def paused_until(self, host: str) -> float:
-        """The unix time before which `host` gets no grants (0 if never paused)."""
+        """The unix time before which `host` gets no grants (0 if never paused), read back within
+        max_pause_seconds of now whatever is stored."""
         with shared_pool(self._database_url).connection() as conn:
             row = conn.execute("SELECT paused_until FROM atproto_rate_limits WHERE host = %s", (host,)).fetchone()
-        return float(row[0]) if row else 0.0
+        if not row:
+            return 0.0
+        stored, now = float(row[0]), time.time()
+        return stored if stored <= now else now + bounded_wait(stored - now, self.settings)  # NaN: bounded
 
     def _spend_local(self, host: str) -> float | None:
         with self._lock:
@@ -160,8 +196,8 @@ class HostRateLimiter:
                 "SELECT * FROM atproto_rate_acquire(%s, %s, %s, %s)",
                 (host, self.batch, self.limit, self.window_seconds),
             ).fetchone()
-        if granted <= 0:
-            return max(float(wait), 0.001)
+        if granted <= 0:  # the wait comes from a stored pause: bounded like a fresh one
+            return max(bounded_wait(float(wait), self.settings), 0.001)
         with self._lock:
             self._local[host] = _Reservation(granted, time.monotonic() + float(window_left), float(window_start))
         return 0.0

@@ -3,9 +3,14 @@
 Every request takes a token from the shared HostRateLimiter first and feeds the response headers back to
 it. A 429 is waited out (RateLimit-Reset is a unix time, Retry-After seconds) while the total wait stays
 within `max_rate_limit_wait`, else RateLimited(retry_at) is raised for the caller to reschedule; 429s
-never use up retry attempts. Transport errors and 500/502/503/504 are retried with backoff, then raise
-TransportFailure. Redirects are followed by httpx, and a request event hook checks every hop's host.
-Passwords and tokens live only in memory: never in exceptions, logs or reprs.
+never use up retry attempts; every pause a host asks for is bounded (ATPROTO_MAX_PAUSE_SECONDS).
+Transport errors and 500/502/503/504 are retried with backoff, then raise TransportFailure.
+
+Private-host guard: the connection layer (a httpcore network backend) resolves each hop's name once,
+refuses any non-public answer, and connects to exactly the checked address (TLS still verifies the name),
+so a DNS answer that changes between check and connect (rebinding) cannot reach an internal address.
+Passwords and tokens live only in memory: never in exceptions, logs or reprs; a login is never sent
+over plain http (unless private hosts are allowed) nor redirected to another origin.
 """
 
 from __future__ import annotations
@@ -13,29 +18,29 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
-import random
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+import httpcore
 import httpx
 
 from migration_assets.atproto.errors import AtprotoError
-from migration_assets.atproto.ratelimit import LimiterWaitExceeded, reset_time
+from migration_assets.atproto.ratelimit import LimiterWaitExceeded, pause_end
+from migration_assets.atproto.settings import AtprotoSettings
+from migration_assets.core.backoff import Backoff
 
 if TYPE_CHECKING:
     from migration_assets.atproto.ratelimit import HostRateLimiter
 
 log = logging.getLogger(__name__)
 
-ALLOW_PRIVATE_ENV = "ATPROTO_ALLOW_PRIVATE_HOSTS"
+ALLOW_PRIVATE_ENV = AtprotoSettings.env_name("allow_private_hosts")
 _RETRY_STATUSES = {500, 502, 503, 504}
-_DEFAULT_429_WAIT = 10.0  # a 429 with no usable header: pause the host briefly (as tap does)
+CREATE_SESSION = "com.atproto.server.createSession"
 _ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error body we read (a stream's body may be huge)
 
 
@@ -111,6 +116,10 @@ class PrivateHostRefused(XrpcError):
     """The address resolves to a private, loopback, link-local or reserved IP (SSRF guard)."""
 
 
+class UnsafeLogin(XrpcError):
+    """A login that would expose the password: over plain http://, or redirected to another origin."""
+
+
 _ERROR_CLASSES: dict[str, type[XrpcError]] = {
     "RepoNotFound": RepoNotFound,
     "RepoDeactivated": RepoDeactivated,
@@ -146,13 +155,6 @@ def error_class(status: int, error: str | None, message: str) -> type[XrpcError]
 # --- private-host guard -----------------------------------------------------------------------------
 
 
-def private_hosts_allowed(explicit: bool | None = None) -> bool:
-    """`explicit` if given, else env ATPROTO_ALLOW_PRIVATE_HOSTS in {1, true, yes}."""
-    if explicit is not None:
-        return explicit
-    return os.environ.get(ALLOW_PRIVATE_ENV, "").strip().lower() in {"1", "true", "yes"}
-
-
 def is_forbidden_address(address: str) -> bool:
     """True for anything but a public unicast address (private, loopback, link-local, reserved, ...)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone id
@@ -162,27 +164,59 @@ def is_forbidden_address(address: str) -> bool:
             or ip.is_multicast or ip.is_unspecified)
 
 
-def _resolve(host: str, port: int) -> list[str]:
-    return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+Resolver = Callable[[str, int], list[str]]
 
 
-def check_public_host(url: httpx.URL, allow_private: bool) -> None:
-    """Refuse a URL whose host resolves to any non-public address, unless private hosts are allowed."""
-    if allow_private:
-        return
-    host = url.host
+def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses of `host` (the system resolver), in its order, without duplicates."""
+    addresses = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    return list(dict.fromkeys(addresses))
+
+
+def checked_addresses(host: str, port: int, allow_private: bool, resolve: Resolver) -> list[str]:
+    """Resolve `host` once and return the addresses to connect to; PrivateHostRefused if any of them is
+    not public (unless private hosts are allowed). The caller connects to these, never to the name."""
     try:
-        addresses = _resolve(host, url.port or (443 if url.scheme == "https" else 80))
+        addresses = resolve(host, port)
     except OSError as exc:
-        # Raised as a transport error so it is retried like any connect failure.
-        raise httpx.ConnectError(f"cannot resolve {host}: {exc}") from None
-    forbidden = sorted({a for a in addresses if is_forbidden_address(a)})
+        # A transport error, so it is retried like any connect failure.
+        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+    forbidden = [] if allow_private else sorted({a for a in addresses if is_forbidden_address(a)})
     if forbidden or not addresses:
         raise PrivateHostRefused(
             f"{host} resolves to non-public address {', '.join(forbidden) or '(none)'}; "
             f"set {ALLOW_PRIVATE_ENV}=true only for trusted local networks",
-            host=host_key(url),
+            host=f"{host}:{port}",
         )
+    return addresses
+
+
+class PinnedBackend(httpcore.SyncBackend):
+    """Connects to the address that passed the guard: one resolution per connection, checked, then used.
+    TLS is started by httpcore with the URL's name (SNI and certificate check), the Host header is the
+    URL's; only the TCP destination is pinned."""
+
+    def __init__(self, allow_private: bool, resolve: Resolver | None = None) -> None:
+        self.allow_private = allow_private
+        self.resolve = resolve or resolve_host
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        error: Exception | None = None
+        for address in checked_addresses(host, port, self.allow_private, self.resolve):
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as exc:  # try the next checked address, as create_connection would
+                error = exc
+        raise error or httpcore.ConnectError(f"cannot connect to {host}:{port}")
+
+
+class _PinnedTransport(httpx.HTTPTransport):
+    def __init__(self, backend: PinnedBackend) -> None:
+        super().__init__(trust_env=False)
+        # httpx has no public hook for the network backend: the pool is rebuilt around ours.
+        self._pool = httpcore.ConnectionPool(ssl_context=httpx.create_ssl_context(), network_backend=backend,
+                                             max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
 
 
 def host_key(url: httpx.URL | str) -> str:
@@ -193,21 +227,22 @@ def host_key(url: httpx.URL | str) -> str:
     return f"{host}:{port}"
 
 
-def guarded_http_client(*, timeout: float, allow_private: bool, user_agent: str,
-                        max_redirects: int = 5) -> httpx.Client:
-    """An httpx client that follows redirects and checks every hop's host before connecting."""
+def guarded_http_client(*, timeout: float, allow_private: bool, user_agent: str, max_redirects: int = 5,
+                        resolve: Resolver | None = None) -> httpx.Client:
+    """An httpx client that follows redirects; every connection, on every hop, goes to an address that
+    passed the private-host guard (PinnedBackend)."""
 
-    def guard(request: httpx.Request) -> None:
+    def http_only(request: httpx.Request) -> None:
         if request.url.scheme not in ("http", "https"):
             raise PrivateHostRefused(f"refusing {request.url.scheme}: URL", host=request.url.host)
-        check_public_host(request.url, allow_private)
 
     return httpx.Client(
         timeout=httpx.Timeout(timeout),
         follow_redirects=True,
         max_redirects=max_redirects,
         headers={"User-Agent": user_agent},
-        event_hooks={"request": [guard]},
+        event_hooks={"request": [http_only]},
+        transport=_PinnedTransport(PinnedBackend(allow_private, resolve)),
         trust_env=False,  # no proxy from the environment: the guard must see the real destination
     )
 
@@ -238,19 +273,22 @@ class XrpcClient:
 
     def __init__(self, base_url: str, *, limiter: HostRateLimiter | None = None, timeout: float = 30.0,
                  max_rate_limit_wait: float = 300.0, allow_private_hosts: bool | None = None,
-                 user_agent: str = "migration-assets", retries: int = 3, backoff: float = 0.5) -> None:
+                 user_agent: str = "migration-assets", retries: int = 3, backoff: float = 0.5,
+                 settings: AtprotoSettings | None = None, resolve: Resolver | None = None) -> None:
         url = httpx.URL(base_url.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"XRPC base URL must be http(s)://host[:port], got {base_url!r}")
         self.base_url = str(url)
         self.host = host_key(url)
         self.limiter = limiter
+        self.settings = settings or AtprotoSettings.load()
         self.max_rate_limit_wait = max_rate_limit_wait
         self.retries = retries
-        self.backoff = backoff
-        self._http = guarded_http_client(
-            timeout=timeout, allow_private=private_hosts_allowed(allow_private_hosts), user_agent=user_agent
-        )
+        self.backoff = Backoff(base=backoff, cap=max(30.0, backoff), floor=0.5)
+        self.allow_private = (self.settings.allow_private_hosts if allow_private_hosts is None
+                              else allow_private_hosts)
+        self._http = guarded_http_client(timeout=timeout, allow_private=self.allow_private, user_agent=user_agent,
+                                         resolve=resolve)
         self._session: _Session | None = None
         self._session_lock = threading.Lock()
 
@@ -303,7 +341,12 @@ class XrpcClient:
             response.close()
 
     def login(self, identifier: str, password: str) -> None:
-        """createSession; later `auth=True` calls carry the access token."""
+        """createSession; later `auth=True` calls carry the access token. Refused over plain http://
+        unless private hosts are allowed (the password would cross the network in the clear)."""
+        if httpx.URL(self.base_url).scheme != "https" and not self.allow_private:
+            raise UnsafeLogin(f"refusing to send a password to {self.base_url} over plain http; use https "
+                              f"(or set {ALLOW_PRIVATE_ENV}=true for a local network)", host=self.host,
+                              nsid=CREATE_SESSION)
         session = _Session(identifier, password)
         self._create_session(session)
         self._session = session
@@ -318,11 +361,8 @@ class XrpcClient:
 
     def _create_session(self, session: _Session) -> None:
         body = {"identifier": session.identifier, "password": session.password}
-        reply = self._json(
-            "com.atproto.server.createSession",
-            self._call("POST", "com.atproto.server.createSession", body=body, headers={}, auth=False),
-        )
-        self._store_tokens(session, reply, "com.atproto.server.createSession")
+        reply = self._json(CREATE_SESSION, self._call("POST", CREATE_SESSION, body=body, headers={}, auth=False))
+        self._store_tokens(session, reply, CREATE_SESSION)
 
     def _store_tokens(self, session: _Session, reply: dict, nsid: str) -> None:
         access, refresh = reply.get("accessJwt"), reply.get("refreshJwt")
@@ -381,14 +421,15 @@ class XrpcClient:
         while True:
             self._acquire(nsid, rate_waited)
             try:
-                response = self._http.send(self._build(method, nsid, params, body, headers, token), stream=stream)
+                response = self._send_once(self._build(method, nsid, params, body, headers, token), stream,
+                                           same_origin_only=nsid == CREATE_SESSION)
             except httpx.TooManyRedirects:
                 raise XrpcError("too many redirects", host=self.host, nsid=nsid) from None
             except httpx.TransportError as exc:
                 if attempt >= self.retries or not replayable:
                     raise self._transport_failure(nsid, exc) from None
                 attempt += 1
-                self._backoff(attempt, nsid, type(exc).__name__)
+                self._sleep_backoff(attempt, nsid, type(exc).__name__)
                 body = _rewound(body)
                 continue
             if self.limiter is not None:
@@ -402,10 +443,30 @@ class XrpcClient:
             if response.status_code in _RETRY_STATUSES and attempt < self.retries and replayable:
                 response.close()
                 attempt += 1
-                self._backoff(attempt, nsid, f"HTTP {response.status_code}")
+                self._sleep_backoff(attempt, nsid, f"HTTP {response.status_code}")
                 body = _rewound(body)
                 continue
             raise self._error_for(nsid, response)
+
+    def _send_once(self, request: httpx.Request, stream: bool, same_origin_only: bool) -> httpx.Response:
+        """Send, following redirects; a request carrying a password (`same_origin_only`) follows only
+        redirects within its origin, whatever the status (a 307/308 would re-send the body)."""
+        if not same_origin_only:
+            return self._http.send(request, stream=stream)
+        response = self._http.send(request, stream=stream, follow_redirects=False)
+        hops = 0
+        while response.next_request is not None:
+            target = response.next_request.url
+            response.close()
+            if _origin(target) != _origin(request.url):
+                raise UnsafeLogin(f"{request.url.host} redirected the login to another origin "
+                                  f"({target.scheme}://{target.netloc.decode()}); the password is not sent there",
+                                  host=self.host, nsid=CREATE_SESSION)
+            hops += 1
+            if hops > self._http.max_redirects:
+                raise httpx.TooManyRedirects("too many redirects", request=request)
+            response = self._http.send(response.next_request, stream=stream, follow_redirects=False)
+        return response
 
     def _build(self, method: str, nsid: str, params: dict | None, body: Body, headers: dict,
                token: str | None) -> httpx.Request:
@@ -440,7 +501,7 @@ class XrpcClient:
         """Sleep until the 429 lifts and return the seconds slept, or raise RateLimited if that is too long."""
         error = self._error_for(nsid, response)
         now = time.time()
-        retry_at = _retry_at(response.headers, now)
+        retry_at = pause_end(response.headers, now, self.settings)
         if self.limiter is not None:
             self.limiter.pause_until(self.host, retry_at)
         wait = max(retry_at - now, 0.0)
@@ -451,10 +512,9 @@ class XrpcClient:
         time.sleep(wait)
         return wait
 
-    def _backoff(self, attempt: int, nsid: str, reason: str) -> None:
-        delay = min(self.backoff * 2 ** (attempt - 1), 30.0) * random.uniform(0.5, 1.0)
-        log.info("%s on %s: %s, retry %d/%d in %.2f s", nsid, self.host, reason, attempt, self.retries, delay)
-        time.sleep(delay)
+    def _sleep_backoff(self, attempt: int, nsid: str, reason: str) -> None:
+        log.info("%s on %s: %s, retry %d/%d", nsid, self.host, reason, attempt, self.retries)
+        self.backoff.sleep(attempt)
 
     # --- replies ---
 
@@ -465,7 +525,7 @@ class XrpcClient:
         cls = error_class(response.status_code, error, message)
         kwargs: dict[str, Any] = {"host": self.host, "nsid": nsid, "status": response.status_code, "error": error}
         if cls is RateLimited:
-            kwargs["retry_at"] = _retry_at(response.headers, time.time())
+            kwargs["retry_at"] = pause_end(response.headers, time.time(), self.settings)
         return cls(message, **kwargs)
 
     def _json(self, nsid: str, response: httpx.Response) -> dict:
@@ -519,21 +579,8 @@ def _rewound(body: Body) -> Body:
     return body
 
 
-def _retry_at(headers: httpx.Headers, now: float) -> float:
-    """When a 429 lifts: RateLimit-Reset (unix time), else Retry-After (seconds or HTTP date), else soon."""
-    reset = reset_time(headers.get("ratelimit-reset"), now)
-    if reset is not None:
-        return reset
-    retry_after = headers.get("retry-after")
-    if retry_after:
-        try:
-            return now + max(float(retry_after), 0.0)
-        except ValueError:
-            try:
-                return parsedate_to_datetime(retry_after).timestamp()
-            except (TypeError, ValueError):
-                pass
-    return now + _DEFAULT_429_WAIT
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80)
 
 
 def _read_limited(response: httpx.Response, limit: int) -> bytes:

@@ -18,14 +18,14 @@ class HostClients:
     def __init__(self, limiter: HostRateLimiter | None, timeout: float, allow_private_hosts: bool | None) -> None:
         self._clients: dict[str, XrpcClient] = {}
         self._lock = threading.Lock()
-        self._limiter, self._timeout, self._allow_private = limiter, timeout, allow_private_hosts
+        self.limiter, self._timeout, self._allow_private = limiter, timeout, allow_private_hosts
 
     def __call__(self, base_url: str) -> XrpcClient:
         key = base_url.rstrip("/")
         with self._lock:
             client = self._clients.get(key)
             if client is None:
-                client = XrpcClient(key, limiter=self._limiter, timeout=self._timeout,
+                client = XrpcClient(key, limiter=self.limiter, timeout=self._timeout,
                                     allow_private_hosts=self._allow_private)
                 self._clients[key] = client
             return client
@@ -60,12 +60,12 @@ class RepoSourceResource(dg.ConfigurableResource):
         return RepoSettings.load(verify_signatures=self.verify_signatures, concurrency=self.concurrency,
                                  max_car_bytes=self.max_car_bytes, fetch_timeout_seconds=self.fetch_timeout_seconds)
 
-    def resolver(self) -> IdentityResolver:
-        return IdentityResolver(self.plc_url, allow_private_hosts=self.allow_private_hosts)
+    def resolver(self, limiter: HostRateLimiter | None = None) -> IdentityResolver:
+        return IdentityResolver(self.plc_url, allow_private_hosts=self.allow_private_hosts, limiter=limiter)
 
     def clients(self, database_url: str) -> HostClients:
         limiter = HostRateLimiter(database_url)
         return HostClients(limiter, timeout=30.0, allow_private_hosts=self.allow_private_hosts)
 
     def syncer(self, pool, clients: HostClients) -> RepoSyncer:
-        return RepoSyncer(pool, self.resolver(), clients, self.settings)
+        return RepoSyncer(pool, self.resolver(clients.limiter), clients, self.settings)

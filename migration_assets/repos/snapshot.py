@@ -1,9 +1,11 @@
 """A repo at one commit, read from its CAR export: the commit, and every record's (collection, rkey, CID)
 with its JSON form, staged on local disk so memory stays flat however big the repo.
 
-The CAR streams through once. MST nodes stay in memory (a node holds several keys, so they are a
-fraction of the blocks); the commit is kept apart; every other block is turned into its JSON form and
-appended to a spool file (see `_staged` for the records that jsonb cannot hold). The MST walk then appends each record's key to a second spool file. Storing
+The CAR streams through once. The MST nodes the commit reaches stay in memory (a node holds several
+keys, so they are a fraction of the blocks; atproto.repo keeps unreferenced ones out); the commit is kept
+apart; every other block is turned into its JSON form and appended to a spool file (see `_staged` for
+the records that jsonb cannot hold). The MST walk then appends each record's key to a second spool
+file. Storing
 (store.py) COPYs both into PostgreSQL and diffs there. Blocks may come in any order, so nothing can be
 stored before the CAR ends, and disk is where the rest of it waits.
 """
@@ -21,12 +23,9 @@ from migration_assets.atproto.car import CarError, CarReader
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.errors import AtprotoFormatError
 from migration_assets.atproto.mst import Commit, parse_commit, walk_records
+from migration_assets.atproto.repo import collect_repo_blocks
 from migration_assets.atproto.signature import verify_commit
 
-# Canonical DAG-CBOR of an MST node {e: [...], l: ...}: a two-entry map whose first key is "e".
-# A record can start the same way (e.g. {"e": 1, "$type": ...}): it is kept as a node and staged as
-# a record too when the walk finds it under a key.
-_NODE_PREFIX = b"\xa2\x61\x65"
 _BATCH = 1000  # rows per marshal record in a spool file
 _JSON_NUL = "\\u0000"  # how json writes U+0000, which jsonb refuses
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as dagcbor.to_json_text writes
@@ -137,7 +136,8 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int) -> RepoSnap
     head = reader.roots[0]
     blocks, keys = Spool(), Spool()
     try:
-        nodes, commit_block = _stage_blocks(reader, head, blocks)
+        found = collect_repo_blocks(reader, head, lambda cid, block: blocks.append(_staged(cid, block)))
+        nodes, commit_block = found.nodes, found.commit_block
         if commit_block is None:
             raise CarError(f"the CAR's root (commit {head}) is not among its blocks; the export is incomplete")
         commit = parse_commit(commit_block)
@@ -147,27 +147,13 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int) -> RepoSnap
         for collection, rkey, cid in walk_records(nodes, commit.data):
             keys.append((collection, rkey, str(cid), bytes(cid)))
             snapshot.collections[collection] += 1
-            if cid in nodes:  # a record shaped like a node (see _NODE_PREFIX): stage it after all
+            if cid in nodes:  # a block that is both a reached node and a record: stage it after all
                 blocks.append(_staged(cid, nodes[cid]))
         return snapshot
     except BaseException:
         blocks.close()
         keys.close()
         raise
-
-
-def _stage_blocks(reader: CarReader, head: CID, spool: Spool) -> tuple[dict[CID, bytes], bytes | None]:
-    """Spool every block but the MST nodes (returned) and the commit (returned)."""
-    nodes: dict[CID, bytes] = {}
-    commit_block = None
-    for cid, block in reader:
-        if block[:3] == _NODE_PREFIX:
-            nodes[cid] = block
-        elif cid == head:
-            commit_block = block
-        else:
-            spool.append(_staged(cid, block))
-    return nodes, commit_block
 
 
 def verify_snapshot(snapshot: RepoSnapshot, signing_key: str) -> None:

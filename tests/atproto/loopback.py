@@ -26,6 +26,7 @@ class Reply:
     body: bytes | list[bytes] = b""  # a list is sent as separate writes
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before answering (timeouts)
+    chunk_delay: float = 0.0  # seconds between the writes of a list body (a host dripping bytes)
 
 
 def json_reply(value: object, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
@@ -43,13 +44,13 @@ class LoopbackServer:
     """`server.route("GET", "/xrpc/nsid", reply | [replies...] | handler)`; `server.requests` logs each call.
     A list of replies is served in order, its last reply repeating."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.requests: list[Request] = []
         self._routes: dict[tuple[str, str], Handler] = {}
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
+        self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
@@ -114,7 +115,9 @@ def _make_handler(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(sum(len(c) for c in chunks)))
                 self.end_headers()
-                for chunk in chunks:
+                for n, chunk in enumerate(chunks):
+                    if n and reply.chunk_delay:
+                        time.sleep(reply.chunk_delay)
                     self.wfile.write(chunk)
                     self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
@@ -132,8 +135,8 @@ def serve() -> Iterator[Callable[[], LoopbackServer]]:
     """Body of a fixture: yields a factory of servers, all stopped afterwards."""
     started: list[LoopbackServer] = []
 
-    def make() -> LoopbackServer:
-        server = LoopbackServer()
+    def make(host: str = "127.0.0.1", port: int = 0) -> LoopbackServer:
+        server = LoopbackServer(host, port)
         started.append(server)
         return server
 

@@ -1,5 +1,7 @@
 """IdentityResolver against a PLC directory and a did:web host served on loopback."""
 
+import json
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -14,8 +16,9 @@ from migration_assets.atproto.identity import (
     UnsupportedDidMethod,
     parse_document,
 )
+from migration_assets.atproto.ratelimit import HostRateLimiter
 from migration_assets.atproto.signature import PublicKey
-from migration_assets.atproto.xrpc import PrivateHostRefused
+from migration_assets.atproto.xrpc import PrivateHostRefused, RateLimited
 from tests.atproto.loopback import LoopbackServer, Reply, json_reply
 
 DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
@@ -149,3 +152,65 @@ def test_unresolvable_dids(plc, did, error):
     with resolver_for(plc) as resolver, pytest.raises(error):
         resolver.resolve(did)
     assert plc.requests == []
+
+
+# --- hostile hosts: slow drips and huge documents; the shared rate limit; re-resolving ---
+
+
+def test_a_document_dripped_byte_by_byte_is_cut_at_the_deadline(plc, servers):
+    """Every byte comes within the per-read timeout, so only a whole-request deadline ends the fetch: the
+    last 60 bytes come one every 0.7 s (about 40 s), the deadline is 1.5 s."""
+    web = servers()
+    did = f"did:web:localhost%3A{web.port}"
+    body = json.dumps(document(did=did)).encode()
+    drip = [body[:-60]] + [bytes([b]) for b in body[-60:]]
+    web.route("GET", "/.well-known/did.json", Reply(200, drip, {"Content-Type": "application/json"},
+                                                    chunk_delay=0.7))
+    with resolver_for(plc, retries=0, deadline_seconds=1.5) as resolver:
+        with pytest.raises(DidResolutionFailed, match="deadline") as raised:
+            resolver.resolve(did)
+    assert raised.value.did == did
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_10_mb_document_is_refused(plc, chunked):
+    padding = "x" * (10 * 1024 * 1024)
+    body = json.dumps(document(alsoKnownAs=[f"at://{padding}"])).encode()
+    parts = [body[i:i + 65536] for i in range(0, len(body), 65536)] if chunked else body
+    plc.route("GET", f"/{DID}", Reply(200, parts, {"Content-Type": "application/json"}))
+    with resolver_for(plc, retries=0) as resolver, pytest.raises(InvalidDidDocument, match="larger than"):
+        resolver.resolve(DID)
+
+
+def test_resolution_takes_tokens_from_the_shared_host_limiter(plc, target_url):
+    plc.route("GET", f"/{DID}", json_reply(document()))
+    limiter = HostRateLimiter(target_url, limit=1, window_seconds=600)
+    with resolver_for(plc, limiter=limiter, max_rate_limit_wait=0) as resolver:
+        assert resolver.resolve(DID).pds_endpoint == "https://pds.example.com"
+        with pytest.raises(RateLimited) as raised:
+            resolver.resolve(DID, fresh=True)  # the host's one token of this window is spent
+    assert raised.value.host == f"127.0.0.1:{plc.port}"
+    assert len(plc.calls(f"/{DID}")) == 1
+
+
+def test_a_429_from_the_directory_pauses_the_host_for_everyone(plc, target_url):
+    plc.route("GET", f"/{DID}", Reply(429, b"", {"Retry-After": "600"}))
+    limiter = HostRateLimiter(target_url, limit=100, window_seconds=60)
+    with resolver_for(plc, limiter=limiter) as resolver, pytest.raises(RateLimited):
+        resolver.resolve(DID)
+    other = HostRateLimiter(target_url, limit=100, window_seconds=60)
+    with resolver_for(plc, limiter=other, max_rate_limit_wait=0) as resolver, pytest.raises(RateLimited):
+        resolver.resolve(DID)
+    assert len(plc.calls(f"/{DID}")) == 1
+
+
+def test_cached_for_the_ttl_then_fresh_on_request(plc, monkeypatch):
+    plc.route("GET", f"/{DID}", [json_reply(document()), json_reply(document(pds="https://moved.example.com"))])
+    monkeypatch.setenv("ATPROTO_IDENTITY_TTL_SECONDS", "3600")
+    with resolver_for(plc) as resolver:
+        assert resolver.ttl_seconds == 3600
+        assert resolver.resolve(DID).pds_endpoint == "https://pds.example.com"
+        assert resolver.resolve(DID).pds_endpoint == "https://pds.example.com"
+        assert resolver.resolve(DID, fresh=True).pds_endpoint == "https://moved.example.com"
+        assert resolver.resolve(DID).pds_endpoint == "https://moved.example.com"  # the fresh one is cached
+    assert len(plc.calls(f"/{DID}")) == 2

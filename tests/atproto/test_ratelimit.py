@@ -1,11 +1,14 @@
 """HostRateLimiter on the real PostgreSQL: a budget shared by processes, pauses from headers and 429s."""
 
 import multiprocessing
+import time
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
 
 from migration_assets.atproto.ratelimit import HostRateLimiter, LimiterWaitExceeded, reset_time
+from migration_assets.atproto.settings import AtprotoSettings
 from tests.atproto.ratelimit_worker import take_tokens
 
 HOST = "pds.example:443"
@@ -85,9 +88,43 @@ def test_pause_until_is_honoured_and_never_shortened(target_url):
 
 
 def test_reset_header_forms():
-    assert reset_time("1700000000") == 1700000000
+    assert reset_time("1700000030", now=1700000000.0) == 1700000030
     assert reset_time("30", now=1000.0) == 1030.0  # a small value is a delay (IETF draft servers)
-    assert reset_time("soon") is None and reset_time(None) is None
+    assert reset_time(None) is None
+    default, cap = AtprotoSettings().default_pause_seconds, AtprotoSettings().max_pause_seconds
+    for unusable in ("soon", "inf", "nan", "-5", "-inf", ""):
+        assert reset_time(unusable, now=1000.0) == 1000.0 + default, unusable
+    assert reset_time("99999999999999", now=1700000000.0) == 1700000000.0 + cap
+
+
+@pytest.mark.parametrize("reset", ["99999999999999999999", "1e300", "Infinity"])
+def test_remaining_zero_with_an_absurd_reset_on_a_200_pauses_at_most_the_cap(target_url, reset):
+    limiter = HostRateLimiter(target_url, limit=100, window_seconds=60)
+    limiter.observe(HOST, {"RateLimit-Remaining": "0", "RateLimit-Reset": reset})
+    cap = AtprotoSettings().max_pause_seconds
+    stored = psycopg.connect(target_url).execute(
+        "SELECT paused_until FROM atproto_rate_limits WHERE host = %s", (HOST,)).fetchone()[0]
+    assert 0 < stored - db_now(target_url) <= cap
+    with pytest.raises(LimiterWaitExceeded) as raised:
+        limiter.acquire(HOST, max_wait=0)
+    assert datetime.fromtimestamp(raised.value.retry_at, timezone.utc) <= datetime.now(timezone.utc) + timedelta(
+        seconds=cap + 5)
+
+
+@pytest.mark.parametrize("stored", ["1e300", "Infinity", "NaN", "1000000000000"])
+def test_an_absurd_pause_stored_by_an_older_version_is_read_back_bounded(target_url, target, stored):
+    target.execute("INSERT INTO atproto_rate_limits (host, window_start, paused_until) VALUES (%s, 0, %s::float8)",
+                   (HOST, stored))
+    limiter = HostRateLimiter(target_url, limit=100, window_seconds=60)
+    cap = AtprotoSettings().max_pause_seconds
+    latest = time.time() + cap + 5
+    assert limiter.paused_until(HOST) <= latest
+    with pytest.raises(LimiterWaitExceeded) as raised:
+        limiter.acquire(HOST, max_wait=0)
+    assert datetime.fromtimestamp(raised.value.retry_at, timezone.utc).timestamp() <= latest
+    limiter.pause_until(HOST, time.time() + 5)  # a new pause also cuts the stored one back to the cap
+    healed = target.execute("SELECT paused_until FROM atproto_rate_limits WHERE host = %s", (HOST,)).fetchone()[0]
+    assert healed <= latest
 
 
 def test_settings_from_environment(target_url, monkeypatch):

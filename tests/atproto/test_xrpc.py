@@ -3,12 +3,15 @@
 import io
 import logging
 import pickle
+import socket
 import time
+from datetime import datetime, timezone
 
 import pytest
 
 from migration_assets.atproto import xrpc
 from migration_assets.atproto.ratelimit import HostRateLimiter
+from migration_assets.atproto.settings import AtprotoSettings
 from migration_assets.atproto.xrpc import (
     AuthRequired,
     BlobNotFound,
@@ -19,6 +22,7 @@ from migration_assets.atproto.xrpc import (
     RepoSuspended,
     RepoTakendown,
     TransportFailure,
+    UnsafeLogin,
     XrpcClient,
     XrpcError,
     is_forbidden_address,
@@ -177,13 +181,98 @@ def test_tokens_stay_out_of_repr_and_logs(server, caplog):
 # --- 429s ---
 
 
+def limited_until(reset: float, headers: dict[str, str]):
+    """429 for every call before `reset` (unix time), then OK: a retry that comes early shows in the count."""
+    def handler(_request):
+        if time.time() < reset - 0.05:  # a little slack for the clocks' granularity
+            return xrpc_error(429, "RateLimitExceeded", "slow down", headers)
+        return OK
+    return handler
+
+
 def test_429_with_reset_soon_is_waited_out_without_using_retries(server):
-    reset = str(int(time.time()) + 2)
-    limited = xrpc_error(429, "RateLimitExceeded", "slow down", {"RateLimit-Reset": reset, "RateLimit-Remaining": "0"})
-    server.route("GET", PATH, [limited, xrpc_error(429, "RateLimitExceeded", "", {"Retry-After": "0"}), OK])
+    reset = int(time.time()) + 2
+    server.route("GET", PATH, limited_until(reset, {"RateLimit-Reset": str(reset), "RateLimit-Remaining": "0"}))
     with client_for(server, retries=0) as client:
         assert client.query(LIST_REPOS) == {"repos": []}
-    assert len(server.calls(PATH)) == 3
+    assert len(server.calls(PATH)) == 2, "the client retried before the reset (or never waited)"
+
+
+def test_429_with_retry_after_is_waited_out(server):
+    reset = time.time() + 1.5
+    server.route("GET", PATH, limited_until(reset, {"Retry-After": "2"}))
+    with client_for(server, retries=0) as client:
+        assert client.query(LIST_REPOS) == {"repos": []}
+    assert len(server.calls(PATH)) == 2
+
+
+MAX_PAUSE = AtprotoSettings().max_pause_seconds
+DEFAULT_PAUSE = AtprotoSettings().default_pause_seconds
+
+
+@pytest.mark.parametrize(
+    ("headers", "pause"),
+    [
+        ({"Retry-After": "1000000000000"}, MAX_PAUSE),
+        ({"Retry-After": "Fri, 31 Dec 9999 23:59:59 GMT"}, MAX_PAUSE),
+        ({"RateLimit-Reset": "99999999999999999999"}, MAX_PAUSE),
+        ({"RateLimit-Reset": "1e300", "Retry-After": "5"}, MAX_PAUSE),
+        ({"Retry-After": "inf"}, DEFAULT_PAUSE),
+        ({"Retry-After": "nan"}, DEFAULT_PAUSE),
+        ({"Retry-After": "-5"}, DEFAULT_PAUSE),
+        ({"Retry-After": "soon, maybe"}, DEFAULT_PAUSE),
+        ({"RateLimit-Reset": "-Infinity"}, DEFAULT_PAUSE),
+        ({"RateLimit-Reset": "NaN"}, DEFAULT_PAUSE),
+    ],
+)
+def test_absurd_429_pauses_are_bounded(server, headers, pause):
+    """A hostile host's pause is clamped to max_pause_seconds, an unusable one is the short default; the
+    result always converts to a datetime (the ledger stores it as one)."""
+    server.route("GET", PATH, [Reply(429, b"", headers), OK])
+    before = time.time()
+    with client_for(server, max_rate_limit_wait=1) as client, pytest.raises(RateLimited) as raised:
+        client.query(LIST_REPOS)
+    retry_at = raised.value.retry_at
+    assert datetime.fromtimestamp(retry_at, timezone.utc)
+    assert before + pause - 1 <= retry_at <= time.time() + pause + 1
+
+
+# --- logins: the password goes to the PDS asked for, over https, and nowhere else ---
+
+
+@pytest.mark.parametrize("status", [302, 307, 308])
+def test_login_never_follows_a_redirect_to_another_origin(servers, status):
+    pds, elsewhere = servers(), servers()
+    pds.route("POST", "/xrpc/com.atproto.server.createSession",
+              Reply(status, b"", {"Location": f"{elsewhere.url}/xrpc/com.atproto.server.createSession"}))
+    elsewhere.route("POST", "/xrpc/com.atproto.server.createSession", session_reply(1))
+    elsewhere.route("GET", "/xrpc/com.atproto.server.createSession", session_reply(1))
+    with client_for(pds) as client, pytest.raises(UnsafeLogin, match="another origin") as raised:
+        client.login("alice.test", PASSWORD)
+    assert elsewhere.requests == []
+    assert PASSWORD not in str(raised.value)
+
+
+def test_login_follows_a_redirect_within_its_origin(server):
+    server.route("POST", "/xrpc/com.atproto.server.createSession",
+                 Reply(308, b"", {"Location": "/v2/xrpc/com.atproto.server.createSession"}))
+    server.route("POST", "/v2/xrpc/com.atproto.server.createSession", session_reply(1))
+    with client_for(server) as client:
+        client.login("alice.test", PASSWORD)
+        assert client.session_did == "did:plc:abc"
+    assert PASSWORD.encode() in server.calls("/v2/xrpc/com.atproto.server.createSession")[0].body
+
+
+def test_login_over_plain_http_is_refused_unless_private_hosts_allowed(server, monkeypatch):
+    """The host passes the address guard (its address is made public for it), so only the scheme is wrong."""
+    server.route("POST", "/xrpc/com.atproto.server.createSession", session_reply(1))
+    only_stand_in_is_public(monkeypatch)
+    with client_for(server, allow_private_hosts=False) as client, pytest.raises(UnsafeLogin, match="http"):
+        client.login("alice.test", PASSWORD)
+    assert server.requests == []
+    with client_for(server, allow_private_hosts=True) as client:
+        client.login("alice.test", PASSWORD)
+    assert len(server.requests) == 1
 
 
 def test_429_with_reset_far_ahead_raises_rate_limited(server):
@@ -300,25 +389,64 @@ def test_guard_refuses_loopback_host_unless_allowed(server, monkeypatch):
         assert client.query(LIST_REPOS) == {"repos": []}
 
 
+STAND_IN_PUBLIC = "127.0.0.1"  # the machine has no public interface: the guard is told this one is public
+INTERNAL = "127.0.0.2"  # an internal service, on loopback too
+
+
+def only_stand_in_is_public(monkeypatch) -> None:
+    monkeypatch.setattr(xrpc, "is_forbidden_address", lambda address: address != STAND_IN_PUBLIC)
+
+
 def test_guard_checks_every_redirect_hop(servers, monkeypatch):
-    """The first hop must pass the guard, so its name is made to resolve to a public address for the guard
-    only (the machine has no public interface to serve from); the redirect target resolves for real."""
-    origin, internal = servers(), servers()
+    """The first hop's name resolves (through the injected resolver) to the stand-in public address; its
+    redirect names an internal address, which the guard refuses before connecting."""
+    origin = servers()
+    internal = servers(INTERNAL)
     origin.route("GET", "/xrpc/com.atproto.sync.getBlob",
-                 Reply(302, b"", {"Location": f"http://127.0.0.1:{internal.port}/secret"}))
+                 Reply(302, b"", {"Location": f"http://{INTERNAL}:{internal.port}/secret"}))
     internal.route("GET", "/secret", Reply(200, b"internal data"))
-    real_resolve = xrpc._resolve
+    only_stand_in_is_public(monkeypatch)
 
     def resolve(host, port):
-        return ["93.184.215.14"] if host == "localhost" else real_resolve(host, port)
+        return [STAND_IN_PUBLIC] if host == "pds.example.test" else xrpc.resolve_host(host, port)
 
-    monkeypatch.setattr(xrpc, "_resolve", resolve)
-    with XrpcClient(f"http://localhost:{origin.port}", allow_private_hosts=False) as client:
-        with pytest.raises(PrivateHostRefused, match="127.0.0.1"):
+    with XrpcClient(f"http://pds.example.test:{origin.port}", allow_private_hosts=False, resolve=resolve) as client:
+        with pytest.raises(PrivateHostRefused, match=INTERNAL):
             with client.stream("com.atproto.sync.getBlob", {"cid": "b"}):
                 pass
     assert len(origin.calls("/xrpc/com.atproto.sync.getBlob")) == 1
     assert internal.calls("/secret") == []
+
+
+def test_connection_goes_to_the_address_the_guard_checked_on_every_hop(servers, monkeypatch):
+    """DNS rebinding: every name answers the stand-in public address first, then the internal one. The
+    guard must connect to the address it checked, on the first hop and after the redirect: a second
+    resolution (as httpx does on its own) would reach the internal server on the same port."""
+    public = servers()
+    internal = servers(INTERNAL, public.port)
+    public.route("GET", "/xrpc/com.atproto.sync.getBlob",
+                 Reply(302, b"", {"Location": f"http://cdn.rebind.test:{public.port}/blob"}))
+    public.route("GET", "/blob", Reply(200, b"public blob"))
+    for path in ("/xrpc/com.atproto.sync.getBlob", "/blob"):
+        internal.route("GET", path, Reply(200, b"internal secret"))
+    lookups: dict[str, int] = {}
+    system_getaddrinfo = socket.getaddrinfo
+
+    def rebinding(host, port, *args, **kwargs):
+        if isinstance(host, str) and host.endswith(".rebind.test"):
+            lookups[host] = lookups.get(host, 0) + 1
+            host = STAND_IN_PUBLIC if lookups[host] == 1 else INTERNAL
+        return system_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    only_stand_in_is_public(monkeypatch)
+    with XrpcClient(f"http://pds.rebind.test:{public.port}", allow_private_hosts=False) as client:
+        with client.stream("com.atproto.sync.getBlob", {"cid": "b"}) as reply:
+            assert reply.read() == b"public blob"
+    assert internal.requests == []
+    assert [r.path for r in public.requests] == ["/xrpc/com.atproto.sync.getBlob", "/blob"]
+    assert public.requests[0].headers["host"] == f"pds.rebind.test:{public.port}"  # the name, not the IP
+    assert public.requests[1].headers["host"] == f"cdn.rebind.test:{public.port}"
 
 
 @pytest.mark.parametrize(

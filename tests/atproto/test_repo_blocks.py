@@ -1,0 +1,43 @@
+"""collect_repo_blocks: the MST nodes the commit reaches, whatever order the CAR lists blocks in."""
+
+import pytest
+
+from migration_assets.atproto import dagcbor
+from migration_assets.atproto.cid import CID
+from migration_assets.atproto.mst import walk_records
+from migration_assets.atproto.repo import NODE_PREFIX, collect_repo_blocks
+from tests.atproto.builders import put
+from tests.atproto.conftest import make_repo
+
+
+@pytest.mark.parametrize("order", ["by_cid", "reversed_by_cid", "as_built", "commit_last"])
+def test_only_reached_nodes_are_kept_in_any_block_order(order):
+    repo = make_repo(400)
+    junk: dict[CID, bytes] = {}
+    for n in range(20):
+        put(junk, {"e": [], "l": None} if n == 0 else {"e": n.to_bytes(4, "big"), "l": None})
+    blocks = list(repo.blocks.items()) + list(junk.items())
+    if order == "by_cid":  # how the reference PDS sends getRepo
+        blocks.sort(key=lambda item: bytes(item[0]))
+    elif order == "reversed_by_cid":
+        blocks.sort(key=lambda item: bytes(item[0]), reverse=True)
+    elif order == "commit_last":
+        blocks.sort(key=lambda item: item[0] == repo.commit)
+    others: dict[CID, bytes] = {}
+    found = collect_repo_blocks(blocks, repo.commit, others.__setitem__)
+    node_cids = {cid for cid, data in repo.blocks.items() if data[:3] == NODE_PREFIX}
+    assert set(found.nodes) == node_cids
+    assert found.commit_block == repo.blocks[repo.commit]
+    assert set(others) == (set(repo.blocks) - node_cids - {repo.commit}) | set(junk)
+    walked = {f"{c}/{r}": cid for c, r, cid in walk_records(found.nodes, repo.root)}
+    assert walked == repo.records
+
+
+def test_a_missing_commit_leaves_every_block_to_the_caller():
+    repo = make_repo(10)
+    others: dict[CID, bytes] = {}
+    blocks = [(cid, data) for cid, data in repo.blocks.items() if cid != repo.commit]
+    found = collect_repo_blocks(blocks, repo.commit, others.__setitem__)
+    assert found.commit_block is None and found.nodes == {}
+    assert set(others) == {cid for cid, _ in blocks}
+    assert dagcbor.decode(repo.blocks[repo.commit])["data"] == repo.root
