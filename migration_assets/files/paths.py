@@ -32,12 +32,18 @@ def relative_path(file_uri: str, root: Path) -> PurePosixPath:
         f"file_uri {file_uri!r} {why} (FILES_SOURCE_ROOT is {root}): fix its source_files row")
     path = file_uri
     if file_uri[:5].lower() == "file:":
-        parts = urlsplit(file_uri)
+        try:
+            parts = urlsplit(file_uri)
+        except ValueError as error:
+            raise refuse(f"is not a valid URI ({error})") from None
         if parts.netloc.lower() not in {"", "localhost"}:
             raise refuse(f"names the host {parts.netloc!r}; only local file:// URIs can be read")
         if parts.query or parts.fragment:
             raise refuse("has a query or fragment: percent-encode '?' and '#' in file names")
-        path = unquote(parts.path, errors="strict")
+        try:
+            path = unquote(parts.path, errors="strict")
+        except UnicodeDecodeError:
+            raise refuse("is not UTF-8 once percent-decoded (S3 keys are UTF-8)") from None
         if not path.startswith("/"):
             raise refuse("is a file: URI without an absolute path")
     posix = PurePosixPath(path.replace("\\", "/"))

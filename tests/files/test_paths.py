@@ -44,6 +44,8 @@ def test_the_three_forms_map_to_the_path_under_the_root(file_uri, expected):
     ("file://fileserver/srv/share/a.txt", "names the host 'fileserver'"),
     ("file:///srv/share/a.txt#frag", "percent-encode"),
     ("file:relative.txt", "without an absolute path"),
+    ("file:///srv/share/caf%E9.txt", "not UTF-8"),
+    ("file://[::1/srv/share/a.txt", "not a valid URI"),
     ("a/b%00.txt\0", "NUL"),
     ("/srv/share", "names no file"),
     ("", "names no file"),
