@@ -10,12 +10,17 @@ from urllib.parse import quote
 
 import pytest
 
+from migration_assets.files import store
 from migration_assets.files.paths import SourceRefused, open_under_root, relative_path
 from migration_assets.files.worker import migrate_claimed_range
 from tests.files.conftest import make_job
-from tests.files.test_worker import claim
 
 ROOT = Path("/srv/share")
+
+
+def claim_first_range(job) -> store.Claim:
+    with job.pool.connection() as conn:
+        return store.claim_range(conn, "test-worker", 0, 100, job.settings.stale_minutes)
 
 
 @pytest.mark.parametrize("file_uri, expected", [
@@ -135,12 +140,11 @@ def test_a_range_copies_all_three_forms_and_refuses_files_outside_the_root_unrea
     }
     ids = {name: target.execute("INSERT INTO source_files (file_uri, file_name) VALUES (%s, %s) RETURNING file_id",
                                 (uri, name)).fetchone()[0] for name, uri in uris.items()}
-    from migration_assets.files import store
     store.expand_ranges(target, 100)
     target.commit()
     job = make_job(files_env, target_url)
     try:
-        progress = migrate_claimed_range(job, claim(job))
+        progress = migrate_claimed_range(job, claim_first_range(job))
     finally:
         watch.stop()
 

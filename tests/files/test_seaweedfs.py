@@ -9,12 +9,18 @@ from collections.abc import Iterator
 import pytest
 
 from migration_assets.devstack.servers import local_aws_environment, start_seaweedfs
+from migration_assets.files import store
 from migration_assets.files.checks import range_checks
-from migration_assets.files.settings import MIB
 from migration_assets.files.worker import migrate_claimed_range
 from tests.files.conftest import make_job
 from tests.files.helpers import assert_bytes_equal
-from tests.files.test_worker import claim
+
+MIB = 1024 * 1024
+
+
+def claim_first_range(job) -> store.Claim:
+    with job.pool.connection() as conn:
+        return store.claim_range(conn, "test-worker", 0, 100, job.settings.stale_minutes)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +59,7 @@ def test_single_puts_and_multipart_are_stored_with_their_checksums_and_pass_the_
     target.commit()
     job = make_job(settings, target_url)
 
-    progress = migrate_claimed_range(job, claim(job))
+    progress = migrate_claimed_range(job, claim_first_range(job))
 
     assert (progress.copied, progress.failed) == (3, 0), progress.failures
     for relative in ("small/a.txt", "streamed/b.bin"):
@@ -85,7 +91,7 @@ def test_a_body_corrupted_on_the_way_is_refused_with_bad_digest_and_fails_that_f
             request.body = bytes([body[0] ^ 1]) + body[1:]
     job.target.client.meta.events.register("before-send.s3.PutObject", flip_a_byte)
 
-    progress = migrate_claimed_range(job, claim(job))
+    progress = migrate_claimed_range(job, claim_first_range(job))
 
     assert (progress.copied, progress.failed) == (1, 1)
     status, error = target.execute("SELECT status, error FROM migration_files WHERE file_id = %s", (bad,)).fetchone()
