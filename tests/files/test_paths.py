@@ -117,6 +117,29 @@ def test_open_refuses_symlinks_leading_out_and_fifos_without_opening_them(tmp_pa
     assert not watch.opened.is_set()
 
 
+def test_a_directory_swapped_for_a_symlink_after_resolving_is_not_followed(tmp_path, outside, monkeypatch):
+    root = tmp_path / "root"
+    (root / "inner").mkdir(parents=True)
+    (root / "inner" / "secret").write_bytes(b"inside")
+    watch = ReaderWatch(outside / "secret")
+    resolve = os.path.realpath
+
+    def resolve_then_swap(path, *, strict=False):  # the race: the swap lands between check and open
+        resolved = resolve(path, strict=strict)
+        if resolved.endswith("secret"):
+            (root / "inner").rename(root / "moved")
+            (root / "inner").symlink_to(outside)
+        return resolved
+
+    monkeypatch.setattr(os.path, "realpath", resolve_then_swap)
+    try:
+        with pytest.raises(SourceRefused, match="changed while being opened"):
+            open_under_root(root, PurePosixPath("inner/secret"), "inner/secret")
+    finally:
+        watch.stop()
+    assert not watch.opened.is_set()
+
+
 def test_a_range_copies_all_three_forms_and_refuses_files_outside_the_root_unread(
     files_env, target, target_url, s3, bucket, source_root, outside
 ):
