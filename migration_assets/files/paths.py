@@ -27,7 +27,8 @@ class SourceRefused(Exception):
 
 def relative_path(file_uri: str, root: Path) -> PurePosixPath:
     """The path under `root` that `file_uri` names (relative, absolute under the root, or file://).
-    Pure: `..` components are refused outright, never resolved against the disk."""
+    Pure (no disk access): `..` components are refused outright, never resolved. An absolute path
+    must start with `root` as given (FilesSettings resolves FILES_SOURCE_ROOT's own symlinks)."""
     refuse = lambda why: SourceRefused(  # noqa: E731
         f"file_uri {file_uri!r} {why} (FILES_SOURCE_ROOT is {root}): fix its source_files row")
     path = file_uri
@@ -50,11 +51,9 @@ def relative_path(file_uri: str, root: Path) -> PurePosixPath:
     if "\0" in path or ".." in posix.parts:
         raise refuse("contains '..' or a NUL byte; paths must stay under the root")
     if posix.is_absolute():
-        under = next((posix.relative_to(r) for r in (PurePosixPath(root), PurePosixPath(os.path.realpath(root)))
-                      if posix.is_relative_to(r)), None)
-        if under is None:
+        if not posix.is_relative_to(root):
             raise refuse("is not under the root")
-        posix = under
+        posix = posix.relative_to(root)
     if not posix.parts:
         raise refuse("names no file")
     return posix
