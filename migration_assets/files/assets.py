@@ -55,6 +55,30 @@ def progress_metadata(progress: Progress) -> dict:
     }
 
 
+def files_result(copied: int, unchanged: int, failed: int, awaiting_retry: int, verified: bool | None) -> str:
+    """The one wording of a pass's outcome, in the run's metadata and on the CLI. `failed`: files not
+    SUCCESS at the end (of them, `awaiting_retry` have retries left); `verified` None: not checked."""
+    line = f"{copied} copied, {unchanged} unchanged, {failed} failed"
+    if awaiting_retry:
+        line += f" ({awaiting_retry} awaiting a retry)"
+    if verified is None:
+        return line
+    return line + (": verified (every file SUCCESS, every object as recorded)" if verified else ": NOT verified")
+
+
+def range_verdict(progress: Progress, outcomes: list) -> dict:
+    """`result` and `verified` of a range after its pass (failures counted over the whole range, not
+    only this pass): verified only when every file is SUCCESS (count check) and every object matches
+    its record (checksum check)."""
+    counts = next(o.metadata for o in outcomes if o.name == checks.CHECK_COUNT)
+    verified = all(o.passed for o in outcomes if o.name in {checks.CHECK_COUNT, checks.CHECK_CHECKSUMS})
+    failed = counts["failed_awaiting_retry"] + counts["failed_final"] + counts["not_attempted"]
+    text = files_result(progress.copied, progress.skipped, failed, counts["failed_awaiting_retry"], verified)
+    return {"result": dg.MetadataValue.text(text), "verified": dg.MetadataValue.bool(verified),
+            "range_files_failed": dg.MetadataValue.int(failed),
+            "range_files_awaiting_retry": dg.MetadataValue.int(counts["failed_awaiting_retry"])}
+
+
 def refuse_outside_window(settings: FilesSettings, ignore: bool) -> None:
     window = RunWindow(settings.window)
     if not ignore and not window.is_open():
@@ -124,7 +148,7 @@ def copied_files(
     checks_started = time.monotonic()
     outcomes = checks.range_checks(job.pool, job.target, settings, min_id, max_id)
     return dg.MaterializeResult(
-        metadata={**progress_metadata(progress), "dagster/row_count": dg.MetadataValue.int(progress.listed),
+        metadata={**progress_metadata(progress), **range_verdict(progress, outcomes), "dagster/row_count": dg.MetadataValue.int(progress.listed),
                   "check_seconds": dg.MetadataValue.float(round(time.monotonic() - checks_started, 2))},
         check_results=[check_result(outcome) for outcome in outcomes],
     )
@@ -146,5 +170,6 @@ def file_retries(
     settings = files.settings()
     refuse_outside_window(settings, config.ignore_window)
     progress = retry_failed(make_job(postgres, files_s3, settings, config.ignore_window))
-    context.log.info(f"retried {progress.listed} files: {progress.copied + progress.skipped} copied, {progress.failed} still failing")
-    return dg.MaterializeResult(metadata=progress_metadata(progress))
+    result = files_result(progress.copied, progress.skipped, progress.failed, 0, None)
+    context.log.info(f"retried {progress.listed} files: {result}")
+    return dg.MaterializeResult(metadata={**progress_metadata(progress), "result": dg.MetadataValue.text(result)})

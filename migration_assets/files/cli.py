@@ -3,6 +3,7 @@ in the Dagster UI), retry failed files, and seed demo files."""
 
 import argparse
 import time
+from collections import Counter
 from datetime import datetime, timezone
 
 import dagster as dg
@@ -18,6 +19,7 @@ from migration_assets.files.seed import seed_files
 from migration_assets.files.window import RunWindow
 
 EXIT_WINDOW_CLOSED = 3  # stopped cleanly at the window's close: run again in the next window
+FAILURES_SHOWN = 5
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -83,31 +85,56 @@ def migrate_command(args: argparse.Namespace) -> int:
     with res["postgres"].connection() as conn:
         pending = conn.execute("SELECT min_id, max_id FROM migration_ranges WHERE status = 'PENDING' ORDER BY min_id").fetchall()
     register_ranges(instance, pending)
-    failures = 0
+    totals: Counter = Counter()
     for lo, hi in pending:
-        outcome = migrate_partition(instance, range_key(lo, hi), res, args.ignore_window)
+        outcome = migrate_partition(instance, range_key(lo, hi), res, args.ignore_window, totals)
         if outcome == "stopped":
             print("stopped cleanly at the run window's close: run the same command in the next window")
             return EXIT_WINDOW_CLOSED
-        failures += outcome == "failed"
-    print(f"{len(pending) - failures}/{len(pending)} ranges migrated and verified")
-    if failures:
+    unverified = len(pending) - totals["verified"]
+    print("files: " + assets.files_result(totals["copied"], totals["unchanged"], totals["failed"],
+                                          totals["awaiting_retry"], None))
+    if unverified:
+        print_first_failures(res["postgres"], pending)
+    print(f"{totals['verified']}/{len(pending)} ranges migrated and verified")
+    if unverified:
         print("next step: read the failures above (or the runs in the Dagster UI); failed files are retried "
               "every 30 min by the files_retries schedule, or now with `migration-assets files retry`")
-    return 1 if failures else 0
+    return 1 if unverified else 0
 
 
-def migrate_partition(instance, key: str, res: dict, ignore_window: bool) -> str:
+def migrate_partition(instance, key: str, res: dict, ignore_window: bool, totals: Counter) -> str:
+    """Materialize one range and add its counts to `totals`; "verified" only when the run says so."""
     result = materialize(instance, assets.copied_files, res, key, ignore_window)
-    ok = print_partition_summary(key, assets.COPIED_FILES, result, range_summary)
+    print_partition_summary(key, assets.COPIED_FILES, result, range_summary)
     if failure_text(result).startswith("Stopped cleanly"):
         return "stopped"
-    return "ok" if ok else "failed"
+    meta = metadata_of(result, assets.COPIED_FILES)
+    totals.update(copied=meta.get("files_copied", 0), unchanged=meta.get("files_skipped", 0),
+                  failed=meta.get("range_files_failed", 0), awaiting_retry=meta.get("range_files_awaiting_retry", 0))
+    verified = result.success and meta.get("verified") is True
+    totals["verified"] += verified
+    return "verified" if verified else "failed"
 
 
 def range_summary(meta: dict) -> str:
-    return (f"{meta['files_copied']} copied, {meta['files_skipped']} unchanged, {meta['files_failed']} failed "
-            f"of {meta['files_listed']}; {meta['bytes_copied'] / 1e6:.1f} MB at {meta['mb_per_second']} MB/s")
+    return (f"{meta['files_listed']} files: {meta['result']}; "
+            f"{meta['bytes_copied'] / 1e6:.1f} MB at {meta['mb_per_second']} MB/s")
+
+
+def print_first_failures(postgres: PostgresResource, ranges: list[tuple[int, int]]) -> None:
+    """The first files of these ranges not SUCCESS: file id, file_uri and the reason recorded."""
+    with postgres.connection() as conn:
+        rows = conn.execute(
+            "SELECT m.file_id, m.old_uri, m.status, m.error FROM migration_files m "
+            "JOIN unnest(%s::bigint[], %s::bigint[]) AS r(lo, hi) ON m.file_id >= r.lo AND m.file_id < r.hi "
+            "WHERE m.status <> 'SUCCESS' ORDER BY m.file_id LIMIT %s",
+            ([lo for lo, _ in ranges], [hi for _, hi in ranges], FAILURES_SHOWN),
+        ).fetchall()
+    if rows:
+        print("first failures:")
+    for file_id, uri, status, error in rows:
+        print(f"  file {file_id} {uri!r} ({status}): {error or 'no reason recorded'}")
 
 
 def retry_command(args: argparse.Namespace) -> int:
@@ -115,8 +142,7 @@ def retry_command(args: argparse.Namespace) -> int:
     result = materialize(instance, assets.file_retries, resources(), ignore_window=args.ignore_window)
     meta = metadata_of(result, assets.FILE_RETRIES)
     if meta:
-        print(f"retried {meta['files_listed']} files: {meta['files_copied'] + meta['files_skipped']} copied, "
-              f"{meta['files_failed']} still failing")
+        print(f"retried {meta['files_listed']} files: {meta['result']}")
     if not result.success:
         print(f"retry FAILED: {failure_text(result)}")
     return 0 if result.success and not meta.get("files_failed") else 1

@@ -18,12 +18,14 @@ upload starts, nor stop a part loop when the file changes.
 
 import base64
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from migration_assets.files.paths import SourceRefused, open_under_root, relative_path
 from migration_assets.files.settings import FilesSettings
 from migration_assets.files.store import FileResult, SourceFile
 
@@ -45,11 +47,9 @@ class S3Target:
     bucket: str
     prefix: str  # "" or ending in "/"
 
-    def key_for(self, file_uri: str) -> str:
-        path = PurePosixPath(file_uri.replace("\\", "/"))
-        if path.is_absolute() or ".." in path.parts or not path.parts:
-            raise FileFailed(f"file_uri {file_uri!r} must be a relative path under FILES_SOURCE_ROOT: fix its source_files row")
-        return self.prefix + str(path)
+    def key_for(self, relative: PurePosixPath) -> str:
+        """The key of the file at `relative` under FILES_SOURCE_ROOT (paths.relative_path)."""
+        return self.prefix + relative.as_posix()
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -98,8 +98,8 @@ class _HashedBody:
     shrank ends the read with an error rather than leaving the server waiting for the missing bytes.
     botocore rewinds (seek 0) to send it again on a retry."""
 
-    def __init__(self, handle: BinaryIO, size: int, sha: bytes) -> None:
-        self._handle, self._size, self._sha = handle, size, sha
+    def __init__(self, handle: BinaryIO, path: Path, size: int, sha: bytes) -> None:
+        self._handle, self._path, self._size, self._sha = handle, path, size, sha
         self.seek(0)
 
     def read(self, amount: int | None = -1) -> bytes:
@@ -107,7 +107,7 @@ class _HashedBody:
         chunk = self._handle.read(left if amount is None or amount < 0 else min(amount, left))
         if not chunk and left:
             self._shrank = True
-            raise OSError(f"{self._handle.name} ended {left} bytes early: it shrank while uploading")
+            raise OSError(f"{self._path} ended {left} bytes early: it shrank while uploading")
         self._sent += len(chunk)
         self._digest.update(chunk)
         return chunk
@@ -128,17 +128,16 @@ class _HashedBody:
         return self._shrank or (self._sent == self._size and self._digest.digest() != self._sha)
 
 
-def _put_streamed(target: S3Target, key: str, path: Path, size: int, sha: bytes) -> tuple[str, str]:
+def _put_streamed(target: S3Target, key: str, path: Path, handle: BinaryIO, size: int, sha: bytes) -> tuple[str, str]:
     """One PUT streamed from disk. When the bytes sent are not the ones hashed, the file changed: S3
     refused them (BadDigest) or, on a server that does not check, they are deleted again."""
-    with open(path, "rb") as handle:
-        body = _HashedBody(handle, size, sha)
-        try:
-            stored = _put_object(target, key, body, size, sha)
-        except (ClientError, BotoCoreError, FileFailed, OSError):
-            if not body.changed:
-                raise
-            stored = None
+    body = _HashedBody(handle, path, size, sha)
+    try:
+        stored = _put_object(target, key, body, size, sha)
+    except (ClientError, BotoCoreError, FileFailed, OSError):
+        if not body.changed:
+            raise
+        stored = None
     if body.changed:
         if stored is not None:
             target.client.delete_object(Bucket=target.bucket, Key=key)
@@ -147,26 +146,26 @@ def _put_streamed(target: S3Target, key: str, path: Path, size: int, sha: bytes)
     return stored
 
 
-def _put_multipart(target: S3Target, key: str, path: Path, sha_hex: str, part_size: int) -> tuple[str, str]:
+def _put_multipart(target: S3Target, key: str, path: Path, handle: BinaryIO, sha_hex: str, part_size: int) -> tuple[str, str]:
     upload = target.client.create_multipart_upload(
         Bucket=target.bucket, Key=key, ChecksumAlgorithm="SHA256", Metadata={"sha256": sha_hex},
     )
     upload_id = upload["UploadId"]
     try:
         whole, part_digests, parts = hashlib.sha256(), [], []
-        with open(path, "rb") as handle:
-            while chunk := handle.read(part_size):
-                whole.update(chunk)
-                digest = hashlib.sha256(chunk).digest()
-                number = len(parts) + 1
-                reply = target.client.upload_part(
-                    Bucket=target.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk,
-                    ChecksumAlgorithm="SHA256", ChecksumSHA256=b64(digest),
-                )
-                if reply.get("ChecksumSHA256", b64(digest)) != b64(digest):
-                    raise FileFailed(f"{target.uri(key)}: part {number} stored with another checksum; retry copies it again")
-                part_digests.append(digest)
-                parts.append({"PartNumber": number, "ETag": reply["ETag"], "ChecksumSHA256": b64(digest)})
+        handle.seek(0)
+        while chunk := handle.read(part_size):
+            whole.update(chunk)
+            digest = hashlib.sha256(chunk).digest()
+            number = len(parts) + 1
+            reply = target.client.upload_part(
+                Bucket=target.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk,
+                ChecksumAlgorithm="SHA256", ChecksumSHA256=b64(digest),
+            )
+            if reply.get("ChecksumSHA256", b64(digest)) != b64(digest):
+                raise FileFailed(f"{target.uri(key)}: part {number} stored with another checksum; retry copies it again")
+            part_digests.append(digest)
+            parts.append({"PartNumber": number, "ETag": reply["ETag"], "ChecksumSHA256": b64(digest)})
         if whole.hexdigest() != sha_hex:
             raise FileFailed(f"{path} changed while uploading (SHA-256 {sha_hex} before, {whole.hexdigest()} after); "
                              "the upload was aborted and the retry copies it again")
@@ -188,20 +187,20 @@ def _put_multipart(target: S3Target, key: str, path: Path, sha_hex: str, part_si
     return f"{composite}-{len(parts)}", done["ETag"]
 
 
-def _upload(target: S3Target, key: str, path: Path, data: bytes | None, size: int, sha: bytes,
+def _upload(target: S3Target, key: str, path: Path, handle: BinaryIO, data: bytes | None, size: int, sha: bytes,
             settings: FilesSettings) -> tuple[str, str]:
     if data is not None:
         return _put_object(target, key, data, size, sha)
     if size <= settings.multipart_threshold:
-        return _put_streamed(target, key, path, size, sha)
-    return _put_multipart(target, key, path, sha.hex(), settings.part_size)
+        return _put_streamed(target, key, path, handle, size, sha)
+    return _put_multipart(target, key, path, handle, sha.hex(), settings.part_size)
 
 
-def _hash_file(path: Path) -> str:
+def _hash_file(handle: BinaryIO) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(READ_CHUNK):
-            digest.update(chunk)
+    while chunk := handle.read(READ_CHUNK):
+        digest.update(chunk)
+    handle.seek(0)
     return digest.hexdigest()
 
 
@@ -223,36 +222,44 @@ def copy_file(target: S3Target, root: Path, source: SourceFile, settings: FilesS
     """Copy one file and verify it; never raises for a per-file problem (it becomes a FAIL result).
     `probe`: first look for an object already holding this file (a previous attempt may have copied
     it and died before recording it), so a resumed range copies nothing twice."""
-    failed = lambda message: FileResult(  # noqa: E731
-        source.file_id, source.file_uri, source.file_name, source.create_date, "FAIL", error=message)
     if source.copied_sha256 is not None and source.copied_sha256 == source.sha256:
         return _unchanged(source)  # SUCCESS with the listed checksum: not even read
     try:
-        key = target.key_for(source.file_uri)
-        path = root / source.file_uri
+        relative = relative_path(source.file_uri, root)
+        path = root / relative
         try:
-            size = path.stat().st_size
+            handle = open_under_root(root, relative, source.file_uri)
         except FileNotFoundError:
-            raise FileFailed(f"source file missing: {path} (file_id {source.file_id}); restore it or fix "
-                             "source_files.file_uri, and the retry schedule copies it") from None
-        _check_listing(source, path, size, None)
-        data = None
-        if size <= min(IN_MEMORY_MAX, settings.multipart_threshold):
-            with open(path, "rb") as handle:
-                data = handle.read()
-            size, sha_hex = len(data), hashlib.sha256(data).hexdigest()
-        else:
-            sha_hex = _hash_file(path)
-        _check_listing(source, path, size, sha_hex)
-        if source.copied_sha256 == sha_hex:  # already SUCCESS with this content: nothing to send
-            return _unchanged(source)
-        existing = _existing_copy(target, key, size, sha_hex) if probe else None
-        stored, etag = existing or _upload(target, key, path, data, size, bytes.fromhex(sha_hex), settings)
-        return FileResult(source.file_id, source.file_uri, source.file_name, source.create_date, "SUCCESS",
-                          target.uri(key), size, sha_hex, stored or None, etag, uploaded=existing is None)
-    except FileFailed as error:
-        return failed(str(error))
+            raise FileFailed(f"source file missing: {path} (file_id {source.file_id}, file_uri {source.file_uri!r}); "
+                             "restore it or fix source_files.file_uri, and the retry schedule copies it") from None
+        with handle:
+            return _copy_open_file(target, target.key_for(relative), path, handle, source, settings, probe)
+    except (FileFailed, SourceRefused) as error:
+        return _failed(source, str(error))
     except (ClientError, BotoCoreError) as error:
-        return failed(str(_s3_error("upload", f"file_id {source.file_id} ({source.file_uri})", error)))
+        return _failed(source, str(_s3_error("upload", f"file_id {source.file_id} ({source.file_uri})", error)))
     except OSError as error:
-        return failed(f"reading {source.file_uri} (file_id {source.file_id}) failed: {error}; fix access and retry")
+        return _failed(source, f"reading {source.file_uri} (file_id {source.file_id}) failed: {error}; fix access and retry")
+
+
+def _failed(source: SourceFile, message: str) -> FileResult:
+    return FileResult(source.file_id, source.file_uri, source.file_name, source.create_date, "FAIL", error=message)
+
+
+def _copy_open_file(target: S3Target, key: str, path: Path, handle: BinaryIO, source: SourceFile,
+                    settings: FilesSettings, probe: bool) -> FileResult:
+    size = os.fstat(handle.fileno()).st_size
+    _check_listing(source, path, size, None)
+    data = None
+    if size <= min(IN_MEMORY_MAX, settings.multipart_threshold):
+        data = handle.read()
+        size, sha_hex = len(data), hashlib.sha256(data).hexdigest()
+    else:
+        sha_hex = _hash_file(handle)
+    _check_listing(source, path, size, sha_hex)
+    if source.copied_sha256 == sha_hex:  # already SUCCESS with this content: nothing to send
+        return _unchanged(source)
+    existing = _existing_copy(target, key, size, sha_hex) if probe else None
+    stored, etag = existing or _upload(target, key, path, handle, data, size, bytes.fromhex(sha_hex), settings)
+    return FileResult(source.file_id, source.file_uri, source.file_name, source.create_date, "SUCCESS",
+                      target.uri(key), size, sha_hex, stored or None, etag, uploaded=existing is None)

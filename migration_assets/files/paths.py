@@ -1,0 +1,89 @@
+"""Where a source_files row's file lives, and opening it without ever leaving FILES_SOURCE_ROOT.
+
+`file_uri` may be a path relative to the root, an absolute path under it, or a `file://` URI
+(RFC 8089: `file:///abs/path`, `file://localhost/abs/path`, `file:/abs/path`; percent-encoded).
+`relative_path` maps it to the path under the root (which, under FILES_S3_PREFIX, is the S3 key)
+without touching the disk. `open_under_root` resolves symlinks, refuses a path that leads out of
+the root, then opens the resolved path one component at a time with O_NOFOLLOW from a handle on
+the root: a directory swapped for a symlink after the check makes the open fail, so nothing
+outside the root is ever opened, let alone read.
+"""
+
+import errno
+import os
+import stat
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+from urllib.parse import unquote, urlsplit
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO must not wait for a writer (it is then refused as not a regular file).
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class SourceRefused(Exception):
+    """This file_uri does not name a regular file under the root; the message says why and what to fix."""
+
+
+def relative_path(file_uri: str, root: Path) -> PurePosixPath:
+    """The path under `root` that `file_uri` names (relative, absolute under the root, or file://).
+    Pure (no disk access): `..` components are refused outright, never resolved. An absolute path
+    must start with `root` as given (FilesSettings resolves FILES_SOURCE_ROOT's own symlinks)."""
+    refuse = lambda why: SourceRefused(  # noqa: E731
+        f"file_uri {file_uri!r} {why} (FILES_SOURCE_ROOT is {root}): fix its source_files row")
+    path = file_uri
+    if file_uri[:5].lower() == "file:":
+        try:
+            parts = urlsplit(file_uri)
+        except ValueError as error:
+            raise refuse(f"is not a valid URI ({error})") from None
+        if parts.netloc.lower() not in {"", "localhost"}:
+            raise refuse(f"names the host {parts.netloc!r}; only local file:// URIs can be read")
+        if parts.query or parts.fragment:
+            raise refuse("has a query or fragment: percent-encode '?' and '#' in file names")
+        try:
+            path = unquote(parts.path, errors="strict")
+        except UnicodeDecodeError:
+            raise refuse("is not UTF-8 once percent-decoded (S3 keys are UTF-8)") from None
+        if not path.startswith("/"):
+            raise refuse("is a file: URI without an absolute path")
+    posix = PurePosixPath(path.replace("\\", "/"))
+    if "\0" in path or ".." in posix.parts:
+        raise refuse("contains '..' or a NUL byte; paths must stay under the root")
+    if posix.is_absolute():
+        if not posix.is_relative_to(root):
+            raise refuse("is not under the root")
+        posix = posix.relative_to(root)
+    if not posix.parts:
+        raise refuse("names no file")
+    return posix
+
+
+def open_under_root(root: Path, relative: PurePosixPath, file_uri: str) -> BinaryIO:
+    """Open `root / relative` for reading once it is known to resolve (symlinks included) to a
+    regular file under the root. FileNotFoundError when it does not exist."""
+    real_root = os.path.realpath(root)
+    resolved = os.path.realpath(os.path.join(real_root, relative), strict=True)
+    if not Path(resolved).is_relative_to(real_root) or resolved == real_root:
+        raise SourceRefused(f"file_uri {file_uri!r} resolves to {resolved}, outside FILES_SOURCE_ROOT {real_root} "
+                            "(a symlink leads out of it): refused, nothing read; fix the link or the source_files row")
+    components = PurePosixPath(resolved).relative_to(real_root).parts
+    directory = os.open(real_root, _DIR_FLAGS)
+    try:
+        for name in components[:-1]:
+            inner = os.open(name, _DIR_FLAGS, dir_fd=directory)
+            os.close(directory)
+            directory = inner
+        fd = os.open(components[-1], _FILE_FLAGS, dir_fd=directory)
+    except OSError as error:
+        if error.errno not in {errno.ELOOP, errno.ENOTDIR}:
+            raise
+        raise SourceRefused(f"file_uri {file_uri!r}: {resolved} changed while being opened ({error.strerror}); "
+                            "refused, the retry tries again") from None
+    finally:
+        os.close(directory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SourceRefused(f"file_uri {file_uri!r} resolves to {resolved}, not a regular file: refused; "
+                            "fix the source_files row")
+    return os.fdopen(fd, "rb")
