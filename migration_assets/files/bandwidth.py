@@ -25,7 +25,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO
+
+from pydantic import BeforeValidator
+from pydantic_settings import NoDecode
 
 ENV = "FILES_BANDWIDTH"
 MINUTES_PER_WEEK = 7 * 24 * 60
@@ -141,6 +144,10 @@ def parse_bandwidth(value: Any) -> Timetable | None:
     return None if not str(value).strip() else parse_timetable(str(value))
 
 
+# The settings field's type: `bandwidth: Bandwidth = Field(default=None, description=...)` in FilesSettings.
+Bandwidth = Annotated[Timetable | None, NoDecode, BeforeValidator(parse_bandwidth)]
+
+
 # --- the shared token bucket --------------------------------------------------------------------------
 
 BURST_SECONDS = 1.0    # the bucket holds one second of the current rate
@@ -173,6 +180,7 @@ class SharedLimiter:
         self._pid: int | None = None
         self._fd = -1
         self._lock = threading.Lock()
+        self._opening = threading.Lock()
 
     def rate_now(self) -> int | None:
         return self.timetable.limit_at(datetime.fromtimestamp(self.clock(), timezone.utc), self.zone)
@@ -202,10 +210,12 @@ class SharedLimiter:
 
     def _locked_state(self) -> "_LockedState":
         if self._pid != os.getpid():  # first use in this process, or a forked child: own descriptor and lock
-            self._lock = threading.Lock()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            self._pid = os.getpid()
+            with self._opening:
+                if self._pid != os.getpid():
+                    self._lock = threading.Lock()
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                    self._pid = os.getpid()
         return _LockedState(self._fd, self._lock)
 
     def close(self) -> None:
@@ -257,6 +267,17 @@ def shared_limiter(timetable: Timetable | None, zone: tzinfo | None, path: Path)
         return limiter
 
 
+def throttled(body: Any, limiter: SharedLimiter | None) -> Any:
+    """A request body paid for at the limiter: bytes are paid for up front (boto3 sends them as they
+    are), a file is wrapped in a ThrottledReader; unchanged without a limiter."""
+    if limiter is None:
+        return body
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        limiter.acquire(len(body))
+        return body
+    return ThrottledReader(body, limiter)
+
+
 class ThrottledReader:
     """A file-like body whose reads wait for the limiter. seek/tell pass through, so botocore can rewind
     it for a retry (the resent bytes count again). Over plain HTTP (a loopback SeaweedFS or moto)
@@ -276,6 +297,10 @@ class ThrottledReader:
 
     def tell(self) -> int:
         return self._fileobj.tell()
+
+    @property
+    def name(self) -> str:
+        return getattr(self._fileobj, "name", repr(self._fileobj))
 
     # No fileno() and no attribute pass-through on purpose: an HTTP client that found a descriptor
     # could send the file without calling read(), past the limiter.

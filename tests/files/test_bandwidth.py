@@ -12,8 +12,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from migration_assets.core.settings import EnvSettings, SettingsError
 from migration_assets.files.bandwidth import (
-    BandwidthError, SharedLimiter, ThrottledReader, parse_bandwidth, parse_timetable, shared_limiter,
+    Bandwidth, BandwidthError, SharedLimiter, ThrottledReader, parse_bandwidth, parse_timetable, shared_limiter, throttled,
 )
 
 KIB, MIB = 1 << 10, 1 << 20
@@ -97,6 +101,23 @@ def test_settings_hook():
     assert parse_bandwidth(DAILY) == table and parse_bandwidth(table) is table
     with pytest.raises(ValueError, match="FILES_BANDWIDTH"):
         parse_bandwidth("fast")
+
+
+class _Settings(EnvSettings):
+    """The field as FilesSettings declares it."""
+
+    model_config = SettingsConfigDict(env_prefix="FILES_", env_ignore_empty=True, extra="ignore")
+    bandwidth: Bandwidth = Field(default=None, description="upload bandwidth timetable")
+
+
+def test_the_settings_field(monkeypatch):
+    monkeypatch.delenv("FILES_BANDWIDTH", raising=False)
+    assert _Settings.load().bandwidth is None
+    monkeypatch.setenv("FILES_BANDWIDTH", DAILY)
+    assert _Settings.load().bandwidth == parse_timetable(DAILY)
+    monkeypatch.setenv("FILES_BANDWIDTH", "Mon-25:00,1M")
+    with pytest.raises(SettingsError, match="FILES_BANDWIDTH"):
+        _Settings.load()
 
 
 # --- the limiter, on a fake clock -------------------------------------------------------------------
@@ -238,6 +259,24 @@ def test_one_limiter_per_path_in_a_process(tmp_path):
     assert shared_limiter(table, timezone.utc, tmp_path / "bucket") is first
     assert shared_limiter(parse_timetable("off"), timezone.utc, tmp_path / "bucket") is None
     assert shared_limiter(None, timezone.utc, tmp_path / "bucket") is None
+
+
+def test_throttled_bodies(tmp_path):
+    fake = FakeTime(at(1, 9))
+    limiter = SharedLimiter(parse_timetable("64k"), timezone.utc, tmp_path / "bucket", fake.clock, fake.sleep)
+    data = b"x" * (256 * KIB)
+    assert throttled(data, None) is data
+    assert throttled(data, limiter) is data  # bytes: paid for up front
+    assert fake.sleeps and fake.now - at(1, 9).timestamp() == pytest.approx(1.0)  # a full bucket, then the debt
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    with open(path, "rb") as handle:
+        body = throttled(handle, limiter)
+        assert isinstance(body, ThrottledReader) and body.name == str(path)
+        before = fake.now
+        assert body.read() == data
+    # the file waits out the bytes' debt (192 KiB) and a full bucket (64 KiB) at 64 KiB/s, then leaves its own
+    assert fake.now - before == pytest.approx((192 + 64) / 64)
 
 
 # --- one real upload, throttled ---------------------------------------------------------------------
