@@ -280,9 +280,9 @@ def throttled(body: Any, limiter: SharedLimiter | None) -> Any:
 
 class ThrottledReader:
     """A file-like body whose reads wait for the limiter. seek/tell pass through, so botocore can rewind
-    it for a retry (the resent bytes count again). Over plain HTTP (a loopback SeaweedFS or moto)
-    botocore also reads the body once to sign it, which counts too: the rate on the wire is then half
-    the limit; over HTTPS (S3) it signs UNSIGNED-PAYLOAD and each byte is read once."""
+    it for a retry (the resent bytes count again). The pipeline's client (s3client.copy_client) does not
+    hash the payload for the signature, so each byte is read, and paid for, once; a default client
+    over plain http reads the body twice (once to sign it) and would get half the limit."""
 
     def __init__(self, fileobj: BinaryIO, limiter: SharedLimiter) -> None:
         self._fileobj, self._limiter = fileobj, limiter
