@@ -175,15 +175,16 @@ class SharedLimiter:
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
         self.timetable, self.zone, self.path = timetable, zone or timezone.utc, Path(path)
         self.clock, self.sleep = clock, sleep
-        self.waits = 0            # sleeps this object made (the limiter engaged)
+        self.waits = 0            # sleeps this object made (the limiter engaged); approximate across threads
         self.waited_seconds = 0.0
         self._pid: int | None = None
         self._fd = -1
         self._lock = threading.Lock()
         self._opening = threading.Lock()
 
-    def rate_now(self) -> int | None:
-        return self.timetable.limit_at(datetime.fromtimestamp(self.clock(), timezone.utc), self.zone)
+    def rate_at(self, epoch_seconds: float) -> int | None:
+        """Bytes per second the timetable allows then; None: no limit."""
+        return self.timetable.limit_at(datetime.fromtimestamp(epoch_seconds, timezone.utc), self.zone)
 
     def acquire(self, nbytes: int) -> None:
         while (wait := self.try_acquire(nbytes)) > 0:
@@ -195,7 +196,7 @@ class SharedLimiter:
     def try_acquire(self, nbytes: int) -> float:
         """Take `nbytes` from the bucket: 0.0 when granted, else the seconds to wait before asking again."""
         now = self.clock()
-        rate = self.timetable.limit_at(datetime.fromtimestamp(now, timezone.utc), self.zone)
+        rate = self.rate_at(now)
         if rate is None or nbytes <= 0:
             return 0.0  # no limit in force: no lock, no file
         capacity = rate * BURST_SECONDS
