@@ -12,15 +12,16 @@ The rules:
 - Every write of a result is fenced by the token: either one statement `... WHERE key = %s AND
   claim_token = %s` (`finish`, `release`, or `FENCE` in your own SQL), or `fence(cur, key)` first in
   the transaction that writes the result, which locks the row only if the token is still ours, so
-  no one can take the lease over before that transaction ends. 0 rows means the lease was lost: the
-  caller writes nothing more for that row and logs that it lost the lease; the new holder redoes it.
+  no one can take the lease over before that transaction ends (`holding` wraps that transaction).
+  0 rows means the lease was lost: the caller writes nothing for that row and logs that it lost the
+  lease (`Lease` logs it too); the new holder does the work again.
 """
 
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import psycopg
@@ -29,6 +30,12 @@ log = logging.getLogger(__name__)
 
 # Append to a WHERE clause with the row's key and the lease's token as the last two parameters.
 FENCE = "claim_token = %s"
+# A row anyone may claim: never leased, given back, or its holder stopped renewing it.
+FREE = "(claim_token IS NULL OR lease_expires_at IS NULL OR lease_expires_at < now())"
+
+
+class LeaseLost(Exception):
+    """Another holder took the row over: this holder must write nothing for it."""
 
 
 class Lease:
@@ -57,7 +64,7 @@ class Lease:
         cols = ", ".join([f"t.{self.key_column}", *(f"t.{c}" for c in returning)])
         sql = (
             f"WITH picked AS (SELECT {self.key_column} FROM {self.table} "
-            f"  WHERE ({where_sql}) AND (claim_token IS NULL OR lease_expires_at IS NULL OR lease_expires_at < now()) "
+            f"  WHERE ({where_sql}) AND {FREE} "
             f"  ORDER BY {order} LIMIT %(_limit)s FOR UPDATE SKIP LOCKED) "
             f"UPDATE {self.table} t SET claim_token = %(_token)s, "
             f"  lease_expires_at = now() + make_interval(secs => %(_ttl)s){', ' + set_sql if set_sql else ''} "
@@ -120,6 +127,20 @@ class Lease:
         if not held:
             self._mark_lost(key)
         return held
+
+    @contextmanager
+    def holding(self, conn: psycopg.Connection, key: Any, keep: bool = False) -> Iterator[psycopg.Connection]:
+        """A transaction on `conn`, fenced for `key`: raises LeaseLost (nothing written) if the lease
+        was lost, else every write inside is ours. Once it commits the key is no longer renewed (the
+        writes inside should end the lease: clear claim_token), unless `keep` (a partial result)."""
+        with conn.transaction():
+            with conn.cursor() as cur:
+                if not self.fence(cur, key):
+                    raise LeaseLost(f"lost the lease on {self.table} {self.key_column}={key}: another run "
+                                    "took it over after this one stopped renewing it; that run writes its result")
+            yield conn
+        if not keep:
+            self.forget([key])
 
     def finish(self, cur: psycopg.Cursor, key: Any, set_sql: str, params: Sequence[Any] = ()) -> bool:
         """One fenced statement that writes a row's result (`set_sql` with positional %s `params`) and

@@ -47,7 +47,7 @@ def repo_sync(
                 context.log.info(f"{host}: {progress.listed} listed, {progress.new} new, {progress.due} due"
                                  + (" (pass complete)" if progress.finished else ""))
             conn.commit()
-            due = ledger.due_buckets(conn, settings.stale_claim_minutes)
+            due = ledger.due_buckets(conn)
     finally:
         clients.close()
     requests = [

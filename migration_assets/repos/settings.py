@@ -19,7 +19,9 @@ class RepoSettings(BaseModel):
     concurrency: int = Field(default=8, ge=1, description="repos fetched at once per run")
     max_car_bytes: int = Field(default=512 * 1024 * 1024, description="a larger repo export fails")
     fetch_timeout_seconds: float = 120.0
-    stale_claim_minutes: int = Field(default=30, description="an in-progress claim older than this is taken over")
+    lease_seconds: int = Field(default=300, ge=5, description="REPO_LEASE_SECONDS: a run renews its claims every third "
+                               "of this; claims not renewed for this long are taken over by another run")
+    claim_batch: int = Field(default=500, ge=1, description="REPO_CLAIM_BATCH: repos a run claims at a time")
 
     @property
     def sync_threads(self) -> int:
@@ -28,8 +30,9 @@ class RepoSettings(BaseModel):
 
     @property
     def connections(self) -> int:
-        """Database connections a run may use at once: every sync thread storing, plus the rate limiter's."""
-        return self.sync_threads + 2
+        """Database connections a run may use at once: every sync thread storing, the rate limiter's,
+        and the claim loop's and lease heartbeat's."""
+        return self.sync_threads + 4
 
     @classmethod
     def from_env(cls) -> "RepoSettings":
@@ -41,5 +44,6 @@ class RepoSettings(BaseModel):
             concurrency=_env_int("REPO_CONCURRENCY", 8),
             max_car_bytes=_env_int("REPO_MAX_CAR_BYTES", 512 * 1024 * 1024),
             fetch_timeout_seconds=float(_env_int("REPO_FETCH_TIMEOUT_SECONDS", 120)),
-            stale_claim_minutes=_env_int("REPO_STALE_CLAIM_MINUTES", 30),
+            lease_seconds=_env_int("REPO_LEASE_SECONDS", 300),
+            claim_batch=_env_int("REPO_CLAIM_BATCH", 500),
         )

@@ -6,13 +6,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 
 from migration_assets.files import store
 from migration_assets.files.settings import FilesSettings
 from migration_assets.files.store import ClaimRefused
-from migration_assets.files.worker import Heartbeat, migrate_claimed_range, retry_failed
+from migration_assets.core.lease import Heartbeat
+from migration_assets.files.worker import migrate_claimed_range, retry_failed
 from tests.files.conftest import make_job
 from tests.files.helpers import assert_bytes_equal, seed, statuses
 from tests.files.s3_proxy import s3_proxy
@@ -215,10 +215,11 @@ def test_cleanup_releases_a_stale_range_and_never_a_live_one(files_env, target, 
     job = make_job(files_env, target_url)
     live, dead = claim(job, 0, 100, "live"), claim(job, 100, 200, "dead")
 
-    with Heartbeat(job.pool, live, interval=0.1):
-        time.sleep(1.5)  # the dead worker's heartbeat is 1.5 s old, the live one's at most 0.1 s
+    with Heartbeat(live.lease, job.pool.connection, interval=0.1):
+        # The dead worker stopped renewing: its lease expired. The live one's is renewed meanwhile.
+        target.execute("UPDATE migration_ranges SET lease_expires_at = now() - interval '1 second' WHERE min_id = 100")
         with job.pool.connection() as conn:
-            released = store.release_stale(conn, stale_minutes=1 / 60)  # one second
+            released = store.release_stale(conn)
 
     assert released == [(100, 200)]
     assert range_status(target, 0)[0] == "PROCESSING" and range_status(target, 100) == ("PENDING", None)
