@@ -131,7 +131,7 @@ class Lease:
     @contextmanager
     def holding(self, conn: psycopg.Connection, key: Any, keep: bool = False) -> Iterator[psycopg.Connection]:
         """A transaction on `conn`, fenced for `key`: raises LeaseLost (nothing written) if the lease
-        was lost, else every write inside is ours. Once it commits the key is no longer renewed (the
+        was lost, else every write inside is ours. Afterwards the key is no longer renewed (the
         writes inside should end the lease: clear claim_token), unless `keep` (a partial result)."""
         with conn.transaction():
             with conn.cursor() as cur:
@@ -139,8 +139,8 @@ class Lease:
                     raise LeaseLost(f"lost the lease on {self.table} {self.key_column}={key}: another run "
                                     "took it over after this one stopped renewing it; that run writes its result")
             yield conn
-        if not keep:
-            self.forget([key])
+            if not keep:  # before the commit: a renewal waiting on this row must not count it lost
+                self.forget([key])
 
     def finish(self, cur: psycopg.Cursor, key: Any, set_sql: str, params: Sequence[Any] = ()) -> bool:
         """One fenced statement that writes a row's result (`set_sql` with positional %s `params`) and
