@@ -90,17 +90,17 @@ def refuse_outside_window(settings: FilesSettings, ignore: bool) -> None:
     group_name="files",
     kinds={"postgres"},
     description="Expands migration_ranges from source_files (FILES_RANGE_SIZE ids each), reopens completed "
-    "ranges that gained files, releases ranges whose heartbeat went stale, and registers the partitions.",
+    "ranges that gained files, releases ranges whose lease expired, and registers the partitions.",
 )
 def migration_ranges(context: dg.AssetExecutionContext, postgres: PostgresResource, files: FilesResource) -> dg.MaterializeResult:
     settings = files.settings()
     with postgres.connection() as conn:
-        released = store.release_stale(conn, settings.stale_minutes)
+        released = store.release_stale(conn)
         added, reopened = store.expand_ranges(conn, settings.range_size)
         ranges = store.all_ranges(conn)
     register_ranges(context.instance, [(lo, hi) for lo, hi, _ in ranges])
     if released:
-        context.log.warning(f"released {len(released)} ranges with a stale heartbeat: {released[:10]}")
+        context.log.warning(f"released {len(released)} ranges whose lease expired: {released[:10]}")
     by_status = {s: sum(1 for *_, status in ranges if status == s) for s in ("PENDING", "PROCESSING", "COMPLETE")}
     return dg.MaterializeResult(metadata={
         "ranges_added": dg.MetadataValue.int(len(added)),

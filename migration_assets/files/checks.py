@@ -18,7 +18,7 @@ DESCRIPTIONS = {
     CHECK_COUNT: "SUCCESS rows in migration_files = source_files rows in the range",
     CHECK_CHECKSUMS: "every SUCCESS object in S3 is the one copied: size and ETag as recorded when S3 verified its "
     "SHA-256 (listing), stored checksum and sha256 metadata by HEAD (a sample, or all with FILES_CHECK_MODE=head)",
-    CHECK_HEARTBEATS: "no PROCESSING range anywhere without a fresh heartbeat (warns; cleanup releases them)",
+    CHECK_HEARTBEATS: "no PROCESSING range anywhere whose lease expired (warns; cleanup releases them)",
 }
 WARN_CHECKS = frozenset({CHECK_HEARTBEATS})
 
@@ -128,13 +128,12 @@ def checksum_check(target: S3Target, files: list[store.CopiedFile], concurrency:
 
 
 def heartbeat_check(pool: ConnectionPool, settings: FilesSettings) -> CheckOutcome:
-    max_age = settings.heartbeat_seconds * 3  # three missed beats
     with pool.connection() as conn:
-        stale = store.stale_processing(conn, max_age)
-    summary = ("every PROCESSING range has a fresh heartbeat" if not stale else
-               f"{len(stale)} PROCESSING ranges without a heartbeat in {max_age:.0f} s: "
-               f"{listing([f'[{lo}, {hi})' for lo, hi, _ in stale], 5)}; the cleanup releases them once "
-               f"{settings.stale_minutes:.0f} min old (FILES_STALE_MINUTES)")
+        stale = store.stale_processing(conn)
+    summary = ("every PROCESSING range has a live lease" if not stale else
+               f"{len(stale)} PROCESSING ranges whose worker stopped renewing its lease for "
+               f"{settings.stale_minutes:g} min (FILES_STALE_MINUTES): "
+               f"{listing([f'[{lo}, {hi})' for lo, hi, _ in stale], 5)}; the next cleanup or run of the range takes them")
     return CheckOutcome(CHECK_HEARTBEATS, not stale, summary, severity="WARN", metadata={"stale_ranges": len(stale)})
 
 

@@ -1,8 +1,9 @@
-"""The file pipeline's tables: range expansion, claims with heartbeats, per-file results, retries.
+"""The file pipeline's tables: range expansion, range claims, per-file results, retries.
 
-Claims are committed state (PROCESSING, a claim token, a heartbeat), not long transactions: the
-claiming statement locks the row with FOR UPDATE SKIP LOCKED just long enough to flip it, so two
-workers never take the same range and no worker waits behind another's claim.
+A range claim is a lease (core/lease.py): committed state (PROCESSING, a claim token, an expiry the
+worker's heartbeat renews), not a long transaction. SKIP LOCKED: two workers never take the same
+range and no worker waits behind another's claim. Completing or releasing a range is fenced by the
+token, so a worker whose lease expired and was taken over changes nothing.
 """
 
 import uuid
@@ -13,6 +14,8 @@ from typing import Literal
 
 import psycopg
 
+from migration_assets.core.lease import Lease
+
 Status = Literal["SUCCESS", "FAIL"]
 
 
@@ -21,8 +24,12 @@ class Claim:
     range_id: int
     min_id: int
     max_id: int
-    token: uuid.UUID
+    lease: Lease
     attempts: int
+
+    @property
+    def token(self) -> uuid.UUID:
+        return self.lease.token
 
 
 @dataclass(frozen=True)
@@ -90,106 +97,89 @@ def all_ranges(conn: psycopg.Connection) -> list[tuple[int, int, str]]:
     return conn.execute("SELECT min_id, max_id, status FROM migration_ranges ORDER BY min_id").fetchall()
 
 
-_CLAIM = (
-    "UPDATE migration_ranges SET status = 'PROCESSING', claim_token = %(token)s, claimed_by = %(worker)s, "
-    "heartbeat = now(), attempts = attempts + 1, last_updated = now() "
-    "WHERE range_id = (SELECT range_id FROM migration_ranges WHERE {where} "
-    "  ORDER BY min_id LIMIT 1 FOR UPDATE SKIP LOCKED) "
-    "RETURNING range_id, min_id, max_id, attempts"
-)
+def range_lease(lease_minutes: float) -> Lease:
+    """A lease on one range (FILES_STALE_MINUTES: a claim not renewed for this long is taken over)."""
+    return Lease("migration_ranges", "range_id", lease_minutes * 60)
 
 
-def _claim(conn: psycopg.Connection, where: str, params: dict) -> Claim | None:
-    token = uuid.uuid4()
-    row = conn.execute(_CLAIM.format(where=where), {**params, "token": token}).fetchone()
-    conn.commit()
-    return Claim(row[0], row[1], row[2], token, row[3]) if row else None
+def _claim(conn: psycopg.Connection, where: str, params: dict, worker: str, lease_minutes: float) -> Claim | None:
+    lease = range_lease(lease_minutes)
+    rows = lease.claim(
+        conn, where, {**params, "worker": worker}, limit=1, order_by="min_id",
+        set_sql="status = 'PROCESSING', claimed_by = %(worker)s, attempts = attempts + 1, "
+                "last_updated = now()",
+        returning=("min_id", "max_id", "attempts"),
+    )
+    return Claim(rows[0][0], rows[0][1], rows[0][2], lease, rows[0][3]) if rows else None
 
 
-def claim_next(conn: psycopg.Connection, worker: str) -> Claim | None:
+def claim_next(conn: psycopg.Connection, worker: str, lease_minutes: float = 60.0) -> Claim | None:
     """The lowest PENDING range no other worker holds, or None when none is left."""
     for _ in range(5):  # LIMIT 1 + SKIP LOCKED can come back empty when racing a committed claim
-        claim = _claim(conn, "status = 'PENDING'", {"worker": worker})
-        if claim or not conn.execute("SELECT 1 FROM migration_ranges WHERE status = 'PENDING' LIMIT 1").fetchone():
+        claim = _claim(conn, "status = 'PENDING'", {}, worker, lease_minutes)
+        left = conn.execute("SELECT 1 FROM migration_ranges WHERE status = 'PENDING' LIMIT 1").fetchone()
+        conn.commit()
+        if claim or not left:
             return claim
     return None
 
 
-def claim_range(conn: psycopg.Connection, worker: str, min_id: int, max_id: int, stale_minutes: float) -> Claim:
+def claim_range(conn: psycopg.Connection, worker: str, min_id: int, max_id: int, lease_minutes: float) -> Claim:
     """Claim one given range (a partition run): PENDING or COMPLETE (a re-run re-verifies and copies
-    what changed), or PROCESSING with a stale heartbeat (its worker died). Else ClaimRefused."""
-    claim = _claim(
-        conn,
-        "min_id = %(min)s AND max_id = %(max)s AND (status <> 'PROCESSING' "
-        "  OR heartbeat < now() - make_interval(secs => %(stale)s))",
-        {"worker": worker, "min": min_id, "max": max_id, "stale": stale_minutes * 60},
-    )
+    what changed), or PROCESSING with an expired lease (its worker died). Else ClaimRefused."""
+    claim = _claim(conn, "min_id = %(min)s AND max_id = %(max)s", {"min": min_id, "max": max_id}, worker, lease_minutes)
     if claim:
         return claim
     # FOR SHARE waits out a claim being committed right now (SKIP LOCKED passed over its row), so
     # the refusal names the worker that took it.
     row = conn.execute(
-        "SELECT status, claimed_by, heartbeat FROM migration_ranges WHERE min_id = %s AND max_id = %s FOR SHARE",
+        "SELECT status, claimed_by, lease_expires_at FROM migration_ranges WHERE min_id = %s AND max_id = %s FOR SHARE",
         (min_id, max_id),
     ).fetchone()
     conn.commit()
     if row is None:
         raise ClaimRefused(f"no migration range [{min_id}, {max_id}): materialize files/migration_ranges "
                            "(or run `migration-assets files migrate`) to create the ranges first")
-    beat = f"{row[2]:%Y-%m-%d %H:%M:%S %Z}" if row[2] else "none yet"
-    raise ClaimRefused(f"range [{min_id}, {max_id}) is {row[0]}, held by {row[1]} (heartbeat {beat}): "
+    expires = f"{row[2]:%Y-%m-%d %H:%M:%S %Z}" if row[2] else "none"
+    raise ClaimRefused(f"range [{min_id}, {max_id}) is {row[0]}, held by {row[1]} (lease renewed until {expires}): "
                        "that worker is copying it; nothing to do here")
 
 
 def heartbeat(conn: psycopg.Connection, claim: Claim) -> bool:
     """Renew the claim; False when it was lost (released as stale and maybe claimed by another)."""
-    cur = conn.execute(
-        "UPDATE migration_ranges SET heartbeat = now() WHERE range_id = %s AND claim_token = %s",
-        (claim.range_id, claim.token),
-    )
-    conn.commit()
-    return cur.rowcount == 1
+    return claim.lease.renew(conn) == 1
 
 
 def release(conn: psycopg.Connection, claim: Claim) -> bool:
     """Back to PENDING for the next run (window closed, run stopped); False if no longer ours."""
-    cur = conn.execute(
-        "UPDATE migration_ranges SET status = 'PENDING', claim_token = NULL, heartbeat = NULL, last_updated = now() "
-        "WHERE range_id = %s AND claim_token = %s",
-        (claim.range_id, claim.token),
-    )
-    conn.commit()
-    return cur.rowcount == 1
+    return bool(claim.lease.release(conn, [claim.range_id], set_sql="status = 'PENDING', last_updated = now()"))
 
 
 def complete(conn: psycopg.Connection, claim: Claim, covered_through: int | None) -> bool:
-    cur = conn.execute(
-        "UPDATE migration_ranges SET status = 'COMPLETE', claim_token = NULL, heartbeat = NULL, "
-        "covered_through = %s, last_updated = now() WHERE range_id = %s AND claim_token = %s",
-        (covered_through, claim.range_id, claim.token),
-    )
+    with conn.cursor() as cur:
+        done = claim.lease.finish(cur, claim.range_id, "status = 'COMPLETE', covered_through = %s, last_updated = now()",
+                                  (covered_through,))
     conn.commit()
-    return cur.rowcount == 1
+    return done
 
 
-def release_stale(conn: psycopg.Connection, stale_minutes: float) -> list[tuple[int, int]]:
-    """PROCESSING ranges whose heartbeat is older than `stale_minutes` go back to PENDING. A live
-    worker renews its heartbeat every FILES_HEARTBEAT_SECONDS, so it is never released."""
+def release_stale(conn: psycopg.Connection) -> list[tuple[int, int]]:
+    """PROCESSING ranges whose lease expired go back to PENDING. A live worker renews its lease every
+    FILES_HEARTBEAT_SECONDS, so it is never released."""
     rows = conn.execute(
-        "UPDATE migration_ranges SET status = 'PENDING', claim_token = NULL, heartbeat = NULL, last_updated = now() "
-        "WHERE status = 'PROCESSING' AND (heartbeat IS NULL OR heartbeat < now() - make_interval(secs => %s)) "
-        "RETURNING min_id, max_id",
-        (stale_minutes * 60,),
+        "UPDATE migration_ranges SET status = 'PENDING', claim_token = NULL, lease_expires_at = NULL, "
+        "last_updated = now() WHERE status = 'PROCESSING' AND (lease_expires_at IS NULL OR lease_expires_at < now()) "
+        "RETURNING min_id, max_id"
     ).fetchall()
     conn.commit()
     return sorted(rows)
 
 
-def stale_processing(conn: psycopg.Connection, max_age_seconds: float) -> list[tuple[int, int, datetime | None]]:
+def stale_processing(conn: psycopg.Connection) -> list[tuple[int, int, datetime | None]]:
+    """PROCESSING ranges whose lease expired: their worker stopped renewing it (died or stalled)."""
     rows = conn.execute(
-        "SELECT min_id, max_id, heartbeat FROM migration_ranges WHERE status = 'PROCESSING' "
-        "AND (heartbeat IS NULL OR heartbeat < now() - make_interval(secs => %s)) ORDER BY min_id",
-        (max_age_seconds,),
+        "SELECT min_id, max_id, lease_expires_at FROM migration_ranges WHERE status = 'PROCESSING' "
+        "AND (lease_expires_at IS NULL OR lease_expires_at < now()) ORDER BY min_id"
     ).fetchall()
     conn.commit()
     return rows

@@ -1,4 +1,5 @@
-"""A worker's passes: one claimed range (heartbeating, stopping cleanly when told), and a retry batch."""
+"""A worker's passes: one claimed range (its lease renewed meanwhile, every result write fenced by
+it, stopping cleanly when told or when the lease is lost), and a retry batch."""
 
 import os
 import queue
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 from psycopg_pool import ConnectionPool
 
+from migration_assets.core.lease import Heartbeat, LeaseLost
 from migration_assets.files import store
 from migration_assets.files.mover import S3Target, copy_file
 from migration_assets.files.settings import FilesSettings
@@ -57,35 +59,6 @@ class Progress:
             self.bytes_copied += result.size or 0
         else:
             self.skipped += 1
-
-
-class Heartbeat:
-    """Renews a range claim every `interval` seconds on its own connection while the range runs; when
-    the claim is lost (released as stale, claimed elsewhere) `lost` is set and the pass stops."""
-
-    def __init__(self, pool: ConnectionPool, claim: Claim, interval: float) -> None:
-        self.pool, self.claim, self.interval = pool, claim, interval
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.range_id}", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                with self.pool.connection() as conn:
-                    if not store.heartbeat(conn, self.claim):
-                        self.lost.set()
-                        return
-            except Exception:  # a blip: the next beat tries again; the stale limit is far longer
-                continue
-
-    def __enter__(self) -> "Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class _Feed:
@@ -196,27 +169,38 @@ def migrate_claimed_range(job: RangeJob, claim: Claim, on_progress: Callable[[Pr
     # After a crash (attempts > 1), or for files tried before, S3 may hold copies not yet recorded.
     probe = claim.attempts > 1
 
-    with Heartbeat(job.pool, claim, job.settings.heartbeat_seconds) as beat, job.pool.connection() as conn:
+    lost = f"lost the claim on range [{claim.min_id}, {claim.max_id}) (lease expired and taken over)"
+    with beating(job, claim), job.pool.connection() as conn:
         def stop_reason() -> str | None:
-            if beat.lost.is_set():
-                return f"lost the claim on range [{claim.min_id}, {claim.max_id}) (heartbeat went stale)"
-            return job.window_stop()
+            return lost if claim.lease.lost else job.window_stop()
 
         def record(results: list[FileResult]) -> None:
-            store.record_results(conn, results)
+            if not results or claim.lease.lost:
+                return
+            try:
+                with claim.lease.holding(conn, claim.range_id, keep=True):
+                    store.record_results(conn, results, commit=False)
+            except LeaseLost:
+                return  # the new holder copies and records these files again
             for result in results:
                 progress.add(result)
-            if on_progress and results:
+            if on_progress:
                 on_progress(progress)
 
         copy = lambda f: copy_file(job.target, job.settings.source_root, f, job.settings, probe or f.status is not None)  # noqa: E731
         progress.stopped = copy_all(todo, copy, job.settings.concurrency, stop_reason, record)
         progress.finished = time.monotonic()
-        if progress.stopped:
-            store.release(conn, claim)
-        else:
-            store.complete(conn, claim, files[-1].file_id if files else None)
+        ended = (store.release(conn, claim) if progress.stopped
+                 else store.complete(conn, claim, files[-1].file_id if files else None))
+        if not ended:
+            progress.stopped = lost
     return progress
+
+
+def beating(job: RangeJob, claim: Claim) -> Heartbeat:
+    """The range's heartbeat: every FILES_HEARTBEAT_SECONDS, and at least three times per lease."""
+    interval = min(job.settings.heartbeat_seconds, claim.lease.ttl_seconds / 3)
+    return Heartbeat(claim.lease, job.pool.connection, interval)
 
 
 @contextmanager

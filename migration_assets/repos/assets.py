@@ -123,7 +123,7 @@ def repos(
     finally:
         clients.close()
     with postgres.connection() as conn:
-        outcomes = checks.run_checks(conn, [bucket], settings.stale_claim_minutes)
+        outcomes = checks.run_checks(conn, [bucket])
     return dg.MaterializeResult(
         metadata=outcome_metadata(report),
         check_results=[check_result(outcome) for outcome in outcomes],

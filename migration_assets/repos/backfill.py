@@ -1,10 +1,17 @@
 """Backfill the due repos of some buckets: resolve each DID, fetch its CAR, verify, diff and store.
 
 One repo's failure never fails the others: each ends as an outcome (synced, deleted, deactivated,
-takendown, suspended, retry scheduled, rate limited) written to the ledger. Only a failure of the
-target database itself stops the run, since then no outcome could be recorded.
+takendown, suspended, retry scheduled, rate limited) written to the ledger, even when PostgreSQL
+refuses that repo's data. Only losing the target database itself stops the run, since then no
+outcome could be recorded.
+
+A run leases its repos a batch at a time (`REPO_CLAIM_BATCH`) and claims the next batch as it works
+through them, heartbeating meanwhile, so several runs share one bucket. Every write of a repo's
+outcome is fenced by the lease: a run whose lease was taken over writes nothing for that repo
+(outcome `lost`) and logs it; the run that took it over syncs it.
 """
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -18,11 +25,14 @@ from psycopg_pool import ConnectionPool
 from migration_assets.atproto import xrpc
 from migration_assets.atproto.identity import DidNotFound, DidTombstoned, IdentityResolver
 from migration_assets.core.concurrency import ordered_map
+from migration_assets.core.lease import Heartbeat, Lease, LeaseLost
 from migration_assets.repos import ledger, store
 from migration_assets.repos.ledger import ClaimedRepo
 from migration_assets.repos.settings import RepoSettings
 from migration_assets.repos.snapshot import RepoSnapshot, read_snapshot, verify_snapshot
 from migration_assets.repos.store import RecordChanges
+
+log = logging.getLogger(__name__)
 
 _GONE = {
     xrpc.RepoDeactivated: "deactivated",
@@ -34,7 +44,7 @@ _GONE = {
 @dataclass(frozen=True)
 class RepoOutcome:
     did: str
-    status: str  # synced | deleted | deactivated | takendown | suspended | retry | rate_limited
+    status: str  # synced | deleted | deactivated | takendown | suspended | retry | rate_limited | lost
     records: int = 0
     changes: RecordChanges = RecordChanges()
     car_bytes: int = 0
@@ -75,6 +85,17 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def is_connection_failure(exc: psycopg.Error) -> bool:
+    """The database is unreachable or the session broke: no repo's outcome can be written."""
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
+def refused_data(did: str, exc: psycopg.Error) -> str:
+    return (f"PostgreSQL refused the data of {did} ({describe(exc)}); nothing of it was stored. This is "
+            "the repo's data, not the database: it is retried with backoff; if it keeps failing, report "
+            f"the record named above and resync it with `migration-assets repos backfill --did {did}`")
+
+
 class RepoSyncer:
     """Syncs one claimed repo at a time; safe to call from many threads (clients are per PDS host).
 
@@ -90,11 +111,12 @@ class RepoSyncer:
         self.settings = settings
         self._downloads = threading.BoundedSemaphore(settings.concurrency)
 
-    def sync(self, repo: ClaimedRepo) -> RepoOutcome:
+    def sync(self, repo: ClaimedRepo, lease: Lease) -> RepoOutcome:
+        """Sync one leased repo; every ledger and records write is fenced by `lease` (LeaseLost)."""
         started = time.monotonic()
-        return replace(self._sync(repo), seconds=time.monotonic() - started)
+        return replace(self._sync(repo, lease), seconds=time.monotonic() - started)
 
-    def _sync(self, repo: ClaimedRepo) -> RepoOutcome:
+    def _sync(self, repo: ClaimedRepo, lease: Lease) -> RepoOutcome:
         did, pds = repo.did, None
         try:
             self.resolver.invalidate(did)  # a moved account must be fetched from its new PDS
@@ -103,30 +125,37 @@ class RepoSyncer:
             with self.fetch(did, pds) as snapshot:
                 if self.settings.verify_signatures:
                     verify_snapshot(snapshot, document.signing_key)
-                with self.pool.connection() as conn:
+                with self.pool.connection() as conn, lease.holding(conn, did):
                     changes = store.store_snapshot(conn, snapshot, pds)
             return RepoOutcome(did, "synced", snapshot.records, changes, snapshot.car_bytes)
-        except psycopg.Error:
-            raise  # the target is failing: no outcome can be recorded, so stop the run
+        except psycopg.Error as exc:
+            if is_connection_failure(exc):
+                raise  # the target is failing: no outcome can be recorded, so stop the run
+            return self._failed(lease, did, refused_data(did, exc), repo.attempts)
         except (xrpc.RepoNotFound, DidNotFound, DidTombstoned) as exc:
-            with self.pool.connection() as conn:
+            with self.pool.connection() as conn, lease.holding(conn, did):
                 store.delete_repo(conn, did, pds, describe(exc))
             return RepoOutcome(did, "deleted", error=describe(exc))
         except tuple(_GONE) as exc:
             status = _GONE[type(exc)]
-            with self.pool.connection() as conn:
+            with self.pool.connection() as conn, lease.holding(conn, did):
                 store.mark_gone(conn, did, status, pds, describe(exc))
             return RepoOutcome(did, status, error=describe(exc))
         except xrpc.RateLimited as exc:
             retry_at = datetime.fromtimestamp(exc.retry_at, timezone.utc)
-            with self.pool.connection() as conn:
+            with self.pool.connection() as conn, lease.holding(conn, did):
                 store.mark_failed(conn, did, describe(exc), retry_at, count_attempt=False)
             return RepoOutcome(did, "rate_limited", error=describe(exc), retry_at=retry_at)
+        except LeaseLost:
+            raise
         except Exception as exc:  # noqa: BLE001 - any other failure of one repo schedules its retry
-            retry_at = ledger.next_retry_at(repo.attempts + 1)
-            with self.pool.connection() as conn:
-                store.mark_failed(conn, did, describe(exc), retry_at, count_attempt=True)
-            return RepoOutcome(did, "retry", error=describe(exc), retry_at=retry_at)
+            return self._failed(lease, did, describe(exc), repo.attempts)
+
+    def _failed(self, lease: Lease, did: str, error: str, attempts: int) -> RepoOutcome:
+        retry_at = ledger.next_retry_at(attempts + 1)
+        with self.pool.connection() as conn, lease.holding(conn, did):
+            store.mark_failed(conn, did, error, retry_at, count_attempt=True)
+        return RepoOutcome(did, "retry", error=error, retry_at=retry_at)
 
     def fetch(self, did: str, pds: str) -> RepoSnapshot:
         client = self.client_for(pds)
@@ -150,19 +179,71 @@ def _within(chunks: Iterable[bytes], seconds: float, did: str, pds: str) -> Iter
         yield chunk
 
 
+SyncOne = Callable[[ClaimedRepo, Lease], RepoOutcome]
+
+
 def backfill_buckets(
     pool: ConnectionPool, syncer: RepoSyncer, buckets: list[int],
     on_outcome: Callable[[RepoOutcome, int, int], None] | None = None,
 ) -> BackfillReport:
-    """Claim the due repos of `buckets` and sync them: `concurrency` downloads at a time (the syncer's
-    settings), and as many repos again being resolved or stored meanwhile."""
-    started = time.monotonic()
-    with pool.connection() as conn:
-        claimed = ledger.claim_due(conn, buckets, syncer.settings.stale_claim_minutes)
-    report = BackfillReport()
-    for outcome in ordered_map(syncer.sync, claimed, syncer.settings.sync_threads):
-        report.outcomes.append(outcome)
-        if on_outcome:
-            on_outcome(outcome, len(report.outcomes), len(claimed))
+    """Lease the due repos of `buckets` a batch at a time and sync them: `concurrency` downloads at
+    a time (the syncer's settings), and as many repos again being resolved or stored meanwhile."""
+    settings = syncer.settings
+    return sync_leased(pool, syncer.sync, buckets, ledger.repo_lease(settings.lease_seconds),
+                       settings.claim_batch, settings.sync_threads, on_outcome)
+
+
+def sync_leased(
+    pool: ConnectionPool, sync_one: SyncOne, buckets: list[int], lease: Lease, batch: int, threads: int,
+    on_outcome: Callable[[RepoOutcome, int, int], None] | None = None,
+) -> BackfillReport:
+    """The claim loop: lease up to `batch` due repos, sync them `threads` at a time while a heartbeat
+    renews the lease, claim the next batch once these are handed out, stop when none is left.
+    `sync_one` writes each outcome inside `lease.holding`; a repo whose lease was lost ends `lost`."""
+    started, report = time.monotonic(), BackfillReport()
+    claimed = 0
+
+    def attempt(repo: ClaimedRepo) -> RepoOutcome:
+        if repo.did not in lease.lost:  # else taken over while it waited in this run's queue
+            try:
+                return sync_one(repo, lease)
+            except LeaseLost:
+                pass
+        return RepoOutcome(repo.did, "lost", error=f"lost the lease on {repo.did}: another run took it "
+                           "over after this one stopped renewing it; that run syncs it, this one wrote nothing")
+
+    def claims() -> Iterator[ClaimedRepo]:
+        nonlocal claimed
+        run_start = datetime.now(timezone.utc)
+        while True:
+            with pool.connection() as conn:
+                repos = ledger.claim_due(conn, lease, buckets, batch, due_before=run_start)
+            if not repos:
+                return
+            claimed += len(repos)
+            yield from repos
+
+    try:
+        with Heartbeat(lease, pool.connection):
+            for outcome in ordered_map(attempt, claims(), threads):
+                report.outcomes.append(outcome)
+                if outcome.status == "lost":
+                    log.warning("%s: %s", outcome.did, outcome.error)
+                if on_outcome:
+                    on_outcome(outcome, len(report.outcomes), claimed)
+    finally:
+        _give_back(pool, lease)
     report.seconds = time.monotonic() - started
     return report
+
+
+def _give_back(pool: ConnectionPool, lease: Lease) -> None:
+    """Repos claimed but never finished (an error stopped the run): due again at once, not at expiry."""
+    if not lease.held:
+        return
+    try:
+        with pool.connection() as conn:
+            lease.release(conn, set_sql="status = 'pending', claimed_at = NULL")
+    except psycopg.Error as error:
+        log.warning("could not give back %d repos (%s); they are due again once their lease expires",
+                    len(lease.held), error)

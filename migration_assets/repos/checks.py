@@ -7,7 +7,7 @@ from migration_assets.core.checks import CheckOutcome, listing
 CHECKS = {
     "records_match_mst": "each synced repo's stored records = its MST leaf count at its rev",
     "deleted_repos_have_no_records": "repos marked deleted keep no records",
-    "no_repo_stuck_in_progress": "no repo claimed by a run that is no longer running (stale claim)",
+    "no_repo_stuck_in_progress": "no repo claimed by a run that stopped renewing its lease (expired claim)",
 }
 WARN_CHECKS = frozenset({"no_repo_stuck_in_progress"})
 
@@ -43,21 +43,21 @@ def deleted_repos_have_no_records(conn: psycopg.Connection, buckets: list[int]) 
     return CheckOutcome("deleted_repos_have_no_records", not rows, summary, metadata={"repos_with_leftovers": len(rows)})
 
 
-def no_repo_stuck_in_progress(conn: psycopg.Connection, buckets: list[int], stale_minutes: int) -> CheckOutcome:
+def no_repo_stuck_in_progress(conn: psycopg.Connection, buckets: list[int]) -> CheckOutcome:
     rows = conn.execute(
-        """SELECT did, claimed_at FROM repos WHERE bucket = ANY(%s) AND status = 'in_progress'
-           AND claimed_at < now() - make_interval(mins => %s) ORDER BY did""",
-        (buckets, stale_minutes),
+        """SELECT did FROM repos WHERE bucket = ANY(%s) AND status = 'in_progress'
+           AND lease_expires_at < now() ORDER BY did""",
+        (buckets,),
     ).fetchall()
-    summary = (f"{len(rows)} repos claimed over {stale_minutes} min ago by a run that is gone: "
-               + listing([did for did, _ in rows]) + "; the next run of the bucket takes them over"
+    summary = (f"{len(rows)} repos whose run stopped renewing its lease (REPO_LEASE_SECONDS): "
+               + listing([did for (did,) in rows]) + "; the next run of the bucket takes them over"
                if rows else "no stale claims")
     return CheckOutcome("no_repo_stuck_in_progress", not rows, summary, severity="WARN", metadata={"stuck": len(rows)})
 
 
-def run_checks(conn: psycopg.Connection, buckets: list[int], stale_minutes: int) -> list[CheckOutcome]:
+def run_checks(conn: psycopg.Connection, buckets: list[int]) -> list[CheckOutcome]:
     return [
         records_match_mst(conn, buckets),
         deleted_repos_have_no_records(conn, buckets),
-        no_repo_stuck_in_progress(conn, buckets, stale_minutes),
+        no_repo_stuck_in_progress(conn, buckets),
     ]

@@ -40,7 +40,7 @@ def backfill_command(args: argparse.Namespace) -> int:
         print("next step: check the host URL and that it answers com.atproto.sync.listRepos, then run again")
         return 1
     with resources["postgres"].connection() as conn:
-        due = ledger.due_buckets(conn, source.settings.stale_claim_minutes)
+        due = ledger.due_buckets(conn)
     print(f"{sum(n for n, _ in due.values())} repos due in {len(due)} buckets")
     outcomes, records, failed_runs = Counter(), 0, 0
     for bucket in due:

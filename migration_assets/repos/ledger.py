@@ -1,26 +1,30 @@
 """The `repos` ledger: which accounts to sync, who holds them, and what happened to each.
 
-A bucket run claims its due repos (`in_progress`), syncs each, and finishes each in its own
-transaction with the records it changed. A run that dies leaves `in_progress` claims behind; they
-count as due again once older than the stale-claim limit, so nothing stays stuck.
+A bucket run leases its due repos a batch at a time (`in_progress`, see core/lease.py), renews the
+lease while it works, and finishes each repo in its own transaction with the records it changed,
+fenced by the lease: `finish_*` run inside `Lease.holding`, so a run whose lease was taken over
+writes nothing. A run that dies stops renewing; its repos are due again once the lease expires.
 """
 
-import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 import psycopg
 
+from migration_assets.core.backoff import Backoff
+from migration_assets.core.lease import FREE, Lease
 from migration_assets.repos.buckets import bucket_of
 
 GONE_STATUSES = ("deleted", "deactivated", "takendown", "suspended")
-RETRY_BASE_SECONDS = 60
-RETRY_CAP_SECONDS = 3600
+# After the n-th failure in a row: 60 s x 2^(n-1), capped at an hour, a random 50-100 % of it, so
+# repos that failed together don't all come back together.
+RETRY = Backoff(base=60, cap=3600, floor=0.5)
 
-_DUE = """(status = 'pending'
-           OR (status = 'error' AND next_retry_at <= now())
-           OR (status = 'in_progress' AND claimed_at < now() - make_interval(mins => %(stale)s)))"""
+# Due: never synced, listed as changed, retry time passed (before `due_before`, so a run never takes
+# back a repo it failed itself), or left in_progress by a run whose lease expired (Lease adds FREE).
+_DUE = """(status IN ('pending', 'in_progress')
+           OR (status = 'error' AND next_retry_at <= least(now(), %(due_before)s::timestamptz)))"""
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,6 @@ class ClaimedRepo:
     bucket: int
     attempts: int
     head: str | None
-
-
-def retry_delay_seconds(attempts: int, rng: random.Random | None = None) -> float:
-    """Backoff after the `attempts`-th failure in a row: 60 s x 2^(n-1), capped at 1 hour, with jitter
-    (a random 50-100 % of it) so repos that failed together don't all come back together."""
-    base = min(RETRY_BASE_SECONDS * 2 ** max(0, attempts - 1), RETRY_CAP_SECONDS)
-    return base * (0.5 + 0.5 * (rng or random).random())
 
 
 def enqueue(conn: psycopg.Connection, dids: Iterable[str], buckets: int) -> int:
@@ -100,39 +97,46 @@ def record_listing(conn: psycopg.Connection, items: list[ListedRepo], buckets: i
     return new, due
 
 
-def claim_due(conn: psycopg.Connection, buckets: list[int], stale_minutes: int) -> list[ClaimedRepo]:
-    """Take the due repos of these buckets for this run. SKIP LOCKED: two runs never take the same repo."""
-    rows = conn.execute(
-        f"""UPDATE repos SET status = 'in_progress', claimed_at = now(), updated_at = now()
-            WHERE did IN (SELECT did FROM repos WHERE bucket = ANY(%(buckets)s) AND {_DUE}
-                          ORDER BY did FOR UPDATE SKIP LOCKED)
-            RETURNING did, bucket, attempts, head""",
-        {"buckets": buckets, "stale": stale_minutes},
-    ).fetchall()
-    conn.commit()
-    return sorted((ClaimedRepo(*row) for row in rows), key=lambda r: r.did)
+def repo_lease(ttl_seconds: float) -> Lease:
+    """A run's lease on the repos it syncs (one token per run)."""
+    return Lease("repos", "did", ttl_seconds)
 
 
-def due_buckets(conn: psycopg.Connection, stale_minutes: int) -> dict[int, tuple[int, float]]:
+def claim_due(conn: psycopg.Connection, lease: Lease, buckets: list[int], limit: int,
+              due_before: datetime | None = None) -> list[ClaimedRepo]:
+    """Lease up to `limit` due repos of these buckets, in DID order (SKIP LOCKED: two runs never take
+    the same repo). Retries count as due only if due before `due_before` (the run's start)."""
+    rows = lease.claim(
+        conn, f"bucket = ANY(%(buckets)s) AND {_DUE}", {"buckets": buckets, "due_before": due_before},
+        limit, order_by="did", set_sql="status = 'in_progress', claimed_at = now(), updated_at = now()",
+        returning=("bucket", "attempts", "head"),
+    )
+    return [ClaimedRepo(*row) for row in rows]
+
+
+def due_buckets(conn: psycopg.Connection) -> dict[int, tuple[int, float]]:
     """Buckets with due repos: {bucket: (how many, latest change as a unix time)}. The pair changes
     whenever the bucket's due set does, so it can key a run request."""
     rows = conn.execute(
         f"""SELECT bucket, count(*), extract(epoch FROM max(updated_at))::float8 FROM repos
-            WHERE {_DUE} GROUP BY bucket ORDER BY bucket""",
-        {"stale": stale_minutes},
+            WHERE {_DUE} AND {FREE} GROUP BY bucket ORDER BY bucket""",
+        {"due_before": None},
     ).fetchall()
     return {bucket: (count, latest) for bucket, count, latest in rows}
 
 
 def next_retry_at(attempts: int) -> datetime:
-    return datetime.now(timezone.utc) + timedelta(seconds=retry_delay_seconds(attempts))
+    return RETRY.retry_at(attempts)
+
+
+# The finish_* writes end the repo's lease; call them inside the run's `Lease.holding(conn, did)`.
+_END_LEASE = "claim_token = NULL, lease_expires_at = NULL, claimed_at = NULL, updated_at = now()"
 
 
 def finish_synced(cur: psycopg.Cursor, did: str, pds: str, head: str, rev: str | None, records: int) -> None:
     cur.execute(
-        """UPDATE repos SET status = 'synced', pds = %s, head = %s, rev = %s, records_count = %s,
-               attempts = 0, next_retry_at = NULL, last_error = NULL, claimed_at = NULL,
-               synced_at = now(), updated_at = now()
+        f"""UPDATE repos SET status = 'synced', pds = %s, head = %s, rev = %s, records_count = %s,
+               attempts = 0, next_retry_at = NULL, last_error = NULL, synced_at = now(), {_END_LEASE}
            WHERE did = %s""",
         (pds, head, rev, records, did),
     )
@@ -143,8 +147,8 @@ def finish_gone(cur: psycopg.Cursor, did: str, status: str, pds: str | None, rea
     its records (see `delete_records`); the others keep theirs until the account comes back."""
     assert status in GONE_STATUSES, status
     cur.execute(
-        """UPDATE repos SET status = %s, pds = coalesce(%s, pds), attempts = 0, next_retry_at = NULL,
-               last_error = %s, claimed_at = NULL, updated_at = now()
+        f"""UPDATE repos SET status = %s, pds = coalesce(%s, pds), attempts = 0, next_retry_at = NULL,
+               last_error = %s, {_END_LEASE}
            WHERE did = %s""",
         (status, pds, reason, did),
     )
@@ -153,8 +157,8 @@ def finish_gone(cur: psycopg.Cursor, did: str, status: str, pds: str | None, rea
 def finish_failed(cur: psycopg.Cursor, did: str, error: str, retry_at: datetime, count_attempt: bool) -> None:
     """Schedule a retry. A rate-limited repo retries when the host allows, without using an attempt."""
     cur.execute(
-        """UPDATE repos SET status = 'error', attempts = attempts + %s, next_retry_at = %s,
-               last_error = %s, claimed_at = NULL, updated_at = now()
+        f"""UPDATE repos SET status = 'error', attempts = attempts + %s, next_retry_at = %s,
+               last_error = %s, {_END_LEASE}
            WHERE did = %s""",
         (1 if count_attempt else 0, retry_at, error[:2000], did),
     )

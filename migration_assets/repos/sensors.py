@@ -37,7 +37,7 @@ def repo_sync(
         with postgres.connection() as conn:
             list_hosts(context, conn, clients, settings, cursors)
             conn.commit()
-            due = ledger.due_buckets(conn, settings.stale_claim_minutes)
+            due = ledger.due_buckets(conn)
     finally:
         clients.close()
     requests = [

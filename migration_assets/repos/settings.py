@@ -18,8 +18,10 @@ class RepoSettings(EnvSettings):
     concurrency: int = Field(default=8, ge=1, description="repo downloads at once per run")
     max_car_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="a larger repo export fails that repo")
     fetch_timeout_seconds: float = Field(default=120.0, gt=0, description="deadline for one whole repo download")
-    stale_claim_minutes: int = Field(
-        default=30, ge=1, description="an in-progress claim older than this is taken over by the next run")
+    lease_seconds: int = Field(
+        default=300, ge=5, description="a run renews its claims every third of this; claims not renewed for this "
+        "long are taken over by another run")
+    claim_batch: int = Field(default=500, ge=1, description="repos a run claims at a time (more as it finishes them)")
     sync_interval_seconds: int = Field(default=60, ge=1, description="repo_sync sensor interval")
     sensor_tick_seconds: float = Field(
         default=30.0, gt=0, description="time a repo_sync tick spends paging listRepos; the next tick goes on from there")
@@ -36,8 +38,9 @@ class RepoSettings(EnvSettings):
 
     @property
     def connections(self) -> int:
-        """Database connections a run may use at once: every sync thread storing, plus the rate limiter's."""
-        return self.sync_threads + 2
+        """Database connections a run may use at once: every sync thread storing, the rate limiter's,
+        and the claim loop's and lease heartbeat's."""
+        return self.sync_threads + 4
 
     @classmethod
     def from_env(cls) -> "RepoSettings":

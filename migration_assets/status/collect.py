@@ -112,7 +112,7 @@ def failure_groups(conn: psycopg.Connection, failed: str) -> list[FailureGroup]:
     return [FailureGroup(kind, host, count, example, reason) for kind, host, count, example, reason in rows]
 
 
-def repos_status(conn: psycopg.Connection, stale_minutes: int) -> PipelineStatus:
+def repos_status(conn: psycopg.Connection) -> PipelineStatus:
     counts = dict(conn.execute("SELECT status, count(*) FROM repos GROUP BY status").fetchall())
     finished = sum(counts.get(s, 0) for s in ("synced", "deleted", "deactivated", "takendown", "suspended"))
     per_hour = conn.execute("SELECT count(*) FROM repos WHERE synced_at > now() - interval '1 hour'").fetchone()[0]
@@ -120,8 +120,8 @@ def repos_status(conn: psycopg.Connection, stale_minutes: int) -> PipelineStatus
         "SELECT count(*) FROM records WHERE indexed_at > now() - interval '1 hour'"
     ).fetchone()[0]
     stuck = [did for (did,) in conn.execute(
-        "SELECT did FROM repos WHERE status = 'in_progress' AND claimed_at < now() - make_interval(mins => %s) "
-        "ORDER BY claimed_at LIMIT 10", (stale_minutes,)
+        "SELECT did FROM repos WHERE status = 'in_progress' AND lease_expires_at < now() "
+        "ORDER BY lease_expires_at LIMIT 10"
     )]
     return PipelineStatus(
         "atproto repos", "repos", finished, sum(counts.values()), per_hour=float(per_hour),
@@ -156,7 +156,7 @@ def blobs_status(conn: psycopg.Connection) -> PipelineStatus:
     )
 
 
-def files_status(conn: psycopg.Connection, stale_minutes: float) -> PipelineStatus:
+def files_status(conn: psycopg.Connection) -> PipelineStatus:
     counts = dict(conn.execute("SELECT status, count(*) FROM migration_ranges GROUP BY status").fetchall())
     per_hour, bytes_hour = conn.execute(
         """SELECT count(*), coalesce(sum(size), 0)::float8 FROM migration_files
@@ -165,10 +165,10 @@ def files_status(conn: psycopg.Connection, stale_minutes: float) -> PipelineStat
     files_total = conn.execute("SELECT count(*) FROM source_files").fetchone()[0]
     files_done = conn.execute("SELECT count(*) FROM migration_files WHERE status = 'SUCCESS'").fetchone()[0]
     failure_count = conn.execute("SELECT count(*) FROM migration_files WHERE status = 'FAIL'").fetchone()[0]
-    stuck = [f"range {rid} [{lo}, {hi}] heartbeat {age:.0f} min ago" for rid, lo, hi, age in conn.execute(
-        """SELECT range_id, min_id, max_id, (extract(epoch FROM now() - heartbeat) / 60)::float8 FROM migration_ranges
-           WHERE status = 'PROCESSING' AND (heartbeat IS NULL OR heartbeat < now() - make_interval(mins => %s))
-           LIMIT 10""", (int(stale_minutes),)
+    stuck = [f"range {rid} [{lo}, {hi}] lease expired {age:.0f} min ago" for rid, lo, hi, age in conn.execute(
+        """SELECT range_id, min_id, max_id, coalesce(extract(epoch FROM now() - lease_expires_at) / 60, 0)::float8
+           FROM migration_ranges WHERE status = 'PROCESSING' AND (lease_expires_at IS NULL OR lease_expires_at < now())
+           LIMIT 10"""
     )]
     return PipelineStatus(
         "files", f"files ({counts.get('COMPLETE', 0)}/{sum(counts.values())} ranges complete)", files_done,
@@ -181,12 +181,9 @@ def files_status(conn: psycopg.Connection, stale_minutes: float) -> PipelineStat
 
 
 def collect(instance: dg.DagsterInstance, conn: psycopg.Connection) -> list[PipelineStatus]:
-    from migration_assets.files.settings import FilesSettings
-    from migration_assets.repos.settings import RepoSettings
-
     return [
         *chain_status(instance),
-        repos_status(conn, RepoSettings.from_env().stale_claim_minutes),
+        repos_status(conn),
         blobs_status(conn),
-        files_status(conn, FilesSettings.from_env().stale_minutes),
+        files_status(conn),
     ]

@@ -30,6 +30,7 @@ def assert_bytes_equal(conn, s3, bucket: str, root) -> int:
 def expire_claim(conn: psycopg.Connection, min_id: int, max_id: int) -> None:
     """Age the claim on [min_id, max_id) far past any stale limit, as if its worker died long ago:
     the claim's staleness is set in SQL instead of sleeping past a limit."""
-    conn.execute("UPDATE migration_ranges SET heartbeat = now() - interval '1 day' WHERE min_id = %s AND max_id = %s",
+    conn.execute("UPDATE migration_ranges SET lease_expires_at = now() - interval '1 day' "
+                 "WHERE min_id = %s AND max_id = %s",
                  (min_id, max_id))
     conn.commit()

@@ -12,7 +12,8 @@ from migration_assets.files import store
 from migration_assets.files.seed import seed_files
 from migration_assets.files.settings import FilesSettings
 from migration_assets.files.store import ClaimRefused
-from migration_assets.files.worker import Heartbeat, migrate_claimed_range, retry_failed
+from migration_assets.core.lease import Heartbeat
+from migration_assets.files.worker import migrate_claimed_range, retry_failed
 from tests.files.conftest import make_job
 from tests.files.helpers import assert_bytes_equal, expire_claim, seed, statuses
 from tests.files.s3_proxy import s3_proxy
@@ -216,18 +217,19 @@ def test_cleanup_releases_a_stale_range_and_never_a_live_one(files_env, target, 
     live, dead = claim(job, 0, 100, "live"), claim(job, 100, 200, "dead")
     expire_claim(target, 0, 100)
     expire_claim(target, 100, 200)
-    renewed, renew = threading.Event(), store.heartbeat
+    renewed, renew = threading.Event(), live.lease.renew
 
-    def heartbeat_seen(conn, claim):
-        if (ours := renew(conn, claim)) and claim == live:
+    def renew_seen(conn):
+        held = renew(conn)
+        if held:
             renewed.set()
-        return ours
+        return held
 
-    monkeypatch.setattr(store, "heartbeat", heartbeat_seen)  # the real renewal, observed
-    with Heartbeat(job.pool, live, interval=0.05):
-        assert renewed.wait(30), "the live worker's heartbeat never renewed its claim"
+    monkeypatch.setattr(live.lease, "renew", renew_seen)  # the real renewal, observed
+    with Heartbeat(live.lease, job.pool.connection, interval=0.05):
+        assert renewed.wait(30), "the live worker's heartbeat never renewed its lease"
         with job.pool.connection() as conn:
-            released = store.release_stale(conn, stale_minutes=10)
+            released = store.release_stale(conn)
 
     assert released == [(100, 200)]
     assert range_status(target, 0)[0] == "PROCESSING" and range_status(target, 100) == ("PENDING", None)

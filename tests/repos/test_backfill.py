@@ -2,6 +2,10 @@
 
 import httpx
 
+from migration_assets.core.postgres import shared_pool
+from migration_assets.repos import ledger
+from migration_assets.repos.backfill import backfill_buckets
+from migration_assets.repos.resources import RepoSourceResource
 from tests.repos.conftest import handle
 from tests.repos.helpers import (
     bucket_of_did, check_evaluations, discover, ledger_row, listed_records, metadata, run_bucket,
@@ -103,3 +107,36 @@ def test_one_repos_failure_schedules_a_retry_and_spares_the_others(pds, target, 
     assert row["next_retry_at"] is not None and "http://localhost" in row["last_error"], row
     assert all(r.success for r in results.values()), "a repo's failure must not fail its bucket's run"
     assert metadata(next(iter(results.values())))["outcomes"].get("retry") == 1
+
+
+def test_a_data_error_about_one_repo_fails_that_repo_and_the_run_goes_on(pds, target, target_url, atproto_env):
+    """PostgreSQL refusing one repo's records (here a trigger raising 22P05, the error U+0000 in jsonb
+    gives) fails that repo with an error naming it and the next step; the other repo of the run syncs."""
+    victim, bystander = pds.create_account(handle()), pds.create_account(handle())
+    for account in (victim, bystander):
+        pds.create_records(account, POSTS, [post(n) for n in range(4)])
+    target.execute(
+        """CREATE FUNCTION refuse_one_repo() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+             IF NEW.did = '%s' THEN
+               RAISE EXCEPTION 'unsupported Unicode escape sequence' USING ERRCODE = 'untranslatable_character';
+             END IF;
+             RETURN NEW;
+           END $$""" % victim.did)
+    target.execute("CREATE TRIGGER refuse BEFORE INSERT ON records FOR EACH ROW EXECUTE FUNCTION refuse_one_repo()")
+    ledger.request_sync(target, [victim.did, bystander.did], 256)
+    buckets = sorted({ledger_row(target, d)["bucket"] for d in (victim.did, bystander.did)})
+    pool = shared_pool(target_url)
+    clients = RepoSourceResource().clients(target_url)
+    try:
+        report = backfill_buckets(pool, RepoSourceResource().syncer(pool, clients), buckets)
+    finally:
+        clients.close()
+
+    assert {o.did: o.status for o in report.outcomes} == {victim.did: "retry", bystander.did: "synced"}
+    row = ledger_row(target, victim.did)
+    assert (row["status"], row["attempts"], row["claim_token"]) == ("error", 1, None), row
+    assert victim.did in row["last_error"] and "UntranslatableCharacter" in row["last_error"]
+    assert f"--did {victim.did}" in row["last_error"], "the error says what to do next"
+    assert stored_records(target, victim.did) == {}
+    assert len(stored_records(target, bystander.did)) == 4

@@ -1,6 +1,7 @@
 """The ledger's rules on a real PostgreSQL: what a listing makes due, claims, backoff."""
 
 import random
+import threading
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -59,18 +60,48 @@ def test_listing_makes_due_only_what_changed(target):
 
 
 def test_claims_never_overlap_and_stale_claims_are_taken_over(target, target_url):
-    ledger.enqueue(target, [f"did:plc:c{n}" for n in range(20)], 1)
-    with psycopg.connect(target_url) as other:
-        first = ledger.claim_due(target, [0], stale_minutes=30)
-        second = ledger.claim_due(other, [0], stale_minutes=30)
-    assert len(first) == 20 and second == []
-    target.execute("UPDATE repos SET claimed_at = now() - interval '31 minutes' WHERE did = 'did:plc:c3'")
-    assert [c.did for c in ledger.claim_due(target, [0], stale_minutes=30)] == ["did:plc:c3"]
+    """Runs claiming side by side (behind a barrier) take disjoint batches covering every due repo, and
+    pass over a repo whose result is being written instead of waiting for it (lock_timeout turns a
+    wait into an error). A claim whose run stopped renewing it is taken over; a live one is not."""
+    dids = [f"did:plc:c{n:03d}" for n in range(400)]
+    ledger.enqueue(target, dids, 1)
+    runs, barrier = 4, threading.Barrier(4)
+    claimed: list[list[str]] = [[] for _ in range(runs)]
+    errors: list[BaseException] = []
+
+    def run(n: int) -> None:
+        lease = ledger.repo_lease(60)
+        try:
+            with psycopg.connect(target_url, options="-c lock_timeout=10s") as conn:
+                barrier.wait()
+                while repos := ledger.claim_due(conn, lease, [0], limit=20):
+                    claimed[n].extend(r.did for r in repos)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    with psycopg.connect(target_url) as writer:  # a repo's result being written by another run
+        writer.execute("SELECT 1 FROM repos WHERE did = 'did:plc:c007' FOR UPDATE")
+        threads = [threading.Thread(target=run, args=(n,)) for n in range(runs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
+    everything = [did for run_dids in claimed for did in run_dids]
+    assert all(claimed), "every run got repos: the claims really ran side by side"
+    assert len(everything) == len(set(everything)), "a repo was claimed by two runs"
+    assert set(everything) == set(dids) - {"did:plc:c007"}
+
+    late = ledger.repo_lease(60)
+    assert [c.did for c in ledger.claim_due(target, late, [0], limit=500)] == ["did:plc:c007"]
+    target.execute("UPDATE repos SET lease_expires_at = now() - interval '1 second' WHERE did = 'did:plc:c003'")
+    assert [c.did for c in ledger.claim_due(target, late, [0], limit=500)] == ["did:plc:c003"]
+    assert ledger.due_buckets(target) == {}, "every repo is leased by a live run"
 
 
 def test_retry_backoff_doubles_from_a_minute_to_an_hour_with_jitter():
     rng = random.Random(7)
     for attempts, base in ((1, 60), (2, 120), (3, 240), (6, 1920), (7, 3600), (20, 3600)):
-        delays = [ledger.retry_delay_seconds(attempts, rng) for _ in range(50)]
+        delays = [ledger.RETRY.delay(attempts, rng) for _ in range(50)]
         assert all(base / 2 <= d <= base for d in delays), (attempts, min(delays), max(delays))
         assert max(delays) - min(delays) > base / 10, "no jitter"

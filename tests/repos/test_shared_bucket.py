@@ -1,0 +1,115 @@
+"""Two runs share one bucket of 2,000 due repos through the real claim loop, lease, heartbeat and
+fence (`backfill.sync_leased`); only the per-repo sync step is a trivial one (a record and the
+ledger's finish_synced, written inside the run's fenced transaction), so no PDS accounts are needed.
+
+Run A stalls mid-way (its store step and its heartbeat blocked, as a paused process would be) until
+run B has taken over A's expired leases and synced the repo A was storing. Then A's late write must
+change nothing: no repo synced twice, none lost."""
+
+import threading
+from collections import Counter
+from contextlib import contextmanager
+
+from psycopg_pool import ConnectionPool
+
+from migration_assets.repos import ledger
+from migration_assets.repos.backfill import RepoOutcome, sync_leased
+from migration_assets.repos.ledger import ClaimedRepo
+
+REPOS = 2000
+LEASE_SECONDS = 5
+PAUSE_AT = 100  # A stalls while storing its 100th repo
+WAIT = 120  # seconds: a guard against a hang, never a measurement
+
+
+class GatedPool:
+    """Run A's pool for its claims and heartbeat: while the test holds `gate`, nothing of A's gets a
+    connection, and no renewal is under way (one is finished before the gate closes)."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool, self.gate = pool, threading.Lock()
+
+    @contextmanager
+    def connection(self):
+        with self.gate, self.pool.connection() as conn:
+            yield conn
+
+
+def test_two_runs_share_a_bucket_and_a_paused_runs_late_write_changes_nothing(target, target_url):
+    dids = [f"did:plc:shared{n:05d}" for n in range(REPOS)]
+    ledger.enqueue(target, dids, 1)  # one bucket: every repo in bucket 0
+    writes = ConnectionPool(target_url, min_size=2, max_size=10, open=True)
+    a_pool = GatedPool(ConnectionPool(target_url, min_size=1, max_size=3, open=True))
+    b_pool = ConnectionPool(target_url, min_size=1, max_size=3, open=True)
+    a_lease, b_lease = ledger.repo_lease(LEASE_SECONDS), ledger.repo_lease(LEASE_SECONDS)
+    a_paused, b_took_over = threading.Event(), threading.Event()
+    paused_on: list[str] = []
+    started = Counter()
+    counter_lock = threading.Lock()
+
+    def store(run: str, repo: ClaimedRepo, lease) -> RepoOutcome:
+        with writes.connection() as conn, lease.holding(conn, repo.did), conn.cursor() as cur:
+            cur.execute("INSERT INTO records (did, collection, rkey, cid, record) VALUES (%s, 'test.sync', %s, 'c', '{}')",
+                        (repo.did, run))
+            ledger.finish_synced(cur, repo.did, run, f"head-{run}", None, 1)
+        return RepoOutcome(repo.did, "synced", records=1)
+
+    def sync_a(repo: ClaimedRepo, lease) -> RepoOutcome:
+        with counter_lock:
+            started["a"] += 1
+            pause = started["a"] == PAUSE_AT
+        if pause:  # A stalls here: store step and heartbeat blocked until B took this repo over
+            a_pool.gate.acquire()
+            paused_on.append(repo.did)
+            a_paused.set()
+            assert b_took_over.wait(WAIT), "run B never took over the paused run's repo"
+            a_pool.gate.release()
+        return store("A", repo, lease)
+
+    def sync_b(repo: ClaimedRepo, lease) -> RepoOutcome:
+        with counter_lock:
+            started["b"] += 1
+            first = started["b"] == 1
+        if first:  # A stopped renewing; its leases run out (aged in SQL rather than waited for)
+            assert a_paused.wait(WAIT), "run A never reached its pause"
+            target.execute("UPDATE repos SET lease_expires_at = now() - interval '1 second' WHERE claim_token = %s",
+                           (a_lease.token,))
+        outcome = store("B", repo, lease)
+        if paused_on and repo.did == paused_on[0]:
+            b_took_over.set()
+        return outcome
+
+    reports, errors = {}, []
+
+    def run(name, pool, sync_one, lease) -> None:
+        try:
+            reports[name] = sync_leased(pool, sync_one, [0], lease, batch=200, threads=4)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            a_paused.set(), b_took_over.set()  # let the other run finish
+
+    threads = [threading.Thread(target=run, args=("A", a_pool, sync_a, a_lease)),
+               threading.Thread(target=run, args=("B", b_pool, sync_b, b_lease))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for pool in (writes, a_pool.pool, b_pool):
+        pool.close()
+    assert not errors, errors
+
+    (victim,) = paused_on
+    a, b = (Counter(o.status for o in reports[run].outcomes) for run in "AB")
+    assert a["synced"] > 0 and b["synced"] > 0, "both runs worked the bucket"
+    assert a["synced"] + b["synced"] == REPOS, (a, b)
+    assert [o.status for o in reports["A"].outcomes if o.did == victim] == ["lost"]
+    assert a["lost"] >= 1 and a_lease.lost >= {victim}
+
+    per_repo = dict(target.execute("SELECT did, count(*) FROM records GROUP BY did").fetchall())
+    assert set(per_repo) == set(dids), "a repo was never synced"
+    assert [did for did, n in per_repo.items() if n != 1] == [], "a repo was synced twice"
+    assert target.execute("SELECT rkey FROM records WHERE did = %s", (victim,)).fetchone() == ("B",)
+    ledger_state = target.execute(
+        "SELECT status, count(*), count(claim_token) FROM repos GROUP BY status").fetchall()
+    assert ledger_state == [("synced", REPOS, 0)]
+    assert target.execute("SELECT pds, head FROM repos WHERE did = %s", (victim,)).fetchone() == ("B", "head-B")
