@@ -208,3 +208,27 @@ def test_an_oversized_download_is_cut_off_and_recorded(migrated, pdses, tmp_path
     assert [f.cid for f in result.progress.failed_blobs] == [big]
     assert "more than 10000 bytes" in result.progress.failed_blobs[0].reason
     assert result.transferred == 1 and not list((tmp_path / account.did / "blobs").iterdir())
+
+
+def test_a_malformed_cid_from_list_missing_blobs_fails_that_blob_not_the_account(instance, migrated, blob_resources, pdses):
+    account = migrated([3000, 4000, 5000])
+    proxy = PdsProxy(pdses[1])
+    proxy.extra_missing = [{"cid": "bafy-not/../a-cid", "recordUri": "at://x"}, {"cid": 12345}, "bare"]
+    try:
+        migration = request_migration(account, pdses[0], proxy.url)
+        result = run_partition(instance, account.did, blob_resources, migration.id)
+    finally:
+        proxy.stop()
+
+    logs = "".join(serialize_value(record) for record in instance.all_logs(result.run_id))
+    assert logs.count('"STEP_UP_FOR_RETRY"') == 0  # the account's step did not fail
+    after = stored(migration.id)
+    assert {f.cid: f.reason.split(":")[0] for f in after.progress.failed_blobs} == {
+        "bafy-not/../a-cid": "malformed CID in listMissingBlobs of the new PDS",
+        "12345": "malformed CID in listMissingBlobs of the new PDS",
+        "bare": "malformed CID in listMissingBlobs of the new PDS",
+    }
+    assert sorted(proxy.uploads.values()) == [1, 1, 1]  # every real blob moved
+    assert after.progress.bytes_transferred == 12_000
+    assert checks_by_name(result)[CHECK_NO_FAILED_BLOBS] is False  # and the account says what failed
+    assert after.status == "failed" and "3 blobs failed" in after.error
