@@ -38,4 +38,4 @@ class BlobSettings(EnvSettings):
     job_retry_delay_seconds: float = Field(
         default=30.0, gt=0, description="base wait before retrying an account's step (exponential, full jitter)")
     lease_seconds: float = Field(
-        default=300.0, gt=0, description="a run's claim on its account lapses this long after its last heartbeat")
+        default=120.0, gt=0, description="a run's hold on its account lapses this long after its last heartbeat (renewed every third of it)")

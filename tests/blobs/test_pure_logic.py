@@ -123,3 +123,19 @@ def test_account_dir_refuses_what_is_not_a_did(tmp_path: Path):
         blob_path(tmp_path, "../x", raw_cid(b"a"))
     with pytest.raises(ValueError, match="unsafe DID"):
         blob_path(tmp_path, "did:web:a/../../b", raw_cid(b"a"))
+
+
+def test_blob_settings_name_a_bad_variable_and_never_show_a_secret(monkeypatch):
+    from migration_assets.blobs.settings import BlobSettings
+    from migration_assets.core.settings import SettingsError
+
+    monkeypatch.setenv("MIGRATION_SECRET_KEY", "hunter2-key")
+    monkeypatch.setenv("ATPROTO_OLD_PASSWORD", "hunter2-old")
+    monkeypatch.setenv("BLOB_ATTEMPTS", "three")
+    with pytest.raises(SettingsError, match="BLOB_ATTEMPTS \\(got 'three'\\)") as raised:
+        BlobSettings.load()
+    assert "hunter2" not in str(raised.value)
+    monkeypatch.setenv("BLOB_ATTEMPTS", "5")
+    settings = BlobSettings.load()
+    assert settings.attempts == 5 and settings.old_password.get_secret_value() == "hunter2-old"
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(BlobSettings.describe())

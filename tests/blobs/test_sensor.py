@@ -97,3 +97,20 @@ def test_an_open_request_a_live_run_holds_is_not_superseded(target):
         request(did, origin="cli")
     assert rows_of(target, did) == [(held.id, "pending_blobs", True, None)]
     assert store.holder(PostgresResource().pool(), held.id)[0] == "run-abc"
+
+
+def test_a_run_whose_lease_was_taken_over_writes_nothing(target):
+    pool = PostgresResource().pool()
+    migration = request(random_did())
+    stalled, taker = store.account_lease(60), store.account_lease(60)
+    assert store.claim(pool, stalled, migration.id, "run-stalled")
+    assert not store.claim(pool, taker, migration.id, "run-taker")  # held: a second run backs off
+    target.execute("UPDATE blob_migrations SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
+                   (migration.id,))  # the stalled run missed its heartbeats
+    assert store.claim(pool, taker, migration.id, "run-taker")
+
+    assert not store.write_progress(pool, stalled, migration.id, store.ProgressData(blobs_completed=99))
+    assert not store.mark_failed(pool, stalled, migration.id, "late")
+    after = store.get_migration(pool, migration.id)
+    assert (after.status, after.has_credentials, after.progress.blobs_completed) == ("pending_blobs", True, 0)
+    assert store.mark_completed(pool, taker, migration.id, store.ProgressData(blobs_completed=3))
