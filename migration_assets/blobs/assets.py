@@ -113,7 +113,10 @@ def build_blobs_asset(job_retries: int, job_retry_delay_seconds: float) -> dg.As
             except LeaseLost as lost:
                 yield leave_alone(context, f"{lost}: the run that took it over finishes the account")
                 return
-            except (PermanentFailure, CredentialsError) as error:
+            except CredentialsError as error:  # the deployment's key, not the account: it stays pending
+                store.note_error(pool, hold.lease, migration.id, str(error))
+                raise dg.Failure(description=str(error), allow_retries=False) from None
+            except PermanentFailure as error:
                 store.mark_failed(pool, hold.lease, migration.id, str(error))
                 raise dg.Failure(description=str(error), allow_retries=False) from None
             except Exception as error:  # noqa: BLE001 - any other failure of the account is retried, then recorded

@@ -12,6 +12,7 @@ from migration_assets.blobs.credentials import AccountCredentials, CredentialsEr
 from migration_assets.blobs.resources import BlobMigrationResource
 from migration_assets.blobs.settings import BlobSettings
 from migration_assets.core.runs import root_cause
+from migration_assets.core.settings import SettingsError
 from migration_assets.core.instance import project_instance
 from migration_assets.core.postgres import PostgresResource
 
@@ -33,7 +34,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def read_credentials() -> AccountCredentials | None:
-    settings = BlobSettings.load()
+    try:
+        settings = BlobSettings.load()
+    except SettingsError as error:
+        print(f"error: {error}")
+        return None
     missing = [name for name, value in ((OLD_PASSWORD, settings.old_password), (NEW_PASSWORD, settings.new_password))
                if value is None]
     if missing:

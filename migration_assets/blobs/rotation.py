@@ -10,6 +10,7 @@ from psycopg_pool import ConnectionPool
 from migration_assets.blobs import store
 from migration_assets.blobs.credentials import SECRET_KEY_VARIABLE, CredentialsError, keyring, reencrypt
 from migration_assets.core.postgres import PostgresResource
+from migration_assets.core.settings import SettingsError
 
 
 @dataclass
@@ -39,7 +40,7 @@ def rotate_credentials(pool: ConnectionPool, keys: MultiFernet) -> Rotation:
 def rotate_command(args: argparse.Namespace) -> int:
     try:
         keys = keyring()
-    except CredentialsError as error:
+    except (CredentialsError, SettingsError) as error:
         print(f"error: {error}")
         return 2
     rotation = rotate_credentials(PostgresResource().pool(), keys)

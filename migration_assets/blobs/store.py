@@ -130,8 +130,9 @@ def create_request(
             "AND status = 'failed' ORDER BY id DESC LIMIT 1",
             (request.did, request.old_pds, request.new_pds),
         ).fetchone()
-        superseded = cur.execute(
-            "UPDATE blob_migrations SET status = 'superseded', credentials = NULL, updated_at = now() "
+        superseded = cur.execute(  # the lease goes too: a stalled run that wakes up writes nothing here
+            "UPDATE blob_migrations SET status = 'superseded', credentials = NULL, claim_token = NULL, "
+            "lease_expires_at = NULL, updated_at = now() "
             "WHERE did = %s AND status IN ('pending_blobs', 'failed') RETURNING id",
             (request.did,),
         ).fetchall()

@@ -2,6 +2,7 @@
 erased once they can no longer be used, and key rotation with `migration-assets secrets rotate`."""
 
 import threading
+import time
 
 import dagster as dg
 import pytest
@@ -44,6 +45,10 @@ def test_a_second_run_of_the_account_leaves_the_first_one_alone(instance, migrat
     try:
         sensor_run.start()
         assert old_proxy.stalling.wait(120), "the first run did not start downloading"
+        deadline = time.monotonic() + 60
+        while not (staging.is_dir() and any(staging.iterdir())):  # the download's file is being opened
+            assert time.monotonic() < deadline, "the first run staged nothing"
+            time.sleep(0.01)
         staged = sorted(staging.iterdir())
         assert len(staged) == 1  # the first run's blob in flight
         holder_run, _ = store.holder(PostgresResource().pool(), migration.id)
@@ -141,3 +146,17 @@ def test_rotate_names_a_migration_no_key_decrypts_and_rotates_the_others(monkeyp
 
 def stored_token(migration_id: int) -> bytes | None:
     return store.credentials_token(PostgresResource().pool(), migration_id)
+
+
+def test_a_run_without_the_key_that_stored_the_credentials_keeps_the_request(instance, blob_resources, monkeypatch, target):
+    migration = request("did:plc:" + "e" * 24, "kept-secret")
+    monkeypatch.setenv("MIGRATION_SECRET_KEY", Fernet.generate_key().decode())  # the deployment lost the key
+
+    result = run_partition(instance, migration.did, blob_resources, migration.id)
+
+    assert not result.success
+    assert [e.event_type_value for e in result.all_events].count("STEP_UP_FOR_RETRY") == 0
+    after = stored(migration.id)
+    assert (after.status, after.has_credentials) == ("pending_blobs", True)  # fix the key and run again
+    assert f"the credentials of {migration.describe()} decrypt with none of the keys" in after.error
+    assert target.execute("SELECT claim_token FROM blob_migrations WHERE id = %s", (migration.id,)).fetchone() == (None,)
