@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from migration_assets.blobs import cli as blobs_cli
+from migration_assets.blobs import rotation
 from migration_assets.chain import cli as chain_cli
 from migration_assets.devstack import demo
 from migration_assets.files import cli as files_cli
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     repos_cli.add_commands(commands)
     blobs_cli.add_commands(commands)
     files_cli.add_commands(commands)
+    rotation.add_commands(commands)  # `secrets rotate`
     status_cli.add_commands(commands)
     demo.add_commands(commands)
     return parser

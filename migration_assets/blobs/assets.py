@@ -1,22 +1,27 @@
 """The `atproto/blobs` asset: one dynamic partition per account (its DID), a thin shell over job.py."""
 
+from collections.abc import Iterator
+
 import dagster as dg
 
 from migration_assets.blobs import store
 from migration_assets.blobs.credentials import CredentialsError
-from migration_assets.blobs.job import AccountOutcome, run_blob_migration
+from migration_assets.blobs.job import AccountOutcome, held_elsewhere, hold_migration, run_blob_migration
 from migration_assets.blobs.resources import BlobMigrationResource
+from migration_assets.blobs.settings import BlobSettings
 from migration_assets.blobs.store import BlobMigration
 from migration_assets.blobs.transfer import (
-    CHECK_BYTES_VERIFIED, CHECK_NO_FAILED_BLOBS, CHECK_NOTHING_MISSING, PermanentFailure,
+    CHECK_BYTES_VERIFIED, CHECK_NO_FAILED_BLOBS, CHECK_NOTHING_MISSING, LeaseLost, PermanentFailure,
 )
 from migration_assets.core.checks import listing
-from migration_assets.core.dagster_glue import check_result, check_specs
+from migration_assets.core.dagster_glue import check_result, check_specs, step_retry_policy
 from migration_assets.core.resources import PostgresResource
+from migration_assets.core.settings import settings_of
 
 BLOBS = dg.AssetKey(["atproto", "blobs"])
 BLOB_POOL = "atproto_blobs"  # limit 15, run granularity (dagster.yaml): the 16th account waits queued
 REQUEST_TAG = "migration-assets/blob-migration"  # the blob_migrations id a run serves
+SKIPPED = "skipped"  # metadata key of the observation a run that leaves the account alone records
 
 accounts = dg.DynamicPartitionsDefinition(name="atproto_blob_accounts")
 
@@ -34,10 +39,9 @@ def find_migration(pool, context: dg.AssetExecutionContext) -> BlobMigration:
         raise dg.Failure(
             description=f"no pending blob migration of {context.partition_key}"
             + (f" with id {tagged}" if tagged else "")
-            + ": request one (`migration-assets blobs migrate`, or a row in blob_migrations) and let the sensor run it"
+            + ": request one (`migration-assets blobs migrate`, or a row in blob_migrations) and let the sensor run it",
+            allow_retries=False,
         )
-    if migration.status != "pending_blobs":
-        raise dg.Failure(description=f"{migration.describe()} is {migration.status}, not pending_blobs: nothing to do")
     return migration
 
 
@@ -62,43 +66,80 @@ def outcome_metadata(outcome: AccountOutcome) -> dict:
     }
 
 
-@dg.asset(
-    key=BLOBS,
-    partitions_def=accounts,
-    check_specs=check_specs(BLOBS, _CHECKS, accounts),
-    group_name="atproto",
-    kinds={"atproto"},
-    pool=BLOB_POOL,
-    description="Every blob of an account moved from its old PDS to its new PDS (one partition per DID), "
-    "streamed through disk one at a time, each verified against its CID; progress in blob_migrations.",
-)
-def blobs(
-    context: dg.AssetExecutionContext, postgres: PostgresResource, blob_migration: BlobMigrationResource
-) -> dg.MaterializeResult:
-    pool = postgres.pool()
-    migration = find_migration(pool, context)
-    context.log.info(f"starting blob import of {migration.describe()} from {migration.old_pds} to {migration.new_pds}")
-    try:
-        outcome = run_blob_migration(
-            pool, migration, blob_migration.transfer_settings(), blob_migration.limiter(postgres.resolved_url()),
-            log=context.log.info, timeout=blob_migration.request_timeout_seconds,
-        )
-    except (PermanentFailure, CredentialsError) as error:
-        store.mark_failed(pool, migration.id, str(error))
-        raise dg.Failure(description=str(error)) from None
-    except Exception as error:  # noqa: BLE001 - any other failure of the account is retried, then recorded
-        message = f"{migration.describe()} failed: {error}"
-        if context.retry_number < blob_migration.job_retries:
-            store.note_error(pool, migration.id, message)
-            wait = blob_migration.retry_delay(context.retry_number)
-            context.log.warning(f"{message}; retry {context.retry_number + 1}/{blob_migration.job_retries} in {wait:.0f} s")
-            raise dg.RetryRequested(max_retries=blob_migration.job_retries, seconds_to_wait=wait) from error
-        store.mark_failed(pool, migration.id, message)
-        raise dg.Failure(
-            description=f"{message} (after {blob_migration.job_retries} retries). Blobs already sent stay on the "
-            "new PDS; request the migration again once the cause is fixed and only the missing ones are sent"
-        ) from None
-    return dg.MaterializeResult(
-        metadata=outcome_metadata(outcome),
-        check_results=[check_result(check) for check in outcome.checks],
+def leave_alone(context: dg.AssetExecutionContext, message: str) -> dg.AssetObservation:
+    """A run with nothing to do here ends cleanly: no materialization, a note on the partition."""
+    context.log.warning(message)
+    return dg.AssetObservation(asset_key=BLOBS, partition=context.partition_key,
+                               metadata={SKIPPED: dg.MetadataValue.text(message)})
+
+
+def build_blobs_asset(job_retries: int, job_retry_delay_seconds: float) -> dg.AssetsDefinition:
+    """The asset, with Dagster retrying a whole account's step `job_retries` times (exponential
+    backoff, full jitter) before the migration fails for good. Tests build it with short waits."""
+
+    # A multi-asset of one spec only for `can_subset`: it makes the check outputs optional, so a run
+    # that finds the account held by another run can end cleanly without a materialization.
+    @dg.multi_asset(
+        name="atproto__blobs",
+        specs=[dg.AssetSpec(
+            BLOBS, partitions_def=accounts, group_name="atproto", kinds={"atproto"},
+            description="Every blob of an account moved from its old PDS to its new PDS (one partition per DID), "
+            "streamed through disk one at a time, each verified against its CID; progress in blob_migrations.",
+        )],
+        check_specs=check_specs(BLOBS, _CHECKS, accounts),
+        can_subset=True,
+        pool=BLOB_POOL,
+        retry_policy=step_retry_policy(job_retries, job_retry_delay_seconds),
     )
+    def blobs(
+        context: dg.AssetExecutionContext, postgres: PostgresResource, blob_migration: BlobMigrationResource
+    ) -> Iterator[dg.MaterializeResult | dg.AssetObservation]:
+        pool = postgres.pool()
+        migration = find_migration(pool, context)
+        if migration.status != "pending_blobs":
+            yield leave_alone(context, f"{migration.describe()} is {migration.status}, not pending_blobs: nothing to do")
+            return
+        with hold_migration(pool, migration.id, blob_migration.lease_seconds, context.run.run_id) as hold:
+            if hold is None:
+                yield leave_alone(context, held_elsewhere(pool, migration))
+                return
+            context.log.info(f"starting blob import of {migration.describe()} from {migration.old_pds} to {migration.new_pds}")
+            try:
+                outcome = run_blob_migration(
+                    pool, migration, blob_migration.transfer_settings(), hold,
+                    blob_migration.limiter(postgres.resolved_url()), log=context.log.info,
+                    timeout=blob_migration.request_timeout_seconds,
+                )
+            except LeaseLost as lost:
+                yield leave_alone(context, f"{lost}: the run that took it over finishes the account")
+                return
+            except CredentialsError as error:  # the deployment's key, not the account: it stays pending
+                store.note_error(pool, hold.lease, migration.id, str(error))
+                raise dg.Failure(description=str(error), allow_retries=False) from None
+            except PermanentFailure as error:
+                store.mark_failed(pool, hold.lease, migration.id, str(error))
+                raise dg.Failure(description=str(error), allow_retries=False) from None
+            except Exception as error:  # noqa: BLE001 - any other failure of the account is retried, then recorded
+                message = f"{migration.describe()} failed: {error}"
+                if context.retry_number < job_retries:
+                    store.note_error(pool, hold.lease, migration.id, message)
+                    context.log.warning(f"{message}; Dagster retries the step ({context.retry_number + 1}/{job_retries})")
+                    raise
+                store.mark_failed(pool, hold.lease, migration.id, message)
+                raise dg.Failure(
+                    description=f"{message} (after {job_retries} retries). Blobs already sent stay on the new PDS; "
+                    "request the migration again with both passwords once the cause is fixed: only the missing "
+                    "ones are sent", allow_retries=False,
+                ) from None
+        selected = context.selected_asset_check_keys  # can_subset: a run may select some checks only
+        yield dg.MaterializeResult(
+            asset_key=BLOBS, metadata=outcome_metadata(outcome),
+            check_results=[check_result(check) for check in outcome.checks
+                           if dg.AssetCheckKey(BLOBS, check.name) in selected],
+        )
+
+    return blobs
+
+
+_ENV = settings_of(BlobSettings)
+blobs = build_blobs_asset(_ENV.job_retries, _ENV.job_retry_delay_seconds)

@@ -1,17 +1,18 @@
 """`migration-assets blobs migrate`: one account's blobs, as a run of the `atproto/blobs` asset."""
 
 import argparse
-import os
 import sys
 
 import dagster as dg
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
 from migration_assets.blobs import store
-from migration_assets.blobs.assets import REQUEST_TAG, accounts, blobs
+from migration_assets.blobs.assets import REQUEST_TAG, SKIPPED, accounts, blobs
 from migration_assets.blobs.credentials import AccountCredentials, CredentialsError
 from migration_assets.blobs.resources import BlobMigrationResource
+from migration_assets.blobs.settings import BlobSettings
 from migration_assets.core.runs import root_cause
+from migration_assets.core.settings import SettingsError
 from migration_assets.core.instance import project_instance
 from migration_assets.core.resources import PostgresResource
 
@@ -33,14 +34,18 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def read_credentials() -> AccountCredentials | None:
-    missing = [name for name in (OLD_PASSWORD, NEW_PASSWORD) if not os.environ.get(name)]
+    try:
+        settings = BlobSettings.load()
+    except SettingsError as error:
+        print(f"error: {error}")
+        return None
+    missing = [name for name, value in ((OLD_PASSWORD, settings.old_password), (NEW_PASSWORD, settings.new_password))
+               if value is None]
     if missing:
         print(f"error: set {' and '.join(missing)} (the account's passwords on the old and new PDS; "
               "they are never read from the command line)")
         return None
-    return AccountCredentials(
-        old_password=SecretStr(os.environ[OLD_PASSWORD]), new_password=SecretStr(os.environ[NEW_PASSWORD])
-    )
+    return AccountCredentials(old_password=settings.old_password, new_password=settings.new_password)
 
 
 def migrate_command(args: argparse.Namespace) -> int:
@@ -84,6 +89,10 @@ def print_summary(postgres: PostgresResource, migration_id: int, result: dg.Exec
     for event in result.all_events:
         if event.is_step_failure:
             print(f"FAILED: {root_cause(event.step_failure_data.error)}")
+        observation = event.asset_observation_data.asset_observation if event.is_asset_observation else None
+        if observation is not None and SKIPPED in observation.metadata:
+            print(f"nothing done: {observation.metadata[SKIPPED].value}")
+            return 1
     if stored.status == "pending_prefs" and result.success:
         print("all blobs are on the new PDS and verified; the migration is now pending_prefs")
         return 0

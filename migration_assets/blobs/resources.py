@@ -1,5 +1,6 @@
-"""Settings of the blob migration as a Dagster resource (no secrets here: the passwords are stored
-encrypted in blob_migrations, the key comes from MIGRATION_SECRET_KEY)."""
+"""Settings of the blob migration as a Dagster resource, defaulting to BlobSettings (the environment),
+so the UI shows the effective values. No secrets here: the passwords are stored encrypted in
+blob_migrations and the key is read from MIGRATION_SECRET_KEY only where it is used."""
 
 from pathlib import Path
 
@@ -7,31 +8,37 @@ import dagster as dg
 from pydantic import Field
 
 from migration_assets.atproto.ratelimit import HostRateLimiter
+from migration_assets.blobs.settings import BlobSettings
 from migration_assets.blobs.transfer import TransferSettings
-from migration_assets.core.settings import data_dir
+from migration_assets.core.settings import data_dir, settings_of
+
+_ENV = settings_of(BlobSettings)
 
 
 class BlobMigrationResource(dg.ConfigurableResource):
     work_dir: str | None = Field(
-        default=None, description="staging folder for blobs in flight (default: {MIGRATION_DATA_DIR}/tmp/atproto-blobs)"
+        default=str(_ENV.work_dir) if _ENV.work_dir else None,
+        description="staging folder for blobs in flight (BLOB_WORK_DIR; default: {MIGRATION_DATA_DIR}/tmp/atproto-blobs)",
     )
-    blob_attempts: int = Field(default=3, description="tries per blob before it goes to failed_blobs")
-    backoff_base_seconds: float = Field(default=2.0, description="wait between a blob's tries: 2 s, 4 s, ...")
-    progress_every: int = Field(default=10, description="write progress_data every N blobs")
-    job_retries: int = Field(default=3, description="retries of a whole account before it is marked failed")
-    job_retry_delay_seconds: float = Field(default=30.0, description="first wait before retrying an account; doubles")
-    request_timeout_seconds: float = Field(default=120.0, description="per XRPC request (connect, each read)")
+    blob_attempts: int = Field(default=_ENV.attempts, description="tries per blob before it goes to failed_blobs")
+    backoff_base_seconds: float = Field(
+        default=_ENV.backoff_base_seconds, description="longest first wait between a blob's tries; doubles")
+    backoff_cap_seconds: float = Field(default=_ENV.backoff_cap_seconds, description="longest wait between a blob's tries")
+    progress_every: int = Field(default=_ENV.progress_every, description="write progress_data every N blobs")
+    max_blob_bytes: int = Field(default=_ENV.max_blob_bytes, description="a bigger download is cut off; that blob fails")
+    request_timeout_seconds: float = Field(
+        default=_ENV.request_timeout_seconds, description="per XRPC request (connect, each read)")
+    lease_seconds: float = Field(
+        default=_ENV.lease_seconds, description="a run's hold on its account lapses this long after its last heartbeat")
     rate_limit: bool = Field(default=True, description="share the per-host request budget (ATPROTO_RATE_LIMIT)")
 
     def transfer_settings(self) -> TransferSettings:
         work_dir = Path(self.work_dir) if self.work_dir else data_dir() / "tmp" / "atproto-blobs"
         return TransferSettings(
             work_dir=work_dir, attempts=self.blob_attempts, backoff_base_seconds=self.backoff_base_seconds,
-            progress_every=self.progress_every,
+            backoff_cap_seconds=self.backoff_cap_seconds, progress_every=self.progress_every,
+            max_blob_bytes=self.max_blob_bytes,
         )
 
     def limiter(self, database_url: str) -> HostRateLimiter | None:
         return HostRateLimiter(database_url) if self.rate_limit else None
-
-    def retry_delay(self, retry_number: int) -> float:
-        return self.job_retry_delay_seconds * 2**retry_number

@@ -9,6 +9,7 @@ sent, so a resumed or repeated migration never sends a blob twice. No Dagster im
 import hashlib
 import math
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -25,6 +26,7 @@ from migration_assets.atproto.xrpc import (
 )
 from migration_assets.blobs.credentials import AccountCredentials
 from migration_assets.blobs.store import FailedBlob, ProgressData, now_iso
+from migration_assets.core.backoff import Backoff
 from migration_assets.core.checks import CheckOutcome, listing
 
 LIST_PAGE = 1000  # listBlobs / listMissingBlobs maximum page size
@@ -42,7 +44,8 @@ CHECK_BYTES_VERIFIED = "bytes_verified"
 class TransferSettings(BaseModel):
     work_dir: Path = Field(description="blobs are staged under {work_dir}/{did}/blobs/{cid}")
     attempts: int = Field(default=3, ge=1, description="tries per blob")
-    backoff_base_seconds: float = Field(default=2.0, ge=0, description="waits 2, 4, 8... s between tries")
+    backoff_base_seconds: float = Field(default=2.0, gt=0, description="longest first wait between tries")
+    backoff_cap_seconds: float = Field(default=60.0, gt=0, description="longest wait between tries")
     progress_every: int = Field(default=10, ge=1, description="write progress_data every N blobs")
     chunk_bytes: int = Field(default=256 * 1024, ge=4096)
     max_blob_bytes: int = Field(default=1 << 30, description="a bigger download is cut off (the disk is not filled)")
@@ -62,6 +65,11 @@ class BlobFailed(Exception):
     """One blob could not be moved after its attempts; it goes into failed_blobs and the job goes on."""
 
 
+class LeaseLost(RuntimeError):
+    """Another run took this account's migration over (this one stalled past its lease): stop at once
+    and write nothing more; the other run redoes what this one had in flight."""
+
+
 @dataclass
 class TransferResult:
     progress: ProgressData
@@ -78,10 +86,9 @@ class TransferResult:
         return self.run_bytes / self.seconds if self.seconds > 0 else 0.0
 
 
-def backoff_delays(attempts: int, base: float) -> list[float]:
-    """Waits between the tries of one blob: base * 2^n (2 s, 4 s for three tries). The seed's third
-    wait (8 s) would follow the last try and delay nothing but the next blob, so it is not taken."""
-    return [base * 2**n for n in range(attempts - 1)]
+def blob_backoff(settings: TransferSettings) -> Backoff:
+    """Waits between the tries of one blob (none after the last: it would delay only the next blob)."""
+    return Backoff(settings.backoff_base_seconds, max(settings.backoff_cap_seconds, settings.backoff_base_seconds))
 
 
 def estimate_memory_mb(blob_count: int, chunk_bytes: int) -> int:
@@ -140,7 +147,7 @@ def list_old_blobs(old: XrpcClient, did: str) -> list[str]:
     while True:
         params = {"did": did, "limit": LIST_PAGE, **({"cursor": cursor} if cursor else {})}
         page = old.query("com.atproto.sync.listBlobs", params, auth=True)
-        cids.extend(page.get("cids") or [])
+        cids.extend(cid for cid in page.get("cids") or [] if isinstance(cid, str))
         next_cursor = page.get("cursor")
         if not page.get("cids") or not next_cursor or next_cursor == cursor:
             return list(dict.fromkeys(cids))  # in order, without duplicates
@@ -148,18 +155,33 @@ def list_old_blobs(old: XrpcClient, did: str) -> list[str]:
 
 
 def list_missing_blobs(new: XrpcClient) -> list[str]:
-    """CIDs the new PDS's imported repo references but has no blob for (listMissingBlobs, paged)."""
+    """CIDs the new PDS's imported repo references but has no blob for (listMissingBlobs, paged). An
+    entry that is not a CID string is kept as text: it fails as that blob, not the account."""
     cids: list[str] = []
     cursor: str | None = None
     while True:
         params = {"limit": LIST_PAGE, **({"cursor": cursor} if cursor else {})}
         page = new.query("com.atproto.repo.listMissingBlobs", params, auth=True)
         blobs = page.get("blobs") or []
-        cids.extend(blob["cid"] for blob in blobs)
+        cids.extend(_entry_cid(blob) for blob in blobs)
         next_cursor = page.get("cursor")
         if not blobs or not next_cursor or next_cursor == cursor:
             return list(dict.fromkeys(cids))
         cursor = next_cursor
+
+
+def _entry_cid(entry: object) -> str:
+    cid = entry.get("cid") if isinstance(entry, dict) else entry
+    return cid if isinstance(cid, str) else repr(cid)[:200]
+
+
+def malformed_cid(cid: str) -> str | None:
+    """Why `cid` (from a PDS listing) is not a CID we can fetch and verify, or None when it is one."""
+    try:
+        CID.decode(cid)
+    except CidError as error:
+        return f"malformed CID in listMissingBlobs of the new PDS: {error}"[:500]
+    return None
 
 
 @dataclass
@@ -212,9 +234,9 @@ def transfer_with_retries(
 ) -> _Sent:
     """`settings.attempts` tries with backoff; 429s wait for their reset without using a try. Raises
     BlobFailed (this blob only) or JobFailure (a host down, login lost, local disk: the account)."""
-    delays = backoff_delays(settings.attempts, settings.backoff_base_seconds)
+    backoff = blob_backoff(settings)
     path = blob_path(settings.work_dir, did, cid)
-    attempt = 0
+    failures = 0
     while True:
         try:
             return transfer_blob(old, new, did, cid, path, settings.chunk_bytes, settings.max_blob_bytes)
@@ -229,12 +251,12 @@ def transfer_with_retries(
         except OSError as error:
             raise JobFailure(f"local staging of blob {cid} under {settings.work_dir} failed: {error}") from None
         except (*_TRANSPORT, CidMismatch, CidError, XrpcError, BlobFailed) as error:
-            if attempt >= len(delays):
+            failures += 1
+            if failures >= settings.attempts:
                 if isinstance(error, _TRANSPORT):
                     raise JobFailure(f"blob {cid}: {_reason(error)} ({settings.attempts} tries)") from None
                 raise BlobFailed(_reason(error)) from None
-            sleep(delays[attempt])
-            attempt += 1
+            sleep(backoff.delay(failures))
 
 
 def _reason(error: Exception) -> str:
@@ -285,11 +307,12 @@ def transfer_order(old_cids: list[str], missing: list[str]) -> list[str]:
 def migrate_blobs(
     old: XrpcClient, new: XrpcClient, did: str, settings: TransferSettings, progress: ProgressData,
     write_progress: Callable[[ProgressData], None], log: Callable[[str], None] = lambda _: None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] = time.sleep, lease_lost: threading.Event | None = None,
 ) -> TransferResult:
-    """Send every blob the new PDS is missing; record the ones that fail and go on. (No periodic
-    gc.collect() as the seed's GC_INTERVAL: nothing here forms reference cycles, so each blob's
-    buffers are freed as soon as its transfer returns.)"""
+    """Send every blob the new PDS is missing; record the ones that fail and go on. The caller holds
+    the account's lease (the staging folder is this run's alone); once `lease_lost` is set, LeaseLost
+    stops it before the next blob. (No periodic gc.collect() as the seed's GC_INTERVAL: nothing here
+    forms reference cycles, so each blob's buffers are freed as soon as its transfer returns.)"""
     started = time.monotonic()
     progress = progress.model_copy(deep=True)
     progress.blobs_started_at = progress.blobs_started_at or now_iso()
@@ -312,6 +335,12 @@ def migrate_blobs(
     tracker.flush()
     result = TransferResult(progress=progress, blobs_listed=len(old_cids), missing_at_start=len(missing))
     for number, cid in enumerate(order, 1):
+        if lease_lost is not None and lease_lost.is_set():
+            raise LeaseLost(f"{did}: another run took this account's blob migration over; this run stops")
+        if problem := malformed_cid(cid):
+            log(f"{did}: blob {cid[:200]!r} failed: {problem}")
+            tracker.blob_failed(cid[:200], problem)
+            continue
         try:
             sent = transfer_with_retries(old, new, did, cid, settings, sleep)
         except BlobFailed as failure:

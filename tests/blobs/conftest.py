@@ -12,7 +12,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from migration_assets.blobs import store
-from migration_assets.blobs.assets import accounts
+from migration_assets.blobs.assets import REQUEST_TAG, accounts, build_blobs_asset
 from migration_assets.blobs.credentials import AccountCredentials
 from migration_assets.blobs.resources import BlobMigrationResource
 from migration_assets.core.postgres import shared_pool
@@ -39,6 +39,10 @@ def secret_key(monkeypatch) -> str:
     key = Fernet.generate_key().decode()
     monkeypatch.setenv("MIGRATION_SECRET_KEY", key)
     return key
+
+
+# The production asset with waits short enough for tests: Dagster retries a failed account 3 times.
+FAST_RETRY_BLOBS = build_blobs_asset(job_retries=3, job_retry_delay_seconds=0.05)
 
 
 @pytest.fixture(scope="session")
@@ -87,9 +91,7 @@ def blob_resources(tmp_path, target_url) -> dict:
     """Fast retries so fault tests stay short; the schedule itself is unit-tested."""
     return {
         "postgres": PostgresResource(),
-        "blob_migration": BlobMigrationResource(
-            work_dir=str(tmp_path / "staging"), backoff_base_seconds=0.05, job_retry_delay_seconds=0.1,
-        ),
+        "blob_migration": BlobMigrationResource(work_dir=str(tmp_path / "staging"), backoff_base_seconds=0.05),
     }
 
 
@@ -99,14 +101,15 @@ def request_migration(account: MigratedAccount, old_pds: str, new_pds: str, orig
     return store.create_request(pool, request, account.credentials(), origin=origin)
 
 
-def run_partition(instance: dg.DagsterInstance, did: str, resources: dict, migration_id: int) -> dg.ExecuteInProcessResult:
-    from migration_assets.blobs.assets import REQUEST_TAG, blobs
-
+def run_partition(
+    instance: dg.DagsterInstance, did: str, resources: dict, migration_id: int | None
+) -> dg.ExecuteInProcessResult:
+    """A run of the account's partition; without a migration id it is a run started from the UI."""
     if not instance.has_dynamic_partition(accounts.name, did):
         instance.add_dynamic_partitions(accounts.name, [did])
     return dg.materialize(
-        [blobs], partition_key=did, instance=instance, resources=resources, raise_on_error=False,
-        tags={REQUEST_TAG: str(migration_id)},
+        [FAST_RETRY_BLOBS], partition_key=did, instance=instance, resources=resources, raise_on_error=False,
+        tags={REQUEST_TAG: str(migration_id)} if migration_id is not None else None,
     )
 
 

@@ -2,6 +2,7 @@
 traffic: the faults a blob migration must survive. Bodies are buffered (test blobs are small)."""
 
 import hashlib
+import json
 import socket
 import threading
 import time
@@ -27,6 +28,8 @@ class PdsProxy:
         self.rate_limited = 0
         self.blob_delay = 0.0  # seconds to stall in the middle of each getBlob body
         self.stalling = threading.Event()  # set while a getBlob body is stalled half sent
+        self.hold_first_blob: threading.Event | None = None  # the next getBlob stalls half sent until it is set
+        self.extra_missing: list = []  # entries added to every listMissingBlobs answer
         self._server: ThreadingHTTPServer | None = None
         self._connections: set[socket.socket] = set()
         self.port = port
@@ -108,9 +111,19 @@ def _handler(proxy: PdsProxy) -> type[BaseHTTPRequestHandler]:
             if nsid == "com.atproto.repo.uploadBlob" and reply.is_success:
                 with proxy.lock:
                     proxy.uploads[hashlib.sha256(body).hexdigest()] += 1
+            if nsid == "com.atproto.repo.listMissingBlobs" and reply.is_success and proxy.extra_missing:
+                page = json.loads(content)
+                page["blobs"] = page.get("blobs", []) + proxy.extra_missing
+                content = json.dumps(page).encode()
             out_headers = {k: v for k, v in reply.headers.items() if k.lower() not in _HOP_HEADERS | {"content-encoding"}}
             slow = proxy.blob_delay if nsid == "com.atproto.sync.getBlob" else 0.0
-            self._reply(reply.status_code, content, out_headers, slow)
+            hold = self._take_hold() if nsid == "com.atproto.sync.getBlob" else None
+            self._reply(reply.status_code, content, out_headers, slow, hold)
+
+        def _take_hold(self) -> threading.Event | None:
+            with proxy.lock:
+                hold, proxy.hold_first_blob = proxy.hold_first_blob, None
+                return hold
 
         def _read_chunked(self) -> bytes:
             parts = []
@@ -122,7 +135,8 @@ def _handler(proxy: PdsProxy) -> type[BaseHTTPRequestHandler]:
                 parts.append(self.rfile.read(size))
                 self.rfile.readline()
 
-        def _reply(self, status: int, content: bytes, headers: dict[str, str], stall: float = 0.0) -> None:
+        def _reply(self, status: int, content: bytes, headers: dict[str, str], stall: float = 0.0,
+                   hold: threading.Event | None = None) -> None:
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
@@ -130,10 +144,13 @@ def _handler(proxy: PdsProxy) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             half = len(content) // 2
             self.wfile.write(content[:half])
-            if stall:
+            if stall or hold:
                 self.wfile.flush()
                 proxy.stalling.set()
-                time.sleep(stall)
+                if hold:
+                    hold.wait(300)
+                else:
+                    time.sleep(stall)
                 proxy.stalling.clear()
             self.wfile.write(content[half:])
 

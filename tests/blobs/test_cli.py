@@ -75,6 +75,15 @@ def test_killed_mid_blob_then_rerun_sends_each_blob_once(
         assert len(list(staging.iterdir())) == 1  # the blob it was downloading
 
         old_proxy.blob_delay = 0
+        # The killed run's lease has not lapsed yet: a rerun now leaves the account and its files alone.
+        held = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert held.returncode == 1, held.stdout + held.stderr
+        assert "nothing done:" in held.stdout and "is being moved by run" in held.stdout
+        assert "if it was killed, run this again once its lease has lapsed" in held.stdout
+        assert len(list(staging.iterdir())) == 1 and sum(new_proxy.uploads.values()) == sent_before
+
+        target.execute("UPDATE blob_migrations SET lease_expires_at = now() - interval '1 second' WHERE did = %s",
+                       (account.did,))  # the lease lapses (its heartbeat died with the process)
         rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     finally:
         old_proxy.stop()

@@ -104,7 +104,8 @@ def test_wrong_password_fails_at_once_naming_the_pds_without_the_password(instan
     assert "ATPROTO_OLD_PASSWORD" in after.error
     logs = "".join(serialize_value(record) for record in instance.all_logs(result.run_id))
     assert "wrong-password-xyz" not in logs and "wrong-password-xyz" not in after.error
-    assert logs.count("RetryRequested") == 0  # retrying cannot fix a password
+    assert logs.count('"STEP_UP_FOR_RETRY"') == 0  # retrying cannot fix a password
+    assert not after.has_credentials  # failed for good: the passwords are erased
 
 
 def test_blob_not_matching_its_cid_is_rejected_and_recorded(instance, migrated, blob_resources, pdses):
@@ -128,7 +129,7 @@ def test_blob_not_matching_its_cid_is_rejected_and_recorded(instance, migrated, 
     assert after.progress.blobs_completed == 2
     assert after.progress.bytes_transferred == sum(len(d) for c, d in account.blobs.items() if c != bad)
     assert proxy.calls["com.atproto.sync.getBlob"] == 2 + 3  # three tries of the bad blob
-    assert after.has_credentials  # kept (encrypted) for the retry
+    assert not after.has_credentials  # failed for good: a new request brings the passwords again
 
 
 def test_429_storm_still_completes(instance, migrated, blob_resources, pdses):
@@ -174,7 +175,8 @@ def test_old_pds_going_away_fails_after_retries_and_resumes_later(instance, migr
         assert failed.status == "failed"
         assert "after 3 retries" not in failed.error  # the stored message is the cause, not Dagster's wrapper
         assert proxy.url.removeprefix("http://") in failed.error and "failed" in failed.error
-        assert failed.progress.blobs_completed == 3 and failed.has_credentials
+        assert failed.progress.blobs_completed == 3
+        assert not failed.has_credentials  # retries spent: failed for good, the passwords erased
         logs = "".join(serialize_value(record) for record in instance.all_logs(result.run_id))
         assert logs.count('"STEP_UP_FOR_RETRY"') == 3
 
@@ -182,6 +184,7 @@ def test_old_pds_going_away_fails_after_retries_and_resumes_later(instance, migr
         proxy.start()  # back on the same address
         resumed = request_migration(account, proxy.url, pdses[1])
         assert resumed.progress.blobs_completed == 3  # carried over from the failed request
+        assert stored(migration.id).status == "superseded"
         result = run_partition(instance, account.did, blob_resources, resumed.id)
     finally:
         proxy.stop()
@@ -205,3 +208,27 @@ def test_an_oversized_download_is_cut_off_and_recorded(migrated, pdses, tmp_path
     assert [f.cid for f in result.progress.failed_blobs] == [big]
     assert "more than 10000 bytes" in result.progress.failed_blobs[0].reason
     assert result.transferred == 1 and not list((tmp_path / account.did / "blobs").iterdir())
+
+
+def test_a_malformed_cid_from_list_missing_blobs_fails_that_blob_not_the_account(instance, migrated, blob_resources, pdses):
+    account = migrated([3000, 4000, 5000])
+    proxy = PdsProxy(pdses[1])
+    proxy.extra_missing = [{"cid": "bafy-not/../a-cid", "recordUri": "at://x"}, {"cid": 12345}, "bare"]
+    try:
+        migration = request_migration(account, pdses[0], proxy.url)
+        result = run_partition(instance, account.did, blob_resources, migration.id)
+    finally:
+        proxy.stop()
+
+    logs = "".join(serialize_value(record) for record in instance.all_logs(result.run_id))
+    assert logs.count('"STEP_UP_FOR_RETRY"') == 0  # the account's step did not fail
+    after = stored(migration.id)
+    assert {f.cid: f.reason.split(":")[0] for f in after.progress.failed_blobs} == {
+        "bafy-not/../a-cid": "malformed CID in listMissingBlobs of the new PDS",
+        "12345": "malformed CID in listMissingBlobs of the new PDS",
+        "bare": "malformed CID in listMissingBlobs of the new PDS",
+    }
+    assert sorted(proxy.uploads.values()) == [1, 1, 1]  # every real blob moved
+    assert after.progress.bytes_transferred == 12_000
+    assert checks_by_name(result)[CHECK_NO_FAILED_BLOBS] is False  # and the account says what failed
+    assert after.status == "failed" and "3 blobs failed" in after.error

@@ -11,7 +11,8 @@ from migration_assets.blobs import credentials
 from migration_assets.blobs.credentials import AccountCredentials, CredentialsError
 from migration_assets.blobs.store import MigrationRequest, ProgressData
 from migration_assets.blobs.transfer import (
-    BYTES_PER_CID, MIB, ProgressTracker, backoff_delays, blob_path, estimate_memory_mb, transfer_order,
+    BYTES_PER_CID, MIB, ProgressTracker, TransferSettings, blob_backoff, blob_path, estimate_memory_mb,
+    malformed_cid, transfer_order,
 )
 
 
@@ -19,10 +20,10 @@ def raw_cid(data: bytes) -> str:
     return str(CID.for_block(data, RAW))
 
 
-def test_backoff_is_two_then_four_seconds_between_three_tries():
-    assert backoff_delays(3, 2.0) == [2.0, 4.0]
-    assert backoff_delays(4, 2.0) == [2.0, 4.0, 8.0]
-    assert backoff_delays(1, 2.0) == []
+def test_blob_backoff_is_the_core_backoff_doubling_up_to_its_cap(tmp_path: Path):
+    backoff = blob_backoff(TransferSettings(work_dir=tmp_path, backoff_base_seconds=2.0, backoff_cap_seconds=5.0))
+    assert [backoff.ceiling(n) for n in (1, 2, 3, 4)] == [2.0, 4.0, 5.0, 5.0]
+    assert all(0 <= backoff.delay(2) <= 4.0 for _ in range(50))
 
 
 def test_memory_estimate_is_flat_in_blob_size_and_grows_with_the_cid_list():
@@ -76,16 +77,34 @@ def test_credentials_errors_name_the_key_and_the_next_step(monkeypatch):
     monkeypatch.setenv("MIGRATION_SECRET_KEY", Fernet.generate_key().decode())
     token = credentials.encrypt(AccountCredentials(old_password="a", new_password="b"))
     monkeypatch.setenv("MIGRATION_SECRET_KEY", Fernet.generate_key().decode())
-    with pytest.raises(CredentialsError, match="do not decrypt with this MIGRATION_SECRET_KEY"):
+    with pytest.raises(CredentialsError, match="blob migration 1 decrypt with none of the keys in MIGRATION_SECRET_KEY: add"):
         credentials.decrypt(token, "blob migration 1")
-    with pytest.raises(CredentialsError, match="erased after completion"):
+    with pytest.raises(CredentialsError, match="erased when it completed, failed for good or was superseded"):
         credentials.decrypt(None, "blob migration 1")
-    monkeypatch.setenv("MIGRATION_SECRET_KEY", "not-a-key")
-    with pytest.raises(CredentialsError, match="not a Fernet key"):
-        credentials.secret_key()
+    good = Fernet.generate_key().decode()
+    monkeypatch.setenv("MIGRATION_SECRET_KEY", f"{good},not-a-key")
+    with pytest.raises(CredentialsError, match="key 2 of 2 in MIGRATION_SECRET_KEY is not a Fernet key") as raised:
+        credentials.keyring()
+    assert good not in str(raised.value)
     monkeypatch.delenv("MIGRATION_SECRET_KEY")
     with pytest.raises(CredentialsError, match="is not set"):
-        credentials.secret_key()
+        credentials.keyring()
+
+
+def test_older_keys_decrypt_and_the_newest_encrypts(monkeypatch):
+    old_key, new_key = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    monkeypatch.setenv("MIGRATION_SECRET_KEY", old_key)
+    old_token = credentials.encrypt(AccountCredentials(old_password="a", new_password="b"))
+    monkeypatch.setenv("MIGRATION_SECRET_KEY", f" {new_key} , {old_key} ")  # newest first, spaces allowed
+    assert credentials.decrypt(old_token, "m").new_password.get_secret_value() == "b"
+    new_token = credentials.encrypt(AccountCredentials(old_password="c", new_password="d"))
+    assert Fernet(new_key.encode()).decrypt(new_token)  # made with the newest key alone
+
+
+def test_a_malformed_cid_is_named_with_its_reason():
+    assert malformed_cid(raw_cid(b"fine")) is None
+    assert "malformed CID in listMissingBlobs" in malformed_cid("../../etc/passwd")
+    assert "not valid base32" in malformed_cid("b!!!!")
 
 
 def test_request_validation():
@@ -104,3 +123,19 @@ def test_account_dir_refuses_what_is_not_a_did(tmp_path: Path):
         blob_path(tmp_path, "../x", raw_cid(b"a"))
     with pytest.raises(ValueError, match="unsafe DID"):
         blob_path(tmp_path, "did:web:a/../../b", raw_cid(b"a"))
+
+
+def test_blob_settings_name_a_bad_variable_and_never_show_a_secret(monkeypatch):
+    from migration_assets.blobs.settings import BlobSettings
+    from migration_assets.core.settings import SettingsError
+
+    monkeypatch.setenv("MIGRATION_SECRET_KEY", "hunter2-key")
+    monkeypatch.setenv("ATPROTO_OLD_PASSWORD", "hunter2-old")
+    monkeypatch.setenv("BLOB_ATTEMPTS", "three")
+    with pytest.raises(SettingsError, match="BLOB_ATTEMPTS \\(got 'three'\\)") as raised:
+        BlobSettings.load()
+    assert "hunter2" not in str(raised.value)
+    monkeypatch.setenv("BLOB_ATTEMPTS", "5")
+    settings = BlobSettings.load()
+    assert settings.attempts == 5 and settings.old_password.get_secret_value() == "hunter2-old"
+    assert "hunter2" not in repr(settings) and "hunter2" not in str(BlobSettings.describe())
