@@ -9,8 +9,8 @@ from psycopg_pool import ConnectionPool
 
 from migration_assets.blobs import store
 from migration_assets.blobs.credentials import SECRET_KEY_VARIABLE, CredentialsError, keyring, reencrypt
-from migration_assets.core.postgres import shared_pool
 from migration_assets.core.embedded import target_database_url
+from migration_assets.core.postgres import shared_pool
 from migration_assets.core.settings import SettingsError
 
 

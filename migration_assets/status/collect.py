@@ -132,7 +132,8 @@ def repos_status(conn: psycopg.Connection) -> PipelineStatus:
 
 
 def blobs_status(conn: psycopg.Connection) -> PipelineStatus:
-    counts = dict(conn.execute("SELECT status, count(*) FROM blob_migrations GROUP BY status").fetchall())
+    counts = dict(conn.execute(  # a superseded request lives on in the one that replaced it
+        "SELECT status, count(*) FROM blob_migrations WHERE status <> 'superseded' GROUP BY status").fetchall())
     per_hour = conn.execute(
         "SELECT count(*) FROM blob_migrations WHERE status = 'pending_prefs' AND updated_at > now() - interval '1 hour'"
     ).fetchone()[0]
@@ -142,7 +143,8 @@ def blobs_status(conn: psycopg.Connection) -> PipelineStatus:
     ).fetchone()[0]
     failed = """SELECT did, coalesce(error, 'BlobsFailed: ' || jsonb_array_length(progress_data->'failed_blobs')
                                 || ' blobs failed'), old_pds FROM blob_migrations
-                WHERE status = 'failed' OR jsonb_array_length(coalesce(progress_data->'failed_blobs', '[]')) > 0"""
+                WHERE status = 'failed' OR (status <> 'superseded'
+                      AND jsonb_array_length(coalesce(progress_data->'failed_blobs', '[]')) > 0)"""
     failure_count = conn.execute(f"SELECT count(*) FROM ({failed}) f").fetchone()[0]
     stuck = [f"{did} (no progress for {minutes:.0f} min)" for did, minutes in conn.execute(
         """SELECT did, (extract(epoch FROM now() - updated_at) / 60)::float8 FROM blob_migrations
