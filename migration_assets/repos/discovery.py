@@ -1,7 +1,7 @@
 """Discovery: page through `com.atproto.sync.listRepos` of a PDS or relay into the ledger.
 
 With a signal collection (REPO_SIGNAL_COLLECTION), a host that serves
-`com.atproto.sync.listReposByCollection` (a relay does; the reference PDS does not) is listed in two
+`com.atproto.sync.listReposByCollection` (a relay does; the reference PDS answers 401 AuthMissing) is listed in two
 phases: the repos having that collection enter the ledger, then listRepos marks the known ones whose
 head moved, without adding the others. A host that doesn't serve it is listed whole, and the backfill
 decides (a repo without a signal record is stored with none). The phase is kept in the cursor.
@@ -62,7 +62,9 @@ def _next(cursor: str | None, next_cursor: object, items: list) -> str | None:
 
 
 def is_not_served(exc: XrpcError) -> bool:
-    return exc.status in (404, 501) or exc.error in _NOT_SERVED
+    """The endpoint is public: a 401 means the host passed an unknown method on to its app view (the
+    reference PDS answers AuthMissing), like a 501 or 404 from others."""
+    return exc.status in (401, 404, 501) or exc.error in _NOT_SERVED
 
 
 def discover(
