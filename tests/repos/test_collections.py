@@ -5,21 +5,31 @@ signal collection keeps none."""
 
 import dagster as dg
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from migration_assets.atproto.cid import CID
+from migration_assets.atproto.mst import MstError
+from migration_assets.atproto import dagcbor
+from migration_assets.atproto.xrpc import XrpcClient
+from migration_assets.core.postgres import shared_pool
 from migration_assets.core.resources import PostgresResource
 from migration_assets.core.settings import SettingsError
-from migration_assets.repos.collections import CollectionFilter, CollectionPatternError
+from migration_assets.repos import ledger
+from migration_assets.repos.collections import CollectionFilter, CollectionPatternError, RecordScope
 from migration_assets.repos.discovery import BY_COLLECTION, KNOWN_ONLY, discover
 from migration_assets.repos.resources import RepoSourceResource
 from migration_assets.repos.sensors import repo_sync
-from migration_assets.atproto.xrpc import XrpcClient
 from migration_assets.repos.settings import RepoSettings
+from migration_assets.repos.snapshot import read_snapshot
+from migration_assets.repos.store import store_snapshot
+from tests.atproto.builders import build_mst, car_bytes, private_key, put, signed_commit
 from tests.atproto.loopback import LoopbackServer, Request, json_reply
 from tests.repos.conftest import handle
 from tests.repos.helpers import bucket_of_did, check_evaluations, ledger_row, run_bucket, stored_records, sync_dids
 
 POST, LIKE, PROFILE, OTHER = "app.bsky.feed.post", "app.bsky.feed.like", "app.bsky.actor.profile", "com.example.note"
 AT = "2026-12-04T10:00:00.000Z"
+KEY = private_key(ec.SECP256K1(), 0xF117E5)
 SOME_CID = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
 
 
@@ -171,3 +181,32 @@ def test_discovery_adds_only_repos_having_the_signal_where_the_host_serves_it(ta
     assert ledger_row(target, having)["status"] == "pending"
     assert ledger_row(target, lacking) == {}, "a repo without the signal collection entered the ledger"
     assert ledger_row(target, known)["status"] == "pending", "a known repo whose head moved is not due"
+
+
+def test_excluded_records_are_neither_staged_nor_decoded_but_the_whole_mst_is_walked(target_url):
+    records = {f"{POST}/3k{i:03d}": {"$type": POST, "text": f"{i}", "createdAt": AT} for i in range(3)}
+    records |= {f"{OTHER}/n{i}": {"$type": OTHER, "text": f"{i}"} for i in range(2)}
+    blocks: dict[CID, bytes] = {}
+    cids = {key: put(blocks, value) for key, value in records.items()}
+    broken = b"\xff not DAG-CBOR"  # an excluded record's block that would fail the repo if it were staged
+    del blocks[cids[f"{OTHER}/n0"]]
+    cids[f"{OTHER}/n0"] = CID.for_block(broken)
+    blocks[cids[f"{OTHER}/n0"]] = broken
+    commit_block = signed_commit(KEY, build_mst(cids, blocks), did="did:plc:filtered")
+    car = car_bytes([CID.for_block(commit_block)], [(CID.for_block(commit_block), commit_block), *blocks.items()])
+    scope = RecordScope(CollectionFilter.parse("app.bsky.feed.*"))
+
+    with read_snapshot("did:plc:filtered", [car], len(car), scope) as snapshot:
+        assert {row[0] for row in snapshot.blocks} == {bytes(cids[k]) for k in records if k.startswith(POST)}
+        assert (snapshot.records, dict(snapshot.collections)) == (3, {POST: 3})
+        with shared_pool(target_url).connection() as conn:
+            ledger.enqueue(conn, ["did:plc:filtered"], 256)
+            changes = store_snapshot(conn, snapshot, "https://pds.example")
+    assert changes.created == 3
+
+    # Filtered or not, the MST is walked: a missing node still fails the repo.
+    root = dagcbor.decode(commit_block)["data"]
+    del blocks[root]
+    car = car_bytes([CID.for_block(commit_block)], [(CID.for_block(commit_block), commit_block), *blocks.items()])
+    with pytest.raises(MstError):
+        read_snapshot("did:plc:filtered", [car], len(car), scope).close()
