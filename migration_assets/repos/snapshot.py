@@ -172,7 +172,8 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
 
 def _walk_kept(snapshot: RepoSnapshot, nodes: dict[CID, bytes]) -> set[bytes] | None:
     """Walk the whole MST, spooling the keys of the records the scope keeps. Returns the binary CIDs
-    of those records when the collection filter drops some (None: every record's block is wanted)."""
+    of those records when the collection filter drops some (None: every record's block is wanted); that
+    set, one CID per kept record, is the memory a filter costs."""
     collections, signal = snapshot.scope.collections, snapshot.scope.signal
     wanted: set[bytes] | None = None if collections.everything else set()
     snapshot.signal_missing = signal is not None

@@ -7,9 +7,9 @@ import dagster as dg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.mst import MstError
-from migration_assets.atproto import dagcbor
 from migration_assets.atproto.xrpc import XrpcClient
 from migration_assets.core.postgres import shared_pool
 from migration_assets.core.resources import PostgresResource
