@@ -161,7 +161,7 @@ class RepoSyncer:
         client = self.client_for(pds)
         with self._downloads, client.stream("com.atproto.sync.getRepo", {"did": did}) as response:
             chunks = _within(response.iter_bytes(), self.settings.fetch_timeout_seconds, did, pds)
-            return read_snapshot(did, chunks, self.settings.max_car_bytes)
+            return read_snapshot(did, chunks, self.settings.max_car_bytes, self.settings.scope)
 
 
 class FetchTimeout(Exception):

@@ -10,7 +10,7 @@ from migration_assets.core.resources import PostgresResource
 from migration_assets.repos import ledger
 from migration_assets.repos.assets import REPOS
 from migration_assets.repos.buckets import bucket_key
-from migration_assets.repos.discovery import discover
+from migration_assets.repos.discovery import discover, mark_out_of_scope
 from migration_assets.repos.resources import HostClients, RepoSourceResource
 from migration_assets.repos.settings import RepoSettings
 
@@ -25,7 +25,7 @@ SYNC_TAG = "migration-assets/repo-sync"
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Lists repos of REPO_DISCOVERY_HOSTS for up to REPO_SENSOR_TICK_SECONDS per tick (cursor kept "
     "across ticks), marks new repos and repos whose head moved as due, and runs each bucket that has due "
-    "repos (incl. retries).",
+    "repos (incl. retries); repos stored under another REPO_COLLECTIONS / REPO_SIGNAL_COLLECTION become due.",
 )
 def repo_sync(
     context: dg.SensorEvaluationContext, postgres: PostgresResource, repo_source: RepoSourceResource
@@ -37,6 +37,9 @@ def repo_sync(
         with postgres.connection() as conn:
             list_hosts(context, conn, clients, settings, cursors)
             conn.commit()
+            if widened := mark_out_of_scope(conn, settings.scope):
+                context.log.info(f"{widened} repos stored under another REPO_COLLECTIONS / REPO_SIGNAL_COLLECTION "
+                                 f"are due again (now {settings.scope.key})")
             due = ledger.due_buckets(conn)
     finally:
         clients.close()
@@ -62,7 +65,8 @@ def list_hosts(context: dg.SensorEvaluationContext, conn: psycopg.Connection, cl
         now = time.monotonic()
         deadline = now + (end - now) / (len(hosts) - index)
         try:
-            progress = discover(conn, clients(host), settings.buckets, cursors.get(host), deadline)
+            progress = discover(conn, clients(host), settings.buckets, cursors.get(host), deadline,
+                                signal=settings.signal_collection)
         except Exception as exc:  # noqa: BLE001 - one dead host must not stop the others' sync
             context.log.warning(f"listRepos of {host} failed, will try again next tick: {exc}")
             continue

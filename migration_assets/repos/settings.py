@@ -3,7 +3,9 @@
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from migration_assets.atproto.mst import is_valid_nsid
 from migration_assets.core.settings import CommaList, EnvBool, EnvSettings
+from migration_assets.repos.collections import CollectionFilter, RecordScope
 
 
 class RepoSettings(EnvSettings):
@@ -25,6 +27,29 @@ class RepoSettings(EnvSettings):
     sync_interval_seconds: int = Field(default=60, ge=1, description="repo_sync sensor interval")
     sensor_tick_seconds: float = Field(
         default=30.0, gt=0, description="time a repo_sync tick spends paging listRepos; the next tick goes on from there")
+    collections: CommaList = Field(
+        default_factory=list, description="comma-separated NSIDs of the collections to store, `*` wildcards "
+        "(`app.bsky.feed.*`); unset: all. Widening it backfills the newly included collections")
+    signal_collection: str | None = Field(
+        default=None, description="track only repos with at least one record in this collection (NSID); "
+        "the others are kept in the ledger with no records")
+
+    @field_validator("collections")
+    @classmethod
+    def _valid_patterns(cls, patterns: list[str]) -> list[str]:
+        return list(CollectionFilter.parse(patterns).patterns)
+
+    @field_validator("signal_collection")
+    @classmethod
+    def _valid_signal(cls, nsid: str | None) -> str | None:
+        if nsid is not None and not is_valid_nsid(nsid.strip()):
+            raise ValueError("must be one collection NSID, e.g. app.bsky.actor.profile (no wildcards)")
+        return nsid.strip() if nsid else None
+
+    @property
+    def scope(self) -> RecordScope:
+        """The collection filter and signal collection that stored records are made under."""
+        return RecordScope(CollectionFilter(tuple(self.collections)), self.signal_collection)
 
     @field_validator("discovery_hosts")
     @classmethod

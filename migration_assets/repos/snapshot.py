@@ -8,6 +8,11 @@ the records that jsonb cannot hold). The MST walk then appends each record's key
 file. Storing
 (store.py) COPYs both into PostgreSQL and diffs there. Blocks may come in any order, so nothing can be
 stored before the CAR ends, and disk is where the rest of it waits.
+
+Under a collection filter or a signal collection (RecordScope), which records to keep is known only
+after the walk: blocks are then spooled raw, and only the kept records' blocks are turned into JSON
+and staged, so excluded records cost neither that nor anything in PostgreSQL. The MST is still walked
+(and so verified) whole.
 """
 
 import json
@@ -25,6 +30,7 @@ from migration_assets.atproto.errors import AtprotoFormatError
 from migration_assets.atproto.mst import Commit, parse_commit, walk_records
 from migration_assets.atproto.repo import collect_repo_blocks
 from migration_assets.atproto.signature import verify_commit
+from migration_assets.repos.collections import RecordScope
 
 _BATCH = 1000  # rows per marshal record in a spool file
 _JSON_NUL = "\\u0000"  # how json writes U+0000, which jsonb refuses
@@ -71,8 +77,10 @@ class RepoSnapshot:
     commit_block: bytes
     car_bytes: int
     blocks: Spool = field(repr=False)  # (binary CID, record JSON or None, why not, exact block or None)
-    keys: Spool = field(repr=False)  # (collection, rkey, CID, binary CID) in key order
-    collections: Counter = field(default_factory=Counter)
+    keys: Spool = field(repr=False)  # (collection, rkey, CID, binary CID) in key order, of kept records
+    collections: Counter = field(default_factory=Counter)  # kept records per collection
+    scope: RecordScope = RecordScope()
+    signal_missing: bool = False  # a signal collection is set and the repo has no record in it: none kept
 
     @property
     def records(self) -> int:
@@ -102,7 +110,7 @@ class _Counting:
             yield chunk
 
 
-def _staged(cid: CID, block: bytes) -> tuple[bytes, str | None, str | None, bytes | None]:
+def _staged(link: bytes, block: bytes) -> tuple[bytes, str | None, str | None, bytes | None]:
     """A block's spool row, keyed by the binary CID (the text form is only needed for the records
     written, and it costs far more). A block that is not DAG-CBOR fails the repo only if a record needs it.
 
@@ -111,12 +119,12 @@ def _staged(cid: CID, block: bytes) -> tuple[bytes, str | None, str | None, byte
     try:
         text = dagcbor.to_json_text(block)
     except AtprotoFormatError as exc:
-        return bytes(cid), None, str(exc), None
+        return link, None, str(exc), None
     if _JSON_NUL in text:  # or a literal backslash before "u0000": then nothing changes below
         readable = _JSON.encode(_without_nul(json.loads(text)))
         if readable != text:
-            return bytes(cid), readable, None, bytes(block)
-    return bytes(cid), text, None, None
+            return link, readable, None, bytes(block)
+    return link, text, None, None
 
 
 def _without_nul(value: object) -> object:
@@ -129,31 +137,72 @@ def _without_nul(value: object) -> object:
     return value
 
 
-def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int) -> RepoSnapshot:
-    """Parse a getRepo CAR stream. Raises CarError / CommitError / MstError on a bad export."""
+def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: RecordScope = RecordScope()) -> RepoSnapshot:
+    """Parse a getRepo CAR stream, keeping the records `scope` selects. Raises CarError / CommitError /
+    MstError on a bad export."""
     counted = _Counting(chunks)
     reader = CarReader(counted, max_size=max_bytes)
     head = reader.roots[0]
     blocks, keys = Spool(), Spool()
+    raw = Spool() if scope != RecordScope() else None  # selective: stage only kept records, after the walk
     try:
-        found = collect_repo_blocks(reader, head, lambda cid, block: blocks.append(_staged(cid, block)))
+        if raw is None:
+            found = collect_repo_blocks(reader, head, lambda cid, block: blocks.append(_staged(bytes(cid), block)))
+        else:
+            found = collect_repo_blocks(reader, head, lambda cid, block: raw.append((bytes(cid), bytes(block))))
         nodes, commit_block = found.nodes, found.commit_block
         if commit_block is None:
             raise CarError(f"the CAR's root (commit {head}) is not among its blocks; the export is incomplete")
         commit = parse_commit(commit_block)
         if commit.did != did:
             raise CarError(f"the CAR's commit is for {commit.did}, not {did}; the PDS served another repo")
-        snapshot = RepoSnapshot(did, head, commit, commit_block, counted.total, blocks, keys)
-        for collection, rkey, cid in walk_records(nodes, commit.data):
-            keys.append((collection, rkey, str(cid), bytes(cid)))
-            snapshot.collections[collection] += 1
-            if cid in nodes:  # a block that is both a reached node and a record: stage it after all
-                blocks.append(_staged(cid, nodes[cid]))
+        snapshot = RepoSnapshot(did, head, commit, commit_block, counted.total, blocks, keys, scope=scope)
+        wanted = _walk_kept(snapshot, nodes)
+        if raw is not None:
+            _stage_kept(snapshot, raw, wanted)
         return snapshot
     except BaseException:
         blocks.close()
         keys.close()
         raise
+    finally:
+        if raw is not None:
+            raw.close()
+
+
+def _walk_kept(snapshot: RepoSnapshot, nodes: dict[CID, bytes]) -> set[bytes] | None:
+    """Walk the whole MST, spooling the keys of the records the scope keeps. Returns the binary CIDs
+    of those records when the collection filter drops some (None: every record's block is wanted); that
+    set, one CID per kept record, is the memory a filter costs."""
+    collections, signal = snapshot.scope.collections, snapshot.scope.signal
+    wanted: set[bytes] | None = None if collections.everything else set()
+    snapshot.signal_missing = signal is not None
+    for collection, rkey, cid in walk_records(nodes, snapshot.commit.data):
+        if collection == signal:
+            snapshot.signal_missing = False
+        if not collections.matches(collection):
+            continue
+        link = bytes(cid)
+        snapshot.keys.append((collection, rkey, str(cid), link))
+        snapshot.collections[collection] += 1
+        if wanted is not None:
+            wanted.add(link)
+        if cid in nodes:  # a block that is both a reached node and a record: stage it after all
+            snapshot.blocks.append(_staged(link, nodes[cid]))
+    return wanted
+
+
+def _stage_kept(snapshot: RepoSnapshot, raw: Spool, wanted: set[bytes] | None) -> None:
+    """Stage the kept records' blocks from the raw spool; a repo without its signal keeps none."""
+    if snapshot.signal_missing:
+        snapshot.keys.close()
+        snapshot.blocks.close()
+        snapshot.keys, snapshot.blocks = Spool(), Spool()
+        snapshot.collections.clear()
+        return
+    for link, block in raw:
+        if wanted is None or link in wanted:
+            snapshot.blocks.append(_staged(link, block))
 
 
 def verify_snapshot(snapshot: RepoSnapshot, signing_key: str) -> None:

@@ -2,7 +2,9 @@
 ledger update, in one transaction (a crash leaves the repo either fully at the old rev or the new).
 
 The snapshot's spooled blocks and keys are COPYed into two temp tables and the diff is one set-based
-statement, so memory stays flat however big the repo; unchanged records are not written."""
+statement, so memory stays flat however big the repo; unchanged records are not written. Records the
+snapshot's collection filter left out are not among its keys, so a narrowed filter deletes them here
+like any record gone from the MST; the filter is recorded with the repo (`collections_filter`)."""
 
 from dataclasses import dataclass
 from datetime import datetime
@@ -82,6 +84,8 @@ def store_snapshot(conn: psycopg.Connection, snapshot: RepoSnapshot, pds: str) -
         with conn.pipeline():
             _write_counts(cur, snapshot)
             ledger.finish_synced(cur, snapshot.did, pds, str(snapshot.head), snapshot.commit.rev, snapshot.records)
+            cur.execute("UPDATE repos SET collections_filter = %s, signal_missing = %s WHERE did = %s",
+                        (snapshot.scope.key, snapshot.signal_missing, snapshot.did))
     return RecordChanges(created, updated, deleted, snapshot.records - created - updated)
 
 
