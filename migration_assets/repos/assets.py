@@ -8,7 +8,7 @@ from migration_assets.core.resources import PostgresResource
 from migration_assets.repos import checks, ledger
 from migration_assets.repos.backfill import BackfillReport, RepoOutcome, backfill_buckets
 from migration_assets.repos.buckets import parse_bucket_key
-from migration_assets.repos.discovery import discover
+from migration_assets.repos.discovery import discover, mark_out_of_scope
 from migration_assets.repos.partitions import repo_buckets
 from migration_assets.repos.resources import RepoSourceResource
 
@@ -48,11 +48,13 @@ def repo_ledger(
     try:
         with postgres.connection() as conn:
             for host in hosts:
-                progress = discover(conn, clients(host), settings.buckets)
+                progress = discover(conn, clients(host), settings.buckets, signal=settings.signal_collection)
                 context.log.info(f"{host}: {progress.listed} repos listed in {progress.pages} pages, "
                                  f"{progress.new} new, {progress.due} due again")
                 per_host.append(progress)
             explicit = ledger.request_sync(conn, config.dids, settings.buckets) if config.dids else 0
+            while mark_out_of_scope(conn, settings.scope):  # a changed collection filter: those repos are due again
+                pass
             conn.commit()
             totals = status_counts(conn)
     finally:
