@@ -68,7 +68,7 @@ def test_demo_serves_every_pipeline_and_stops_cleanly(tmp_path):
         assert len(atproto["repo_dids"]) == 2 and len(atproto["blob_migration_dids"]) == 1
         assert len(partitions["files/copied_files"]) == 4  # ids 1-300 in ranges of 100 aligned at 0
         servers = json.loads((stack.data_dir / SERVERS_FILE).read_text())
-        assert {"dynalite", "moto S3", "atproto-network", "dagster dev"} <= set(servers), servers
+        assert {"dynalite", "SeaweedFS S3", "atproto-network", "dagster dev"} <= set(servers), servers
 
         # What must be gone afterwards, seen running first (so the checks below can fail).
         running = processes()

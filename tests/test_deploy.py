@@ -388,16 +388,10 @@ def package_sources() -> str:
 
 @cache
 def settings_variables() -> frozenset[str]:
-    """Every variable a settings model reads (`EnvSettings` subclasses of every pipeline)."""
-    import migration_assets.definitions  # noqa: F401  (imports every pipeline's settings)
-    from migration_assets.core.settings import EnvSettings
+    """Every variable the project's settings models read (the models README's table is made from)."""
+    from migration_assets.core.settings_table import settings_models
 
-    models, todo = set(), [EnvSettings]
-    while todo:
-        for model in todo.pop().__subclasses__():
-            models.add(model)
-            todo.append(model)
-    return frozenset(name for model in models for name, _, _ in model.describe())
+    return frozenset(name for model in settings_models() for name, _, _ in model.describe())
 
 
 def reads_variable(sources: str, name: str) -> bool:

@@ -2,7 +2,7 @@
 
 Embedded PostgreSQL (target and Dagster storage); a dynalite DynamoDB-API server seeded with a
 sample chain (reorgs, skipped blocks), its block ranges registered as partitions; a local S3-API server
-(moto) and sample files listed in `source_files`, their ranges registered; a PLC directory and
+(SeaweedFS) and sample files listed in `source_files`, their ranges registered; a PLC directory and
 two reference PDSes with accounts to backfill and accounts whose blobs wait to move; then `dagster dev`
 (webserver and daemon) on the project's workspace, with the AT Protocol sensors turned on.
 """

@@ -87,7 +87,7 @@ def test_failures_are_grouped_by_kind_and_host_with_counts_and_one_example(targe
                        "WHERE did = ANY(%s)", (pds, transport))
         target.execute("UPDATE repos SET status = 'error', last_error = 'unexpected' WHERE did = %s", (plc_did(30),))
 
-    repos = repos_status(target, stale_minutes=30)
+    repos = repos_status(target)
     assert repos.failure_count == 19
     assert [(g.count, g.kind, g.host) for g in repos.failures] == [
         (15, "DidResolutionFailed", "127.0.0.1:2582"), (3, "TransportFailure", "127.0.0.1:2583"), (1, "error", ""),
@@ -120,7 +120,7 @@ def test_blob_and_file_failures_are_grouped_too(target):
     blobs = blobs_status(target)
     assert (blobs.failure_count, [(g.count, g.kind, g.host) for g in blobs.failures]) == (
         4, [(4, "AuthRequired", "old.example")])
-    files = files_status(target, stale_minutes=30)
+    files = files_status(target)
     assert [(g.count, g.kind, g.example) for g in files.failures] == [
         (2, "source file missing", "file 1 a/1"), (1, "error", "file 3 a/3")]
 
