@@ -8,15 +8,16 @@ from migration_assets.chain.events import EventRangeRequest, EventRangeResult, M
 from migration_assets.chain.partitions import block_ranges, event_ranges
 from migration_assets.chain.ranges import parse_range_key
 from migration_assets.chain.resources import ChainSourceResource
-from migration_assets.core.dagster_glue import check_result, check_specs
+from migration_assets.core.dagster_glue import check_result, check_specs, step_retry_policy
 from migration_assets.core.resources import PostgresResource
 
 BLOCK_METADATA = dg.AssetKey(["chain", "block_metadata"])
 BLOCK_EVENTS = dg.AssetKey(["chain", "block_events"])
 SYNC_TAG = "migration-assets/sync"  # runs requested by the continuous-sync sensor
 MISSING_BLOCK_HEIGHTS = "missing_block_heights"  # [first, last] on an event range's failure
-SYNC_RETRY_SECONDS = 30  # a synced event run waits this much longer at each retry for its blocks
-SYNC_RETRIES = 5
+# Continuous sync launches a range's block and event runs together: a synced event run whose blocks
+# have not landed yet is retried (within 30 s, 90 s, 210 s, ...: full jitter) instead of failing.
+SYNC_RETRY = step_retry_policy(max_retries=5, base_seconds=30)
 
 _BLOCK_CHECKS = {
     checks.CHECK_BLOCK_COUNT: "block_metadata rows per height = distinct blocks in the source",
@@ -121,6 +122,7 @@ def event_range_metadata(result: EventRangeResult) -> dict:
     group_name="chain",
     kinds={"dynamodb", "postgres"},
     pool="chain_dynamodb",
+    retry_policy=SYNC_RETRY,
     description="Events with ids in the range from DynamoDB into block_events, each tied to its block.",
 )
 def block_events(
@@ -143,13 +145,14 @@ def block_events(
         result = migrate_event_range(request, postgres.pool(), on_progress=progress)
     except MissingBlocksError as error:
         if SYNC_TAG in context.run.tags:
-            # Continuous sync launches block and event runs together: give the blocks time to land.
-            wait = SYNC_RETRY_SECONDS * (context.retry_number + 1)
-            raise dg.RetryRequested(max_retries=SYNC_RETRIES, seconds_to_wait=wait) from error
+            raise  # SYNC_RETRY: the blocks' own run is on its way
         raise dg.Failure(
-            description=str(error),
+            description=str(error), allow_retries=False,
             metadata={MISSING_BLOCK_HEIGHTS: dg.MetadataValue.json([min(error.heights), max(error.heights)])},
         ) from error
+    except Exception as error:
+        # Only missing blocks come right by waiting; anything else fails now, naming its cause.
+        raise dg.Failure(description=f"{type(error).__name__}: {error}", allow_retries=False) from error
     return dg.MaterializeResult(
         metadata=event_range_metadata(result),
         check_results=[check_result(outcome) for outcome in result.checks],

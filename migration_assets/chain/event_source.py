@@ -5,21 +5,23 @@ Two layouts: event tag 0 (legacy) keys events by a numeric `event_id`, with a wa
 with a watermark "{tag}-latest" whose `sequence` is the max event id. Ids start at 1, contiguous.
 """
 
-import random
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from migration_assets.chain.source import SourceDataError, naming_missing_table, plain
+from migration_assets.chain.items import ItemReader
+from migration_assets.chain.source import naming_missing_table
 from migration_assets.core.aws import DynamoClientSpec, cached_client
+from migration_assets.core.backoff import Backoff
 from migration_assets.core.concurrency import ordered_map, ordered_map_in_processes
 
 BATCH_GET_LIMIT = 100  # keys per BatchGetItem call
+EVENT_KEY = ("event_id",)
+UNPROCESSED_BACKOFF = Backoff(base=0.05, cap=2.0)  # waits before re-asking for UnprocessedKeys
 
 
 class EventType(str, Enum):
@@ -60,8 +62,9 @@ class EventLayout:
     def watermark_key(self) -> dict[str, Any]:
         return {"event_id": {"N": "-1"}} if self.legacy else {"event_id": {"S": f"{self.event_tag}-latest"}}
 
-    def watermark_value(self, item: dict[str, Any]) -> int:
-        return int(plain(item["max_event_id" if self.legacy else "sequence"]))
+    @property
+    def watermark_attribute(self) -> str:
+        return "max_event_id" if self.legacy else "sequence"
 
     def height_index(self, height: int) -> tuple[str, str, dict[str, Any]]:
         """(index name, key attribute, key value) of the GSI that finds a height's events."""
@@ -70,43 +73,44 @@ class EventLayout:
         return "block_id_index", "block_id", {"S": f"{self.event_tag}-{height}"}
 
 
-def parse_event_item(layout: EventLayout, item: dict[str, Any]) -> EventItem:
-    attrs = {name: plain(value) for name, value in item.items()}
-    event_id = attrs.get("event_id")
-    try:
-        skipped = bool(attrs.get("skipped", False))
-        event = EventItem(
-            event_tag=attrs.get("event_tag", layout.event_tag),
-            sequence=attrs["sequence"],
-            type=_EVENT_TYPES[int(attrs["type"])],
-            height=attrs["height"],
-            hash=None if skipped else (attrs.get("hash") or None),
-            parent_hash=attrs.get("parent_hash") or "",
-            block_tag=attrs["tag"],
-            skipped=skipped,
-        )
-    except KeyError as error:
-        raise SourceDataError(f"malformed event item {event_id}: missing or unknown {error}") from error
-    except ValidationError as error:
-        raise SourceDataError(f"malformed event item {event_id}: {error}") from error
+def parse_event_item(layout: EventLayout, item: dict[str, Any], table: str = "the event table") -> EventItem:
+    """An event from a raw DynamoDB item; SourceDataError names a malformed one."""
+    attrs = ItemReader(table, "event", item, EVENT_KEY)
+    skipped = attrs.flag("skipped", default=False)
+    type_code = attrs.integer("type")
+    if type_code not in _EVENT_TYPES:
+        raise attrs.malformed(f"attribute 'type' must be 0, 1 or 2, got {type_code}")
+    event = EventItem(
+        event_tag=attrs.integer("event_tag", default=layout.event_tag),
+        sequence=attrs.integer("sequence"),
+        type=_EVENT_TYPES[type_code],
+        height=attrs.integer("height"),
+        hash=None if skipped else (attrs.text("hash", default="") or None),
+        parent_hash=attrs.text("parent_hash", default=""),
+        block_tag=attrs.integer("tag"),
+        skipped=skipped,
+    )
     if event.event_tag != layout.event_tag:
-        raise SourceDataError(f"event item {event_id} has event_tag {event.event_tag}, expected {layout.event_tag}")
+        raise attrs.malformed(f"attribute 'event_tag' is {event.event_tag}, expected {layout.event_tag}")
+    if item.get("event_id") != layout.key(event.sequence)["event_id"]:
+        raise attrs.malformed(f"attribute 'sequence' is {event.sequence}, which is not the item's key")
     if not event.skipped and not event.hash:
-        raise SourceDataError(f"malformed event item {event_id}: block not skipped but has no hash")
+        raise attrs.malformed("block not skipped but has no hash")
     return event
 
 
 def batch_get(client: Any, table: str, keys: list[dict[str, Any]], max_attempts: int = 12) -> list[dict[str, Any]]:
-    """BatchGetItem of up to 100 keys, retrying `UnprocessedKeys` with jittered exponential backoff."""
+    """BatchGetItem of up to 100 keys, retrying `UnprocessedKeys` with the project's backoff."""
     items: list[dict[str, Any]] = []
     request = {table: {"Keys": keys, "ConsistentRead": True}}
-    for attempt in range(max_attempts):
+    for attempt in range(1, max_attempts + 1):
         reply = client.batch_get_item(RequestItems=request)
         items.extend(reply.get("Responses", {}).get(table, []))
         request = reply.get("UnprocessedKeys") or {}
         if not request:
             return items
-        time.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))
+        if attempt < max_attempts:
+            UNPROCESSED_BACKOFF.sleep(attempt)
     left = len(request[table]["Keys"])
     raise RuntimeError(f"{table}: {left} keys still unprocessed after {max_attempts} BatchGetItem attempts; "
                        "the table is throttled: lower read_concurrency or raise its capacity, then re-run")
@@ -114,7 +118,7 @@ def batch_get(client: Any, table: str, keys: list[dict[str, Any]], max_attempts:
 
 def _fetch_events(client: Any, table: str, layout: EventLayout, end: int, first: int) -> list[EventItem]:
     keys = [layout.key(seq) for seq in range(first, min(first + BATCH_GET_LIMIT, end))]
-    events = [parse_event_item(layout, item) for item in batch_get(client, table, keys)]
+    events = [parse_event_item(layout, item, table) for item in batch_get(client, table, keys)]
     return sorted(events, key=lambda e: e.sequence)
 
 
@@ -150,7 +154,9 @@ def max_event_id(client: Any, table: str, layout: EventLayout) -> int | None:
     """The event watermark, or None when the table has none yet."""
     with naming_missing_table(client, table, "CHAIN_EVENT_TABLE"):
         item = client.get_item(TableName=table, Key=layout.watermark_key(), ConsistentRead=True).get("Item")
-    return None if item is None else layout.watermark_value(item)
+    if item is None:
+        return None
+    return ItemReader(table, "watermark", item, EVENT_KEY).integer(layout.watermark_attribute)
 
 
 def event_ids_at_height(client: Any, table: str, layout: EventLayout, height: int) -> list[int]:
@@ -160,12 +166,14 @@ def event_ids_at_height(client: Any, table: str, layout: EventLayout, height: in
         "TableName": table, "IndexName": index,
         "KeyConditionExpression": f"{attribute} = :value",
         "ExpressionAttributeValues": {":value": value},
-        "ProjectionExpression": "#seq", "ExpressionAttributeNames": {"#seq": "sequence"},
+        "ProjectionExpression": "event_id, #seq", "ExpressionAttributeNames": {"#seq": "sequence"},
     }
     ids: list[int] = []
     while True:
         page = client.query(**request)
-        ids += [int(plain(item["sequence"])) for item in page.get("Items", []) if "sequence" in item]
+        # The legacy watermark (event_id -1) sits at height 0 without a sequence: not an event.
+        ids += [ItemReader(table, "event", item, EVENT_KEY).integer("sequence")
+                for item in page.get("Items", []) if "sequence" in item]
         if not page.get("LastEvaluatedKey"):
             return sorted(ids)
         request["ExclusiveStartKey"] = page["LastEvaluatedKey"]

@@ -6,38 +6,36 @@ from typing import Any
 from dagster_aws.utils import ResourceWithBoto3Configuration
 from pydantic import Field, PrivateAttr
 
+from migration_assets.chain.settings import ChainSettings
 from migration_assets.core.aws import DynamoClientSpec
-from migration_assets.core.settings import ChainSettings
+
+# Resource fields whose defaults are the CHAIN_* settings of the same name.
+_FROM_SETTINGS = ("block_table", "block_tag", "event_table", "event_tag", "read_concurrency", "read_processes")
 
 
 class ChainSourceResource(ResourceWithBoto3Configuration):
-    """chainstorage's DynamoDB tables. Unset fields come from the environment (CHAIN_*, AWS_*):
-    `endpoint_url` from AWS_ENDPOINT_URL_DYNAMODB, credentials from the standard AWS chain."""
+    """chainstorage's DynamoDB tables. A field left unset takes its CHAIN_* value when the resource is
+    built, so the UI shows the configuration runs will use; `endpoint_url` comes from
+    AWS_ENDPOINT_URL_DYNAMODB, credentials from the standard AWS chain."""
 
-    block_table: str | None = Field(default=None, description="defaults to CHAIN_BLOCK_TABLE")
-    block_tag: int | None = Field(default=None, description="defaults to CHAIN_BLOCK_TAG (1)")
-    event_table: str | None = Field(default=None, description="defaults to CHAIN_EVENT_TABLE")
-    event_tag: int | None = Field(default=None, description="defaults to CHAIN_EVENT_TAG (0)")
-    read_concurrency: int = Field(default=16, description="DynamoDB requests in flight per run")
-    read_processes: int = Field(
-        default=2,
-        description="worker processes reading blocks and events; botocore spends ~1 ms of CPU per request, "
-        "so at low latency one process's threads are CPU-bound. 1 reads in threads only.",
-    )
-    max_attempts: int = 10
+    block_table: str = Field(description="DynamoDB block table (CHAIN_BLOCK_TABLE)")
+    block_tag: int = Field(description="block tag to migrate (CHAIN_BLOCK_TAG)")
+    event_table: str = Field(description="DynamoDB event table of the event tag (CHAIN_EVENT_TABLE)")
+    event_tag: int = Field(description="event tag to migrate, 0: legacy layout (CHAIN_EVENT_TAG)")
+    read_concurrency: int = Field(description="DynamoDB requests in flight per run (CHAIN_READ_CONCURRENCY)")
+    read_processes: int = Field(description="worker processes reading; 1 reads in threads only (CHAIN_READ_PROCESSES)")
+    max_attempts: int = Field(default=10, description="botocore attempts per DynamoDB request")
     _client: Any = PrivateAttr(default=None)
+
+    def __init__(self, **config: Any):
+        env = ChainSettings.load()
+        given = {name: value for name, value in config.items() if value is not None}
+        super().__init__(**{name: getattr(env, name) for name in _FROM_SETTINGS} | given)
 
     @cached_property
     def settings(self) -> ChainSettings:
-        env = ChainSettings.from_env()
-        return env.model_copy(
-            update={
-                "block_table": self.block_table or env.block_table,
-                "block_tag": env.block_tag if self.block_tag is None else self.block_tag,
-                "event_table": self.event_table or env.event_table,
-                "event_tag": env.event_tag if self.event_tag is None else self.event_tag,
-            }
-        )
+        """The CHAIN_* settings with this resource's values in their place (validated alike)."""
+        return ChainSettings.load(**{name: getattr(self, name) for name in _FROM_SETTINGS})
 
     def client_spec(self) -> DynamoClientSpec:
         return DynamoClientSpec(

@@ -10,9 +10,10 @@ from migration_assets.chain.assets import BLOCK_EVENTS, BLOCK_METADATA, SYNC_TAG
 from migration_assets.chain.event_source import EventLayout, max_event_id
 from migration_assets.chain.partitions import block_ranges, event_ranges
 from migration_assets.chain.resources import ChainSourceResource
+from migration_assets.chain.settings import ChainSettings
 from migration_assets.chain.source import SourceTableMissing, latest_block
 from migration_assets.chain.sync import StreamPlan, SyncCursor, plan_stream
-from migration_assets.core.settings import ChainSettings
+from migration_assets.core.settings import settings_of
 
 REORG_MARGIN_HEIGHTS = 64
 MAX_NEW_RANGES_PER_TICK = 100
@@ -40,7 +41,7 @@ def _requests(plan: StreamPlan, asset: dg.AssetKey) -> list[dg.RunRequest]:
 
 @dg.sensor(
     name="chain_sync",
-    minimum_interval_seconds=ChainSettings.from_env().sync_interval_seconds,
+    minimum_interval_seconds=settings_of(ChainSettings).sync_interval_seconds,
     asset_selection=[BLOCK_METADATA, BLOCK_EVENTS],
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Keeps PostgreSQL in sync with the chain: new ranges as partitions, runs for completed "

@@ -9,13 +9,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
+
+from migration_assets.chain.items import ItemReader, SourceDataError
 
 CANONICAL_RID = "canonical"
-
-
-class SourceDataError(Exception):
-    """The source holds data that cannot be migrated as it is; the message names the item."""
+BLOCK_KEY = ("block_pid", "block_rid")
 
 
 class MultipleCanonicalError(SourceDataError):
@@ -53,58 +52,41 @@ class HeightBlocks:
         return len(self.blocks) - (1 if self.canonical else 0)
 
 
-def plain(value: dict[str, Any]) -> Any:
-    """A DynamoDB attribute value ({"S": ...}, {"N": ...}, {"BOOL": ...}, {"NULL": true}) as Python."""
-    (kind, raw), = value.items()
-    if kind == "N":
-        return int(raw) if raw.lstrip("-").isdigit() else float(raw)
-    if kind == "NULL":
-        return None
-    return raw
-
-
-def parse_block_item(item: dict[str, Any]) -> tuple[str, BlockItem]:
+def parse_block_item(item: dict[str, Any], table: str = "the block table") -> tuple[str, BlockItem]:
     """(block_rid, block) from a raw DynamoDB item; SourceDataError names a malformed one."""
-    attrs = {name: plain(value) for name, value in item.items()}
-    pid, rid = attrs.get("block_pid"), attrs.get("block_rid")
-    skipped = bool(attrs.get("skipped", False))
-    block_hash = attrs.get("block_hash") or None
-    try:
-        block = BlockItem(
-            tag=attrs["tag"],
-            height=attrs["height"],
-            hash=None if skipped else block_hash,
-            parent_hash=attrs.get("parent_hash") or "",
-            parent_height=attrs.get("parent_height") or 0,
-            object_key_main=attrs.get("object_key_main") or "",
-            timestamp=attrs.get("timestamp") or 0,
-            skipped=skipped,
-        )
-    except KeyError as error:
-        raise SourceDataError(f"malformed block item {pid}/{rid}: missing attribute {error}") from error
-    except ValidationError as error:
-        raise SourceDataError(f"malformed block item {pid}/{rid}: {error}") from error
+    attrs = ItemReader(table, "block", item, BLOCK_KEY)
+    skipped = attrs.flag("skipped", default=False)
+    block = BlockItem(
+        tag=attrs.integer("tag"),
+        height=attrs.integer("height"),
+        hash=None if skipped else (attrs.text("block_hash", default="") or None),
+        parent_hash=attrs.text("parent_hash", default=""),
+        parent_height=attrs.integer("parent_height", default=0),
+        object_key_main=attrs.text("object_key_main", default=""),
+        timestamp=attrs.integer("timestamp", default=0),
+        skipped=skipped,
+    )
     if not skipped and not block.hash:
-        raise SourceDataError(f"malformed block item {pid}/{rid}: not skipped but has no block_hash")
-    return str(rid), block
+        raise attrs.malformed("not skipped but has no block_hash")
+    return attrs.text("block_rid"), block
 
 
-def order_height(tag: int, height: int, items: list[dict[str, Any]]) -> HeightBlocks:
+def order_height(tag: int, height: int, items: list[dict[str, Any]], table: str = "the block table") -> HeightBlocks:
     """Classify one height's items: the canonical copy last, each other distinct block once before it."""
     canonical: list[BlockItem] = []
     others: dict[tuple[str, str | int], BlockItem] = {}
     for item in items:
-        rid, block = parse_block_item(item)
+        rid, block = parse_block_item(item, table)
         if block.height != height or block.tag != tag:
             raise SourceDataError(
-                f"block item {tag}-{height}/{rid} says tag {block.tag} height {block.height}"
+                f"block item {tag}-{height}/{rid} in table {table} says tag {block.tag} height {block.height}"
             )
         if rid == CANONICAL_RID:
             canonical.append(block)
         else:
             others.setdefault(block.identity, block)
     if len(canonical) > 1:
-        raise MultipleCanonicalError(f"multiple canonical blocks found for {tag}-{height}")
+        raise MultipleCanonicalError(f"multiple canonical blocks found for {tag}-{height} in table {table}")
     winner = canonical[0] if canonical else None
     if winner is not None:
         others.pop(winner.identity, None)  # the canonical copy stands for its own hash item
@@ -131,7 +113,7 @@ def query_height_items(client: Any, table: str, tag: int, height: int) -> list[d
 
 
 def read_height(client: Any, table: str, tag: int, height: int) -> HeightBlocks:
-    return order_height(tag, height, query_height_items(client, table, tag, height))
+    return order_height(tag, height, query_height_items(client, table, tag, height), table)
 
 
 class SourceTableMissing(SourceDataError):
@@ -159,7 +141,10 @@ def latest_block(client: Any, table: str, tag: int) -> tuple[int, str] | None:
             ConsistentRead=True,
         )
     item = reply.get("Item")
-    return None if item is None else (int(plain(item["height"])), str(plain(item.get("block_hash", {"S": ""}))))
+    if item is None:
+        return None
+    attrs = ItemReader(table, "watermark", item, BLOCK_KEY)
+    return attrs.integer("height"), attrs.text("block_hash", default="")
 
 
 def latest_height(client: Any, table: str, tag: int) -> int | None:

@@ -130,26 +130,6 @@ def data_dir() -> Path:
     return CoreSettings.load().data_dir.resolve()
 
 
-class ChainSettings(EnvSettings):
-    """CHAIN_*: the DynamoDB source and how it is cut into partitions."""
-
-    model_config = SettingsConfigDict(env_prefix="CHAIN_", env_ignore_empty=True, extra="ignore")
-
-    block_table: str = Field(default="chain_blocks", description="DynamoDB block table")
-    block_tag: int = Field(default=1, ge=0, description="block tag to migrate")
-    block_range_size: int = Field(default=10_000, gt=0, description="heights per block partition")
-    load_chunk_heights: int = Field(default=1000, gt=0, description="heights per load transaction")
-    event_table: str = Field(default="chain_events", description="DynamoDB event table of the event tag")
-    event_tag: int = Field(default=0, ge=0, description="event tag to migrate (0: legacy layout)")
-    event_range_size: int = Field(default=100_000, gt=0, description="event ids per event partition")
-    load_chunk_events: int = Field(default=20_000, gt=0, description="events per load transaction")
-    sync_interval_seconds: int = Field(default=60, gt=0, description="chain_sync sensor interval")
-
-    @classmethod
-    def from_env(cls) -> "ChainSettings":
-        return cls.load()
-
-
 def _env_int(name: str, default: int) -> int:
     """Transitional: modules not yet moved to a settings model (to be removed)."""
     raw = os.environ.get(name)

@@ -21,10 +21,11 @@ import httpx
 
 from migration_assets.chain.event_source import EventLayout, max_event_id
 from migration_assets.chain.partitions import block_ranges, event_ranges, register_ranges
+from migration_assets.chain.settings import ChainSettings
 from migration_assets.chain.source import latest_height
 from migration_assets.core import embedded
 from migration_assets.core.instance import project_instance
-from migration_assets.core.settings import PROJECT_ROOT, ChainSettings, data_dir
+from migration_assets.core.settings import PROJECT_ROOT, data_dir
 from migration_assets.devstack import demo_atproto, demo_files
 from migration_assets.devstack.sample_chain import create_block_table, sample_chain, write_items
 from migration_assets.devstack.sample_events import chain_events, create_event_table

@@ -1,13 +1,12 @@
 """The file pipeline's configuration as a Dagster resource, and its S3 resource (dagster-aws's S3Resource)."""
 
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
-from migration_assets.files.settings import FilesSettings, WindowSettings, parse_clock
+from migration_assets.files.settings import FilesSettings
 
 
 class FilesResource(dg.ConfigurableResource):
@@ -24,25 +23,15 @@ class FilesResource(dg.ConfigurableResource):
     run_window_tz: str | None = Field(default=None, description="defaults to FILES_RUN_WINDOW_TZ")
 
     def settings(self) -> FilesSettings:
-        env = FilesSettings.from_env()
+        """The environment's settings, with any field set here (e.g. in a run's launchpad config, to
+        move one run's window) taking its place."""
         overrides = {
-            "source_root": Path(self.source_root).resolve() if self.source_root else None,
-            "bucket": self.bucket, "prefix": self.prefix, "concurrency": self.concurrency,
+            "source_root": self.source_root, "bucket": self.bucket, "prefix": self.prefix,
+            "concurrency": self.concurrency, "run_window_enabled": self.run_window_enabled,
+            "run_window_start": self.run_window_start, "run_window_end": self.run_window_end,
+            "run_window_weekends": self.run_window_weekends, "run_window_tz": self.run_window_tz,
         }
-        settings = env.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-        return settings.model_copy(update={"window": self.window(settings.window)})
-
-    def window(self, base: WindowSettings) -> WindowSettings:
-        """The window of this run: the environment's, with any field set here (e.g. in a run's
-        launchpad config, to move one run's window) taking its place."""
-        overrides = {
-            "enabled": self.run_window_enabled,
-            "start": parse_clock(self.run_window_start, "run_window_start") if self.run_window_start else None,
-            "end": parse_clock(self.run_window_end, "run_window_end") if self.run_window_end else None,
-            "weekends": self.run_window_weekends,
-            "tz": self.run_window_tz,
-        }
-        return WindowSettings.model_validate(base.model_dump() | {k: v for k, v in overrides.items() if v is not None})
+        return FilesSettings.from_env(**{k: v for k, v in overrides.items() if v is not None})
 
 
 class FilesS3Resource(S3Resource):

@@ -12,7 +12,9 @@ from migration_assets.files.ranges import range_key
 from migration_assets.files.resources import FilesResource
 from migration_assets.files.window import RunWindow
 
-IDLE_BACKOFF_SECONDS = (30, 300, 600, 1800, 3600)  # the seed's: after 1, 2, 3, 4, 5+ idle polls
+# The seed's documented steps after 1, 2, 3, 4, 5+ idle polls: a fixed table, not an exponential, so
+# not core.backoff.Backoff (whose doubling and jitter would change them).
+IDLE_BACKOFF_SECONDS = (30, 300, 600, 1800, 3600)
 
 files_ranges_hourly = dg.ScheduleDefinition(
     name="files_ranges_hourly", cron_schedule="0 * * * *", target=[MIGRATION_RANGES],

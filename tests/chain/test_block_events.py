@@ -85,6 +85,7 @@ def test_events_without_their_blocks_fail_naming_them(instance, dynamodb, block_
     assert "10 blocks referenced by events are not in block_metadata" in text
     assert f"(30, '{block_hash(TAG, 30)}')" in text
     assert "Migrate those heights' blocks first" in text and "--start-height 30 --end-height 40" in text
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"], "a manual run fails at once"
     assert not [row for row in stored_events(target) if row[2] >= 30], "no event is stored without its block"
 
 
@@ -190,16 +191,58 @@ def test_rule_check_warns_on_a_suspicious_source(instance, dynamodb, block_table
     assert "event 5 at height 1: removed after a removal at 3" in rules.description
 
 
-def test_a_synced_event_run_waits_for_its_blocks_instead_of_failing(instance, dynamodb, block_table, event_table, target, monkeypatch):
-    from migration_assets.chain import assets
+def quick_sync_retries(monkeypatch) -> None:
+    """The event asset's retry policy with its waits cut from half minutes to milliseconds."""
+    from migration_assets.chain.assets import SYNC_RETRY, block_events
+    from migration_assets.core.dagster_glue import step_retry_policy
 
-    monkeypatch.setattr(assets, "SYNC_RETRY_SECONDS", 0)
+    monkeypatch.setattr(block_events.op, "_retry_policy", step_retry_policy(SYNC_RETRY.max_retries, 0.01))
+
+
+def step_retries(result) -> int:
+    return sum(1 for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY")
+
+
+def test_a_synced_event_run_waits_for_its_blocks_instead_of_failing(
+    instance, dynalite, dynamodb, block_table, event_table, target, monkeypatch
+):
+    from migration_assets.chain.assets import SYNC_TAG
+    from migration_assets.chain.blocks import BlockRangeRequest, migrate_block_range
+    from migration_assets.core.postgres import PostgresResource
+
+    quick_sync_retries(monkeypatch)
+    events_name, _ = event_table
+    blocks, events = seed_chain(dynamodb, block_table, event_table, 20)  # no block migrated yet
+    attempts = {"started": 0}
+
+    def land_blocks_when_the_retry_starts(headers, request, response):
+        # Each attempt of the step starts with one GetItem: the event table's watermark.
+        if headers.get("X-Amz-Target", "").endswith(".GetItem") and events_name in request.decode():
+            attempts["started"] += 1
+            if attempts["started"] == 2:  # the first retry: the blocks' own run lands them now
+                migrate_block_range(BlockRangeRequest(dynamodb, block_table, TAG, 0, 20), PostgresResource().pool())
+        return response
+
+    with fault_proxy(dynalite, land_blocks_when_the_retry_starts) as proxy_url:
+        result = materialize_events(instance, 0, 1000, tags={SYNC_TAG: "tip"},
+                                    chain_source=ChainSourceResource(endpoint_url=proxy_url))
+
+    assert result.success, failure_text(result)
+    assert step_retries(result) == 1 and attempts["started"] == 2
+    rows = stored_events(target)
+    assert [row[0] for row in rows] == list(range(1, len(events) + 1))
+    assert all(skipped or hash_ == block_hash_ for _, _, _, hash_, block_hash_, _, skipped in rows)
+
+
+def test_a_synced_event_run_gives_up_when_its_blocks_never_land(instance, dynamodb, block_table, event_table, target, monkeypatch):
+    from migration_assets.chain.assets import SYNC_RETRY, SYNC_TAG
+
+    quick_sync_retries(monkeypatch)
     seed_chain(dynamodb, block_table, event_table, 20)  # no block migrated yet
 
-    result = materialize_events(instance, 0, 1000, tags={assets.SYNC_TAG: "tip"})
+    result = materialize_events(instance, 0, 1000, tags={SYNC_TAG: "tip"})
 
-    retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
-    assert len(retries) == assets.SYNC_RETRIES
+    assert step_retries(result) == SYNC_RETRY.max_retries
     assert not result.success and "Migrate those heights' blocks first" in failure_text(result)
 
 

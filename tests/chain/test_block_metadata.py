@@ -102,7 +102,7 @@ def test_malformed_item_fails_the_partition_naming_it(instance, dynamodb, block_
     seed(dynamodb, block_table, linear_chain(0, 3) + [bad])
     result = materialize_range(instance, 0, 5)
     assert not result.success
-    assert "malformed block item 1-3/0xbad: missing attribute 'height'" in failure_text(result)
+    assert f"malformed block item 1-3/0xbad in table {block_table}: missing attribute 'height'" in failure_text(result)
 
 
 @pytest.mark.parametrize("heights", [(0, 1), (0, 7)])

@@ -42,7 +42,8 @@ def test_cli_snaps_to_partitions_and_runs_show_in_the_instance(
     assert "3/3 ranges migrated and verified" in out
     assert target_counts(target) == distinct_blocks(items)
     runs = dg.DagsterInstance.get().get_runs(dg.RunsFilter(tags={"migration-assets/cli": "chain migrate"}))
-    assert {run.tags["dagster/partition"] for run in runs} >= {"000000000000-000000000010", "000000000020-000000000030"}
+    assert {run.tags["dagster/partition"] for run in runs} == {
+        "000000000000-000000000010", "000000000010-000000000020", "000000000020-000000000030"}
 
 
 def test_cli_exits_non_zero_and_names_the_next_step(dagster_home, dynamodb, block_table, target, capsys):
@@ -105,11 +106,27 @@ def test_cli_migrates_blocks_then_the_events_of_those_heights(
 
     out = capsys.readouterr().out
     assert code == 0, out
-    last_id = max(int(e["sequence"]["N"]) for e in events[:-1] if int(e["height"]["N"]) == 19)
+    source = {int(e["sequence"]["N"]): e for e in events[:-1]}  # the last item is the watermark
+    last_id = max(seq for seq, e in source.items() if int(e["height"]["N"]) == 19)
     assert f"events: heights [0, 20) are event ids [1, {last_id + 1})" in out
-    stored = target.execute("SELECT min(event_sequence), max(event_sequence), max(height) FROM block_events").fetchone()
-    assert stored[0] == 1 and stored[1] >= last_id
-    assert "ranges migrated and verified" in out
+    end = -(-(last_id + 1) // 25) * 25  # the event partitions snap outwards to multiples of 25
+    assert f"note: event ids [1, {last_id + 1}) snapped to partition boundaries [0, {end}) (CHAIN_EVENT_RANGE_SIZE)" in out
+    # The last partition reaches events of heights >= 20: the CLI migrates their blocks, then reruns it.
+    beyond = sorted(int(e["height"]["N"]) for seq, e in source.items() if last_id < seq < end and int(e["height"]["N"]) >= 20)
+    assert beyond, "the sample must put events of heights >= 20 in the last partition"
+    last_key = f"{end - 25:012d}-{end:012d}"
+    assert f"{last_key}: its events need blocks at heights {beyond[0]}-{beyond[-1]}; migrating those first" in out
+    ranges = 2 + end // 25  # block ranges [0, 10) and [10, 20), and the event ranges
+    assert f"{ranges}/{ranges} ranges migrated and verified" in out
+    stored = target.execute(
+        "SELECT e.event_sequence, e.height, e.hash, bm.height, bm.hash, bm.skipped"
+        " FROM block_events e JOIN block_metadata bm ON bm.id = e.block_metadata_id ORDER BY 1"
+    ).fetchall()
+    assert [row[0] for row in stored] == list(range(1, min(end, len(source) + 1)))
+    for seq, height, hash_, block_height, block_hash_, skipped in stored:
+        expected = source[seq]
+        assert height == block_height == int(expected["height"]["N"]), seq
+        assert skipped or hash_ == block_hash_ == expected["hash"]["S"], seq
 
 
 def test_event_run_killed_mid_range_then_rerun_ends_exact(

@@ -2,7 +2,10 @@
 API and run by the daemon, its asset-check results read back per partition, and the sync sensor
 discovering new ranges as the source grows."""
 
+import psycopg
+
 from migration_assets.chain.event_source import EventLayout
+from migration_assets.core.embedded import TARGET_DATABASE
 from migration_assets.devstack.sample_chain import sample_chain, write_items
 from migration_assets.devstack.sample_events import chain_events
 from tests.e2e.stack import LOCATION, REPOSITORY, wait_until
@@ -44,6 +47,63 @@ def backfill(stack, asset_path, keys) -> None:
     assert wait_until(finished, 420, f"the backfill of {asset_path}", stack) in ("COMPLETED", "COMPLETED_SUCCESS"), stack.log_tail()
 
 
+def demo_target(stack) -> psycopg.Connection:
+    """The demo's own target database, on its embedded PostgreSQL (socket and port from postmaster.pid)."""
+    postmaster = (stack.data_dir / "postgres" / "postmaster.pid").read_text().splitlines()
+    port, socket_dir = postmaster[3], postmaster[4]
+    return psycopg.connect(host=socket_dir, port=port, user="postgres", dbname=TARGET_DATABASE, autocommit=True)
+
+
+def scan(stack, table: str) -> list[dict]:
+    client, request, items = stack.dynamodb(), {"TableName": table, "ConsistentRead": True}, []
+    while True:
+        page = client.scan(**request)
+        items += page["Items"]
+        if "LastEvaluatedKey" not in page:
+            return items
+        request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def source_chain(stack) -> tuple[dict, dict]:
+    """From the demo's DynamoDB: height -> (hash or None when skipped) of each canonical block, and
+    event id -> (type, height, block hash or None) of each event."""
+    canonical = {
+        int(i["height"]["N"]): None if i["skipped"]["BOOL"] else i["block_hash"]["S"]
+        for i in scan(stack, "chain_blocks")
+        if i["block_rid"]["S"] == "canonical" and not i["block_pid"]["S"].endswith("-latest")
+    }
+    types = {"0": "UNKNOWN", "1": "BLOCK_ADDED", "2": "BLOCK_REMOVED"}
+    events = {
+        int(i["sequence"]["N"]): (types[i["type"]["N"]], int(i["height"]["N"]), None if i["skipped"]["BOOL"] else i["hash"]["S"])
+        for i in scan(stack, "chain_events") if int(i["event_id"]["N"]) > 0  # -1: the watermark
+    }
+    return canonical, events
+
+
+def target_chain(conn) -> tuple[dict, dict]:
+    """The same, from the demo's PostgreSQL: each row joined to the block it points at."""
+    canonical = dict(conn.execute(
+        "SELECT cb.height, bm.hash FROM canonical_blocks cb JOIN block_metadata bm ON bm.id = cb.block_metadata_id"
+        " WHERE cb.tag = 1 AND bm.height = cb.height"
+    ).fetchall())
+    events = {
+        seq: (kind, height, block_hash)
+        for seq, kind, height, block_hash in conn.execute(
+            "SELECT e.event_sequence, e.event_type::text, bm.height, bm.hash FROM block_events e"
+            " JOIN block_metadata bm ON bm.id = e.block_metadata_id WHERE e.event_tag = 0 AND bm.height = e.height"
+        )
+    }
+    return canonical, events
+
+
+def assert_target_matches_source(conn, source: tuple[dict, dict]) -> None:
+    (source_blocks, source_events), (blocks, events) = source, target_chain(conn)
+    assert len(blocks) == len(source_blocks) and blocks.keys() == source_blocks.keys()
+    assert blocks == source_blocks, [h for h in source_blocks if blocks.get(h) != source_blocks[h]][:10]
+    assert len(events) == len(source_events) and events.keys() == source_events.keys()
+    assert events == source_events, [i for i in source_events if events.get(i) != source_events[i]][:10]
+
+
 def latest_check(stack, asset_path, check, partition) -> dict:
     [execution] = stack.graphql(CHECK_EXECUTIONS, asset={"path": asset_path}, check=check, partition=partition)["assetCheckExecutions"]
     return execution
@@ -60,6 +120,11 @@ def test_backfill_through_the_ui_api_then_read_the_check_results(stack):
     backfill(stack, ["chain", "block_events"], ["000000000000-000000100000"])
     execution = latest_check(stack, ["chain", "block_events"], "event_rows_match_source", "000000000000-000000100000")
     assert execution["evaluation"]["success"] and "events, as in the source" in execution["evaluation"]["description"]
+
+    source = source_chain(stack)
+    assert len(source[0]) == 25_000 and len(source[1]) >= 25_000
+    with demo_target(stack) as conn:
+        assert_target_matches_source(conn, source)
 
 
 def sensor_runs(stack) -> set[tuple[str, str, str]]:
@@ -90,6 +155,12 @@ def test_the_sync_sensor_discovers_new_ranges_as_the_source_grows(stack):
         return {("000000020000-000000030000", "complete", "SUCCESS"), ("000000030000-000000040000", "tip", "SUCCESS")} <= runs
 
     wait_until(grown, 420, "the sensor's runs for the new ranges", stack)
+    source = source_chain(stack)
+    assert len(source[0]) == 35_000
+    with demo_target(stack) as conn:
+        # The tip event range is re-run for the new watermark after the block runs: wait for it.
+        wait_until(lambda: target_chain(conn) == source, 300, "PostgreSQL to hold the grown chain", stack)
+        assert_target_matches_source(conn, source)
     partitions = {n["assetKey"]["path"][-1]: n["partitionKeys"] for n in stack.graphql("{ assetNodes { assetKey { path } partitionKeys } }")["assetNodes"]}
     assert "000000030000-000000040000" in partitions["block_metadata"]
     assert not any(status == "FAILURE" for _, _, status in sensor_runs(stack))

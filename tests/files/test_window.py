@@ -35,9 +35,15 @@ def test_window_in_another_zone_disabled_and_next_opening():
     assert RunWindow(WindowSettings(start=time(1, 0), end=time(2, 0))).next_open(at(27, 3)) == at(28, 0)  # Saturday
 
 
-def test_bad_zone_names_the_variable():
-    with pytest.raises(ValueError, match="FILES_RUN_WINDOW_TZ"):
+def test_bad_zone_names_the_variable(monkeypatch):
+    from migration_assets.core.settings import SettingsError
+    from migration_assets.files.settings import FilesSettings
+
+    with pytest.raises(ValueError, match="unknown time zone 'Mars/Olympus'"):
         WindowSettings(tz="Mars/Olympus")
+    monkeypatch.setenv("FILES_RUN_WINDOW_TZ", "Mars/Olympus")
+    with pytest.raises(SettingsError, match="FILES_RUN_WINDOW_TZ .* unknown time zone 'Mars/Olympus'"):
+        FilesSettings.from_env()
 
 
 def test_window_closing_mid_range_stops_after_current_files_and_releases_the_range(files_env, target, target_url, source_root):
