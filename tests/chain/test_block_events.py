@@ -208,7 +208,7 @@ def test_a_synced_event_run_waits_for_its_blocks_instead_of_failing(
 ):
     from migration_assets.chain.assets import SYNC_TAG
     from migration_assets.chain.blocks import BlockRangeRequest, migrate_block_range
-    from migration_assets.core.postgres import PostgresResource
+    from migration_assets.core.resources import PostgresResource
 
     quick_sync_retries(monkeypatch)
     events_name, _ = event_table
