@@ -83,12 +83,25 @@ class EnvSettings(BaseSettings):
 
     @classmethod
     def describe(cls) -> list[tuple[str, str, str]]:
-        """(variable, default, description) of every field: the README's table is made from this."""
+        """(variable, default as written in the environment, description) of every field: the README's
+        table is made from this. A computed default (from another setting) is shown as empty."""
         rows = []
         for field, info in cls.model_fields.items():
-            default = "" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            default = "" if info.is_required() or info.default_factory else _as_env_text(info.default)
             rows.append((cls.env_name(field), default, info.description or ""))
         return rows
+
+
+def _as_env_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if hasattr(value, "strftime"):
+        return value.strftime("%H:%M")
+    return str(value)
 
 
 S = TypeVar("S", bound=EnvSettings)

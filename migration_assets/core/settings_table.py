@@ -39,7 +39,7 @@ def render() -> str:
     lines = [START, "| variable | default | what it is |", "|---|---|---|"]
     for model in settings_models():
         for name, default, description in model.describe():
-            shown = f"`{default}`" if default and default != "None" else "(unset)"
+            shown = f"`{default}`" if default else "(unset)"
             lines.append(f"| `{name}` | {_cell(shown)} | {_cell(description)} |")
     lines.append(END)
     return "\n".join(lines)
