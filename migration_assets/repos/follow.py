@@ -1,0 +1,353 @@
+"""Follow a host's event stream (subscribeRepos) and apply it to PostgreSQL, resyncing what can't be applied.
+
+Events are read in batches; a batch's changes and the host's cursor (`repo_stream_cursors`) commit in one
+transaction, so a follower killed at any point resumes from the last committed event: nothing lost,
+nothing applied twice.
+
+- `#commit`: applied to a synced repo when it follows the stored state: its `since` is the stored rev,
+  its commit block is present, for this repo and rev, and signed by the DID's key (cached; re-resolved
+  once on failure), and every created or updated record's block is present. Events at or below the stored
+  rev are replays and skipped. An event that doesn't follow marks the repo due (desynchronized) and it is
+  resynced through getRepo after the batch commits (a failed resync retries with the ledger's backoff).
+  An unknown DID (an account created on the host) is added and synced the same way.
+- `#sync`: resync the repo. `#identity`: forget its cached DID document. `#account`: inactive with a
+  status sets it (a deleted account loses its records, as in the backfill); active again resyncs it.
+- `#info` OutdatedCursor: events were missed; every synced repo of the host is made due.
+
+Pure core: no Dagster.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from migration_assets.atproto.car import CarReader
+from migration_assets.atproto.cid import CID
+from migration_assets.atproto.errors import AtprotoError
+from migration_assets.atproto.mst import parse_commit
+from migration_assets.atproto.signature import SignatureError, verify_commit
+from migration_assets.core.backoff import Backoff
+from migration_assets.repos import ledger, store
+from migration_assets.repos.backfill import RepoSyncer, describe
+from migration_assets.repos.ledger import GONE_STATUSES, ClaimedRepo
+from migration_assets.repos.snapshot import _staged as staged_block  # the backfill's record row: jsonb + U+0000
+from migration_assets.repos.stream import (
+    AccountEvent, CommitEvent, IdentityEvent, InfoEvent, StreamError, StreamEvent, Subscription, SyncEvent,
+    WebSocketException,
+)
+
+MAX_BLOCKS_BYTES = 16 * 1024 * 1024
+_RECONNECT = Backoff(base=1.0, cap=60.0, floor=0.5)
+_RETRYABLE_STREAM_ERRORS = {"ConsumerTooSlow"}
+
+
+@dataclass
+class FollowReport:
+    host: str
+    events: int = 0  # sequenced events committed (with the cursor)
+    applied: int = 0  # commits applied to records
+    skipped: int = 0  # replays, and events of repos not synced (a resync will catch up)
+    desyncs: int = 0  # repos made due because an event didn't follow (or #sync, or a new repo)
+    resyncs: int = 0  # repos fetched again with getRepo
+    resync_failures: int = 0
+    identities: int = 0
+    accounts: int = 0
+    outdated_cursor: int = 0
+    reconnects: int = 0
+    cursor: int | None = None
+    lag_seconds: float = 0.0  # between the last applied event's time and when it was applied
+    seconds: float = 0.0
+    last_error: str | None = None
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.events} events ({self.applied} commits applied, {self.skipped} skipped), "
+                f"{self.desyncs} desyncs, {self.resyncs} resyncs ({self.resync_failures} failed), "
+                f"{self.identities} identity, {self.accounts} account; cursor {self.cursor}; "
+                f"lag {self.lag_seconds:.1f} s; {self.events_per_second:.1f} events/s")
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A #commit checked before the transaction (signature, blocks): its records' rows, or why it can't apply."""
+
+    records: dict[CID, tuple] = field(default_factory=dict)  # record CID -> snapshot row (link, json, error, cbor)
+    problem: str | None = None
+
+
+class Follower:
+    """Follows one host. `run` reads until `stop` is set or `seconds` pass, committing every batch."""
+
+    def __init__(self, pool: ConnectionPool, host: str, syncer: RepoSyncer, *, buckets: int,
+                 batch_size: int = 200, batch_seconds: float = 0.5, start_cursor: int | None = 0,
+                 on_batch: Callable[[FollowReport], None] | None = None) -> None:
+        self.pool, self.host, self.syncer = pool, host.rstrip("/"), syncer
+        self.buckets, self.batch_size, self.batch_seconds = buckets, batch_size, batch_seconds
+        self.on_batch = on_batch
+        self.start_cursor = start_cursor
+        self.report = FollowReport(self.host)
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event | None = None, seconds: float | None = None) -> FollowReport:
+        stop = stop or threading.Event()
+        started = time.monotonic()
+        deadline = None if seconds is None else started + seconds
+        failures = 0
+        with self.pool.connection() as conn:
+            stored = load_cursor(conn, self.host)
+        # First follow of a host: replay what it keeps (0), so changes since the backfill aren't missed.
+        self.report.cursor = self.start_cursor if stored is None else stored
+        while not stop.is_set() and not _past(deadline):
+            try:
+                with Subscription(self.host, self.report.cursor) as subscription:
+                    failures = 0
+                    self._follow(subscription, stop, deadline)
+            except (WebSocketException, OSError, StreamError) as exc:
+                if isinstance(exc, StreamError) and exc.error not in _RETRYABLE_STREAM_ERRORS:
+                    raise  # FutureCursor and the like: reconnecting would get the same answer
+                failures += 1
+                self.report.reconnects += 1
+                self.report.last_error = describe(exc)
+                if not _RECONNECT.sleep(failures, stop):
+                    break
+            finally:
+                self.report.seconds = time.monotonic() - started
+        return self.report
+
+    def _follow(self, subscription: Subscription, stop: threading.Event, deadline: float | None) -> None:
+        while not stop.is_set() and not _past(deadline):
+            batch = self._read_batch(subscription, stop, deadline)
+            if batch:
+                self.apply(batch)
+
+    def _read_batch(self, subscription: Subscription, stop: threading.Event, deadline: float | None) -> list[StreamEvent]:
+        batch: list[StreamEvent] = []
+        until = time.monotonic() + self.batch_seconds
+        while len(batch) < self.batch_size and not stop.is_set() and not _past(deadline):
+            wait = until - time.monotonic()
+            if deadline is not None:
+                wait = min(wait, deadline - time.monotonic())
+            if wait <= 0:
+                break
+            event = subscription.next(timeout=wait)
+            if event is not None:
+                batch.append(event)
+        return batch
+
+    # --- one batch ------------------------------------------------------------------------------------
+
+    def apply(self, batch: list[StreamEvent]) -> None:
+        """Apply the events and store the cursor in one transaction, then resync the repos that need it."""
+        checked = {id(e): self._check_commit(e) for e in batch if isinstance(e, CommitEvent)}
+        resync: list[str] = []
+        last_time: datetime | None = None
+        with self.pool.connection() as conn, conn.transaction():
+            for event in batch:
+                if isinstance(event, CommitEvent):
+                    resync += self._apply_commit(conn, event, checked[id(event)])
+                elif isinstance(event, SyncEvent):
+                    resync += self._due(conn, event.did)
+                elif isinstance(event, IdentityEvent):
+                    self.syncer.resolver.invalidate(event.did)
+                    self.report.identities += 1
+                elif isinstance(event, AccountEvent):
+                    resync += self._apply_account(conn, event)
+                elif isinstance(event, InfoEvent) and event.name == "OutdatedCursor":
+                    self.report.outdated_cursor += 1
+                    self.report.desyncs += make_host_due(conn, self.host)
+                if not isinstance(event, InfoEvent):
+                    self.report.cursor, last_time = event.seq, event.time
+            if self.report.cursor is not None:
+                save_cursor(conn, self.host, self.report.cursor)
+        self.report.events += sum(not isinstance(e, InfoEvent) for e in batch)
+        if last_time is not None:
+            self.report.lag_seconds = max(0.0, (datetime.now(timezone.utc) - last_time).total_seconds())
+        self._resync(resync)
+        if self.on_batch:
+            self.on_batch(self.report)
+
+    def _check_commit(self, event: CommitEvent) -> _Checked:
+        """Everything about a #commit that needs no database: blocks, commit, signature (network)."""
+        if event.too_big:
+            return _Checked(problem="the host left the diff out (tooBig)")
+        try:
+            blocks = dict(CarReader(iter([event.blocks]), max_size=MAX_BLOCKS_BYTES))
+            commit_block = blocks.get(event.commit)
+            if commit_block is None:
+                return _Checked(problem=f"commit block {event.commit} is missing from the event's blocks")
+            commit = parse_commit(commit_block)
+            if (commit.did, commit.rev) != (event.repo, event.rev):
+                return _Checked(problem=f"the commit is {commit.did} rev {commit.rev}, the event {event.repo} rev {event.rev}")
+            if self.syncer.settings.verify_signatures:
+                self._verify(event.repo, commit_block)
+            records = {}
+            for op in event.ops:
+                if op.action == "delete":
+                    continue
+                if op.cid is None or op.cid not in blocks:
+                    return _Checked(problem=f"record block of {op.action} {op.path} is missing from the event")
+                row = staged_block(op.cid, blocks[op.cid])
+                if row[1] is None:  # as in the backfill: a record that isn't DAG-CBOR fails its repo
+                    return _Checked(problem=f"record {op.path} ({op.cid}) is not valid DAG-CBOR: {row[2]}")
+                records[op.cid] = row
+            return _Checked(records)
+        except AtprotoError as exc:  # bad blocks or signature, or the DID didn't resolve: the resync decides
+            return _Checked(problem=describe(exc))
+
+    def _verify(self, did: str, commit_block: bytes) -> None:
+        try:
+            verify_commit(commit_block, self.syncer.resolver.resolve(did).signing_key)
+        except SignatureError:  # the key may have rotated: re-resolve once
+            verify_commit(commit_block, self.syncer.resolver.resolve(did, fresh=True).signing_key)
+
+    def _apply_commit(self, conn: psycopg.Connection, event: CommitEvent, checked: _Checked) -> list[str]:
+        row = conn.execute("SELECT status, rev FROM repos WHERE did = %s FOR UPDATE", (event.repo,)).fetchone()
+        if row is None:
+            return self._due(conn, event.repo)  # an account new to us: backfill it
+        status, rev = row
+        if status != "synced" or (rev is not None and event.rev <= rev):
+            self.report.skipped += 1  # a resync is due or running, the account is inactive, or a replay
+            return []
+        if checked.problem is None and event.since != rev:
+            checked = _Checked(problem=f"event since {event.since}, stored rev {rev}: events were missed")
+        if checked.problem is not None:
+            return self._due(conn, event.repo, f"desynchronized at rev {event.rev}: {checked.problem}")
+        apply_ops(conn, event, checked.records)
+        self.report.applied += 1
+        return []
+
+    def _apply_account(self, conn: psycopg.Connection, event: AccountEvent) -> list[str]:
+        self.report.accounts += 1
+        row = conn.execute("SELECT status FROM repos WHERE did = %s", (event.did,)).fetchone()
+        if row is None:
+            return self._due(conn, event.did) if event.active else []
+        if event.active:
+            return self._due(conn, event.did) if row[0] in GONE_STATUSES else []
+        reason = f"#account event: {event.status or 'inactive'}"
+        if event.status == "deleted":
+            store.delete_repo(conn, event.did, None, reason)  # a savepoint inside this batch's transaction
+        elif event.status in GONE_STATUSES:
+            store.mark_gone(conn, event.did, event.status, None, reason)
+        return []  # throttled, desynchronized: the host's own states; nothing to change here
+
+    def _due(self, conn: psycopg.Connection, did: str, reason: str | None = None) -> list[str]:
+        ledger.request_sync(conn, [did], self.buckets)
+        if reason:
+            conn.execute("UPDATE repos SET last_error = %s WHERE did = %s", (reason[:2000], did))
+        self.report.desyncs += 1
+        return [did]
+
+    def _resync(self, dids: list[str]) -> None:
+        """getRepo each repo made due by this batch (after its commit: the stream doesn't wait on a lock)."""
+        if not dids:
+            return
+        with self.pool.connection() as conn:
+            claimed = claim_dids(conn, dids)
+        for repo in claimed:
+            outcome = self.syncer.sync(repo)
+            self.report.resyncs += 1
+            if outcome.status in ("retry", "rate_limited"):
+                self.report.resync_failures += 1
+                self.report.last_error = outcome.error
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+# --- writes (the records the same way the backfill stores them) -------------------------------------------
+
+_UPSERT_RECORD = """
+    INSERT INTO records (did, collection, rkey, cid, record, record_cbor) VALUES (%s, %s, %s, %s, %s::jsonb, %s)
+    ON CONFLICT (did, collection, rkey)
+    DO UPDATE SET cid = excluded.cid, record = excluded.record, record_cbor = excluded.record_cbor, indexed_at = now()
+    RETURNING xmax = 0"""
+
+
+def apply_ops(conn: psycopg.Connection, event: CommitEvent, records: dict[CID, tuple]) -> None:
+    """Write a commit's ops to `records`, the per-collection counts and the ledger's head/rev/count."""
+    delta: dict[str, int] = {}
+    with conn.cursor() as cur:
+        for op in event.ops:
+            collection, rkey = op.collection_rkey
+            if op.action == "delete":
+                cur.execute("DELETE FROM records WHERE did = %s AND collection = %s AND rkey = %s",
+                            (event.repo, collection, rkey))
+                change = -cur.rowcount
+            else:
+                _, text, _, exact = records[op.cid]
+                created = cur.execute(_UPSERT_RECORD, (event.repo, collection, rkey, str(op.cid), text, exact)).fetchone()[0]
+                change = 1 if created else 0
+            delta[collection] = delta.get(collection, 0) + change
+        for collection, change in delta.items():
+            if change:
+                add_collection_count(cur, event.repo, collection, change)
+        advance_head(cur, event.repo, str(event.commit), event.rev, sum(delta.values()))
+
+
+def add_collection_count(cur: psycopg.Cursor, did: str, collection: str, change: int) -> None:
+    cur.execute(
+        """INSERT INTO repo_collection_counts AS c (did, collection, records) VALUES (%s, %s, %s)
+           ON CONFLICT (did, collection) DO UPDATE SET records = c.records + excluded.records""",
+        (did, collection, change),
+    )
+    cur.execute("DELETE FROM repo_collection_counts WHERE did = %s AND collection = %s AND records <= 0",
+                (did, collection))
+
+
+# --- ledger and cursor helpers --------------------------------------------------------------------------
+# move to ledger.py (ledger.py is being changed by the leases work; these are the stream's additions)
+
+
+def advance_head(cur: psycopg.Cursor, did: str, head: str, rev: str, record_change: int) -> None:
+    cur.execute(
+        """UPDATE repos SET head = %s, rev = %s, records_count = records_count + %s, synced_at = now(),
+               updated_at = now() WHERE did = %s""",
+        (head, rev, record_change, did),
+    )
+
+
+def claim_dids(conn: psycopg.Connection, dids: list[str]) -> list[ClaimedRepo]:
+    """Take these due DIDs for an immediate resync (SKIP LOCKED: a bucket run may hold some)."""
+    rows = conn.execute(
+        """UPDATE repos SET status = 'in_progress', claimed_at = now(), updated_at = now()
+           WHERE did IN (SELECT did FROM repos WHERE did = ANY(%s) AND status = 'pending'
+                         ORDER BY did FOR UPDATE SKIP LOCKED)
+           RETURNING did, bucket, attempts, head""",
+        (list(dict.fromkeys(dids)),),
+    ).fetchall()
+    conn.commit()
+    return sorted((ClaimedRepo(*row) for row in rows), key=lambda r: r.did)
+
+
+def make_host_due(conn: psycopg.Connection, host: str) -> int:
+    """Events of this host were missed (OutdatedCursor): every repo synced from it is due again."""
+    return conn.execute(
+        "UPDATE repos SET status = 'pending', next_retry_at = NULL, updated_at = now() "
+        "WHERE status = 'synced' AND rtrim(pds, '/') = %s",
+        (host,),
+    ).rowcount
+
+
+def load_cursor(conn: psycopg.Connection, host: str) -> int | None:
+    row = conn.execute("SELECT cursor FROM repo_stream_cursors WHERE host = %s", (host,)).fetchone()
+    return row[0] if row else None
+
+
+def save_cursor(conn: psycopg.Connection, host: str, cursor: int) -> None:
+    conn.execute(
+        """INSERT INTO repo_stream_cursors (host, cursor) VALUES (%s, %s)
+           ON CONFLICT (host) DO UPDATE SET cursor = excluded.cursor, updated_at = now()""",
+        (host, cursor),
+    )
