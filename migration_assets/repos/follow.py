@@ -65,6 +65,7 @@ class FollowReport:
     lag_seconds: float = 0.0  # between the last applied event's time and when it was applied
     seconds: float = 0.0
     last_error: str | None = None
+    last_desync: str | None = None  # the latest event that didn't follow, and why
 
     @property
     def events_per_second(self) -> float:
@@ -157,7 +158,7 @@ class Follower:
                 if isinstance(event, CommitEvent):
                     resync += self._apply_commit(conn, event, checked[id(event)])
                 elif isinstance(event, SyncEvent):
-                    resync += self._due(conn, event.did)
+                    resync += self._apply_sync(conn, event)
                 elif isinstance(event, IdentityEvent):
                     self.syncer.resolver.invalidate(event.did)
                     self.report.identities += 1
@@ -227,6 +228,14 @@ class Follower:
         self.report.applied += 1
         return []
 
+    def _apply_sync(self, conn: psycopg.Connection, event: SyncEvent) -> list[str]:
+        """The host can't give a diff (or the account is new): resync, unless we already hold that rev."""
+        row = conn.execute("SELECT rev FROM repos WHERE did = %s", (event.did,)).fetchone()
+        if row is not None and row[0] is not None and event.rev <= row[0]:
+            self.report.skipped += 1
+            return []
+        return self._due(conn, event.did)
+
     def _apply_account(self, conn: psycopg.Connection, event: AccountEvent) -> list[str]:
         self.report.accounts += 1
         row = conn.execute("SELECT status FROM repos WHERE did = %s", (event.did,)).fetchone()
@@ -244,6 +253,7 @@ class Follower:
     def _due(self, conn: psycopg.Connection, did: str, reason: str | None = None) -> list[str]:
         ledger.request_sync(conn, [did], self.buckets)
         if reason:
+            self.report.last_desync = f"{did}: {reason}"
             conn.execute("UPDATE repos SET last_error = %s WHERE did = %s", (reason[:2000], did))
         self.report.desyncs += 1
         return [did]
