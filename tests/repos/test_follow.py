@@ -10,12 +10,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from migration_assets.core.postgres import shared_pool
 from migration_assets.core.settings import PROJECT_ROOT
 from migration_assets.repos.follow import Follower, load_cursor, save_cursor
 from migration_assets.repos.resources import RepoSourceResource
 from migration_assets.repos.stream import Subscription
+from migration_assets.atproto.car import CarReader
+from migration_assets.atproto.cid import CID
+from migration_assets.atproto.mst import parse_commit
+from migration_assets.repos.stream import CommitEvent, InfoEvent
+from tests.atproto.builders import car_bytes, private_key, signed_commit
 from tests.repos.conftest import handle
 from tests.repos.helpers import ledger_row, listed_records, stored_records, sync_dids
 
@@ -158,8 +164,67 @@ def test_a_follower_killed_mid_stream_resumes_exact(pds, target, target_url, ins
     assert ledger_row(target, alice.did)["records_count"] == len(stored)
     assert len(stored) < len(rkeys), f"the follower finished before it was killed; kill it sooner\n{output}"
 
-    resumed = subprocess.run(command + ["--seconds", "20"], env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert exact(pds, target, alice, (POSTS,)), resumed.stdout
-    assert "0 desyncs" in resumed.stdout and "0 resyncs" in resumed.stdout, resumed.stdout
+    resumed = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until("the resumed follower to catch up", lambda: exact(pds, target, alice, (POSTS,)))
+    finally:
+        resumed.send_signal(signal.SIGINT)  # Ctrl-C: stops after committing, exits 0
+        output = resumed.communicate(timeout=60)[0]
+    assert resumed.returncode == 0, output
+    assert "done:" in output and "0 desyncs" in output and "0 resyncs" in output, output
     assert load_cursor(target, host) > killed_at
+
+
+def next_commit(host: str, did: str, after: int) -> CommitEvent:
+    with Subscription(host, cursor=after) as subscription:
+        while (event := subscription.next(timeout=10)) is not None:
+            if isinstance(event, CommitEvent) and event.repo == did and event.ops:
+                return event
+    raise AssertionError(f"no commit of {did} after seq {after}")
+
+
+def forged(event: CommitEvent, **changes) -> CommitEvent:
+    """The event with its commit re-signed by a stranger's key (same did, data and rev)."""
+    blocks = dict(CarReader(iter([event.blocks]), max_size=1 << 24))
+    commit = parse_commit(blocks[event.commit])
+    block = signed_commit(private_key(ec.SECP256K1(), 0xBAD), commit.data, did=commit.did, rev=commit.rev)
+    cid = CID.for_block(block)
+    blocks = {k: v for k, v in blocks.items() if k != event.commit} | {cid: block}
+    return event.model_copy(update={"commit": cid, "blocks": car_bytes([cid], blocks.items()), **changes})
+
+
+def test_events_that_cannot_be_applied_desync_only_their_repo(pds, target, target_url, instance):
+    """A forged signature, a missing record block, a commit for another rev: each desyncs its repo, which
+    the resync repairs; the events of other repos in the same batch still apply. OutdatedCursor makes the
+    host's synced repos due."""
+    host = pds.pds.url
+    accounts = [pds.create_account(handle()) for _ in range(4)]
+    sync_dids(instance, target, [a.did for a in accounts])
+    start = current_seq(host)
+    for account in accounts:
+        pds.create_records(account, POSTS, [post(1)])
+    events = [next_commit(host, account.did, start) for account in accounts]
+    first, second, third, fine = events
+    commit_only = dict(CarReader(iter([second.blocks]), max_size=1 << 24))
+    hostile = [
+        forged(first),
+        second.model_copy(update={"blocks": car_bytes([second.commit], [(second.commit, commit_only[second.commit])])}),
+        third.model_copy(update={"rev": third.rev + "2"}),  # the commit inside says another rev
+        fine,
+    ]
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    clients = source.clients(target_url)
+    try:
+        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets)
+        follower.apply(hostile)
+    finally:
+        clients.close()
+
+    assert (follower.report.applied, follower.report.desyncs, follower.report.resyncs) == (1, 3, 3), follower.report
+    for account in accounts:
+        assert exact(pds, target, account, (POSTS,)), account.did
+    assert load_cursor(target, host) == max(e.seq for e in events)
+
+    follower.apply([InfoEvent(name="OutdatedCursor")])
+    assert {ledger_row(target, a.did)["status"] for a in accounts} == {"pending"}
