@@ -31,7 +31,7 @@ from psycopg_pool import ConnectionPool
 from migration_assets.atproto.car import CarReader
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.errors import AtprotoError
-from migration_assets.atproto.mst import parse_commit
+from migration_assets.atproto.mst import is_valid_nsid, is_valid_record_key, lookup, parse_commit
 from migration_assets.atproto.signature import SignatureError, verify_commit
 from migration_assets.core.backoff import Backoff
 from migration_assets.repos import ledger, store
@@ -39,7 +39,7 @@ from migration_assets.repos.backfill import RepoSyncer, describe
 from migration_assets.repos.ledger import GONE_STATUSES, ClaimedRepo
 from migration_assets.repos.snapshot import _staged as staged_block  # the backfill's record row: jsonb + U+0000
 from migration_assets.repos.stream import (
-    AccountEvent, CommitEvent, IdentityEvent, InfoEvent, StreamError, StreamEvent, Subscription, SyncEvent,
+    AccountEvent, CommitEvent, IdentityEvent, InfoEvent, RepoOp, StreamError, StreamEvent, Subscription, SyncEvent,
     WebSocketException,
 )
 
@@ -152,7 +152,7 @@ class Follower:
         """Apply the events and store the cursor in one transaction, then resync the repos that need it."""
         checked = {id(e): self._check_commit(e) for e in batch if isinstance(e, CommitEvent)}
         resync: list[str] = []
-        last_time: datetime | None = None
+        cursor, last_time = self.report.cursor, None
         with self.pool.connection() as conn, conn.transaction():
             for event in batch:
                 if isinstance(event, CommitEvent):
@@ -168,9 +168,10 @@ class Follower:
                     self.report.outdated_cursor += 1
                     self.report.desyncs += make_host_due(conn, self.host)
                 if not isinstance(event, InfoEvent):
-                    self.report.cursor, last_time = event.seq, event.time
-            if self.report.cursor is not None:
-                save_cursor(conn, self.host, self.report.cursor)
+                    cursor, last_time = event.seq, event.time
+            if cursor is not None:
+                save_cursor(conn, self.host, cursor)
+        self.report.cursor = cursor
         self.report.events += sum(not isinstance(e, InfoEvent) for e in batch)
         if last_time is not None:
             self.report.lag_seconds = max(0.0, (datetime.now(timezone.utc) - last_time).total_seconds())
@@ -194,9 +195,11 @@ class Follower:
                 self._verify(event.repo, commit_block)
             records = {}
             for op in event.ops:
+                if problem := _op_problem(op, blocks, commit.data):
+                    return _Checked(problem=problem)
                 if op.action == "delete":
                     continue
-                if op.cid is None or op.cid not in blocks:
+                if op.cid not in blocks:
                     return _Checked(problem=f"record block of {op.action} {op.path} is missing from the event")
                 row = staged_block(op.cid, blocks[op.cid])
                 if row[1] is None:  # as in the backfill: a record that isn't DAG-CBOR fails its repo
@@ -270,6 +273,21 @@ class Follower:
             if outcome.status in ("retry", "rate_limited"):
                 self.report.resync_failures += 1
                 self.report.last_error = outcome.error
+
+
+def _op_problem(op: RepoOp, blocks: dict[CID, bytes], data: CID) -> str | None:
+    """Why an op can't be trusted, if it can't: a bad path, or it disagrees with the signed tree (the
+    event's MST nodes must put the op's CID at its path, or nothing for a delete)."""
+    collection, rkey = op.collection_rkey
+    if not (is_valid_nsid(collection) and is_valid_record_key(rkey)):
+        return f"op path {op.path[:200]!r} is not collection/record-key"
+    expected = None if op.action == "delete" else op.cid
+    if expected is None and op.action != "delete":
+        return f"{op.action} {op.path} has no record CID"
+    found = lookup(blocks, data, op.path)
+    if found != expected:
+        return f"{op.action} {op.path} disagrees with the signed commit's tree (holds {found}, op says {expected})"
+    return None
 
 
 def _past(deadline: float | None) -> bool:

@@ -10,7 +10,6 @@ spec lets hosts add them). Pure core: no Dagster, no database.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import datetime
 from typing import Literal, Union
@@ -184,12 +183,6 @@ class Subscription:
                 continue
             if event is not None:
                 return event
-
-    def events(self) -> Iterator[StreamEvent]:
-        while True:
-            event = self.next()
-            if event is not None:
-                yield event
 
     def close(self) -> None:
         self._resources.close()

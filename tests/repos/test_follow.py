@@ -116,6 +116,7 @@ def test_follow_applies_commits_new_accounts_account_status_and_identity(pds, ta
 
     report = follower.report
     assert report.applied >= 3, report  # alice's three commits came from the stream, not a resync
+    assert report.last_desync is None, report  # creates, updates and deletes all checked against the tree
     assert stored_records(target, alice.did)[(POSTS, keys[0])][1]["text"] == "post 100"
     assert len(stored_records(target, quiet.did)) == 2, "a deactivated account keeps its records"
     counts = dict(target.execute("SELECT collection, records FROM repo_collection_counts WHERE did = %s",
@@ -194,22 +195,25 @@ def forged(event: CommitEvent, **changes) -> CommitEvent:
 
 
 def test_events_that_cannot_be_applied_desync_only_their_repo(pds, target, target_url, instance):
-    """A forged signature, a missing record block, a commit for another rev: each desyncs its repo, which
+    """A forged signature, a missing record block, a commit for another rev, an op the signed tree
+    doesn't hold: each desyncs its repo, which
     the resync repairs; the events of other repos in the same batch still apply. OutdatedCursor makes the
     host's synced repos due."""
     host = pds.pds.url
-    accounts = [pds.create_account(handle()) for _ in range(4)]
+    accounts = [pds.create_account(handle()) for _ in range(5)]
     sync_dids(instance, target, [a.did for a in accounts])
     start = current_seq(host)
     for account in accounts:
         pds.create_records(account, POSTS, [post(1)])
     events = [next_commit(host, account.did, start) for account in accounts]
-    first, second, third, fine = events
+    first, second, third, fourth, fine = events
+    injected = fourth.ops[0].model_copy(update={"path": "app.bsky.feed.post/3zzzzzzzzzzzz"})
     commit_only = dict(CarReader(iter([second.blocks]), max_size=1 << 24))
     hostile = [
         forged(first),
         second.model_copy(update={"blocks": car_bytes([second.commit], [(second.commit, commit_only[second.commit])])}),
         third.model_copy(update={"rev": third.rev + "2"}),  # the commit inside says another rev
+        fourth.model_copy(update={"ops": fourth.ops + [injected]}),  # a record the signed tree doesn't hold
         fine,
     ]
     source = RepoSourceResource()
@@ -221,7 +225,7 @@ def test_events_that_cannot_be_applied_desync_only_their_repo(pds, target, targe
     finally:
         clients.close()
 
-    assert (follower.report.applied, follower.report.desyncs, follower.report.resyncs) == (1, 3, 3), follower.report
+    assert (follower.report.applied, follower.report.desyncs, follower.report.resyncs) == (1, 4, 4), follower.report
     for account in accounts:
         assert exact(pds, target, account, (POSTS,)), account.did
     assert load_cursor(target, host) == max(e.seq for e in events)
