@@ -97,6 +97,9 @@ class Follower:
         self.on_batch = on_batch
         self.start_cursor = start_cursor
         self.report = FollowReport(self.host)
+        # Repos a bucket run held while newer commits went by: {did: newest rev seen}. Once the run has
+        # stored its (maybe older) snapshot, a repo still behind is resynced.
+        self._behind_claims: dict[str, str] = {}
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -129,7 +132,7 @@ class Follower:
     def _follow(self, subscription: Subscription, stop: threading.Event, deadline: float | None) -> None:
         while not stop.is_set() and not _past(deadline):
             batch = self._read_batch(subscription, stop, deadline)
-            if batch:
+            if batch or self._behind_claims:
                 self.apply(batch)
 
     def _read_batch(self, subscription: Subscription, stop: threading.Event, deadline: float | None) -> list[StreamEvent]:
@@ -154,6 +157,7 @@ class Follower:
         resync: list[str] = []
         cursor, last_time = self.report.cursor, None
         with self.pool.connection() as conn, conn.transaction():
+            resync += self._recheck_claimed(conn)
             for event in batch:
                 if isinstance(event, CommitEvent):
                     resync += self._apply_commit(conn, event, checked[id(event)])
@@ -220,6 +224,8 @@ class Follower:
         if row is None:
             return self._due(conn, event.repo)  # an account new to us: backfill it
         status, rev = row
+        if status == "in_progress" and (rev is None or event.rev > rev):
+            self._behind_claims[event.repo] = max(event.rev, self._behind_claims.get(event.repo, ""))
         if status != "synced" or (rev is not None and event.rev <= rev):
             self.report.skipped += 1  # a resync is due or running, the account is inactive, or a replay
             return []
@@ -230,6 +236,16 @@ class Follower:
         apply_ops(conn, event, checked.records)
         self.report.applied += 1
         return []
+
+    def _recheck_claimed(self, conn: psycopg.Connection) -> list[str]:
+        rows = conn.execute("SELECT did, status, rev FROM repos WHERE did = ANY(%s) AND status <> 'in_progress'",
+                            (list(self._behind_claims),)).fetchall() if self._behind_claims else []
+        resync = []
+        for did, status, rev in rows:
+            seen = self._behind_claims.pop(did)
+            if status == "synced" and (rev is None or rev < seen):
+                resync += self._due(conn, did, f"a bucket run stored rev {rev} while the stream went on to {seen}")
+        return resync
 
     def _apply_sync(self, conn: psycopg.Connection, event: SyncEvent) -> list[str]:
         """The host can't give a diff (or the account is new): resync, unless we already hold that rev."""

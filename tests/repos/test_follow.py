@@ -42,11 +42,11 @@ def current_seq(host: str) -> int:
     return last
 
 
-def wait_until(what: str, condition: Callable[[], bool], timeout: float = 120.0) -> None:
+def wait_until(what: str, condition: Callable[[], bool], timeout: float = 120.0, every: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+        time.sleep(every)
 
 
 @contextmanager
@@ -149,12 +149,13 @@ def test_a_follower_killed_mid_stream_resumes_exact(pds, target, target_url, ins
     start = current_seq(host)
     save_cursor(target, host, start)
     rkeys = [pds.create_records(alice, POSTS, [post(n)])[0] for n in range(120)]  # one commit each
-    command = [sys.executable, "-m", "migration_assets.cli", "repos", "follow", "--host", host, "--batch-events", "5"]
+    command = [sys.executable, "-m", "migration_assets.cli", "repos", "follow", "--host", host, "--batch-events", "2"]
     env = os.environ | {"PYTHONPATH": str(PROJECT_ROOT)}
 
     follower = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        wait_until("the first batch", lambda: load_cursor(target, host) != start or follower.poll() is not None)
+        wait_until("the first batch", lambda: load_cursor(target, host) != start or follower.poll() is not None,
+                   every=0.005)
     finally:
         follower.send_signal(signal.SIGKILL)
         output = follower.communicate()[0].decode()
@@ -232,3 +233,20 @@ def test_events_that_cannot_be_applied_desync_only_their_repo(pds, target, targe
 
     follower.apply([InfoEvent(name="OutdatedCursor")])
     assert {ledger_row(target, a.did)["status"] for a in accounts} == {"pending"}
+
+
+def test_commits_passed_while_a_bucket_run_holds_the_repo_are_not_lost(pds, target, target_url, instance):
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    pds.create_records(alice, POSTS, [post(1)])
+    sync_dids(instance, target, [alice.did])
+    save_cursor(target, host, current_seq(host))
+    target.execute("UPDATE repos SET status = 'in_progress', claimed_at = now() WHERE did = %s", (alice.did,))
+
+    with following(target_url, host) as follower:
+        pds.create_records(alice, POSTS, [post(2)])
+        wait_until("the commit to go by", lambda: follower.report.skipped >= 1)
+        # The bucket run ends, having stored the repo as it was before that commit.
+        target.execute("UPDATE repos SET status = 'synced', claimed_at = NULL WHERE did = %s", (alice.did,))
+        wait_until("the resync", lambda: exact(pds, target, alice, (POSTS,)))
+    assert follower.report.resyncs == 1, follower.report
