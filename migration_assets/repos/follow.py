@@ -46,6 +46,7 @@ from migration_assets.repos.stream import (
 MAX_BLOCKS_BYTES = 16 * 1024 * 1024
 _RECONNECT = Backoff(base=1.0, cap=60.0, floor=0.5)
 _RETRYABLE_STREAM_ERRORS = {"ConsumerTooSlow"}
+_IDLE_SECONDS = 0.05
 
 
 @dataclass
@@ -136,15 +137,21 @@ class Follower:
                 self.apply(batch)
 
     def _read_batch(self, subscription: Subscription, stop: threading.Event, deadline: float | None) -> list[StreamEvent]:
+        """Up to `batch_size` events; the batch closes after `batch_seconds`, or as soon as the stream
+        pauses (`_IDLE_SECONDS`), so a quiet stream's events don't wait for a full batch."""
         batch: list[StreamEvent] = []
         until = time.monotonic() + self.batch_seconds
         while len(batch) < self.batch_size and not stop.is_set() and not _past(deadline):
             wait = until - time.monotonic()
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
+            if batch:
+                wait = min(wait, _IDLE_SECONDS)
             if wait <= 0:
                 break
             event = subscription.next(timeout=wait)
+            if event is None and batch:
+                break
             if event is not None:
                 batch.append(event)
         return batch
