@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -159,29 +160,25 @@ class Follower:
     # --- one batch ------------------------------------------------------------------------------------
 
     def apply(self, batch: list[StreamEvent]) -> None:
-        """Apply the events and store the cursor in one transaction, then resync the repos that need it."""
+        """Apply the events and store the cursor in one transaction, then resync the repos that need it.
+        The repos' states are read (and locked) once per batch and record writes are pipelined: a batch
+        costs a few round trips, not several per event."""
         checked = {id(e): self._check_commit(e) for e in batch if isinstance(e, CommitEvent)}
         resync: list[str] = []
         cursor, last_time = self.report.cursor, None
         with self.pool.connection() as conn, conn.transaction():
             resync += self._recheck_claimed(conn)
-            for event in batch:
-                if isinstance(event, CommitEvent):
-                    resync += self._apply_commit(conn, event, checked[id(event)])
-                elif isinstance(event, SyncEvent):
-                    resync += self._apply_sync(conn, event)
-                elif isinstance(event, IdentityEvent):
-                    self.syncer.resolver.invalidate(event.did)
-                    self.report.identities += 1
-                elif isinstance(event, AccountEvent):
-                    resync += self._apply_account(conn, event)
-                elif isinstance(event, InfoEvent) and event.name == "OutdatedCursor":
-                    self.report.outdated_cursor += 1
-                    self.report.desyncs += make_host_due(conn, self.host)
-                if not isinstance(event, InfoEvent):
-                    cursor, last_time = event.seq, event.time
-            if cursor is not None:
-                save_cursor(conn, self.host, cursor)
+            states = lock_states(conn, [e.repo for e in batch if isinstance(e, CommitEvent)])
+            writes = _BatchWrites(conn)
+            with conn.pipeline():
+                for event in batch:
+                    resync += self._apply_event(conn, event, checked.get(id(event)), states, writes)
+                    if not isinstance(event, InfoEvent):
+                        cursor, last_time = event.seq, event.time
+            with conn.pipeline():
+                writes.finish()
+                if cursor is not None:
+                    save_cursor(conn, self.host, cursor)
         self.report.cursor = cursor
         self.report.events += sum(not isinstance(e, InfoEvent) for e in batch)
         if last_time is not None:
@@ -189,6 +186,24 @@ class Follower:
         self._resync(resync)
         if self.on_batch:
             self.on_batch(self.report)
+
+    def _apply_event(self, conn: psycopg.Connection, event: StreamEvent, checked: "_Checked | None",
+                     states: dict[str, tuple[str, str | None]], writes: "_BatchWrites") -> list[str]:
+        if isinstance(event, CommitEvent):
+            return self._apply_commit(conn, event, checked, states, writes)
+        if isinstance(event, IdentityEvent):
+            self.syncer.resolver.invalidate(event.did)
+            self.report.identities += 1
+            return []
+        if isinstance(event, InfoEvent):
+            if event.name == "OutdatedCursor":
+                self.report.outdated_cursor += 1
+                self.report.desyncs += make_host_due(conn, self.host)
+            return []
+        states.pop(event.did, None)  # #sync and #account change the ledger row: read it again when needed
+        if isinstance(event, SyncEvent):
+            return self._apply_sync(conn, event)
+        return self._apply_account(conn, event)
 
     def _check_commit(self, event: CommitEvent) -> _Checked:
         """Everything about a #commit that needs no database: blocks, commit, signature (network)."""
@@ -226,11 +241,14 @@ class Follower:
         except SignatureError:  # the key may have rotated: re-resolve once
             verify_commit(commit_block, self.syncer.resolver.resolve(did, fresh=True).signing_key)
 
-    def _apply_commit(self, conn: psycopg.Connection, event: CommitEvent, checked: _Checked) -> list[str]:
-        row = conn.execute("SELECT status, rev FROM repos WHERE did = %s FOR UPDATE", (event.repo,)).fetchone()
-        if row is None:
+    def _apply_commit(self, conn: psycopg.Connection, event: CommitEvent, checked: _Checked,
+                      states: dict[str, tuple[str, str | None]], writes: "_BatchWrites") -> list[str]:
+        if event.repo not in states:
+            states.update(lock_states(conn, [event.repo]))
+        status, rev = states.get(event.repo, (None, None))
+        if status is None:
+            states[event.repo] = ("pending", None)
             return self._due(conn, event.repo)  # an account new to us: backfill it
-        status, rev = row
         if status == "in_progress" and (rev is None or event.rev > rev):
             self._behind_claims[event.repo] = max(event.rev, self._behind_claims.get(event.repo, ""))
         if status != "synced" or (rev is not None and event.rev <= rev):
@@ -239,8 +257,10 @@ class Follower:
         if checked.problem is None and event.since != rev:
             checked = _Checked(problem=f"event since {event.since}, stored rev {rev}: events were missed")
         if checked.problem is not None:
+            states[event.repo] = ("pending", rev)
             return self._due(conn, event.repo, f"desynchronized at rev {event.rev}: {checked.problem}")
-        apply_ops(conn, event, checked.records)
+        writes.commit(event, checked.records)
+        states[event.repo] = (status, event.rev)
         self.report.applied += 1
         return []
 
@@ -323,28 +343,46 @@ _UPSERT_RECORD = """
     INSERT INTO records (did, collection, rkey, cid, record, record_cbor) VALUES (%s, %s, %s, %s, %s::jsonb, %s)
     ON CONFLICT (did, collection, rkey)
     DO UPDATE SET cid = excluded.cid, record = excluded.record, record_cbor = excluded.record_cbor, indexed_at = now()
-    RETURNING xmax = 0"""
+    RETURNING CASE WHEN xmax = 0 THEN 1 ELSE 0 END"""
+_DELETE_RECORD = "DELETE FROM records WHERE did = %s AND collection = %s AND rkey = %s RETURNING -1"
 
 
-def apply_ops(conn: psycopg.Connection, event: CommitEvent, records: dict[CID, tuple]) -> None:
-    """Write a commit's ops to `records`, the per-collection counts and the ledger's head/rev/count."""
-    delta: dict[str, int] = {}
-    with conn.cursor() as cur:
+class _BatchWrites:
+    """A batch's record writes, each on its own cursor so they can be sent pipelined and their results
+    (+1 a record created, -1 one deleted) read afterwards; then the per-collection counts and the
+    ledger's head, rev and record count are written once per repo."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.sent: list[tuple[psycopg.Cursor, str, str]] = []  # (cursor, did, collection)
+        self.heads: dict[str, tuple[str, str]] = {}  # did -> (head, rev) of its last applied commit
+
+    def commit(self, event: CommitEvent, records: dict[CID, tuple]) -> None:
         for op in event.ops:
             collection, rkey = op.collection_rkey
+            cur = self.conn.cursor()
             if op.action == "delete":
-                cur.execute("DELETE FROM records WHERE did = %s AND collection = %s AND rkey = %s",
-                            (event.repo, collection, rkey))
-                change = -cur.rowcount
+                cur.execute(_DELETE_RECORD, (event.repo, collection, rkey))
             else:
                 _, text, _, exact = records[op.cid]
-                created = cur.execute(_UPSERT_RECORD, (event.repo, collection, rkey, str(op.cid), text, exact)).fetchone()[0]
-                change = 1 if created else 0
-            delta[collection] = delta.get(collection, 0) + change
-        for collection, change in delta.items():
-            if change:
-                add_collection_count(cur, event.repo, collection, change)
-        advance_head(cur, event.repo, str(event.commit), event.rev, sum(delta.values()))
+                cur.execute(_UPSERT_RECORD, (event.repo, collection, rkey, str(op.cid), text, exact))
+            self.sent.append((cur, event.repo, collection))
+        self.heads[event.repo] = (str(event.commit), event.rev)
+
+    def finish(self) -> None:
+        """After the writes' results arrived (the pipeline synced)."""
+        by_collection: Counter = Counter()
+        for cur, did, collection in self.sent:
+            row = cur.fetchone()
+            by_collection[(did, collection)] += row[0] if row else 0
+        by_repo: Counter = Counter()
+        with self.conn.cursor() as cur:
+            for (did, collection), change in by_collection.items():
+                by_repo[did] += change
+                if change:
+                    add_collection_count(cur, did, collection, change)
+            for did, (head, rev) in self.heads.items():
+                advance_head(cur, did, head, rev, by_repo[did])
 
 
 def add_collection_count(cur: psycopg.Cursor, did: str, collection: str, change: int) -> None:
@@ -367,6 +405,13 @@ def advance_head(cur: psycopg.Cursor, did: str, head: str, rev: str, record_chan
                updated_at = now() WHERE did = %s""",
         (head, rev, record_change, did),
     )
+
+
+def lock_states(conn: psycopg.Connection, dids: list[str]) -> dict[str, tuple[str, str | None]]:
+    """{did: (status, rev)} of these repos, locked for the transaction (in DID order: no deadlocks)."""
+    rows = conn.execute("SELECT did, status, rev FROM repos WHERE did = ANY(%s) ORDER BY did FOR UPDATE",
+                        (sorted(set(dids)),)).fetchall()
+    return {did: (status, rev) for did, status, rev in rows}
 
 
 def claim_dids(conn: psycopg.Connection, dids: list[str]) -> list[ClaimedRepo]:
