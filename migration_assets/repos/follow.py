@@ -63,6 +63,7 @@ class FollowReport:
     accounts: int = 0
     outdated_cursor: int = 0
     reconnects: int = 0
+    malformed: int = 0  # frames that didn't decode, skipped
     cursor: int | None = None
     lag_seconds: float = 0.0  # between the last applied event's time and when it was applied
     seconds: float = 0.0
@@ -76,7 +77,8 @@ class FollowReport:
     def summary(self) -> str:
         return (f"{self.events} events ({self.applied} commits applied, {self.skipped} skipped), "
                 f"{self.desyncs} desyncs, {self.resyncs} resyncs ({self.resync_failures} failed), "
-                f"{self.identities} identity, {self.accounts} account; cursor {self.cursor}; "
+                f"{self.identities} identity, {self.accounts} account, {self.malformed} malformed frames; "
+                f"cursor {self.cursor}; "
                 f"lag {self.lag_seconds:.1f} s; {self.events_per_second:.1f} events/s")
 
 
@@ -118,7 +120,10 @@ class Follower:
             try:
                 with Subscription(self.host, self.report.cursor) as subscription:
                     failures = 0
-                    self._follow(subscription, stop, deadline)
+                    try:
+                        self._follow(subscription, stop, deadline)
+                    finally:
+                        self.report.malformed += subscription.malformed
             except (WebSocketException, OSError, StreamError) as exc:
                 if isinstance(exc, StreamError) and exc.error not in _RETRYABLE_STREAM_ERRORS:
                     raise  # FutureCursor and the like: reconnecting would get the same answer

@@ -16,7 +16,7 @@ from typing import Literal, Union
 
 import cbor2
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictBytes, StrictInt, StrictStr, ValidationError
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from migration_assets.atproto import dagcbor
@@ -156,8 +156,8 @@ def websocket_url(host: str, cursor: int | None) -> str:
 
 class Subscription:
     """One connection to a host's stream from `cursor` (the last seq already applied; None: live only).
-    `next(timeout)` returns the next event, None when `timeout` passed first; ConnectionClosed when the
-    host hung up (reconnect from the stored cursor)."""
+    `next(timeout)` returns the next event, None when `timeout` passed first; raises WebSocketException
+    (ConnectionClosed) when the host hung up: reconnect from the stored cursor."""
 
     def __init__(self, host: str, cursor: int | None, open_timeout: float = 30.0) -> None:
         self.host = host
@@ -195,7 +195,7 @@ class Subscription:
 
 
 __all__ = [
-    "AccountEvent", "CommitEvent", "ConnectionClosed", "IdentityEvent", "InfoEvent", "RepoOp", "StreamError",
+    "AccountEvent", "CommitEvent", "IdentityEvent", "InfoEvent", "RepoOp", "StreamError",
     "StreamEvent", "StreamFormatError", "Subscription", "SyncEvent", "WebSocketException", "decode_frame",
     "websocket_url",
 ]
