@@ -110,6 +110,24 @@ def walk_records(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[str, 
         yield collection, rkey, value
 
 
+def lookup(blocks: Mapping[CID, bytes], root: CID, key: str) -> CID | None:
+    """The value of `key` in the MST rooted at `root`, or None when the tree has no such key. Needs only
+    the nodes on the key's path (what a commit event carries); a missing one raises MstError."""
+    wanted, cid = key.encode(), root
+    while True:
+        left, entries = _node(blocks, cid)
+        subtree = left
+        for entry, entry_key in zip(entries, _entry_keys(cid, entries)):
+            if entry_key == wanted:
+                return entry["v"]
+            if entry_key > wanted:
+                break
+            subtree = entry["t"]
+        if subtree is None:
+            return None
+        cid = subtree
+
+
 def _split_key(key: bytes, valid_collections: set[str]) -> tuple[str, str]:
     text = key.decode("utf-8", errors="replace")
     collection, sep, rkey = text.partition("/")

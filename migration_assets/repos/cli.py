@@ -1,6 +1,9 @@
-"""`migration-assets repos backfill`: discover a host's repos and backfill every due bucket in-process."""
+"""`migration-assets repos backfill`: discover a host's repos and backfill every due bucket in-process.
+`migration-assets repos follow`: apply a host's event stream (subscribeRepos) until stopped."""
 
 import argparse
+import signal
+import threading
 import time
 from collections import Counter
 
@@ -8,6 +11,7 @@ from migration_assets.core.instance import project_instance
 from migration_assets.core.resources import PostgresResource
 from migration_assets.core.runs import materialize_partition, materialized_metadata, print_partition_summary
 from migration_assets.repos import ledger
+from migration_assets.repos.follow import Follower, FollowReport
 from migration_assets.repos.assets import REPOS, repo_ledger, repos
 from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.resources import RepoSourceResource
@@ -23,6 +27,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     backfill.add_argument("--did", action="append", default=[], help="only these DIDs, listed or not (repeatable)")
     backfill.add_argument("--no-verify", action="store_true", help="skip commit signature checks")
     backfill.set_defaults(handler=backfill_command)
+    follow = actions.add_parser("follow", help="apply a host's event stream (subscribeRepos) to the stored repos")
+    follow.add_argument("--host", required=True, help="PDS or relay URL to follow")
+    follow.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    follow.add_argument("--no-verify", action="store_true", help="skip commit signature checks")
+    follow.add_argument("--batch-events", type=int, default=200, help="events per transaction (with the cursor)")
+    follow.set_defaults(handler=follow_command)
 
 
 def backfill_command(args: argparse.Namespace) -> int:
@@ -74,3 +84,48 @@ def print_totals(outcomes: Counter, records: int, seconds: float) -> None:
     print(f"{repos_done} repos in {seconds:.1f} s: {60 * repos_done / seconds:.1f} users/min, "
           f"{records / seconds:.1f} records/s")
     print("outcomes: " + (", ".join(f"{status} {n}" for status, n in sorted(outcomes.items())) or "none"))
+
+
+PROGRESS_SECONDS = 10.0
+
+
+def follow_command(args: argparse.Namespace) -> int:
+    """Follow one host until Ctrl-C (or --seconds): the batch in hand commits before it stops."""
+    source = RepoSourceResource(**({"verify_signatures": False} if args.no_verify else {}))
+    postgres = PostgresResource()
+    pool = postgres.pool(4)
+    clients = source.clients(postgres.resolved_url())
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    follower = Follower(pool, args.host, source.syncer(pool, clients), buckets=source.settings.buckets,
+                        batch_size=args.batch_events, on_batch=_progress_printer())
+    print(f"following {follower.host}" + (f" for {args.seconds:.0f} s" if args.seconds else " until Ctrl-C"), flush=True)
+    try:
+        report = follower.run(stop, args.seconds)
+    except Exception as exc:  # noqa: BLE001 - the command reports any failure and exits non-zero
+        print(f"error: following {follower.host} failed: {type(exc).__name__}: {exc}")
+        print(f"stopped at: {follower.report.summary()}")
+        print("next step: a FutureCursor means the stored cursor is ahead of the host (another host answers at "
+              "this URL?): delete its row in repo_stream_cursors and run again; otherwise fix the cause and run "
+              "again, it resumes from the last committed event")
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        clients.close()
+    print(f"done: {report.summary()}")
+    if report.resync_failures:
+        print(f"next step: {report.resync_failures} resyncs failed ({report.last_error}); they retry with backoff "
+              "when the repo_sync sensor runs or this command runs again (repos table: status 'error', last_error)")
+        return 1
+    return 0
+
+
+def _progress_printer():
+    last = [time.monotonic()]
+
+    def progress(report: FollowReport) -> None:
+        if time.monotonic() - last[0] >= PROGRESS_SECONDS:
+            last[0] = time.monotonic()
+            print(report.summary(), flush=True)
+
+    return progress

@@ -1,0 +1,183 @@
+"""Following a host's event stream: events applied per second against a raw loop that only reads and
+decodes the same stream, and the lag behind the stream under a steady write load.
+
+A reference PDS (npm @atproto/dev-env) and a PLC directory (its own Node process) run on loopback.
+`--accounts` accounts are created and backfilled; then `--commits` commits of `--ops` new records each
+are written, round-robin over the accounts, and the stream from before them is read twice:
+
+1. raw: subscribeRepos frames read and decoded (typed events, their CAR slices read): events/s.
+2. follow: the project's follower applies the same events to PostgreSQL (signature and MST checks,
+   records, ledger, cursor), `--batch-events` per transaction: events/s; target >= 0.5x raw.
+3. lag: a writer adds `--rate` commits/s for `--load-seconds` while the follower follows live; the lag
+   (event time to commit) after each batch, median and max.
+
+    python bench/repo_stream.py                                   # 50 accounts, 5,000 commits
+    python bench/repo_stream.py --accounts 5 --commits 300 --load-seconds 5    # smoke run
+"""
+
+import argparse
+import os
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+try:
+    from bench.common import embedded_postgres, load_average, log, machine_info, write_result
+except ImportError:  # run as a script: bench/ is on sys.path
+    from common import embedded_postgres, load_average, log, machine_info, write_result
+
+from migration_assets.atproto.car import CarReader
+from migration_assets.core.postgres import shared_pool
+from migration_assets.devstack.atproto import PdsSeeder, populate, start_atproto_network
+from migration_assets.repos import ledger
+from migration_assets.repos.backfill import backfill_buckets
+from migration_assets.repos.follow import Follower, FollowReport, save_cursor
+from migration_assets.repos.resources import RepoSourceResource
+from migration_assets.repos.stream import CommitEvent, Subscription
+
+NAME = "repo_stream"
+TARGET = 0.5
+QUIET_SECONDS = 2.0
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--accounts", type=int, default=50)
+    parser.add_argument("--commits", type=int, default=5000)
+    parser.add_argument("--ops", type=int, default=1, help="records created per commit")
+    parser.add_argument("--batch-events", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=50.0, help="commits/s of the steady load (step 3)")
+    parser.add_argument("--load-seconds", type=float, default=30.0)
+    return parser.parse_args(argv)
+
+
+def write_commits(seeder: PdsSeeder, accounts: list, commits: int, ops: int) -> None:
+    def one(n: int) -> None:
+        account = accounts[n % len(accounts)]
+        seeder.create_records(account, "com.example.record", [{"text": f"stream {n}.{i}", "n": n} for i in range(ops)])
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, range(commits)))
+
+
+def raw_read(host: str, cursor: int) -> tuple[int, int, float]:
+    """(events, last seq, seconds up to the last event): read and decode until the stream goes quiet."""
+    events, last, started, finished = 0, cursor, time.perf_counter(), None
+    with Subscription(host, cursor) as subscription:
+        while (event := subscription.next(timeout=QUIET_SECONDS)) is not None:
+            if isinstance(event, CommitEvent):
+                dict(CarReader(iter([event.blocks]), max_size=1 << 24))
+            events, last, finished = events + 1, getattr(event, "seq", last), time.perf_counter()
+    return events, last, (finished or started) - started
+
+
+def follower(target_url: str, host: str, batch_events: int, on_batch=None) -> tuple[Follower, object]:
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    clients = source.clients(target_url)
+    return Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets,
+                    batch_size=batch_events, on_batch=on_batch), clients
+
+
+def follow_until(target_url: str, host: str, start: int, end: int, batch_events: int) -> tuple[FollowReport, float]:
+    with shared_pool(target_url).connection() as conn:
+        save_cursor(conn, host, start)
+    stop = threading.Event()
+    done_at = []
+
+    def on_batch(report: FollowReport) -> None:
+        if report.cursor is not None and report.cursor >= end and not done_at:
+            done_at.append(time.perf_counter())
+            stop.set()
+
+    follow, clients = follower(target_url, host, batch_events, on_batch)
+    try:
+        started = time.perf_counter()
+        report = follow.run(stop)
+    finally:
+        clients.close()
+    return report, (done_at[0] if done_at else time.perf_counter()) - started
+
+
+def lag_under_load(target_url: str, seeder: PdsSeeder, accounts: list, args) -> dict:
+    host = seeder.pds.url
+    lags: list[float] = []
+    follow, clients = follower(target_url, host, args.batch_events, lambda r: lags.append(r.lag_seconds))
+    stop = threading.Event()
+    thread = threading.Thread(target=follow.run, args=(stop,))
+    thread.start()
+    written = 0
+    try:
+        started = time.perf_counter()
+        while (elapsed := time.perf_counter() - started) < args.load_seconds:
+            due = int(elapsed * args.rate) + 1
+            for n in range(written, due):
+                account = accounts[n % len(accounts)]
+                seeder.create_records(account, "com.example.record", [{"text": f"load {n}", "n": n}])
+            written = due
+            time.sleep(max(0.0, due / args.rate - (time.perf_counter() - started)))
+        time.sleep(QUIET_SECONDS)
+    finally:
+        stop.set()
+        thread.join()
+        clients.close()
+    achieved = written / args.load_seconds
+    return {"commits": written, "commits_per_second": round(achieved, 1), "batches": len(lags),
+            "lag_median_seconds": round(statistics.median(lags), 3) if lags else None,
+            "lag_max_seconds": round(max(lags), 3) if lags else None,
+            "desyncs": follow.report.desyncs}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    with embedded_postgres("bench_stream") as (target_url, _), start_atproto_network(
+        0, log_path=Path("/tmp/bench-stream-plc.log")
+    ) as plc, start_atproto_network(1, plc_url=plc.plc_url, log_path=Path("/tmp/bench-stream.log")) as network:
+        os.environ.update(network.environment())
+        seeder = PdsSeeder(network.pdses[0])
+        host = seeder.pds.url
+        log(f"{args.accounts} accounts, backfilled ...")
+        accounts = populate(seeder, args.accounts, 1, handle_prefix="stream")
+        source = RepoSourceResource()
+        pool = shared_pool(target_url, max_size=source.settings.connections)
+        with pool.connection() as conn:
+            ledger.enqueue(conn, [a.did for a in accounts], source.settings.buckets)
+            conn.commit()
+        clients = source.clients(target_url)
+        outcomes = backfill_buckets(pool, source.syncer(pool, clients), list(range(source.settings.buckets))).by_status()
+        clients.close()
+        if outcomes != {"synced": len(accounts)}:
+            raise SystemExit(f"backfill did not sync every repo: {dict(outcomes)}")
+        _, start, _ = raw_read(host, 0)
+        log(f"writing {args.commits} commits of {args.ops} records ...")
+        write_commits(seeder, accounts, args.commits, args.ops)
+        log("raw read ...")
+        raw_events, end, raw_seconds = raw_read(host, start)
+        log(f"raw {raw_events} events in {raw_seconds:.2f} s; follow ...")
+        report, follow_seconds = follow_until(target_url, host, start, end, args.batch_events)
+        if report.applied != args.commits or report.desyncs:
+            raise SystemExit(f"the follower did not apply every commit exactly: {report.summary()}")
+        log(f"follow {report.events} events in {follow_seconds:.2f} s; steady load ...")
+        load = lag_under_load(target_url, seeder, accounts, args)
+        seeder.close()
+    raw_rate, follow_rate = raw_events / raw_seconds, report.events / follow_seconds
+    payload = {
+        "bench": NAME,
+        "machine": machine_info(),
+        "load_average": load_average(),
+        "data": {"accounts": args.accounts, "commits": args.commits, "records_per_commit": args.ops,
+                 "batch_events": args.batch_events, "pdses": 1, "plc": "own Node process"},
+        "raw_read": {"events": raw_events, "seconds": round(raw_seconds, 2), "events_per_second": round(raw_rate, 1)},
+        "follow": {"events": report.events, "commits_applied": report.applied, "seconds": round(follow_seconds, 2),
+                   "events_per_second": round(follow_rate, 1)},
+        "follow_vs_raw": round(follow_rate / raw_rate, 3),
+        "target": TARGET,
+        "steady_load": load,
+    }
+    write_result(NAME, payload)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""A `com.atproto.sync.subscribeRepos` client: read a host's (a PDS's or a relay's) event stream from a
+cursor and yield typed events.
+
+Each WebSocket frame is two DAG-CBOR values: a header `{op, t}` (op 1: a message of type `t`; op -1:
+an error) and a body. Bodies are decoded with the project's strict DAG-CBOR decoder and checked into
+pydantic models here, at the boundary; message types this client does not know are skipped (the
+spec lets hosts add them). Pure core: no Dagster, no database.
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import ExitStack
+from datetime import datetime
+from typing import Literal, Union
+
+import cbor2
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictBytes, StrictInt, StrictStr, ValidationError
+from websockets.exceptions import WebSocketException
+from websockets.sync.client import ClientConnection, connect
+
+from migration_assets.atproto import dagcbor
+from migration_assets.atproto.cid import CID
+from migration_assets.atproto.errors import AtprotoFormatError
+
+NSID = "com.atproto.sync.subscribeRepos"
+MAX_FRAME_BYTES = 8 * 1024 * 1024  # a #commit's blocks are capped far below this by hosts
+
+
+class StreamFormatError(AtprotoFormatError):
+    """A frame is not a valid subscribeRepos message."""
+
+
+class StreamError(Exception):
+    """The host sent an error frame (FutureCursor, ConsumerTooSlow, ...) or refused the subscription."""
+
+    def __init__(self, host: str, error: str, message: str = "") -> None:
+        super().__init__(f"{host} subscribeRepos: {error}{': ' + message if message else ''}")
+        self.host, self.error = host, error
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="ignore")
+
+
+class RepoOp(_Event):
+    action: Literal["create", "update", "delete"]
+    path: StrictStr
+    cid: CID | None = None
+    prev: CID | None = None
+
+    @property
+    def collection_rkey(self) -> tuple[str, str]:
+        collection, _, rkey = self.path.partition("/")
+        return collection, rkey
+
+
+class CommitEvent(_Event):
+    type: Literal["#commit"] = "#commit"
+    seq: StrictInt
+    repo: StrictStr
+    rev: StrictStr
+    since: StrictStr | None = None
+    commit: CID
+    blocks: StrictBytes  # a CAR slice: the new commit, changed MST nodes and the new records
+    ops: list[RepoOp]
+    too_big: StrictBool = Field(default=False, alias="tooBig")
+    prev_data: CID | None = Field(default=None, alias="prevData")
+    time: datetime
+
+
+class SyncEvent(_Event):
+    type: Literal["#sync"] = "#sync"
+    seq: StrictInt
+    did: StrictStr
+    rev: StrictStr
+    blocks: StrictBytes
+    time: datetime
+
+
+class IdentityEvent(_Event):
+    type: Literal["#identity"] = "#identity"
+    seq: StrictInt
+    did: StrictStr
+    handle: str | None = None
+    time: datetime
+
+
+class AccountEvent(_Event):
+    type: Literal["#account"] = "#account"
+    seq: StrictInt
+    did: StrictStr
+    active: StrictBool
+    status: str | None = None
+    time: datetime
+
+
+class InfoEvent(_Event):
+    """Not sequenced: `OutdatedCursor` says the cursor is older than the host keeps."""
+
+    type: Literal["#info"] = "#info"
+    name: StrictStr
+    message: str | None = None
+
+
+StreamEvent = Union[CommitEvent, SyncEvent, IdentityEvent, AccountEvent, InfoEvent]
+_MODELS: dict[str, type[_Event]] = {
+    "#commit": CommitEvent, "#sync": SyncEvent, "#identity": IdentityEvent, "#account": AccountEvent, "#info": InfoEvent,
+}
+
+
+def _split_frame(frame: bytes) -> tuple[object, bytes]:
+    """(decoded header, body bytes). read_size=1 keeps the file position exactly after the header."""
+    source = io.BytesIO(frame)
+    try:
+        cbor2.CBORDecoder(source, read_size=1).decode()
+    except cbor2.CBORDecodeError as exc:
+        raise StreamFormatError(f"frame header is not CBOR: {exc}") from None
+    end = source.tell()
+    return dagcbor.decode(frame[:end]), frame[end:]
+
+
+def decode_frame(frame: bytes, host: str = "") -> StreamEvent | None:
+    """One frame as a typed event; None for a message type this client does not know. An error frame
+    raises StreamError; a malformed one StreamFormatError."""
+    if not isinstance(frame, bytes):
+        raise StreamFormatError("a text frame on subscribeRepos; only binary DAG-CBOR frames are valid")
+    try:
+        header, body_bytes = _split_frame(frame)
+        body = dagcbor.decode(body_bytes)
+    except dagcbor.DagCborError as exc:
+        raise StreamFormatError(f"frame is not two DAG-CBOR values: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(body, dict):
+        raise StreamFormatError("frame header and body must be DAG-CBOR maps")
+    if header.get("op") == -1:
+        raise StreamError(host, str(body.get("error", "unknown")), str(body.get("message") or ""))
+    if header.get("op") != 1 or not isinstance(header.get("t"), str):
+        raise StreamFormatError(f"frame header {header!r} is neither a message (op 1 with t) nor an error")
+    model = _MODELS.get(header["t"])
+    if model is None:
+        return None
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise StreamFormatError(f"{header['t']} message does not match the lexicon: {exc}") from None
+
+
+def websocket_url(host: str, cursor: int | None) -> str:
+    base = host.rstrip("/")
+    if base.startswith("https://"):
+        base = "wss://" + base.removeprefix("https://")
+    elif base.startswith("http://"):
+        base = "ws://" + base.removeprefix("http://")
+    return f"{base}/xrpc/{NSID}" + (f"?cursor={cursor}" if cursor is not None else "")
+
+
+class Subscription:
+    """One connection to a host's stream from `cursor` (the last seq already applied; None: live only).
+    `next(timeout)` returns the next event, None when `timeout` passed first; raises WebSocketException
+    (ConnectionClosed) when the host hung up: reconnect from the stored cursor."""
+
+    def __init__(self, host: str, cursor: int | None, open_timeout: float = 30.0) -> None:
+        self.host = host
+        self.malformed = 0  # frames skipped because they don't decode (one bad frame fails only itself)
+        self.last_problem: str | None = None
+        self._resources = ExitStack()
+        self._ws: ClientConnection = self._resources.enter_context(connect(
+            websocket_url(host, cursor), open_timeout=open_timeout, max_size=MAX_FRAME_BYTES,
+            user_agent_header="migration-assets",
+        ))
+
+    def next(self, timeout: float | None = None) -> StreamEvent | None:
+        while True:
+            try:
+                frame = self._ws.recv(timeout=timeout)
+            except TimeoutError:
+                return None
+            try:
+                event = decode_frame(frame, self.host)
+            except StreamFormatError as exc:
+                self.malformed += 1
+                self.last_problem = str(exc)
+                continue
+            if event is not None:
+                return event
+
+    def close(self) -> None:
+        self._resources.close()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = [
+    "AccountEvent", "CommitEvent", "IdentityEvent", "InfoEvent", "RepoOp", "StreamError",
+    "StreamEvent", "StreamFormatError", "Subscription", "SyncEvent", "WebSocketException", "decode_frame",
+    "websocket_url",
+]

@@ -1,0 +1,252 @@
+"""Following a real reference PDS's event stream (dev-env PLC + PDS on loopback) into PostgreSQL."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import httpx
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from migration_assets.core.postgres import shared_pool
+from migration_assets.core.settings import PROJECT_ROOT
+from migration_assets.repos.follow import Follower, load_cursor, save_cursor
+from migration_assets.repos.resources import RepoSourceResource
+from migration_assets.repos.stream import Subscription
+from migration_assets.atproto.car import CarReader
+from migration_assets.atproto.cid import CID
+from migration_assets.atproto.mst import parse_commit
+from migration_assets.repos.stream import CommitEvent, InfoEvent
+from tests.atproto.builders import car_bytes, private_key, signed_commit
+from tests.repos.conftest import handle
+from tests.repos.helpers import ledger_row, listed_records, stored_records, sync_dids
+
+POSTS = "app.bsky.feed.post"
+LIKES = "com.example.like"
+
+
+def post(n: int) -> dict:
+    return {"$type": POSTS, "text": f"post {n}", "createdAt": "2026-12-04T10:00:00.000Z"}
+
+
+def current_seq(host: str) -> int:
+    """The host's latest sequence number (read its stream from the start until it goes quiet)."""
+    last = 0
+    with Subscription(host, cursor=0) as subscription:
+        while (event := subscription.next(timeout=1.0)) is not None:
+            last = getattr(event, "seq", last)
+    return last
+
+
+def wait_until(what: str, condition: Callable[[], bool], timeout: float = 120.0, every: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+@contextmanager
+def following(target_url: str, host: str, **options) -> Iterator[Follower]:
+    """A follower of `host` in a thread, stopped (after its batch commits) when the block ends."""
+    pool = shared_pool(target_url)
+    source = RepoSourceResource()
+    clients = source.clients(target_url)
+    follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets, **options)
+    stop, failures = threading.Event(), []
+
+    def run() -> None:
+        try:
+            follower.run(stop)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failures.append(exc)
+
+    thread = threading.Thread(target=run, name="follower")
+    thread.start()
+    try:
+        yield follower
+    finally:
+        stop.set()
+        thread.join(60)
+        clients.close()
+    assert not thread.is_alive(), "the follower did not stop"
+    assert not failures, failures
+
+
+def exact(pds, target, account, collections=(POSTS, LIKES)) -> bool:
+    listed = {}
+    for collection in collections:
+        listed |= listed_records(pds.pds.url, account.did, collection)
+    latest = httpx.get(f"{pds.pds.url}/xrpc/com.atproto.sync.getLatestCommit", params={"did": account.did}).json()
+    row = ledger_row(target, account.did)
+    return (stored_records(target, account.did) == listed and row.get("rev") == latest["rev"]
+            and row["records_count"] == len(listed) and row["status"] == "synced")
+
+
+def test_follow_applies_commits_new_accounts_account_status_and_identity(pds, target, target_url, instance):
+    host = pds.pds.url
+    start = current_seq(host)
+    alice, quiet, banned = (pds.create_account(handle()) for _ in range(3))
+    keys = pds.create_records(alice, POSTS, [post(n) for n in range(5)])
+    pds.create_records(quiet, POSTS, [post(1), post(2)])
+    pds.create_records(banned, POSTS, [post(3)])
+    sync_dids(instance, target, [alice.did, quiet.did, banned.did])
+    save_cursor(target, host, start)  # follow from before the backfill: its events are replays
+
+    with following(target_url, host) as follower:
+        pds.update_records(alice, POSTS, {keys[0]: post(100)})
+        pds.delete_records(alice, POSTS, keys[1:3])
+        pds.create_records(alice, LIKES, [{"subject": "s", "createdAt": "2026-12-04T10:00:00Z"}])
+        newcomer = pds.create_account(handle())
+        pds.create_records(newcomer, POSTS, [post(7), post(8)])
+        pds.deactivate(quiet)
+        pds.takedown(banned)
+        new_handle = handle()
+        pds._call("com.atproto.identity.updateHandle", {"handle": new_handle}, token=alice.access_jwt)
+
+        wait_until("alice, the newcomer and both account changes", lambda: (
+            exact(pds, target, alice) and exact(pds, target, newcomer)
+            and ledger_row(target, quiet.did)["status"] == "deactivated"
+            and ledger_row(target, banned.did)["status"] == "takendown"
+            and follower.report.identities >= 1))
+        assert follower.syncer.resolver.resolve(alice.did).handle == new_handle, "#identity left a stale DID document"
+
+    report = follower.report
+    assert report.applied >= 3, report  # alice's three commits came from the stream, not a resync
+    assert report.last_desync is None, report  # creates, updates and deletes all checked against the tree
+    assert stored_records(target, alice.did)[(POSTS, keys[0])][1]["text"] == "post 100"
+    assert len(stored_records(target, quiet.did)) == 2, "a deactivated account keeps its records"
+    counts = dict(target.execute("SELECT collection, records FROM repo_collection_counts WHERE did = %s",
+                                 (alice.did,)).fetchall())
+    assert counts == {POSTS: 3, LIKES: 1}
+    assert load_cursor(target, host) == report.cursor > start
+
+
+def test_an_event_that_does_not_follow_the_stored_rev_resyncs_the_repo(pds, target, target_url, instance):
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    keys = pds.create_records(alice, POSTS, [post(n) for n in range(4)])
+    sync_dids(instance, target, [alice.did])
+    save_cursor(target, host, current_seq(host))
+    # The stored state misses a commit: an older rev, a record gone. Only a resync can repair it.
+    target.execute("UPDATE repos SET rev = '2222222222222' WHERE did = %s", (alice.did,))
+    target.execute("DELETE FROM records WHERE did = %s AND rkey = %s", (alice.did, keys[0]))
+
+    with following(target_url, host) as follower:
+        pds.create_records(alice, POSTS, [post(9)])
+        wait_until("the resync", lambda: exact(pds, target, alice, (POSTS,)))
+
+    assert (follower.report.desyncs, follower.report.resyncs, follower.report.applied) == (1, 1, 0), follower.report
+
+
+def test_a_follower_killed_mid_stream_resumes_exact(pds, target, target_url, instance):
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    sync_dids(instance, target, [alice.did])
+    start = current_seq(host)
+    save_cursor(target, host, start)
+    rkeys = [pds.create_records(alice, POSTS, [post(n)])[0] for n in range(120)]  # one commit each
+    command = [sys.executable, "-m", "migration_assets.cli", "repos", "follow", "--host", host, "--batch-events", "2"]
+    env = os.environ | {"PYTHONPATH": str(PROJECT_ROOT)}
+
+    follower = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until("the first batch", lambda: load_cursor(target, host) != start or follower.poll() is not None,
+                   every=0.005)
+    finally:
+        follower.send_signal(signal.SIGKILL)
+        output = follower.communicate()[0].decode()
+    killed_at = load_cursor(target, host)
+    stored = stored_records(target, alice.did)
+    # What was committed is a prefix of the stream, with the ledger in step: nothing half-applied.
+    assert set(stored) == {(POSTS, rkey) for rkey in rkeys[:len(stored)]}, output
+    assert ledger_row(target, alice.did)["records_count"] == len(stored)
+    assert len(stored) < len(rkeys), f"the follower finished before it was killed; kill it sooner\n{output}"
+
+    resumed = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until("the resumed follower to catch up", lambda: exact(pds, target, alice, (POSTS,)))
+    finally:
+        resumed.send_signal(signal.SIGINT)  # Ctrl-C: stops after committing, exits 0
+        output = resumed.communicate(timeout=60)[0]
+    assert resumed.returncode == 0, output
+    assert "done:" in output and "0 desyncs" in output and "0 resyncs" in output, output
+    assert load_cursor(target, host) > killed_at
+
+
+def next_commit(host: str, did: str, after: int) -> CommitEvent:
+    with Subscription(host, cursor=after) as subscription:
+        while (event := subscription.next(timeout=10)) is not None:
+            if isinstance(event, CommitEvent) and event.repo == did and event.ops:
+                return event
+    raise AssertionError(f"no commit of {did} after seq {after}")
+
+
+def forged(event: CommitEvent, **changes) -> CommitEvent:
+    """The event with its commit re-signed by a stranger's key (same did, data and rev)."""
+    blocks = dict(CarReader(iter([event.blocks]), max_size=1 << 24))
+    commit = parse_commit(blocks[event.commit])
+    block = signed_commit(private_key(ec.SECP256K1(), 0xBAD), commit.data, did=commit.did, rev=commit.rev)
+    cid = CID.for_block(block)
+    blocks = {k: v for k, v in blocks.items() if k != event.commit} | {cid: block}
+    return event.model_copy(update={"commit": cid, "blocks": car_bytes([cid], blocks.items()), **changes})
+
+
+def test_events_that_cannot_be_applied_desync_only_their_repo(pds, target, target_url, instance):
+    """A forged signature, a missing record block, a commit for another rev, an op the signed tree
+    doesn't hold: each desyncs its repo, which
+    the resync repairs; the events of other repos in the same batch still apply. OutdatedCursor makes the
+    host's synced repos due."""
+    host = pds.pds.url
+    accounts = [pds.create_account(handle()) for _ in range(5)]
+    sync_dids(instance, target, [a.did for a in accounts])
+    start = current_seq(host)
+    for account in accounts:
+        pds.create_records(account, POSTS, [post(1)])
+    events = [next_commit(host, account.did, start) for account in accounts]
+    first, second, third, fourth, fine = events
+    injected = fourth.ops[0].model_copy(update={"path": "app.bsky.feed.post/3zzzzzzzzzzzz"})
+    commit_only = dict(CarReader(iter([second.blocks]), max_size=1 << 24))
+    hostile = [
+        forged(first),
+        second.model_copy(update={"blocks": car_bytes([second.commit], [(second.commit, commit_only[second.commit])])}),
+        third.model_copy(update={"rev": third.rev + "2"}),  # the commit inside says another rev
+        fourth.model_copy(update={"ops": fourth.ops + [injected]}),  # a record the signed tree doesn't hold
+        fine,
+    ]
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    clients = source.clients(target_url)
+    try:
+        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets)
+        follower.apply(hostile)
+    finally:
+        clients.close()
+
+    assert (follower.report.applied, follower.report.desyncs, follower.report.resyncs) == (1, 4, 4), follower.report
+    for account in accounts:
+        assert exact(pds, target, account, (POSTS,)), account.did
+    assert load_cursor(target, host) == max(e.seq for e in events)
+
+    follower.apply([InfoEvent(name="OutdatedCursor")])
+    assert {ledger_row(target, a.did)["status"] for a in accounts} == {"pending"}
+
+
+def test_commits_passed_while_a_bucket_run_holds_the_repo_are_not_lost(pds, target, target_url, instance):
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    pds.create_records(alice, POSTS, [post(1)])
+    sync_dids(instance, target, [alice.did])
+    save_cursor(target, host, current_seq(host))
+    target.execute("UPDATE repos SET status = 'in_progress', claimed_at = now() WHERE did = %s", (alice.did,))
+
+    with following(target_url, host) as follower:
+        pds.create_records(alice, POSTS, [post(2)])
+        wait_until("the commit to go by", lambda: follower.report.skipped >= 1)
+        # The bucket run ends, having stored the repo as it was before that commit.
+        target.execute("UPDATE repos SET status = 'synced', claimed_at = NULL WHERE did = %s", (alice.did,))
+        wait_until("the resync", lambda: exact(pds, target, alice, (POSTS,)))
+    assert follower.report.resyncs == 1, follower.report
