@@ -18,15 +18,19 @@ from migration_assets.files.settings import FilesSettings
 from migration_assets.files.worker import RangeJob
 
 
-@pytest.fixture(scope="session")
-def moto_s3(tmp_path_factory) -> Iterator[str]:
-    server = start_moto_s3(log_path=tmp_path_factory.mktemp("logs") / "moto.log")
+def serve_s3(server) -> Iterator[str]:
+    """Export a local S3-API server as the AWS environment while a fixture lasts, then stop it."""
     with pytest.MonkeyPatch.context() as mp:
         for name, value in local_aws_environment(s3_url=server.url).items():
             mp.setenv(name, value)
         mp.delenv("AWS_CA_BUNDLE", raising=False)
         yield server.url
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory) -> Iterator[str]:
+    yield from serve_s3(start_moto_s3(log_path=tmp_path_factory.mktemp("logs") / "moto.log"))
 
 
 def s3_client(endpoint: str | None = None):

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from migration_assets.devstack.servers import local_aws_environment, start_seaweedfs
+from migration_assets.devstack.servers import start_seaweedfs
 from migration_assets.files import store
 from migration_assets.files.checks import range_checks
 from migration_assets.files.worker import migrate_claimed_range
-from tests.files.conftest import make_job
+from tests.files.conftest import make_job, serve_s3
 from tests.files.helpers import assert_bytes_equal
 
 MIB = 1024 * 1024
@@ -27,13 +27,7 @@ def claim_first_range(job) -> store.Claim:
 def moto_s3(tmp_path_factory) -> Iterator[str]:
     """Overrides conftest's moto server for this module: `s3`, `bucket` and `files_env` use SeaweedFS."""
     folder = tmp_path_factory.mktemp("seaweedfs")
-    server = start_seaweedfs(folder / "data", log_path=folder / "weed.log")
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in local_aws_environment(s3_url=server.url).items():
-            mp.setenv(name, value)
-        mp.delenv("AWS_CA_BUNDLE", raising=False)
-        yield server.url
-    server.stop()
+    yield from serve_s3(start_seaweedfs(folder / "data", log_path=folder / "weed.log"))
 
 
 def b64_sha256(data: bytes) -> str:
