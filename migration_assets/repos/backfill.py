@@ -23,7 +23,8 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from migration_assets.atproto import xrpc
-from migration_assets.atproto.identity import DidNotFound, DidTombstoned, IdentityResolver
+from migration_assets.atproto.identity import DidDocument, DidNotFound, DidTombstoned, IdentityResolver
+from migration_assets.atproto.signature import SignatureError
 from migration_assets.core.concurrency import ordered_map
 from migration_assets.core.lease import Heartbeat, Lease, LeaseLost
 from migration_assets.repos import ledger, store
@@ -119,15 +120,18 @@ class RepoSyncer:
     def _sync(self, repo: ClaimedRepo, lease: Lease) -> RepoOutcome:
         did, pds = repo.did, None
         try:
-            self.resolver.invalidate(did)  # a moved account must be fetched from its new PDS
-            document = self.resolver.resolve(did)
+            document = self.resolver.resolve(did)  # cached for ATPROTO_IDENTITY_TTL_SECONDS
             pds = document.pds_endpoint
-            with self.fetch(did, pds) as snapshot:
-                if self.settings.verify_signatures:
-                    verify_snapshot(snapshot, document.signing_key)
-                with self.pool.connection() as conn, lease.holding(conn, did):
-                    changes = store.store_snapshot(conn, snapshot, pds)
-            return RepoOutcome(did, "synced", snapshot.records, changes, snapshot.car_bytes)
+            try:
+                return self._fetch_and_store(did, document, lease)
+            except (xrpc.RepoNotFound, SignatureError):
+                # The cached identity may be stale: the account moved to another PDS or rotated its
+                # key. Resolve once more; only a changed document is worth a second try.
+                fresh = self.resolver.resolve(did, fresh=True)
+                if (fresh.pds_endpoint, fresh.signing_key) == (document.pds_endpoint, document.signing_key):
+                    raise
+                pds = fresh.pds_endpoint
+                return self._fetch_and_store(did, fresh, lease)
         except psycopg.Error as exc:
             if is_connection_failure(exc):
                 raise  # the target is failing: no outcome can be recorded, so stop the run
@@ -150,6 +154,15 @@ class RepoSyncer:
             raise
         except Exception as exc:  # noqa: BLE001 - any other failure of one repo schedules its retry
             return self._failed(lease, did, describe(exc), repo.attempts)
+
+    def _fetch_and_store(self, did: str, document: DidDocument, lease: Lease) -> RepoOutcome:
+        pds = document.pds_endpoint
+        with self.fetch(did, pds) as snapshot:
+            if self.settings.verify_signatures:
+                verify_snapshot(snapshot, document.signing_key)
+            with self.pool.connection() as conn, lease.holding(conn, did):
+                changes = store.store_snapshot(conn, snapshot, pds)
+        return RepoOutcome(did, "synced", snapshot.records, changes, snapshot.car_bytes)
 
     def _failed(self, lease: Lease, did: str, error: str, attempts: int) -> RepoOutcome:
         retry_at = ledger.next_retry_at(attempts + 1)

@@ -1,0 +1,73 @@
+"""Identities are cached for their TTL and re-resolved only when what was done with them failed: a
+repo the cached PDS no longer has, or a signature the cached key does not verify."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from migration_assets.core.postgres import shared_pool
+from migration_assets.repos import ledger
+from migration_assets.repos.backfill import backfill_buckets
+from migration_assets.repos.resources import RepoSourceResource
+from tests.repos.conftest import handle
+from tests.repos.helpers import ledger_row, stored_records
+
+POSTS = "app.bsky.feed.post"
+
+
+class _NoSuchRepo(BaseHTTPRequestHandler):
+    """A PDS the account has left: every getRepo answers RepoNotFound."""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        body = json.dumps({"error": "RepoNotFound", "message": "Could not find repo"}).encode()
+        self.send_response(400)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def old_pds():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoSuchRepo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def run_once(target, target_url, syncer, did) -> dict:
+    ledger.request_sync(target, [did], 256)
+    report = backfill_buckets(shared_pool(target_url), syncer, [ledger_row(target, did)["bucket"]])
+    return {o.did: o.status for o in report.outcomes}
+
+
+def test_identity_is_cached_across_syncs_and_refreshed_when_the_cached_pds_lost_the_repo(
+        pds, target, target_url, atproto_env, old_pds, monkeypatch):
+    account = pds.create_account(handle())
+    pds.create_records(account, POSTS, [{"$type": POSTS, "text": f"p{n}", "createdAt": "2026-12-01T00:00:00Z"}
+                                        for n in range(3)])
+    source = RepoSourceResource()
+    clients = source.clients(target_url)
+    syncer = source.syncer(shared_pool(target_url), clients)
+    fetched, fetch = [], syncer.resolver._resolve_uncached  # the real resolution, counted
+    monkeypatch.setattr(syncer.resolver, "_resolve_uncached", lambda did: fetched.append(did) or fetch(did))
+    try:
+        assert run_once(target, target_url, syncer, account.did) == {account.did: "synced"}
+        assert run_once(target, target_url, syncer, account.did) == {account.did: "synced"}
+        assert fetched == [account.did], "the second sync resolved the DID again instead of using the cache"
+
+        # The cached document now names a PDS the account has left: the repo is not found there, the
+        # identity is resolved afresh, and the repo syncs from where it lives, not marked deleted.
+        live = syncer.resolver.resolve(account.did)
+        syncer.resolver._cache[account.did] = (float("inf"), live.model_copy(update={"pds_endpoint": old_pds}))
+        assert run_once(target, target_url, syncer, account.did) == {account.did: "synced"}
+        assert fetched == [account.did, account.did]
+        assert ledger_row(target, account.did)["pds"] == pds.pds.url
+        assert len(stored_records(target, account.did)) == 3
+    finally:
+        clients.close()
