@@ -6,6 +6,7 @@ between several runs."""
 import dagster as dg
 from dagster._core.test_utils import create_run_for_test
 
+from migration_assets.cli import main
 from migration_assets.core.backoff import Backoff
 from migration_assets.core.resources import PostgresResource
 from migration_assets.repos import ledger
@@ -144,3 +145,25 @@ def test_a_busy_bucket_gets_several_runs_a_quiet_one_gets_one(target, instance, 
     keys = [r.partition_key for r in requests]
     assert sorted(keys) == sorted([bucket_key(busy)] * 3 + [bucket_key(quiet)]), keys
     assert len({r.run_key for r in requests}) == len(requests), "runs of one bucket need distinct run keys"
+
+
+def test_the_follow_command_is_a_run_in_the_instance_and_fails_non_zero(pds, target, dagster_home, instance, capsys):
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    sync_dids(instance, target, [alice.did])
+    save_cursor(target, host, current_seq(host))
+    pds.create_records(alice, POSTS, [post(1)])
+
+    code = main(["repos", "follow", "--host", host + "/", "--seconds", "5"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "done: 1 events (1 commits applied" in out and "0 desyncs" in out, out
+    assert exact(pds, target, alice, (POSTS,))
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"migration-assets/cli": "repos follow"}))
+    assert [run.tags.get("dagster/partition") for run in runs] == [host], "the command's run must show in the instance"
+
+    save_cursor(target, host, 10**12)
+    code = main(["repos", "follow", "--host", host, "--seconds", "30"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "FutureCursor" in out and "repo_stream_cursors" in out and "next step:" in out, out
