@@ -73,7 +73,7 @@ def start_local_sources(args: argparse.Namespace) -> list[LocalServer]:
 
 
 SERVERS_FILE = "demo-servers.json"  # every server the demo started, for tests that check they stop
-DEMO_SENSORS = ("repo_sync", "atproto_blob_requests")
+DEMO_SENSORS = ("repo_sync", "repo_follow", "atproto_blob_requests")
 START_SENSOR = """
 mutation($selector: SensorSelector!) {
   startSensor(sensorSelector: $selector) { __typename ... on PythonError { message } }
@@ -113,7 +113,8 @@ def dev_command(args: argparse.Namespace) -> int:
         print(f"PLC directory at {network.plc_url}, PDSes at {', '.join(p.url for p in network.pdses)}")
         atproto = demo_atproto.seed(network, args.repo_accounts, args.blob_accounts)
         print(atproto["forgotten"])
-        print(f"{len(atproto['repo_dids'])} accounts to backfill (repo_sync sensor), "
+        print(f"{len(atproto['repo_dids'])} accounts to backfill (repo_sync sensor) and "
+              "follow (repo_follow sensor: one atproto/repo_stream run at a time), "
               f"{len(atproto['blob_migration_dids'])} blob migrations queued (atproto_blob_requests sensor)")
         block_tip, event_tip = seed_chain(args.heights)
         settings = ChainSettings.from_env()

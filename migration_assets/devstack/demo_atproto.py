@@ -23,7 +23,9 @@ POSTS = "app.bsky.feed.post"
 def start_network() -> AtprotoNetwork:
     network = start_atproto_network(2, blob_upload_limit=50_000_000, log_path=data_dir() / "atproto.log")
     os.environ.update(network.environment())
-    os.environ["REPO_DISCOVERY_HOSTS"] = network.pdses[0].url
+    os.environ["REPO_DISCOVERY_HOSTS"] = network.pdses[0].url  # and followed (REPO_FOLLOW_HOSTS unset)
+    # Follow runs of 10 minutes, so the demo shows one end and the repo_follow sensor start the next.
+    os.environ.setdefault("REPO_FOLLOW_RUN_SECONDS", "600")
     # The demo's own key for stored PDS passwords; a deployment sets MIGRATION_SECRET_KEY itself.
     os.environ.setdefault("MIGRATION_SECRET_KEY", Fernet.generate_key().decode())
     return network

@@ -2,8 +2,6 @@
 `migration-assets repos follow`: apply a host's event stream (subscribeRepos) until stopped."""
 
 import argparse
-import signal
-import threading
 import time
 from collections import Counter
 
@@ -11,12 +9,13 @@ from migration_assets.core.instance import project_instance
 from migration_assets.core.resources import PostgresResource
 from migration_assets.core.runs import materialize_partition, materialized_metadata, print_partition_summary
 from migration_assets.repos import ledger
-from migration_assets.repos.follow import Follower, FollowReport
 from migration_assets.repos.assets import REPOS, repo_ledger, repos
+from migration_assets.repos.follow_assets import REPO_STREAM, followed_hosts, repo_stream
 from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.resources import RepoSourceResource
 
 COMMAND = "repos backfill"
+FOLLOW_COMMAND = "repos follow"
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -86,46 +85,32 @@ def print_totals(outcomes: Counter, records: int, seconds: float) -> None:
     print("outcomes: " + (", ".join(f"{status} {n}" for status, n in sorted(outcomes.items())) or "none"))
 
 
-PROGRESS_SECONDS = 10.0
-
-
 def follow_command(args: argparse.Namespace) -> int:
-    """Follow one host until Ctrl-C (or --seconds): the batch in hand commits before it stops."""
+    """Follow one host as an in-process run of atproto/repo_stream (it shows in the UI) until Ctrl-C or
+    --seconds: the batch in hand commits before it stops."""
+    host = args.host.rstrip("/")
     source = RepoSourceResource(**({"verify_signatures": False} if args.no_verify else {}))
-    postgres = PostgresResource()
-    pool = postgres.pool(4)
-    clients = source.clients(postgres.resolved_url())
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
-    follower = Follower(pool, args.host, source.syncer(pool, clients), buckets=source.settings.buckets,
-                        batch_size=args.batch_events, on_batch=_progress_printer())
-    print(f"following {follower.host}" + (f" for {args.seconds:.0f} s" if args.seconds else " until Ctrl-C"), flush=True)
-    try:
-        report = follower.run(stop, args.seconds)
-    except Exception as exc:  # noqa: BLE001 - the command reports any failure and exits non-zero
-        print(f"error: following {follower.host} failed: {type(exc).__name__}: {exc}")
-        print(f"stopped at: {follower.report.summary()}")
-        print("next step: a FutureCursor means the stored cursor is ahead of the host (another host answers at "
-              "this URL?): delete its row in repo_stream_cursors and run again; otherwise fix the cause and run "
-              "again, it resumes from the last committed event")
+    resources = {"postgres": PostgresResource(), "repo_source": source}
+    instance = project_instance()
+    if not instance.has_dynamic_partition(followed_hosts.name, host):
+        instance.add_dynamic_partitions(followed_hosts.name, [host])
+    config = {"seconds": args.seconds, "until_stopped": args.seconds is None, "batch_events": args.batch_events}
+    print(f"following {host}" + (f" for {args.seconds:.0f} s" if args.seconds else " until Ctrl-C"), flush=True)
+    result = materialize_partition(instance, repo_stream, host, resources, FOLLOW_COMMAND,
+                                   run_config={"ops": {"atproto__repo_stream": {"config": config}}})
+    if not print_partition_summary(host, REPO_STREAM, result, lambda meta: "done: " + follow_summary(meta)):
+        print("next step: fix the cause above and run again: it resumes from the last committed event")
         return 1
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        clients.close()
-    print(f"done: {report.summary()}")
-    if report.resync_failures:
-        print(f"next step: {report.resync_failures} resyncs failed ({report.last_error}); they retry with backoff "
-              "when the repo_sync sensor runs or this command runs again (repos table: status 'error', last_error)")
+    metadata = materialized_metadata(result, REPO_STREAM) or {}
+    if metadata.get("resync_failures"):
+        print(f"next step: {metadata['resync_failures']} resyncs failed ({metadata['last_error']}); they retry with "
+              "backoff when the repo_sync sensor runs or this command runs again (repos table: status 'error', "
+              "last_error)")
         return 1
     return 0
 
 
-def _progress_printer():
-    last = [time.monotonic()]
-
-    def progress(report: FollowReport) -> None:
-        if time.monotonic() - last[0] >= PROGRESS_SECONDS:
-            last[0] = time.monotonic()
-            print(report.summary(), flush=True)
-
-    return progress
+def follow_summary(meta: dict) -> str:
+    return (f"{meta['events']} events ({meta['events_applied']} commits applied, {meta['events_skipped']} skipped), "
+            f"{meta['desyncs']} desyncs, {meta['resyncs']} resyncs ({meta['resync_failures']} failed); "
+            f"cursor {meta['cursor']}; lag {meta['lag_seconds']:.1f} s; {meta['events_per_second']:.1f} events/s")

@@ -7,7 +7,7 @@ nothing applied twice.
 - `#commit`: applied to a synced repo when it follows the stored state: its `since` is the stored rev,
   its commit block is present, for this repo and rev, and signed by the DID's key (cached; re-resolved
   once on failure), and every created or updated record's block is present. Events at or below the stored
-  rev are replays and skipped. An event that doesn't follow marks the repo due (desynchronized) and it is
+  rev are replays and skipped. Only records of REPO_COLLECTIONS are stored (the backfill's filter). An event that doesn't follow marks the repo due (desynchronized) and it is
   resynced through getRepo after the batch commits (a failed resync retries with the ledger's backoff).
   An unknown DID (an account created on the host) is added and synced the same way.
 - `#sync`: resync the repo. `#identity`: forget its cached DID document. `#account`: inactive with a
@@ -35,8 +35,10 @@ from migration_assets.atproto.errors import AtprotoError
 from migration_assets.atproto.mst import is_valid_nsid, is_valid_record_key, lookup, parse_commit
 from migration_assets.atproto.signature import SignatureError, verify_commit
 from migration_assets.core.backoff import Backoff
+from migration_assets.core.lease import Lease, LeaseLost
 from migration_assets.repos import ledger, store
 from migration_assets.repos.backfill import RepoSyncer, describe
+from migration_assets.repos.collections import CollectionFilter
 from migration_assets.repos.ledger import GONE_STATUSES, ClaimedRepo
 from migration_assets.repos.snapshot import _staged as staged_block  # the backfill's record row: jsonb + U+0000
 from migration_assets.repos.stream import (
@@ -101,6 +103,7 @@ class Follower:
         self.on_batch = on_batch
         self.start_cursor = start_cursor
         self.report = FollowReport(self.host)
+        self.collections = syncer.settings.scope.collections  # REPO_COLLECTIONS: the backfill's filter
         # Repos a bucket run held while newer commits went by: {did: newest rev seen}. Once the run has
         # stored its (maybe older) snapshot, a repo still behind is resynced.
         self._behind_claims: dict[str, str] = {}
@@ -228,8 +231,8 @@ class Follower:
             for op in event.ops:
                 if problem := _op_problem(op, blocks, commit.data):
                     return _Checked(problem=problem)
-                if op.action == "delete":
-                    continue
+                if op.action == "delete" or not self.collections.matches(op.collection_rkey[0]):
+                    continue  # a record outside REPO_COLLECTIONS is checked against the tree, never stored
                 if op.cid not in blocks:
                     return _Checked(problem=f"record block of {op.action} {op.path} is missing from the event")
                 row = staged_block(op.cid, blocks[op.cid])
@@ -264,7 +267,7 @@ class Follower:
         if checked.problem is not None:
             states[event.repo] = ("pending", rev)
             return self._due(conn, event.repo, f"desynchronized at rev {event.rev}: {checked.problem}")
-        writes.commit(event, checked.records)
+        writes.commit(event, checked.records, self.collections)
         states[event.repo] = (status, event.rev)
         self.report.applied += 1
         return []
@@ -311,16 +314,19 @@ class Follower:
 
     def _resync(self, dids: list[str]) -> None:
         """getRepo each repo made due by this batch (after its commit: the stream doesn't wait on a lock)."""
-        if not dids:
-            return
-        with self.pool.connection() as conn:
-            claimed = claim_dids(conn, dids)
-        for repo in claimed:
-            outcome = self.syncer.sync(repo)
-            self.report.resyncs += 1
-            if outcome.status in ("retry", "rate_limited"):
-                self.report.resync_failures += 1
-                self.report.last_error = outcome.error
+        lease = ledger.repo_lease(self.syncer.settings.lease_seconds)
+        for did in dict.fromkeys(dids):  # one claim at a time: no lease waits behind another repo's fetch
+            with self.pool.connection() as conn:
+                claimed = claim_dids(conn, lease, [did])
+            for repo in claimed:
+                try:
+                    outcome = self.syncer.sync(repo, lease)
+                except LeaseLost:
+                    continue  # a bucket run took it over (this fetch outlived the lease): that run syncs it
+                self.report.resyncs += 1
+                if outcome.status in ("retry", "rate_limited"):
+                    self.report.resync_failures += 1
+                    self.report.last_error = outcome.error
 
 
 def _op_problem(op: RepoOp, blocks: dict[CID, bytes], data: CID) -> str | None:
@@ -362,9 +368,11 @@ class _BatchWrites:
         self.sent: list[tuple[psycopg.Cursor, str, str]] = []  # (cursor, did, collection)
         self.heads: dict[str, tuple[str, str]] = {}  # did -> (head, rev) of its last applied commit
 
-    def commit(self, event: CommitEvent, records: dict[CID, tuple]) -> None:
+    def commit(self, event: CommitEvent, records: dict[CID, tuple], collections: CollectionFilter) -> None:
         for op in event.ops:
             collection, rkey = op.collection_rkey
+            if not collections.matches(collection):
+                continue
             cur = self.conn.cursor()
             if op.action == "delete":
                 cur.execute(_DELETE_RECORD, (event.repo, collection, rkey))
@@ -419,17 +427,14 @@ def lock_states(conn: psycopg.Connection, dids: list[str]) -> dict[str, tuple[st
     return {did: (status, rev) for did, status, rev in rows}
 
 
-def claim_dids(conn: psycopg.Connection, dids: list[str]) -> list[ClaimedRepo]:
-    """Take these due DIDs for an immediate resync (SKIP LOCKED: a bucket run may hold some)."""
-    rows = conn.execute(
-        """UPDATE repos SET status = 'in_progress', claimed_at = now(), updated_at = now()
-           WHERE did IN (SELECT did FROM repos WHERE did = ANY(%s) AND status = 'pending'
-                         ORDER BY did FOR UPDATE SKIP LOCKED)
-           RETURNING did, bucket, attempts, head""",
-        (list(dict.fromkeys(dids)),),
-    ).fetchall()
-    conn.commit()
-    return sorted((ClaimedRepo(*row) for row in rows), key=lambda r: r.did)
+def claim_dids(conn: psycopg.Connection, lease: Lease, dids: list[str]) -> list[ClaimedRepo]:
+    """Lease these due DIDs for an immediate resync, as a bucket run leases its repos (a run may hold some)."""
+    rows = lease.claim(
+        conn, "did = ANY(%(dids)s) AND status = 'pending'", {"dids": list(dids)}, len(dids),
+        set_sql="status = 'in_progress', claimed_at = now(), updated_at = now()",
+        returning=("bucket", "attempts", "head"),
+    )
+    return [ClaimedRepo(*row) for row in rows]
 
 
 def make_host_due(conn: psycopg.Connection, host: str) -> int:

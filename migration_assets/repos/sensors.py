@@ -1,4 +1,5 @@
-"""Continuous sync: page listRepos across ticks, mark moved repos due, run the buckets that have due repos."""
+"""Continuous sync: page listRepos across ticks, mark moved repos due, run the buckets that have due repos
+(several runs on a busy bucket); keep one event-stream run alive per followed host."""
 
 import json
 import time
@@ -6,16 +7,24 @@ import time
 import dagster as dg
 import psycopg
 
+from migration_assets.core.backoff import Backoff
 from migration_assets.core.resources import PostgresResource
 from migration_assets.repos import ledger
 from migration_assets.repos.assets import REPOS
 from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.discovery import discover, mark_out_of_scope
+from migration_assets.repos.follow_assets import REPO_STREAM, followed_hosts
 from migration_assets.repos.resources import HostClients, RepoSourceResource
 from migration_assets.repos.settings import RepoSettings
 
 MAX_RUNS_PER_TICK = 64
+CLAIM_BATCHES_PER_RUN = 4  # a bucket gets another run only when each would have this many claims to work on
 SYNC_TAG = "migration-assets/repo-sync"
+FOLLOW_HOST_TAG = "migration-assets/repo-follow-host"
+FOLLOW_RESTART = Backoff(base=30.0, cap=1800.0)  # wait after a host's runs failed in a row (ceiling: no jitter)
+RECENT_FOLLOW_RUNS = 8
+ALIVE = {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+         dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING}
 
 
 @dg.sensor(
@@ -46,12 +55,20 @@ def repo_sync(
     requests = [
         dg.RunRequest(
             partition_key=bucket_key(bucket),
-            run_key=f"repos-{bucket_key(bucket)}-{count}-{latest:.6f}",
+            run_key=f"repos-{bucket_key(bucket)}-{count}-{latest:.6f}" + (f"-{n}" if n else ""),
             tags={SYNC_TAG: "true"},
         )
-        for bucket, (count, latest) in list(due.items())[:MAX_RUNS_PER_TICK]
+        for bucket, (count, latest) in due.items()
+        for n in range(runs_for(count, settings))
     ]
-    return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursors))
+    return dg.SensorResult(run_requests=requests[:MAX_RUNS_PER_TICK], cursor=json.dumps(cursors))
+
+
+def runs_for(due: int, settings: RepoSettings) -> int:
+    """Runs to start on a bucket with `due` repos: one per CLAIM_BATCHES_PER_RUN claim batches, at most
+    REPO_RUNS_PER_BUCKET (their leases share the bucket: each claims its own batches)."""
+    wanted = -(-due // (settings.claim_batch * CLAIM_BATCHES_PER_RUN))
+    return max(1, min(settings.runs_per_bucket, wanted))
 
 
 def list_hosts(context: dg.SensorEvaluationContext, conn: psycopg.Connection, clients: HostClients,
@@ -73,3 +90,51 @@ def list_hosts(context: dg.SensorEvaluationContext, conn: psycopg.Connection, cl
         cursors[host] = progress.cursor  # None after the last page: the next tick starts over
         context.log.info(f"{host}: {progress.pages} pages, {progress.listed} listed, {progress.new} new, "
                          f"{progress.due} due" + (" (pass complete)" if progress.finished else " (goes on next tick)"))
+
+
+@dg.sensor(
+    name="repo_follow",
+    minimum_interval_seconds=30,
+    asset_selection=[REPO_STREAM],
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Keeps one atproto/repo_stream run alive per host of REPO_FOLLOW_HOSTS (default "
+    "REPO_DISCOVERY_HOSTS): a host whose run is queued or running gets nothing; one whose run ended gets the "
+    "next (after a run that failed, with backoff). Reads only run records: the stream is followed in the runs.",
+)
+def repo_follow(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    settings = RepoSettings.load()
+    hosts = settings.followed_hosts
+    known = set(context.instance.get_dynamic_partitions(followed_hosts.name))
+    new = [host for host in hosts if host not in known]
+    requests = []
+    for host in hosts:
+        request, why = follow_request(context.instance, host, settings.follow_run_seconds)
+        if request:
+            requests.append(request)
+        elif why:
+            context.log.info(f"{host}: {why}")
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[followed_hosts.build_add_request(new)] if new else [],
+    )
+
+
+def follow_request(instance: dg.DagsterInstance, host: str, run_seconds: float) -> tuple[dg.RunRequest | None, str]:
+    """The next follow run of `host`, or None and why not. Its run key names the run it follows, so a
+    tick repeated before that run shows up asks for the same run."""
+    records = instance.get_run_records(dg.RunsFilter(tags={FOLLOW_HOST_TAG: host}), limit=RECENT_FOLLOW_RUNS)
+    if records and records[0].dagster_run.status in ALIVE:
+        return None, ""
+    failures = next((n for n, r in enumerate(records) if r.dagster_run.status != dg.DagsterRunStatus.FAILURE),
+                    len(records))
+    if failures and records[0].end_time is not None:
+        wait = records[0].end_time + FOLLOW_RESTART.ceiling(failures) - time.time()
+        if wait > 0:
+            return None, f"{failures} runs failed in a row, the next starts in {wait:.0f} s"
+    previous = records[0].dagster_run.run_id if records else "none"
+    return dg.RunRequest(
+        partition_key=host,
+        run_key=f"repo-follow {host} after {previous}",
+        # Run monitoring fails a run that overruns well past its time (a hung stream or worker).
+        tags={FOLLOW_HOST_TAG: host, "dagster/max_runtime": str(int(2 * run_seconds + 600))},
+    ), ""

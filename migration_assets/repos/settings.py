@@ -27,6 +27,15 @@ class RepoSettings(EnvSettings):
     sync_interval_seconds: int = Field(default=60, ge=1, description="repo_sync sensor interval")
     sensor_tick_seconds: float = Field(
         default=30.0, gt=0, description="time a repo_sync tick spends paging listRepos; the next tick goes on from there")
+    runs_per_bucket: int = Field(
+        default=2, ge=1, description="most runs the repo_sync sensor starts at once on one bucket; a bucket with more "
+        "due repos than REPO_CLAIM_BATCH x 4 per run gets another run (their leases share the bucket's repos)")
+    follow_hosts: CommaList = Field(
+        default_factory=list, description="comma-separated PDS or relay URLs whose event stream (subscribeRepos) "
+        "the repo_follow sensor keeps followed; unset: REPO_DISCOVERY_HOSTS")
+    follow_run_seconds: float = Field(
+        default=3600.0, gt=0, description="how long one atproto/repo_stream run follows its host before it ends "
+        "(the repo_follow sensor starts the next)")
     collections: CommaList = Field(
         default_factory=list, description="comma-separated NSIDs of the collections to store, `*` wildcards "
         "(`app.bsky.feed.*`); unset: all. Widening it backfills the newly included collections")
@@ -51,7 +60,12 @@ class RepoSettings(EnvSettings):
         """The collection filter and signal collection that stored records are made under."""
         return RecordScope(CollectionFilter(tuple(self.collections)), self.signal_collection)
 
-    @field_validator("discovery_hosts")
+    @property
+    def followed_hosts(self) -> list[str]:
+        """REPO_FOLLOW_HOSTS, or REPO_DISCOVERY_HOSTS when it is unset."""
+        return self.follow_hosts or self.discovery_hosts
+
+    @field_validator("discovery_hosts", "follow_hosts")
     @classmethod
     def _without_trailing_slash(cls, hosts: list[str]) -> list[str]:
         return [host.rstrip("/") for host in hosts]

@@ -1,0 +1,169 @@
+"""Following in Dagster: the repo_follow sensor keeps one atproto/repo_stream run per followed host (none
+while one is alive, the next after one ended or failed), a follow run applies the dev-env PDS's stream and
+reports what it did; the stream stores only REPO_COLLECTIONS; the repo_sync sensor shares a busy bucket
+between several runs."""
+
+import dagster as dg
+from dagster._core.test_utils import create_run_for_test
+
+from migration_assets.cli import main
+from migration_assets.core.backoff import Backoff
+from migration_assets.core.resources import PostgresResource
+from migration_assets.repos import ledger
+from migration_assets.repos.buckets import bucket_key, bucket_of
+from migration_assets.repos.follow import save_cursor
+from migration_assets.repos.follow_assets import REPO_STREAM, followed_hosts, repo_stream
+from migration_assets.repos.resources import RepoSourceResource
+from migration_assets.repos.sensors import FOLLOW_HOST_TAG, repo_follow, repo_sync
+from tests.repos.conftest import handle
+from tests.repos.helpers import listed_records, stored_records, sync_dids
+from tests.repos.test_follow import LIKES, POSTS, current_seq, exact, following, post, wait_until
+
+OTHER_HOST = "http://127.0.0.1:9"  # never contacted: the sensor reads only run records
+
+
+def follow_tick(instance) -> dg.SensorResult:
+    result = repo_follow(dg.build_sensor_context(instance=instance))
+    for request in result.dynamic_partitions_requests:  # what the daemon does with them
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
+
+
+def by_host(result: dg.SensorResult) -> dict[str, dg.RunRequest]:
+    return {request.partition_key: request for request in result.run_requests}
+
+
+def follow_run(instance, host: str, request: dg.RunRequest | None = None, **config) -> dg.ExecuteInProcessResult:
+    """Execute a follow run as the daemon would launch the sensor's request (same partition and tags)."""
+    tags = request.tags if request else {FOLLOW_HOST_TAG: host}
+    return dg.materialize(
+        [repo_stream], partition_key=host, instance=instance, tags=tags, raise_on_error=False,
+        resources={"postgres": PostgresResource(), "repo_source": RepoSourceResource()},
+        run_config={"ops": {"atproto__repo_stream": {"config": config}}},
+    )
+
+
+def test_one_run_per_host_none_while_alive_and_the_next_after_it_ends(pds, target, instance, monkeypatch):
+    host = pds.pds.url
+    monkeypatch.setenv("REPO_FOLLOW_HOSTS", f"{host},{OTHER_HOST}")
+    first = follow_tick(instance)
+    assert set(by_host(first)) == {host, OTHER_HOST}
+    assert set(instance.get_dynamic_partitions(followed_hosts.name)) == {host, OTHER_HOST}
+    assert {r.tags[FOLLOW_HOST_TAG] for r in first.run_requests} == {host, OTHER_HOST}
+    assert by_host(follow_tick(instance))[host].run_key == by_host(first)[host].run_key, \
+        "a tick repeated before the run shows up must ask for the same run"
+
+    for status in (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTED):  # (QUEUED needs a code location)
+        alive = create_run_for_test(instance, status=status, tags={FOLLOW_HOST_TAG: host})
+        assert set(by_host(follow_tick(instance))) == {OTHER_HOST}, f"a {status} run got company"
+        instance.delete_run(alive.run_id)
+
+    ended = create_run_for_test(instance, status=dg.DagsterRunStatus.SUCCESS, tags={FOLLOW_HOST_TAG: host})
+    after = by_host(follow_tick(instance))[host]
+    assert after.run_key != by_host(first)[host].run_key and ended.run_id in after.run_key
+
+
+def test_a_follow_run_applies_the_stream_and_reports_it(pds, target, instance, monkeypatch):
+    host = pds.pds.url
+    monkeypatch.setenv("REPO_FOLLOW_HOSTS", host)
+    alice = pds.create_account(handle())
+    keys = pds.create_records(alice, POSTS, [post(n) for n in range(3)])
+    sync_dids(instance, target, [alice.did])
+    save_cursor(target, host, current_seq(host))
+    pds.create_records(alice, POSTS, [post(n) for n in range(3, 6)])  # one commit
+    pds.update_records(alice, POSTS, {keys[0]: post(100)})
+    pds.delete_records(alice, POSTS, keys[1:2])
+
+    request = by_host(follow_tick(instance))[host]
+    result = follow_run(instance, host, request, seconds=8)  # bounded, as REPO_FOLLOW_RUN_SECONDS bounds a run
+
+    assert result.success
+    assert exact(pds, target, alice, (POSTS,))
+    materialization = result.asset_materializations_for_node("atproto__repo_stream")[0]
+    meta = {name: value.value for name, value in materialization.metadata.items()}
+    assert materialization.partition == host and materialization.asset_key == REPO_STREAM
+    assert meta["events_applied"] == 3 and meta["desyncs"] == 0 and meta["resyncs"] == 0, meta
+    assert meta["events_per_second"] > 0 and meta["lag_seconds"] >= 0 and meta["cursor"] > 0, meta
+    assert request.run_key != by_host(follow_tick(instance))[host].run_key
+
+
+def test_the_sensor_restarts_a_failed_run_after_a_backoff(pds, target, instance, monkeypatch):
+    host = pds.pds.url
+    monkeypatch.setenv("REPO_FOLLOW_HOSTS", host)
+    save_cursor(target, host, 10**12)  # ahead of the host: it answers FutureCursor, and the run fails
+    request = by_host(follow_tick(instance))[host]
+    failed = follow_run(instance, host, request, seconds=30)
+    assert not failed.success
+    failure = next(e for e in failed.all_events if e.is_step_failure)
+    assert "FutureCursor" in failure.step_failure_data.error.message
+    assert "repo_stream_cursors" in failure.step_failure_data.error.message  # names the next step
+
+    assert host not in by_host(follow_tick(instance)), "a failed run is restarted at once, without backoff"
+    monkeypatch.setattr("migration_assets.repos.sensors.FOLLOW_RESTART", Backoff(base=1e-6, cap=1e-6))
+    restart = by_host(follow_tick(instance))[host]
+    assert failed.run_id in restart.run_key and restart.tags[FOLLOW_HOST_TAG] == host
+
+
+def test_the_stream_stores_only_the_filtered_collections(pds, target, target_url, instance, monkeypatch):
+    monkeypatch.setenv("REPO_COLLECTIONS", "app.bsky.feed.*")
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    pds.create_records(alice, POSTS, [post(1)])
+    sync_dids(instance, target, [alice.did])
+    save_cursor(target, host, current_seq(host))
+
+    with following(target_url, host) as follower:
+        pds.create_records(alice, LIKES, [{"subject": "s", "createdAt": "2026-12-04T10:00:00Z"}])
+        [rkey] = pds.create_records(alice, POSTS, [post(2)])
+        wait_until("the post", lambda: (POSTS, rkey) in stored_records(target, alice.did))
+
+    assert follower.report.applied == 2 and follower.report.desyncs == 0, follower.report
+    assert listed_records(pds.pds.url, alice.did, LIKES), "the like was not created"
+    assert {collection for collection, _ in stored_records(target, alice.did)} == {POSTS}
+    assert exact(pds, target, alice, (POSTS,))  # and the ledger counts only what is stored
+
+
+def dids_in_bucket(bucket: int, count: int, buckets: int = 256) -> list[str]:
+    found, n = [], 0
+    while len(found) < count:
+        did = f"did:plc:share{n:020d}"
+        if bucket_of(did, buckets) == bucket:
+            found.append(did)
+        n += 1
+    return found
+
+
+def test_a_busy_bucket_gets_several_runs_a_quiet_one_gets_one(target, instance, monkeypatch):
+    monkeypatch.setenv("REPO_CLAIM_BATCH", "2")  # another run per 8 due repos
+    monkeypatch.setenv("REPO_RUNS_PER_BUCKET", "3")
+    busy, quiet = 7, 11
+    ledger.request_sync(target, dids_in_bucket(busy, 30) + dids_in_bucket(quiet, 8), 256)
+    context = dg.build_sensor_context(
+        instance=instance, resources={"postgres": PostgresResource(), "repo_source": RepoSourceResource()})
+    requests = repo_sync(context).run_requests
+
+    keys = [r.partition_key for r in requests]
+    assert sorted(keys) == sorted([bucket_key(busy)] * 3 + [bucket_key(quiet)]), keys
+    assert len({r.run_key for r in requests}) == len(requests), "runs of one bucket need distinct run keys"
+
+
+def test_the_follow_command_is_a_run_in_the_instance_and_fails_non_zero(pds, target, dagster_home, instance, capsys):
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    sync_dids(instance, target, [alice.did])
+    save_cursor(target, host, current_seq(host))
+    pds.create_records(alice, POSTS, [post(1)])
+
+    code = main(["repos", "follow", "--host", host + "/", "--seconds", "5"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "done: 1 events (1 commits applied" in out and "0 desyncs" in out, out
+    assert exact(pds, target, alice, (POSTS,))
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"migration-assets/cli": "repos follow"}))
+    assert [run.tags.get("dagster/partition") for run in runs] == [host], "the command's run must show in the instance"
+
+    save_cursor(target, host, 10**12)
+    code = main(["repos", "follow", "--host", host, "--seconds", "30"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "FutureCursor" in out and "repo_stream_cursors" in out and "next step:" in out, out
