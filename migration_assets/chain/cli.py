@@ -7,7 +7,9 @@ import dagster as dg
 from migration_assets.chain.assets import (
     BLOCK_EVENTS, BLOCK_METADATA, MISSING_BLOCK_HEIGHTS, block_events, block_metadata,
 )
-from migration_assets.chain.event_source import EventLayout, event_ids_at_height
+from migration_assets.chain.event_source import (
+    EventLayout, HeightIndexMissing, NoEventHistory, event_ids_at_height, find_height_index, max_event_id,
+)
 from migration_assets.chain.partitions import block_ranges, event_ranges, register_ranges
 from migration_assets.chain.ranges import parse_range_key
 from migration_assets.chain.resources import ChainSourceResource
@@ -49,7 +51,11 @@ def migrate_command(args: argparse.Namespace) -> int:
         if failures:
             print("events: not migrated, since block ranges failed (events need their blocks)")
         else:
-            ids = event_id_range(source, args.start_height, args.end_height)
+            try:
+                ids = event_id_range(source, args.start_height, args.end_height)
+            except (HeightIndexMissing, NoEventHistory) as error:
+                print(f"error: {error}")
+                return 1
             if ids is None:
                 print(f"error: no events found at heights {args.start_height} and {args.end_height - 1}")
                 return 1
@@ -69,9 +75,11 @@ def migrate_command(args: argparse.Namespace) -> int:
 def event_id_range(source: ChainSourceResource, start_height: int, end_height: int) -> tuple[int, int] | None:
     """As the seed's tool: from the first event at the start height to the last at the end height - 1."""
     settings = source.settings
-    layout = EventLayout(settings.event_tag)
-    first = event_ids_at_height(source.client(), settings.event_table, layout, start_height)
-    last = event_ids_at_height(source.client(), settings.event_table, layout, end_height - 1)
+    layout, client, table = EventLayout(settings.event_tag), source.client(), settings.event_table
+    max_event_id(client, table, layout)  # NoEventHistory while chainstorage repopulates the table
+    index = find_height_index(client, table, layout, settings.event_height_index)
+    first = event_ids_at_height(client, table, layout, start_height, index)
+    last = event_ids_at_height(client, table, layout, end_height - 1, index)
     if not first or not last:
         return None
     return first[0], last[-1] + 1

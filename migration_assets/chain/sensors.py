@@ -7,7 +7,7 @@ from typing import TypeVar
 import dagster as dg
 
 from migration_assets.chain.assets import BLOCK_EVENTS, BLOCK_METADATA, SYNC_TAG
-from migration_assets.chain.event_source import EventLayout, max_event_id
+from migration_assets.chain.event_source import EventLayout, NoEventHistory, max_event_id
 from migration_assets.chain.partitions import block_ranges, event_ranges
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.chain.settings import ChainSettings
@@ -21,10 +21,11 @@ T = TypeVar("T")
 
 
 def _unless_missing(context: dg.SensorEvaluationContext, table: str, read: Callable[[], T]) -> T | None:
-    """A watermark, or None (and a warning) when its table does not exist: the other stream goes on."""
+    """A watermark, or None (and a warning) when its table does not exist or has no history yet: the
+    other stream goes on."""
     try:
         return read()
-    except SourceTableMissing as error:
+    except (SourceTableMissing, NoEventHistory) as error:
         context.log.warning(f"{error}: not syncing it")
         return None
 

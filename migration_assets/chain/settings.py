@@ -17,6 +17,11 @@ class ChainSettings(EnvSettings):
     load_chunk_heights: int = Field(default=1000, gt=0, description="heights per load transaction")
     event_table: str = Field(default="chain_events", description="DynamoDB event table of the event tag")
     event_tag: int = Field(default=0, ge=0, description="event tag to migrate (0: legacy layout)")
+    event_height_index: str | None = Field(
+        default=None,
+        description="the event table's GSI to find a height's events by (chainstorage's event_table_height_index "
+        "or versioned_event_table_block_index); unset: found by its hash key, `height` or `block_id`",
+    )
     event_range_size: int = Field(default=100_000, gt=0, description="event ids per event partition")
     load_chunk_events: int = Field(default=20_000, gt=0, description="events per load transaction")
     read_concurrency: int = Field(default=16, gt=0, description="DynamoDB requests in flight per run")
