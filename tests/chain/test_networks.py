@@ -114,3 +114,12 @@ def test_each_network_syncs_from_its_own_tables(fresh_instance, dynamodb, monkey
         added = {request.partitions_def_name for request in result.dynamic_partitions_requests}
         assert added == {f"{name}_chain_block_ranges", f"{name}_chain_event_ranges"}
         assert len(sources[name][1]) > 1
+
+
+def test_without_chain_networks_the_one_chain_keeps_its_names():
+    defs = dg.Definitions.merge(chain_definitions(ChainSettings.load()), dg.Definitions(resources=shared_resources()))
+    graph = defs.resolve_asset_graph()
+
+    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == {"chain/block_metadata", "chain/block_events"}
+    assert [sensor.name for sensor in defs.sensors] == ["chain_sync"]
+    assert NetworkConfig().schema is None
