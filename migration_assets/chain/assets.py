@@ -1,5 +1,7 @@
 """Dagster assets of the chain pipeline: a thin shell over `blocks.migrate_block_range`."""
 
+from dataclasses import dataclass
+
 import dagster as dg
 
 from migration_assets.chain import checks, event_checks
@@ -7,12 +9,11 @@ from migration_assets.chain.blocks import BlockRangeRequest, BlockRangeResult, m
 from migration_assets.chain.events import EventRangeRequest, EventRangeResult, MissingBlocksError, migrate_event_range
 from migration_assets.chain.partitions import block_ranges, event_ranges
 from migration_assets.chain.ranges import parse_range_key
-from migration_assets.chain.resources import ChainSourceResource
+from migration_assets.chain.resources import ChainSourceResource, network_pool
+from migration_assets.chain.settings import NetworkConfig
 from migration_assets.core.dagster_glue import check_result, check_specs, step_retry_policy
 from migration_assets.core.resources import PostgresResource
 
-BLOCK_METADATA = dg.AssetKey(["chain", "block_metadata"])
-BLOCK_EVENTS = dg.AssetKey(["chain", "block_events"])
 SYNC_TAG = "migration-assets/sync"  # runs requested by the continuous-sync sensor
 MISSING_BLOCK_HEIGHTS = "missing_block_heights"  # [first, last] on an event range's failure
 # Continuous sync launches a range's block and event runs together: a synced event run whose blocks
@@ -43,52 +44,6 @@ def block_range_metadata(result: BlockRangeResult) -> dict:
     }
 
 
-@dg.asset(
-    key=BLOCK_METADATA,
-    partitions_def=block_ranges,
-    check_specs=check_specs(BLOCK_METADATA, _BLOCK_CHECKS, block_ranges, warn=frozenset({checks.CHECK_CONTINUITY})),
-    group_name="chain",
-    kinds={"dynamodb", "postgres"},
-    pool="chain_dynamodb",
-    description="Every block of each height (reorged ones first, the canonical last) from DynamoDB "
-    "into block_metadata, and the canonical one into canonical_blocks.",
-)
-def block_metadata(
-    context: dg.AssetExecutionContext, postgres: PostgresResource, chain_source: ChainSourceResource
-) -> dg.MaterializeResult:
-    start, end = parse_range_key(context.partition_key)
-    settings = chain_source.settings
-    request = BlockRangeRequest(
-        client=chain_source.client(),
-        table=settings.block_table,
-        tag=settings.block_tag,
-        start=start,
-        end=end,
-        read_concurrency=chain_source.read_concurrency,
-        chunk_heights=settings.load_chunk_heights,
-        read_processes=chain_source.read_processes,
-        client_spec=chain_source.client_spec(),
-    )
-
-    def progress(result: BlockRangeResult) -> None:
-        context.log.info(
-            f"{settings.block_table} tag {settings.block_tag}: {result.heights}/{result.read_end - start} heights, "
-            f"{result.blocks} blocks, {result.reorged_blocks} reorged, "
-            f"{len(result.missing_canonical)} without canonical"
-        )
-
-    result = migrate_block_range(request, postgres.pool(), on_progress=progress)
-    if result.missing_canonical:
-        context.log.warning(
-            f"{len(result.missing_canonical)} heights have blocks but no canonical item: "
-            f"{result.missing_canonical[:20]}"
-        )
-    return dg.MaterializeResult(
-        metadata=block_range_metadata(result),
-        check_results=[check_result(outcome) for outcome in result.checks],
-    )
-
-
 _EVENT_CHECKS = {
     event_checks.CHECK_EVENT_COUNT: "block_events rows = source events in the range",
     event_checks.CHECK_EVENT_CONTIGUOUS: "max - min + 1 = count of event ids",
@@ -111,49 +66,120 @@ def event_range_metadata(result: EventRangeResult) -> dict:
     }
 
 
-@dg.asset(
-    key=BLOCK_EVENTS,
-    partitions_def=event_ranges,
-    deps=[dg.AssetDep(BLOCK_METADATA, partition_mapping=dg.AllPartitionMapping())],
-    check_specs=check_specs(
-        BLOCK_EVENTS, _EVENT_CHECKS, event_ranges,
-        warn=frozenset({event_checks.CHECK_EVENT_RULES, event_checks.CHECK_LAST_EVENT_CANONICAL}),
-    ),
-    group_name="chain",
-    kinds={"dynamodb", "postgres"},
-    pool="chain_dynamodb",
-    retry_policy=SYNC_RETRY,
-    description="Events with ids in the range from DynamoDB into block_events, each tied to its block.",
-)
-def block_events(
-    context: dg.AssetExecutionContext, postgres: PostgresResource, chain_source: ChainSourceResource
-) -> dg.MaterializeResult:
-    start, end = parse_range_key(context.partition_key)
-    settings = chain_source.settings
-    request = EventRangeRequest(
-        client=chain_source.client(), table=settings.event_table, event_tag=settings.event_tag,
-        start=start, end=end, read_concurrency=chain_source.read_concurrency,
-        chunk_events=settings.load_chunk_events,
-        read_processes=chain_source.read_processes,
-        client_spec=chain_source.client_spec(),
-    )
+@dataclass(frozen=True)
+class ChainAssetKeys:
+    block_metadata: dg.AssetKey
+    block_events: dg.AssetKey
 
-    def progress(result: EventRangeResult) -> None:
-        context.log.info(f"{settings.event_table} event tag {settings.event_tag}: {result.events} events loaded")
+    @classmethod
+    def of(cls, network: NetworkConfig) -> "ChainAssetKeys":
+        prefix = network.key_prefix
+        return cls(dg.AssetKey([*prefix, "chain", "block_metadata"]), dg.AssetKey([*prefix, "chain", "block_events"]))
 
-    try:
-        result = migrate_event_range(request, postgres.pool(), on_progress=progress)
-    except MissingBlocksError as error:
-        if SYNC_TAG in context.run.tags:
-            raise  # SYNC_RETRY: the blocks' own run is on its way
-        raise dg.Failure(
-            description=str(error), allow_retries=False,
-            metadata={MISSING_BLOCK_HEIGHTS: dg.MetadataValue.json([min(error.heights), max(error.heights)])},
-        ) from error
-    except Exception as error:
-        # Only missing blocks come right by waiting; anything else fails now, naming its cause.
-        raise dg.Failure(description=f"{type(error).__name__}: {error}", allow_retries=False) from error
-    return dg.MaterializeResult(
-        metadata=event_range_metadata(result),
-        check_results=[check_result(outcome) for outcome in result.checks],
+
+def chain_assets(
+    network: NetworkConfig, block_ranges: dg.DynamicPartitionsDefinition, event_ranges: dg.DynamicPartitionsDefinition
+) -> tuple[dg.AssetsDefinition, dg.AssetsDefinition]:
+    """(block_metadata, block_events) of one network: its tables, partitions and PostgreSQL schema."""
+    keys = ChainAssetKeys.of(network)
+
+    @dg.asset(
+        key=keys.block_metadata,
+        partitions_def=block_ranges,
+        check_specs=check_specs(keys.block_metadata, _BLOCK_CHECKS, block_ranges, warn=frozenset({checks.CHECK_CONTINUITY})),
+        group_name=network.prefixed("chain"),
+        kinds={"dynamodb", "postgres"},
+        pool="chain_dynamodb",
+        description="Every block of each height (reorged ones first, the canonical last) from DynamoDB "
+        "into block_metadata, and the canonical one into canonical_blocks.",
     )
+    def block_metadata(
+        context: dg.AssetExecutionContext, postgres: PostgresResource, chain_source: ChainSourceResource
+    ) -> dg.MaterializeResult:
+        start, end = parse_range_key(context.partition_key)
+        settings = chain_source.settings
+        table = network.tables(settings)[0]
+        request = BlockRangeRequest(
+            client=chain_source.client(),
+            table=table,
+            tag=settings.block_tag,
+            start=start,
+            end=end,
+            read_concurrency=chain_source.read_concurrency,
+            chunk_heights=settings.load_chunk_heights,
+            read_processes=chain_source.read_processes,
+            client_spec=chain_source.client_spec(),
+        )
+
+        def progress(result: BlockRangeResult) -> None:
+            context.log.info(
+                f"{table} tag {settings.block_tag}: {result.heights}/{result.read_end - start} heights, "
+                f"{result.blocks} blocks, {result.reorged_blocks} reorged, "
+                f"{len(result.missing_canonical)} without canonical"
+            )
+
+        result = migrate_block_range(request, network_pool(postgres, network.schema), on_progress=progress)
+        if result.missing_canonical:
+            context.log.warning(
+                f"{len(result.missing_canonical)} heights have blocks but no canonical item: "
+                f"{result.missing_canonical[:20]}"
+            )
+        return dg.MaterializeResult(
+            metadata=block_range_metadata(result),
+            check_results=[check_result(outcome) for outcome in result.checks],
+        )
+
+    @dg.asset(
+        key=keys.block_events,
+        partitions_def=event_ranges,
+        deps=[dg.AssetDep(keys.block_metadata, partition_mapping=dg.AllPartitionMapping())],
+        check_specs=check_specs(
+            keys.block_events, _EVENT_CHECKS, event_ranges,
+            warn=frozenset({event_checks.CHECK_EVENT_RULES, event_checks.CHECK_LAST_EVENT_CANONICAL}),
+        ),
+        group_name=network.prefixed("chain"),
+        kinds={"dynamodb", "postgres"},
+        pool="chain_dynamodb",
+        retry_policy=SYNC_RETRY,
+        description="Events with ids in the range from DynamoDB into block_events, each tied to its block.",
+    )
+    def block_events(
+        context: dg.AssetExecutionContext, postgres: PostgresResource, chain_source: ChainSourceResource
+    ) -> dg.MaterializeResult:
+        start, end = parse_range_key(context.partition_key)
+        settings = chain_source.settings
+        table = network.tables(settings)[1]
+        request = EventRangeRequest(
+            client=chain_source.client(), table=table, event_tag=settings.event_tag,
+            start=start, end=end, read_concurrency=chain_source.read_concurrency,
+            chunk_events=settings.load_chunk_events,
+            read_processes=chain_source.read_processes,
+            client_spec=chain_source.client_spec(),
+        )
+
+        def progress(result: EventRangeResult) -> None:
+            context.log.info(f"{table} event tag {settings.event_tag}: {result.events} events loaded")
+
+        try:
+            result = migrate_event_range(request, network_pool(postgres, network.schema), on_progress=progress)
+        except MissingBlocksError as error:
+            if SYNC_TAG in context.run.tags:
+                raise  # SYNC_RETRY: the blocks' own run is on its way
+            raise dg.Failure(
+                description=str(error), allow_retries=False,
+                metadata={MISSING_BLOCK_HEIGHTS: dg.MetadataValue.json([min(error.heights), max(error.heights)])},
+            ) from error
+        except Exception as error:
+            # Only missing blocks come right by waiting; anything else fails now, naming its cause.
+            raise dg.Failure(description=f"{type(error).__name__}: {error}", allow_retries=False) from error
+        return dg.MaterializeResult(
+            metadata=event_range_metadata(result),
+            check_results=[check_result(outcome) for outcome in result.checks],
+        )
+
+    return block_metadata, block_events
+
+
+_KEYS = ChainAssetKeys.of(NetworkConfig())  # the chain configured the old way
+BLOCK_METADATA, BLOCK_EVENTS = _KEYS.block_metadata, _KEYS.block_events
+block_metadata, block_events = chain_assets(NetworkConfig(), block_ranges, event_ranges)

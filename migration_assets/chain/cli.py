@@ -4,13 +4,15 @@ import argparse
 
 import dagster as dg
 
-from migration_assets.chain.assets import (
-    BLOCK_EVENTS, BLOCK_METADATA, MISSING_BLOCK_HEIGHTS, block_events, block_metadata,
+from migration_assets.chain.assets import MISSING_BLOCK_HEIGHTS
+from migration_assets.chain.definitions import NetworkAssets, network_assets
+from migration_assets.chain.event_source import (
+    EventLayout, HeightIndexMissing, NoEventHistory, event_ids_at_height, find_height_index, max_event_id,
 )
-from migration_assets.chain.event_source import EventLayout, event_ids_at_height
-from migration_assets.chain.partitions import block_ranges, event_ranges, register_ranges
+from migration_assets.chain.partitions import register_ranges
 from migration_assets.chain.ranges import parse_range_key
 from migration_assets.chain.resources import ChainSourceResource
+from migration_assets.chain.settings import NetworkConfig
 from migration_assets.core.instance import project_instance
 from migration_assets.core.resources import PostgresResource
 from migration_assets.core.runs import materialize_partition, print_partition_summary
@@ -24,6 +26,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     migrate.add_argument("--end-height", type=int, required=True, help="last height (exclusive)")
     migrate.add_argument("--tag", type=int, default=None, help="block tag (default CHAIN_BLOCK_TAG)")
     migrate.add_argument("--event-tag", type=int, default=None, help="event tag (default CHAIN_EVENT_TAG)")
+    migrate.add_argument("--blockchain", default=None, help="with --network: one of CHAIN_NETWORKS' chains, e.g. ethereum")
+    migrate.add_argument("--network", default=None, help="with --blockchain: e.g. mainnet (default: the chain configured the old way)")
     migrate.add_argument("--skip-blocks", action="store_true", help="events only (blocks already migrated)")
     migrate.add_argument("--skip-events", action="store_true", help="block metadata only")
     migrate.set_defaults(handler=migrate_command)
@@ -36,28 +40,37 @@ def migrate_command(args: argparse.Namespace) -> int:
     if args.skip_blocks and args.skip_events:
         print("error: --skip-blocks and --skip-events together leave nothing to migrate")
         return 2
+    if (args.blockchain is None) != (args.network is None):
+        print("error: give --blockchain and --network together (or neither, for the chain configured the old way)")
+        return 2
+    network = NetworkConfig() if args.blockchain is None else NetworkConfig.parse(f"{args.blockchain}-{args.network}")
+    chain = network_assets(network)
     source = ChainSourceResource(block_tag=args.tag, event_tag=args.event_tag)
     resources = {"postgres": PostgresResource(), "chain_source": source}
     instance = project_instance()
     failures = total = 0
     if not args.skip_blocks:
-        keys = register_ranges(instance, block_ranges, args.start_height, args.end_height, source.settings.block_range_size)
+        keys = register_ranges(instance, chain.block_ranges, args.start_height, args.end_height, source.settings.block_range_size)
         announce_snap("heights", (args.start_height, args.end_height), keys, "CHAIN_BLOCK_RANGE_SIZE")
-        failures += run_partitions(instance, block_metadata, BLOCK_METADATA, keys, resources, block_summary)
+        failures += run_partitions(instance, chain.block_metadata, keys, resources, block_summary)
         total += len(keys)
     if not args.skip_events:
         if failures:
             print("events: not migrated, since block ranges failed (events need their blocks)")
         else:
-            ids = event_id_range(source, args.start_height, args.end_height)
+            try:
+                ids = event_id_range(source, args.start_height, args.end_height, network)
+            except (HeightIndexMissing, NoEventHistory) as error:
+                print(f"error: {error}")
+                return 1
             if ids is None:
                 print(f"error: no events found at heights {args.start_height} and {args.end_height - 1}")
                 return 1
             print(f"events: heights [{args.start_height}, {args.end_height}) are event ids [{ids[0]}, {ids[1]})")
-            keys = register_ranges(instance, event_ranges, ids[0], ids[1], source.settings.event_range_size)
+            keys = register_ranges(instance, chain.event_ranges, ids[0], ids[1], source.settings.event_range_size)
             announce_snap("event ids", ids, keys, "CHAIN_EVENT_RANGE_SIZE")
             for key in keys:
-                failures += not migrate_event_partition(instance, key, resources, blocks_allowed=not args.skip_blocks)
+                failures += not migrate_event_partition(instance, chain, key, resources, blocks_allowed=not args.skip_blocks)
             total += len(keys)
     print(f"{total - failures}/{total} ranges migrated and verified")
     if failures:
@@ -66,12 +79,16 @@ def migrate_command(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def event_id_range(source: ChainSourceResource, start_height: int, end_height: int) -> tuple[int, int] | None:
+def event_id_range(
+    source: ChainSourceResource, start_height: int, end_height: int, network: NetworkConfig = NetworkConfig()
+) -> tuple[int, int] | None:
     """As the seed's tool: from the first event at the start height to the last at the end height - 1."""
     settings = source.settings
-    layout = EventLayout(settings.event_tag)
-    first = event_ids_at_height(source.client(), settings.event_table, layout, start_height)
-    last = event_ids_at_height(source.client(), settings.event_table, layout, end_height - 1)
+    layout, client, table = EventLayout(settings.event_tag), source.client(), network.tables(settings)[1]
+    max_event_id(client, table, layout)  # NoEventHistory while chainstorage repopulates the table
+    index = find_height_index(client, table, layout, settings.event_height_index)
+    first = event_ids_at_height(client, table, layout, start_height, index)
+    last = event_ids_at_height(client, table, layout, end_height - 1, index)
     if not first or not last:
         return None
     return first[0], last[-1] + 1
@@ -87,27 +104,27 @@ def materialize(instance, asset, key, resources) -> dg.ExecuteInProcessResult:
     return materialize_partition(instance, asset, key, resources, "chain migrate")
 
 
-def run_partitions(instance, asset, asset_key, keys, resources, summary) -> int:
+def run_partitions(instance, asset, keys, resources, summary) -> int:
     """Materialize each partition in-process; print its summary; return how many failed."""
     failures = 0
     for key in keys:
-        failures += not print_partition_summary(key, asset_key, materialize(instance, asset, key, resources), summary)
+        failures += not print_partition_summary(key, asset.key, materialize(instance, asset, key, resources), summary)
     return failures
 
 
-def migrate_event_partition(instance, key: str, resources: dict, blocks_allowed: bool) -> bool:
+def migrate_event_partition(instance, chain: NetworkAssets, key: str, resources: dict, blocks_allowed: bool) -> bool:
     """An event range snapped to partition bounds may reach heights beyond the ones asked for: when
     its events need blocks not migrated yet, migrate those block ranges and run the range again."""
-    result = materialize(instance, block_events, key, resources)
+    result = materialize(instance, chain.block_events, key, resources)
     heights = missing_block_heights(result)
     if heights and blocks_allowed:
         print(f"{key}: its events need blocks at heights {heights[0]}-{heights[1]}; migrating those first")
         size = resources["chain_source"].settings.block_range_size
-        block_keys = register_ranges(instance, block_ranges, heights[0], heights[1] + 1, size)
-        if run_partitions(instance, block_metadata, BLOCK_METADATA, block_keys, resources, block_summary):
+        block_keys = register_ranges(instance, chain.block_ranges, heights[0], heights[1] + 1, size)
+        if run_partitions(instance, chain.block_metadata, block_keys, resources, block_summary):
             return False
-        result = materialize(instance, block_events, key, resources)
-    return print_partition_summary(key, BLOCK_EVENTS, result, event_summary)
+        result = materialize(instance, chain.block_events, key, resources)
+    return print_partition_summary(key, chain.block_events.key, result, event_summary)
 
 
 def missing_block_heights(result: dg.ExecuteInProcessResult) -> list[int] | None:

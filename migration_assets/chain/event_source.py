@@ -3,6 +3,9 @@
 Two layouts: event tag 0 (legacy) keys events by a numeric `event_id`, with a watermark item
 `event_id = -1` holding `max_event_id`; event tag >= 1 keys them by the string "{tag}-{sequence}",
 with a watermark "{tag}-latest" whose `sequence` is the max event id. Ids start at 1, contiguous.
+Legacy items carry no `sequence`: their id is the key. Each table has a GSI on `height` (legacy) or
+`block_id` ("{tag}-{height}"), named per deployment, so it is found by its key attribute. A watermark
+holding chainstorage's EventIdDeleted (0), written while a table is repopulated, means no event history.
 """
 
 from collections.abc import Iterator
@@ -13,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from migration_assets.chain.items import ItemReader
+from migration_assets.chain.items import ItemReader, SourceDataError
 from migration_assets.chain.source import naming_missing_table
 from migration_assets.core.aws import DynamoClientSpec, cached_client
 from migration_assets.core.backoff import Backoff
@@ -21,7 +24,17 @@ from migration_assets.core.concurrency import ordered_map, ordered_map_in_proces
 
 BATCH_GET_LIMIT = 100  # keys per BatchGetItem call
 EVENT_KEY = ("event_id",)
+EVENT_ID_DELETED = 0  # chainstorage's EventIdDeleted: the watermark while the table is repopulated
+LEGACY_WATERMARK_ID = -1  # the legacy watermark's event_id; it sits at height 0 in the height index
 UNPROCESSED_BACKOFF = Backoff(base=0.05, cap=2.0)  # waits before re-asking for UnprocessedKeys
+
+
+class NoEventHistory(SourceDataError):
+    """The event table has no event history yet (its watermark is chainstorage's deleted sentinel)."""
+
+
+class HeightIndexMissing(SourceDataError):
+    """The event table has no GSI to find a height's events by."""
 
 
 class EventType(str, Enum):
@@ -66,11 +79,21 @@ class EventLayout:
     def watermark_attribute(self) -> str:
         return "max_event_id" if self.legacy else "sequence"
 
-    def height_index(self, height: int) -> tuple[str, str, dict[str, Any]]:
-        """(index name, key attribute, key value) of the GSI that finds a height's events."""
-        if self.legacy:
-            return "height_index", "height", {"N": str(height)}
-        return "block_id_index", "block_id", {"S": f"{self.event_tag}-{height}"}
+    @property
+    def index_attribute(self) -> str:
+        """The hash key of the GSI that finds a height's events."""
+        return "height" if self.legacy else "block_id"
+
+    def index_value(self, height: int) -> dict[str, Any]:
+        return {"N": str(height)} if self.legacy else {"S": f"{self.event_tag}-{height}"}
+
+    def sequence_of(self, table: str, item: dict[str, Any]) -> int | None:
+        """The event id of a height-index item; None for the legacy watermark (at height 0)."""
+        attrs = ItemReader(table, "event", item, EVENT_KEY)
+        if not self.legacy:
+            return attrs.integer("sequence")
+        sequence = attrs.integer("event_id")
+        return None if sequence == LEGACY_WATERMARK_ID else sequence
 
 
 def parse_event_item(layout: EventLayout, item: dict[str, Any], table: str = "the event table") -> EventItem:
@@ -82,7 +105,7 @@ def parse_event_item(layout: EventLayout, item: dict[str, Any], table: str = "th
         raise attrs.malformed(f"attribute 'type' must be 0, 1 or 2, got {type_code}")
     event = EventItem(
         event_tag=attrs.integer("event_tag", default=layout.event_tag),
-        sequence=attrs.integer("sequence"),
+        sequence=attrs.integer("event_id" if layout.legacy else "sequence"),
         type=_EVENT_TYPES[type_code],
         height=attrs.integer("height"),
         hash=None if skipped else (attrs.text("hash", default="") or None),
@@ -94,6 +117,8 @@ def parse_event_item(layout: EventLayout, item: dict[str, Any], table: str = "th
         raise attrs.malformed(f"attribute 'event_tag' is {event.event_tag}, expected {layout.event_tag}")
     if item.get("event_id") != layout.key(event.sequence)["event_id"]:
         raise attrs.malformed(f"attribute 'sequence' is {event.sequence}, which is not the item's key")
+    if layout.legacy and attrs.integer("sequence", default=event.sequence) != event.sequence:
+        raise attrs.malformed(f"attribute 'sequence' is {attrs.integer('sequence')}, which is not the item's key")
     if not event.skipped and not event.hash:
         raise attrs.malformed("block not skipped but has no hash")
     return event
@@ -151,29 +176,61 @@ def read_events(
 
 
 def max_event_id(client: Any, table: str, layout: EventLayout) -> int | None:
-    """The event watermark, or None when the table has none yet."""
+    """The event watermark, or None when the table has none yet. NoEventHistory when chainstorage
+    has set it to its deleted sentinel, as it does while it repopulates the table."""
     with naming_missing_table(client, table, "CHAIN_EVENT_TABLE"):
         item = client.get_item(TableName=table, Key=layout.watermark_key(), ConsistentRead=True).get("Item")
     if item is None:
         return None
-    return ItemReader(table, "watermark", item, EVENT_KEY).integer(layout.watermark_attribute)
+    watermark = ItemReader(table, "watermark", item, EVENT_KEY).integer(layout.watermark_attribute)
+    if watermark == EVENT_ID_DELETED:
+        raise NoEventHistory(
+            f"{table}: event tag {layout.event_tag} has no event history yet: its watermark holds "
+            f"chainstorage's deleted sentinel ({EVENT_ID_DELETED}), written while the table is repopulated; "
+            "migrate its events once chainstorage has written a watermark again"
+        )
+    return watermark
 
 
-def event_ids_at_height(client: Any, table: str, layout: EventLayout, height: int) -> list[int]:
-    """Ids of the events at one height, from the table's height index (eventually consistent)."""
-    index, attribute, value = layout.height_index(height)
+def _hash_key(index: dict[str, Any]) -> str:
+    return next(key["AttributeName"] for key in index["KeySchema"] if key["KeyType"] == "HASH")
+
+
+def find_height_index(client: Any, table: str, layout: EventLayout, override: str | None = None) -> str:
+    """The name of the table's GSI keyed by the layout's height attribute (`height` or `block_id`):
+    chainstorage names it per deployment. `override` (CHAIN_EVENT_HEIGHT_INDEX) skips the lookup."""
+    if override:
+        return override
+    attribute = layout.index_attribute
+    with naming_missing_table(client, table, "CHAIN_EVENT_TABLE"):
+        description = client.describe_table(TableName=table)["Table"]
+    indexes = description.get("GlobalSecondaryIndexes", [])
+    found = sorted(index["IndexName"] for index in indexes if _hash_key(index) == attribute)
+    if len(found) == 1:
+        return found[0]
+    names = ", ".join(index["IndexName"] for index in indexes) or "none"
+    problem = f"several ({', '.join(found)})" if found else f"none (its indexes: {names})"
+    raise HeightIndexMissing(
+        f"{table}: looked for a global secondary index with hash key {attribute!r} (event tag "
+        f"{layout.event_tag}) to find a height's events, found {problem}; set CHAIN_EVENT_HEIGHT_INDEX "
+        "to the index chainstorage's event_table_height_index / versioned_event_table_block_index names"
+    )
+
+
+def event_ids_at_height(client: Any, table: str, layout: EventLayout, height: int, index: str) -> list[int]:
+    """Ids of the events at one height, from the table's height index `index` (eventually consistent)."""
     request: dict[str, Any] = {
         "TableName": table, "IndexName": index,
-        "KeyConditionExpression": f"{attribute} = :value",
-        "ExpressionAttributeValues": {":value": value},
+        "KeyConditionExpression": f"{layout.index_attribute} = :value",
+        "ExpressionAttributeValues": {":value": layout.index_value(height)},
         "ProjectionExpression": "event_id, #seq", "ExpressionAttributeNames": {"#seq": "sequence"},
     }
     ids: list[int] = []
     while True:
         page = client.query(**request)
-        # The legacy watermark (event_id -1) sits at height 0 without a sequence: not an event.
-        ids += [ItemReader(table, "event", item, EVENT_KEY).integer("sequence")
-                for item in page.get("Items", []) if "sequence" in item]
+        # The legacy watermark (event_id -1) sits at height 0: never an event.
+        sequences = (layout.sequence_of(table, item) for item in page.get("Items", []))
+        ids += [sequence for sequence in sequences if sequence is not None]
         if not page.get("LastEvaluatedKey"):
             return sorted(ids)
         request["ExclusiveStartKey"] = page["LastEvaluatedKey"]

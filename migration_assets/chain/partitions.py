@@ -3,9 +3,18 @@
 import dagster as dg
 
 from migration_assets.chain.ranges import covering_ranges, range_key
+from migration_assets.chain.settings import NetworkConfig
 
-block_ranges = dg.DynamicPartitionsDefinition(name="chain_block_ranges")
-event_ranges = dg.DynamicPartitionsDefinition(name="chain_event_ranges")
+
+def range_partitions(network: NetworkConfig) -> tuple[dg.DynamicPartitionsDefinition, dg.DynamicPartitionsDefinition]:
+    """(block ranges, event ranges) of one network; each network's partitions live under its own names."""
+    return (
+        dg.DynamicPartitionsDefinition(name=network.prefixed("chain_block_ranges")),
+        dg.DynamicPartitionsDefinition(name=network.prefixed("chain_event_ranges")),
+    )
+
+
+block_ranges, event_ranges = range_partitions(NetworkConfig())
 
 
 def register_ranges(

@@ -6,11 +6,11 @@ from typing import TypeVar
 
 import dagster as dg
 
-from migration_assets.chain.assets import BLOCK_EVENTS, BLOCK_METADATA, SYNC_TAG
-from migration_assets.chain.event_source import EventLayout, max_event_id
+from migration_assets.chain.assets import SYNC_TAG, ChainAssetKeys
+from migration_assets.chain.event_source import EventLayout, NoEventHistory, max_event_id
 from migration_assets.chain.partitions import block_ranges, event_ranges
 from migration_assets.chain.resources import ChainSourceResource
-from migration_assets.chain.settings import ChainSettings
+from migration_assets.chain.settings import ChainSettings, NetworkConfig
 from migration_assets.chain.source import SourceTableMissing, latest_block
 from migration_assets.chain.sync import StreamPlan, SyncCursor, plan_stream
 from migration_assets.core.settings import settings_of
@@ -21,10 +21,11 @@ T = TypeVar("T")
 
 
 def _unless_missing(context: dg.SensorEvaluationContext, table: str, read: Callable[[], T]) -> T | None:
-    """A watermark, or None (and a warning) when its table does not exist: the other stream goes on."""
+    """A watermark, or None (and a warning) when its table does not exist or has no history yet: the
+    other stream goes on."""
     try:
         return read()
-    except SourceTableMissing as error:
+    except (SourceTableMissing, NoEventHistory) as error:
         context.log.warning(f"{error}: not syncing it")
         return None
 
@@ -39,38 +40,50 @@ def _requests(plan: StreamPlan, asset: dg.AssetKey) -> list[dg.RunRequest]:
     ]
 
 
-@dg.sensor(
-    name="chain_sync",
-    minimum_interval_seconds=settings_of(ChainSettings).sync_interval_seconds,
-    asset_selection=[BLOCK_METADATA, BLOCK_EVENTS],
-    default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Keeps PostgreSQL in sync with the chain: new ranges as partitions, runs for completed "
-    "ranges once, and the open range at the tip re-run whenever the watermark moves.",
-)
-def chain_sync(context: dg.SensorEvaluationContext, chain_source: ChainSourceResource) -> dg.SensorResult:
-    settings = chain_source.settings
-    client = chain_source.client()
-    cursor = SyncCursor.model_validate_json(context.cursor) if context.cursor else SyncCursor()
-    latest = _unless_missing(context, settings.block_table, lambda: latest_block(client, settings.block_table, settings.block_tag))
-    block_tip = latest[0] if latest else None
-    event_tip = _unless_missing(
-        context, settings.event_table, lambda: max_event_id(client, settings.event_table, EventLayout(settings.event_tag))
+def chain_sync_sensor(
+    network: NetworkConfig, block_ranges: dg.DynamicPartitionsDefinition, event_ranges: dg.DynamicPartitionsDefinition
+) -> dg.SensorDefinition:
+    """The continuous-sync sensor of one network."""
+    keys = ChainAssetKeys.of(network)
+
+    @dg.sensor(
+        name=network.prefixed("chain_sync"),
+        minimum_interval_seconds=settings_of(ChainSettings).sync_interval_seconds,
+        asset_selection=[keys.block_metadata, keys.block_events],
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description="Keeps PostgreSQL in sync with the chain: new ranges as partitions, runs for completed "
+        "ranges once, and the open range at the tip re-run whenever the watermark moves.",
     )
-    blocks = plan_stream(
-        "blocks", cursor.blocks, block_tip, settings.block_range_size, MAX_NEW_RANGES_PER_TICK, REORG_MARGIN_HEIGHTS,
-        tip_marker=f"{latest[0]}:{latest[1]}" if latest else None,
-    )
-    events = plan_stream("events", cursor.events, event_tip, settings.event_range_size, MAX_NEW_RANGES_PER_TICK, first_id=1)
-    context.log.info(
-        f"block tip {block_tip}, event tip {event_tip}: "
-        f"{len(blocks.runs)} block runs, {len(events.runs)} event runs requested"
-    )
-    return dg.SensorResult(
-        run_requests=_requests(blocks, BLOCK_METADATA) + _requests(events, BLOCK_EVENTS),
-        dynamic_partitions_requests=[
-            partitions.build_add_request(plan.new_keys)
-            for partitions, plan in ((block_ranges, blocks), (event_ranges, events))
-            if plan.new_keys
-        ],
-        cursor=SyncCursor(blocks=blocks.cursor, events=events.cursor).model_dump_json(),
-    )
+    def chain_sync(context: dg.SensorEvaluationContext, chain_source: ChainSourceResource) -> dg.SensorResult:
+        settings = chain_source.settings
+        block_table, event_table = network.tables(settings)
+        client = chain_source.client()
+        cursor = SyncCursor.model_validate_json(context.cursor) if context.cursor else SyncCursor()
+        latest = _unless_missing(context, block_table, lambda: latest_block(client, block_table, settings.block_tag))
+        block_tip = latest[0] if latest else None
+        event_tip = _unless_missing(
+            context, event_table, lambda: max_event_id(client, event_table, EventLayout(settings.event_tag))
+        )
+        blocks = plan_stream(
+            "blocks", cursor.blocks, block_tip, settings.block_range_size, MAX_NEW_RANGES_PER_TICK, REORG_MARGIN_HEIGHTS,
+            tip_marker=f"{latest[0]}:{latest[1]}" if latest else None,
+        )
+        events = plan_stream("events", cursor.events, event_tip, settings.event_range_size, MAX_NEW_RANGES_PER_TICK, first_id=1)
+        context.log.info(
+            f"block tip {block_tip}, event tip {event_tip}: "
+            f"{len(blocks.runs)} block runs, {len(events.runs)} event runs requested"
+        )
+        return dg.SensorResult(
+            run_requests=_requests(blocks, keys.block_metadata) + _requests(events, keys.block_events),
+            dynamic_partitions_requests=[
+                partitions.build_add_request(plan.new_keys)
+                for partitions, plan in ((block_ranges, blocks), (event_ranges, events))
+                if plan.new_keys
+            ],
+            cursor=SyncCursor(blocks=blocks.cursor, events=events.cursor).model_dump_json(),
+        )
+
+    return chain_sync
+
+
+chain_sync = chain_sync_sensor(NetworkConfig(), block_ranges, event_ranges)

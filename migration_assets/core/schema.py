@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 import psycopg
+from psycopg import sql
 
 _LOCK_KEY = 0x6D6967726174  # "migrat": any constant shared by every process of this project
 
@@ -34,11 +35,16 @@ def available_migrations() -> list[Migration]:
     return found
 
 
-def apply_migrations(conn: psycopg.Connection) -> list[int]:
-    """Bring the schema up to date; return the versions applied now (empty when already current)."""
+def apply_migrations(conn: psycopg.Connection, schema: str | None = None, prefix: str = "") -> list[int]:
+    """Bring the schema up to date; return the versions applied now (empty when already current).
+    With `schema`: in that schema (made if missing, with its own schema_migrations), only the
+    migrations whose name starts with `prefix`: a chain network's tables apart from the others'."""
     applied_now = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        if schema is not None:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
         conn.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             " version INT PRIMARY KEY, name TEXT NOT NULL,"
@@ -46,7 +52,7 @@ def apply_migrations(conn: psycopg.Connection) -> list[int]:
         )
         done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
         for migration in available_migrations():
-            if migration.version in done:
+            if migration.version in done or not migration.name.startswith(prefix):
                 continue
             with conn.transaction():
                 conn.execute(migration.sql)

@@ -3,7 +3,7 @@
 For each height: every reorged block is added then removed, then the canonical block is added, so the
 sequence obeys the chain's rules (reference/chain.md)."""
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import groupby
 from typing import Any
 
@@ -35,9 +35,16 @@ def event_item(layout: EventLayout, sequence: int, event_type: int, block: Item)
 
 
 def watermark_item(layout: EventLayout, max_id: int) -> Item:
+    """The watermark as chainstorage writes it: at height 0, so the legacy one (event_id -1) is also
+    in the height index; `max_id` 0 is chainstorage's "deleted" sentinel."""
+    common: Item = {
+        "height": {"N": "0"}, "hash": {"S": ""}, "type": {"N": "0"}, "tag": {"N": "0"},
+        "parent_hash": {"S": ""}, "skipped": {"BOOL": False}, "event_tag": {"N": str(layout.event_tag)},
+    }
     if layout.legacy:
-        return {**layout.watermark_key(), "max_event_id": {"N": str(max_id)}}
-    return {**layout.watermark_key(), "sequence": {"N": str(max_id)}}
+        return {**layout.watermark_key(), **common, "max_event_id": {"N": str(max_id)}}
+    latest = f"{layout.event_tag}-latest"
+    return {**layout.watermark_key(), **common, "sequence": {"N": str(max_id)}, "block_id": {"S": latest}}
 
 
 def chain_events(block_items: Iterable[Item], layout: EventLayout, first_id: int = 1) -> Iterator[Item]:
@@ -60,21 +67,29 @@ def chain_events(block_items: Iterable[Item], layout: EventLayout, first_id: int
     yield watermark_item(layout, sequence)
 
 
-def create_event_table(client: Any, table: str, layout: EventLayout) -> None:
-    index, attribute, value = layout.height_index(0)
-    key_type = "N" if layout.legacy else "S"
+def chainstorage_index_name(layout: EventLayout, blockchain: str = "ethereum", network: str = "mainnet") -> str:
+    """The height index's name as chainstorage's config templates make it, per deployment."""
+    if layout.legacy:
+        return f"example_chainstorage_block_events_by_height_{blockchain}_{network}"
+    return f"example_chainstorage_versioned_block_events_by_block_id_{blockchain}_{network}"
+
+
+def create_event_table(client: Any, table: str, layout: EventLayout, indexes: Sequence[str] | None = None) -> None:
+    """An event table as chainstorage creates it: a GSI on the layout's height attribute, projection
+    ALL, named each of `indexes` (default: the chainstorage-style name; () makes none)."""
+    indexes = [chainstorage_index_name(layout)] if indexes is None else indexes
+    attribute = layout.index_attribute
+    definitions = [{"AttributeName": "event_id", "AttributeType": "N" if layout.legacy else "S"}]
+    if indexes:
+        definitions.append({"AttributeName": attribute, "AttributeType": next(iter(layout.index_value(0)))})
+    gsis = [
+        {"IndexName": name, "KeySchema": [{"AttributeName": attribute, "KeyType": "HASH"}],
+         "Projection": {"ProjectionType": "ALL"}}
+        for name in indexes
+    ]
     client.create_table(
-        TableName=table,
-        KeySchema=[{"AttributeName": "event_id", "KeyType": "HASH"}],
-        AttributeDefinitions=[
-            {"AttributeName": "event_id", "AttributeType": key_type},
-            {"AttributeName": attribute, "AttributeType": next(iter(value))},
-        ],
-        GlobalSecondaryIndexes=[{
-            "IndexName": index,
-            "KeySchema": [{"AttributeName": attribute, "KeyType": "HASH"}],
-            "Projection": {"ProjectionType": "ALL"},
-        }],
-        BillingMode="PAY_PER_REQUEST",
+        TableName=table, KeySchema=[{"AttributeName": "event_id", "KeyType": "HASH"}],
+        AttributeDefinitions=definitions, BillingMode="PAY_PER_REQUEST",
+        **({"GlobalSecondaryIndexes": gsis} if gsis else {}),
     )
     client.get_waiter("table_exists").wait(TableName=table, WaiterConfig={"Delay": 0.2, "MaxAttempts": 100})
