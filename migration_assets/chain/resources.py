@@ -1,22 +1,18 @@
 """The DynamoDB source of the chain pipeline, as a Dagster resource."""
 
-import threading
 from functools import cached_property
 from typing import Any
 
-import psycopg
 from dagster_aws.utils import ResourceWithBoto3Configuration
 from psycopg_pool import ConnectionPool
 from pydantic import Field, PrivateAttr
 
 from migration_assets.chain.settings import ChainSettings
 from migration_assets.core.aws import DynamoClientSpec
+from migration_assets.core.postgres import shared_pool
 from migration_assets.core.resources import PostgresResource
-from migration_assets.core.schema import apply_migrations
 
 CHAIN_MIGRATIONS = "chain_"  # the migrations that make the chain tables (0001, 0002)
-_network_pools: dict[tuple[str, str], ConnectionPool] = {}
-_network_pools_lock = threading.Lock()
 
 
 def network_pool(postgres: PostgresResource, schema: str | None) -> ConnectionPool:
@@ -24,18 +20,8 @@ def network_pool(postgres: PostgresResource, schema: str | None) -> ConnectionPo
     on first use; schema None: the shared pool of the default schema."""
     if schema is None:
         return postgres.pool()
-    url = postgres.resolved_url()
-    with _network_pools_lock:
-        pool = _network_pools.get((url, schema))
-        if pool is None:
-            with psycopg.connect(url, autocommit=True) as conn:
-                apply_migrations(conn, schema, prefix=CHAIN_MIGRATIONS)
-            pool = ConnectionPool(
-                url, kwargs={"options": f"-c search_path={schema}"}, min_size=1, max_size=postgres.pool_size,
-                open=True, name=f"migration-target-{schema}",
-            )
-            _network_pools[(url, schema)] = pool
-        return pool
+    return shared_pool(postgres.resolved_url(), postgres.pool_size, schema, migrations=CHAIN_MIGRATIONS)
+
 
 # Resource fields whose defaults are the CHAIN_* settings of the same name.
 _FROM_SETTINGS = ("block_table", "block_tag", "event_table", "event_tag", "read_concurrency", "read_processes")

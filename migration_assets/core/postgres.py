@@ -10,20 +10,24 @@ from psycopg_pool import ConnectionPool
 
 from migration_assets.core.schema import apply_migrations
 
-_pools: dict[str, ConnectionPool] = {}
+_pools: dict[tuple[str, str | None], ConnectionPool] = {}
 _pools_lock = threading.Lock()
 
 
-def shared_pool(url: str, max_size: int = 8) -> ConnectionPool:
-    """One pool per database per process; the schema is brought up to date when it is first made.
+def shared_pool(url: str, max_size: int = 8, schema: str | None = None, migrations: str = "") -> ConnectionPool:
+    """One pool per database (and schema) per process; the schema is brought up to date when it is
+    first made. With `schema`, connections use it as their search_path and only the migrations whose
+    name starts with `migrations` are applied there (a chain network's tables, apart from the others').
     A caller that needs more connections than the pool has (`max_size`) grows it; it never shrinks."""
     with _pools_lock:
-        pool = _pools.get(url)
+        pool = _pools.get((url, schema))
         if pool is None:
             with psycopg.connect(url, autocommit=True) as conn:
-                apply_migrations(conn)
-            pool = ConnectionPool(url, min_size=1, max_size=max_size, open=True, name="migration-target")
-            _pools[url] = pool
+                apply_migrations(conn, schema, prefix=migrations)
+            options = {} if schema is None else {"options": f"-c search_path={schema}"}
+            name = "migration-target" if schema is None else f"migration-target-{schema}"
+            pool = ConnectionPool(url, kwargs=options, min_size=1, max_size=max_size, open=True, name=name)
+            _pools[(url, schema)] = pool
         elif pool.max_size < max_size:
             pool.resize(pool.min_size, max_size)
         return pool

@@ -2,7 +2,8 @@
 movers and workers are plain Python, tested and reused without the Dagster shell around them.
 
 The rule: every module of the package is core except the Dagster shell, which is the modules named
-for a Dagster role (SHELL_ROLES, in any package) and the few listed in SHELL_MODULES. A new module is
+for a Dagster role (SHELL_ROLES, in any package, alone or as a part of the name: `follow_assets`) and
+the few listed in SHELL_MODULES. A new module is
 core unless it is one of those, so nothing slips out of the check by its name.
 """
 
@@ -60,7 +61,8 @@ def package_modules() -> list[str]:
 
 
 def is_shell(module: str) -> bool:
-    return module in SHELL_MODULES or module.rsplit(".", 1)[-1] in SHELL_ROLES
+    name = module.rsplit(".", 1)[-1]  # `assets`, or a role-named part: `follow_assets`, `assets_scan`
+    return module in SHELL_MODULES or not SHELL_ROLES.isdisjoint(name.split("_"))
 
 
 def core_modules() -> list[str]:
