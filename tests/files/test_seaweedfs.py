@@ -50,7 +50,7 @@ def add_file(target, root, relative: str, data: bytes) -> int:
 def test_single_puts_and_multipart_are_stored_with_their_checksums_and_pass_the_listing_check(
     files_env, target, target_url, s3, bucket, source_root
 ):
-    settings = files_env.model_copy(update={"multipart_threshold": 16 * MIB})  # 9 MiB: one streamed PUT
+    settings = files_env.model_copy(update={"multipart_threshold_mb": 16})  # 9 MiB: one streamed PUT
     files = {"small/a.txt": b"seaweed " * 400, "streamed/b.bin": b"s" * (9 * MIB + 7),
              "multi/c.bin": bytes(range(256)) * (17 * MIB // 256) + b"tail"}  # four 5 MiB parts
     for relative, data in files.items():
