@@ -136,7 +136,8 @@ def start_seaweedfs(data_dir: Path, log_path: Path | None = None, timeout: float
                "-master.volumeSizeLimitMB=64", "-master.telemetry=false", "-volume.preStopSeconds=0",
                f"-s3.port={s3}", f"-s3.port.grpc={others[0]}", f"-master.port={others[1]}",
                f"-master.port.grpc={others[2]}", f"-volume.port={others[3]}", f"-volume.port.grpc={others[4]}",
-               f"-filer.port={others[5]}", f"-filer.port.grpc={others[6]}"]
+               f"-filer.port={others[5]}", f"-filer.port.grpc={others[6]}",
+               "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fixed ports (8181, 9101) a second server cannot bind
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     # Without AWS_* credentials in its environment it turns no identity on: any signed request passes.
     env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}

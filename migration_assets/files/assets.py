@@ -1,13 +1,18 @@
 """Dagster assets of the file pipeline: a thin shell over `store` (ranges) and `worker` (copies)."""
 
 import time
+from datetime import datetime, timezone
+from zoneinfo import ZoneInfo
 
 import dagster as dg
+from botocore.exceptions import BotoCoreError, ClientError
 from dagster_aws.s3 import S3Resource
 
 from migration_assets.core.dagster_glue import check_result, check_specs
 from migration_assets.core.resources import PostgresResource
-from migration_assets.files import checks, store
+from migration_assets.core.settings import data_dir
+from migration_assets.files import checks, report, report_store, store
+from migration_assets.files.bandwidth import describe_rate, shared_limiter
 from migration_assets.files.mover import S3Target
 from migration_assets.files.partitions import file_ranges, register_ranges
 from migration_assets.files.ranges import parse_range_key
@@ -21,6 +26,7 @@ MIGRATION_RANGES = dg.AssetKey(["files", "migration_ranges"])
 COPIED_FILES = dg.AssetKey(["files", "copied_files"])
 FILE_RETRIES = dg.AssetKey(["files", "file_retries"])
 POOL = "files_s3"
+BANDWIDTH_BUCKET_FILE = "files-bandwidth.bucket"  # the machine's shared token bucket, in MIGRATION_DATA_DIR
 
 
 class WindowConfig(dg.Config):
@@ -35,7 +41,8 @@ def window_stop(settings: FilesSettings, ignore: bool) -> StopReason:
 def make_job(postgres: PostgresResource, files_s3: S3Resource, settings: FilesSettings, ignore_window: bool) -> RangeJob:
     if not settings.source_root.is_dir():
         raise dg.Failure(f"FILES_SOURCE_ROOT {settings.source_root} is not a directory: set it to the files' root")
-    target = S3Target(copy_client(files_s3, settings.concurrency), settings.bucket, settings.key_prefix)
+    limiter = shared_limiter(settings.bandwidth, ZoneInfo(settings.run_window_tz), data_dir() / BANDWIDTH_BUCKET_FILE)
+    target = S3Target(copy_client(files_s3, settings.concurrency), settings.bucket, settings.key_prefix, limiter)
     return RangeJob(postgres.pool(), target, settings, window_stop(settings, ignore_window))
 
 
@@ -53,6 +60,53 @@ def progress_metadata(progress: Progress) -> dict:
         "seconds": dg.MetadataValue.float(round(progress.seconds, 2)),
         "failures": dg.MetadataValue.text("\n".join(f"{fid}: {err}" for fid, err in progress.failures) or "none"),
     }
+
+
+def bandwidth_in_force(settings: FilesSettings) -> str:
+    """The upload limit FILES_BANDWIDTH sets now: a window can be throttled rather than closed."""
+    if settings.bandwidth is None:
+        return "no limit (FILES_BANDWIDTH unset)"
+    rate = settings.bandwidth.limit_at(datetime.now(timezone.utc), ZoneInfo(settings.run_window_tz))
+    if rate is None:
+        return "no limit now (FILES_BANDWIDTH slot 'off')"
+    return f"throttled to {describe_rate(rate)} for the whole machine (FILES_BANDWIDTH)"
+
+
+class BandwidthUse:
+    """The limit in force when a pass starts, logged, and how often the pass waited for the limiter
+    (waits counted by the process's shared limiter, so concurrent passes of one process add up)."""
+
+    def __init__(self, context: dg.AssetExecutionContext, job: RangeJob) -> None:
+        self._limiter = job.target.limiter
+        self._waits_before = self._limiter.waits if self._limiter else 0
+        self.limit = bandwidth_in_force(job.settings)
+        context.log.info(f"bandwidth: {self.limit}")
+
+    def metadata(self) -> dict:
+        waits = (self._limiter.waits - self._waits_before) if self._limiter else 0
+        return {"bandwidth_limit": dg.MetadataValue.text(self.limit),
+                "bandwidth_waits": dg.MetadataValue.int(waits)}
+
+
+def failure_report(context: dg.AssetExecutionContext, job: RangeJob, failures: list[report.FailedFile]) -> dict:
+    """The run's failure report: its first rows as a table, all of them as a CSV in S3 (when any)."""
+    settings = job.settings
+    window = RunWindow(settings.window)
+    rows = report.report_rows(failures, report.next_retry_tick(datetime.now(timezone.utc), window.is_open))
+    schema = dg.TableSchema(columns=[dg.TableColumn(name, kind) for name, kind in report.COLUMNS])
+    metadata = {"failure_report": dg.MetadataValue.table(
+        records=[dg.TableRecord(row) for row in rows[:report.TABLE_ROWS]], schema=schema)}
+    if not rows:
+        return metadata
+    key = report.report_key(settings.key_prefix, settings.report_prefix, context.run.run_id)
+    try:
+        uri = report.upload_report(job.target.client, settings.bucket, key, report.report_csv(rows))
+    except (ClientError, BotoCoreError) as error:  # the copies are recorded: a lost report fails nothing
+        context.log.warning(f"failure report not written to s3://{settings.bucket}/{key}: {error}; "
+                            "the table above lists the first failures, the next run writes its own report")
+        return {**metadata, "failure_report_csv": dg.MetadataValue.text(f"not written: {error}")}
+    context.log.info(f"{len(rows)} failed files: report at {uri}")
+    return {**metadata, "failure_report_csv": dg.MetadataValue.url(uri)}
 
 
 def files_result(copied: int, unchanged: int, failed: int, awaiting_retry: int, verified: bool | None) -> str:
@@ -128,6 +182,7 @@ def copied_files(
     settings = files.settings()
     refuse_outside_window(settings, config.ignore_window)
     job = make_job(postgres, files_s3, settings, config.ignore_window)
+    bandwidth = BandwidthUse(context, job)
     min_id, max_id = parse_range_key(context.partition_key)
 
     def log_progress(progress: Progress) -> None:
@@ -143,13 +198,18 @@ def copied_files(
         raise dg.Failure(
             description=f"Stopped cleanly: {progress.stopped}. {progress.done}/{progress.listed} files done; "
             f"range [{min_id}, {max_id}) released to PENDING; it resumes in the next window.",
-            metadata=progress_metadata(progress), allow_retries=False,
+            metadata={**progress_metadata(progress), **bandwidth.metadata()}, allow_retries=False,
         )
     checks_started = time.monotonic()
     outcomes = checks.range_checks(job.pool, job.target, settings, min_id, max_id)
+    check_seconds = time.monotonic() - checks_started
+    with job.pool.connection() as conn:
+        failures = report_store.failed_in_ranges(conn, [(min_id, max_id)], settings.max_retries)
     return dg.MaterializeResult(
-        metadata={**progress_metadata(progress), **range_verdict(progress, outcomes), "dagster/row_count": dg.MetadataValue.int(progress.listed),
-                  "check_seconds": dg.MetadataValue.float(round(time.monotonic() - checks_started, 2))},
+        metadata={**progress_metadata(progress), **range_verdict(progress, outcomes), **bandwidth.metadata(),
+                  **failure_report(context, job, failures),
+                  "dagster/row_count": dg.MetadataValue.int(progress.listed),
+                  "check_seconds": dg.MetadataValue.float(round(check_seconds, 2))},
         check_results=[check_result(outcome) for outcome in outcomes],
     )
 
@@ -169,7 +229,13 @@ def file_retries(
 ) -> dg.MaterializeResult:
     settings = files.settings()
     refuse_outside_window(settings, config.ignore_window)
-    progress = retry_failed(make_job(postgres, files_s3, settings, config.ignore_window))
+    job = make_job(postgres, files_s3, settings, config.ignore_window)
+    bandwidth = BandwidthUse(context, job)
+    progress = retry_failed(job)
     result = files_result(progress.copied, progress.skipped, progress.failed, 0, None)
     context.log.info(f"retried {progress.listed} files: {result}")
-    return dg.MaterializeResult(metadata={**progress_metadata(progress), "result": dg.MetadataValue.text(result)})
+    with job.pool.connection() as conn:
+        failures = report_store.failed_among(conn, progress.batch_ids, settings.max_retries)
+    return dg.MaterializeResult(metadata={**progress_metadata(progress), **bandwidth.metadata(),
+                                          **failure_report(context, job, failures),
+                                          "result": dg.MetadataValue.text(result)})

@@ -144,6 +144,16 @@ def parse_bandwidth(value: Any) -> Timetable | None:
     return None if not str(value).strip() else parse_timetable(str(value))
 
 
+def describe_rate(rate: int | None) -> str:
+    """Bytes per second as an operator reads them: "512 KiB/s", "10 MiB/s", "no limit"."""
+    if rate is None:
+        return "no limit"
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if rate >= size:
+            return f"{rate / size:g} {unit}/s"
+    return f"{rate} B/s"
+
+
 # The settings field's type: `bandwidth: Bandwidth = Field(default=None, description=...)` in FilesSettings.
 Bandwidth = Annotated[Timetable | None, NoDecode, BeforeValidator(parse_bandwidth)]
 

@@ -110,6 +110,7 @@ def migrate_partition(instance, key: str, res: dict, ignore_window: bool, totals
     if failure_text(result).startswith("Stopped cleanly"):
         return "stopped"
     meta = metadata_of(result, assets.COPIED_FILES)
+    print_report_location(meta)
     totals.update(copied=meta.get("files_copied", 0), unchanged=meta.get("files_skipped", 0),
                   failed=meta.get("range_files_failed", 0), awaiting_retry=meta.get("range_files_awaiting_retry", 0))
     verified = result.success and meta.get("verified") is True
@@ -117,9 +118,17 @@ def migrate_partition(instance, key: str, res: dict, ignore_window: bool, totals
     return "verified" if verified else "failed"
 
 
+def print_report_location(meta: dict) -> None:
+    if "failure_report_csv" in meta:
+        print(f"  failure report: {meta['failure_report_csv']}")
+
+
 def range_summary(meta: dict) -> str:
-    return (f"{meta['files_listed']} files: {meta['result']}; "
+    line = (f"{meta['files_listed']} files: {meta['result']}; "
             f"{meta['bytes_copied'] / 1e6:.1f} MB at {meta['mb_per_second']} MB/s")
+    if meta.get("bandwidth_waits"):
+        line += f" ({meta['bandwidth_limit']}: waited {meta['bandwidth_waits']} times)"
+    return line
 
 
 def print_first_failures(postgres: PostgresResource, ranges: list[tuple[int, int]]) -> None:
@@ -143,6 +152,7 @@ def retry_command(args: argparse.Namespace) -> int:
     meta = metadata_of(result, assets.FILE_RETRIES)
     if meta:
         print(f"retried {meta['files_listed']} files: {meta['result']}")
+        print_report_location(meta)
     if not result.success:
         print(f"retry FAILED: {failure_text(result)}")
     return 0 if result.success and not meta.get("files_failed") else 1

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from migration_assets.files.bandwidth import SharedLimiter, throttled
 from migration_assets.files.paths import SourceRefused, open_under_root, relative_path
 from migration_assets.files.settings import FilesSettings
 from migration_assets.files.store import FileResult, SourceFile
@@ -46,6 +47,7 @@ class S3Target:
     client: Any
     bucket: str
     prefix: str  # "" or ending in "/"
+    limiter: SharedLimiter | None = None  # FILES_BANDWIDTH: every body sent is paid for here first
 
     def key_for(self, relative: PurePosixPath) -> str:
         """The key of the file at `relative` under FILES_SOURCE_ROOT (paths.relative_path)."""
@@ -81,7 +83,7 @@ def _existing_copy(target: S3Target, key: str, size: int, sha256: str) -> tuple[
 def _put_object(target: S3Target, key: str, body: Any, size: int, sha: bytes) -> tuple[str, str]:
     """One PUT of `body` (bytes, or a reader of `size` bytes) with its SHA-256; (stored checksum, ETag)."""
     response = target.client.put_object(
-        Bucket=target.bucket, Key=key, Body=body, ContentLength=size, ChecksumAlgorithm="SHA256",
+        Bucket=target.bucket, Key=key, Body=throttled(body, target.limiter), ContentLength=size, ChecksumAlgorithm="SHA256",
         ChecksumSHA256=b64(sha), Metadata={"sha256": sha.hex()},
     )
     stored = response.get("ChecksumSHA256")
@@ -159,7 +161,7 @@ def _put_multipart(target: S3Target, key: str, path: Path, handle: BinaryIO, sha
             digest = hashlib.sha256(chunk).digest()
             number = len(parts) + 1
             reply = target.client.upload_part(
-                Bucket=target.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk,
+                Bucket=target.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=throttled(chunk, target.limiter),
                 ChecksumAlgorithm="SHA256", ChecksumSHA256=b64(digest),
             )
             if reply.get("ChecksumSHA256", b64(digest)) != b64(digest):

@@ -10,6 +10,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 from pydantic_settings import SettingsConfigDict
 
 from migration_assets.core.settings import EnvBool, EnvSettings, data_dir
+from migration_assets.files.bandwidth import Bandwidth
+from migration_assets.files.report import DEFAULT_REPORT_PREFIX
 
 MIB = 1024 * 1024
 
@@ -75,6 +77,12 @@ class FilesSettings(EnvSettings):
     run_window_start: ClockTime = Field(default=time(22, 0), description="HH:MM the nightly window opens")
     run_window_end: ClockTime = Field(default=time(6, 0), description="HH:MM the nightly window closes")
     run_window_weekends: EnvBool = Field(default=True, description="the window is open all of Saturday and Sunday")
+    bandwidth: Bandwidth = Field(
+        default=None, description="upload limit for the whole machine in rclone's --bwlimit syntax: a rate (10M, "
+        "bytes/s, binary units, off) or a timetable like '08:00,512k 18:00,off' read in FILES_RUN_WINDOW_TZ (unset: none)")
+    report_prefix: str = Field(
+        default=DEFAULT_REPORT_PREFIX, description="folder under FILES_S3_PREFIX where each run's failure report "
+        "CSV goes ({run_id}.csv)")
 
     @property
     def multipart_threshold(self) -> int:

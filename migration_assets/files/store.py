@@ -68,22 +68,38 @@ class ClaimRefused(Exception):
 
 # --- ranges ----------------------------------------------------------------------------------------
 
+# Ranges for the source files no range covers, in one statement. The uncovered id intervals are the
+# gaps between consecutive ranges, the one below the first range and the one above the last (all of
+# them when there are no ranges). A gap's files fall into buckets of `size` ids aligned on the gap's
+# edge (on id 0 when there are no ranges), clipped to the gap: a changed FILES_RANGE_SIZE never
+# overlaps older ranges, and a bucket without files gets no range, so sparse ids cost no empty
+# partitions. Each gap is read through the primary key, only its own files.
+_ADD_RANGES = """
+WITH bounds AS (
+    SELECT max_id AS lo, lead(min_id) OVER (ORDER BY min_id) AS hi FROM migration_ranges
+    UNION ALL SELECT NULL, min(min_id) FROM migration_ranges
+), gaps AS (
+    SELECT lo, hi, coalesce(lo, hi, 0) AS origin, coalesce(lo, -9223372036854775808) AS from_id,
+           coalesce(hi, 9223372036854775807) AS to_id
+    FROM bounds WHERE lo IS NULL OR hi IS NULL OR lo < hi
+), buckets AS (
+    SELECT DISTINCT g.lo, g.hi, s.file_id - ((s.file_id - g.origin) %% %(size)s + %(size)s) %% %(size)s AS b
+    FROM gaps g JOIN source_files s ON s.file_id >= g.from_id AND s.file_id < g.to_id
+)
+INSERT INTO migration_ranges (min_id, max_id)
+SELECT greatest(b, lo), least(b + %(size)s, hi) FROM buckets
+ON CONFLICT (min_id, max_id) DO NOTHING RETURNING min_id, max_id
+"""
+
+
 def expand_ranges(conn: psycopg.Connection, size: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Add ranges of `size` ids up to the highest source file id, after the highest existing range
-    (so a changed FILES_RANGE_SIZE never overlaps old ranges); reopen COMPLETE ranges that gained
-    files since they completed. Returns (added, reopened)."""
+    """Add ranges of up to `size` ids for source files no range covers yet (_ADD_RANGES); reopen
+    COMPLETE ranges that gained files since they completed. Set-based: the ids never come to Python.
+    Returns (added, reopened)."""
     with conn.transaction():
-        low, high = conn.execute("SELECT min(file_id), max(file_id) FROM source_files").fetchone()
-        if high is None:
-            return [], []
-        (covered,) = conn.execute("SELECT max(max_id) FROM migration_ranges").fetchone()
-        start = covered if covered is not None else low - low % size
-        wanted = [(s, s + size) for s in range(start, high + 1, size)]
-        added = conn.execute(
-            "INSERT INTO migration_ranges (min_id, max_id) SELECT * FROM unnest(%s::bigint[], %s::bigint[]) "
-            "ON CONFLICT (min_id, max_id) DO NOTHING RETURNING min_id, max_id",
-            ([s for s, _ in wanted], [e for _, e in wanted]),
-        ).fetchall()
+        # One expansion at a time (two would see the same gaps); claims and heartbeats are not held up.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('files: expand migration_ranges'))")
+        added = conn.execute(_ADD_RANGES, {"size": size}).fetchall()
         reopened = conn.execute(
             "UPDATE migration_ranges r SET status = 'PENDING', last_updated = now() "
             "WHERE status = 'COMPLETE' AND EXISTS (SELECT 1 FROM source_files s "

@@ -40,6 +40,7 @@ class Progress:
     finished: float | None = None
     stopped: str | None = None  # why the pass stopped early, None when it went through
     failures: list[tuple[int, str]] = field(default_factory=list)
+    batch_ids: list[int] = field(default_factory=list)  # a retry pass's batch (FILES_RETRY_BATCH at most)
 
     @property
     def seconds(self) -> float:
@@ -219,11 +220,13 @@ def claimed(job: RangeJob, min_id: int, max_id: int, worker: str) -> Iterator[Cl
 def retry_failed(job: RangeJob, on_progress: Callable[[Progress], None] | None = None) -> Progress:
     """One retry batch: up to FILES_RETRY_BATCH FAIL files with retries left, copied again in one
     transaction that holds their rows (SKIP LOCKED: retry workers split the backlog). A crash rolls
-    the batch back to FAIL; files left unattempted when the window closes get their retry back."""
+    the batch back to FAIL; files left unattempted when the window closes get their retry back.
+    The batch's file ids come back in `batch_ids` (for its failure report)."""
     progress = Progress()
     with job.pool.connection() as conn, conn.transaction():
         files = store.claim_retries(conn, job.settings.max_retries, job.settings.retry_batch)
         progress.listed = len(files)
+        progress.batch_ids = [f.file_id for f in files]
         attempted: set[int] = set()
 
         def record(results: list[FileResult]) -> None:
