@@ -18,7 +18,7 @@ from migration_assets.chain.events import EventRangeRequest, migrate_event_range
 from migration_assets.chain.scan import BLOCKS, EVENTS, ScanRequest, choose_method, run_scan
 from migration_assets.chain.source import CANONICAL_RID
 from migration_assets.core.postgres import shared_pool
-from migration_assets.devstack.sample_chain import sample_chain
+from migration_assets.devstack.sample_chain import block_hash, sample_chain
 from migration_assets.devstack.sample_events import chain_events
 from migration_assets.files.bandwidth import SharedLimiter, Slot, Timetable
 from tests.chain.helpers import TAG, orphan, seed
@@ -41,9 +41,16 @@ def chain_with_hard_heights(heights: int) -> list[dict]:
         if height in ("40", "41", "97") and item["block_rid"]["S"] == CANONICAL_RID:
             continue
         if height == str(BIG_HEIGHT) and item["block_rid"]["S"] == CANONICAL_RID:
-            items += [orphan(BIG_HEIGHT, 50 + i, padding={"S": "x" * 350_000}) for i in range(4)]
+            items += [orphan(BIG_HEIGHT, branch, padding={"S": "x" * 350_000}) for branch in big_branches()]
         items.append(item)
     return items
+
+
+def big_branches() -> list[int]:
+    """Four reorged blocks whose hashes sort after the winner's (its items are in key order), so the
+    1 MB page ends between the winner's hash item and its canonical copy."""
+    winner = block_hash(TAG, BIG_HEIGHT)
+    return [b for b in range(50, 500) if block_hash(TAG, BIG_HEIGHT, b) > winner][:4]
 
 
 def block_rows(conn) -> list[tuple]:
