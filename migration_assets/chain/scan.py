@@ -410,12 +410,12 @@ def _event_range_checks(conn, request: ScanRequest, start: int, end: int, counts
 SCAN_MIN_RANGES = 50  # below this many block ranges, per-height reads cost less than a table scan
 
 
-def choose_method(requested: str, start: int, end: int, range_size: int, watermark: int | None) -> tuple[str, str]:
+def choose_method(requested: str, start: int, end: int, range_size: int, whole_table: bool) -> tuple[str, str]:
     """("scan" or "query", why) for `chain migrate --method`."""
     if requested != "auto":
         return requested, f"--method {requested}"
-    if watermark is not None and start == 0 and end > watermark:
-        return "scan", f"the whole table is asked for (heights [0, {end}) reach the watermark {watermark})"
+    if whole_table:
+        return "scan", "the whole table is asked for (--start-height 0, no --end-height)"
     ranges = len(covering_ranges(start, end, range_size))
     if ranges >= SCAN_MIN_RANGES:
         return "scan", f"{ranges} block ranges >= {SCAN_MIN_RANGES}: a parallel Scan reads them faster"

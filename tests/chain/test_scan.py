@@ -276,9 +276,39 @@ def test_throttled_reads_back_off_and_keep_the_segment_place(target_url, dynamod
 # --- which path ------------------------------------------------------------------------------------
 
 def test_auto_picks_scan_for_large_spans_and_the_whole_table():
-    assert choose_method("auto", 0, 20_000, 10_000, watermark=1_000_000)[0] == "query"
-    assert choose_method("auto", 0, 500_000, 10_000, watermark=1_000_000)[0] == "scan"
-    assert choose_method("auto", 0, 30_000, 10_000, watermark=25_000)[0] == "scan"  # the whole table
-    assert choose_method("auto", 10, 30_000, 10_000, watermark=25_000)[0] == "query"
-    assert choose_method("query", 0, 10**7, 10_000, watermark=None)[0] == "query"
-    assert choose_method("scan", 0, 10, 10_000, watermark=None)[0] == "scan"
+    assert choose_method("auto", 0, 20_000, 10_000, whole_table=False)[0] == "query"
+    assert choose_method("auto", 0, 490_000, 10_000, whole_table=False)[0] == "query"
+    assert choose_method("auto", 0, 500_000, 10_000, whole_table=False)[0] == "scan"
+    assert choose_method("auto", 0, 30_000, 10_000, whole_table=True)[0] == "scan"
+    assert choose_method("query", 0, 10**7, 10_000, whole_table=True)[0] == "query"
+    assert choose_method("scan", 0, 10, 10_000, whole_table=False)[0] == "scan"
+
+
+def test_cli_auto_takes_each_path_where_it_should(
+    dagster_home, dynamodb, block_table, event_table, target, monkeypatch, capsys,
+):
+    from migration_assets.cli import main
+
+    events_table, layout = event_table
+    monkeypatch.setenv("CHAIN_BLOCK_RANGE_SIZE", "10")
+    monkeypatch.setenv("CHAIN_SCAN_SEGMENTS", "3")
+    blocks = list(sample_chain(TAG, 0, 600, reorg_rate=0.1, skip_rate=0.05))
+    events = list(chain_events(blocks, layout))
+    seed(dynamodb, block_table, blocks)
+    seed(dynamodb, events_table, events)
+
+    assert main(["chain", "migrate", "--start-height", "0", "--end-height", "30", "--skip-events"]) == 0
+    assert "method: query (3 block ranges < 50" in capsys.readouterr().out
+    assert main(["chain", "migrate", "--start-height", "0", "--end-height", "500", "--skip-events"]) == 0
+    out = capsys.readouterr().out
+    assert "method: scan (50 block ranges >= 50" in out and "blocks: scanned" in out, out
+    assert main(["chain", "migrate", "--start-height", "0", "--end-height", "30", "--method", "scan", "--skip-events"]) == 0
+    assert "method: scan (--method scan)" in capsys.readouterr().out
+
+    assert main(["chain", "migrate", "--start-height", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "method: scan (the whole table is asked for" in out and "events: scanned" in out, out
+    assert "FAILED" not in out
+    assert len(block_rows(target)) == len({(i["block_pid"]["S"], i["block_hash"]["S"]) for i in blocks
+                                           if i["block_rid"]["S"] != CANONICAL_RID and "latest" not in i["block_pid"]["S"]})
+    assert [row[1] for row in event_rows(target)] == list(range(1, len(events)))
