@@ -20,11 +20,13 @@ from typing import Any
 import psycopg
 from botocore.exceptions import ClientError
 
-from migration_assets.chain.checks import CHECK_BLOCK_COUNT, CHECK_CANONICAL
-from migration_assets.chain.event_checks import CHECK_EVENT_CONTIGUOUS, CHECK_EVENT_COUNT
+from migration_assets.chain.checks import (
+    CHECK_BLOCK_COUNT, CHECK_CANONICAL, check_canonical_resolves, check_continuity,
+)
+from migration_assets.chain.event_checks import run_event_checks
 from migration_assets.chain.event_loader import load_events
 from migration_assets.chain.event_source import EVENT_KEY, EventItem, EventLayout, max_event_id, parse_event_item
-from migration_assets.chain.events import MissingBlocksError
+from migration_assets.chain.events import EventRangeResult, MissingBlocksError
 from migration_assets.chain.loader import load_heights
 from migration_assets.chain.ranges import covering_ranges, range_key
 from migration_assets.chain.source import BLOCK_KEY, HeightBlocks, latest_height, order_height
@@ -35,6 +37,7 @@ from migration_assets.files.bandwidth import SharedLimiter, Slot, Timetable
 
 BLOCKS, EVENTS = "blocks", "events"
 THROTTLE_BACKOFF = Backoff(base=0.1, cap=20.0)
+CHECK_SOURCE_IDS = "source_ids_contiguous"  # the scan found every id below the watermark
 _THROTTLED = {"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"}
 Item = dict[str, Any]
 
@@ -102,7 +105,9 @@ class ScanSummary:
 
     @property
     def failed_ranges(self) -> list[str]:
-        return [key for key, outcomes in self.checks.items() if not all(o.passed for o in outcomes)]
+        """Ranges with a failed ERROR check (a WARN marks a suspicious source, not a wrong migration)."""
+        return [key for key, outcomes in self.checks.items()
+                if any(not o.passed and o.severity == "ERROR" for o in outcomes)]
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -373,36 +378,31 @@ def _count_outcome(name: str, what: str, source: int, target: int) -> CheckOutco
 
 
 def _block_range_checks(conn, request: ScanRequest, start: int, end: int, counts: RangeCounts) -> list[CheckOutcome]:
-    top = min(end, request.watermark + 1, request.end)
-    low = max(start, request.start)
-    [blocks] = conn.execute(
-        "SELECT count(*) FROM block_metadata WHERE tag = %s AND height >= %s AND height < %s",
-        (request.tag, low, top),
-    ).fetchone()
-    [canonical] = conn.execute(
-        "SELECT count(*) FROM canonical_blocks WHERE tag = %s AND height >= %s AND height < %s",
-        (request.tag, low, top),
+    low, top = max(start, request.start), min(end, request.end, request.watermark + 1)
+    [blocks, canonical] = conn.execute(
+        "SELECT (SELECT count(*) FROM block_metadata WHERE tag = %(tag)s AND height >= %(low)s AND height < %(top)s),"
+        " (SELECT count(*) FROM canonical_blocks WHERE tag = %(tag)s AND height >= %(low)s AND height < %(top)s)",
+        {"tag": request.tag, "low": low, "top": top},
     ).fetchone()
     return [
         _count_outcome(CHECK_BLOCK_COUNT, "blocks", counts.blocks, blocks),
         _count_outcome(CHECK_CANONICAL, "canonical heights", counts.canonical, canonical),
+        check_canonical_resolves(conn, request.tag, low, top),
+        check_continuity(conn, request.tag, low, top),
     ]
 
 
 def _event_range_checks(conn, request: ScanRequest, start: int, end: int, counts: RangeCounts) -> list[CheckOutcome]:
     low, top = max(start, request.start, 1), min(end, request.end, request.watermark + 1)
-    [events] = conn.execute(
-        "SELECT count(*) FROM block_events WHERE event_tag = %s AND event_sequence >= %s AND event_sequence < %s",
-        (request.tag, low, top),
-    ).fetchone()
-    expected = max(0, top - low)
-    contiguous = CheckOutcome(
-        CHECK_EVENT_CONTIGUOUS, counts.events == expected,
-        f"the scan read {counts.events} events of the {expected} ids [{low}, {top}) below the watermark"
-        + ("" if counts.events == expected else f"; the source lacks some ids: inspect {request.table}"),
-        metadata={"source": counts.events, "expected": expected},
-    )
-    return [_count_outcome(CHECK_EVENT_COUNT, "events", counts.events, events), contiguous]
+    outcomes = run_event_checks(conn, request.tag, low, top, EventRangeResult(request.tag, low, top, events=counts.events))
+    if counts.events != top - low:
+        outcomes.append(CheckOutcome(
+            CHECK_SOURCE_IDS, False,
+            f"the scan read {counts.events} events of the {top - low} ids [{low}, {top}) below the watermark "
+            f"{request.watermark}: the source lacks ids (they must be contiguous); inspect {request.table}",
+            metadata={"source_events": counts.events, "expected": top - low},
+        ))
+    return outcomes
 
 
 # --- which path ----------------------------------------------------------------------------------

@@ -77,10 +77,11 @@ def print_scan(what: str, summary: ScanSummary) -> int:
     request = summary.request
     print(f"{what}: scanned {request.table} in {request.segments} segments ({request.processes} processes): "
           f"{summary.items} items, {len(summary.counts)} ranges checked, {summary.seconds:.1f} s")
-    for key in summary.failed_ranges:
-        for outcome in summary.checks[key]:
+    for key, outcomes in summary.checks.items():
+        for outcome in outcomes:
             if not outcome.passed:
-                print(f"{what} {key}: FAILED {outcome.name}: {outcome.summary}")
+                label = "FAILED" if outcome.severity == "ERROR" else "WARNING"
+                print(f"{what} {key}: {label} {outcome.name}: {outcome.summary}")
     return len(summary.failed_ranges)
 
 

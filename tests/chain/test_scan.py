@@ -120,7 +120,8 @@ def test_scan_gives_the_rows_of_the_per_height_path(
         assert all(row[4] for row in canonical_rows(by_scan)), "the canonical block has its height's highest id"
         assert {40, 41, 97}.isdisjoint(row[0] for row in canonical_rows(by_scan))
         assert len([r for r in block_rows(by_scan) if r[0] == BIG_HEIGHT]) >= 5
-    assert block_scan.failed_ranges == [] and event_scan.failed_ranges == []
+    assert block_scan.failed_ranges == [], block_scan.checks
+    assert event_scan.failed_ranges == [], event_scan.checks
     assert sorted(block_scan.checks) == ["000000000000-000000000100", "000000000100-000000000200",
                                          "000000000200-000000000300"]
     assert sum(c.blocks for c in block_scan.counts.values()) == len(block_rows(psycopg.connect(target_url)))
