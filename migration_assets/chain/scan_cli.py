@@ -34,14 +34,17 @@ def choose_path(args: argparse.Namespace, source: ChainSourceResource) -> str | 
     return method
 
 
-def scan_request(source: ChainSourceResource, kind: str, start: int, end: int) -> ScanRequest:
+def scan_request(
+    source: ChainSourceResource, kind: str, start: int, end: int, database_url: str | None = None,
+) -> ScanRequest:
+    """A Scan of the source's block (or event) table, set by the CHAIN_* settings."""
     settings = source.settings
     table, tag = ((settings.block_table, settings.block_tag) if kind == BLOCKS
                   else (settings.event_table, settings.event_tag))
     return ScanRequest(
         kind, table, tag, start, end,
         range_size=settings.block_range_size if kind == BLOCKS else settings.event_range_size,
-        database_url=PostgresResource().resolved_url(),
+        database_url=database_url or PostgresResource().resolved_url(),
         segments=settings.scan_segments, processes=settings.scan_processes,
         chunk=settings.load_chunk_heights if kind == BLOCKS else settings.load_chunk_events,
         max_read_units=settings.scan_max_read_units,
