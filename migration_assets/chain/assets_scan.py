@@ -11,14 +11,12 @@ from dataclasses import replace
 import dagster as dg
 import psycopg
 
-from migration_assets.chain.assets import BLOCK_METADATA
-from migration_assets.chain.partitions import block_ranges
-from migration_assets.chain.ranges import parse_range_key
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.chain.scan import (
-    BLOCKS, ScanRequest, ScanSummary, range_checks, scan_segment, scan_summary, source_watermark, start_scan,
+    BLOCKS, ScanRequest, range_checks, scan_segment, scan_summary, source_watermark, start_scan,
 )
 from migration_assets.chain.scan_cli import WHOLE_TABLE_END, scan_request
+from migration_assets.chain.scan_report import report_ranges
 from migration_assets.chain.settings import ChainSettings
 from migration_assets.core.resources import PostgresResource
 
@@ -46,7 +44,7 @@ def block_scan(
         request = start_scan(conn, request, source_watermark(client, request))
     read = scan_segment(request, int(context.partition_key), client)
     context.log.info(f"segment {context.partition_key}/{request.segments} of {request.table}: {read} items read")
-    reported = report_if_complete(context.instance, request)
+    reported = report_if_complete(context, request)
     return dg.MaterializeResult(metadata={
         "items_read": dg.MetadataValue.int(read),
         "watermark": dg.MetadataValue.int(request.watermark if request.watermark is not None else -1),
@@ -54,8 +52,8 @@ def block_scan(
     })
 
 
-def report_if_complete(instance: dg.DagsterInstance, request: ScanRequest) -> list[str]:
-    """When every segment is done: the covered ranges (partition keys), reported to the instance."""
+def report_if_complete(context: dg.AssetExecutionContext, request: ScanRequest) -> list[str]:
+    """When every segment is done: the covered ranges (partition keys), reported from this run."""
     with psycopg.connect(request.database_url, autocommit=True) as conn:
         [left] = conn.execute(
             "SELECT count(*) FROM chain_scan_segments WHERE scan_id = %s AND NOT done", (request.scan_id,)
@@ -64,25 +62,4 @@ def report_if_complete(instance: dg.DagsterInstance, request: ScanRequest) -> li
             return []
         summary = scan_summary(conn, request)
         summary.checks = range_checks(conn, summary)
-    report_ranges(instance, summary)
-    return list(summary.checks)
-
-
-def report_ranges(instance: dg.DagsterInstance, summary: ScanSummary) -> None:
-    """Each covered range as a runless materialization of chain/block_metadata, with its checks."""
-    keys = list(summary.checks)
-    known = set(instance.get_dynamic_partitions(block_ranges.name))
-    instance.add_dynamic_partitions(block_ranges.name, [k for k in keys if k not in known])
-    for key, outcomes in summary.checks.items():
-        counts = summary.counts[parse_range_key(key)]
-        instance.report_runless_asset_event(dg.AssetMaterialization(
-            asset_key=BLOCK_METADATA, partition=key,
-            metadata={"heights": counts.heights, "blocks": counts.blocks, "canonical": counts.canonical,
-                      "dagster/row_count": counts.blocks, "migrated_by": "chain/block_scan"},
-        ))
-        for outcome in outcomes:
-            instance.report_runless_asset_event(dg.AssetCheckEvaluation(
-                asset_key=BLOCK_METADATA, check_name=outcome.name, passed=outcome.passed,
-                severity=dg.AssetCheckSeverity.WARN if outcome.severity == "WARN" else dg.AssetCheckSeverity.ERROR,
-                description=outcome.summary, metadata=outcome.metadata, partition=key,
-            ))
+    return report_ranges(context.instance, summary, context.log_event)

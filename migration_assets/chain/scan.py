@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 from migration_assets.chain.checks import (
     CHECK_BLOCK_COUNT, CHECK_CANONICAL, check_canonical_resolves, check_continuity,
 )
-from migration_assets.chain.event_checks import run_event_checks
+from migration_assets.chain.event_checks import CHECK_EVENT_CONTIGUOUS, run_event_checks
 from migration_assets.chain.event_loader import load_events
 from migration_assets.chain.event_source import EVENT_KEY, EventItem, EventLayout, max_event_id, parse_event_item
 from migration_assets.chain.events import EventRangeResult, MissingBlocksError
@@ -37,7 +37,6 @@ from migration_assets.files.bandwidth import SharedLimiter, Slot, Timetable
 
 BLOCKS, EVENTS = "blocks", "events"
 THROTTLE_BACKOFF = Backoff(base=0.1, cap=20.0)
-CHECK_SOURCE_IDS = "source_ids_contiguous"  # the scan found every id below the watermark
 _THROTTLED = {"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"}
 Item = dict[str, Any]
 
@@ -395,13 +394,14 @@ def _block_range_checks(conn, request: ScanRequest, start: int, end: int, counts
 def _event_range_checks(conn, request: ScanRequest, start: int, end: int, counts: RangeCounts) -> list[CheckOutcome]:
     low, top = max(start, request.start, 1), min(end, request.end, request.watermark + 1)
     outcomes = run_event_checks(conn, request.tag, low, top, EventRangeResult(request.tag, low, top, events=counts.events))
-    if counts.events != top - low:
-        outcomes.append(CheckOutcome(
-            CHECK_SOURCE_IDS, False,
+    if counts.events != top - low:  # ids missing in the source (the target's own check sees only inner gaps)
+        gap = CheckOutcome(
+            CHECK_EVENT_CONTIGUOUS, False,
             f"the scan read {counts.events} events of the {top - low} ids [{low}, {top}) below the watermark "
             f"{request.watermark}: the source lacks ids (they must be contiguous); inspect {request.table}",
             metadata={"source_events": counts.events, "expected": top - low},
-        ))
+        )
+        outcomes = [gap if o.name == CHECK_EVENT_CONTIGUOUS else o for o in outcomes]
     return outcomes
 
 

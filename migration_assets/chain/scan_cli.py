@@ -7,6 +7,8 @@ from migration_assets.chain.items import SourceDataError
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.chain.scan import BLOCKS, EVENTS, ScanRequest, ScanSummary, choose_method, run_scan
 from migration_assets.chain.source import latest_height
+from migration_assets.chain.scan_report import report_in_run
+from migration_assets.core.instance import project_instance
 from migration_assets.core.resources import PostgresResource
 from migration_assets.core.settings import data_dir
 
@@ -57,9 +59,10 @@ def migrate_by_scan(args: argparse.Namespace, source: ChainSourceResource, event
     """Blocks, then events, each by a parallel Scan. `event_ids(source, start, end)` finds the event
     ids of a height span (None when it has no events)."""
     end = WHOLE_TABLE_END if args.whole_table else args.end_height
+    instance = project_instance()
     try:
         if not args.skip_blocks:
-            if print_scan("blocks", run_scan(scan_request(source, BLOCKS, args.start_height, end), source.client())):
+            if print_scan("blocks", run_scan(scan_request(source, BLOCKS, args.start_height, end), source.client()), instance):
                 print("events: not migrated, since block ranges failed (events need their blocks)")
                 return _failed()
         if not args.skip_events:
@@ -67,7 +70,7 @@ def migrate_by_scan(args: argparse.Namespace, source: ChainSourceResource, event
             if ids is None:
                 print(f"error: no events found at heights {args.start_height} and {args.end_height - 1}")
                 return 1
-            if print_scan("events", run_scan(scan_request(source, EVENTS, *ids), source.client())):
+            if print_scan("events", run_scan(scan_request(source, EVENTS, *ids), source.client()), instance):
                 return _failed()
     except (SourceDataError, MissingBlocksError) as error:
         print(f"error: {error}")
@@ -75,9 +78,11 @@ def migrate_by_scan(args: argparse.Namespace, source: ChainSourceResource, event
     return 0
 
 
-def print_scan(what: str, summary: ScanSummary) -> int:
-    """Print the scan's outcome and its failed range checks; return how many ranges failed."""
+def print_scan(what: str, summary: ScanSummary, instance) -> int:
+    """Print the scan's outcome and its failed range checks, report its ranges to the Dagster
+    instance (as partitions of the chain assets, with their checks); return how many ranges failed."""
     request = summary.request
+    report_in_run(instance, summary)
     print(f"{what}: scanned {request.table} in {request.segments} segments ({request.processes} processes): "
           f"{summary.items} items, {len(summary.counts)} ranges checked, {summary.seconds:.1f} s")
     for key, outcomes in summary.checks.items():

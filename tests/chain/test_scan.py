@@ -313,13 +313,19 @@ def test_cli_auto_takes_each_path_where_it_should(
     assert len(block_rows(target)) == len({(i["block_pid"]["S"], i["block_hash"]["S"]) for i in blocks
                                            if i["block_rid"]["S"] != CANONICAL_RID and "latest" not in i["block_pid"]["S"]})
     assert [row[1] for row in event_rows(target)] == list(range(1, len(events)))
+    import dagster as dg
+
+    from migration_assets.chain.assets import BLOCK_EVENTS, BLOCK_METADATA
+    instance = dg.DagsterInstance.get()
+    assert instance.get_materialized_partitions(BLOCK_EVENTS) == {"000000000000-000000100000"}
+    assert len(instance.get_materialized_partitions(BLOCK_METADATA)) == 60
 
 
 def test_block_scan_asset_reports_the_ranges_it_covered(fresh_instance, dynamodb, block_table, target, monkeypatch):
     import dagster as dg
 
     from migration_assets.chain.assets import BLOCK_METADATA
-    from migration_assets.chain.assets_scan import block_scan, scan_segments
+    from migration_assets.chain.assets_scan import BLOCK_SCAN, block_scan, scan_segments
     from migration_assets.chain.checks import BLOCK_CHECK_NAMES
     from migration_assets.definitions import shared_resources
 
@@ -332,9 +338,13 @@ def test_block_scan_asset_reports_the_ranges_it_covered(fresh_instance, dynamodb
         result = dg.materialize([block_scan], partition_key=key, instance=fresh_instance,
                                 resources=shared_resources(), raise_on_error=False)
         assert result.success
-        reported = result.asset_materializations_for_node("chain__block_scan")[0].metadata["ranges_reported"].value
+        [own] = [m for m in result.asset_materializations_for_node("chain__block_scan") if m.asset_key == BLOCK_SCAN]
+        reported = own.metadata["ranges_reported"].value
         assert reported == (3 if key == keys[-1] else 0), "only the last segment to finish reports"
 
+    again = dg.materialize([block_scan], partition_key=keys[0], instance=fresh_instance,
+                           resources=shared_resources(), raise_on_error=False)
+    assert again.success, "a finished scan's segment runs again and reports its ranges again"
     ranges = ["000000000000-000000000100", "000000000100-000000000200", "000000000200-000000000300"]
     assert set(ranges) <= set(fresh_instance.get_dynamic_partitions("chain_block_ranges"))
     materialized = fresh_instance.get_materialized_partitions(BLOCK_METADATA)
@@ -342,7 +352,7 @@ def test_block_scan_asset_reports_the_ranges_it_covered(fresh_instance, dynamodb
     for name in BLOCK_CHECK_NAMES:
         check_key = dg.AssetCheckKey(BLOCK_METADATA, name)
         records = fresh_instance.event_log_storage.get_asset_check_execution_history(check_key, limit=10)
-        assert len(records) == 3, name
+        assert len(records) == 6, name
         assert all(r.evaluation is not None and r.evaluation.passed for r in records), name
         assert {r.evaluation.partition for r in records} == set(ranges), name
     assert len(block_rows(target)) == sum(1 for i in blocks if i["block_rid"]["S"] != CANONICAL_RID
