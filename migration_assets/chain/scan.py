@@ -33,6 +33,7 @@ from migration_assets.chain.source import BLOCK_KEY, HeightBlocks, latest_height
 from migration_assets.core.aws import DynamoClientSpec, cached_client
 from migration_assets.core.backoff import Backoff
 from migration_assets.core.checks import CheckOutcome, listing
+from migration_assets.core.concurrency import ordered_map_in_processes
 from migration_assets.files.bandwidth import SharedLimiter, Slot, Timetable
 
 BLOCKS, EVENTS = "blocks", "events"
@@ -332,8 +333,6 @@ def run_scan(request: ScanRequest, client: Any, limiter: SharedLimiter | None = 
             (request.scan_id,),
         )]
     if request.processes > 1 and request.client_spec is not None and len(pending) > 1:
-        from migration_assets.core.concurrency import ordered_map_in_processes
-
         list(ordered_map_in_processes(partial(scan_segment, request), pending, request.processes))
     else:
         for segment in pending:
@@ -393,7 +392,8 @@ def _block_range_checks(conn, request: ScanRequest, start: int, end: int, counts
 
 def _event_range_checks(conn, request: ScanRequest, start: int, end: int, counts: RangeCounts) -> list[CheckOutcome]:
     low, top = max(start, request.start, 1), min(end, request.end, request.watermark + 1)
-    outcomes = run_event_checks(conn, request.tag, low, top, EventRangeResult(request.tag, low, top, events=counts.events))
+    scanned = EventRangeResult(request.tag, low, top, events=counts.events)
+    outcomes = run_event_checks(conn, request.tag, low, top, scanned)
     if counts.events != top - low:  # ids missing in the source (the target's own check sees only inner gaps)
         gap = CheckOutcome(
             CHECK_EVENT_CONTIGUOUS, False,

@@ -62,7 +62,8 @@ def migrate_by_scan(args: argparse.Namespace, source: ChainSourceResource, event
     instance = project_instance()
     try:
         if not args.skip_blocks:
-            if print_scan("blocks", run_scan(scan_request(source, BLOCKS, args.start_height, end), source.client()), instance):
+            blocks = run_scan(scan_request(source, BLOCKS, args.start_height, end), source.client())
+            if print_scan("blocks", blocks, instance):
                 print("events: not migrated, since block ranges failed (events need their blocks)")
                 return _failed()
         if not args.skip_events:
@@ -70,7 +71,8 @@ def migrate_by_scan(args: argparse.Namespace, source: ChainSourceResource, event
             if ids is None:
                 print(f"error: no events found at heights {args.start_height} and {args.end_height - 1}")
                 return 1
-            if print_scan("events", run_scan(scan_request(source, EVENTS, *ids), source.client()), instance):
+            events = run_scan(scan_request(source, EVENTS, *ids), source.client())
+            if print_scan("events", events, instance):
                 return _failed()
     except (SourceDataError, MissingBlocksError) as error:
         print(f"error: {error}")
