@@ -13,7 +13,7 @@ import psycopg
 
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.chain.scan import (
-    BLOCKS, ScanRequest, range_checks, scan_segment, scan_summary, source_watermark, start_scan,
+    BLOCKS, ScanRequest, begin_scan, range_checks, scan_segment, scan_summary,
 )
 from migration_assets.chain.scan_cli import WHOLE_TABLE_END, scan_request
 from migration_assets.chain.scan_report import report_ranges
@@ -40,8 +40,7 @@ def block_scan(
     client = chain_source.client()
     request = scan_request(chain_source, BLOCKS, 0, WHOLE_TABLE_END, postgres.resolved_url())
     request = replace(request, segments=len(scan_segments.get_partition_keys()), processes=1)
-    with psycopg.connect(request.database_url, autocommit=True) as conn:
-        request = start_scan(conn, request, source_watermark(client, request))
+    request = begin_scan(request, client)
     read = scan_segment(request, int(context.partition_key), client)
     context.log.info(f"segment {context.partition_key}/{request.segments} of {request.table}: {read} items read")
     reported = report_if_complete(context, request)

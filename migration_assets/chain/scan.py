@@ -34,6 +34,7 @@ from migration_assets.core.aws import DynamoClientSpec, cached_client
 from migration_assets.core.backoff import Backoff
 from migration_assets.core.checks import CheckOutcome, listing
 from migration_assets.core.concurrency import ordered_map_in_processes
+from migration_assets.core.schema import apply_migrations
 from migration_assets.files.bandwidth import SharedLimiter, Slot, Timetable
 
 BLOCKS, EVENTS = "blocks", "events"
@@ -306,9 +307,15 @@ def source_watermark(client: Any, request: ScanRequest) -> int | None:
     return max_event_id(client, request.table, EventLayout(request.tag))
 
 
-def start_scan(conn: psycopg.Connection, request: ScanRequest, watermark: int | None) -> ScanRequest:
-    """Register the scan and its segments (idempotent); the request with the scan's own watermark:
-    the one it started with, when it resumes."""
+def begin_scan(request: ScanRequest, client: Any) -> ScanRequest:
+    """Bring the target's schema up to date, register the scan and its segments (idempotent); return
+    the request with the scan's own watermark: the source's now, or the one it started with."""
+    with psycopg.connect(request.database_url, autocommit=True) as conn:
+        apply_migrations(conn)
+        return _register_scan(conn, request, source_watermark(client, request))
+
+
+def _register_scan(conn: psycopg.Connection, request: ScanRequest, watermark: int | None) -> ScanRequest:
     conn.execute(
         "INSERT INTO chain_scans (scan_id, total, watermark) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
         (request.scan_id, request.segments, watermark),
@@ -326,8 +333,8 @@ def run_scan(request: ScanRequest, client: Any, limiter: SharedLimiter | None = 
     """Run (or resume) every segment, in worker processes when asked; then check each covered range
     against the counts the scan gathered."""
     started = time.monotonic()
+    request = begin_scan(request, client)
     with psycopg.connect(request.database_url, autocommit=True) as conn:
-        request = start_scan(conn, request, source_watermark(client, request))
         pending = [s for (s,) in conn.execute(
             "SELECT segment FROM chain_scan_segments WHERE scan_id = %s AND NOT done ORDER BY segment",
             (request.scan_id,),
