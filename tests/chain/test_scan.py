@@ -357,3 +357,19 @@ def test_block_scan_asset_reports_the_ranges_it_covered(fresh_instance, dynamodb
         assert {r.evaluation.partition for r in records} == set(ranges), name
     assert len(block_rows(target)) == sum(1 for i in blocks if i["block_rid"]["S"] != CANONICAL_RID
                                           and "latest" not in i["block_pid"]["S"])
+
+
+def test_a_scan_into_a_new_database_brings_its_schema(pg_server_url, dynamodb, block_table):
+    import uuid
+
+    from migration_assets.core import embedded
+
+    name = f"empty_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = embedded.database_url(pg_server_url, name)
+    seed(dynamodb, block_table, list(sample_chain(TAG, 0, 20)))
+
+    summary = run_scan(scan_request(BLOCKS, block_table, TAG, url), dynamodb)
+
+    assert summary.failed_ranges == [] and summary.items == 41
