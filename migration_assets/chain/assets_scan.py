@@ -41,6 +41,9 @@ def block_scan(
     request = scan_request(chain_source, BLOCKS, 0, WHOLE_TABLE_END, postgres.resolved_url())
     request = replace(request, segments=len(scan_segments.get_partition_keys()), processes=1)
     request = begin_scan(request, client)
+    if request.watermark is None:
+        context.log.warning(f"{request.table} has no watermark ({request.tag}-latest) yet: nothing to scan")
+        return dg.MaterializeResult(metadata={"items_read": dg.MetadataValue.int(0)})
     read = scan_segment(request, int(context.partition_key), client)
     context.log.info(f"segment {context.partition_key}/{request.segments} of {request.table}: {read} items read")
     reported = report_if_complete(context, request)

@@ -309,10 +309,14 @@ def source_watermark(client: Any, request: ScanRequest) -> int | None:
 
 def begin_scan(request: ScanRequest, client: Any) -> ScanRequest:
     """Bring the target's schema up to date, register the scan and its segments (idempotent); return
-    the request with the scan's own watermark: the source's now, or the one it started with."""
+    the request with the scan's own watermark: the source's now, or the one it started with. A table
+    without a watermark yet has nothing to scan: the request keeps watermark None, unregistered."""
     with psycopg.connect(request.database_url, autocommit=True) as conn:
         apply_migrations(conn)
-        return _register_scan(conn, request, source_watermark(client, request))
+        watermark = source_watermark(client, request)
+        if watermark is None:
+            return request
+        return _register_scan(conn, request, watermark)
 
 
 def _register_scan(conn: psycopg.Connection, request: ScanRequest, watermark: int | None) -> ScanRequest:
@@ -334,6 +338,8 @@ def run_scan(request: ScanRequest, client: Any, limiter: SharedLimiter | None = 
     against the counts the scan gathered."""
     started = time.monotonic()
     request = begin_scan(request, client)
+    if request.watermark is None:
+        return ScanSummary(request, {})
     with psycopg.connect(request.database_url, autocommit=True) as conn:
         pending = [s for (s,) in conn.execute(
             "SELECT segment FROM chain_scan_segments WHERE scan_id = %s AND NOT done ORDER BY segment",

@@ -373,3 +373,17 @@ def test_a_scan_into_a_new_database_brings_its_schema(pg_server_url, dynamodb, b
     summary = run_scan(scan_request(BLOCKS, block_table, TAG, url), dynamodb)
 
     assert summary.failed_ranges == [] and summary.items == 41
+
+
+def test_a_table_without_a_watermark_has_nothing_to_scan_yet(target_url, dynamodb, block_table):
+    items = [i for i in sample_chain(TAG, 0, 20) if "latest" not in i["block_pid"]["S"]]
+    seed(dynamodb, block_table, items)
+    request = scan_request(BLOCKS, block_table, TAG, target_url)
+
+    assert run_scan(request, dynamodb).counts == {}
+    seed(dynamodb, block_table, list(sample_chain(TAG, 0, 20)))  # the watermark arrives
+    summary = run_scan(request, dynamodb)
+
+    assert len(summary.counts) == 1 and summary.failed_ranges == []
+    with psycopg.connect(target_url) as conn:
+        assert len({row[0] for row in block_rows(conn)}) == 20
