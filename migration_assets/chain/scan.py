@@ -102,6 +102,7 @@ class ScanSummary:
     counts: dict[tuple[int, int], RangeCounts]  # per covered range
     items: int = 0
     seconds: float = 0.0
+    segments_run: int = 0  # segments not done when this call began (fewer than all: it resumed)
     checks: dict[str, list[CheckOutcome]] = field(default_factory=dict)  # per range key
 
     @property
@@ -353,7 +354,7 @@ def run_scan(request: ScanRequest, client: Any, limiter: SharedLimiter | None = 
     with psycopg.connect(request.database_url, autocommit=True) as conn:
         summary = scan_summary(conn, request)
         summary.checks = range_checks(conn, summary)
-    summary.seconds = time.monotonic() - started
+    summary.seconds, summary.segments_run = time.monotonic() - started, len(pending)
     return summary
 
 

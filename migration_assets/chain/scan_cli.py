@@ -85,8 +85,11 @@ def print_scan(what: str, summary: ScanSummary, instance) -> int:
     instance (as partitions of the chain assets, with their checks); return how many ranges failed."""
     request = summary.request
     report_in_run(instance, summary)
-    print(f"{what}: scanned {request.table} in {request.segments} segments ({request.processes} processes): "
-          f"{summary.items} items, {len(summary.counts)} ranges checked, {summary.seconds:.1f} s")
+    ran = (f"{request.segments} segments" if summary.segments_run == request.segments
+           else f"the {summary.segments_run} unfinished of {request.segments} segments (resumed)")
+    print(f"{what}: scanned {request.table} up to its watermark {request.watermark}, {ran} in "
+          f"{request.processes} processes: {summary.items} items, {len(summary.counts)} ranges checked, "
+          f"{summary.seconds:.1f} s")
     for key, outcomes in summary.checks.items():
         for outcome in outcomes:
             if not outcome.passed:

@@ -186,6 +186,7 @@ def test_a_scan_killed_mid_segment_resumes_and_ends_exact(target_url, dynamodb, 
 
     assert scanned_items(target_url) == len(items), "every item read and committed exactly once"
     assert summary.items == len(items)
+    assert 0 < summary.segments_run <= 2, "resumed"
     assert summary.failed_ranges == []
     source_blocks = {(i["block_pid"]["S"], i["block_hash"]["S"]) for i in items
                      if i["block_rid"]["S"] != CANONICAL_RID and not i["block_pid"]["S"].endswith("latest")}
