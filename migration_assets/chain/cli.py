@@ -12,6 +12,8 @@ from migration_assets.chain.event_source import (
 from migration_assets.chain.partitions import register_ranges
 from migration_assets.chain.ranges import parse_range_key
 from migration_assets.chain.resources import ChainSourceResource
+from migration_assets.chain.scan import SCAN_MIN_RANGES
+from migration_assets.chain.scan_cli import choose_path, migrate_by_scan
 from migration_assets.chain.settings import NetworkConfig
 from migration_assets.core.instance import project_instance
 from migration_assets.core.resources import PostgresResource
@@ -23,29 +25,42 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     actions = chain.add_subparsers(dest="action", required=True)
     migrate = actions.add_parser("migrate", help="migrate the blocks and events of heights [start, end)")
     migrate.add_argument("--start-height", type=int, required=True, help="first height (inclusive)")
-    migrate.add_argument("--end-height", type=int, required=True, help="last height (exclusive)")
+    migrate.add_argument("--end-height", type=int, default=None,
+                         help="last height (exclusive); default: up to the watermark (from 0: the whole table)")
     migrate.add_argument("--tag", type=int, default=None, help="block tag (default CHAIN_BLOCK_TAG)")
     migrate.add_argument("--event-tag", type=int, default=None, help="event tag (default CHAIN_EVENT_TAG)")
     migrate.add_argument("--blockchain", default=None, help="with --network: one of CHAIN_NETWORKS' chains, e.g. ethereum")
     migrate.add_argument("--network", default=None, help="with --blockchain: e.g. mainnet (default: the chain configured the old way)")
     migrate.add_argument("--skip-blocks", action="store_true", help="events only (blocks already migrated)")
     migrate.add_argument("--skip-events", action="store_true", help="block metadata only")
+    migrate.add_argument("--method", choices=("auto", "scan", "query"), default="auto",
+                         help="scan: parallel Scan of the tables; query: per height; auto: scan for the whole "
+                         f"table or >= {SCAN_MIN_RANGES} block ranges")
     migrate.set_defaults(handler=migrate_command)
 
 
 def migrate_command(args: argparse.Namespace) -> int:
+    if (args.blockchain is None) != (args.network is None):
+        print("error: give --blockchain and --network together (or neither, for the chain configured the old way)")
+        return 2
+    network = NetworkConfig() if args.blockchain is None else NetworkConfig.parse(f"{args.blockchain}-{args.network}")
+    source = ChainSourceResource(block_tag=args.tag, event_tag=args.event_tag)
+    if network.name is not None and (args.method == "scan" or args.end_height is None):
+        # The Scan path reads the tables of the chain configured the old way only, for now.
+        print("error: with --blockchain/--network, give --end-height and use --method query or auto (per height)")
+        return 2
+    method = "query" if network.name is not None else choose_path(args, source)
+    if method is None:
+        return 1
     if not 0 <= args.start_height < args.end_height:
         print(f"error: need 0 <= --start-height < --end-height, got [{args.start_height}, {args.end_height})")
         return 2
     if args.skip_blocks and args.skip_events:
         print("error: --skip-blocks and --skip-events together leave nothing to migrate")
         return 2
-    if (args.blockchain is None) != (args.network is None):
-        print("error: give --blockchain and --network together (or neither, for the chain configured the old way)")
-        return 2
-    network = NetworkConfig() if args.blockchain is None else NetworkConfig.parse(f"{args.blockchain}-{args.network}")
+    if method == "scan":
+        return migrate_by_scan(args, source, event_id_range)
     chain = network_assets(network)
-    source = ChainSourceResource(block_tag=args.tag, event_tag=args.event_tag)
     resources = {"postgres": PostgresResource(), "chain_source": source}
     instance = project_instance()
     failures = total = 0

@@ -6,6 +6,7 @@ from functools import cache
 import dagster as dg
 
 from migration_assets.chain import assets, partitions, sensors
+from migration_assets.chain.assets_scan import block_scan
 from migration_assets.chain.settings import ChainSettings, NetworkConfig, configured_networks
 from migration_assets.core.settings import settings_of
 
@@ -20,7 +21,9 @@ class NetworkAssets:
     sync: dg.SensorDefinition
 
     def definitions(self) -> dg.Definitions:
-        return dg.Definitions(assets=[self.block_metadata, self.block_events], sensors=[self.sync])
+        # The bulk Scan asset reads the tables of the chain configured the old way only, for now.
+        scan = [block_scan] if self.network.name is None else []
+        return dg.Definitions(assets=[self.block_metadata, self.block_events, *scan], sensors=[self.sync])
 
 
 @cache

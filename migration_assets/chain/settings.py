@@ -34,6 +34,10 @@ class ChainSettings(EnvSettings):
         description="worker processes reading blocks and events (botocore spends ~1 ms of CPU per request, "
         "so at low latency one process's threads are CPU-bound); 1 reads in threads only",
     )
+    scan_segments: int = Field(default=16, gt=0, description="TotalSegments of the bulk parallel Scan")
+    scan_processes: int = Field(default=2, gt=0, description="worker processes running the Scan's segments")
+    scan_max_read_units: float | None = Field(
+        default=None, gt=0, description="read units per second of all Scan segments together; unset: no limit")
     sync_interval_seconds: int = Field(default=60, gt=0, description="chain_sync sensor interval")
     networks: CommaList = Field(
         default=[],
