@@ -50,7 +50,7 @@ def launch(stack, window_start: datetime, window_end: datetime) -> str:
 
 
 def copied_keys(stack) -> list[str]:
-    s3_url = json.loads((stack.data_dir / SERVERS_FILE).read_text())["moto S3"]
+    s3_url = json.loads((stack.data_dir / SERVERS_FILE).read_text())["SeaweedFS S3"]
     s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1",
                       aws_access_key_id="local", aws_secret_access_key="local")
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket="migrated-files")
