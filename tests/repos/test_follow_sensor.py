@@ -154,12 +154,14 @@ def test_the_follow_command_is_a_run_in_the_instance_and_fails_non_zero(pds, tar
     save_cursor(target, host, current_seq(host))
     pds.create_records(alice, POSTS, [post(1)])
 
+    cli_runs = dg.RunsFilter(tags={"migration-assets/cli": "repos follow"})
+    before = {run.run_id for run in instance.get_runs(filters=cli_runs)}  # the session's other tests' runs
     code = main(["repos", "follow", "--host", host + "/", "--seconds", "5"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "done: 1 events (1 commits applied" in out and "0 desyncs" in out, out
     assert exact(pds, target, alice, (POSTS,))
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={"migration-assets/cli": "repos follow"}))
+    runs = [run for run in instance.get_runs(filters=cli_runs) if run.run_id not in before]
     assert [run.tags.get("dagster/partition") for run in runs] == [host], "the command's run must show in the instance"
 
     save_cursor(target, host, 10**12)
