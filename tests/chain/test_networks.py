@@ -120,6 +120,6 @@ def test_without_chain_networks_the_one_chain_keeps_its_names():
     defs = dg.Definitions.merge(chain_definitions(ChainSettings.load()), dg.Definitions(resources=shared_resources()))
     graph = defs.resolve_asset_graph()
 
-    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == {"chain/block_metadata", "chain/block_events"}
+    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == {"chain/block_metadata", "chain/block_events", "chain/block_scan"}
     assert [sensor.name for sensor in defs.sensors] == ["chain_sync"]
     assert NetworkConfig().schema is None

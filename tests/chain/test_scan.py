@@ -287,10 +287,12 @@ def test_auto_picks_scan_for_large_spans_and_the_whole_table():
 
 
 def test_cli_auto_takes_each_path_where_it_should(
-    dagster_home, dynamodb, block_table, event_table, target, monkeypatch, capsys,
+    dagster_home, fresh_instance, dynamodb, block_table, event_table, target, monkeypatch, capsys,
 ):
     from migration_assets.cli import main
 
+    # An instance of its own: the partitions it shows materialized are this test's alone.
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", fresh_instance.run_storage.postgres_url)
     events_table, layout = event_table
     monkeypatch.setenv("CHAIN_BLOCK_RANGE_SIZE", "10")
     monkeypatch.setenv("CHAIN_SCAN_SEGMENTS", "3")

@@ -20,6 +20,7 @@ SHELL_MODULES = {
     "migration_assets.core.instance",  # the CLI's and the demo's Dagster instance
     "migration_assets.core.runs",  # the CLI's in-process runs
     "migration_assets.status.collect",  # reads the Dagster instance
+    "migration_assets.chain.scan_report",  # a finished scan's ranges as materializations and check results
     "migration_assets.devstack.demo",  # starts `dagster dev`
     "migration_assets.devstack.demo_files",
     "migration_assets.devstack.demo_atproto",
