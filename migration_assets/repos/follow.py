@@ -35,11 +35,11 @@ from migration_assets.atproto.errors import AtprotoError
 from migration_assets.atproto.mst import is_valid_nsid, is_valid_record_key, lookup, parse_commit
 from migration_assets.atproto.signature import SignatureError, verify_commit
 from migration_assets.core.backoff import Backoff
-from migration_assets.core.lease import Lease, LeaseLost
+from migration_assets.core.lease import LeaseLost
 from migration_assets.repos import ledger, store
 from migration_assets.repos.backfill import RepoSyncer, describe
 from migration_assets.repos.collections import CollectionFilter
-from migration_assets.repos.ledger import GONE_STATUSES, ClaimedRepo
+from migration_assets.repos.ledger import GONE_STATUSES
 from migration_assets.repos.snapshot import _staged as staged_block  # the backfill's record row: jsonb + U+0000
 from migration_assets.repos.stream import (
     AccountEvent, CommitEvent, IdentityEvent, InfoEvent, RepoOp, StreamError, StreamEvent, Subscription, SyncEvent,
@@ -176,7 +176,7 @@ class Follower:
         cursor, last_time = self.report.cursor, None
         with self.pool.connection() as conn, conn.transaction():
             resync += self._recheck_claimed(conn)
-            states = lock_states(conn, [e.repo for e in batch if isinstance(e, CommitEvent)])
+            states = ledger.lock_states(conn, [e.repo for e in batch if isinstance(e, CommitEvent)])
             writes = _BatchWrites(conn)
             with conn.pipeline():
                 for event in batch:
@@ -206,7 +206,7 @@ class Follower:
         if isinstance(event, InfoEvent):
             if event.name == "OutdatedCursor":
                 self.report.outdated_cursor += 1
-                self.report.desyncs += make_host_due(conn, self.host)
+                self.report.desyncs += ledger.make_host_due(conn, self.host)
             return []
         states.pop(event.did, None)  # #sync and #account change the ledger row: read it again when needed
         if isinstance(event, SyncEvent):
@@ -252,7 +252,7 @@ class Follower:
     def _apply_commit(self, conn: psycopg.Connection, event: CommitEvent, checked: _Checked,
                       states: dict[str, tuple[str, str | None]], writes: "_BatchWrites") -> list[str]:
         if event.repo not in states:
-            states.update(lock_states(conn, [event.repo]))
+            states.update(ledger.lock_states(conn, [event.repo]))
         status, rev = states.get(event.repo, (None, None))
         if status is None:
             states[event.repo] = ("pending", None)
@@ -317,7 +317,7 @@ class Follower:
         lease = ledger.repo_lease(self.syncer.settings.lease_seconds)
         for did in dict.fromkeys(dids):  # one claim at a time: no lease waits behind another repo's fetch
             with self.pool.connection() as conn:
-                claimed = claim_dids(conn, lease, [did])
+                claimed = ledger.claim_dids(conn, lease, [did])
             for repo in claimed:
                 try:
                     outcome = self.syncer.sync(repo, lease)
@@ -395,7 +395,7 @@ class _BatchWrites:
                 if change:
                     add_collection_count(cur, did, collection, change)
             for did, (head, rev) in self.heads.items():
-                advance_head(cur, did, head, rev, by_repo[did])
+                ledger.advance_head(cur, did, head, rev, by_repo[did])
 
 
 def add_collection_count(cur: psycopg.Cursor, did: str, collection: str, change: int) -> None:
@@ -408,42 +408,7 @@ def add_collection_count(cur: psycopg.Cursor, did: str, collection: str, change:
                 (did, collection))
 
 
-# --- ledger and cursor helpers --------------------------------------------------------------------------
-# move to ledger.py (ledger.py is being changed by the leases work; these are the stream's additions)
-
-
-def advance_head(cur: psycopg.Cursor, did: str, head: str, rev: str, record_change: int) -> None:
-    cur.execute(
-        """UPDATE repos SET head = %s, rev = %s, records_count = records_count + %s, synced_at = now(),
-               updated_at = now() WHERE did = %s""",
-        (head, rev, record_change, did),
-    )
-
-
-def lock_states(conn: psycopg.Connection, dids: list[str]) -> dict[str, tuple[str, str | None]]:
-    """{did: (status, rev)} of these repos, locked for the transaction (in DID order: no deadlocks)."""
-    rows = conn.execute("SELECT did, status, rev FROM repos WHERE did = ANY(%s) ORDER BY did FOR UPDATE",
-                        (sorted(set(dids)),)).fetchall()
-    return {did: (status, rev) for did, status, rev in rows}
-
-
-def claim_dids(conn: psycopg.Connection, lease: Lease, dids: list[str]) -> list[ClaimedRepo]:
-    """Lease these due DIDs for an immediate resync, as a bucket run leases its repos (a run may hold some)."""
-    rows = lease.claim(
-        conn, "did = ANY(%(dids)s) AND status = 'pending'", {"dids": list(dids)}, len(dids),
-        set_sql="status = 'in_progress', claimed_at = now(), updated_at = now()",
-        returning=("bucket", "attempts", "head"),
-    )
-    return [ClaimedRepo(*row) for row in rows]
-
-
-def make_host_due(conn: psycopg.Connection, host: str) -> int:
-    """Events of this host were missed (OutdatedCursor): every repo synced from it is due again."""
-    return conn.execute(
-        "UPDATE repos SET status = 'pending', next_retry_at = NULL, updated_at = now() "
-        "WHERE status = 'synced' AND rtrim(pds, '/') = %s",
-        (host,),
-    ).rowcount
+# --- the stream's cursor, kept in the same transaction as the changes it covers -----------------------
 
 
 def load_cursor(conn: psycopg.Connection, host: str) -> int | None:

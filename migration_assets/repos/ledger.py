@@ -106,9 +106,20 @@ def claim_due(conn: psycopg.Connection, lease: Lease, buckets: list[int], limit:
               due_before: datetime | None = None) -> list[ClaimedRepo]:
     """Lease up to `limit` due repos of these buckets, in DID order (SKIP LOCKED: two runs never take
     the same repo). Retries count as due only if due before `due_before` (the run's start)."""
+    return _claim(conn, lease, f"bucket = ANY(%(buckets)s) AND {_DUE}",
+                  {"buckets": buckets, "due_before": due_before}, limit)
+
+
+def claim_dids(conn: psycopg.Connection, lease: Lease, dids: list[str]) -> list[ClaimedRepo]:
+    """Lease these pending DIDs for an immediate resync (the stream's desyncs), as a bucket run leases
+    its repos: one that a run holds is skipped, and that run syncs it."""
+    return _claim(conn, lease, "did = ANY(%(dids)s) AND status = 'pending'", {"dids": list(dids)}, len(dids))
+
+
+def _claim(conn: psycopg.Connection, lease: Lease, where_sql: str, params: dict, limit: int) -> list[ClaimedRepo]:
     rows = lease.claim(
-        conn, f"bucket = ANY(%(buckets)s) AND {_DUE}", {"buckets": buckets, "due_before": due_before},
-        limit, order_by="did", set_sql="status = 'in_progress', claimed_at = now(), updated_at = now()",
+        conn, where_sql, params, limit, order_by="did",
+        set_sql="status = 'in_progress', claimed_at = now(), updated_at = now()",
         returning=("bucket", "attempts", "head"),
     )
     return [ClaimedRepo(*row) for row in rows]
@@ -175,3 +186,30 @@ def request_sync(conn: psycopg.Connection, dids: Iterable[str], buckets: int) ->
             (dids,),
         )
         return cur.rowcount
+
+
+# --- what the event stream (follow.py) changes in the ledger -------------------------------------------
+
+
+def advance_head(cur: psycopg.Cursor, did: str, head: str, rev: str, record_change: int) -> None:
+    cur.execute(
+        """UPDATE repos SET head = %s, rev = %s, records_count = records_count + %s, synced_at = now(),
+               updated_at = now() WHERE did = %s""",
+        (head, rev, record_change, did),
+    )
+
+
+def lock_states(conn: psycopg.Connection, dids: list[str]) -> dict[str, tuple[str, str | None]]:
+    """{did: (status, rev)} of these repos, locked for the transaction (in DID order: no deadlocks)."""
+    rows = conn.execute("SELECT did, status, rev FROM repos WHERE did = ANY(%s) ORDER BY did FOR UPDATE",
+                        (sorted(set(dids)),)).fetchall()
+    return {did: (status, rev) for did, status, rev in rows}
+
+
+def make_host_due(conn: psycopg.Connection, host: str) -> int:
+    """Events of this host were missed (OutdatedCursor): every repo synced from it is due again."""
+    return conn.execute(
+        "UPDATE repos SET status = 'pending', next_retry_at = NULL, updated_at = now() "
+        "WHERE status = 'synced' AND rtrim(pds, '/') = %s",
+        (host,),
+    ).rowcount
