@@ -11,7 +11,7 @@ from typing import Any
 
 DEFAULT_REPORT_PREFIX = "_reports/"
 TABLE_ROWS = 100  # rows shown in the UI; the CSV holds them all
-RETRY_EVERY = timedelta(minutes=30)  # the files_retries schedule's cadence (*/30 * * * *)
+RETRY_EVERY = timedelta(minutes=30)  # the files_retries schedule's cadence (its cron is made from this)
 NO_RETRY_LEFT = "none: out of retries; fix the cause, then re-run the range (its partition)"
 
 # (name, Dagster TableColumn type) in row order

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from migration_assets.core.resources import PostgresResource
 from migration_assets.files.assets import COPIED_FILES, FILE_RETRIES, MIGRATION_RANGES
 from migration_assets.files.ranges import range_key
+from migration_assets.files.report import RETRY_EVERY
 from migration_assets.files.resources import FilesResource
 from migration_assets.files.window import RunWindow
 
@@ -29,7 +30,7 @@ def _tick_time(context) -> datetime:
 
 
 @dg.schedule(
-    name="files_retries", cron_schedule="*/30 * * * *", target=[FILE_RETRIES],
+    name="files_retries", cron_schedule=f"*/{RETRY_EVERY.seconds // 60} * * * *", target=[FILE_RETRIES],
     default_status=dg.DefaultScheduleStatus.STOPPED,
     description="Retries FAIL files in batches while the run window is open.",
 )
