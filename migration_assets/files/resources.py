@@ -1,6 +1,5 @@
 """The file pipeline's configuration as a Dagster resource, and its S3 resource (dagster-aws's S3Resource)."""
 
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -11,40 +10,28 @@ from migration_assets.files.settings import FilesSettings
 
 
 class FilesResource(dg.ConfigurableResource):
-    """Where files come from and go. Fields left unset take the FILES_* settings when the resource is
-    built, so the UI shows the values in force; a run's launchpad config can set any of them (e.g. to
-    move one run's window), validated like the environment."""
+    """Where files come from and go. Unset fields come from the environment (FILES_*, see README)."""
 
-    source_root: str = Field(description="FILES_SOURCE_ROOT")
-    bucket: str = Field(description="FILES_S3_BUCKET")
-    prefix: str = Field(description="FILES_S3_PREFIX")
-    concurrency: int = Field(description="uploads in flight per run (FILES_CONCURRENCY)")
-    run_window_enabled: bool = Field(description="FILES_RUN_WINDOW_ENABLED")
-    run_window_start: str = Field(description="HH:MM (FILES_RUN_WINDOW_START)")
-    run_window_end: str = Field(description="HH:MM (FILES_RUN_WINDOW_END)")
-    run_window_weekends: bool = Field(description="FILES_RUN_WINDOW_WEEKENDS")
-    run_window_tz: str = Field(description="FILES_RUN_WINDOW_TZ")
-
-    def __init__(self, **config: Any):
-        env = FilesSettings.load().model_dump(include=set(_FROM_SETTINGS))
-        defaults = {name: _as_config(value) for name, value in env.items()}
-        super().__init__(**defaults | {name: value for name, value in config.items() if value is not None})
+    source_root: str | None = Field(default=None, description="defaults to FILES_SOURCE_ROOT")
+    bucket: str | None = Field(default=None, description="defaults to FILES_S3_BUCKET")
+    prefix: str | None = Field(default=None, description="defaults to FILES_S3_PREFIX")
+    concurrency: int | None = Field(default=None, description="uploads in flight per run (FILES_CONCURRENCY, 8)")
+    run_window_enabled: bool | None = Field(default=None, description="defaults to FILES_RUN_WINDOW_ENABLED")
+    run_window_start: str | None = Field(default=None, description="HH:MM, defaults to FILES_RUN_WINDOW_START")
+    run_window_end: str | None = Field(default=None, description="HH:MM, defaults to FILES_RUN_WINDOW_END")
+    run_window_weekends: bool | None = Field(default=None, description="defaults to FILES_RUN_WINDOW_WEEKENDS")
+    run_window_tz: str | None = Field(default=None, description="defaults to FILES_RUN_WINDOW_TZ")
 
     def settings(self) -> FilesSettings:
-        """The environment's settings with this resource's values in their place."""
-        return FilesSettings.from_env(**{name: getattr(self, name) for name in _FROM_SETTINGS})
-
-
-# Resource fields whose defaults are the FILES_* settings of the same name.
-_FROM_SETTINGS = ("source_root", "bucket", "prefix", "concurrency", "run_window_enabled", "run_window_start",
-                  "run_window_end", "run_window_weekends", "run_window_tz")
-
-
-def _as_config(value: Any) -> Any:
-    """A setting as run config holds it: paths as text, clock times as HH:MM."""
-    if hasattr(value, "strftime"):
-        return value.strftime("%H:%M")
-    return str(value) if isinstance(value, Path) else value
+        """The environment's settings, with any field set here (e.g. in a run's launchpad config, to
+        move one run's window) taking its place."""
+        overrides = {
+            "source_root": self.source_root, "bucket": self.bucket, "prefix": self.prefix,
+            "concurrency": self.concurrency, "run_window_enabled": self.run_window_enabled,
+            "run_window_start": self.run_window_start, "run_window_end": self.run_window_end,
+            "run_window_weekends": self.run_window_weekends, "run_window_tz": self.run_window_tz,
+        }
+        return FilesSettings.from_env(**{k: v for k, v in overrides.items() if v is not None})
 
 
 class FilesS3Resource(S3Resource):
