@@ -77,14 +77,18 @@ def seed_repos(seeder: PdsSeeder, accounts: int, records: int) -> list[str]:
         return list(pool.map(one, range(accounts)))
 
 
-def seed_blob_migrations(old: PdsSeeder, new: PdsSeeder, accounts: int, postgres: PostgresResource) -> list[str]:
-    """Accounts moved to the new PDS (repo imported, blobs not), each with a queued request."""
+def seed_blob_migrations(
+    old: PdsSeeder, new: PdsSeeder, accounts: int, postgres: PostgresResource, *,
+    blob_sizes: tuple[int, ...] = (200_000, 1_500_000, 3_000_000), old_pds_url: str | None = None,
+) -> list[str]:
+    """Accounts moved to the new PDS (repo imported, blobs not), each with a queued request. The
+    requests name `old_pds_url` as the old PDS when given (a test's proxy in front of it)."""
     def one(n: int) -> str:
         account = old.create_account(f"mover{n}.test")
-        for size in (200_000, 1_500_000, 3_000_000):
+        for size in blob_sizes:
             old.create_record_with_blob(account, os.urandom(size))
         moved = migrate_account(old, new, account, account.password)
-        request = blob_store.MigrationRequest(did=moved.did, old_pds=old.pds.url, new_pds=new.pds.url)
+        request = blob_store.MigrationRequest(did=moved.did, old_pds=old_pds_url or old.pds.url, new_pds=new.pds.url)
         password = SecretStr(account.password)
         blob_store.create_request(postgres.pool(), request, AccountCredentials(old_password=password, new_password=password))
         return moved.did
