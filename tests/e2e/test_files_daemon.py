@@ -19,6 +19,10 @@ mutation($params: ExecutionParams!) {
     ... on RunConfigValidationInvalid { errors { message } }
   }
 }"""
+RESOURCE = """
+query($selector: ResourceSelector!) {
+  topLevelResourceDetailsOrError(resourceSelector: $selector) { ... on ResourceDetails { configuredValues { key value } } }
+}"""
 RUN = """query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"""
 FAILURE_MESSAGES = """
 query($id: ID!) {
@@ -73,3 +77,13 @@ def test_runs_copy_only_inside_the_run_window(stack):
     for check in ("files_copied", "s3_checksums"):
         [execution] = stack.graphql(CHECKS, check=check)["assetCheckExecutions"]
         assert execution["evaluation"]["success"], (check, execution)
+
+
+def test_the_files_resource_shows_the_values_in_force(stack):
+    """The UI's Resources page (and the launchpad's defaults) show the FILES_* values runs will use:
+    the demo turns the run window off, against FilesSettings' default of on."""
+    selector = {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY, "resourceName": "files"}
+    details = stack.graphql(RESOURCE, selector=selector)["topLevelResourceDetailsOrError"]
+    shown = {value["key"]: json.loads(value["value"]) for value in details["configuredValues"]}
+    assert shown["run_window_enabled"] is False and shown["bucket"] == "migrated-files", shown
+    assert shown["source_root"] == str((stack.data_dir / "files-source").resolve()), shown

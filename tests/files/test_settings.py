@@ -2,6 +2,7 @@
 
 from datetime import time
 
+import dagster as dg
 import pytest
 
 from migration_assets.core.settings import SettingsError
@@ -57,3 +58,25 @@ def test_the_resource_overrides_the_environment_and_is_validated_alike(monkeypat
     assert settings.window.start == time(2, 15) and settings.bucket == "other" and settings.concurrency == 3
     with pytest.raises(SettingsError, match="FILES_RUN_WINDOW_END.*must be HH:MM"):
         FilesResource(run_window_end="noon").settings()
+
+
+def test_the_resource_shows_the_values_in_force_and_a_run_may_set_only_some(monkeypatch):
+    monkeypatch.setenv("FILES_S3_BUCKET", "archive-bucket")
+    monkeypatch.setenv("FILES_RUN_WINDOW_START", "21:30")
+    used = []
+
+    @dg.asset
+    def probe(files: FilesResource) -> None:
+        used.append(files.settings())
+
+    job = dg.Definitions(assets=[probe], resources={"files": FilesResource()}).resolve_implicit_global_asset_job_def()
+    resources = job.run_config_schema.config_type.fields["resources"].config_type
+    shown = resources.fields["files"].config_type.fields["config"].default_value  # what the launchpad offers
+    assert (shown["bucket"], shown["run_window_start"], shown["concurrency"]) == ("archive-bucket", "21:30", 8)
+
+    # As from the launchpad: only the window is set; Dagster's config validation accepts it.
+    window = {"run_window_start": "01:00", "run_window_weekends": False}
+    assert job.execute_in_process(run_config={"resources": {"files": {"config": window}}}).success
+    [settings] = used
+    assert settings.window.start == time(1, 0) and not settings.window.weekends
+    assert settings.bucket == "archive-bucket" and settings.window.end == time(6, 0)
