@@ -38,6 +38,17 @@ def window_stop(settings: FilesSettings, ignore: bool) -> StopReason:
     return lambda: None if ignore or window.is_open() else f"the run window closed ({window.describe()})"
 
 
+def start_pass(
+    context: dg.AssetExecutionContext, config: WindowConfig, postgres: PostgresResource,
+    files_s3: S3Resource, files: FilesResource,
+) -> tuple[RangeJob, "BandwidthUse"]:
+    """What every copying pass does first: refuse outside the window, build the job, log the bandwidth."""
+    settings = files.settings()
+    refuse_outside_window(settings, config.ignore_window)
+    job = make_job(postgres, files_s3, settings, config.ignore_window)
+    return job, BandwidthUse(context, job)
+
+
 def make_job(postgres: PostgresResource, files_s3: S3Resource, settings: FilesSettings, ignore_window: bool) -> RangeJob:
     if not settings.source_root.is_dir():
         raise dg.Failure(f"FILES_SOURCE_ROOT {settings.source_root} is not a directory: set it to the files' root")
@@ -179,10 +190,8 @@ def copied_files(
     context: dg.AssetExecutionContext, config: WindowConfig, postgres: PostgresResource,
     files_s3: S3Resource, files: FilesResource,
 ) -> dg.MaterializeResult:
-    settings = files.settings()
-    refuse_outside_window(settings, config.ignore_window)
-    job = make_job(postgres, files_s3, settings, config.ignore_window)
-    bandwidth = BandwidthUse(context, job)
+    job, bandwidth = start_pass(context, config, postgres, files_s3, files)
+    settings = job.settings
     min_id, max_id = parse_range_key(context.partition_key)
 
     def log_progress(progress: Progress) -> None:
@@ -227,10 +236,8 @@ def file_retries(
     context: dg.AssetExecutionContext, config: WindowConfig, postgres: PostgresResource,
     files_s3: S3Resource, files: FilesResource,
 ) -> dg.MaterializeResult:
-    settings = files.settings()
-    refuse_outside_window(settings, config.ignore_window)
-    job = make_job(postgres, files_s3, settings, config.ignore_window)
-    bandwidth = BandwidthUse(context, job)
+    job, bandwidth = start_pass(context, config, postgres, files_s3, files)
+    settings = job.settings
     progress = retry_failed(job)
     result = files_result(progress.copied, progress.skipped, progress.failed, 0, None)
     context.log.info(f"retried {progress.listed} files: {result}")
