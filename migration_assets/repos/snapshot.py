@@ -6,7 +6,7 @@ keys, so they are a fraction of the blocks; atproto.repo keeps unreferenced ones
 apart; every other block is turned into its JSON form and appended to a spool file (see `_staged` for
 the records that jsonb cannot hold). The MST walk then appends each record's key to a second spool
 file. Storing
-(store.py) COPYs both into PostgreSQL and diffs there. Blocks may come in any order, so nothing can be
+(store.py) COPYs them into PostgreSQL and diffs there. Blocks may come in any order, so nothing can be
 stored before the CAR ends, and disk is where the rest of it waits.
 
 Under a collection filter or a signal collection (RecordScope), which records to keep is known only
@@ -47,12 +47,12 @@ class Spool:
     their size), then all of them in an anonymous temp file in batches, so a small repo (most) costs no
     file, and a big one costs disk rather than RAM."""
 
-    def __init__(self, memory_bytes: int = SPOOL_MEMORY_BYTES) -> None:
+    def __init__(self, memory_bytes: int | None = None) -> None:
         self._file: IO[bytes] | None = None
         self._batch: list[tuple] = []
         self._held: list[tuple] = []  # rows while all of them fit in memory
         self._held_bytes = 0
-        self._memory_bytes = memory_bytes
+        self._memory_bytes = SPOOL_MEMORY_BYTES if memory_bytes is None else memory_bytes
         self.rows = 0
 
     def append(self, row: tuple, size: int = 64) -> None:
@@ -68,6 +68,10 @@ class Spool:
         self._batch.append(row)
         if len(self._batch) >= _BATCH:
             self._flush()
+
+    @property
+    def in_memory(self) -> bool:
+        return self._file is None
 
     def _flush(self) -> None:
         if self._batch and self._file is not None:
