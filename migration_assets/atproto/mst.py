@@ -99,13 +99,18 @@ def key_layer(key: bytes | str) -> int:
     return (256 - int.from_bytes(digest, "big").bit_length()) // 2
 
 
-def walk_records(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[str, str, CID]]:
+Node = tuple[CID | None, list[dict[str, Any]]]  # (left subtree, entries), as decode_node returns it
+
+
+def walk_records(blocks: Mapping[CID, bytes], root: CID,
+                 decoded: Mapping[CID, Node] | None = None) -> Iterator[tuple[str, str, CID]]:
     """Yield (collection, rkey, record CID) in key order from the MST rooted at `root` (a commit's `data`).
+    `decoded`: nodes already decoded (by decode_node), not decoded again.
 
     Raises MstError on a missing node, a malformed node or key, keys out of order, or a wrong layer.
     """
     collections: set[str] = set()  # a repo has few collections: each is checked once
-    for key, value in _walk(blocks, root):
+    for key, value in _walk(blocks, root, decoded or {}):
         collection, rkey = _split_key(key, collections)
         yield collection, rkey, value
 
@@ -147,7 +152,7 @@ def _split_key(key: bytes, valid_collections: set[str]) -> tuple[str, str]:
     return collection, rkey
 
 
-def _walk(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[bytes, CID]]:
+def _walk(blocks: Mapping[CID, bytes], root: CID, decoded: Mapping[CID, Node]) -> Iterator[tuple[bytes, CID]]:
     """In-order walk with an explicit stack (no generator per tree level). A stack item is either a
     subtree to expand, (None, node CID, expected layer or None for the root), or an entry to yield,
     (key, record CID, CID of its node)."""
@@ -161,7 +166,8 @@ def _walk(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[bytes, CID]]
             last = key
             yield key, cid
             continue
-        left, entries = _node(blocks, cid)
+        node = decoded.get(cid)
+        left, entries = node if node is not None else _node(blocks, cid)
         keys = _entry_keys(cid, entries)
         layer = _node_layer(cid, left, keys, extra)
         if layer is None:

@@ -21,7 +21,7 @@ from typing import IO
 
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.errors import AtprotoFormatError
-from migration_assets.atproto.mst import MstError, decode_node, parse_commit
+from migration_assets.atproto.mst import MstError, Node, decode_node, parse_commit
 
 # Canonical DAG-CBOR of an MST node {e: [...], l: ...}: a two-entry map whose first key is "e".
 NODE_PREFIX = b"\xa2\x61\x65"
@@ -38,6 +38,7 @@ Other = Callable[[CID, bytes], None]
 class RepoBlocks:
     commit_block: bytes | None  # None: the CAR lacks its root
     nodes: dict[CID, bytes] = field(default_factory=dict)  # MST nodes reachable from the commit
+    decoded: dict[CID, Node] = field(default_factory=dict)  # those of them that decode, for the walk
 
 
 def collect_repo_blocks(blocks: Iterable[tuple[CID, bytes]], head: CID, other: Other,
@@ -137,7 +138,7 @@ class _Collector:
             cid, block = stack.pop()
             self.wanted.discard(cid)
             self.found.nodes[cid] = block
-            for child in _children(block):
+            for child in self._children(cid, block):
                 if child in self.found.nodes:
                     continue
                 held = self.waiting.take(child)
@@ -145,6 +146,17 @@ class _Collector:
                     self.wanted.add(child)
                 else:
                     stack.append((child, held))
+
+    def _children(self, cid: CID, block: bytes) -> list[CID]:
+        """The subtree links of a node (`l` and each entry's `t`); none if it does not decode as a node
+        (the walk then reports the node as malformed). The decoded node is kept for the walk."""
+        try:
+            node = self.found.decoded[cid] = decode_node(block)
+        except MstError:
+            return []
+        left, entries = node
+        links = [left] + [entry.get("t") for entry in entries]
+        return [link for link in links if link is not None]
 
     def finish(self) -> None:
         """Rescan the waiting file while that reaches more of the tree; hand the rest to `other`."""
@@ -163,12 +175,3 @@ class _Collector:
             self.other(cid, block)
 
 
-def _children(block: bytes) -> list[CID]:
-    """The subtree links of a node (`l` and each entry's `t`); none if it does not decode as a node (the
-    walk then reports the node as malformed)."""
-    try:
-        left, entries = decode_node(block)
-    except MstError:
-        return []
-    links = [left] + [entry.get("t") for entry in entries]
-    return [link for link in links if link is not None]

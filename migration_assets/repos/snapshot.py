@@ -190,7 +190,7 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
         if commit.did != did:
             raise CarError(f"the CAR's commit is for {commit.did}, not {did}; the PDS served another repo")
         snapshot = RepoSnapshot(did, head, commit, commit_block, counted.total, blocks, keys, scope=scope)
-        wanted = _walk_kept(snapshot, nodes)
+        wanted = _walk_kept(snapshot, nodes, found.decoded)
         if raw is not None:
             _stage_kept(snapshot, raw, wanted)
         return snapshot
@@ -203,14 +203,14 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
             raw.close()
 
 
-def _walk_kept(snapshot: RepoSnapshot, nodes: dict[CID, bytes]) -> set[bytes] | None:
+def _walk_kept(snapshot: RepoSnapshot, nodes: dict[CID, bytes], decoded: dict) -> set[bytes] | None:
     """Walk the whole MST, spooling the keys of the records the scope keeps. Returns the binary CIDs
     of those records when the collection filter drops some (None: every record's block is wanted); that
     set, one CID per kept record, is the memory a filter costs."""
     collections, signal = snapshot.scope.collections, snapshot.scope.signal
     wanted: set[bytes] | None = None if collections.everything else set()
     snapshot.signal_missing = signal is not None
-    for collection, rkey, cid in walk_records(nodes, snapshot.commit.data):
+    for collection, rkey, cid in walk_records(nodes, snapshot.commit.data, decoded):
         if collection == signal:
             snapshot.signal_missing = False
         if not collections.matches(collection):
