@@ -25,6 +25,7 @@ each in the dev PLC) was taken from the PDSes serving the downloads being compar
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -177,15 +178,17 @@ def raw_copy(target_url: str, rows: dict[str, list[tuple]]) -> float:
 
 class CpuMeter:
     """CPU seconds each process spent in a phase: the download loop needs only the PDSes; the backfill
-    also the PLC (one lookup per repo), PostgreSQL and this process, all on the same cores."""
+    also the PLC (one lookup per repo), PostgreSQL and this process, all on the same cores. The runs of
+    step 4 are child processes of this one: `run_processes`."""
 
     def __init__(self, **pids: int) -> None:
         self.pids = pids
         self.seconds: dict[str, dict[str, float]] = {}
 
     def _now(self) -> dict[str, float]:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         return {name: process_tree_cpu_seconds(pid) for name, pid in self.pids.items()} | {
-            "bench_process": time.process_time()}
+            "bench_process": time.process_time(), "run_processes": children.ru_utime + children.ru_stime}
 
     def measure(self, phase: str, fn, *args):
         before = self._now()
