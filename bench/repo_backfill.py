@@ -1,4 +1,4 @@
-"""Repo backfill throughput against a raw download loop, and parse+diff+store against libipld, same run.
+"""Repo backfill throughput against a raw download loop, and parse+diff+store against a raw COPY, same run.
 
 Two reference PDSes (npm @atproto/dev-env's packages) and a PLC directory run on loopback, seeded with
 `--accounts` accounts of `--records` records each plus `--big` accounts of `--big-records` records.
@@ -8,22 +8,28 @@ each in the dev PLC) was taken from the PDSes serving the downloads being compar
 
 1. download: a raw loop that only GETs every repo's CAR into memory, `--concurrency` at a time.
 2. backfill: the project's backfill of the same repos (resolve, stream + verify the CAR, verify the
-   signature, walk the MST, diff, store in PostgreSQL), same concurrency: accounts/min, records/s.
-3. store from memory: the CARs from step 1, parsed, diffed and stored one after the other, against
-   `libipld.decode_car` of the same CARs (a Rust decoder): records/s each.
-4. memory: peak RSS of a fresh process backfilling one repo of 1,000 and one of `--big-records` records.
+   signature, walk the MST, diff, store in PostgreSQL), same concurrency: accounts/min, records/s,
+   CPU seconds of each process (this one, the PDSes, the PLC, PostgreSQL) and the PLC lookups made
+   (one per DID: a repeated one would be waste). Target: >= 0.7x the download loop.
+3. store from memory: the CARs from step 1, parsed, diffed and stored one after the other (a
+   transaction each), against a raw COPY of the same rows straight into `records` (a transaction per
+   repo, rows made beforehand): PostgreSQL's floor for those rows. Target: >= 0.5x the raw COPY.
+4. runs sharing buckets: 1, 2 and 4 processes backfill the same repos (all buckets, leased claims,
+   fresh database each time) at once, each with `--concurrency` downloads: repos/min and records/s.
+5. memory: peak RSS of a fresh process backfilling one repo of 1,000 and one of `--big-records` records.
 
     python bench/repo_backfill.py                                   # 200 x 300 + 2 x 10,000 records
     python bench/repo_backfill.py --accounts 10 --records 50 --big 1 --big-records 2000   # smoke run
-
-Needs `libipld` (pip install libipld) for step 3.
 """
 
 import argparse
+import json
 import os
+import resource
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,7 +42,9 @@ except ImportError:  # run as a script: bench/ is on sys.path
     from common import (embedded_postgres, embedded_postgres_pid, load_average, log, machine_info, peak_rss_mb,
                         process_tree_cpu_seconds, write_result)
 
-from migration_assets.core.postgres import close_pools, shared_pool
+from migration_assets.atproto.identity import IdentityResolver
+from migration_assets.core import embedded
+from migration_assets.core.postgres import close_pools, copy_rows, shared_pool
 from migration_assets.devstack.atproto import PdsSeeder, populate, start_atproto_network
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import backfill_buckets
@@ -46,8 +54,9 @@ from migration_assets.repos.snapshot import read_snapshot
 from migration_assets.repos.store import store_snapshot
 
 NAME = "repo_backfill"
-DOWNLOAD_TARGET = 0.8
-STORE_TARGET = 0.25
+DOWNLOAD_TARGET = 0.7
+STORE_TARGET = 0.5
+RUN_COUNTS = (1, 2, 4)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--big", type=int, default=2, help="accounts with --big-records records")
     parser.add_argument("--big-records", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=RepoSettings().concurrency)
-    parser.add_argument("--child-sync", metavar="DID", help=argparse.SUPPRESS)  # step 4's worker process
+    parser.add_argument("--runs", type=int, nargs="*", default=list(RUN_COUNTS),
+                        help="step 4: how many runs share the buckets, one measurement each (none: skip)")
+    parser.add_argument("--child-sync", metavar="DID", help=argparse.SUPPRESS)  # step 5's worker process
+    parser.add_argument("--child-run", metavar="URL", help=argparse.SUPPRESS)  # step 4's worker process
     return parser.parse_args(argv)
 
 
@@ -94,7 +106,22 @@ def download_all(repos: dict[str, tuple[str, int]], concurrency: int) -> tuple[f
         return time.perf_counter() - started, cars
 
 
-def backfill(target_url: str, dids: list[str], concurrency: int) -> tuple[float, dict]:
+class PlcLookups:
+    """Counts the DID documents this process fetches (cache misses of every IdentityResolver)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._real = IdentityResolver._resolve_uncached
+        counter = self
+
+        def counted(resolver, did):
+            counter.count += 1
+            return counter._real(resolver, did)
+
+        IdentityResolver._resolve_uncached = counted
+
+
+def backfill(target_url: str, dids: list[str], concurrency: int, pdses: list[str]) -> tuple[float, dict]:
     source = RepoSourceResource(concurrency=concurrency)
     pool = shared_pool(target_url, max_size=source.settings.connections)
     buckets = source.settings.buckets
@@ -103,8 +130,12 @@ def backfill(target_url: str, dids: list[str], concurrency: int) -> tuple[float,
         conn.commit()
     clients = source.clients(target_url)
     try:
+        # Set-up outside the clock, as the download loop's client: TLS contexts and pools per host.
+        syncer = source.syncer(pool, clients)
+        for pds in pdses:
+            clients(pds)
         started = time.perf_counter()
-        report = backfill_buckets(pool, source.syncer(pool, clients), list(range(buckets)))
+        report = backfill_buckets(pool, syncer, list(range(buckets)))
         seconds = time.perf_counter() - started
     finally:
         clients.close()
@@ -123,17 +154,41 @@ def store_from_memory(target_url: str, cars: dict[str, bytes], pds_of: dict) -> 
         return time.perf_counter() - started
 
 
+def record_rows(cars: dict[str, bytes]) -> dict[str, list[tuple]]:
+    """Each repo's rows for `records` (did, collection, rkey, cid, record JSON), made by the project's
+    parse outside any clock: the raw COPY's input."""
+    rows = {}
+    for did, car in cars.items():
+        with read_snapshot(did, [car], len(car)) as snapshot:
+            text = {link: record for link, record, _, _ in snapshot.blocks}
+            rows[did] = [(did, collection, rkey, cid, text[link]) for collection, rkey, cid, link in snapshot.keys]
+    return rows
+
+
+def raw_copy(target_url: str, rows: dict[str, list[tuple]]) -> float:
+    """The same rows COPYed straight into `records`, a transaction per repo: no parse, no diff."""
+    pool = shared_pool(target_url)
+    with pool.connection() as conn:
+        started = time.perf_counter()
+        for repo_rows in rows.values():
+            with conn.transaction(), conn.cursor() as cur:
+                copy_rows(cur, "records", ("did", "collection", "rkey", "cid", "record"), repo_rows)
+        return time.perf_counter() - started
+
+
 class CpuMeter:
     """CPU seconds each process spent in a phase: the download loop needs only the PDSes; the backfill
-    also the PLC (one lookup per repo), PostgreSQL and this process, all on the same cores."""
+    also the PLC (one lookup per repo), PostgreSQL and this process, all on the same cores. The runs of
+    step 4 are child processes of this one: `run_processes`."""
 
     def __init__(self, **pids: int) -> None:
         self.pids = pids
         self.seconds: dict[str, dict[str, float]] = {}
 
     def _now(self) -> dict[str, float]:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         return {name: process_tree_cpu_seconds(pid) for name, pid in self.pids.items()} | {
-            "bench_process": time.process_time()}
+            "bench_process": time.process_time(), "run_processes": children.ru_utime + children.ru_stime}
 
     def measure(self, phase: str, fn, *args):
         before = self._now()
@@ -143,17 +198,55 @@ class CpuMeter:
         return result
 
 
-def libipld_decode(cars: dict[str, bytes]) -> float:
-    import libipld
+def child_run(url: str, concurrency: int) -> None:
+    """Step 4's worker: one run over every bucket. Says `ready` once set up, starts on a line on stdin,
+    prints its outcome counts as JSON."""
+    source = RepoSourceResource(concurrency=concurrency)
+    pool = shared_pool(url, max_size=source.settings.connections)
+    clients = source.clients(url)
+    syncer = source.syncer(pool, clients)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    report = backfill_buckets(pool, syncer, list(range(source.settings.buckets)))
+    clients.close()
+    print(json.dumps(dict(report.by_status())), flush=True)
 
+
+def shared_runs(server_url: str, repos: dict[str, tuple[str, int]], runs: int, concurrency: int, env: dict) -> dict:
+    """`runs` processes backfill the same repos at once into a fresh database: wall time from the go
+    signal to the last run's end."""
+    url = embedded.database_url(server_url, f"bench_repos_runs_{runs}")
+    pool = shared_pool(url)
+    with pool.connection() as conn:
+        ledger.enqueue(conn, list(repos), RepoSettings().buckets)
+        conn.commit()
+    children = [subprocess.Popen([sys.executable, __file__, "--child-run", url, "--concurrency", str(concurrency)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
+                for _ in range(runs)]
+    for child in children:
+        if child.stdout.readline().strip() != "ready":
+            raise SystemExit("a run failed to start")
     started = time.perf_counter()
-    for car in cars.values():
-        libipld.decode_car(car)
-    return time.perf_counter() - started
+    for child in children:
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    outcomes = Counter()
+    for child in children:
+        outcomes.update(json.loads(child.stdout.readline()))
+        child.wait()
+    seconds = time.perf_counter() - started
+    with pool.connection() as conn:
+        synced = conn.execute("SELECT count(*) FROM repos WHERE status = 'synced'").fetchone()[0]
+        stored = conn.execute("SELECT count(*) FROM records").fetchone()[0]
+    records = sum(n for _, n in repos.values())
+    if synced != len(repos) or stored != records:
+        raise SystemExit(f"{runs} runs synced {synced} of {len(repos)} repos, stored {stored} of {records} records")
+    return {"runs": runs, "seconds": round(seconds, 2), "repos_per_minute": round(60 * len(repos) / seconds, 1),
+            "records_per_second": round(records / seconds, 1), "outcomes": dict(outcomes)}
 
 
 def child_sync(did: str) -> None:
-    """Step 4, in a fresh process: backfill one repo, print peak RSS before and after (MiB)."""
+    """Step 5, in a fresh process: backfill one repo, print peak RSS before and after (MiB)."""
     url = os.environ["MIGRATION_DATABASE_URL"]
     pool = shared_pool(url)
     source = RepoSourceResource(concurrency=1)
@@ -182,6 +275,10 @@ def main(argv=None) -> None:
     if args.child_sync:
         child_sync(args.child_sync)
         return
+    if args.child_run:
+        child_run(args.child_run, args.concurrency)
+        return
+    load_at_start = load_average()
     with embedded_postgres("bench_repos") as (target_url, _), start_atproto_network(
         0, log_path=Path("/tmp/bench-atproto-plc.log")
     ) as plc, start_atproto_network(2, plc_url=plc.plc_url, log_path=Path("/tmp/bench-atproto.log")) as network:
@@ -194,16 +291,26 @@ def main(argv=None) -> None:
         log(f"{len(repos)} repos, {records} records; raw download ...")
         download_seconds, cars = cpu.measure("download", download_all, repos, args.concurrency)
         log(f"download {download_seconds:.2f} s; backfill ...")
-        backfill_seconds, outcomes = cpu.measure("backfill", backfill, target_url, dids, args.concurrency)
+        lookups = PlcLookups()
+        backfill_seconds, outcomes = cpu.measure("backfill", backfill, target_url, dids, args.concurrency,
+                                                 [pds.url for pds in network.pdses])
         if outcomes != {"synced": len(dids)}:
             raise SystemExit(f"backfill did not sync every repo: {outcomes}")
+        plc_lookups = lookups.count
         close_pools()
-        log(f"backfill {backfill_seconds:.2f} s; store from memory ...")
-        from migration_assets.core import embedded
-        store_url = embedded.database_url(target_url, "bench_repos_store")
-        store_seconds = store_from_memory(store_url, cars, repos)
-        libipld_seconds = libipld_decode(cars)
+        log(f"backfill {backfill_seconds:.2f} s ({plc_lookups} PLC lookups); store from memory ...")
+        store_seconds = cpu.measure("store_from_memory", store_from_memory,
+                                    embedded.database_url(target_url, "bench_repos_store"), cars, repos)
+        rows = record_rows(cars)
+        copy_seconds = cpu.measure("raw_copy", raw_copy, embedded.database_url(target_url, "bench_repos_copy"), rows)
+        del rows
         close_pools()
+        shared = []
+        for runs in args.runs:
+            log(f"store {store_seconds:.2f} s, raw COPY {copy_seconds:.2f} s; {runs} runs sharing the buckets ...")
+            shared.append(cpu.measure(f"runs_{runs}", shared_runs, target_url, repos, runs, args.concurrency,
+                                      network.environment()))
+            close_pools()
         sizes = {n: did for did, (_, n) in repos.items()}
         log("peak RSS of one repo's backfill ...")
         memory = {}
@@ -212,23 +319,25 @@ def main(argv=None) -> None:
     payload = {
         "bench": NAME,
         "machine": machine_info(),
-        "load_average": load_average(),
+        "load_average": {"start": load_at_start, "end": load_average()},
         "data": {"repos": len(repos), "records": records, "car_megabytes": round(sum(map(len, cars.values())) / 1e6, 1),
                  "accounts": args.accounts, "records_per_account": args.records, "big_accounts": args.big,
                  "big_records": args.big_records, "concurrency": args.concurrency, "pdses": 2, "plc": "own Node process"},
         "backfill": {"seconds": round(backfill_seconds, 2),
                      "accounts_per_minute": round(60 * len(repos) / backfill_seconds, 1),
-                     "records_per_second": round(records / backfill_seconds, 1)},
+                     "records_per_second": round(records / backfill_seconds, 1),
+                     "plc_lookups": plc_lookups},
         "raw_download": {"seconds": round(download_seconds, 2),
                          "accounts_per_minute": round(60 * len(repos) / download_seconds, 1),
                          "records_per_second": round(records / download_seconds, 1)},
         "backfill_vs_download": round(download_seconds / backfill_seconds, 3),
-        "cpu_seconds": cpu.seconds,
         "backfill_target": DOWNLOAD_TARGET,
         "store_from_memory": {"seconds": round(store_seconds, 2), "records_per_second": round(records / store_seconds, 1)},
-        "libipld_decode": {"seconds": round(libipld_seconds, 3), "records_per_second": round(records / libipld_seconds, 1)},
-        "store_vs_libipld": round(libipld_seconds / store_seconds, 3),
+        "raw_copy": {"seconds": round(copy_seconds, 2), "records_per_second": round(records / copy_seconds, 1)},
+        "store_vs_raw_copy": round(copy_seconds / store_seconds, 3),
         "store_target": STORE_TARGET,
+        "cpu_seconds": cpu.seconds,
+        "runs_sharing_buckets": shared,
         "memory": memory,
     }
     write_result(NAME, payload)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from migration_assets.atproto import dagcbor
-from migration_assets.atproto.cid import CID
+from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID
 from migration_assets.atproto.errors import AtprotoFormatError
 
 
@@ -99,13 +99,18 @@ def key_layer(key: bytes | str) -> int:
     return (256 - int.from_bytes(digest, "big").bit_length()) // 2
 
 
-def walk_records(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[str, str, CID]]:
+Node = tuple[CID | None, list[dict[str, Any]]]  # (left subtree, entries), as decode_node returns it
+
+
+def walk_records(blocks: Mapping[CID, bytes], root: CID,
+                 decoded: Mapping[CID, Node] | None = None) -> Iterator[tuple[str, str, CID]]:
     """Yield (collection, rkey, record CID) in key order from the MST rooted at `root` (a commit's `data`).
+    `decoded`: nodes already decoded (by decode_node), not decoded again.
 
     Raises MstError on a missing node, a malformed node or key, keys out of order, or a wrong layer.
     """
     collections: set[str] = set()  # a repo has few collections: each is checked once
-    for key, value in _walk(blocks, root):
+    for key, value in _walk(blocks, root, decoded or {}):
         collection, rkey = _split_key(key, collections)
         yield collection, rkey, value
 
@@ -147,7 +152,7 @@ def _split_key(key: bytes, valid_collections: set[str]) -> tuple[str, str]:
     return collection, rkey
 
 
-def _walk(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[bytes, CID]]:
+def _walk(blocks: Mapping[CID, bytes], root: CID, decoded: Mapping[CID, Node]) -> Iterator[tuple[bytes, CID]]:
     """In-order walk with an explicit stack (no generator per tree level). A stack item is either a
     subtree to expand, (None, node CID, expected layer or None for the root), or an entry to yield,
     (key, record CID, CID of its node)."""
@@ -161,7 +166,8 @@ def _walk(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[bytes, CID]]
             last = key
             yield key, cid
             continue
-        left, entries = _node(blocks, cid)
+        node = decoded.get(cid)
+        left, entries = node if node is not None else _node(blocks, cid)
         keys = _entry_keys(cid, entries)
         layer = _node_layer(cid, left, keys, extra)
         if layer is None:
@@ -185,13 +191,27 @@ def _node(blocks: Mapping[CID, bytes], cid: CID) -> tuple[CID | None, list[dict[
             f"MST node {cid} is missing from the block set; the repo export is incomplete, fetch it again"
         ) from None
     try:
-        node = dagcbor.decode(block)
+        return decode_node(block)
+    except MstError as exc:
+        raise MstError(f"MST node {cid} {exc}") from None
+
+
+def decode_node(block: bytes) -> tuple[CID | None, list[dict[str, Any]]]:
+    """A node's (left subtree, entries), links as CID. Raises MstError ("is not ...", for the caller to
+    prefix with the node's CID)."""
+    node = _compiled_node(block)
+    return node if node is not None else _reference_node(block)
+
+
+def _reference_node(block: bytes) -> tuple[CID | None, list[dict[str, Any]]]:
+    try:
+        value = dagcbor.decode(block)
     except AtprotoFormatError as exc:
-        raise MstError(f"MST node {cid} is not DAG-CBOR: {exc}") from None
-    left = node.get("l") if isinstance(node, dict) else None
-    entries = node.get("e") if isinstance(node, dict) else None
+        raise MstError(f"is not DAG-CBOR: {exc}") from None
+    left = value.get("l") if isinstance(value, dict) else None
+    entries = value.get("e") if isinstance(value, dict) else None
     if not isinstance(entries, list) or not (left is None or isinstance(left, CID)):
-        raise MstError(f"MST node {cid} is not {{l: CID|null, e: [...]}}")
+        raise MstError("is not {l: CID|null, e: [...]}")
     for entry in entries:
         if not (
             isinstance(entry, dict)
@@ -200,8 +220,45 @@ def _node(blocks: Mapping[CID, bytes], cid: CID) -> tuple[CID | None, list[dict[
             and type(entry.get("v")) is CID
             and (entry.get("t") is None or type(entry.get("t")) is CID)
         ):
-            raise MstError(f"MST node {cid} has an entry that is not {{p: int, k: bytes, v: CID, t: CID|null}}")
+            raise MstError("has an entry that is not {p: int, k: bytes, v: CID, t: CID|null}")
     return left, entries
+
+
+_NODE_KEYS = {"e", "l"}
+_ENTRY_KEYS = {"k", "p", "t", "v"}
+_NOT_A_CID_START = (b"\x00", b"\x01", b"\x12")  # every binary CID starts so (v0: sha2-256; v1)
+
+
+def _compiled_node(block: bytes) -> tuple[CID | None, list[dict[str, Any]]] | None:
+    """The node through libipld (dagcbor.decode_canonical), or None to leave it to the reference decoder.
+    The block is canonical, so a CID-shaped `bytes` was a link and any other a byte string: `v`, `t`, `l`
+    must be atproto's CIDs and `k` must not look like a CID. Anything else, including keys beyond the
+    usual ones, goes to the reference path, which decides and words the error."""
+    value = dagcbor.decode_canonical(block)
+    if type(value) is not dict or value.keys() != _NODE_KEYS or type(value["e"]) is not list:
+        return None
+    left = value["l"]
+    if left is not None and (left := _link(left)) is None:
+        return None
+    for entry in value["e"]:
+        if type(entry) is not dict or entry.keys() != _ENTRY_KEYS or type(entry["p"]) is not int:
+            return None
+        key, link, tree = entry["k"], _link(entry["v"]), entry["t"]
+        if type(key) is not bytes or key[:1] in _NOT_A_CID_START or link is None:
+            return None
+        if tree is not None and (tree := _link(tree)) is None:
+            return None
+        entry["v"], entry["t"] = link, tree
+    return left, value["e"]
+
+
+def _link(value: object) -> CID | None:
+    """A CID-shaped `bytes` of the usual kind (CIDv1, sha2-256, DAG-CBOR or raw) as a CID; else None."""
+    if type(value) is bytes and len(value) == 36:
+        codec = CODEC_OF_PREFIX.get(value[:4])
+        if codec is not None:
+            return CID(codec, value[4:])
+    return None
 
 
 def _entry_keys(cid: CID, entries: list[dict[str, Any]]) -> list[bytes]:

@@ -6,7 +6,7 @@ keys, so they are a fraction of the blocks; atproto.repo keeps unreferenced ones
 apart; every other block is turned into its JSON form and appended to a spool file (see `_staged` for
 the records that jsonb cannot hold). The MST walk then appends each record's key to a second spool
 file. Storing
-(store.py) COPYs both into PostgreSQL and diffs there. Blocks may come in any order, so nothing can be
+(store.py) COPYs them into PostgreSQL and diffs there. Blocks may come in any order, so nothing can be
 stored before the CAR ends, and disk is where the rest of it waits.
 
 Under a collection filter or a signal collection (RecordScope), which records to keep is known only
@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
+import libipld
+
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.car import CarError, CarReader
 from migration_assets.atproto.cid import CID
@@ -33,30 +35,54 @@ from migration_assets.atproto.signature import verify_commit
 from migration_assets.repos.collections import RecordScope
 
 _BATCH = 1000  # rows per marshal record in a spool file
+SPOOL_MEMORY_BYTES = 4 << 20  # per spool: a repo's rows stay in memory up to this, then go to disk
+_ROW_BYTES = 300  # what a spooled row costs in memory besides its variable text (tuple, str and bytes heads)
+cid_text = libipld.encode_cid  # binary CID -> "bafy...": Rust, ~15x CID.__str__ (tests check they agree)
 _JSON_NUL = "\\u0000"  # how json writes U+0000, which jsonb refuses
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as dagcbor.to_json_text writes
 
 
 class Spool:
-    """Rows (tuples of str/None) appended to an anonymous temp file in batches, read back in order."""
+    """Rows (tuples of str/bytes/None) kept in order: in memory up to `memory_bytes` (as `append` is told
+    their size), then all of them in an anonymous temp file in batches, so a small repo (most) costs no
+    file, and a big one costs disk rather than RAM."""
 
-    def __init__(self) -> None:
-        self._file: IO[bytes] = tempfile.TemporaryFile(prefix="repo-spool-")
+    def __init__(self, memory_bytes: int | None = None) -> None:
+        self._file: IO[bytes] | None = None
         self._batch: list[tuple] = []
+        self._held: list[tuple] = []  # rows while all of them fit in memory
+        self._held_bytes = 0
+        self._memory_bytes = SPOOL_MEMORY_BYTES if memory_bytes is None else memory_bytes
         self.rows = 0
 
-    def append(self, row: tuple) -> None:
-        self._batch.append(row)
+    def append(self, row: tuple, size: int = 64) -> None:
         self.rows += 1
+        if self._file is None:
+            self._held.append(row)
+            self._held_bytes += size
+            if self._held_bytes > self._memory_bytes:
+                self._file = tempfile.TemporaryFile(prefix="repo-spool-")
+                self._batch, self._held = self._held, []
+                self._flush()
+            return
+        self._batch.append(row)
         if len(self._batch) >= _BATCH:
             self._flush()
 
+    @property
+    def in_memory(self) -> bool:
+        return self._file is None
+
     def _flush(self) -> None:
-        if self._batch:
-            marshal.dump(self._batch, self._file)
+        if self._batch and self._file is not None:
+            for start in range(0, len(self._batch), _BATCH):
+                marshal.dump(self._batch[start : start + _BATCH], self._file)
             self._batch = []
 
     def __iter__(self) -> Iterator[tuple]:
+        if self._file is None:
+            yield from self._held
+            return
         self._flush()
         self._file.seek(0)
         while True:
@@ -66,7 +92,9 @@ class Spool:
                 return
 
     def close(self) -> None:
-        self._file.close()
+        self._held = []
+        if self._file is not None:
+            self._file.close()
 
 
 @dataclass
@@ -110,6 +138,11 @@ class _Counting:
             yield chunk
 
 
+def _stage(spool: Spool, link: bytes, block: bytes) -> None:
+    row = _staged(link, block)
+    spool.append(row, _ROW_BYTES + 2 * len(block))  # the JSON text is about twice the block
+
+
 def _staged(link: bytes, block: bytes) -> tuple[bytes, str | None, str | None, bytes | None]:
     """A block's spool row, keyed by the binary CID (the text form is only needed for the records
     written, and it costs far more). A block that is not DAG-CBOR fails the repo only if a record needs it.
@@ -147,9 +180,9 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
     raw = Spool() if scope != RecordScope() else None  # selective: stage only kept records, after the walk
     try:
         if raw is None:
-            found = collect_repo_blocks(reader, head, lambda cid, block: blocks.append(_staged(bytes(cid), block)))
+            found = collect_repo_blocks(reader, head, lambda cid, block: _stage(blocks, bytes(cid), block))
         else:
-            found = collect_repo_blocks(reader, head, lambda cid, block: raw.append((bytes(cid), bytes(block))))
+            found = collect_repo_blocks(reader, head, lambda cid, block: raw.append((bytes(cid), bytes(block)), len(block) + _ROW_BYTES))
         nodes, commit_block = found.nodes, found.commit_block
         if commit_block is None:
             raise CarError(f"the CAR's root (commit {head}) is not among its blocks; the export is incomplete")
@@ -157,7 +190,7 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
         if commit.did != did:
             raise CarError(f"the CAR's commit is for {commit.did}, not {did}; the PDS served another repo")
         snapshot = RepoSnapshot(did, head, commit, commit_block, counted.total, blocks, keys, scope=scope)
-        wanted = _walk_kept(snapshot, nodes)
+        wanted = _walk_kept(snapshot, nodes, found.decoded)
         if raw is not None:
             _stage_kept(snapshot, raw, wanted)
         return snapshot
@@ -170,25 +203,25 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
             raw.close()
 
 
-def _walk_kept(snapshot: RepoSnapshot, nodes: dict[CID, bytes]) -> set[bytes] | None:
+def _walk_kept(snapshot: RepoSnapshot, nodes: dict[CID, bytes], decoded: dict) -> set[bytes] | None:
     """Walk the whole MST, spooling the keys of the records the scope keeps. Returns the binary CIDs
     of those records when the collection filter drops some (None: every record's block is wanted); that
     set, one CID per kept record, is the memory a filter costs."""
     collections, signal = snapshot.scope.collections, snapshot.scope.signal
     wanted: set[bytes] | None = None if collections.everything else set()
     snapshot.signal_missing = signal is not None
-    for collection, rkey, cid in walk_records(nodes, snapshot.commit.data):
+    for collection, rkey, cid in walk_records(nodes, snapshot.commit.data, decoded):
         if collection == signal:
             snapshot.signal_missing = False
         if not collections.matches(collection):
             continue
         link = bytes(cid)
-        snapshot.keys.append((collection, rkey, str(cid), link))
+        snapshot.keys.append((collection, rkey, cid_text(link), link), _ROW_BYTES + len(rkey))
         snapshot.collections[collection] += 1
         if wanted is not None:
             wanted.add(link)
         if cid in nodes:  # a block that is both a reached node and a record: stage it after all
-            snapshot.blocks.append(_staged(link, nodes[cid]))
+            _stage(snapshot.blocks, link, nodes[cid])
     return wanted
 
 
@@ -202,7 +235,7 @@ def _stage_kept(snapshot: RepoSnapshot, raw: Spool, wanted: set[bytes] | None) -
         return
     for link, block in raw:
         if wanted is None or link in wanted:
-            snapshot.blocks.append(_staged(link, block))
+            _stage(snapshot.blocks, link, block)
 
 
 def verify_snapshot(snapshot: RepoSnapshot, signing_key: str) -> None:

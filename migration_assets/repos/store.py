@@ -1,11 +1,13 @@
 """Store a repo snapshot: diff it against the stored records and write only what changed, with the
 ledger update, in one transaction (a crash leaves the repo either fully at the old rev or the new).
 
-The snapshot's spooled blocks and keys are COPYed into two temp tables and the diff is one set-based
-statement, so memory stays flat however big the repo; unchanged records are not written. Records the
+The snapshot's records are COPYed into a temp table (joined to their blocks here while the blocks are
+in memory, else in PostgreSQL from two spooled tables) and the diff is one set-based statement, so
+memory stays flat however big the repo; unchanged records are not written. Records the
 snapshot's collection filter left out are not among its keys, so a narrowed filter deletes them here
 like any record gone from the MST; the filter is recorded with the repo (`collections_filter`)."""
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -16,44 +18,60 @@ from migration_assets.core.postgres import copy_rows
 from migration_assets.repos import ledger
 from migration_assets.repos.snapshot import RepoSnapshot
 
-# Session-local staging, emptied at each commit; created once per connection.
+# Session-local staging, created once per connection and emptied by each store before it stages. A
+# repo's records arrive in incoming_records, one row each with its JSON form (or why there is none:
+# error, or both NULL for a block missing from the CAR). A repo whose blocks were spooled to disk comes
+# as keys and blocks, joined here into incoming_records.
+_STAGING_TABLES = {
+    "incoming_records": "collection text, rkey text, cid text, record text, error text, record_cbor bytea",
+    "incoming_blocks": "link bytea, record text, error text, record_cbor bytea",
+    "incoming_keys": "collection text, rkey text, cid text, link bytea",
+}
+# Emptied with DELETE, which costs nothing at commit, unlike ON COMMIT DELETE ROWS (it truncated the three
+# tables and their TOAST tables at every commit: two thirds of a small repo's commit time). Temp tables
+# are never vacuumed, so a table that has grown past _STAGING_MAX_BYTES of dead rows is truncated instead.
+_STAGING_MAX_BYTES = 1 << 20
 _STAGING = (
-    "CREATE TEMP TABLE IF NOT EXISTS incoming_blocks (link bytea, record text, error text, record_cbor bytea) ON COMMIT DELETE ROWS",
-    "CREATE TEMP TABLE IF NOT EXISTS incoming_keys (collection text, rkey text, cid text, link bytea) "
-    "ON COMMIT DELETE ROWS",
+    *(f"CREATE TEMP TABLE IF NOT EXISTS {name} ({columns})" for name, columns in _STAGING_TABLES.items()),
+    "DO $$ BEGIN "
+    + " ".join(f"IF pg_relation_size('pg_temp.{name}') > {_STAGING_MAX_BYTES} THEN TRUNCATE {name}; "
+               f"ELSE DELETE FROM {name}; END IF;" for name in _STAGING_TABLES)
+    + " END $$",
 )
+_RECORD_COLUMNS = ("collection", "rkey", "cid", "record", "error", "record_cbor")
 
-# Changed records without a usable block: missing from the CAR, or not DAG-CBOR. Only run when the
-# write found fewer blocks than changes; MATERIALIZED keeps LIMIT from turning the join quadratic.
+# A link's blocks are all the same bytes, so any of its rows will do; one with a record first.
+_JOIN_SPOOLED = """
+    INSERT INTO incoming_records
+    SELECT k.collection, k.rkey, k.cid, b.record, b.error, b.record_cbor FROM incoming_keys k
+    LEFT JOIN (SELECT DISTINCT ON (link) link, record, error, record_cbor FROM incoming_blocks
+               ORDER BY link, record IS NULL) b ON b.link = k.link"""
+
+# A changed record left unwritten (no JSON form: missing from the CAR, or not DAG-CBOR). Only run
+# when the write found fewer records to write than changes.
 _UNUSABLE = """
-    WITH unusable AS MATERIALIZED (
-        SELECT k.collection, k.rkey, k.cid, k.link FROM incoming_keys k
-        LEFT JOIN (SELECT DISTINCT link FROM incoming_blocks WHERE record IS NOT NULL) b ON b.link = k.link
-        WHERE b.link IS NULL
-    )
-    SELECT u.collection, u.rkey, u.cid,
-           (SELECT e.error FROM incoming_blocks e WHERE e.link = u.link AND e.error IS NOT NULL LIMIT 1)
-    FROM unusable u LIMIT 1"""
+    SELECT i.collection, i.rkey, i.cid, i.error FROM incoming_records i
+    LEFT JOIN records r ON r.did = %(did)s AND r.collection = i.collection AND r.rkey = i.rkey
+    WHERE i.record IS NULL AND r.cid IS DISTINCT FROM i.cid LIMIT 1"""
 
 # One statement: creates and updates (CID changed) and deletes (stored, no longer in the MST) touch
 # disjoint rows. xmax = 0 tells an inserted row from an updated one. Unchanged records are not written.
 _DIFF_AND_WRITE = """
     WITH changed AS (
-        SELECT k.collection, k.rkey, k.cid, k.link FROM incoming_keys k
-        LEFT JOIN records r ON r.did = %(did)s AND r.collection = k.collection AND r.rkey = k.rkey
-        WHERE r.cid IS DISTINCT FROM k.cid
+        SELECT i.collection, i.rkey, i.cid, i.record, i.record_cbor FROM incoming_records i
+        LEFT JOIN records r ON r.did = %(did)s AND r.collection = i.collection AND r.rkey = i.rkey
+        WHERE r.cid IS DISTINCT FROM i.cid
     ), written AS (
         INSERT INTO records (did, collection, rkey, cid, record, record_cbor)
-        SELECT %(did)s, c.collection, c.rkey, c.cid, b.record::jsonb, b.record_cbor FROM changed c
-        JOIN (SELECT DISTINCT ON (link) link, record, record_cbor FROM incoming_blocks WHERE record IS NOT NULL) b
-          ON b.link = c.link
+        SELECT %(did)s, c.collection, c.rkey, c.cid, c.record::jsonb, c.record_cbor FROM changed c
+        WHERE c.record IS NOT NULL
         ON CONFLICT (did, collection, rkey)
         DO UPDATE SET cid = excluded.cid, record = excluded.record, record_cbor = excluded.record_cbor,
                       indexed_at = now()
         RETURNING xmax = 0 AS created
     ), gone AS (
         DELETE FROM records r WHERE r.did = %(did)s AND NOT EXISTS
-            (SELECT 1 FROM incoming_keys k WHERE k.collection = r.collection AND k.rkey = r.rkey)
+            (SELECT 1 FROM incoming_records k WHERE k.collection = r.collection AND k.rkey = r.rkey)
         RETURNING 1
     )
     SELECT (SELECT count(*) FILTER (WHERE created) FROM written),
@@ -70,27 +88,46 @@ class RecordChanges:
 
 
 def store_snapshot(conn: psycopg.Connection, snapshot: RepoSnapshot, pds: str) -> RecordChanges:
+    """Four round trips: the repo's ledger and counts (known from the snapshot, pipelined), one COPY
+    of its records (two and a join for a repo spooled to disk), the diff, the commit."""
     did = {"did": snapshot.did}
     with conn.transaction(), conn.cursor() as cur:
         with conn.pipeline():
             cur.execute("SELECT 1 FROM repos WHERE did = %(did)s FOR UPDATE", did)
             for statement in _STAGING:
                 cur.execute(statement)
-        copy_rows(cur, "incoming_blocks", ("link", "record", "error", "record_cbor"), snapshot.blocks)
-        copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid", "link"), snapshot.keys)
-        created, updated, deleted, changed = cur.execute(_DIFF_AND_WRITE, did).fetchone()
-        if created + updated < changed:  # some changed record had no block to write: roll it all back
-            _refuse_unusable(cur, snapshot)
-        with conn.pipeline():
             _write_counts(cur, snapshot)
             ledger.finish_synced(cur, snapshot.did, pds, str(snapshot.head), snapshot.commit.rev, snapshot.records)
             cur.execute("UPDATE repos SET collections_filter = %s, signal_missing = %s WHERE did = %s",
                         (snapshot.scope.key, snapshot.signal_missing, snapshot.did))
+        _stage(cur, snapshot)
+        created, updated, deleted, changed = cur.execute(_DIFF_AND_WRITE, did).fetchone()
+        if created + updated < changed:  # some changed record had no block to write: roll it all back
+            _refuse_unusable(cur, snapshot)
     return RecordChanges(created, updated, deleted, snapshot.records - created - updated)
 
 
+def _stage(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:
+    if snapshot.blocks.in_memory:  # most repos: join blocks to keys here, one COPY
+        copy_rows(cur, "incoming_records", _RECORD_COLUMNS, _record_rows(snapshot))
+        return
+    copy_rows(cur, "incoming_blocks", ("link", "record", "error", "record_cbor"), snapshot.blocks)
+    copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid", "link"), snapshot.keys)
+    cur.execute(_JOIN_SPOOLED)
+
+
+def _record_rows(snapshot: RepoSnapshot) -> Iterator[tuple]:
+    blocks = {}
+    for link, record, error, record_cbor in snapshot.blocks:  # a link's rows are alike: one with a record
+        if record is not None or link not in blocks:
+            blocks[link] = (record, error, record_cbor)
+    missing = (None, None, None)
+    for collection, rkey, cid, link in snapshot.keys:
+        yield (collection, rkey, cid, *blocks.get(link, missing))
+
+
 def _refuse_unusable(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:
-    collection, rkey, cid, error = cur.execute(_UNUSABLE).fetchone()
+    collection, rkey, cid, error = cur.execute(_UNUSABLE, {"did": snapshot.did}).fetchone()
     if error:
         raise MstError(f"record {collection}/{rkey} ({cid}) of {snapshot.did} is not valid DAG-CBOR: {error}")
     raise MstError(f"record block {cid} ({collection}/{rkey}) is missing from the CAR; the export is incomplete")

@@ -1,8 +1,9 @@
 """MST walk (order, layers, shape) and commit parsing."""
 
+import cbor2
 import pytest
 
-from migration_assets.atproto import dagcbor
+from migration_assets.atproto import dagcbor, mst
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.mst import CommitError, MstError, key_layer, parse_commit, walk_records
 from tests.atproto.builders import Blocks, build_mst, layer, node, put
@@ -175,3 +176,69 @@ def test_bad_commits(change, message):
         parse_commit(dagcbor.encode(good | change))
     with pytest.raises(CommitError, match="not DAG-CBOR"):
         parse_commit(b"\xff")
+
+
+# --- node decoding: libipld (fast path) against cbor2 (reference), on the same valid and hostile nodes ---
+
+def _entry(**change):
+    return {"k": b"app.bsky.feed.post/3k2a", "p": 0, "t": None, "v": CID1} | change
+
+
+def _node_vectors() -> dict[str, bytes]:
+    repo = make_repo(200)
+    real = [block for block in repo.blocks.values() if block[:3] == b"\xa2\x61\x65"]
+    raw_link = CID.for_block(b"blob", 0x55)
+    odd_hash = CID(0x71, bytes(64), hash_code=0x13)  # sha2-512: a valid CID, not the usual shape
+    vectors = {f"real_{n}": block for n, block in enumerate(real[:5])}
+    vectors |= {
+        "raw_codec_value": dagcbor.encode({"e": [_entry(v=raw_link)], "l": None}),
+        "subtrees": dagcbor.encode({"e": [_entry(t=CID1)], "l": CID1}),
+        "odd_hash_value": dagcbor.encode({"e": [_entry(v=odd_hash)], "l": None}),
+        "value_as_byte_string": dagcbor.encode({"e": [_entry(v=bytes(CID1))], "l": None}),
+        "subtree_as_byte_string": dagcbor.encode({"e": [_entry(t=bytes(CID1))], "l": None}),
+        "left_as_byte_string": dagcbor.encode({"e": [], "l": bytes(CID1)}),
+        "key_as_link": dagcbor.encode({"e": [_entry(k=CID1)], "l": None}),
+        "key_shaped_like_a_cid": dagcbor.encode({"e": [_entry(k=bytes(CID1))], "l": None}),
+        "key_as_text": dagcbor.encode({"e": [_entry(k="app.bsky.feed.post/3k2a")], "l": None}),
+        "prefix_as_bool": dagcbor.encode({"e": [_entry(p=True)], "l": None}),
+        "no_subtree_key": dagcbor.encode({"e": [{"k": b"a/b", "p": 0, "v": CID1}], "l": None}),
+        "extra_entry_key": dagcbor.encode({"e": [_entry(x=1)], "l": None}),
+        "extra_node_key": dagcbor.encode({"e": [], "l": None, "x": 1}),
+        "deep_extra_key": b"\xa2\x61e\x81\xa5" + dagcbor.encode(_entry())[1:] + b"\x61x" + b"\x81" * 401 + b"\x01"
+                          + b"\x61l\xf6",
+        "deep_but_allowed": b"\xa2\x61e\x81\xa5" + dagcbor.encode(_entry())[1:] + b"\x61x" + b"\x81" * 390 + b"\x01"
+                            + b"\x61l\xf6",
+        "entries_not_a_list": dagcbor.encode({"e": {}, "l": None}),
+        "not_a_map": dagcbor.encode([1]),
+        "non_canonical_order": cbor2.dumps({"l": None, "e": []}),
+        "trailing": dagcbor.encode({"e": [], "l": None}) + b"\x00",
+        "garbage": b"\xa2\x61\x65\xff",
+    }
+    return vectors
+
+
+NODES = _node_vectors()
+
+
+def _node_outcome(fn, block):
+    try:
+        return "ok", fn(block)
+    except MstError:
+        return "refused", None
+
+
+@pytest.mark.parametrize("block", NODES.values(), ids=NODES)
+def test_node_decoding_through_libipld_is_the_references_or_left_to_it(block):
+    reference = _node_outcome(mst._reference_node, block)
+    compiled = mst._compiled_node(block)
+    if compiled is not None:
+        assert ("ok", compiled) == reference
+    assert _node_outcome(mst.decode_node, block) == reference
+
+
+def test_real_nodes_take_the_libipld_path():
+    for name in ("real_0", "real_1", "raw_codec_value", "subtrees"):
+        assert mst._compiled_node(NODES[name]) is not None, name
+    for name in ("odd_hash_value", "value_as_byte_string", "key_as_link", "key_shaped_like_a_cid", "extra_entry_key",
+                 "non_canonical_order"):
+        assert mst._compiled_node(NODES[name]) is None, name

@@ -5,13 +5,14 @@ import pytest
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.mst import walk_records
-from migration_assets.atproto.repo import NODE_PREFIX, collect_repo_blocks
+from migration_assets.atproto.repo import NODE_PREFIX, WAITING_MEMORY_BYTES, collect_repo_blocks
 from tests.atproto.builders import put
 from tests.atproto.conftest import make_repo
 
 
+@pytest.mark.parametrize("memory_bytes", [WAITING_MEMORY_BYTES, 2000, 0], ids=["in_memory", "part_on_disk", "on_disk"])
 @pytest.mark.parametrize("order", ["by_cid", "reversed_by_cid", "as_built", "commit_last"])
-def test_only_reached_nodes_are_kept_in_any_block_order(order):
+def test_only_reached_nodes_are_kept_in_any_block_order(order, memory_bytes):
     repo = make_repo(400)
     junk: dict[CID, bytes] = {}
     for n in range(20):
@@ -24,7 +25,7 @@ def test_only_reached_nodes_are_kept_in_any_block_order(order):
     elif order == "commit_last":
         blocks.sort(key=lambda item: item[0] == repo.commit)
     others: dict[CID, bytes] = {}
-    found = collect_repo_blocks(blocks, repo.commit, others.__setitem__)
+    found = collect_repo_blocks(blocks, repo.commit, others.__setitem__, memory_bytes)
     node_cids = {cid for cid, data in repo.blocks.items() if data[:3] == NODE_PREFIX}
     assert set(found.nodes) == node_cids
     assert found.commit_block == repo.blocks[repo.commit]
