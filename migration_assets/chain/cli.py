@@ -45,11 +45,7 @@ def migrate_command(args: argparse.Namespace) -> int:
         return 2
     network = NetworkConfig() if args.blockchain is None else NetworkConfig.parse(f"{args.blockchain}-{args.network}")
     source = ChainSourceResource(block_tag=args.tag, event_tag=args.event_tag)
-    if network.name is not None and (args.method == "scan" or args.end_height is None):
-        # The Scan path reads the tables of the chain configured the old way only, for now.
-        print("error: with --blockchain/--network, give --end-height and use --method query or auto (per height)")
-        return 2
-    method = "query" if network.name is not None else choose_path(args, source)
+    method = choose_path(args, source, network)
     if method is None:
         return 1
     if not 0 <= args.start_height < args.end_height:
@@ -59,7 +55,7 @@ def migrate_command(args: argparse.Namespace) -> int:
         print("error: --skip-blocks and --skip-events together leave nothing to migrate")
         return 2
     if method == "scan":
-        return migrate_by_scan(args, source, event_id_range)
+        return migrate_by_scan(args, source, event_id_range, network)
     chain = network_assets(network)
     resources = {"postgres": PostgresResource(), "chain_source": source}
     instance = project_instance()

@@ -6,7 +6,8 @@ from functools import cache
 import dagster as dg
 
 from migration_assets.chain import assets, partitions, sensors
-from migration_assets.chain.assets_scan import block_scan
+from migration_assets.chain import assets_scan
+from migration_assets.chain.scan import BLOCKS, EVENTS
 from migration_assets.chain.settings import ChainSettings, NetworkConfig, configured_networks
 from migration_assets.core.settings import settings_of
 
@@ -18,12 +19,13 @@ class NetworkAssets:
     event_ranges: dg.DynamicPartitionsDefinition
     block_metadata: dg.AssetsDefinition
     block_events: dg.AssetsDefinition
+    block_scan: dg.AssetsDefinition
+    event_scan: dg.AssetsDefinition
     sync: dg.SensorDefinition
 
     def definitions(self) -> dg.Definitions:
-        # The bulk Scan asset reads the tables of the chain configured the old way only, for now.
-        scan = [block_scan] if self.network.name is None else []
-        return dg.Definitions(assets=[self.block_metadata, self.block_events, *scan], sensors=[self.sync])
+        assets = [self.block_metadata, self.block_events, self.block_scan, self.event_scan]
+        return dg.Definitions(assets=assets, sensors=[self.sync])
 
 
 @cache
@@ -31,12 +33,13 @@ def network_assets(network: NetworkConfig) -> NetworkAssets:
     """One network's chain definitions; the one configured the old way is the module-level objects
     other modules import, under their unprefixed names."""
     if network.name is None:
-        return NetworkAssets(network, partitions.block_ranges, partitions.event_ranges,
-                             assets.block_metadata, assets.block_events, sensors.chain_sync)
+        return NetworkAssets(network, partitions.block_ranges, partitions.event_ranges, assets.block_metadata,
+                             assets.block_events, assets_scan.block_scan, assets_scan.event_scan, sensors.chain_sync)
     block_ranges, event_ranges = partitions.range_partitions(network)
     block_metadata, block_events = assets.chain_assets(network, block_ranges, event_ranges)
     sync = sensors.chain_sync_sensor(network, block_ranges, event_ranges)
-    return NetworkAssets(network, block_ranges, event_ranges, block_metadata, block_events, sync)
+    scans = assets_scan.scan_asset(network, BLOCKS), assets_scan.scan_asset(network, EVENTS)
+    return NetworkAssets(network, block_ranges, event_ranges, block_metadata, block_events, *scans, sync)
 
 
 def chain_definitions(settings: ChainSettings) -> dg.Definitions:

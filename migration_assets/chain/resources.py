@@ -7,12 +7,10 @@ from dagster_aws.utils import ResourceWithBoto3Configuration
 from psycopg_pool import ConnectionPool
 from pydantic import Field, PrivateAttr
 
-from migration_assets.chain.settings import ChainSettings
+from migration_assets.chain.settings import CHAIN_MIGRATIONS, ChainSettings
 from migration_assets.core.aws import DynamoClientSpec
 from migration_assets.core.postgres import shared_pool
 from migration_assets.core.resources import PostgresResource
-
-CHAIN_MIGRATIONS = "chain_"  # the migrations that make the chain tables (0001, 0002)
 
 
 def network_pool(postgres: PostgresResource, schema: str | None) -> ConnectionPool:

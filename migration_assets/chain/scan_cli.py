@@ -2,12 +2,14 @@
 
 import argparse
 
+from migration_assets.chain.event_source import HeightIndexMissing, NoEventHistory
 from migration_assets.chain.events import MissingBlocksError
 from migration_assets.chain.items import SourceDataError
 from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.chain.scan import BLOCKS, EVENTS, ScanRequest, ScanSummary, choose_method, run_scan
 from migration_assets.chain.source import latest_height
 from migration_assets.chain.scan_report import report_in_run
+from migration_assets.chain.settings import NetworkConfig
 from migration_assets.core.instance import project_instance
 from migration_assets.core.resources import PostgresResource
 from migration_assets.core.settings import data_dir
@@ -15,15 +17,15 @@ from migration_assets.core.settings import data_dir
 WHOLE_TABLE_END = 2**62  # a scan of the whole table: clipped at the watermark it starts with
 
 
-def choose_path(args: argparse.Namespace, source: ChainSourceResource) -> str | None:
+def choose_path(args: argparse.Namespace, source: ChainSourceResource, network: NetworkConfig) -> str | None:
     """"scan" or "query" (printed, with why); an omitted --end-height becomes the watermark's next
     height. None (with the error printed) when there is nothing to migrate."""
     args.whole_table = args.end_height is None and args.start_height == 0
     if args.end_height is None:
-        settings = source.settings
-        tip = latest_height(source.client(), settings.block_table, settings.block_tag)
+        settings, table = source.settings, network.tables(source.settings)[0]
+        tip = latest_height(source.client(), table, settings.block_tag)
         if tip is None:
-            print(f"error: {settings.block_table} has no watermark ({settings.block_tag}-latest): "
+            print(f"error: {table} has no watermark ({settings.block_tag}-latest): "
                   "no blocks to migrate yet; pass --end-height to migrate heights anyway")
             return None
         args.end_height = tip + 1
@@ -38,11 +40,12 @@ def choose_path(args: argparse.Namespace, source: ChainSourceResource) -> str | 
 
 def scan_request(
     source: ChainSourceResource, kind: str, start: int, end: int, database_url: str | None = None,
+    network: NetworkConfig = NetworkConfig(),
 ) -> ScanRequest:
-    """A Scan of the source's block (or event) table, set by the CHAIN_* settings."""
+    """A Scan of the network's block (or event) table, into its schema, set by the CHAIN_* settings."""
     settings = source.settings
-    table, tag = ((settings.block_table, settings.block_tag) if kind == BLOCKS
-                  else (settings.event_table, settings.event_tag))
+    block_table, event_table = network.tables(settings)
+    table, tag = (block_table, settings.block_tag) if kind == BLOCKS else (event_table, settings.event_tag)
     return ScanRequest(
         kind, table, tag, start, end,
         range_size=settings.block_range_size if kind == BLOCKS else settings.event_range_size,
@@ -52,39 +55,40 @@ def scan_request(
         max_read_units=settings.scan_max_read_units,
         limiter_path=str(data_dir() / f"chain-scan-{table}.bucket"),
         client_spec=source.client_spec(),
+        schema=network.schema,
     )
 
 
-def migrate_by_scan(args: argparse.Namespace, source: ChainSourceResource, event_ids) -> int:
-    """Blocks, then events, each by a parallel Scan. `event_ids(source, start, end)` finds the event
-    ids of a height span (None when it has no events)."""
+def migrate_by_scan(args: argparse.Namespace, source: ChainSourceResource, event_ids, network: NetworkConfig) -> int:
+    """Blocks, then events, each by a parallel Scan of the network's tables. `event_ids(source, start,
+    end, network)` finds the event ids of a height span (None when it has no events)."""
     end = WHOLE_TABLE_END if args.whole_table else args.end_height
     instance = project_instance()
     try:
         if not args.skip_blocks:
-            blocks = run_scan(scan_request(source, BLOCKS, args.start_height, end), source.client())
-            if print_scan("blocks", blocks, instance):
+            blocks = run_scan(scan_request(source, BLOCKS, args.start_height, end, network=network), source.client())
+            if print_scan("blocks", blocks, instance, network):
                 print("events: not migrated, since block ranges failed (events need their blocks)")
                 return _failed()
         if not args.skip_events:
-            ids = (1, WHOLE_TABLE_END) if args.whole_table else event_ids(source, args.start_height, args.end_height)
+            ids = (1, WHOLE_TABLE_END) if args.whole_table else event_ids(source, args.start_height, args.end_height, network)
             if ids is None:
                 print(f"error: no events found at heights {args.start_height} and {args.end_height - 1}")
                 return 1
-            events = run_scan(scan_request(source, EVENTS, *ids), source.client())
-            if print_scan("events", events, instance):
+            events = run_scan(scan_request(source, EVENTS, *ids, network=network), source.client())
+            if print_scan("events", events, instance, network):
                 return _failed()
-    except (SourceDataError, MissingBlocksError) as error:
+    except (SourceDataError, MissingBlocksError, HeightIndexMissing, NoEventHistory) as error:
         print(f"error: {error}")
         return _failed()
     return 0
 
 
-def print_scan(what: str, summary: ScanSummary, instance) -> int:
+def print_scan(what: str, summary: ScanSummary, instance, network: NetworkConfig) -> int:
     """Print the scan's outcome and its failed range checks, report its ranges to the Dagster
     instance (as partitions of the chain assets, with their checks); return how many ranges failed."""
     request = summary.request
-    report_in_run(instance, summary)
+    report_in_run(instance, summary, network)
     ran = (f"{request.segments} segments" if summary.segments_run == request.segments
            else f"the {summary.segments_run} unfinished of {request.segments} segments (resumed)")
     print(f"{what}: scanned {request.table} up to its watermark {request.watermark}, {ran} in "

@@ -11,19 +11,22 @@ from collections.abc import Callable
 
 import dagster as dg
 
-from migration_assets.chain.assets import BLOCK_EVENTS, BLOCK_METADATA
-from migration_assets.chain.partitions import block_ranges, event_ranges
+from migration_assets.chain.assets import ChainAssetKeys
+from migration_assets.chain.partitions import range_partitions
 from migration_assets.chain.ranges import parse_range_key
 from migration_assets.chain.scan import BLOCKS, ScanSummary
+from migration_assets.chain.settings import NetworkConfig
 
 
 def report_ranges(
     instance: dg.DagsterInstance, summary: ScanSummary, log_event: Callable[[object], None],
+    network: NetworkConfig = NetworkConfig(),
 ) -> list[str]:
-    """Add every covered range's partition and log its events with `log_event` (a run's
-    `context.log_event`); return the partition keys."""
+    """Add every covered range's partition (the network's) and log its events with `log_event` (a
+    run's `context.log_event`); return the partition keys."""
     blocks = summary.request.kind == BLOCKS
-    asset, partitions = (BLOCK_METADATA, block_ranges) if blocks else (BLOCK_EVENTS, event_ranges)
+    keys_of, (block_ranges, event_ranges) = ChainAssetKeys.of(network), range_partitions(network)
+    asset, partitions = (keys_of.block_metadata, block_ranges) if blocks else (keys_of.block_events, event_ranges)
     keys = list(summary.checks)
     known = set(instance.get_dynamic_partitions(partitions.name))
     instance.add_dynamic_partitions(partitions.name, [k for k in keys if k not in known])
@@ -45,13 +48,13 @@ def report_ranges(
     return keys
 
 
-def report_in_run(instance: dg.DagsterInstance, summary: ScanSummary) -> list[str]:
+def report_in_run(instance: dg.DagsterInstance, summary: ScanSummary, network: NetworkConfig = NetworkConfig()) -> list[str]:
     """Report the ranges from a run of their own (the CLI runs no Dagster run for a scan)."""
     keys: list[str] = []
 
     @dg.op(name="report_scan_ranges")
     def report(context: dg.OpExecutionContext) -> None:
-        keys.extend(report_ranges(context.instance, summary, context.log_event))
+        keys.extend(report_ranges(context.instance, summary, context.log_event, network))
 
     job = dg.GraphDefinition(name="chain_scan_report", node_defs=[report]).to_job()
     job.execute_in_process(instance=instance, tags={"migration-assets/scan": summary.request.scan_id})

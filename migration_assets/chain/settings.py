@@ -8,6 +8,7 @@ from pydantic_settings import SettingsConfigDict
 from migration_assets.core.settings import CommaList, EnvSettings
 
 _NETWORK = re.compile(r"[a-z0-9]+-[a-z0-9_-]+")
+CHAIN_MIGRATIONS = "chain_"  # the migrations of the chain tables: what a network's schema holds
 
 
 class ChainSettings(EnvSettings):

@@ -47,9 +47,13 @@ def watermark_item(layout: EventLayout, max_id: int) -> Item:
     return {**layout.watermark_key(), **common, "sequence": {"N": str(max_id)}, "block_id": {"S": latest}}
 
 
-def chain_events(block_items: Iterable[Item], layout: EventLayout, first_id: int = 1) -> Iterator[Item]:
+def chain_events(
+    block_items: Iterable[Item], layout: EventLayout, first_id: int = 1, replays: int = 0,
+) -> Iterator[Item]:
     """Events for the heights of `block_items` (grouped by height, as sample_chain yields them),
-    followed by the watermark."""
+    followed by the watermark. `replays` > 0 removes and adds each canonical block again that many
+    times (as a stream that rolls its tip back and forth does; the chain's rules allow it): more
+    events per height, for benches that need many events over few heights."""
     sequence = first_id - 1
     heights = (list(group) for pid, group in groupby(block_items, key=lambda i: i["block_pid"]["S"]) if not pid.endswith("latest"))
     for items in heights:
@@ -62,8 +66,9 @@ def chain_events(block_items: Iterable[Item], layout: EventLayout, first_id: int
                 sequence += 1
                 yield event_item(layout, sequence, event_type, block)
         if canonical is not None:
-            sequence += 1
-            yield event_item(layout, sequence, ADDED, canonical)
+            for event_type in (ADDED, *(REMOVED, ADDED) * replays):
+                sequence += 1
+                yield event_item(layout, sequence, event_type, canonical)
     yield watermark_item(layout, sequence)
 
 

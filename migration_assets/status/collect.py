@@ -6,8 +6,9 @@ import time
 import dagster as dg
 import psycopg
 
-from migration_assets.chain.assets import BLOCK_EVENTS, BLOCK_METADATA
-from migration_assets.chain.partitions import block_ranges, event_ranges
+from migration_assets.chain.assets import ChainAssetKeys
+from migration_assets.chain.partitions import range_partitions
+from migration_assets.chain.settings import ChainSettings, NetworkConfig, configured_networks
 from migration_assets.status.report import FailureGroup, PipelineStatus
 
 RECENT_MATERIALIZATIONS = 500
@@ -79,13 +80,19 @@ def partition_status(
     return status
 
 
-def chain_status(instance: dg.DagsterInstance) -> list[PipelineStatus]:
-    return [
-        partition_status(instance, BLOCK_METADATA, block_ranges, "chain blocks", "block ranges",
-                         "heights_per_second", "heights/s"),
-        partition_status(instance, BLOCK_EVENTS, event_ranges, "chain events", "event ranges",
-                         "events_per_second", "events/s"),
-    ]
+def chain_status(instance: dg.DagsterInstance, networks: list[NetworkConfig] | None = None) -> list[PipelineStatus]:
+    """Blocks and events of each network of CHAIN_NETWORKS (or of the chain configured the old way)."""
+    statuses = []
+    for network in networks if networks is not None else configured_networks(ChainSettings.load()):
+        keys, (block_ranges, event_ranges) = ChainAssetKeys.of(network), range_partitions(network)
+        which = f" ({network.blockchain}-{network.network})" if network.name else ""
+        statuses += [
+            partition_status(instance, keys.block_metadata, block_ranges, f"chain blocks{which}", "block ranges",
+                             "heights_per_second", "heights/s"),
+            partition_status(instance, keys.block_events, event_ranges, f"chain events{which}", "event ranges",
+                             "events_per_second", "events/s"),
+        ]
+    return statuses
 
 
 _GROUP_FAILURES = """

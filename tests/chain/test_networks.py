@@ -27,8 +27,10 @@ def test_each_network_gets_its_own_prefixed_assets_partitions_checks_and_sensor(
     graph = defs.resolve_asset_graph()
 
     keys = sorted(key.to_user_string() for key in graph.get_all_asset_keys())
-    assert keys == [f"{network}/chain/{asset}" for network in sorted(NETWORKS) for asset in ("block_events", "block_metadata")]
-    assert {graph.get(key).partitions_def.name for key in graph.get_all_asset_keys()} == {
+    assert keys == [f"{network}/chain/{asset}" for network in sorted(NETWORKS)
+                    for asset in ("block_events", "block_metadata", "block_scan", "event_scan")]
+    ranged = [key for key in graph.get_all_asset_keys() if key.path[-1] not in ("block_scan", "event_scan")]
+    assert {graph.get(key).partitions_def.name for key in ranged} == {
         f"{network}_chain_{ranges}_ranges" for network in NETWORKS for ranges in ("block", "event")
     }
     assert sorted(sensor.name for sensor in defs.sensors) == ["base_mainnet_chain_sync", "ethereum_mainnet_chain_sync"]
@@ -78,7 +80,10 @@ def test_two_networks_migrate_side_by_side_without_mixing_rows(
                      "--start-height", str(heights.start), "--end-height", str(heights.stop)])
         out = capsys.readouterr().out
         assert code == 0, out
+    assert_each_network_in_its_schema(target, sources)
 
+
+def assert_each_network_in_its_schema(target, sources: dict) -> None:
     for name, heights in NETWORKS.items():
         blocks, events = sources[name]
         schema = f"chain_{name}"
@@ -89,6 +94,33 @@ def test_two_networks_migrate_side_by_side_without_mixing_rows(
         assert [row[0] for row in sequences] == list(range(1, len(events))), name  # the last item is the watermark
         assert all(height in heights for _, height in sequences), name
     assert target.execute("SELECT count(*) FROM public.block_metadata").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("event_tag", [0, 2], ids=["legacy-tag0", "versioned-tag2"])
+def test_two_networks_scanned_side_by_side_without_mixing_rows(
+    dagster_home, fresh_instance, dynamodb, target, monkeypatch, capsys, event_tag
+):
+    # An instance of its own: the partitions it shows materialized are this test's alone.
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", fresh_instance.run_storage.postgres_url)
+    monkeypatch.setenv("CHAIN_SCAN_SEGMENTS", "3")
+    sources = seed_networks(dynamodb, monkeypatch, EventLayout(event_tag))
+    for name in NETWORKS:
+        blockchain, network = name.split("_")
+        code = main(["chain", "migrate", "--blockchain", blockchain, "--network", network,
+                     "--start-height", "0", "--method", "scan"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        block_table, event_table = NetworkConfig(blockchain=blockchain, network=network).tables(ChainSettings.load())
+        assert f"blocks: scanned {block_table}" in out and f"events: scanned {event_table}" in out, out
+        assert "FAILED" not in out, out
+    assert_each_network_in_its_schema(target, sources)
+
+    for name, heights in NETWORKS.items():
+        blockchain, network = name.split("_")
+        chain = network_assets(NetworkConfig(blockchain=blockchain, network=network))
+        block_keys = fresh_instance.get_materialized_partitions(chain.block_metadata.key)
+        assert block_keys == {f"{s:012d}-{s + 10:012d}" for s in range(0, heights.stop, 10)}, name
+        assert fresh_instance.get_materialized_partitions(chain.block_events.key) == {"000000000000-000000100000"}
 
 
 def test_cli_wants_blockchain_and_network_together(capsys):
@@ -120,6 +152,7 @@ def test_without_chain_networks_the_one_chain_keeps_its_names():
     defs = dg.Definitions.merge(chain_definitions(ChainSettings.load()), dg.Definitions(resources=shared_resources()))
     graph = defs.resolve_asset_graph()
 
-    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == {"chain/block_metadata", "chain/block_events", "chain/block_scan"}
+    assert {key.to_user_string() for key in graph.get_all_asset_keys()} == {
+        "chain/block_metadata", "chain/block_events", "chain/block_scan", "chain/event_scan"}
     assert [sensor.name for sensor in defs.sensors] == ["chain_sync"]
     assert NetworkConfig().schema is None

@@ -390,3 +390,51 @@ def test_a_table_without_a_watermark_has_nothing_to_scan_yet(target_url, dynamod
     assert len(summary.counts) == 1 and summary.failed_ranges == []
     with psycopg.connect(target_url) as conn:
         assert len({row[0] for row in block_rows(conn)}) == 20
+
+
+def test_event_scan_asset_reports_the_event_ranges_it_covered(
+    fresh_instance, dynamodb, block_table, event_table, target, monkeypatch,
+):
+    import dagster as dg
+
+    from migration_assets.chain.assets import BLOCK_EVENTS
+    from migration_assets.chain.assets_scan import EVENT_SCAN, block_scan, event_scan, scan_segments
+    from migration_assets.chain.event_checks import EVENT_CHECK_NAMES
+    from migration_assets.chain.ranges import covering_ranges, range_key
+    from migration_assets.definitions import shared_resources
+
+    events_table, layout = event_table
+    monkeypatch.setenv("CHAIN_EVENT_RANGE_SIZE", "100")
+    blocks = list(sample_chain(TAG, 0, 200, reorg_rate=0.1, skip_rate=0.05))
+    events = list(chain_events(blocks, layout))
+    seed(dynamodb, block_table, blocks)
+    seed(dynamodb, events_table, events)
+    keys = scan_segments.get_partition_keys()
+
+    def run(asset, key):
+        return dg.materialize([asset], partition_key=key, instance=fresh_instance,
+                              resources=shared_resources(), raise_on_error=False)
+
+    early = run(event_scan, keys[0])
+    assert not early.success, "events before their blocks fail, naming them"
+    [failure] = [e for e in early.all_events if e.is_step_failure]
+    assert "not in block_metadata" in failure.step_failure_data.error.message
+    assert event_rows(target) == []
+
+    for key in keys:
+        assert run(block_scan, key).success
+    ranges = {range_key(s, e) for s, e in covering_ranges(1, len(events), 100)}
+    assert len(ranges) >= 2
+    for key in keys:
+        result = run(event_scan, key)
+        assert result.success
+        [own] = [m for m in result.asset_materializations_for_node("chain__event_scan") if m.asset_key == EVENT_SCAN]
+        assert own.metadata["ranges_reported"].value == (len(ranges) if key == keys[-1] else 0)
+
+    assert fresh_instance.get_materialized_partitions(BLOCK_EVENTS) == ranges
+    for name in EVENT_CHECK_NAMES:
+        records = fresh_instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(BLOCK_EVENTS, name), limit=10)
+        assert {r.evaluation.partition for r in records} == ranges, name
+        assert all(r.evaluation.passed for r in records), (name, [r.evaluation.description for r in records])
+    assert [row[1] for row in event_rows(target)] == list(range(1, len(events)))  # the last item: the watermark

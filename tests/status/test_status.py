@@ -167,3 +167,33 @@ def test_partition_failures_grouped_by_kind_and_a_running_partition_is_stuck(fre
                                                                       (1, "KeyError", "key-1")]
     assert "bad value in value-1" in status.failures[0].reason
     assert [item.split()[0] for item in status.stuck] == ["slow"]
+
+
+def test_status_reports_each_network_of_chain_networks(
+    fresh_instance, dynamodb, target, dagster_home, monkeypatch, capsys
+):
+    from migration_assets.chain.definitions import network_assets
+    from migration_assets.chain.event_source import EventLayout
+    from migration_assets.chain.settings import NetworkConfig
+    from tests.chain.test_networks import seed_networks
+
+    monkeypatch.setenv("DAGSTER_POSTGRES_URL", fresh_instance.run_storage.postgres_url)
+    seed_networks(dynamodb, monkeypatch, EventLayout(0))  # block ranges of 10 heights
+    assert main(["chain", "migrate", "--blockchain", "ethereum", "--network", "mainnet",
+                 "--start-height", "0", "--end-height", "30", "--skip-events"]) == 0
+    base = network_assets(NetworkConfig(blockchain="base", network="mainnet"))
+    register_ranges(fresh_instance, base.block_ranges, 500, 520, 10)
+
+    statuses = by_name(collect(fresh_instance, target))
+    ethereum, base_blocks = statuses["chain blocks (ethereum-mainnet)"], statuses["chain blocks (base-mainnet)"]
+    assert (ethereum.done, ethereum.total) == (3, 3)
+    assert (base_blocks.done, base_blocks.total) == (0, 2)
+    assert "chain blocks" not in statuses, "the chain configured the old way is not among CHAIN_NETWORKS"
+    assert {"chain events (ethereum-mainnet)", "chain events (base-mainnet)"} <= set(statuses)
+
+    result = dg.materialize([migration_status], instance=fresh_instance, resources={"postgres": PostgresResource()})
+    metadata = result.asset_materializations_for_node("status__migration_status")[0].metadata
+    assert metadata["chain_blocks_ethereum_mainnet_percent_done"].value == 100.0
+    assert metadata["chain_blocks_base_mainnet_percent_done"].value == 0.0
+    assert main(["status"]) == 0
+    assert "chain blocks (base-mainnet)" in capsys.readouterr().out
