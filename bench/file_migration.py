@@ -197,6 +197,7 @@ def measure(tree: str, shape: list[tuple[int, int]], work: Path, server, target_
         if stored != (files, total):
             raise RuntimeError(f"{name} stored {stored}, expected {(files, total)}")
         run["mb_per_second"] = round(total / MB / run["seconds"], 1)
+        run["load_average"] = load_average()  # just after the run: other work on this 2-core machine
         runs[name].append(run)
         log(f"  {name}: {run}")
     results = {name: {**min(found, key=lambda r: r["seconds"]), "runs_seconds": [r["seconds"] for r in found],

@@ -1,5 +1,7 @@
 """The copies' S3 client against the moto server: what each request carries on the wire."""
 
+import ssl
+
 import pytest
 from dagster_aws.s3 import S3Resource
 
@@ -72,3 +74,13 @@ def test_lean_puts_take_the_clients_url_and_signing_region_and_stand_aside_for_a
     assert (signed._region, signed._service) == ("eu-west-1", "s3")
     assert not unsigned.available
     assert "Contents" not in signed._client.list_objects_v2(Bucket=bucket)  # the probe PUT was never sent
+
+
+@pytest.mark.parametrize("verify, checked", [(None, True), (False, False)])
+def test_lean_puts_over_https_verify_certificates_as_the_client_does(bucket, verify, checked):
+    client = copy_client(S3Resource(endpoint_url="https://s3.example.test", verify=verify), concurrency=1)
+    connection = FastPut(client, bucket)._connect()
+
+    assert connection.host == "s3.example.test" and connection.port == 443
+    assert connection._context.check_hostname is checked
+    assert (connection._context.verify_mode == ssl.CERT_REQUIRED) is checked
