@@ -15,6 +15,7 @@ import base64
 import http.client
 import io
 import queue
+import socket
 import ssl
 import threading
 import weakref
@@ -151,9 +152,12 @@ class FastPut:
             parts = urlsplit(url)
             self._path = parts.path[: -len(_PROBE_KEY)]  # "/bucket/" (path style) or "/" (virtual host)
             self._base = f"{parts.scheme}://{parts.netloc}{self._path}"
+            default_port = {"http": 80, "https": 443}[parts.scheme]
+            # signed and sent as given: the signer would otherwise parse the URL twice per request for it
+            self._host = parts.hostname if parts.port in (None, default_port) else f"{parts.hostname}:{parts.port}"
             timeout = client.meta.config.read_timeout
-            self._connect = (partial(http.client.HTTPConnection, parts.netloc, timeout=timeout) if parts.scheme == "http"
-                             else partial(http.client.HTTPSConnection, parts.netloc, timeout=timeout,
+            self._connect = (partial(_HTTPConnection, parts.netloc, timeout=timeout) if parts.scheme == "http"
+                             else partial(_HTTPSConnection, parts.netloc, timeout=timeout,
                                           context=_ssl_context(session._verify)))
 
     def url(self, key: str) -> str:
@@ -162,7 +166,7 @@ class FastPut:
     def put(self, key: str, body: bytes, sha: bytes, metadata: dict[str, str]) -> dict | None:
         """PUT `body` with its SHA-256 (ChecksumSHA256, signed) and `metadata`; {"ETag", "ChecksumSHA256"}
         on success, None when the client should send it instead."""
-        headers = {"User-Agent": USER_AGENT, "x-amz-checksum-sha256": base64.b64encode(sha).decode(),
+        headers = {"Host": self._host, "User-Agent": USER_AGENT, "x-amz-checksum-sha256": base64.b64encode(sha).decode(),
                    "x-amz-sdk-checksum-algorithm": "SHA256",  # as botocore sends it (moto stores the checksum only then)
                    "Content-Length": str(len(body)), **{f"x-amz-meta-{name}": value for name, value in metadata.items()}}
         quoted = quote(key, safe="/~")  # as url() and botocore
@@ -189,6 +193,19 @@ class FastPut:
             return self._idle.get_nowait()
         except queue.Empty:
             return self._connect()
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    """Without Nagle's delay, as urllib3 connects: http.client sends a request's headers and body in
+    two writes, and the body's must not wait for the first one's ACK."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    connect = _HTTPConnection.connect  # after the TLS handshake, on the wrapped socket
 
 
 def _close_all(idle: queue.SimpleQueue) -> None:
