@@ -9,6 +9,10 @@ only pays off when a large body would be refused. With the changes below: ~1.6 m
 per file, 10-20% less server CPU per file, 10-30% more files per second. Over plain http (a local
 S3-API server) botocore also hashed each body for the signature, one more SHA-256 pass over every
 file, where the body's ChecksumSHA256 header (signed, and checked by S3) already guards it.
+
+Even so, a small PutObject cost ~0.9 ms of client CPU in botocore, against rclone's ~0.45 ms per file.
+FastPut (below) sends the single PUTs of files read into memory, signed by botocore's signer, at
+~0.3 ms; anything but a plain success goes again through the client (bench/s3_put_cpu.py).
 """
 
 import base64
