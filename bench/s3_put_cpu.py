@@ -18,6 +18,7 @@ botocore's urllib3 pool 0.51-0.53 ms, on http.client 0.29-0.35 ms, awscrt 0.31-0
 import argparse
 import base64
 import hashlib
+import io
 import json
 import os
 import random
@@ -95,11 +96,8 @@ def crt_put(bucket: str):
     loops = EventLoopGroup(2)
     bootstrap = ClientBootstrap(loops, DefaultHostResolver(loops))
     credentials = AwsCredentialsProvider.new_static(os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
-    from awscrt.io import TlsContextOptions  # noqa: F401  (http: no TLS)
-    from awscrt.s3 import S3ChecksumConfig  # noqa: F401
     client = S3Client(bootstrap=bootstrap, region=os.environ["AWS_REGION"], credential_provider=credentials,
                       tls_mode=S3RequestTlsMode.DISABLED, throughput_target_gbps=1.0)
-    import io
 
     def put(key: str, data: bytes, sha: bytes) -> str:
         headers = HttpHeaders([("Host", endpoint), ("Content-Length", str(len(data))),
