@@ -197,6 +197,11 @@ def measure(tree: str, shape: list[tuple[int, int]], work: Path, server, target_
         if stored != (files, total):
             raise RuntimeError(f"{name} stored {stored}, expected {(files, total)}")
         run["mb_per_second"] = round(total / MB / run["seconds"], 1)
+        run["load_average"] = load_average()  # just after the run: other work on this 2-core machine
+        for process in ("client", "s3_server", "postgres"):  # CPU per file of each process, in ms
+            run[f"{process}_cpu_ms_per_file"] = round(1000 * run[f"{process}_cpu_seconds"] / files, 3)
+        if "timed_cpu_seconds" in run:  # the pipeline's, start-up excluded
+            run["timed_cpu_ms_per_file"] = round(1000 * run["timed_cpu_seconds"] / files, 3)
         runs[name].append(run)
         log(f"  {name}: {run}")
     results = {name: {**min(found, key=lambda r: r["seconds"]), "runs_seconds": [r["seconds"] for r in found],

@@ -19,7 +19,7 @@ upload starts, nor stop a part loop when the file changes.
 import base64
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -27,6 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from migration_assets.files.bandwidth import SharedLimiter, throttled
 from migration_assets.files.paths import SourceRefused, open_under_root, relative_path
+from migration_assets.files.s3client import FastPut
 from migration_assets.files.settings import FilesSettings
 from migration_assets.files.store import FileResult, SourceFile
 
@@ -48,6 +49,13 @@ class S3Target:
     bucket: str
     prefix: str  # "" or ending in "/"
     limiter: SharedLimiter | None = None  # FILES_BANDWIDTH: every body sent is paid for here first
+    fast_puts: bool = True  # single PUTs of bodies in memory through s3client.FastPut when the client allows
+    _fast: FastPut | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.fast_puts:
+            fast = FastPut(self.client, self.bucket)
+            object.__setattr__(self, "_fast", fast if fast.available else None)
 
     def key_for(self, relative: PurePosixPath) -> str:
         """The key of the file at `relative` under FILES_SOURCE_ROOT (paths.relative_path)."""
@@ -81,11 +89,18 @@ def _existing_copy(target: S3Target, key: str, size: int, sha256: str) -> tuple[
 
 
 def _put_object(target: S3Target, key: str, body: Any, size: int, sha: bytes) -> tuple[str, str]:
-    """One PUT of `body` (bytes, or a reader of `size` bytes) with its SHA-256; (stored checksum, ETag)."""
-    response = target.client.put_object(
-        Bucket=target.bucket, Key=key, Body=throttled(body, target.limiter), ContentLength=size, ChecksumAlgorithm="SHA256",
-        ChecksumSHA256=b64(sha), Metadata={"sha256": sha.hex()},
-    )
+    """One PUT of `body` (bytes, or a reader of `size` bytes) with its SHA-256; (stored checksum, ETag).
+    Bytes go the lean way first (FastPut); whatever it does not settle (an error, a retry) goes through
+    the client, which sends them again with its retries and error handling."""
+    metadata = {"sha256": sha.hex()}
+    response = None
+    if target._fast is not None and target._fast.available and isinstance(body, bytes):
+        response = target._fast.put(key, throttled(body, target.limiter), sha, metadata)
+    if response is None:
+        response = target.client.put_object(
+            Bucket=target.bucket, Key=key, Body=throttled(body, target.limiter), ContentLength=size,
+            ChecksumAlgorithm="SHA256", ChecksumSHA256=b64(sha), Metadata=metadata,
+        )
     stored = response.get("ChecksumSHA256")
     if stored is None:  # some S3-API servers do not echo it: read what was stored
         stored = target.client.head_object(Bucket=target.bucket, Key=key, ChecksumMode="ENABLED").get("ChecksumSHA256")

@@ -1,7 +1,8 @@
-"""A loopback proxy in front of the moto S3 server: counts completed uploads per key, fails PUTs of
-chosen keys (S3 500 InternalError) or drops them midway until healed, and calls a hook once per
-request: before the client sends its body when it asks to (Expect: 100-continue), else before
-forwarding."""
+"""A loopback proxy in front of a local S3 server (moto, SeaweedFS): counts PUTs received and uploads
+completed per key, fails PUTs of chosen keys (S3 500 InternalError) or drops them midway, until
+healed or a given number of times, flips a byte of their bodies on the way (a faulty network), and
+calls a hook once per request: before the client sends its body when it asks to (Expect:
+100-continue), else before forwarding."""
 
 import threading
 from collections import Counter
@@ -23,9 +24,21 @@ class ProxyState:
     url: str = ""
     failing_keys: set[str] = field(default_factory=set)    # "bucket/key" whose PUTs fail
     cut_keys: set[str] = field(default_factory=set)        # "bucket/key" whose PUTs the proxy drops midway
+    fail_times: Counter = field(default_factory=Counter)    # "bucket/key" -> next PUTs to fail (500), then heal
+    cut_times: Counter = field(default_factory=Counter)     # "bucket/key" -> next PUTs to drop midway, then heal
+    corrupt_keys: set[str] = field(default_factory=set)    # "bucket/key" whose PUT bodies arrive with a byte flipped
+    attempts: Counter = field(default_factory=Counter)      # "bucket/key" -> PUTs received
     uploads: Counter = field(default_factory=Counter)       # "bucket/key" -> completed uploads
     before: Callable[[str, str], None] | None = None        # (method, path with query) hook
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def take(self, times: Counter, key: str) -> bool:
+        """One of the `times` left for `key` used up; False when none is left."""
+        with self.lock:
+            if times[key] <= 0:
+                return False
+            times[key] -= 1
+            return True
 
 
 def _is_upload(method: str, query: str) -> bool:
@@ -56,7 +69,11 @@ def s3_proxy(upstream: str) -> Iterator[ProxyState]:
             parts = urlsplit(self.path)
             object_name = parts.path.lstrip("/")
             length = int(self.headers.get("content-length", 0) or 0)
-            if object_name in state.cut_keys:  # dies mid-body, answers nothing
+            if self.command == "PUT":
+                with state.lock:
+                    state.attempts[object_name] += 1
+            if object_name in state.cut_keys or (self.command == "PUT" and state.take(state.cut_times, object_name)):
+                # dies mid-body, answers nothing
                 self.rfile.read(min(length, 1 << 20))
                 self.close_connection = True
                 return
@@ -66,7 +83,10 @@ def s3_proxy(upstream: str) -> Iterator[ProxyState]:
                 return
             if state.before and not hooked:
                 state.before(self.command, self.path)
-            if self.command in ("PUT", "POST") and object_name in state.failing_keys:
+            if self.command == "PUT" and object_name in state.corrupt_keys and body:
+                body = bytes([body[0] ^ 1]) + body[1:]
+            if self.command in ("PUT", "POST") and (object_name in state.failing_keys
+                                                    or state.take(state.fail_times, object_name)):
                 self._reply(500, {"content-type": "application/xml"}, _ERROR)
                 return
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}

@@ -1,9 +1,11 @@
 """The copies' S3 client against the moto server: what each request carries on the wire."""
 
+import ssl
+
 import pytest
 from dagster_aws.s3 import S3Resource
 
-from migration_assets.files.s3client import USER_AGENT, copy_client
+from migration_assets.files.s3client import USER_AGENT, FastPut, copy_client
 
 
 def sent_headers(client) -> list[tuple[str, dict]]:
@@ -62,3 +64,23 @@ def test_listing_and_head_times_parse_to_the_same_instant(moto_s3, bucket):
     listed = client.list_objects_v2(Bucket=bucket)["Contents"][0]["LastModified"]
     headed = client.head_object(Bucket=bucket, Key="t")["LastModified"]
     assert listed.utcoffset().total_seconds() == 0 and abs((listed - headed).total_seconds()) < 1
+
+
+def test_lean_puts_take_the_clients_url_and_signing_region_and_stand_aside_for_an_unsigned_session(moto_s3, bucket):
+    signed = FastPut(copy_client(S3Resource(endpoint_url=moto_s3, region_name="eu-west-1"), concurrency=2), bucket)
+    unsigned = FastPut(copy_client(S3Resource(endpoint_url=moto_s3, use_unsigned_session=True), concurrency=2), bucket)
+
+    assert signed.available and signed.url("a b/ü+x~.txt") == f"{moto_s3}/{bucket}/a%20b/%C3%BC%2Bx~.txt"
+    assert (signed._region, signed._service) == ("eu-west-1", "s3")
+    assert not unsigned.available
+    assert "Contents" not in signed._client.list_objects_v2(Bucket=bucket)  # the probe PUT was never sent
+
+
+@pytest.mark.parametrize("verify, checked", [(None, True), (False, False)])
+def test_lean_puts_over_https_verify_certificates_as_the_client_does(bucket, verify, checked):
+    client = copy_client(S3Resource(endpoint_url="https://s3.example.test", verify=verify), concurrency=1)
+    connection = FastPut(client, bucket)._connect()
+
+    assert connection.host == "s3.example.test" and connection.port == 443
+    assert connection._context.check_hostname is checked
+    assert (connection._context.verify_mode == ssl.CERT_REQUIRED) is checked

@@ -14,6 +14,7 @@ from migration_assets.files.checks import range_checks
 from migration_assets.files.worker import migrate_claimed_range
 from tests.files.conftest import make_job, serve_s3
 from tests.files.helpers import assert_bytes_equal
+from tests.files.s3_proxy import s3_proxy
 
 MIB = 1024 * 1024
 
@@ -71,21 +72,17 @@ def test_single_puts_and_multipart_are_stored_with_their_checksums_and_pass_the_
 
 
 def test_a_body_corrupted_on_the_way_is_refused_with_bad_digest_and_fails_that_file(
-    files_env, target, target_url, s3, bucket, source_root
+    files_env, target, target_url, s3, bucket, source_root, moto_s3
 ):
     good = add_file(target, source_root, "good.txt", b"arrives intact")
     bad = add_file(target, source_root, "bad.txt", b"one byte flips on the way")
     target.execute("INSERT INTO migration_ranges (min_id, max_id) VALUES (0, 100)")
     target.commit()
-    job = make_job(files_env, target_url)
+    with s3_proxy(moto_s3) as proxy:
+        proxy.corrupt_keys = {f"{bucket}/archive/bad.txt"}  # after signing, as a faulty network would
+        job = make_job(files_env, target_url, endpoint=proxy.url)
 
-    def flip_a_byte(request, **_) -> None:  # after signing, as a faulty network would
-        if request.method == "PUT" and request.url.endswith("/bad.txt"):
-            body = request.body.getvalue() if hasattr(request.body, "getvalue") else bytes(request.body)
-            request.body = bytes([body[0] ^ 1]) + body[1:]
-    job.target.client.meta.events.register("before-send.s3.PutObject", flip_a_byte)
-
-    progress = migrate_claimed_range(job, claim_first_range(job))
+        progress = migrate_claimed_range(job, claim_first_range(job))
 
     assert (progress.copied, progress.failed) == (1, 1)
     status, error = target.execute("SELECT status, error FROM migration_files WHERE file_id = %s", (bad,)).fetchone()
@@ -93,3 +90,50 @@ def test_a_body_corrupted_on_the_way_is_refused_with_bad_digest_and_fails_that_f
     assert "retry" in error
     assert target.execute("SELECT status FROM migration_files WHERE file_id = %s", (good,)).fetchone()[0] == "SUCCESS"
     assert {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]} == {"archive/good.txt"}
+    # the lean PUT was refused, then the client's own PUT (whose error is the file's)
+    assert proxy.attempts[f"{bucket}/archive/bad.txt"] == 2 and proxy.attempts[f"{bucket}/archive/good.txt"] == 1
+
+
+def test_small_files_go_by_the_lean_put_larger_ones_by_the_client_all_with_their_checksums(
+    files_env, target, target_url, s3, bucket, source_root
+):
+    settings = files_env.model_copy(update={"multipart_threshold_mb": 16})
+    files = {"a.txt": b"lean " * 300, "dir/with space+plus~.txt": b"quoted key", "big.bin": b"b" * (9 * MIB)}
+    for relative, data in files.items():
+        add_file(target, source_root, relative, data)
+    target.execute("INSERT INTO migration_ranges (min_id, max_id) VALUES (0, 100)")
+    target.commit()
+    job = make_job(settings, target_url)
+    through_client: list[str] = []
+    job.target.client.meta.events.register(
+        "before-send.s3.PutObject", lambda request, **_: through_client.append(request.url.rsplit("/", 1)[-1]))
+
+    progress = migrate_claimed_range(job, claim_first_range(job))
+
+    assert (progress.copied, progress.failed) == (3, 0), progress.failures
+    assert through_client == ["big.bin"]  # streamed from disk: botocore; the two in memory went the lean way
+    for relative, data in files.items():
+        head = s3.head_object(Bucket=bucket, Key=f"archive/{relative}", ChecksumMode="ENABLED")
+        assert head["ChecksumSHA256"] == b64_sha256(data) and head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+    recorded = dict(target.execute("SELECT old_uri, s3_checksum FROM migration_files").fetchall())
+    assert recorded == {relative: b64_sha256(data) for relative, data in files.items()}
+    assert assert_bytes_equal(target, s3, bucket, source_root) == 3
+
+
+def test_a_lean_put_meeting_a_5xx_or_a_dropped_connection_is_sent_again_by_the_client(
+    files_env, target, target_url, s3, bucket, source_root, moto_s3
+):
+    add_file(target, source_root, "five-hundred.txt", b"first answer is a 500")
+    add_file(target, source_root, "reset.txt", b"first connection dies")
+    target.execute("INSERT INTO migration_ranges (min_id, max_id) VALUES (0, 100)")
+    target.commit()
+    with s3_proxy(moto_s3) as proxy:
+        proxy.fail_times[f"{bucket}/archive/five-hundred.txt"] = 1
+        proxy.cut_times[f"{bucket}/archive/reset.txt"] = 1
+        job = make_job(files_env, target_url, endpoint=proxy.url)  # the client itself has one attempt
+
+        progress = migrate_claimed_range(job, claim_first_range(job))
+
+    assert (progress.copied, progress.failed) == (2, 0), progress.failures
+    assert proxy.attempts[f"{bucket}/archive/five-hundred.txt"] == proxy.attempts[f"{bucket}/archive/reset.txt"] == 2
+    assert assert_bytes_equal(target, s3, bucket, source_root) == 2
