@@ -16,6 +16,7 @@ are written, round-robin over the accounts, and the stream from before them is r
 """
 
 import argparse
+import cProfile
 import os
 import statistics
 import threading
@@ -24,9 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 try:
-    from bench.common import embedded_postgres, load_average, log, machine_info, write_result
+    from bench.common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
+                              write_result)
 except ImportError:  # run as a script: bench/ is on sys.path
-    from common import embedded_postgres, load_average, log, machine_info, write_result
+    from common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
+                        write_result)
 
 from migration_assets.atproto.car import CarReader
 from migration_assets.core.postgres import shared_pool
@@ -50,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-events", type=int, default=200)
     parser.add_argument("--rate", type=float, default=50.0, help="commits/s of the steady load (step 3)")
     parser.add_argument("--load-seconds", type=float, default=30.0)
+    parser.add_argument("--profile", type=Path, help="write a cProfile of the follow step (step 2) here")
     return parser.parse_args(argv)
 
 
@@ -81,7 +85,8 @@ def follower(target_url: str, host: str, batch_events: int, on_batch=None) -> tu
                     batch_size=batch_events, on_batch=on_batch), clients
 
 
-def follow_until(target_url: str, host: str, start: int, end: int, batch_events: int) -> tuple[FollowReport, float]:
+def follow_until(target_url: str, host: str, start: int, end: int, batch_events: int,
+                 profile: Path | None = None) -> tuple[FollowReport, float]:
     with shared_pool(target_url).connection() as conn:
         save_cursor(conn, host, start)
     stop = threading.Event()
@@ -95,7 +100,12 @@ def follow_until(target_url: str, host: str, start: int, end: int, batch_events:
     follow, clients = follower(target_url, host, batch_events, on_batch)
     try:
         started = time.perf_counter()
-        report = follow.run(stop)
+        if profile is None:
+            report = follow.run(stop)
+        else:
+            profiler = cProfile.Profile()
+            report = profiler.runcall(follow.run, stop)
+            profiler.dump_stats(profile)
     finally:
         clients.close()
     return report, (done_at[0] if done_at else time.perf_counter()) - started
@@ -153,10 +163,12 @@ def main(argv=None) -> None:
         _, start, _ = raw_read(host, 0)
         log(f"writing {args.commits} commits of {args.ops} records ...")
         write_commits(seeder, accounts, args.commits, args.ops)
+        cpu = CpuMeter(pds=network.server.process.pid, plc=plc.server.process.pid, postgres=embedded_postgres_pid())
         log("raw read ...")
-        raw_events, end, raw_seconds = raw_read(host, start)
+        raw_events, end, raw_seconds = cpu.measure("raw_read", raw_read, host, start)
         log(f"raw {raw_events} events in {raw_seconds:.2f} s; follow ...")
-        report, follow_seconds = follow_until(target_url, host, start, end, args.batch_events)
+        report, follow_seconds = cpu.measure(
+            "follow", follow_until, target_url, host, start, end, args.batch_events, args.profile)
         if report.applied != args.commits or report.desyncs:
             raise SystemExit(f"the follower did not apply every commit exactly: {report.summary()}")
         log(f"follow {report.events} events in {follow_seconds:.2f} s; steady load ...")
@@ -173,6 +185,7 @@ def main(argv=None) -> None:
         "follow": {"events": report.events, "commits_applied": report.applied, "seconds": round(follow_seconds, 2),
                    "events_per_second": round(follow_rate, 1)},
         "follow_vs_raw": round(follow_rate / raw_rate, 3),
+        "cpu_seconds": cpu.seconds,
         "target": TARGET,
         "steady_load": load,
     }
