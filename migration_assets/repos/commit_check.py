@@ -9,9 +9,11 @@ fork would copy mid-flight. Pure core: no Dagster.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 
 from migration_assets.atproto.car import CarReader
@@ -21,6 +23,8 @@ from migration_assets.atproto.mst import is_valid_nsid, is_valid_record_key, loo
 from migration_assets.atproto.signature import SignatureError, verify_commit
 from migration_assets.repos.collections import CollectionFilter
 from migration_assets.repos.snapshot import _staged as staged_block  # the backfill's record row: jsonb + U+0000
+
+log = logging.getLogger(__name__)
 
 MAX_BLOCKS_BYTES = 16 * 1024 * 1024
 
@@ -124,17 +128,26 @@ class CommitChecker:
 
     def submit(self, items: list[CommitToCheck]) -> Callable[[], list[Checked]]:
         if self._pool is None or not items:
-            results = check_all(items, self.collections)
-            return lambda: results
+            done = check_all(items, self.collections)
+            return lambda: done
         size = -(-len(items) // self.processes)
         parts: list[Future] = [self._pool.submit(check_all, items[i:i + size], self.collections)
                                for i in range(0, len(items), size)]
-        return lambda: [checked for part in parts for checked in part.result()]
+
+        def results() -> list[Checked]:
+            try:
+                return [checked for part in parts for checked in part.result()]
+            except BrokenProcessPool as exc:  # a worker died (killed, out of memory): go on without them
+                log.warning("commit check workers failed (%s); checking in the follower's process from now on", exc)
+                self.close()
+                return check_all(items, self.collections)
+
+        return results
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
     def __enter__(self) -> CommitChecker:
         return self

@@ -275,8 +275,8 @@ class Follower:
             states = ledger.lock_states(conn, [e.repo for e in batch if isinstance(e, CommitEvent)])
             writes = _BatchWrites(self.collections)
             for event in batch:
-                if not isinstance(event, CommitEvent):
-                    writes.flush(conn)  # #account and #sync read or change what the writes touch: in order
+                if isinstance(event, (AccountEvent, SyncEvent)):
+                    writes.flush(conn)  # they read or change what the writes touch: keep the order
                 resync += self._apply_event(conn, event, checked.get(id(event)), states, writes)
                 if not isinstance(event, InfoEvent):
                     cursor, last_time = event.seq, event.time

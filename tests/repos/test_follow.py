@@ -20,7 +20,7 @@ from migration_assets.repos.stream import Subscription
 from migration_assets.atproto.car import CarReader
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.mst import parse_commit
-from migration_assets.repos.stream import CommitEvent, InfoEvent
+from migration_assets.repos.stream import AccountEvent, CommitEvent, InfoEvent
 from tests.atproto.builders import car_bytes, private_key, signed_commit
 from tests.repos.conftest import handle
 from tests.repos.helpers import ledger_row, listed_records, stored_records, sync_dids
@@ -328,3 +328,28 @@ def test_with_a_signal_collection_a_repo_is_tracked_once_it_writes_a_record_in_i
             exact(pds, target, stranger, (POSTS, PROFILE)) and exact(pds, target, lacking, (POSTS, PROFILE))))
     assert ledger_row(target, lacking.did)["signal_missing"] is False
     assert follower.report.resyncs == 2, follower.report
+
+
+def test_a_batch_keeps_the_order_of_a_commit_and_the_account_deletion_after_it(pds, target, target_url, instance):
+    """A batch's record writes are gathered into one statement: an account deleted after a commit in the
+    same batch must still end with no records."""
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    pds.create_records(alice, POSTS, [post(0)])
+    sync_dids(instance, target, [alice.did])
+    start = current_seq(host)
+    pds.create_records(alice, POSTS, [post(1)])
+    (commit,) = commits_of(host, alice.did, start, 1)
+    deleted = AccountEvent(seq=commit.seq + 1, did=alice.did, active=False, status="deleted", time=commit.time)
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    clients = source.clients(target_url)
+    try:
+        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets)
+        follower.apply([commit, deleted])
+    finally:
+        clients.close()
+    assert follower.report.applied == 1, follower.report
+    row = ledger_row(target, alice.did)
+    assert (row["status"], row["records_count"], stored_records(target, alice.did)) == ("deleted", 0, {})
+    assert target.execute("SELECT count(*) FROM repo_collection_counts WHERE did = %s", (alice.did,)).fetchone()[0] == 0
