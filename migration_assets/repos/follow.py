@@ -423,20 +423,20 @@ def _past(deadline: float | None) -> bool:
 
 # The batch's record writes in one statement: upserts and deletes (each record once: its last write in the
 # batch), then the per-collection counts moved by what they did (xmax = 0: a row created, not updated).
-# Returns each repo's change in records.
+# Returns each repo's change in records. Arrays go in binary (%b): no text escaping of each element.
 _WRITE_RECORDS = """
     WITH written AS (
         INSERT INTO records (did, collection, rkey, cid, record, record_cbor)
         SELECT did, collection, rkey, cid, record::jsonb, record_cbor
-        FROM unnest(%(did)s::text[], %(collection)s::text[], %(rkey)s::text[], %(cid)s::text[], %(record)s::text[],
-                    %(record_cbor)s::bytea[]) AS w(did, collection, rkey, cid, record, record_cbor)
+        FROM unnest(%(did)b::text[], %(collection)b::text[], %(rkey)b::text[], %(cid)b::text[], %(record)b::text[],
+                    %(record_cbor)b::bytea[]) AS w(did, collection, rkey, cid, record, record_cbor)
         WHERE cid IS NOT NULL
         ON CONFLICT (did, collection, rkey)
         DO UPDATE SET cid = excluded.cid, record = excluded.record, record_cbor = excluded.record_cbor, indexed_at = now()
         RETURNING did, collection, CASE WHEN xmax = 0 THEN 1 ELSE 0 END AS change
     ), gone AS (
         DELETE FROM records r
-        USING unnest(%(did)s::text[], %(collection)s::text[], %(rkey)s::text[], %(cid)s::text[]) AS d(did, collection, rkey, cid)
+        USING unnest(%(did)b::text[], %(collection)b::text[], %(rkey)b::text[], %(cid)b::text[]) AS d(did, collection, rkey, cid)
         WHERE d.cid IS NULL AND r.did = d.did AND r.collection = d.collection AND r.rkey = d.rkey
         RETURNING r.did, r.collection, -1 AS change
     ), changes AS (

@@ -218,7 +218,7 @@ def advance_heads(cur: psycopg.Cursor, heads: list[HeadAdvance]) -> None:
         cur.execute(
             """UPDATE repos r SET head = h.head, rev = h.rev, data_cid = h.data,
                    records_count = r.records_count + h.change, synced_at = now(), updated_at = now()
-               FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::int[]) AS h(did, head, rev, data, change)
+               FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::int[]) AS h(did, head, rev, data, change)
                WHERE r.did = h.did""",
             ([h.did for h in heads], [h.head for h in heads], [h.rev for h in heads], [h.data for h in heads],
              [h.record_change for h in heads]),
