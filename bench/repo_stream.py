@@ -7,7 +7,9 @@ are written, round-robin over the accounts, and the stream from before them is r
 
 1. raw: subscribeRepos frames read and decoded (typed events, their CAR slices read): events/s.
 2. follow: the project's follower applies the same events to PostgreSQL (signature and MST checks,
-   records, ledger, cursor), `--batch-events` per transaction: events/s; target >= 0.5x raw.
+   records, ledger, cursor), `--batch-events` per transaction: events/s; target >= 0.5x raw. The commits
+   are checked in `--check-processes` worker processes while the previous batch is written. CPU seconds
+   per process (PDS, PLC, PostgreSQL, this one, its workers) for steps 1 and 2 show where the time went.
 3. lag: a writer adds `--rate` commits/s for `--load-seconds` while the follower follows live; the lag
    (event time to commit) after each batch, median and max.
 
@@ -38,6 +40,7 @@ from migration_assets.repos import ledger
 from migration_assets.repos.backfill import backfill_buckets
 from migration_assets.repos.follow import Follower, FollowReport, save_cursor
 from migration_assets.repos.resources import RepoSourceResource
+from migration_assets.repos.settings import RepoSettings
 from migration_assets.repos.stream import CommitEvent, Subscription
 
 NAME = "repo_stream"
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=50.0, help="commits/s of the steady load (step 3)")
     parser.add_argument("--load-seconds", type=float, default=30.0)
     parser.add_argument("--profile", type=Path, help="write a cProfile of the follow step (step 2) here")
+    parser.add_argument("--check-processes", type=int, default=None,
+                        help="worker processes checking commits (default REPO_FOLLOW_CHECK_PROCESSES)")
     return parser.parse_args(argv)
 
 
@@ -77,16 +82,17 @@ def raw_read(host: str, cursor: int) -> tuple[int, int, float]:
     return events, last, (finished or started) - started
 
 
-def follower(target_url: str, host: str, batch_events: int, on_batch=None) -> tuple[Follower, object]:
+def follower(target_url: str, host: str, batch_events: int, on_batch=None,
+             check_processes: int | None = None) -> tuple[Follower, object]:
     source = RepoSourceResource()
     pool = shared_pool(target_url)
     clients = source.clients(target_url)
     return Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets,
-                    batch_size=batch_events, on_batch=on_batch), clients
+                    batch_size=batch_events, on_batch=on_batch, check_processes=check_processes), clients
 
 
 def follow_until(target_url: str, host: str, start: int, end: int, batch_events: int,
-                 profile: Path | None = None) -> tuple[FollowReport, float]:
+                 profile: Path | None = None, check_processes: int | None = None) -> tuple[FollowReport, float]:
     with shared_pool(target_url).connection() as conn:
         save_cursor(conn, host, start)
     stop = threading.Event()
@@ -97,7 +103,7 @@ def follow_until(target_url: str, host: str, start: int, end: int, batch_events:
             done_at.append(time.perf_counter())
             stop.set()
 
-    follow, clients = follower(target_url, host, batch_events, on_batch)
+    follow, clients = follower(target_url, host, batch_events, on_batch, check_processes)
     try:
         started = time.perf_counter()
         if profile is None:
@@ -114,7 +120,8 @@ def follow_until(target_url: str, host: str, start: int, end: int, batch_events:
 def lag_under_load(target_url: str, seeder: PdsSeeder, accounts: list, args) -> dict:
     host = seeder.pds.url
     lags: list[float] = []
-    follow, clients = follower(target_url, host, args.batch_events, lambda r: lags.append(r.lag_seconds))
+    follow, clients = follower(target_url, host, args.batch_events, lambda r: lags.append(r.lag_seconds),
+                               args.check_processes)
     stop = threading.Event()
     thread = threading.Thread(target=follow.run, args=(stop,))
     thread.start()
@@ -138,6 +145,10 @@ def lag_under_load(target_url: str, seeder: PdsSeeder, accounts: list, args) -> 
             "lag_median_seconds": round(statistics.median(lags), 3) if lags else None,
             "lag_max_seconds": round(max(lags), 3) if lags else None,
             "desyncs": follow.report.desyncs}
+
+
+def report_check_processes(args) -> int:
+    return args.check_processes if args.check_processes is not None else RepoSettings.load().follow_check_processes
 
 
 def main(argv=None) -> None:
@@ -168,7 +179,7 @@ def main(argv=None) -> None:
         raw_events, end, raw_seconds = cpu.measure("raw_read", raw_read, host, start)
         log(f"raw {raw_events} events in {raw_seconds:.2f} s; follow ...")
         report, follow_seconds = cpu.measure(
-            "follow", follow_until, target_url, host, start, end, args.batch_events, args.profile)
+            "follow", follow_until, target_url, host, start, end, args.batch_events, args.profile, args.check_processes)
         if report.applied != args.commits or report.desyncs:
             raise SystemExit(f"the follower did not apply every commit exactly: {report.summary()}")
         log(f"follow {report.events} events in {follow_seconds:.2f} s; steady load ...")
@@ -180,7 +191,8 @@ def main(argv=None) -> None:
         "machine": machine_info(),
         "load_average": load_average(),
         "data": {"accounts": args.accounts, "commits": args.commits, "records_per_commit": args.ops,
-                 "batch_events": args.batch_events, "pdses": 1, "plc": "own Node process"},
+                 "batch_events": args.batch_events, "pdses": 1, "plc": "own Node process",
+                 "check_processes": report_check_processes(args)},
         "raw_read": {"events": raw_events, "seconds": round(raw_seconds, 2), "events_per_second": round(raw_rate, 1)},
         "follow": {"events": report.events, "commits_applied": report.applied, "seconds": round(follow_seconds, 2),
                    "events_per_second": round(follow_rate, 1)},
