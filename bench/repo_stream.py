@@ -92,15 +92,19 @@ def follower(target_url: str, host: str, batch_events: int, on_batch=None,
 
 
 def follow_until(target_url: str, host: str, start: int, end: int, batch_events: int,
-                 profile: Path | None = None, check_processes: int | None = None) -> tuple[FollowReport, float]:
+                 profile: Path | None = None, check_processes: int | None = None) -> tuple[FollowReport, float, dict]:
+    """Follow from `start` until the cursor reaches `end`: (report, seconds in all, the steady part). The
+    steady part starts once the first batch is committed: before it, a run resolves its first DIDs and
+    starts its check workers (they import the main module again: a second or two here; the follower
+    checks in its own process meanwhile), once per run of REPO_FOLLOW_RUN_SECONDS."""
     with shared_pool(target_url).connection() as conn:
         save_cursor(conn, host, start)
     stop = threading.Event()
-    done_at = []
+    batches: list[tuple[float, int]] = []  # (when, events so far) after each batch
 
     def on_batch(report: FollowReport) -> None:
-        if report.cursor is not None and report.cursor >= end and not done_at:
-            done_at.append(time.perf_counter())
+        batches.append((time.perf_counter(), report.events))
+        if report.cursor is not None and report.cursor >= end:
             stop.set()
 
     follow, clients = follower(target_url, host, batch_events, on_batch, check_processes)
@@ -114,7 +118,11 @@ def follow_until(target_url: str, host: str, start: int, end: int, batch_events:
             profiler.dump_stats(profile)
     finally:
         clients.close()
-    return report, (done_at[0] if done_at else time.perf_counter()) - started
+    (first_at, first_events), (last_at, last_events) = batches[0], batches[-1]
+    steady = {"events": last_events - first_events, "seconds": round(last_at - first_at, 3),
+              "first_batch_after_seconds": round(first_at - started, 3)}
+    steady["events_per_second"] = round(steady["events"] / (last_at - first_at), 1) if last_at > first_at else None
+    return report, last_at - started, steady
 
 
 def lag_under_load(target_url: str, seeder: PdsSeeder, accounts: list, args) -> dict:
@@ -178,7 +186,7 @@ def main(argv=None) -> None:
         log("raw read ...")
         raw_events, end, raw_seconds = cpu.measure("raw_read", raw_read, host, start)
         log(f"raw {raw_events} events in {raw_seconds:.2f} s; follow ...")
-        report, follow_seconds = cpu.measure(
+        report, follow_seconds, steady = cpu.measure(
             "follow", follow_until, target_url, host, start, end, args.batch_events, args.profile, args.check_processes)
         if report.applied != args.commits or report.desyncs:
             raise SystemExit(f"the follower did not apply every commit exactly: {report.summary()}")
@@ -195,8 +203,10 @@ def main(argv=None) -> None:
                  "check_processes": report_check_processes(args)},
         "raw_read": {"events": raw_events, "seconds": round(raw_seconds, 2), "events_per_second": round(raw_rate, 1)},
         "follow": {"events": report.events, "commits_applied": report.applied, "seconds": round(follow_seconds, 2),
-                   "events_per_second": round(follow_rate, 1)},
+                   "events_per_second": round(follow_rate, 1), "after_first_batch": steady},
         "follow_vs_raw": round(follow_rate / raw_rate, 3),
+        "follow_after_first_batch_vs_raw": round(steady["events_per_second"] / raw_rate, 3)
+        if steady["events_per_second"] else None,
         "cpu_seconds": cpu.seconds,
         "target": TARGET,
         "steady_load": load,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 
@@ -116,18 +116,25 @@ def recheck_with(item: CommitToCheck, signing_key: str, collections: CollectionF
 
 class CommitChecker:
     """Checks batches of #commits in `processes` worker processes (a batch is split among them), or in
-    this process with 0. `submit` returns at once; the result is waited for when it is needed."""
+    this process with 0. `submit` returns at once; the result is waited for when it is needed.
+
+    A spawned worker imports the main module again before it can work (about a second under Dagster):
+    until the workers are up, batches are checked in this process, so the stream doesn't wait for them."""
 
     def __init__(self, processes: int, collections: CollectionFilter) -> None:
         self.processes, self.collections = processes, collections
-        self._pool = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._starting: list[Future] = []
         if processes > 0:
             self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
-            for _ in range(processes):  # start the workers now, not when the first batch waits for them
-                self._pool.submit(check_all, [], collections)
+            self._starting = [self._pool.submit(check_all, [], collections) for _ in range(processes)]
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Whether the workers are up (waiting up to `timeout` for them)."""
+        return not wait(self._starting, timeout).not_done
 
     def submit(self, items: list[CommitToCheck]) -> Callable[[], list[Checked]]:
-        if self._pool is None or not items:
+        if self._pool is None or not items or not self.wait_started(0):
             done = check_all(items, self.collections)
             return lambda: done
         size = -(-len(items) // self.processes)

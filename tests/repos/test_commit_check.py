@@ -56,6 +56,8 @@ def test_workers_give_the_same_results_and_a_dead_worker_falls_back_to_this_proc
     events[3] = CommitToCheck(**{**vars(events[3]), "signing_key": events[2].signing_key})  # another's key
     expected = [check_commit(e, EVERYTHING) for e in events]
     with CommitChecker(2, EVERYTHING) as checker:
+        assert checker.submit(events)() == expected  # in this process while the workers start
+        assert checker.wait_started(60)
         assert checker.submit(events)() == expected
         assert [c.problem is None for c in expected] == [True, True, True, False, True, True]
         for pid in list(checker._pool._processes):
