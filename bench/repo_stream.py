@@ -8,7 +8,8 @@ are written, round-robin over the accounts, and the stream from before them is r
 1. raw: subscribeRepos frames read and decoded (typed events, their CAR slices read): events/s.
 2. follow: the project's follower applies the same events to PostgreSQL (signature and MST checks,
    records, ledger, cursor), `--batch-events` per transaction: events/s; target >= 0.5x raw. The commits
-   are checked in `--check-processes` worker processes while the previous batch is written. CPU seconds
+   are checked in `--check-processes` worker processes while the previous batch is written; they are
+   started before the clock starts (their start-up, once per run, is reported apart). CPU seconds
    per process (PDS, PLC, PostgreSQL, this one, its workers) for steps 1 and 2 show where the time went.
 3. lag: a writer adds `--rate` commits/s for `--load-seconds` while the follower follows live; the lag
    (event time to commit) after each batch, median and max.
@@ -38,6 +39,7 @@ from migration_assets.core.postgres import shared_pool
 from migration_assets.devstack.atproto import PdsSeeder, populate, start_atproto_network
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import backfill_buckets
+from migration_assets.repos.commit_check import CommitChecker
 from migration_assets.repos.follow import Follower, FollowReport, save_cursor
 from migration_assets.repos.resources import RepoSourceResource
 from migration_assets.repos.settings import RepoSettings
@@ -82,21 +84,28 @@ def raw_read(host: str, cursor: int) -> tuple[int, int, float]:
     return events, last, (finished or started) - started
 
 
-def follower(target_url: str, host: str, batch_events: int, on_batch=None,
-             check_processes: int | None = None) -> tuple[Follower, object]:
+def follower(target_url: str, host: str, batch_events: int, on_batch=None, check_processes: int | None = None,
+             checker: CommitChecker | None = None) -> tuple[Follower, object]:
     source = RepoSourceResource()
     pool = shared_pool(target_url)
     clients = source.clients(target_url)
     return Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets,
-                    batch_size=batch_events, on_batch=on_batch, check_processes=check_processes), clients
+                    batch_size=batch_events, on_batch=on_batch, check_processes=check_processes,
+                    checker=checker), clients
 
 
-def follow_until(target_url: str, host: str, start: int, end: int, batch_events: int,
-                 profile: Path | None = None, check_processes: int | None = None) -> tuple[FollowReport, float, dict]:
-    """Follow from `start` until the cursor reaches `end`: (report, seconds in all, the steady part). The
-    steady part starts once the first batch is committed: before it, a run resolves its first DIDs and
-    starts its check workers (they import the main module again: a second or two here; the follower
-    checks in its own process meanwhile), once per run of REPO_FOLLOW_RUN_SECONDS."""
+def started_checker(processes: int) -> tuple[CommitChecker, float]:
+    """Check workers already up, and how long they took to start (a run pays that once)."""
+    started = time.perf_counter()
+    checker = CommitChecker(processes, RepoSettings.load().scope.collections)
+    checker.wait_started()
+    return checker, time.perf_counter() - started
+
+
+def follow_until(target_url: str, host: str, start: int, end: int, batch_events: int, checker: CommitChecker,
+                 profile: Path | None = None) -> tuple[FollowReport, float, dict]:
+    """Follow from `start` until the cursor reaches `end`, with check workers already started:
+    (report, seconds in all, the steady part: after the first batch, whose DIDs are resolved first)."""
     with shared_pool(target_url).connection() as conn:
         save_cursor(conn, host, start)
     stop = threading.Event()
@@ -107,7 +116,7 @@ def follow_until(target_url: str, host: str, start: int, end: int, batch_events:
         if report.cursor is not None and report.cursor >= end:
             stop.set()
 
-    follow, clients = follower(target_url, host, batch_events, on_batch, check_processes)
+    follow, clients = follower(target_url, host, batch_events, on_batch, checker=checker)
     try:
         started = time.perf_counter()
         if profile is None:
@@ -186,8 +195,11 @@ def main(argv=None) -> None:
         log("raw read ...")
         raw_events, end, raw_seconds = cpu.measure("raw_read", raw_read, host, start)
         log(f"raw {raw_events} events in {raw_seconds:.2f} s; follow ...")
-        report, follow_seconds, steady = cpu.measure(
-            "follow", follow_until, target_url, host, start, end, args.batch_events, args.profile, args.check_processes)
+        checker, checker_start_seconds = started_checker(report_check_processes(args))
+        cpu.pids |= {f"check_worker_{n}": pid for n, pid in enumerate(checker.worker_pids)}
+        with checker:
+            report, follow_seconds, steady = cpu.measure(
+                "follow", follow_until, target_url, host, start, end, args.batch_events, checker, args.profile)
         if report.applied != args.commits or report.desyncs:
             raise SystemExit(f"the follower did not apply every commit exactly: {report.summary()}")
         log(f"follow {report.events} events in {follow_seconds:.2f} s; steady load ...")
@@ -203,7 +215,11 @@ def main(argv=None) -> None:
                  "check_processes": report_check_processes(args)},
         "raw_read": {"events": raw_events, "seconds": round(raw_seconds, 2), "events_per_second": round(raw_rate, 1)},
         "follow": {"events": report.events, "commits_applied": report.applied, "seconds": round(follow_seconds, 2),
-                   "events_per_second": round(follow_rate, 1), "after_first_batch": steady},
+                   "events_per_second": round(follow_rate, 1), "after_first_batch": steady,
+                   "check_workers_start_seconds": round(checker_start_seconds, 2),
+                   "seconds_reading": round(report.reading_seconds, 2),
+                   "seconds_waiting_for_checks": round(report.check_wait_seconds, 2),
+                   "seconds_writing": round(report.writing_seconds, 2)},
         "follow_vs_raw": round(follow_rate / raw_rate, 3),
         "follow_after_first_batch_vs_raw": round(steady["events_per_second"] / raw_rate, 3)
         if steady["events_per_second"] else None,

@@ -129,6 +129,10 @@ class CommitChecker:
             self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
             self._starting = [self._pool.submit(check_all, [], collections) for _ in range(processes)]
 
+    @property
+    def worker_pids(self) -> list[int]:
+        return list(self._pool._processes) if self._pool is not None else []
+
     def wait_started(self, timeout: float | None = None) -> bool:
         """Whether the workers are up (waiting up to `timeout` for them)."""
         return not wait(self._starting, timeout).not_done

@@ -70,6 +70,10 @@ class FollowReport:
     seconds: float = 0.0
     last_error: str | None = None
     last_desync: str | None = None  # the latest event that didn't follow, and why
+    # Where the time went: reading the stream, waiting for commit checks, the batch transactions.
+    reading_seconds: float = 0.0
+    check_wait_seconds: float = 0.0
+    writing_seconds: float = 0.0
 
     @property
     def events_per_second(self) -> float:
@@ -88,7 +92,8 @@ class Follower:
 
     def __init__(self, pool: ConnectionPool, host: str, syncer: RepoSyncer, *, buckets: int,
                  batch_size: int = 200, batch_seconds: float = 0.5, start_cursor: int | None = 0,
-                 on_batch: Callable[[FollowReport], None] | None = None, check_processes: int | None = None) -> None:
+                 on_batch: Callable[[FollowReport], None] | None = None, check_processes: int | None = None,
+                 checker: CommitChecker | None = None) -> None:
         self.pool, self.host, self.syncer = pool, host.rstrip("/"), syncer
         self.buckets, self.batch_size, self.batch_seconds = buckets, batch_size, batch_seconds
         self.on_batch = on_batch
@@ -98,6 +103,7 @@ class Follower:
         self.collections, self.signal = scope.collections, scope.signal  # as the backfill stores them
         self.check_processes = syncer.settings.follow_check_processes if check_processes is None else check_processes
         self._checker = CommitChecker(0, self.collections)  # in this process, until `run` starts workers
+        self._given_checker = checker  # started by the caller, who closes it (a bench measures without start-up)
         # Repos a bucket run held while newer commits went by: {did: newest rev seen}. Once the run has
         # stored its (maybe older) snapshot, a repo still behind is resynced.
         self._behind_claims: dict[str, str] = {}
@@ -113,11 +119,13 @@ class Follower:
             stored = load_cursor(conn, self.host)
         # First follow of a host: replay what it keeps (0), so changes since the backfill aren't missed.
         self.report.cursor = self.start_cursor if stored is None else stored
-        inline, self._checker = self._checker, CommitChecker(self.check_processes, self.collections)
+        inline = self._checker
+        self._checker = self._given_checker or CommitChecker(self.check_processes, self.collections)
         try:
             while not stop.is_set() and not _past(deadline):
                 try:
-                    with Subscription(self.host, self.report.cursor) as subscription:
+                    # Read ahead while a batch is written (the host waits once the queue is full).
+                    with Subscription(self.host, self.report.cursor, max_queue=2 * self.batch_size) as subscription:
                         failures = 0
                         try:
                             self._follow(subscription, stop, deadline)
@@ -134,7 +142,8 @@ class Follower:
                 finally:
                     self.report.seconds = time.monotonic() - started
         finally:
-            self._checker.close()
+            if self._checker is not self._given_checker:
+                self._checker.close()
             self._checker = inline
         return self.report
 
@@ -144,11 +153,16 @@ class Follower:
         pending: tuple[list[StreamEvent], Callable[[], dict[int, Checked]]] | None = None
         try:
             while not stop.is_set() and not _past(deadline):
+                started = time.monotonic()
                 batch = self._read_batch(subscription, stop, deadline, waiting=pending is not None)
+                self.report.reading_seconds += time.monotonic() - started
                 checking = self._submit(batch) if batch else None
                 if pending is not None:
                     (events, results), pending = pending, None
-                    self._apply_checked(events, results())
+                    started = time.monotonic()
+                    checked = results()
+                    self.report.check_wait_seconds += time.monotonic() - started
+                    self._apply_checked(events, checked)
                 if checking is not None:
                     pending = (batch, checking)
                 elif self._behind_claims:
@@ -270,6 +284,7 @@ class Follower:
         a batch costs a few round trips, not several per event."""
         resync: list[str] = []
         cursor, last_time = self.report.cursor, None
+        started = time.monotonic()
         with self.pool.connection() as conn, conn.transaction():
             resync += self._recheck_claimed(conn)
             states = ledger.lock_states(conn, [e.repo for e in batch if isinstance(e, CommitEvent)])
@@ -283,6 +298,7 @@ class Follower:
             writes.flush(conn)
             if cursor is not None:
                 save_cursor(conn, self.host, cursor)
+        self.report.writing_seconds += time.monotonic() - started
         self.report.cursor = cursor
         self.report.events += sum(not isinstance(e, InfoEvent) for e in batch)
         if last_time is not None:

@@ -60,7 +60,7 @@ def test_workers_give_the_same_results_and_a_dead_worker_falls_back_to_this_proc
         assert checker.wait_started(60)
         assert checker.submit(events)() == expected
         assert [c.problem is None for c in expected] == [True, True, True, False, True, True]
-        for pid in list(checker._pool._processes):
+        for pid in checker.worker_pids:
             os.kill(pid, signal.SIGKILL)
         assert checker.submit(events)() == expected
         assert checker._pool is None, "the broken pool was not let go"
