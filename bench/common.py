@@ -11,6 +11,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +87,28 @@ def process_tree_cpu_seconds(root_pid: int) -> float:
             total += utime + stime + (cutime + cstime if pid == root_pid else 0)
             todo += children.get(pid, [])
     return total / ticks
+
+
+class CpuMeter:
+    """CPU seconds each process (by pid, with its children) and this one spent in each measured phase:
+    where the time went when several processes share the same cores. `bench_workers`: the processes this
+    one started and joined within the phase (a process pool's workers)."""
+
+    def __init__(self, **pids: int) -> None:
+        self.pids = pids
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    def _now(self) -> dict[str, float]:
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # worker processes this one started and joined
+        return {name: process_tree_cpu_seconds(pid) for name, pid in self.pids.items()} | {
+            "bench_process": time.process_time(), "bench_workers": reaped.ru_utime + reaped.ru_stime}
+
+    def measure(self, phase: str, fn, *args):
+        before = self._now()
+        result = fn(*args)
+        after = self._now()
+        self.seconds[phase] = {name: round(after[name] - before[name], 2) for name in after}
+        return result
 
 
 def embedded_postgres_pid() -> int:

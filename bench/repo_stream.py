@@ -7,7 +7,10 @@ are written, round-robin over the accounts, and the stream from before them is r
 
 1. raw: subscribeRepos frames read and decoded (typed events, their CAR slices read): events/s.
 2. follow: the project's follower applies the same events to PostgreSQL (signature and MST checks,
-   records, ledger, cursor), `--batch-events` per transaction: events/s; target >= 0.5x raw.
+   records, ledger, cursor), `--batch-events` per transaction: events/s; target >= 0.5x raw. The commits
+   are checked in `--check-processes` worker processes while the previous batch is written; they are
+   started before the clock starts (their start-up, once per run, is reported apart). CPU seconds
+   per process (PDS, PLC, PostgreSQL, this one, its workers) for steps 1 and 2 show where the time went.
 3. lag: a writer adds `--rate` commits/s for `--load-seconds` while the follower follows live; the lag
    (event time to commit) after each batch, median and max.
 
@@ -16,6 +19,7 @@ are written, round-robin over the accounts, and the stream from before them is r
 """
 
 import argparse
+import cProfile
 import os
 import statistics
 import threading
@@ -24,17 +28,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 try:
-    from bench.common import embedded_postgres, load_average, log, machine_info, write_result
+    from bench.common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
+                              write_result)
 except ImportError:  # run as a script: bench/ is on sys.path
-    from common import embedded_postgres, load_average, log, machine_info, write_result
+    from common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
+                        write_result)
 
 from migration_assets.atproto.car import CarReader
 from migration_assets.core.postgres import shared_pool
 from migration_assets.devstack.atproto import PdsSeeder, populate, start_atproto_network
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import backfill_buckets
+from migration_assets.repos.commit_check import CommitChecker
 from migration_assets.repos.follow import Follower, FollowReport, save_cursor
 from migration_assets.repos.resources import RepoSourceResource
+from migration_assets.repos.settings import RepoSettings
 from migration_assets.repos.stream import CommitEvent, Subscription
 
 NAME = "repo_stream"
@@ -50,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-events", type=int, default=200)
     parser.add_argument("--rate", type=float, default=50.0, help="commits/s of the steady load (step 3)")
     parser.add_argument("--load-seconds", type=float, default=30.0)
+    parser.add_argument("--profile", type=Path, help="write a cProfile of the follow step (step 2) here")
+    parser.add_argument("--check-processes", type=int, default=None,
+                        help="worker processes checking commits (default REPO_FOLLOW_CHECK_PROCESSES)")
     return parser.parse_args(argv)
 
 
@@ -73,38 +84,61 @@ def raw_read(host: str, cursor: int) -> tuple[int, int, float]:
     return events, last, (finished or started) - started
 
 
-def follower(target_url: str, host: str, batch_events: int, on_batch=None) -> tuple[Follower, object]:
+def follower(target_url: str, host: str, batch_events: int, on_batch=None, check_processes: int | None = None,
+             checker: CommitChecker | None = None) -> tuple[Follower, object]:
     source = RepoSourceResource()
     pool = shared_pool(target_url)
     clients = source.clients(target_url)
     return Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets,
-                    batch_size=batch_events, on_batch=on_batch), clients
+                    batch_size=batch_events, on_batch=on_batch, check_processes=check_processes,
+                    checker=checker), clients
 
 
-def follow_until(target_url: str, host: str, start: int, end: int, batch_events: int) -> tuple[FollowReport, float]:
+def started_checker(processes: int) -> tuple[CommitChecker, float]:
+    """Check workers already up, and how long they took to start (a run pays that once)."""
+    started = time.perf_counter()
+    checker = CommitChecker(processes, RepoSettings.load().scope.collections)
+    checker.wait_started()
+    return checker, time.perf_counter() - started
+
+
+def follow_until(target_url: str, host: str, start: int, end: int, batch_events: int, checker: CommitChecker,
+                 profile: Path | None = None) -> tuple[FollowReport, float, dict]:
+    """Follow from `start` until the cursor reaches `end`, with check workers already started:
+    (report, seconds in all, the steady part: after the first batch, whose DIDs are resolved first)."""
     with shared_pool(target_url).connection() as conn:
         save_cursor(conn, host, start)
     stop = threading.Event()
-    done_at = []
+    batches: list[tuple[float, int]] = []  # (when, events so far) after each batch
 
     def on_batch(report: FollowReport) -> None:
-        if report.cursor is not None and report.cursor >= end and not done_at:
-            done_at.append(time.perf_counter())
+        batches.append((time.perf_counter(), report.events))
+        if report.cursor is not None and report.cursor >= end:
             stop.set()
 
-    follow, clients = follower(target_url, host, batch_events, on_batch)
+    follow, clients = follower(target_url, host, batch_events, on_batch, checker=checker)
     try:
         started = time.perf_counter()
-        report = follow.run(stop)
+        if profile is None:
+            report = follow.run(stop)
+        else:
+            profiler = cProfile.Profile()
+            report = profiler.runcall(follow.run, stop)
+            profiler.dump_stats(profile)
     finally:
         clients.close()
-    return report, (done_at[0] if done_at else time.perf_counter()) - started
+    (first_at, first_events), (last_at, last_events) = batches[0], batches[-1]
+    steady = {"events": last_events - first_events, "seconds": round(last_at - first_at, 3),
+              "first_batch_after_seconds": round(first_at - started, 3)}
+    steady["events_per_second"] = round(steady["events"] / (last_at - first_at), 1) if last_at > first_at else None
+    return report, last_at - started, steady
 
 
 def lag_under_load(target_url: str, seeder: PdsSeeder, accounts: list, args) -> dict:
     host = seeder.pds.url
     lags: list[float] = []
-    follow, clients = follower(target_url, host, args.batch_events, lambda r: lags.append(r.lag_seconds))
+    follow, clients = follower(target_url, host, args.batch_events, lambda r: lags.append(r.lag_seconds),
+                               args.check_processes)
     stop = threading.Event()
     thread = threading.Thread(target=follow.run, args=(stop,))
     thread.start()
@@ -130,6 +164,10 @@ def lag_under_load(target_url: str, seeder: PdsSeeder, accounts: list, args) -> 
             "desyncs": follow.report.desyncs}
 
 
+def report_check_processes(args) -> int:
+    return args.check_processes if args.check_processes is not None else RepoSettings.load().follow_check_processes
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     with embedded_postgres("bench_stream") as (target_url, _), start_atproto_network(
@@ -153,10 +191,15 @@ def main(argv=None) -> None:
         _, start, _ = raw_read(host, 0)
         log(f"writing {args.commits} commits of {args.ops} records ...")
         write_commits(seeder, accounts, args.commits, args.ops)
+        cpu = CpuMeter(pds=network.server.process.pid, plc=plc.server.process.pid, postgres=embedded_postgres_pid())
         log("raw read ...")
-        raw_events, end, raw_seconds = raw_read(host, start)
+        raw_events, end, raw_seconds = cpu.measure("raw_read", raw_read, host, start)
         log(f"raw {raw_events} events in {raw_seconds:.2f} s; follow ...")
-        report, follow_seconds = follow_until(target_url, host, start, end, args.batch_events)
+        checker, checker_start_seconds = started_checker(report_check_processes(args))
+        cpu.pids |= {f"check_worker_{n}": pid for n, pid in enumerate(checker.worker_pids)}
+        with checker:
+            report, follow_seconds, steady = cpu.measure(
+                "follow", follow_until, target_url, host, start, end, args.batch_events, checker, args.profile)
         if report.applied != args.commits or report.desyncs:
             raise SystemExit(f"the follower did not apply every commit exactly: {report.summary()}")
         log(f"follow {report.events} events in {follow_seconds:.2f} s; steady load ...")
@@ -168,11 +211,19 @@ def main(argv=None) -> None:
         "machine": machine_info(),
         "load_average": load_average(),
         "data": {"accounts": args.accounts, "commits": args.commits, "records_per_commit": args.ops,
-                 "batch_events": args.batch_events, "pdses": 1, "plc": "own Node process"},
+                 "batch_events": args.batch_events, "pdses": 1, "plc": "own Node process",
+                 "check_processes": report_check_processes(args)},
         "raw_read": {"events": raw_events, "seconds": round(raw_seconds, 2), "events_per_second": round(raw_rate, 1)},
         "follow": {"events": report.events, "commits_applied": report.applied, "seconds": round(follow_seconds, 2),
-                   "events_per_second": round(follow_rate, 1)},
+                   "events_per_second": round(follow_rate, 1), "after_first_batch": steady,
+                   "check_workers_start_seconds": round(checker_start_seconds, 2),
+                   "seconds_reading": round(report.reading_seconds, 2),
+                   "seconds_waiting_for_checks": round(report.check_wait_seconds, 2),
+                   "seconds_writing": round(report.writing_seconds, 2)},
         "follow_vs_raw": round(follow_rate / raw_rate, 3),
+        "follow_after_first_batch_vs_raw": round(steady["events_per_second"] / raw_rate, 3)
+        if steady["events_per_second"] else None,
+        "cpu_seconds": cpu.seconds,
         "target": TARGET,
         "steady_load": load,
     }

@@ -233,15 +233,18 @@ class IdentityResolver:
 
     def resolve(self, did: str, *, fresh: bool = False) -> DidDocument:
         """The DID's document: from the cache while its TTL lasts, else (or with `fresh`) fetched again."""
-        if not fresh:
-            with self._lock:
-                cached = self._cache.get(did)
-            if cached is not None and cached[0] > time.monotonic():
-                return cached[1]
+        if not fresh and (cached := self.cached(did)) is not None:
+            return cached
         document = self._resolve_uncached(did)
         with self._lock:
             self._cache[did] = (time.monotonic() + self.ttl_seconds, document)
         return document
+
+    def cached(self, did: str) -> DidDocument | None:
+        """The cached document while its TTL lasts, else None (nothing is fetched)."""
+        with self._lock:
+            entry = self._cache.get(did)
+        return entry[1] if entry is not None and entry[0] > time.monotonic() else None
 
     def invalidate(self, did: str) -> None:
         """Forget `did`: the next resolve fetches it again (its signature failed: the key may have rotated;

@@ -2,14 +2,18 @@
 
 Events are read in batches; a batch's changes and the host's cursor (`repo_stream_cursors`) commit in one
 transaction, so a follower killed at any point resumes from the last committed event: nothing lost,
-nothing applied twice.
+nothing applied twice. A batch's commits are checked (commit_check.py: signature, MST, records) in worker
+processes while the previous batch is written, and its record writes are one statement per batch.
 
-- `#commit`: applied to a synced repo when it follows the stored state: its `since` is the stored rev,
-  its commit block is present, for this repo and rev, and signed by the DID's key (cached; re-resolved
-  once on failure), and every created or updated record's block is present. Events at or below the stored
-  rev are replays and skipped. Only records of REPO_COLLECTIONS are stored (the backfill's filter). An event that doesn't follow marks the repo due (desynchronized) and it is
+- `#commit`: applied to a synced repo when it follows the stored state: its `since` is the stored rev and
+  its `prevData` the stored MST root, its commit block is present, for this repo and rev, and signed by the
+  DID's key (cached; re-resolved once on failure), and every created or updated record's block is present.
+  Events at or below the stored rev are replays and skipped. Only records of REPO_COLLECTIONS are stored
+  (the backfill's filter). An event that doesn't follow marks the repo due (desynchronized) and it is
   resynced through getRepo after the batch commits (a failed resync retries with the ledger's backoff).
-  An unknown DID (an account created on the host) is added and synced the same way.
+  An unknown DID (an account created on the host) is added and synced the same way; with
+  REPO_SIGNAL_COLLECTION, only once it writes a record in that collection. A repo stored without records
+  (no signal record) keeps none until it writes one, and is then synced whole.
 - `#sync`: resync the repo. `#identity`: forget its cached DID document. `#account`: inactive with a
   status sets it (a deleted account loses its records, as in the backfill); active again resyncs it.
 - `#info` OutdatedCursor: events were missed; every synced repo of the host is made due.
@@ -21,32 +25,27 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from migration_assets.atproto.car import CarReader
-from migration_assets.atproto.cid import CID
 from migration_assets.atproto.errors import AtprotoError
-from migration_assets.atproto.mst import is_valid_nsid, is_valid_record_key, lookup, parse_commit
-from migration_assets.atproto.signature import SignatureError, verify_commit
 from migration_assets.core.backoff import Backoff
 from migration_assets.core.lease import LeaseLost
 from migration_assets.repos import ledger, store
 from migration_assets.repos.backfill import RepoSyncer, describe
 from migration_assets.repos.collections import CollectionFilter
-from migration_assets.repos.ledger import GONE_STATUSES
-from migration_assets.repos.snapshot import _staged as staged_block  # the backfill's record row: jsonb + U+0000
+from migration_assets.repos.commit_check import Checked, CommitChecker, CommitToCheck, check_commit, recheck_with
+from migration_assets.repos.ledger import GONE_STATUSES, HeadAdvance, RepoState
 from migration_assets.repos.stream import (
-    AccountEvent, CommitEvent, IdentityEvent, InfoEvent, RepoOp, StreamError, StreamEvent, Subscription, SyncEvent,
+    AccountEvent, CommitEvent, IdentityEvent, InfoEvent, StreamError, StreamEvent, Subscription, SyncEvent,
     WebSocketException,
 )
 
-MAX_BLOCKS_BYTES = 16 * 1024 * 1024
 _RECONNECT = Backoff(base=1.0, cap=60.0, floor=0.5)
 _RETRYABLE_STREAM_ERRORS = {"ConsumerTooSlow"}
 _IDLE_SECONDS = 0.05
@@ -71,6 +70,10 @@ class FollowReport:
     seconds: float = 0.0
     last_error: str | None = None
     last_desync: str | None = None  # the latest event that didn't follow, and why
+    # Where the time went: reading the stream, waiting for commit checks, the batch transactions.
+    reading_seconds: float = 0.0
+    check_wait_seconds: float = 0.0
+    writing_seconds: float = 0.0
 
     @property
     def events_per_second(self) -> float:
@@ -84,26 +87,23 @@ class FollowReport:
                 f"lag {self.lag_seconds:.1f} s; {self.events_per_second:.1f} events/s")
 
 
-@dataclass(frozen=True)
-class _Checked:
-    """A #commit checked before the transaction (signature, blocks): its records' rows, or why it can't apply."""
-
-    records: dict[CID, tuple] = field(default_factory=dict)  # record CID -> snapshot row (link, json, error, cbor)
-    problem: str | None = None
-
-
 class Follower:
     """Follows one host. `run` reads until `stop` is set or `seconds` pass, committing every batch."""
 
     def __init__(self, pool: ConnectionPool, host: str, syncer: RepoSyncer, *, buckets: int,
                  batch_size: int = 200, batch_seconds: float = 0.5, start_cursor: int | None = 0,
-                 on_batch: Callable[[FollowReport], None] | None = None) -> None:
+                 on_batch: Callable[[FollowReport], None] | None = None, check_processes: int | None = None,
+                 checker: CommitChecker | None = None) -> None:
         self.pool, self.host, self.syncer = pool, host.rstrip("/"), syncer
         self.buckets, self.batch_size, self.batch_seconds = buckets, batch_size, batch_seconds
         self.on_batch = on_batch
         self.start_cursor = start_cursor
         self.report = FollowReport(self.host)
-        self.collections = syncer.settings.scope.collections  # REPO_COLLECTIONS: the backfill's filter
+        scope = syncer.settings.scope
+        self.collections, self.signal = scope.collections, scope.signal  # as the backfill stores them
+        self.check_processes = syncer.settings.follow_check_processes if check_processes is None else check_processes
+        self._checker = CommitChecker(0, self.collections)  # in this process, until `run` starts workers
+        self._given_checker = checker  # started by the caller, who closes it (a bench measures without start-up)
         # Repos a bucket run held while newer commits went by: {did: newest rev seen}. Once the run has
         # stored its (maybe older) snapshot, a repo still behind is resynced.
         self._behind_claims: dict[str, str] = {}
@@ -119,74 +119,186 @@ class Follower:
             stored = load_cursor(conn, self.host)
         # First follow of a host: replay what it keeps (0), so changes since the backfill aren't missed.
         self.report.cursor = self.start_cursor if stored is None else stored
-        while not stop.is_set() and not _past(deadline):
-            try:
-                with Subscription(self.host, self.report.cursor) as subscription:
-                    failures = 0
-                    try:
-                        self._follow(subscription, stop, deadline)
-                    finally:
-                        self.report.malformed += subscription.malformed
-            except (WebSocketException, OSError, StreamError) as exc:
-                if isinstance(exc, StreamError) and exc.error not in _RETRYABLE_STREAM_ERRORS:
-                    raise  # FutureCursor and the like: reconnecting would get the same answer
-                failures += 1
-                self.report.reconnects += 1
-                self.report.last_error = describe(exc)
-                if not _RECONNECT.sleep(failures, stop):
-                    break
-            finally:
-                self.report.seconds = time.monotonic() - started
+        inline = self._checker
+        self._checker = self._given_checker or CommitChecker(self.check_processes, self.collections)
+        try:
+            while not stop.is_set() and not _past(deadline):
+                try:
+                    # Read ahead while a batch is written (the host waits once the queue is full).
+                    with Subscription(self.host, self.report.cursor, max_queue=2 * self.batch_size) as subscription:
+                        failures = 0
+                        try:
+                            self._follow(subscription, stop, deadline)
+                        finally:
+                            self.report.malformed += subscription.malformed
+                except (WebSocketException, OSError, StreamError) as exc:
+                    if isinstance(exc, StreamError) and exc.error not in _RETRYABLE_STREAM_ERRORS:
+                        raise  # FutureCursor and the like: reconnecting would get the same answer
+                    failures += 1
+                    self.report.reconnects += 1
+                    self.report.last_error = describe(exc)
+                    if not _RECONNECT.sleep(failures, stop):
+                        break
+                finally:
+                    self.report.seconds = time.monotonic() - started
+        finally:
+            if self._checker is not self._given_checker:
+                self._checker.close()
+            self._checker = inline
         return self.report
 
     def _follow(self, subscription: Subscription, stop: threading.Event, deadline: float | None) -> None:
-        while not stop.is_set() and not _past(deadline):
-            batch = self._read_batch(subscription, stop, deadline)
-            if batch or self._behind_claims:
-                self.apply(batch)
+        """Read a batch and send its commits to be checked, then write the previous one meanwhile. With a
+        batch waiting, an idle stream doesn't hold it back: reading returns at once."""
+        pending: tuple[list[StreamEvent], Callable[[], dict[int, Checked]]] | None = None
+        try:
+            while not stop.is_set() and not _past(deadline):
+                started = time.monotonic()
+                batch = self._read_batch(subscription, stop, deadline, waiting=pending is not None)
+                self.report.reading_seconds += time.monotonic() - started
+                checking = self._submit(batch) if batch else None
+                if pending is not None:
+                    (events, results), pending = pending, None
+                    started = time.monotonic()
+                    checked = results()
+                    self.report.check_wait_seconds += time.monotonic() - started
+                    self._apply_checked(events, checked)
+                if checking is not None:
+                    pending = (batch, checking)
+                elif self._behind_claims:
+                    self._apply_checked([], {})
+        finally:
+            if pending is not None:  # read and checked: commit it before stopping or reconnecting
+                self._apply_checked(pending[0], pending[1]())
 
-    def _read_batch(self, subscription: Subscription, stop: threading.Event, deadline: float | None) -> list[StreamEvent]:
+    def _read_batch(self, subscription: Subscription, stop: threading.Event, deadline: float | None,
+                    waiting: bool = False) -> list[StreamEvent]:
         """Up to `batch_size` events; the batch closes after `batch_seconds`, or as soon as the stream
-        pauses (`_IDLE_SECONDS`), so a quiet stream's events don't wait for a full batch."""
+        pauses (`_IDLE_SECONDS`), so a quiet stream's events don't wait for a full batch. `waiting`: a
+        batch is waiting to be written, so don't wait for the first event."""
         batch: list[StreamEvent] = []
         until = time.monotonic() + self.batch_seconds
         while len(batch) < self.batch_size and not stop.is_set() and not _past(deadline):
             wait = until - time.monotonic()
             if deadline is not None:
                 wait = min(wait, deadline - time.monotonic())
-            if batch:
+            if waiting and not batch:
+                wait = 0.0  # take only what has arrived already
+            elif wait <= 0:
+                break
+            elif batch:
                 wait = min(wait, _IDLE_SECONDS)
-            if wait <= 0:
-                break
             event = subscription.next(timeout=wait)
-            if event is None and batch:
+            if event is None:
                 break
-            if event is not None:
-                batch.append(event)
+            batch.append(event)
         return batch
+
+    # --- checking a batch (before its transaction) ----------------------------------------------------
+
+    def apply(self, batch: list[StreamEvent]) -> None:
+        """Check and apply one batch (the loop overlaps the two; see `_follow`)."""
+        self._apply_checked(batch, self._submit(batch)())
+
+    def _submit(self, batch: list[StreamEvent]) -> Callable[[], dict[int, Checked]]:
+        """Send the batch's commits to be checked; returns a call that waits for the results, keyed by
+        id(event). Commits of DIDs the ledger doesn't hold are not checked: they are never applied."""
+        commits = [e for e in batch if isinstance(e, CommitEvent)]
+        with self.pool.connection() as conn:
+            tracked = ledger.known(conn, {e.repo for e in commits}) if commits else set()
+        keys, unresolved = self._signing_keys(batch, tracked)
+        items = {id(e): _to_check(e, keys.get(e.repo)) for e in commits if e.repo in tracked and id(e) not in unresolved}
+        results = self._checker.submit(list(items.values()))
+
+        def finish() -> dict[int, Checked]:
+            checked = dict(zip(items, results()))
+            for key, result in checked.items():
+                if result.bad_signature:
+                    checked[key] = self._with_fresh_key(items[key], result)
+            return checked | {key: Checked(problem=problem) for key, problem in unresolved.items()}
+
+        return finish
+
+    def _signing_keys(self, batch: list[StreamEvent], tracked: set[str]) -> tuple[dict[str, str], dict[int, str]]:
+        """({did: signing key}, {id(commit): why its key is unknown}), in stream order: an #identity
+        event forgets the cached document, so the commits after it are checked against the new key."""
+        resolver, verify = self.syncer.resolver, self.syncer.settings.verify_signatures
+        failed = self._prefetch([e.repo for e in batch if isinstance(e, CommitEvent) and e.repo in tracked]) if verify else {}
+        keys: dict[str, str] = {}
+        unresolved: dict[int, str] = {}
+        for event in batch:
+            if isinstance(event, IdentityEvent):
+                resolver.invalidate(event.did)
+                keys.pop(event.did, None)
+                failed.pop(event.did, None)
+            elif verify and isinstance(event, CommitEvent) and event.repo in tracked and event.repo not in keys:
+                try:
+                    if event.repo in failed:
+                        raise failed[event.repo]
+                    keys[event.repo] = resolver.resolve(event.repo).signing_key
+                except AtprotoError as exc:  # the DID didn't resolve: the resync decides
+                    failed[event.repo] = exc
+                    unresolved[id(event)] = describe(exc)
+            elif isinstance(event, CommitEvent) and event.repo in failed:
+                unresolved[id(event)] = describe(failed[event.repo])
+        return keys, unresolved
+
+    def _prefetch(self, dids: list[str]) -> dict[str, AtprotoError]:
+        """Resolve the DIDs not cached yet at once, not one after another; returns the failures."""
+        missing = [did for did in dict.fromkeys(dids) if self.syncer.resolver.cached(did) is None]
+        if len(missing) < 2:
+            return {}
+
+        def resolve(did: str) -> AtprotoError | None:
+            try:
+                self.syncer.resolver.resolve(did)
+            except AtprotoError as exc:
+                return exc
+            return None
+
+        with ThreadPoolExecutor(min(8, len(missing)), thread_name_prefix="resolve") as threads:
+            return {did: exc for did, exc in zip(missing, threads.map(resolve, missing)) if exc is not None}
+
+    def _with_fresh_key(self, item: CommitToCheck, checked: Checked) -> Checked:
+        """The signature failed: the key may have rotated. Re-resolve once; check again if it changed."""
+        try:
+            key = self.syncer.resolver.resolve(item.repo, fresh=True).signing_key
+        except AtprotoError as exc:
+            return replace(checked, problem=f"{checked.problem}; resolving the DID again: {describe(exc)}")
+        return checked if key == item.signing_key else recheck_with(item, key, self.collections)
+
+    def _check_now(self, event: CommitEvent) -> Checked:
+        """A commit whose repo was not tracked yet when its batch was sent to be checked."""
+        keys, unresolved = self._signing_keys([event], {event.repo})
+        if unresolved:
+            return Checked(problem=unresolved[id(event)])
+        item = _to_check(event, keys.get(event.repo))
+        checked = check_commit(item, self.collections)
+        return self._with_fresh_key(item, checked) if checked.bad_signature else checked
 
     # --- one batch ------------------------------------------------------------------------------------
 
-    def apply(self, batch: list[StreamEvent]) -> None:
+    def _apply_checked(self, batch: list[StreamEvent], checked: dict[int, Checked]) -> None:
         """Apply the events and store the cursor in one transaction, then resync the repos that need it.
-        The repos' states are read (and locked) once per batch and record writes are pipelined: a batch
-        costs a few round trips, not several per event."""
-        checked = {id(e): self._check_commit(e) for e in batch if isinstance(e, CommitEvent)}
+        The repos' states are read (and locked) once per batch and the record writes are one statement:
+        a batch costs a few round trips, not several per event."""
         resync: list[str] = []
         cursor, last_time = self.report.cursor, None
+        started = time.monotonic()
         with self.pool.connection() as conn, conn.transaction():
             resync += self._recheck_claimed(conn)
             states = ledger.lock_states(conn, [e.repo for e in batch if isinstance(e, CommitEvent)])
-            writes = _BatchWrites(conn)
-            with conn.pipeline():
-                for event in batch:
-                    resync += self._apply_event(conn, event, checked.get(id(event)), states, writes)
-                    if not isinstance(event, InfoEvent):
-                        cursor, last_time = event.seq, event.time
-            with conn.pipeline():
-                writes.finish()
-                if cursor is not None:
-                    save_cursor(conn, self.host, cursor)
+            writes = _BatchWrites(self.collections)
+            for event in batch:
+                if isinstance(event, (AccountEvent, SyncEvent)):
+                    writes.flush(conn)  # they read or change what the writes touch: keep the order
+                resync += self._apply_event(conn, event, checked.get(id(event)), states, writes)
+                if not isinstance(event, InfoEvent):
+                    cursor, last_time = event.seq, event.time
+            writes.flush(conn)
+            if cursor is not None:
+                save_cursor(conn, self.host, cursor)
+        self.report.writing_seconds += time.monotonic() - started
         self.report.cursor = cursor
         self.report.events += sum(not isinstance(e, InfoEvent) for e in batch)
         if last_time is not None:
@@ -195,12 +307,11 @@ class Follower:
         if self.on_batch:
             self.on_batch(self.report)
 
-    def _apply_event(self, conn: psycopg.Connection, event: StreamEvent, checked: "_Checked | None",
-                     states: dict[str, tuple[str, str | None]], writes: "_BatchWrites") -> list[str]:
+    def _apply_event(self, conn: psycopg.Connection, event: StreamEvent, checked: Checked | None,
+                     states: dict[str, RepoState], writes: _BatchWrites) -> list[str]:
         if isinstance(event, CommitEvent):
             return self._apply_commit(conn, event, checked, states, writes)
-        if isinstance(event, IdentityEvent):
-            self.syncer.resolver.invalidate(event.did)
+        if isinstance(event, IdentityEvent):  # its cached document was forgotten when it was read
             self.report.identities += 1
             return []
         if isinstance(event, InfoEvent):
@@ -213,62 +324,32 @@ class Follower:
             return self._apply_sync(conn, event)
         return self._apply_account(conn, event)
 
-    def _check_commit(self, event: CommitEvent) -> _Checked:
-        """Everything about a #commit that needs no database: blocks, commit, signature (network)."""
-        if event.too_big:
-            return _Checked(problem="the host left the diff out (tooBig)")
-        try:
-            blocks = dict(CarReader(iter([event.blocks]), max_size=MAX_BLOCKS_BYTES))
-            commit_block = blocks.get(event.commit)
-            if commit_block is None:
-                return _Checked(problem=f"commit block {event.commit} is missing from the event's blocks")
-            commit = parse_commit(commit_block)
-            if (commit.did, commit.rev) != (event.repo, event.rev):
-                return _Checked(problem=f"the commit is {commit.did} rev {commit.rev}, the event {event.repo} rev {event.rev}")
-            if self.syncer.settings.verify_signatures:
-                self._verify(event.repo, commit_block)
-            records = {}
-            for op in event.ops:
-                if problem := _op_problem(op, blocks, commit.data):
-                    return _Checked(problem=problem)
-                if op.action == "delete" or not self.collections.matches(op.collection_rkey[0]):
-                    continue  # a record outside REPO_COLLECTIONS is checked against the tree, never stored
-                if op.cid not in blocks:
-                    return _Checked(problem=f"record block of {op.action} {op.path} is missing from the event")
-                row = staged_block(op.cid, blocks[op.cid])
-                if row[1] is None:  # as in the backfill: a record that isn't DAG-CBOR fails its repo
-                    return _Checked(problem=f"record {op.path} ({op.cid}) is not valid DAG-CBOR: {row[2]}")
-                records[op.cid] = row
-            return _Checked(records)
-        except AtprotoError as exc:  # bad blocks or signature, or the DID didn't resolve: the resync decides
-            return _Checked(problem=describe(exc))
-
-    def _verify(self, did: str, commit_block: bytes) -> None:
-        try:
-            verify_commit(commit_block, self.syncer.resolver.resolve(did).signing_key)
-        except SignatureError:  # the key may have rotated: re-resolve once
-            verify_commit(commit_block, self.syncer.resolver.resolve(did, fresh=True).signing_key)
-
-    def _apply_commit(self, conn: psycopg.Connection, event: CommitEvent, checked: _Checked,
-                      states: dict[str, tuple[str, str | None]], writes: "_BatchWrites") -> list[str]:
+    def _apply_commit(self, conn: psycopg.Connection, event: CommitEvent, checked: Checked | None,
+                      states: dict[str, RepoState], writes: _BatchWrites) -> list[str]:
         if event.repo not in states:
             states.update(ledger.lock_states(conn, [event.repo]))
-        status, rev = states.get(event.repo, (None, None))
-        if status is None:
-            states[event.repo] = ("pending", None)
+        state = states.get(event.repo)
+        if state is None:
+            if self.signal is not None and not _writes_in(event, self.signal):
+                self.report.skipped += 1  # not tracked: only repos with a record in the signal collection are
+                return []
+            states[event.repo] = RepoState("pending")
             return self._due(conn, event.repo)  # an account new to us: backfill it
-        if status == "in_progress" and (rev is None or event.rev > rev):
+        if state.status == "in_progress" and (state.rev is None or event.rev > state.rev):
             self._behind_claims[event.repo] = max(event.rev, self._behind_claims.get(event.repo, ""))
-        if status != "synced" or (rev is not None and event.rev <= rev):
+        if state.status != "synced" or (state.rev is not None and event.rev <= state.rev):
             self.report.skipped += 1  # a resync is due or running, the account is inactive, or a replay
             return []
-        if checked.problem is None and event.since != rev:
-            checked = _Checked(problem=f"event since {event.since}, stored rev {rev}: events were missed")
-        if checked.problem is not None:
-            states[event.repo] = ("pending", rev)
-            return self._due(conn, event.repo, f"desynchronized at rev {event.rev}: {checked.problem}")
-        writes.commit(event, checked.records, self.collections)
-        states[event.repo] = (status, event.rev)
+        checked = checked or self._check_now(event)
+        problem = _gap(event, state) or checked.problem
+        if problem is None and self.signal is not None and state.signal_missing and _writes_in(event, self.signal):
+            problem = f"a record in the signal collection {self.signal}: the repo is tracked from now on"
+        if problem is not None:
+            states[event.repo] = replace(state, status="pending")
+            return self._due(conn, event.repo, f"desynchronized at rev {event.rev}: {problem}")
+        stored = not (self.signal is not None and state.signal_missing)  # else no records kept, only the head
+        writes.commit(event, checked, stored)
+        states[event.repo] = replace(state, rev=event.rev, data=str(checked.data))
         self.report.applied += 1
         return []
 
@@ -285,6 +366,9 @@ class Follower:
     def _apply_sync(self, conn: psycopg.Connection, event: SyncEvent) -> list[str]:
         """The host can't give a diff (or the account is new): resync, unless we already hold that rev."""
         row = conn.execute("SELECT rev FROM repos WHERE did = %s", (event.did,)).fetchone()
+        if row is None and self.signal is not None:
+            self.report.skipped += 1  # not tracked (a signal collection decides which repos are)
+            return []
         if row is not None and row[0] is not None and event.rev <= row[0]:
             self.report.skipped += 1
             return []
@@ -294,7 +378,7 @@ class Follower:
         self.report.accounts += 1
         row = conn.execute("SELECT status FROM repos WHERE did = %s", (event.did,)).fetchone()
         if row is None:
-            return self._due(conn, event.did) if event.active else []
+            return self._due(conn, event.did) if event.active and self.signal is None else []
         if event.active:
             return self._due(conn, event.did) if row[0] in GONE_STATUSES else []
         reason = f"#account event: {event.status or 'inactive'}"
@@ -329,19 +413,22 @@ class Follower:
                     self.report.last_error = outcome.error
 
 
-def _op_problem(op: RepoOp, blocks: dict[CID, bytes], data: CID) -> str | None:
-    """Why an op can't be trusted, if it can't: a bad path, or it disagrees with the signed tree (the
-    event's MST nodes must put the op's CID at its path, or nothing for a delete)."""
-    collection, rkey = op.collection_rkey
-    if not (is_valid_nsid(collection) and is_valid_record_key(rkey)):
-        return f"op path {op.path[:200]!r} is not collection/record-key"
-    expected = None if op.action == "delete" else op.cid
-    if expected is None and op.action != "delete":
-        return f"{op.action} {op.path} has no record CID"
-    found = lookup(blocks, data, op.path)
-    if found != expected:
-        return f"{op.action} {op.path} disagrees with the signed commit's tree (holds {found}, op says {expected})"
+def _to_check(event: CommitEvent, signing_key: str | None) -> CommitToCheck:
+    return CommitToCheck(event.repo, event.rev, event.commit, event.blocks,
+                         tuple((op.action, op.path, op.cid) for op in event.ops), event.too_big, signing_key)
+
+
+def _gap(event: CommitEvent, state: RepoState) -> str | None:
+    """Why the event doesn't follow the stored repo, if it doesn't: a commit was missed in between."""
+    if event.since != state.rev:
+        return f"event since {event.since}, stored rev {state.rev}: events were missed"
+    if event.prev_data is not None and state.data is not None and str(event.prev_data) != state.data:
+        return f"event prevData {event.prev_data}, stored data root {state.data}: the repo changed in between"
     return None
+
+
+def _writes_in(event: CommitEvent, collection: str) -> bool:
+    return any(op.action != "delete" and op.collection_rkey[0] == collection for op in event.ops)
 
 
 def _past(deadline: float | None) -> bool:
@@ -350,62 +437,75 @@ def _past(deadline: float | None) -> bool:
 
 # --- writes (the records the same way the backfill stores them) -------------------------------------------
 
-_UPSERT_RECORD = """
-    INSERT INTO records (did, collection, rkey, cid, record, record_cbor) VALUES (%s, %s, %s, %s, %s::jsonb, %s)
-    ON CONFLICT (did, collection, rkey)
-    DO UPDATE SET cid = excluded.cid, record = excluded.record, record_cbor = excluded.record_cbor, indexed_at = now()
-    RETURNING CASE WHEN xmax = 0 THEN 1 ELSE 0 END"""
-_DELETE_RECORD = "DELETE FROM records WHERE did = %s AND collection = %s AND rkey = %s RETURNING -1"
+# The batch's record writes in one statement: upserts and deletes (each record once: its last write in the
+# batch), then the per-collection counts moved by what they did (xmax = 0: a row created, not updated).
+# Returns each repo's change in records. Arrays go in binary (%b): no text escaping of each element.
+_WRITE_RECORDS = """
+    WITH written AS (
+        INSERT INTO records (did, collection, rkey, cid, record, record_cbor)
+        SELECT did, collection, rkey, cid, record::jsonb, record_cbor
+        FROM unnest(%(did)b::text[], %(collection)b::text[], %(rkey)b::text[], %(cid)b::text[], %(record)b::text[],
+                    %(record_cbor)b::bytea[]) AS w(did, collection, rkey, cid, record, record_cbor)
+        WHERE cid IS NOT NULL
+        ON CONFLICT (did, collection, rkey)
+        DO UPDATE SET cid = excluded.cid, record = excluded.record, record_cbor = excluded.record_cbor, indexed_at = now()
+        RETURNING did, collection, CASE WHEN xmax = 0 THEN 1 ELSE 0 END AS change
+    ), gone AS (
+        DELETE FROM records r
+        USING unnest(%(did)b::text[], %(collection)b::text[], %(rkey)b::text[], %(cid)b::text[]) AS d(did, collection, rkey, cid)
+        WHERE d.cid IS NULL AND r.did = d.did AND r.collection = d.collection AND r.rkey = d.rkey
+        RETURNING r.did, r.collection, -1 AS change
+    ), changes AS (
+        SELECT did, collection, sum(change)::int AS change FROM (SELECT * FROM written UNION ALL SELECT * FROM gone) c
+        GROUP BY did, collection HAVING sum(change) <> 0
+    ), counted AS (
+        INSERT INTO repo_collection_counts AS c (did, collection, records) SELECT did, collection, change FROM changes
+        ON CONFLICT (did, collection) DO UPDATE SET records = c.records + excluded.records
+    )
+    SELECT did, sum(change)::int, bool_or(change < 0) FROM changes GROUP BY did"""
 
 
 class _BatchWrites:
-    """A batch's record writes, each on its own cursor so they can be sent pipelined and their results
-    (+1 a record created, -1 one deleted) read afterwards; then the per-collection counts and the
-    ledger's head, rev and record count are written once per repo."""
+    """A batch's applied commits: each record's last write (a row, or None for a delete) and each repo's
+    last head, written by `flush` in a few statements."""
 
-    def __init__(self, conn: psycopg.Connection) -> None:
-        self.conn = conn
-        self.sent: list[tuple[psycopg.Cursor, str, str]] = []  # (cursor, did, collection)
-        self.heads: dict[str, tuple[str, str]] = {}  # did -> (head, rev) of its last applied commit
+    def __init__(self, collections: CollectionFilter) -> None:
+        self.collections = collections
+        self.records: dict[tuple[str, str, str], tuple | None] = {}  # (did, collection, rkey) -> (cid, json, cbor)
+        self.heads: dict[str, tuple[str, str, str]] = {}  # did -> (head, rev, data) of its last applied commit
 
-    def commit(self, event: CommitEvent, records: dict[CID, tuple], collections: CollectionFilter) -> None:
-        for op in event.ops:
+    def commit(self, event: CommitEvent, checked: Checked, store_records: bool = True) -> None:
+        for op in event.ops if store_records else ():
             collection, rkey = op.collection_rkey
-            if not collections.matches(collection):
+            if not self.collections.matches(collection):
                 continue
-            cur = self.conn.cursor()
             if op.action == "delete":
-                cur.execute(_DELETE_RECORD, (event.repo, collection, rkey))
+                self.records[(event.repo, collection, rkey)] = None
             else:
-                _, text, _, exact = records[op.cid]
-                cur.execute(_UPSERT_RECORD, (event.repo, collection, rkey, str(op.cid), text, exact))
-            self.sent.append((cur, event.repo, collection))
-        self.heads[event.repo] = (str(event.commit), event.rev)
+                _, text, _, exact = checked.records[op.cid]
+                self.records[(event.repo, collection, rkey)] = (str(op.cid), text, exact)
+        self.heads[event.repo] = (str(event.commit), event.rev, str(checked.data))
 
-    def finish(self) -> None:
-        """After the writes' results arrived (the pipeline synced)."""
-        by_collection: Counter = Counter()
-        for cur, did, collection in self.sent:
-            row = cur.fetchone()
-            by_collection[(did, collection)] += row[0] if row else 0
-        by_repo: Counter = Counter()
-        with self.conn.cursor() as cur:
-            for (did, collection), change in by_collection.items():
-                by_repo[did] += change
-                if change:
-                    add_collection_count(cur, did, collection, change)
-            for did, (head, rev) in self.heads.items():
-                ledger.advance_head(cur, did, head, rev, by_repo[did])
-
-
-def add_collection_count(cur: psycopg.Cursor, did: str, collection: str, change: int) -> None:
-    cur.execute(
-        """INSERT INTO repo_collection_counts AS c (did, collection, records) VALUES (%s, %s, %s)
-           ON CONFLICT (did, collection) DO UPDATE SET records = c.records + excluded.records""",
-        (did, collection, change),
-    )
-    cur.execute("DELETE FROM repo_collection_counts WHERE did = %s AND collection = %s AND records <= 0",
-                (did, collection))
+    def flush(self, conn: psycopg.Connection) -> None:
+        if not self.heads and not self.records:
+            return
+        changes: dict[str, int] = {}
+        with conn.cursor() as cur:
+            if self.records:
+                keys, rows = list(self.records), list(self.records.values())
+                cur.execute(_WRITE_RECORDS, {
+                    "did": [k[0] for k in keys], "collection": [k[1] for k in keys], "rkey": [k[2] for k in keys],
+                    "cid": [r and r[0] for r in rows], "record": [r and r[1] for r in rows],
+                    "record_cbor": [r and r[2] for r in rows],
+                })
+                rows_changed = cur.fetchall()
+                changes = {did: change for did, change, _ in rows_changed}
+                emptied = [did for did, _, fell in rows_changed if fell]
+                if emptied:
+                    cur.execute("DELETE FROM repo_collection_counts WHERE did = ANY(%s) AND records <= 0", (emptied,))
+            ledger.advance_heads(cur, [HeadAdvance(did, head, rev, data, changes.get(did, 0))
+                                       for did, (head, rev, data) in self.heads.items()])
+        self.records, self.heads = {}, {}
 
 
 # --- the stream's cursor, kept in the same transaction as the changes it covers -----------------------

@@ -191,19 +191,57 @@ def request_sync(conn: psycopg.Connection, dids: Iterable[str], buckets: int) ->
 # --- what the event stream (follow.py) changes in the ledger -------------------------------------------
 
 
-def advance_head(cur: psycopg.Cursor, did: str, head: str, rev: str, record_change: int) -> None:
-    cur.execute(
-        """UPDATE repos SET head = %s, rev = %s, records_count = records_count + %s, synced_at = now(),
-               updated_at = now() WHERE did = %s""",
-        (head, rev, record_change, did),
-    )
+@dataclass(frozen=True)
+class RepoState:
+    """What the stream needs of a repo's ledger row to tell whether a commit follows it."""
+
+    status: str
+    rev: str | None = None
+    data: str | None = None  # the stored commit's MST root (data_cid)
+    signal_missing: bool = False
 
 
-def lock_states(conn: psycopg.Connection, dids: list[str]) -> dict[str, tuple[str, str | None]]:
-    """{did: (status, rev)} of these repos, locked for the transaction (in DID order: no deadlocks)."""
-    rows = conn.execute("SELECT did, status, rev FROM repos WHERE did = ANY(%s) ORDER BY did FOR UPDATE",
-                        (sorted(set(dids)),)).fetchall()
-    return {did: (status, rev) for did, status, rev in rows}
+@dataclass(frozen=True)
+class HeadAdvance:
+    """A repo's new head after a batch of applied stream commits."""
+
+    did: str
+    head: str
+    rev: str
+    data: str
+    record_change: int
+
+
+def advance_heads(cur: psycopg.Cursor, heads: list[HeadAdvance]) -> None:
+    """One statement for a batch's repos: head, rev, data root, and records_count moved by the change."""
+    if heads:
+        cur.execute(
+            """UPDATE repos r SET head = h.head, rev = h.rev, data_cid = h.data,
+                   records_count = r.records_count + h.change, synced_at = now(), updated_at = now()
+               FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::int[]) AS h(did, head, rev, data, change)
+               WHERE r.did = h.did""",
+            ([h.did for h in heads], [h.head for h in heads], [h.rev for h in heads], [h.data for h in heads],
+             [h.record_change for h in heads]),
+        )
+
+
+def set_data_root(cur: psycopg.Cursor, did: str, data: str) -> None:
+    """After a full sync (in its transaction): the root the next stream commit's prevData must match."""
+    cur.execute("UPDATE repos SET data_cid = %s WHERE did = %s", (data, did))
+
+
+def known(conn: psycopg.Connection, dids: Iterable[str]) -> set[str]:
+    """Which of these DIDs the ledger holds (no lock)."""
+    rows = conn.execute("SELECT did FROM repos WHERE did = ANY(%s)", (list(dids),)).fetchall()
+    return {did for (did,) in rows}
+
+
+def lock_states(conn: psycopg.Connection, dids: list[str]) -> dict[str, RepoState]:
+    """The states of these repos, locked for the transaction (in DID order: no deadlocks)."""
+    rows = conn.execute(
+        "SELECT did, status, rev, data_cid, signal_missing FROM repos WHERE did = ANY(%s) ORDER BY did FOR UPDATE",
+        (sorted(set(dids)),)).fetchall()
+    return {did: RepoState(*state) for did, *state in rows}
 
 
 def make_host_due(conn: psycopg.Connection, host: str) -> int:

@@ -36,6 +36,9 @@ class RepoSettings(EnvSettings):
     follow_run_seconds: float = Field(
         default=3600.0, gt=0, description="how long one atproto/repo_stream run follows its host before it ends "
         "(the repo_follow sensor starts the next)")
+    follow_check_processes: int = Field(
+        default=1, ge=0, description="worker processes that check a followed stream's commits (signatures, MST, "
+        "records) while the previous batch is written; 0: check in the follower's own process")
     collections: CommaList = Field(
         default_factory=list, description="comma-separated NSIDs of the collections to store, `*` wildcards "
         "(`app.bsky.feed.*`); unset: all. Widening it backfills the newly included collections")

@@ -156,17 +156,18 @@ def websocket_url(host: str, cursor: int | None) -> str:
 
 class Subscription:
     """One connection to a host's stream from `cursor` (the last seq already applied; None: live only).
+    Up to `max_queue` frames are read ahead while the caller is busy (past that, the host waits).
     `next(timeout)` returns the next event, None when `timeout` passed first; raises WebSocketException
     (ConnectionClosed) when the host hung up: reconnect from the stored cursor."""
 
-    def __init__(self, host: str, cursor: int | None, open_timeout: float = 30.0) -> None:
+    def __init__(self, host: str, cursor: int | None, open_timeout: float = 30.0, max_queue: int = 16) -> None:
         self.host = host
         self.malformed = 0  # frames skipped because they don't decode (one bad frame fails only itself)
         self.last_problem: str | None = None
         self._resources = ExitStack()
         self._ws: ClientConnection = self._resources.enter_context(connect(
             websocket_url(host, cursor), open_timeout=open_timeout, max_size=MAX_FRAME_BYTES,
-            user_agent_header="migration-assets",
+            max_queue=max_queue, user_agent_header="migration-assets",
         ))
 
     def next(self, timeout: float | None = None) -> StreamEvent | None:

@@ -20,7 +20,7 @@ from migration_assets.repos.stream import Subscription
 from migration_assets.atproto.car import CarReader
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.mst import parse_commit
-from migration_assets.repos.stream import CommitEvent, InfoEvent
+from migration_assets.repos.stream import AccountEvent, CommitEvent, InfoEvent
 from tests.atproto.builders import car_bytes, private_key, signed_commit
 from tests.repos.conftest import handle
 from tests.repos.helpers import ledger_row, listed_records, stored_records, sync_dids
@@ -250,3 +250,106 @@ def test_commits_passed_while_a_bucket_run_holds_the_repo_are_not_lost(pds, targ
         target.execute("UPDATE repos SET status = 'synced', claimed_at = NULL WHERE did = %s", (alice.did,))
         wait_until("the resync", lambda: exact(pds, target, alice, (POSTS,)))
     assert follower.report.resyncs == 1, follower.report
+
+
+def commits_of(host: str, did: str, after: int, count: int) -> list[CommitEvent]:
+    found = []
+    with Subscription(host, cursor=after) as subscription:
+        while len(found) < count and (event := subscription.next(timeout=10)) is not None:
+            if isinstance(event, CommitEvent) and event.repo == did:
+                found.append(event)
+    assert len(found) == count, f"{len(found)} commits of {did} after seq {after}, not {count}"
+    return found
+
+
+def data_root(event: CommitEvent) -> str:
+    return str(parse_commit(dict(CarReader(iter([event.blocks]), max_size=1 << 24))[event.commit]).data)
+
+
+def test_a_commit_missing_from_the_stream_is_caught_by_prev_data_and_the_resync_ends_exact(
+        pds, target, target_url, instance):
+    """`since` is not signed: a host that lost a commit may still name the stored rev. The commit after
+    the gap then says by its prevData that it follows another tree than the stored one."""
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    pds.create_records(alice, POSTS, [post(0)])
+    sync_dids(instance, target, [alice.did])
+    start = current_seq(host)
+    for n in (1, 2, 3):
+        pds.create_records(alice, POSTS, [post(n)])
+    applied, lost, after_gap = commits_of(host, alice.did, start, 3)
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    clients = source.clients(target_url)
+    try:
+        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets)
+        follower.apply([applied])
+        assert ledger_row(target, alice.did)["data_cid"] == data_root(applied), "an applied commit moves the root"
+        assert after_gap.prev_data is not None and str(after_gap.prev_data) == data_root(lost)
+        follower.apply([after_gap.model_copy(update={"since": lost.since})])  # `since` says nothing was missed
+    finally:
+        clients.close()
+
+    report = follower.report
+    assert (report.applied, report.desyncs, report.resyncs) == (1, 1, 1), report
+    assert "prevData" in report.last_desync, report.last_desync
+    assert exact(pds, target, alice, (POSTS,))
+    assert ledger_row(target, alice.did)["data_cid"] == data_root(after_gap), "the resync sets the root"
+
+
+PROFILE = "app.bsky.actor.profile"
+
+
+def test_with_a_signal_collection_a_repo_is_tracked_once_it_writes_a_record_in_it(
+        pds, target, target_url, instance, monkeypatch):
+    monkeypatch.setenv("REPO_SIGNAL_COLLECTION", PROFILE)
+    host = pds.pds.url
+    lacking = pds.create_account(handle())
+    pds.create_records(lacking, POSTS, [post(0)])
+    sync_dids(instance, target, [lacking.did])
+    assert (ledger_row(target, lacking.did)["signal_missing"], stored_records(target, lacking.did)) == (True, {})
+    save_cursor(target, host, current_seq(host))
+
+    with following(target_url, host) as follower:
+        stranger = pds.create_account(handle())
+        pds.create_records(stranger, POSTS, [post(1)])
+        pds.create_records(lacking, POSTS, [post(2)])
+        last = current_seq(host)
+        wait_until("the stream to go by", lambda: (load_cursor(target, host) or 0) >= last)
+        assert ledger_row(target, stranger.did) == {}, "a repo without a signal record was tracked"
+        latest = httpx.get(f"{host}/xrpc/com.atproto.sync.getLatestCommit", params={"did": lacking.did}).json()
+        row = ledger_row(target, lacking.did)
+        assert (row["rev"], row["records_count"], stored_records(target, lacking.did)) == (latest["rev"], 0, {}), \
+            "a repo without a signal record follows the stream but keeps no records"
+
+        for account in (stranger, lacking):
+            pds.create_records(account, PROFILE, [{"displayName": "here"}], rkeys=["self"])
+        wait_until("both repos tracked and synced whole", lambda: (
+            exact(pds, target, stranger, (POSTS, PROFILE)) and exact(pds, target, lacking, (POSTS, PROFILE))))
+    assert ledger_row(target, lacking.did)["signal_missing"] is False
+    assert follower.report.resyncs == 2, follower.report
+
+
+def test_a_batch_keeps_the_order_of_a_commit_and_the_account_deletion_after_it(pds, target, target_url, instance):
+    """A batch's record writes are gathered into one statement: an account deleted after a commit in the
+    same batch must still end with no records."""
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    pds.create_records(alice, POSTS, [post(0)])
+    sync_dids(instance, target, [alice.did])
+    start = current_seq(host)
+    pds.create_records(alice, POSTS, [post(1)])
+    (commit,) = commits_of(host, alice.did, start, 1)
+    deleted = AccountEvent(seq=commit.seq + 1, did=alice.did, active=False, status="deleted", time=commit.time)
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    clients = source.clients(target_url)
+    try:
+        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets)
+        follower.apply([commit, deleted])
+    finally:
+        clients.close()
+    assert follower.report.applied == 1, follower.report
+    row = ledger_row(target, alice.did)
+    assert (row["status"], row["records_count"], stored_records(target, alice.did)) == ("deleted", 0, {})
+    assert target.execute("SELECT count(*) FROM repo_collection_counts WHERE did = %s", (alice.did,)).fetchone()[0] == 0

@@ -1,0 +1,167 @@
+"""Checking a #commit event before it is applied: its blocks, its commit (for this repo and rev, signed
+by the DID's key), each op against the signed tree, and the JSON form of the records it writes.
+
+The check needs neither the database nor the network (the signing key is resolved by the caller), so
+a batch can be checked in worker processes while the previous batch is written: `CommitChecker`.
+Workers are spawned, not forked: the follower has threads (the WebSocket reader, the pool's) that a
+fork would copy mid-flight. Pure core: no Dagster.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field, replace
+
+from migration_assets.atproto.car import CarReader
+from migration_assets.atproto.cid import CID
+from migration_assets.atproto.errors import AtprotoError
+from migration_assets.atproto.mst import is_valid_nsid, is_valid_record_key, lookup, parse_commit
+from migration_assets.atproto.signature import SignatureError, verify_commit
+from migration_assets.repos.collections import CollectionFilter
+from migration_assets.repos.snapshot import _staged as staged_block  # the backfill's record row: jsonb + U+0000
+
+log = logging.getLogger(__name__)
+
+MAX_BLOCKS_BYTES = 16 * 1024 * 1024
+
+Op = tuple[str, str, CID | None]  # (action, path, record CID): a RepoOp without its pydantic model
+
+
+@dataclass(frozen=True)
+class CommitToCheck:
+    """What the check needs of a #commit event: small and cheap to send to a worker process."""
+
+    repo: str
+    rev: str
+    commit: CID
+    blocks: bytes  # the event's CAR slice
+    ops: tuple[Op, ...]
+    too_big: bool = False
+    signing_key: str | None = None  # the DID's #atproto key; None: signatures are not checked
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A checked #commit: the rows of the records it writes (keyed by CID, as the backfill stages
+    them: link, json, error, exact block) and its signed MST root, or why it can't be applied."""
+
+    records: dict[CID, tuple] = field(default_factory=dict)
+    data: CID | None = None
+    problem: str | None = None
+    bad_signature: bool = False  # the problem is the signature: the key may have rotated
+
+
+def check_commit(item: CommitToCheck, collections: CollectionFilter) -> Checked:
+    """Everything about a #commit that needs no database. Records outside `collections` are checked
+    against the tree but not staged (they are never stored)."""
+    if item.too_big:
+        return Checked(problem="the host left the diff out (tooBig)")
+    try:
+        blocks = dict(CarReader(iter([item.blocks]), max_size=MAX_BLOCKS_BYTES))
+        commit_block = blocks.get(item.commit)
+        if commit_block is None:
+            return Checked(problem=f"commit block {item.commit} is missing from the event's blocks")
+        commit = parse_commit(commit_block)
+        if (commit.did, commit.rev) != (item.repo, item.rev):
+            return Checked(problem=f"the commit is {commit.did} rev {commit.rev}, the event {item.repo} rev {item.rev}")
+        if item.signing_key is not None:
+            try:
+                verify_commit(commit_block, item.signing_key)
+            except SignatureError as exc:
+                return Checked(problem=str(exc), bad_signature=True)
+        records = {}
+        for action, path, cid in item.ops:
+            if problem := op_problem(action, path, cid, blocks, commit.data):
+                return Checked(problem=problem)
+            if action == "delete" or not collections.matches(path.partition("/")[0]):
+                continue
+            if cid not in blocks:
+                return Checked(problem=f"record block of {action} {path} is missing from the event")
+            row = staged_block(cid, blocks[cid])
+            if row[1] is None:  # as in the backfill: a record that isn't DAG-CBOR fails its repo
+                return Checked(problem=f"record {path} ({cid}) is not valid DAG-CBOR: {row[2]}")
+            records[cid] = row
+        return Checked(records, commit.data)
+    except AtprotoError as exc:  # bad blocks or commit: the resync decides
+        return Checked(problem=f"{type(exc).__name__}: {exc}")
+
+
+def op_problem(action: str, path: str, cid: CID | None, blocks: dict[CID, bytes], data: CID) -> str | None:
+    """Why an op can't be trusted, if it can't: a bad path, or it disagrees with the signed tree (the
+    event's MST nodes must put the op's CID at its path, or nothing for a delete)."""
+    collection, _, rkey = path.partition("/")
+    if not (is_valid_nsid(collection) and is_valid_record_key(rkey)):
+        return f"op path {path[:200]!r} is not collection/record-key"
+    expected = None if action == "delete" else cid
+    if expected is None and action != "delete":
+        return f"{action} {path} has no record CID"
+    found = lookup(blocks, data, path)
+    if found != expected:
+        return f"{action} {path} disagrees with the signed commit's tree (holds {found}, op says {expected})"
+    return None
+
+
+def check_all(items: Sequence[CommitToCheck], collections: CollectionFilter) -> list[Checked]:
+    return [check_commit(item, collections) for item in items]
+
+
+def recheck_with(item: CommitToCheck, signing_key: str, collections: CollectionFilter) -> Checked:
+    """Check again with another key (the DID document was re-resolved after a signature failed)."""
+    return check_commit(replace(item, signing_key=signing_key), collections)
+
+
+class CommitChecker:
+    """Checks batches of #commits in `processes` worker processes (a batch is split among them), or in
+    this process with 0. `submit` returns at once; the result is waited for when it is needed.
+
+    A spawned worker imports the main module again before it can work (about a second under Dagster):
+    until the workers are up, batches are checked in this process, so the stream doesn't wait for them."""
+
+    def __init__(self, processes: int, collections: CollectionFilter) -> None:
+        self.processes, self.collections = processes, collections
+        self._pool: ProcessPoolExecutor | None = None
+        self._starting: list[Future] = []
+        if processes > 0:
+            self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+            self._starting = [self._pool.submit(check_all, [], collections) for _ in range(processes)]
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return list(self._pool._processes) if self._pool is not None else []
+
+    def wait_started(self, timeout: float | None = None) -> bool:
+        """Whether the workers are up (waiting up to `timeout` for them)."""
+        return not wait(self._starting, timeout).not_done
+
+    def submit(self, items: list[CommitToCheck]) -> Callable[[], list[Checked]]:
+        if self._pool is None or not items or not self.wait_started(0):
+            done = check_all(items, self.collections)
+            return lambda: done
+        size = -(-len(items) // self.processes)
+        parts: list[Future] = [self._pool.submit(check_all, items[i:i + size], self.collections)
+                               for i in range(0, len(items), size)]
+
+        def results() -> list[Checked]:
+            try:
+                return [checked for part in parts for checked in part.result()]
+            except BrokenProcessPool as exc:  # a worker died (killed, out of memory): go on without them
+                log.warning("commit check workers failed (%s); checking in the follower's process from now on", exc)
+                self.close()
+                return check_all(items, self.collections)
+
+        return results
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+    def __enter__(self) -> CommitChecker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
