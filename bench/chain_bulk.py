@@ -216,6 +216,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "ratio_vs_raw_scan": round(path["items_per_s"] / raw["items_per_s"], 3),
                     "ratio_vs_raw_scan_wire_items": round(path["items_per_s"] / raw_wire["items_per_s"], 3)}
                 log(f"  {path['events_per_s']} events/s, raw Scan {raw['items_per_s']} items/s")
+            # Before PostgreSQL and dynalite (a child too, holding every item in memory) are stopped and
+            # reaped: the children reaped so far are the scans' worker processes (and pg_ctl).
+            workers_peak_rss = peak_rss_mb(children=True)
     finally:
         dynalite.stop()
 
@@ -251,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mainnet_hours": mainnet_hours(blocks["heights_per_s"],
                                        min(results[f"events_tag{t}"]["scan_path"]["events_per_s"] for t in EVENT_TAGS)),
         "cpu_seconds_per_phase": cpu.phases,
-        "peak_rss_mb": {"parent": peak_rss_mb(), "workers": peak_rss_mb(children=True)},
+        "peak_rss_mb": {"parent_with_seeded_items": peak_rss_mb(), "scan_workers": workers_peak_rss},
         "load_average": {"start": load_at_start, "end": load_average()},
         "run_seconds": round(time.perf_counter() - run_started, 1),
     }
