@@ -91,17 +91,17 @@ def process_tree_cpu_seconds(root_pid: int) -> float:
 
 class CpuMeter:
     """CPU seconds each process (by pid, with its children) and this one spent in each measured phase:
-    where the time went when several processes share the same cores. `bench_workers`: the processes this
-    one started and joined within the phase (a process pool's workers)."""
+    where the time went when several processes share the same cores. `children` (default `bench_workers`):
+    the processes this one started and joined within the phase (a process pool's workers, runs)."""
 
-    def __init__(self, **pids: int) -> None:
-        self.pids = pids
+    def __init__(self, children: str = "bench_workers", **pids: int) -> None:
+        self.pids, self.children = pids, children
         self.seconds: dict[str, dict[str, float]] = {}
 
     def _now(self) -> dict[str, float]:
         reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # worker processes this one started and joined
         return {name: process_tree_cpu_seconds(pid) for name, pid in self.pids.items()} | {
-            "bench_process": time.process_time(), "bench_workers": reaped.ru_utime + reaped.ru_stime}
+            "bench_process": time.process_time(), self.children: reaped.ru_utime + reaped.ru_stime}
 
     def measure(self, phase: str, fn, *args):
         before = self._now()

@@ -25,7 +25,6 @@ each in the dev PLC) was taken from the PDSes serving the downloads being compar
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -36,10 +35,10 @@ from pathlib import Path
 import httpx
 
 try:
-    from bench.common import (embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
+    from bench.common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
                               peak_rss_mb, process_tree_cpu_seconds, write_result)
 except ImportError:  # run as a script: bench/ is on sys.path
-    from common import (embedded_postgres, embedded_postgres_pid, load_average, log, machine_info, peak_rss_mb,
+    from common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info, peak_rss_mb,
                         process_tree_cpu_seconds, write_result)
 
 from migration_assets.atproto.identity import IdentityResolver
@@ -176,28 +175,6 @@ def raw_copy(target_url: str, rows: dict[str, list[tuple]]) -> float:
         return time.perf_counter() - started
 
 
-class CpuMeter:
-    """CPU seconds each process spent in a phase: the download loop needs only the PDSes; the backfill
-    also the PLC (one lookup per repo), PostgreSQL and this process, all on the same cores. The runs of
-    step 4 are child processes of this one: `run_processes`."""
-
-    def __init__(self, **pids: int) -> None:
-        self.pids = pids
-        self.seconds: dict[str, dict[str, float]] = {}
-
-    def _now(self) -> dict[str, float]:
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return {name: process_tree_cpu_seconds(pid) for name, pid in self.pids.items()} | {
-            "bench_process": time.process_time(), "run_processes": children.ru_utime + children.ru_stime}
-
-    def measure(self, phase: str, fn, *args):
-        before = self._now()
-        result = fn(*args)
-        after = self._now()
-        self.seconds[phase] = {name: round(after[name] - before[name], 2) for name in after}
-        return result
-
-
 def child_run(url: str, concurrency: int) -> None:
     """Step 4's worker: one run over every bucket. Says `ready` once set up, starts on a line on stdin,
     prints its outcome counts as JSON."""
@@ -287,7 +264,7 @@ def main(argv=None) -> None:
         repos = seed(network, args)
         records = sum(n for _, n in repos.values())
         dids = list(repos)
-        cpu = CpuMeter(pds=network.server.process.pid, plc=plc.server.process.pid, postgres=embedded_postgres_pid())
+        cpu = CpuMeter("run_processes", pds=network.server.process.pid, plc=plc.server.process.pid, postgres=embedded_postgres_pid())
         log(f"{len(repos)} repos, {records} records; raw download ...")
         download_seconds, cars = cpu.measure("download", download_all, repos, args.concurrency)
         log(f"download {download_seconds:.2f} s; backfill ...")
