@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID, SHA2_256, CidError, CidMismatch, decode_varint, read_cid
@@ -27,7 +27,6 @@ class CarTooLarge(CarError):
     """The CAR stream is larger than the caller's cap."""
 
 
-@runtime_checkable
 class Readable(Protocol):
     def read(self, size: int = ..., /) -> bytes: ...
 
@@ -39,7 +38,7 @@ class _Source:
     rest with as many chunks as needed in one go, so a block spanning many chunks is copied once."""
 
     def __init__(self, source: Readable | Iterable[bytes], max_size: int) -> None:
-        if isinstance(source, Readable):
+        if hasattr(source, "read"):  # a file-like object (isinstance on a runtime Protocol costs ~20 us)
             reader = source
             self._chunks: Iterator[bytes] = iter(lambda: reader.read(READ_SIZE), b"")
         else:

@@ -1,7 +1,7 @@
 """CIDv1 as atproto uses it: base32 text form, binary form (CAR, DAG-CBOR tag 42), block verification.
 
 Hand-written on purpose: atproto needs only CIDv1 with base32 and sha2-256, which is a few varints and
-the stdlib's base32. The generic multiformats libraries on PyPI (`multiformats`, `py-multiformats-cid`)
+base32 (the text form through libipld, the project's compiled DAG-CBOR decoder). The generic multiformats libraries on PyPI (`multiformats`, `py-multiformats-cid`)
 have had no release since 2022-2023 and resolve codecs through registries on every parse; this is the
 hot path of a repo walk (one CID per block), so a small exact implementation is cheaper and clearer.
 """
@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from functools import lru_cache
 from dataclasses import dataclass
+
+import libipld
 
 from migration_assets.atproto.errors import AtprotoFormatError
 
@@ -103,7 +104,10 @@ class CID:
         return (prefix if prefix is not None else b"".join(map(encode_varint, head))) + self.digest
 
     def __str__(self) -> str:
-        return "b" + base32_lower(bytes(self))
+        try:
+            return libipld.encode_cid(bytes(self))  # base32 in Rust: the stdlib's is pure Python in 3.11
+        except ValueError:  # a multihash libipld refuses (e.g. a sha2-256 digest that isn't 32 bytes)
+            return "b" + base64.b32encode(bytes(self)).decode("ascii").lower().rstrip("=")
 
     def __repr__(self) -> str:
         return f"CID({str(self)!r})"
@@ -119,36 +123,6 @@ class CID:
 
 CODEC_OF_PREFIX = {bytes((1, codec, SHA2_256, 32)): codec for codec in (DAG_CBOR, RAW)}
 _PREFIX_OF = {(1, codec, SHA2_256, 32): prefix for prefix, codec in CODEC_OF_PREFIX.items()}
-_BASE32 = bytes.maketrans(bytes(range(32)), b"abcdefghijklmnopqrstuvwxyz234567")
-
-
-@lru_cache(maxsize=64)
-def _spread_plan(groups: int) -> tuple[int, list[tuple[int, int, int]]]:
-    """Masks that move each 5-bit digit of `groups` 40-bit groups into a byte of its own: each step
-    halves the bits a slot holds and shifts the upper half into the upper half-slot."""
-    slots = 1 << max(0, (groups - 1).bit_length())  # a power of two, so the halving comes out even
-    steps, size, held = [], 64 * slots, 40 * slots
-    while held > 5:
-        held, size = held // 2, size // 2
-        low = sum(((1 << held) - 1) << (2 * size * i) for i in range(32 * slots // size))
-        steps.append((low, ~low, size - held))
-    return slots, steps
-
-
-def base32_lower(data: bytes) -> str:
-    """RFC 4648 base32, lower-case, unpadded. The standard library's encoder is pure Python in 3.11 and
-    was a quarter of the time of storing a repo's records; this spreads the digits into bytes with a
-    few big-integer mask operations, then one `translate` maps them to the alphabet."""
-    pad = -len(data) % 5
-    groups = (len(data) + pad) // 5
-    slots, steps = _spread_plan(groups)
-    value = int.from_bytes(data + bytes(pad), "big")
-    for low, high, shift in steps:
-        value = (value & low) | ((value & high) << shift)
-    text = value.to_bytes(8 * slots, "big").translate(_BASE32).decode("ascii")
-    return text[8 * (slots - groups) :][: (len(data) * 8 + 4) // 5]
-
-
 def read_cid(data: bytes | bytearray | memoryview, pos: int = 0) -> tuple[CID, int]:
     """Read a binary CIDv1 at `pos` (as in a CAR section); returns (cid, position after it)."""
     prefix = bytes(data[pos : pos + 4])

@@ -37,7 +37,7 @@ from migration_assets.repos.collections import RecordScope
 _BATCH = 1000  # rows per marshal record in a spool file
 SPOOL_MEMORY_BYTES = 4 << 20  # per spool: a repo's rows stay in memory up to this, then go to disk
 _ROW_BYTES = 300  # what a spooled row costs in memory besides its variable text (tuple, str and bytes heads)
-cid_text = libipld.encode_cid  # binary CID -> "bafy...": Rust, ~15x CID.__str__ (tests check they agree)
+cid_text = libipld.encode_cid  # binary CID -> "bafy...", as CID.__str__ writes it, without making a CID
 _JSON_NUL = "\\u0000"  # how json writes U+0000, which jsonb refuses
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as dagcbor.to_json_text writes
 
