@@ -3,15 +3,16 @@
 `file_uri` may be a path relative to the root, an absolute path under it, or a `file://` URI
 (RFC 8089: `file:///abs/path`, `file://localhost/abs/path`, `file:/abs/path`; percent-encoded).
 `relative_path` maps it to the path under the root (which, under FILES_S3_PREFIX, is the S3 key)
-without touching the disk. `open_under_root` resolves symlinks, refuses a path that leads out of
-the root, then opens the resolved path one component at a time with O_NOFOLLOW from a handle on
-the root: a directory swapped for a symlink after the check makes the open fail, so nothing
-outside the root is ever opened, let alone read.
+without touching the disk. `open_under_root` opens the path one component at a time with O_NOFOLLOW
+from a handle on the root; only when that meets a symlink does it resolve the path, refuse it if it
+leads out of the root, and open the resolved path the same way: a directory swapped for a symlink
+after the check makes the open fail, so nothing outside the root is ever opened, let alone read.
 """
 
 import errno
 import os
 import stat
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
@@ -62,28 +63,50 @@ def relative_path(file_uri: str, root: Path) -> PurePosixPath:
 def open_under_root(root: Path, relative: PurePosixPath, file_uri: str) -> BinaryIO:
     """Open `root / relative` for reading once it is known to resolve (symlinks included) to a
     regular file under the root. FileNotFoundError when it does not exist."""
-    real_root = os.path.realpath(root)
-    resolved = os.path.realpath(os.path.join(real_root, relative), strict=True)
-    if not Path(resolved).is_relative_to(real_root) or resolved == real_root:
-        raise SourceRefused(f"file_uri {file_uri!r} resolves to {resolved}, outside FILES_SOURCE_ROOT {real_root} "
-                            "(a symlink leads out of it): refused, nothing read; fix the link or the source_files row")
-    components = PurePosixPath(resolved).relative_to(real_root).parts
+    real_root = _real_root(root)
+    try:  # the usual case, no symlink on the way: every component opened with O_NOFOLLOW, no resolving
+        fd = _open_components(real_root, relative.parts)
+    except OSError as error:
+        if error.errno not in {errno.ELOOP, errno.ENOTDIR}:
+            raise
+        fd = _open_resolved(real_root, relative, file_uri)  # a symlink: resolve it, then check where it leads
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SourceRefused(f"file_uri {file_uri!r} resolves to {os.path.join(real_root, relative)}, not a regular "
+                            "file: refused; fix the source_files row")
+    return os.fdopen(fd, "rb")
+
+
+@lru_cache(maxsize=8)
+def _real_root(root: Path) -> str:
+    return os.path.realpath(root)
+
+
+def _open_components(real_root: str, components: tuple[str, ...]) -> int:
+    """Open `components` under `real_root` one at a time from a handle on the root, refusing to follow a
+    symlink at any of them (ELOOP or ENOTDIR): nothing outside the root can be reached this way."""
     directory = os.open(real_root, _DIR_FLAGS)
     try:
         for name in components[:-1]:
             inner = os.open(name, _DIR_FLAGS, dir_fd=directory)
             os.close(directory)
             directory = inner
-        fd = os.open(components[-1], _FILE_FLAGS, dir_fd=directory)
+        return os.open(components[-1], _FILE_FLAGS, dir_fd=directory)
+    finally:
+        os.close(directory)
+
+
+def _open_resolved(real_root: str, relative: PurePosixPath, file_uri: str) -> int:
+    """The path has a symlink: resolve it, refuse it if it leads out of the root, open what it resolves to
+    (a directory swapped for a symlink after the check makes the open fail)."""
+    resolved = os.path.realpath(os.path.join(real_root, relative), strict=True)
+    if not Path(resolved).is_relative_to(real_root) or resolved == real_root:
+        raise SourceRefused(f"file_uri {file_uri!r} resolves to {resolved}, outside FILES_SOURCE_ROOT {real_root} "
+                            "(a symlink leads out of it): refused, nothing read; fix the link or the source_files row")
+    try:
+        return _open_components(real_root, PurePosixPath(resolved).relative_to(real_root).parts)
     except OSError as error:
         if error.errno not in {errno.ELOOP, errno.ENOTDIR}:
             raise
         raise SourceRefused(f"file_uri {file_uri!r}: {resolved} changed while being opened ({error.strerror}); "
                             "refused, the retry tries again") from None
-    finally:
-        os.close(directory)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise SourceRefused(f"file_uri {file_uri!r} resolves to {resolved}, not a regular file: refused; "
-                            "fix the source_files row")
-    return os.fdopen(fd, "rb")

@@ -121,6 +121,7 @@ def test_a_directory_swapped_for_a_symlink_after_resolving_is_not_followed(tmp_p
     root = tmp_path / "root"
     (root / "inner").mkdir(parents=True)
     (root / "inner" / "secret").write_bytes(b"inside")
+    (root / "link").symlink_to(root / "inner")  # a symlink inside the root: the path must be resolved
     watch = ReaderWatch(outside / "secret")
     resolve = os.path.realpath
 
@@ -134,7 +135,7 @@ def test_a_directory_swapped_for_a_symlink_after_resolving_is_not_followed(tmp_p
     monkeypatch.setattr(os.path, "realpath", resolve_then_swap)
     try:
         with pytest.raises(SourceRefused, match="changed while being opened"):
-            open_under_root(root, PurePosixPath("inner/secret"), "inner/secret")
+            open_under_root(root, PurePosixPath("link/secret"), "link/secret")
     finally:
         watch.stop()
     assert not watch.opened.is_set()
