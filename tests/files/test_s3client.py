@@ -84,3 +84,53 @@ def test_lean_puts_over_https_verify_certificates_as_the_client_does(bucket, ver
     assert connection.host == "s3.example.test" and connection.port == 443
     assert connection._context.check_hostname is checked
     assert (connection._context.verify_mode == ssl.CERT_REQUIRED) is checked
+
+
+def answered(raw: bytes):
+    """An _HTTPConnection whose socket holds `raw` as the server's answer."""
+    import socket
+
+    from migration_assets.files.s3client import _HTTPConnection
+
+    ours, theirs = socket.socketpair()
+    theirs.sendall(raw)
+    theirs.close()
+    connection = _HTTPConnection("127.0.0.1")
+    connection.sock = ours
+    return connection
+
+
+@pytest.mark.parametrize("raw, status, kept", [
+    (b"HTTP/1.1 200 OK\r\nETag: \"e1\"\r\nx-amz-checksum-sha256: c2\r\nContent-Length: 0\r\n\r\n", 200, True),
+    (b"HTTP/1.1 200\r\nEtag:\"e1\"\r\ncontent-length: 0\r\n\r\n", 200, True),  # no reason phrase, no space
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 5\r\nConnection: close\r\n\r\n<Err>", 400, False),
+    (b"HTTP/1.0 200 OK\r\nETag: \"e1\"\r\nContent-Length: 0\r\n\r\n", 200, False),
+])
+def test_lean_answers_are_read_whole_and_the_connection_closed_when_they_say_so(raw, status, kept):
+    from migration_assets.files.s3client import _read_response
+
+    connection = answered(raw + b"next answer")
+    got, headers = _read_response(connection)
+    assert got == status
+    if status == 200:
+        assert headers["etag"] == '"e1"'
+    assert (connection.sock is not None) == kept
+    if kept:  # the body was read to its end, no further
+        assert connection.reader().read() == b"next answer"
+
+
+@pytest.mark.parametrize("raw", [
+    b"",  # closed while idle
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+    b"HTTP/1.1 200 OK\r\nETag: \"e1\"\r\n\r\n",  # no length: the body would run to the connection's close
+    b"HTTP/1.1 200 OK\r\n" + b"X-Flood: y\r\n" * 200 + b"\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Long: " + b"y" * 10_000 + b"\r\n\r\n",
+    b"SSH-2.0-OpenSSH_9.2\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n",  # headers cut short
+])
+def test_lean_answers_it_cannot_read_leave_the_put_to_the_client(raw):
+    from migration_assets.files.s3client import _read_response
+
+    with pytest.raises(ValueError):
+        _read_response(answered(raw))
