@@ -30,11 +30,11 @@ import boto3
 
 try:
     from bench.chain_blocks import baseline
-    from bench.common import (embedded_postgres, embedded_postgres_pid, load_average, log, machine_info, peak_rss_mb,
+    from bench.common import (ChildrenPeakRss, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info, peak_rss_mb,
         process_tree_cpu_seconds, write_result)
 except ImportError:  # run as a script: bench/ is on sys.path
     from chain_blocks import baseline
-    from common import (embedded_postgres, embedded_postgres_pid, load_average, log, machine_info, peak_rss_mb,
+    from common import (ChildrenPeakRss, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info, peak_rss_mb,
         process_tree_cpu_seconds, write_result)
 
 from migration_assets.chain.event_source import EventLayout
@@ -165,6 +165,7 @@ def seed(client: Any, heights: int, min_events: int) -> tuple[str, dict[int, str
 def run(args: argparse.Namespace) -> dict[str, Any]:
     run_started, load_at_start = time.perf_counter(), load_average()
     dynalite = start_dynalite()
+    workers_rss = ChildrenPeakRss().start()  # the scans' worker processes (dynalite is node, not python)
     try:
         os.environ.update(local_aws_environment(dynalite.url))
         client = boto3.client("dynamodb")
@@ -216,10 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "ratio_vs_raw_scan": round(path["items_per_s"] / raw["items_per_s"], 3),
                     "ratio_vs_raw_scan_wire_items": round(path["items_per_s"] / raw_wire["items_per_s"], 3)}
                 log(f"  {path['events_per_s']} events/s, raw Scan {raw['items_per_s']} items/s")
-            # Before PostgreSQL and dynalite (a child too, holding every item in memory) are stopped and
-            # reaped: the children reaped so far are the scans' worker processes (and pg_ctl).
-            workers_peak_rss = peak_rss_mb(children=True)
     finally:
+        workers_rss.stop()
         dynalite.stop()
 
     blocks = results["blocks"]
@@ -254,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mainnet_hours": mainnet_hours(blocks["heights_per_s"],
                                        min(results[f"events_tag{t}"]["scan_path"]["events_per_s"] for t in EVENT_TAGS)),
         "cpu_seconds_per_phase": cpu.phases,
-        "peak_rss_mb": {"parent_with_seeded_items": peak_rss_mb(), "scan_workers": workers_peak_rss},
+        "peak_rss_mb": {"parent_with_seeded_items": peak_rss_mb(), "scan_workers": workers_rss.peak_mb},
         "load_average": {"start": load_at_start, "end": load_average()},
         "run_seconds": round(time.perf_counter() - run_started, 1),
     }

@@ -11,6 +11,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,18 +50,59 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
 
 
+def vm_hwm_mb(pid: int | str) -> float | None:
+    """A live process's peak resident set (VmHWM), in MiB; None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+class ChildrenPeakRss:
+    """The largest VmHWM of this process's Python children (worker processes, not the servers it
+    started), polled every 50 ms from start() to stop(). RUSAGE_CHILDREN's ru_maxrss can't tell it:
+    it survives exec, so a spawned worker reports what its parent held when it forked."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _children(self) -> list[str]:
+        me, found = str(os.getpid()), []
+        for entry in Path("/proc").iterdir():
+            try:
+                command, _, rest = (entry / "stat").read_text().partition(" (")[2].rpartition(")")
+            except OSError:
+                continue
+            if rest.split()[1:2] == [me] and command.startswith("python"):
+                found.append(entry.name)
+        return found
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            for pid in self._children():
+                self.peak_mb = max(self.peak_mb, vm_hwm_mb(pid) or 0.0)
+
+    def start(self) -> "ChildrenPeakRss":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def peak_rss_mb(children: bool = False) -> float:
     """Peak resident set size of this process (or of its waited-for children), in MiB.
 
     For this process, Linux's VmHWM: ru_maxrss survives exec, so a child started by a big parent would
     report the parent's peak."""
-    if not children:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-        except OSError:
-            pass
+    if not children and (own := vm_hwm_mb("self")) is not None:
+        return own
     usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
     kib = usage.ru_maxrss / 1024 if sys.platform == "darwin" else usage.ru_maxrss  # bytes on macOS
     return round(kib / 1024, 1)

@@ -28,10 +28,10 @@ import uuid
 from pathlib import Path
 
 try:
-    from bench.common import (embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
+    from bench.common import (vm_hwm_mb, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
                               process_tree_cpu_seconds, write_result)
 except ImportError:  # run as a script: bench/ is on sys.path
-    from common import (embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
+    from common import (vm_hwm_mb, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
                         process_tree_cpu_seconds, write_result)
 
 NAME = "file_migration"
@@ -50,17 +50,6 @@ def make_tree(root: Path, shape: list[tuple[int, int]]) -> tuple[int, int]:
             path.write_bytes(rng.randbytes(size))
             files, total = files + 1, total + size
     return files, total
-
-
-def vm_hwm_mb(pid: int) -> float | None:
-    """A live process's peak resident set (VmHWM), in MiB; None once it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
 
 
 def run_measured(command: list[str], env: dict) -> tuple[float, float, str, float]:
