@@ -253,7 +253,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mainnet_hours": mainnet_hours(blocks["heights_per_s"],
                                        min(results[f"events_tag{t}"]["scan_path"]["events_per_s"] for t in EVENT_TAGS)),
         "cpu_seconds_per_phase": cpu.phases,
-        "peak_rss_mb": {"parent_with_seeded_items": peak_rss_mb(), "scan_workers": workers_rss.peak_mb},
+        "peak_rss_mb": {"parent_with_seeded_items": peak_rss_mb(),
+                        "scan_worker_vm_hwm_with_shared_pages": workers_rss.peak_mb,
+                        "scan_worker_private": workers_rss.peak_private_mb},
         "load_average": {"start": load_at_start, "end": load_average()},
         "run_seconds": round(time.perf_counter() - run_started, 1),
     }

@@ -1,9 +1,10 @@
 """CIDv1 as atproto uses it: base32 text form, binary form (CAR, DAG-CBOR tag 42), block verification.
 
 Hand-written on purpose: atproto needs only CIDv1 with base32 and sha2-256, which is a few varints and
-base32 (the text form through libipld, the project's compiled DAG-CBOR decoder). The generic multiformats libraries on PyPI (`multiformats`, `py-multiformats-cid`)
-have had no release since 2022-2023 and resolve codecs through registries on every parse; this is the
-hot path of a repo walk (one CID per block), so a small exact implementation is cheaper and clearer.
+base32 (the text form is libipld's, the project's compiled DAG-CBOR decoder). The generic multiformats
+libraries on PyPI (`multiformats`, `py-multiformats-cid`) have had no release since 2022-2023 and
+resolve codecs through registries on every parse; this is the hot path of a repo walk (one CID per
+block), so a small exact implementation is cheaper and clearer.
 """
 
 from __future__ import annotations
