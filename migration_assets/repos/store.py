@@ -3,7 +3,9 @@ ledger update, in one transaction (a crash leaves the repo either fully at the o
 
 The snapshot's records are COPYed into a temp table (joined to their blocks here while the blocks are
 in memory, else in PostgreSQL from two spooled tables) and the diff is one set-based statement, so
-memory stays flat however big the repo; unchanged records are not written. Records the
+memory stays flat however big the repo; unchanged records are not written. A repo with no stored
+records (its first sync, most of a backfill) has nothing to diff: its records are COPYed straight into
+`records`, which costs PostgreSQL half as much as staging and diffing them. Records the
 snapshot's collection filter left out are not among its keys, so a narrowed filter deletes them here
 like any record gone from the MST; the filter is recorded with the repo (`collections_filter`)."""
 
@@ -79,6 +81,15 @@ _DIFF_AND_WRITE = """
            (SELECT count(*) FROM gone), (SELECT count(*) FROM changed)"""
 
 
+# A first sync of a repo spooled to disk: its keys joined to their blocks straight into records.
+_INSERT_SPOOLED = """
+    INSERT INTO records (did, collection, rkey, cid, record, record_cbor)
+    SELECT %(did)s, k.collection, k.rkey, k.cid, b.record::jsonb, b.record_cbor FROM incoming_keys k
+    JOIN (SELECT DISTINCT ON (link) link, record, record_cbor FROM incoming_blocks WHERE record IS NOT NULL
+          ORDER BY link) b ON b.link = k.link"""
+_RECORDS_COLUMNS = ("did", "collection", "rkey", "cid", "record", "record_cbor")
+
+
 @dataclass(frozen=True)
 class RecordChanges:
     created: int = 0
@@ -89,17 +100,21 @@ class RecordChanges:
 
 def store_snapshot(conn: psycopg.Connection, snapshot: RepoSnapshot, pds: str) -> RecordChanges:
     """Four round trips: the repo's ledger and counts (known from the snapshot, pipelined), one COPY
-    of its records (two and a join for a repo spooled to disk), the diff, the commit."""
+    of its records (two and a join for a repo spooled to disk), the diff, the commit. A repo with no
+    stored records skips the diff."""
     did = {"did": snapshot.did}
     with conn.transaction(), conn.cursor() as cur:
         with conn.pipeline():
-            cur.execute("SELECT 1 FROM repos WHERE did = %(did)s FOR UPDATE", did)
+            cur.execute("SELECT 1 FROM repos WHERE did = %(did)s FOR UPDATE", did)  # as every writer of its records
             for statement in _STAGING:
                 cur.execute(statement)
             _write_counts(cur, snapshot)
             ledger.finish_synced(cur, snapshot.did, pds, str(snapshot.head), snapshot.commit.rev, snapshot.records)
             cur.execute("UPDATE repos SET collections_filter = %s, signal_missing = %s WHERE did = %s",
                         (snapshot.scope.key, snapshot.signal_missing, snapshot.did))
+            cur.execute("SELECT NOT EXISTS (SELECT 1 FROM records WHERE did = %(did)s)", did)
+        if cur.fetchone()[0]:
+            return RecordChanges(created=_write_first(cur, snapshot))
         _stage(cur, snapshot)
         created, updated, deleted, changed = cur.execute(_DIFF_AND_WRITE, did).fetchone()
         if created + updated < changed:  # some changed record had no block to write: roll it all back
@@ -114,6 +129,24 @@ def _stage(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:
     copy_rows(cur, "incoming_blocks", ("link", "record", "error", "record_cbor"), snapshot.blocks)
     copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid", "link"), snapshot.keys)
     cur.execute(_JOIN_SPOOLED)
+
+
+def _write_first(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> int:
+    """Write the records of a repo that has none stored; as the diff, refuse (MstError) if any lacks its block."""
+    if snapshot.blocks.in_memory:
+        rows = (row for row in _record_rows(snapshot) if row[3] is not None)
+        written = copy_rows(cur, "records", _RECORDS_COLUMNS, ((snapshot.did, *row[:4], row[5]) for row in rows))
+    else:
+        copy_rows(cur, "incoming_blocks", ("link", "record", "error", "record_cbor"), snapshot.blocks)
+        copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid", "link"), snapshot.keys)
+        written = cur.execute(_INSERT_SPOOLED, {"did": snapshot.did}).rowcount
+    if written < snapshot.records:
+        if snapshot.blocks.in_memory:
+            _stage(cur, snapshot)
+        else:
+            cur.execute(_JOIN_SPOOLED)
+        _refuse_unusable(cur, snapshot)
+    return written
 
 
 def _record_rows(snapshot: RepoSnapshot) -> Iterator[tuple]:

@@ -107,6 +107,16 @@ def test_a_missing_record_block_stores_nothing(conn):
     assert conn.execute("SELECT status FROM repos WHERE did = %s", (DID,)).fetchone() == ("pending",)
 
 
+def test_a_first_sync_with_a_record_that_is_not_dag_cbor_stores_nothing(conn):
+    records = {f"app.bsky.feed.post/{i}": post(str(i)) for i in range(5)}
+    bad = dagcbor.encode(post("3")) + b"\x00"  # a repo never stored takes the COPY without a diff
+    with pytest.raises(MstError, match=r"app.bsky.feed.post/3 .* is not valid DAG-CBOR: .*trailing bytes"):
+        sync(conn, export(records, replace={"app.bsky.feed.post/3": bad}))
+    conn.rollback()
+    assert stored(conn) == {}
+    assert conn.execute("SELECT status FROM repos WHERE did = %s", (DID,)).fetchone() == ("pending",)
+
+
 def test_a_record_that_is_not_dag_cbor_stores_nothing(conn):
     records = {f"app.bsky.feed.post/{i}": post(str(i)) for i in range(5)}
     sync(conn, export(records))
