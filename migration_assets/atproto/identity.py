@@ -34,6 +34,7 @@ from migration_assets.atproto.xrpc import (
     RateLimited,
     guarded_http_client,
     host_key,
+    shared_ssl_context,
 )
 from migration_assets.core.backoff import Backoff
 
@@ -217,7 +218,8 @@ class IdentityResolver:
         # No single read may outlast the whole deadline; the deadline itself is checked between reads.
         self._web = guarded_http_client(timeout=self.deadline_seconds, allow_private=self._allow_private,
                                         user_agent="migration-assets")
-        self._plc = httpx.Client(timeout=httpx.Timeout(self.deadline_seconds), trust_env=False, follow_redirects=False)
+        self._plc = httpx.Client(timeout=httpx.Timeout(self.deadline_seconds), trust_env=False, follow_redirects=False,
+                                 verify=shared_ssl_context())
         self._cache: dict[str, tuple[float, DidDocument]] = {}
         self._lock = threading.Lock()
 

@@ -466,3 +466,19 @@ def test_forbidden_addresses(address, forbidden):
 def test_bad_base_url_is_refused():
     with pytest.raises(ValueError, match="http"):
         XrpcClient("ftp://pds.example")
+
+
+def test_every_client_shares_one_verifying_tls_context():
+    """Building a TLS context loads the CA bundle (~20 ms of CPU); a run makes a client per host."""
+    import ssl
+
+    from migration_assets.atproto.identity import IdentityResolver
+
+    contexts = [client._transport._pool._ssl_context for client in (
+        xrpc.guarded_http_client(timeout=1, allow_private=False, user_agent="t"),
+        xrpc.guarded_http_client(timeout=1, allow_private=True, user_agent="t"),
+    )]
+    resolver = IdentityResolver(plc_url="https://plc.example")
+    contexts += [resolver._plc._transport._pool._ssl_context, resolver._web._transport._pool._ssl_context]
+    assert all(context is xrpc.shared_ssl_context() for context in contexts)
+    assert contexts[0].verify_mode == ssl.CERT_REQUIRED and contexts[0].check_hostname
