@@ -4,8 +4,11 @@ that process's user + system time around the loop, warm-up excluded); the server
 
 Candidates:
 - botocore:  the pipeline's client (files/s3client.copy_client) and put_object, as mover.py called it;
-- lean:      files/s3client.FastPut: botocore's SigV4 signer, a kept-alive http.client connection per
-             upload in flight, none of botocore's request machinery (events, serializer, parser, retries);
+- lean:      files/s3client.FastPut: its own SigV4 signer (s3client.SigV4Signer), a kept-alive http.client
+             connection per upload in flight, none of botocore's request machinery (events, serializer,
+             parser, retries);
+- lean_botocore_signer: FastPut signing with botocore's S3SigV4Auth on an AWSRequest, as it did before
+             it had its own signer (the same headers, byte for byte: tests/files/test_sigv4.py);
 - crt:       awscrt's S3Client (native, releases the GIL), only when `awscrt` imports (not a project
              dependency: `pip install --target DIR awscrt` and put DIR on PYTHONPATH to compare).
 
@@ -86,6 +89,37 @@ def lean_put(bucket: str):
     return put
 
 
+class _BotocoreSigner:
+    """SigV4Signer's interface, signed by botocore's S3SigV4Auth (the pipeline's client does not sign payloads,
+    so the AWSRequest needs no body)."""
+
+    def __init__(self, fast) -> None:
+        self._origin, self._config = fast._base[: len(fast._base) - len(fast._path)], fast._client.meta.config
+        self._service, self._region = fast._service, fast._region
+
+    def sign(self, method, path, headers, payload_hash, credentials, amz_date=None):
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        request = AWSRequest(method, self._origin + path, headers=headers, data=b"")
+        request.context["client_config"] = self._config
+        S3SigV4Auth(credentials, self._service, self._region).add_auth(request)
+        headers.clear()
+        headers.update(request.headers.items())
+        return headers
+
+
+def lean_botocore_signer_put(bucket: str):
+    from migration_assets.files.s3client import FastPut, copy_client
+    fast = FastPut(copy_client(_Resource(), THREADS), bucket)
+    fast._signer = _BotocoreSigner(fast)
+
+    def put(key: str, data: bytes, sha: bytes) -> str:
+        reply = fast.put(key, data, sha, {"sha256": sha.hex()})
+        assert reply is not None, "the lean path gave up on a PUT"
+        return reply["ETag"]
+    return put
+
+
 def crt_put(bucket: str):
     from awscrt.auth import AwsCredentialsProvider
     from awscrt.http import HttpHeaders, HttpRequest
@@ -121,7 +155,7 @@ def crt_put(bucket: str):
     return put
 
 
-CANDIDATES = {"botocore": botocore_put, "lean": lean_put, "crt": crt_put}
+CANDIDATES = {"botocore": botocore_put, "lean": lean_put, "lean_botocore_signer": lean_botocore_signer_put, "crt": crt_put}
 
 
 def child(name: str, bucket: str, count: int) -> None:
