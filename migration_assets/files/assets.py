@@ -26,6 +26,7 @@ MIGRATION_RANGES = dg.AssetKey(["files", "migration_ranges"])
 COPIED_FILES = dg.AssetKey(["files", "copied_files"])
 FILE_RETRIES = dg.AssetKey(["files", "file_retries"])
 POOL = "files_s3"
+PROGRESS_LOG_SECONDS = 5.0  # a copy pass logs its progress at most this often (and once at its end)
 BANDWIDTH_BUCKET_FILE = "files-bandwidth.bucket"  # the machine's shared token bucket, in MIGRATION_DATA_DIR
 
 
@@ -194,13 +195,21 @@ def copied_files(
     settings = job.settings
     min_id, max_id = parse_range_key(context.partition_key)
 
-    def log_progress(progress: Progress) -> None:
-        context.log.info(f"[{min_id}, {max_id}): {progress.done}/{progress.listed} files, "
-                         f"{progress.bytes_copied / 1e6:.1f} MB, {progress.failed} failed")
+    logged = [0.0]  # when progress was last logged
+
+    def log_progress(progress: Progress, final: bool = False) -> None:
+        """At most every PROGRESS_LOG_SECONDS, and once at the end: each log line is an event Dagster
+        stores (a line per recorded batch was ~3% of the client CPU of 10,000 small files)."""
+        now = time.monotonic()
+        if final or now - logged[0] >= PROGRESS_LOG_SECONDS:
+            logged[0] = now
+            context.log.info(f"[{min_id}, {max_id}): {progress.done}/{progress.listed} files, "
+                             f"{progress.bytes_copied / 1e6:.1f} MB, {progress.failed} failed")
 
     try:
         with claimed(job, min_id, max_id, worker_name()) as claim:
             progress = migrate_claimed_range(job, claim, on_progress=log_progress)
+        log_progress(progress, final=True)
     except store.ClaimRefused as refused:
         raise dg.Failure(description=str(refused), allow_retries=False) from None
     if progress.stopped:

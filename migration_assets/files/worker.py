@@ -2,7 +2,6 @@
 it, stopping cleanly when told or when the lease is lost), and a retry batch."""
 
 import os
-import queue
 import socket
 import threading
 import time
@@ -87,6 +86,33 @@ class _Feed:
 _DONE = object()  # an upload thread's last word
 
 
+class _Results:
+    """What the upload threads hand to the recording thread: appended under a lock, taken as a batch.
+    The recording thread wakes for a full batch (FLUSH_EVERY_FILES), an upload thread's end or error,
+    or its timeout, not once per file (a queue's get per result, and a hand-over of the GIL to a
+    thread that records nothing yet): with 10,000 small files the recording thread's CPU went from
+    0.35 to 0.21 s, of a copy's ~2.7 s."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: list = []
+        self._ready = threading.Event()
+
+    def put(self, item: object) -> None:
+        with self._lock:
+            self._items.append(item)
+            if len(self._items) >= FLUSH_EVERY_FILES or not isinstance(item, FileResult):
+                self._ready.set()
+
+    def take(self, timeout: float) -> list:
+        """Everything handed over so far, once there is a batch, an end or an error, or after `timeout`."""
+        self._ready.wait(max(0.0, timeout))
+        with self._lock:
+            self._ready.clear()
+            items, self._items = self._items, []
+        return items
+
+
 def copy_all(
     files: Iterable[SourceFile], copy: Callable[[SourceFile], FileResult], concurrency: int,
     stop_reason: StopReason, on_results: Callable[[list[FileResult]], None],
@@ -96,10 +122,10 @@ def copy_all(
     returns the reason (None when all went through).
 
     `concurrency` upload threads each take the next file and copy it; this thread only records their
-    results (batches of FLUSH_EVERY_FILES, or every FLUSH_EVERY_SECONDS). Plain threads and a queue,
-    not an executor's futures: per file that bookkeeping cost as much client CPU as a quarter of the
-    PUT itself (measured with 10,000 small files)."""
-    feed, results = _Feed(files, stop_reason), queue.SimpleQueue()
+    results (batches of FLUSH_EVERY_FILES, or every FLUSH_EVERY_SECONDS). Plain threads and a shared
+    list (_Results), not an executor's futures: per file that bookkeeping cost as much client CPU as a
+    quarter of the PUT itself (measured with 10,000 small files)."""
+    feed, results = _Feed(files, stop_reason), _Results()
 
     def upload() -> None:
         try:
@@ -125,25 +151,28 @@ def copy_all(
     return feed.stopped
 
 
-def _record_until_done(results: queue.SimpleQueue, running: int, on_results: Callable[[list[FileResult]], None]) -> None:
+def _record_until_done(results: _Results, running: int, on_results: Callable[[list[FileResult]], None]) -> None:
     batch: list[FileResult] = []
     error: BaseException | None = None
     last_flush = time.monotonic()
     while running:
-        try:
-            item = results.get(timeout=FLUSH_EVERY_SECONDS)
-        except queue.Empty:
-            item = None
-        if item is _DONE:
-            running -= 1
-        elif isinstance(item, BaseException):
-            error = error or item
-        elif item is not None:
-            batch.append(item)
-        if batch and (len(batch) >= FLUSH_EVERY_FILES or time.monotonic() - last_flush >= FLUSH_EVERY_SECONDS):
+        for item in results.take(last_flush + FLUSH_EVERY_SECONDS - time.monotonic()):
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, BaseException):
+                error = error or item
+            else:
+                batch.append(item)
+                if len(batch) >= FLUSH_EVERY_FILES:
+                    on_results(batch)
+                    batch = []
+                    last_flush = time.monotonic()
+        if batch and time.monotonic() - last_flush >= FLUSH_EVERY_SECONDS:
             on_results(batch)
             batch = []
             last_flush = time.monotonic()
+        elif not batch and time.monotonic() - last_flush >= FLUSH_EVERY_SECONDS:
+            last_flush = time.monotonic()  # nothing to record: wait a whole interval again, not spin
     on_results(batch)
     if error:
         raise error
