@@ -122,8 +122,11 @@ def _split_frame(frame: bytes) -> tuple[object, bytes]:
 
 
 _COMMIT_HEADER = {"op": 1, "t": "#commit"}
-_COMMIT_FIELDS = {"blobs", "blocks", "commit", "ops", "prevData", "rebase", "repo", "rev", "seq", "since", "time",
-                  "tooBig"}  # fmt: skip
+_NONE = type(None)
+_COMMIT_FIELDS = {  # the #commit lexicon's fields and the Python types libipld decodes them to
+    "blobs": {list}, "blocks": {bytes}, "commit": {bytes}, "ops": {list}, "prevData": {bytes, _NONE},
+    "rebase": {bool}, "repo": {str}, "rev": {str}, "seq": {int}, "since": {str, _NONE}, "time": {str}, "tooBig": {bool},
+}
 _OP_FIELDS = {"action", "cid", "path", "prev"}
 _NOT_A_CID_START = (b"\x00", b"\x01", b"\x12")  # every binary CID starts so (mst._NOT_A_CID_START)
 
@@ -144,36 +147,35 @@ def _compiled_commit_frame(frame: bytes) -> tuple[dict, dict] | None:
             return None
     except Exception:  # noqa: BLE001 - ValueError, RecursionError: the reference decides and explains
         return None
-    if type(body) is not dict or not body.keys() <= _COMMIT_FIELDS:
+    if type(body) is not dict:
         return None
-    get = body.get
-    blocks, ops, blobs = get("blocks"), get("ops"), get("blobs", [])
-    if (type(blocks) is not bytes or blocks[:1] in _NOT_A_CID_START or type(ops) is not list
-            or type(blobs) is not list or type(get("seq")) is not int
-            or not all(type(get(k)) is str for k in ("repo", "rev", "time"))
-            or not all(type(get(k, False)) is bool for k in ("rebase", "tooBig"))
-            or type(get("since")) not in (str, type(None))):
-        return None
-    for op in ops:
-        if (type(op) is not dict or not op.keys() <= _OP_FIELDS or type(op.get("action")) is not str
-                or type(op.get("path")) is not str):
+    for name, value in body.items():  # known fields of known types: no bytes where a link could be
+        kinds = _COMMIT_FIELDS.get(name)
+        if kinds is None or type(value) not in kinds:
             return None
-        for name in ("cid", "prev"):
-            if (value := op.get(name)) is not None:
+    if body.get("blocks", b"")[:1] in _NOT_A_CID_START:
+        return None
+    for op in body.get("ops", ()):
+        if type(op) is not dict or not op.keys() <= _OP_FIELDS:
+            return None
+        for name, value in op.items():
+            if name == "action" or name == "path":
+                if type(value) is not str:
+                    return None
+            elif value is not None:
                 if (cid := _usual_link(value)) is None:
                     return None
                 op[name] = cid
-    links = [_usual_link(item) for item in blobs]
-    commit = _usual_link(get("commit"))
-    if commit is None or None in links:
-        return None
-    body["commit"] = commit
+    for name in ("commit", "prevData"):
+        if (value := body.get(name)) is not None:
+            if (cid := _usual_link(value)) is None:
+                return None
+            body[name] = cid
     if "blobs" in body:
-        body["blobs"] = links
-    if get("prevData") is not None:
-        if (prev_data := _usual_link(body["prevData"])) is None:
+        links = [_usual_link(item) for item in body["blobs"]]
+        if None in links:
             return None
-        body["prevData"] = prev_data
+        body["blobs"] = links
     return header, body
 
 
