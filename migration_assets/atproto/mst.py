@@ -203,33 +203,45 @@ def _path_node(blocks: Mapping[CID, bytes], cid: CID) -> _PathNode:
             f"MST node {cid} is missing from the block set; the repo export is incomplete, fetch it again"
         ) from None
     node = _compiled_path_node(block)
-    if node is None:
-        try:
-            node = _reference_node(block)
-        except MstError as exc:
-            raise MstError(f"MST node {cid} {exc}") from None
-    left, entries = node
+    if node is not None:
+        return node
+    try:
+        left, entries = _reference_node(block)
+    except MstError as exc:
+        raise MstError(f"MST node {cid} {exc}") from None
     return left, _entry_keys(cid, entries), [e["v"] for e in entries], [e["t"] for e in entries]
 
 
-def _compiled_path_node(block: bytes) -> tuple[bytes | None, list[dict[str, Any]]] | None:
-    """_compiled_node's decoding and checks (_is_link is _link's, inlined), the links left as bytes."""
+def _compiled_path_node(block: bytes) -> _PathNode | None:
+    """_compiled_node's decoding and checks (_is_link is _link's, inlined), the links left as bytes, and
+    _entry_keys's keys in the same loop. A prefix past the previous key goes to the reference path too,
+    which accepts the node and then raises _entry_keys's error."""
     value = dagcbor.decode_canonical(block)
     if type(value) is not dict or value.keys() != _NODE_KEYS or type(value["e"]) is not list:
         return None
     left, prefixes = value["l"], CODEC_OF_PREFIX
     if left is not None and not _is_link(left):
         return None
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    trees: list[bytes | None] = []
+    prev = b""
     for entry in value["e"]:
-        if type(entry) is not dict or entry.keys() != _ENTRY_KEYS or type(entry["p"]) is not int:
+        if type(entry) is not dict or entry.keys() != _ENTRY_KEYS:
             return None
-        key, link, tree = entry["k"], entry["v"], entry["t"]
-        if (type(key) is not bytes or key[:1] in _NOT_A_CID_START
+        prefix, key, link, tree = entry["p"], entry["k"], entry["v"], entry["t"]
+        if (type(prefix) is not int or type(key) is not bytes or key[:1] in _NOT_A_CID_START
                 or type(link) is not bytes or len(link) != 36 or link[:4] not in prefixes):
             return None
         if tree is not None and (type(tree) is not bytes or len(tree) != 36 or tree[:4] not in prefixes):
             return None
-    return left, value["e"]
+        if not 0 <= prefix <= len(prev):
+            return None
+        prev = prev[:prefix] + key
+        keys.append(prev)
+        values.append(link)
+        trees.append(tree)
+    return left, keys, values, trees
 
 
 def _is_link(value: object) -> bool:
