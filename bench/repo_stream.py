@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-events", type=int, default=200)
     parser.add_argument("--rate", type=float, default=50.0, help="commits/s of the steady load (step 3)")
     parser.add_argument("--load-seconds", type=float, default=30.0)
-    parser.add_argument("--profile", type=Path, help="write a cProfile of the follow step (step 2) here")
+    parser.add_argument("--profile", type=Path,
+                        help="write a cProfile of the follow step (step 2) here, in the follower thread's CPU time")
     parser.add_argument("--check-processes", type=int, default=None,
                         help="worker processes checking commits (default REPO_FOLLOW_CHECK_PROCESSES)")
     return parser.parse_args(argv)
@@ -122,7 +123,7 @@ def follow_until(target_url: str, host: str, start: int, end: int, batch_events:
         if profile is None:
             report = follow.run(stop)
         else:
-            profiler = cProfile.Profile()
+            profiler = cProfile.Profile(time.thread_time)  # the follower thread's CPU, not waits (nor other threads')
             report = profiler.runcall(follow.run, stop)
             profiler.dump_stats(profile)
     finally:

@@ -166,3 +166,47 @@ def _read_section(section: bytes, start: int) -> tuple[CID, bytes]:
     except CidError as exc:
         raise CarError(f"bad CID in the section at byte {start}: {exc}") from None
     return cid, section[end:]
+
+
+_HEADER_KEYS = {"roots", "version"}
+
+
+def read_blocks(data: bytes, *, max_size: int) -> dict[CID, bytes]:
+    """`dict(CarReader(iter([data]), max_size=max_size))` for a CAR held in memory (a stream event's
+    slice), in one tight loop: a header of the usual shape decoded by libipld, the usual CIDs, one- and
+    two-byte section lengths. Anything else, including every error, is left to CarReader, which decides
+    and words it, so both accept and refuse the same bytes alike."""
+    blocks = _read_usual_blocks(data, max_size)
+    return blocks if blocks is not None else dict(CarReader(iter([data]), max_size=max_size))
+
+
+def _read_usual_blocks(data: bytes, max_size: int) -> dict[CID, bytes] | None:
+    end = len(data)
+    if not 0 < end <= max_size or data[0] >= 0x80:
+        return None
+    pos = 1 + data[0]
+    header = dagcbor.decode_canonical(data[1:pos]) if pos > 1 and pos <= end else None
+    # A canonical block holds a link exactly where its value holds CID-shaped bytes (decode_canonical).
+    if (type(header) is not dict or header.keys() != _HEADER_KEYS or type(header["version"]) is not int
+            or header["version"] != 1 or type(header["roots"]) is not list or not header["roots"]
+            or not all(type(r) is bytes and len(r) == 36 and r[:4] in CODEC_OF_PREFIX for r in header["roots"])):
+        return None
+    blocks: dict[CID, bytes] = {}
+    sha256, codec_of = hashlib.sha256, CODEC_OF_PREFIX
+    while pos < end:
+        size = data[pos]
+        if size < 0x80:
+            pos += 1
+        elif pos + 1 < end and 0 < data[pos + 1] < 0x80:
+            size, pos = (size & 0x7F) | (data[pos + 1] << 7), pos + 2
+        else:
+            return None
+        codec = codec_of.get(data[pos:pos + 4]) if size >= 36 else None
+        if codec is None or pos + size > end:
+            return None
+        digest, block = data[pos + 4:pos + 36], data[pos + 36:pos + size]
+        if sha256(block).digest() != digest:
+            return None
+        blocks[CID(codec, digest)] = block
+        pos += size
+    return blocks

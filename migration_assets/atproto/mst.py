@@ -65,6 +65,17 @@ class Commit(BaseModel):
 
 def parse_commit(block: bytes) -> Commit:
     """Decode and check a commit block (the CAR's first root)."""
+    return parse_signed_commit(block)[0]
+
+
+def parse_signed_commit(block: bytes) -> tuple[Commit, bytes | None]:
+    """(the commit, as parse_commit; the bytes its signature covers when they came with the decoding, else
+    None: then signature.unsigned_commit_bytes re-encodes them). Decodes the block once, not twice."""
+    compiled = _compiled_commit(block)
+    return compiled if compiled is not None else (_reference_commit(block), None)
+
+
+def _reference_commit(block: bytes) -> Commit:
     try:
         obj = dagcbor.decode(block)
     except AtprotoFormatError as exc:
@@ -88,6 +99,43 @@ def parse_commit(block: bytes) -> Commit:
     if problems:
         raise CommitError("invalid commit: " + "; ".join(problems))
     return Commit.model_validate({"did": did, "version": version, "data": data, "rev": rev, "prev": prev, "sig": sig})
+
+
+_COMMIT_KEYS = {"data", "did", "prev", "rev", "sig", "version"}
+# The canonical map puts its keys length-first then bytewise: did, rev, sig, data, prev, version. The
+# signature covers the same map without `sig`: a5 (five pairs), the pairs before `sig`, the pairs after.
+_SIG_PAIR_HEAD = b"\x63sig\x58\x40"  # text "sig", then a 64-byte byte string
+
+
+def _compiled_commit(block: bytes) -> tuple[Commit, bytes] | None:
+    """The commit through libipld and the bytes its signature covers, cut out of the block; None to leave
+    it to the reference path, which decides and words the error. Only the usual commit takes this path:
+    exactly the six keys of a version 3 commit, a 64-byte `sig` that can't be taken for a link, and a
+    block that is the canonical encoding of its value (so `data` and `prev` are links, as in
+    _compiled_node, and the map minus `sig` encodes as the block minus that pair, byte for byte)."""
+    value = dagcbor.decode_canonical(block)
+    if type(value) is not dict or value.keys() != _COMMIT_KEYS:
+        return None
+    did, rev, sig, prev, version = value["did"], value["rev"], value["sig"], value["prev"], value["version"]
+    data = _link(value["data"])
+    if (type(did) is not str or not did.startswith("did:") or type(rev) is not str or not rev
+            or type(version) is not int or version != 3 or data is None
+            or type(sig) is not bytes or len(sig) != 64 or sig[:1] in _NOT_A_CID_START):
+        return None
+    if prev is not None and (prev := _link(prev)) is None:
+        return None
+    start = 1 + 4 + _text_size(did) + 4 + _text_size(rev)  # a6, "did", did, "rev", rev
+    end = start + len(_SIG_PAIR_HEAD) + 64
+    if block[:1] != b"\xa6" or block[start:start + len(_SIG_PAIR_HEAD)] != _SIG_PAIR_HEAD:
+        return None
+    commit = Commit.model_construct(did=did, version=version, data=data, rev=rev, prev=prev, sig=sig)
+    return commit, b"\xa5" + block[1:start] + block[end:]
+
+
+def _text_size(text: str) -> int:
+    """Bytes of a CBOR text string (minimal head, UTF-8)."""
+    size = len(text.encode())
+    return size + (1 if size < 24 else 2 if size < 0x100 else 3 if size < 0x10000 else 5)
 
 
 def key_layer(key: bytes | str) -> int:
@@ -115,24 +163,95 @@ def walk_records(blocks: Mapping[CID, bytes], root: CID,
         yield collection, rkey, value
 
 
-def lookup(blocks: Mapping[CID, bytes], root: CID, key: str) -> CID | None:
+def lookup(blocks: Mapping[CID, bytes], root: CID, key: str, nodes: dict[CID, _PathNode] | None = None) -> CID | None:
     """The value of `key` in the MST rooted at `root`, or None when the tree has no such key. Needs only
-    the nodes on the key's path (what a commit event carries); a missing one raises MstError."""
+    the nodes on the key's path (what a commit event carries); a missing one raises MstError.
+    `nodes`: a cache of the nodes decoded so far, for several lookups in the same blocks (a commit's ops).
+    Only the links on the path become CID objects."""
+    if nodes is None:
+        nodes = {}
     wanted, cid = key.encode(), root
     while True:
-        left, entries = _node(blocks, cid)
+        node = nodes.get(cid)
+        if node is None:
+            node = nodes[cid] = _path_node(blocks, cid)
+        left, keys, values, trees = node
         subtree = left
-        for entry, entry_key in zip(entries, _entry_keys(cid, entries)):
+        for i, entry_key in enumerate(keys):
             if entry_key == wanted:
-                return entry["v"]
+                return _as_cid(values[i])
             if entry_key > wanted:
                 break
-            subtree = entry["t"]
+            subtree = trees[i]
         if subtree is None:
             return None
-        cid = subtree
+        cid = _as_cid(subtree)
 
 
+# A node for lookups: (left, full keys, values, subtrees); links as CID, or as the 36 bytes of a CID of
+# the usual kind (checked: _as_cid makes it a CID when the path goes through it).
+_PathNode = tuple[Any, list[bytes], list[Any], list[Any]]
+
+
+def _path_node(blocks: Mapping[CID, bytes], cid: CID) -> _PathNode:
+    """As _node, but links stay bytes where libipld decoded the node: the checks are those of
+    _compiled_node (whose CID(...) calls cannot fail), so the same blocks take the reference path."""
+    try:
+        block = blocks[cid]
+    except KeyError:
+        raise MstError(
+            f"MST node {cid} is missing from the block set; the repo export is incomplete, fetch it again"
+        ) from None
+    node = _compiled_path_node(block)
+    if node is not None:
+        return node
+    try:
+        left, entries = _reference_node(block)
+    except MstError as exc:
+        raise MstError(f"MST node {cid} {exc}") from None
+    return left, _entry_keys(cid, entries), [e["v"] for e in entries], [e["t"] for e in entries]
+
+
+def _compiled_path_node(block: bytes) -> _PathNode | None:
+    """_compiled_node's decoding and checks (_is_link is _link's, inlined), the links left as bytes, and
+    _entry_keys's keys in the same loop. A prefix past the previous key goes to the reference path too,
+    which accepts the node and then raises _entry_keys's error."""
+    value = dagcbor.decode_canonical(block)
+    if type(value) is not dict or value.keys() != _NODE_KEYS or type(value["e"]) is not list:
+        return None
+    left, prefixes = value["l"], CODEC_OF_PREFIX
+    if left is not None and not _is_link(left):
+        return None
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    trees: list[bytes | None] = []
+    prev = b""
+    for entry in value["e"]:
+        if type(entry) is not dict or entry.keys() != _ENTRY_KEYS:
+            return None
+        prefix, key, link, tree = entry["p"], entry["k"], entry["v"], entry["t"]
+        if (type(prefix) is not int or type(key) is not bytes or key[:1] in _NOT_A_CID_START
+                or type(link) is not bytes or len(link) != 36 or link[:4] not in prefixes):
+            return None
+        if tree is not None and (type(tree) is not bytes or len(tree) != 36 or tree[:4] not in prefixes):
+            return None
+        if not 0 <= prefix <= len(prev):
+            return None
+        prev = prev[:prefix] + key
+        keys.append(prev)
+        values.append(link)
+        trees.append(tree)
+    return left, keys, values, trees
+
+
+def _is_link(value: object) -> bool:
+    """Whether _link makes a CID of `value`."""
+    return type(value) is bytes and len(value) == 36 and value[:4] in CODEC_OF_PREFIX
+
+
+def _as_cid(value: CID | bytes) -> CID:
+    """A link of a _PathNode as a CID."""
+    return value if type(value) is CID else CID(CODEC_OF_PREFIX[value[:4]], value[4:])
 def _split_key(key: bytes, valid_collections: set[str]) -> tuple[str, str]:
     text = key.decode("utf-8", errors="replace")
     collection, sep, rkey = text.partition("/")

@@ -163,13 +163,14 @@ def unsigned_commit_bytes(commit_block: bytes) -> tuple[bytes, bytes]:
     return dagcbor.encode(obj), sig
 
 
-def verify_commit(commit_block: bytes, key: PublicKey | str) -> None:
-    """Verify a commit block's signature against the DID document's `#atproto` key.
+def verify_commit(commit_block: bytes, key: PublicKey | str, *, signed: tuple[bytes, bytes] | None = None) -> None:
+    """Verify a commit block's signature against the DID document's `#atproto` key. `signed`: what
+    unsigned_commit_bytes would return, when the caller has it already (mst.parse_signed_commit).
 
     Raises SignatureError naming the key; the caller should re-resolve the DID (the key may have been
     rotated: only the latest commit is sure to verify against the current key).
     """
-    message, sig = unsigned_commit_bytes(commit_block)
+    message, sig = signed if signed is not None else unsigned_commit_bytes(commit_block)
     try:
         verify_signature(key, message, sig)
     except SignatureError as exc:

@@ -16,10 +16,10 @@ from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 
-from migration_assets.atproto.car import CarReader
+from migration_assets.atproto.car import read_blocks
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.errors import AtprotoError
-from migration_assets.atproto.mst import is_valid_nsid, is_valid_record_key, lookup, parse_commit
+from migration_assets.atproto.mst import is_valid_nsid, is_valid_record_key, lookup, parse_signed_commit
 from migration_assets.atproto.signature import SignatureError, verify_commit
 from migration_assets.repos.collections import CollectionFilter
 from migration_assets.repos.snapshot import _staged as staged_block  # the backfill's record row: jsonb + U+0000
@@ -61,21 +61,22 @@ def check_commit(item: CommitToCheck, collections: CollectionFilter) -> Checked:
     if item.too_big:
         return Checked(problem="the host left the diff out (tooBig)")
     try:
-        blocks = dict(CarReader(iter([item.blocks]), max_size=MAX_BLOCKS_BYTES))
+        blocks = read_blocks(item.blocks, max_size=MAX_BLOCKS_BYTES)
         commit_block = blocks.get(item.commit)
         if commit_block is None:
             return Checked(problem=f"commit block {item.commit} is missing from the event's blocks")
-        commit = parse_commit(commit_block)
+        commit, unsigned = parse_signed_commit(commit_block)  # decoded once, for the signature too
         if (commit.did, commit.rev) != (item.repo, item.rev):
             return Checked(problem=f"the commit is {commit.did} rev {commit.rev}, the event {item.repo} rev {item.rev}")
         if item.signing_key is not None:
             try:
-                verify_commit(commit_block, item.signing_key)
+                verify_commit(commit_block, item.signing_key, signed=None if unsigned is None else (unsigned, commit.sig))
             except SignatureError as exc:
                 return Checked(problem=str(exc), bad_signature=True)
         records = {}
+        nodes: dict = {}  # MST nodes decoded by the ops' lookups: the ops of a commit share its top nodes
         for action, path, cid in item.ops:
-            if problem := op_problem(action, path, cid, blocks, commit.data):
+            if problem := op_problem(action, path, cid, blocks, commit.data, nodes):
                 return Checked(problem=problem)
             if action == "delete" or not collections.matches(path.partition("/")[0]):
                 continue
@@ -90,7 +91,8 @@ def check_commit(item: CommitToCheck, collections: CollectionFilter) -> Checked:
         return Checked(problem=f"{type(exc).__name__}: {exc}")
 
 
-def op_problem(action: str, path: str, cid: CID | None, blocks: dict[CID, bytes], data: CID) -> str | None:
+def op_problem(action: str, path: str, cid: CID | None, blocks: dict[CID, bytes], data: CID,
+               nodes: dict | None = None) -> str | None:
     """Why an op can't be trusted, if it can't: a bad path, or it disagrees with the signed tree (the
     event's MST nodes must put the op's CID at its path, or nothing for a delete)."""
     collection, _, rkey = path.partition("/")
@@ -99,7 +101,7 @@ def op_problem(action: str, path: str, cid: CID | None, blocks: dict[CID, bytes]
     expected = None if action == "delete" else cid
     if expected is None and action != "delete":
         return f"{action} {path} has no record CID"
-    found = lookup(blocks, data, path)
+    found = lookup(blocks, data, path, nodes)
     if found != expected:
         return f"{action} {path} disagrees with the signed commit's tree (holds {found}, op says {expected})"
     return None

@@ -15,12 +15,13 @@ from datetime import datetime
 from typing import Literal, Union
 
 import cbor2
+import libipld
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictBytes, StrictInt, StrictStr, ValidationError
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from migration_assets.atproto import dagcbor
-from migration_assets.atproto.cid import CID
+from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID
 from migration_assets.atproto.errors import AtprotoFormatError
 
 NSID = "com.atproto.sync.subscribeRepos"
@@ -120,14 +121,84 @@ def _split_frame(frame: bytes) -> tuple[object, bytes]:
     return dagcbor.decode(frame[:end]), frame[end:]
 
 
+_COMMIT_HEADER = {"op": 1, "t": "#commit"}
+_NONE = type(None)
+_COMMIT_FIELDS = {  # the #commit lexicon's fields and the Python types libipld decodes them to
+    "blobs": {list}, "blocks": {bytes}, "commit": {bytes}, "ops": {list}, "prevData": {bytes, _NONE},
+    "rebase": {bool}, "repo": {str}, "rev": {str}, "seq": {int}, "since": {str, _NONE}, "time": {str}, "tooBig": {bool},
+}
+_OP_FIELDS = {"action", "cid", "path", "prev"}
+_NOT_A_CID_START = (b"\x00", b"\x01", b"\x12")  # every binary CID starts so (mst._NOT_A_CID_START)
+
+
+def _compiled_commit_frame(frame: bytes) -> tuple[dict, dict] | None:
+    """A #commit frame's header and body through libipld, as the reference decoding (_split_frame, then
+    dagcbor.decode) gives them; None to leave the frame to that. libipld returns links and byte strings
+    alike as bytes; a frame that is the canonical encoding of its two values holds a link exactly where
+    they hold CID-shaped bytes (dagcbor.decode_canonical), so with every field of the lexicon's type
+    (and no other field) the links are known: `commit`, `prevData`, `blobs`' items, the ops' `cid` and
+    `prev`, each a CID of the usual kind; and `blocks`, which must not look like a CID, is bytes."""
+    try:
+        values = libipld.decode_dag_cbor_multi(frame)
+        if len(values) != 2 or values[0] != _COMMIT_HEADER or type(values[0]["op"]) is not int:
+            return None
+        header, body = values
+        if libipld.encode_dag_cbor(header) + libipld.encode_dag_cbor(body) != frame:
+            return None
+    except Exception:  # noqa: BLE001 - ValueError, RecursionError: the reference decides and explains
+        return None
+    if type(body) is not dict:
+        return None
+    for name, value in body.items():  # known fields of known types: no bytes where a link could be
+        kinds = _COMMIT_FIELDS.get(name)
+        if kinds is None or type(value) not in kinds:
+            return None
+    if body.get("blocks", b"")[:1] in _NOT_A_CID_START:
+        return None
+    for op in body.get("ops", ()):
+        if type(op) is not dict or not op.keys() <= _OP_FIELDS:
+            return None
+        for name, value in op.items():
+            if name == "action" or name == "path":
+                if type(value) is not str:
+                    return None
+            elif value is not None:
+                if (cid := _usual_link(value)) is None:
+                    return None
+                op[name] = cid
+    for name in ("commit", "prevData"):
+        if (value := body.get(name)) is not None:
+            if (cid := _usual_link(value)) is None:
+                return None
+            body[name] = cid
+    if "blobs" in body:
+        links = [_usual_link(item) for item in body["blobs"]]
+        if None in links:
+            return None
+        body["blobs"] = links
+    return header, body
+
+
+def _usual_link(value: object) -> CID | None:
+    """CID-shaped bytes of the usual kind (CIDv1, sha2-256, DAG-CBOR or raw) as a CID; else None."""
+    if type(value) is bytes and len(value) == 36:
+        codec = CODEC_OF_PREFIX.get(value[:4])
+        if codec is not None:
+            return CID(codec, value[4:])
+    return None
+
+
 def decode_frame(frame: bytes, host: str = "") -> StreamEvent | None:
     """One frame as a typed event; None for a message type this client does not know. An error frame
     raises StreamError; a malformed one StreamFormatError."""
     if not isinstance(frame, bytes):
         raise StreamFormatError("a text frame on subscribeRepos; only binary DAG-CBOR frames are valid")
+    compiled = _compiled_commit_frame(frame)  # most frames: #commit, decoded about 4 times faster
     try:
-        header, body_bytes = _split_frame(frame)
-        body = dagcbor.decode(body_bytes)
+        header, body = compiled if compiled is not None else (None, None)
+        if compiled is None:
+            header, body_bytes = _split_frame(frame)
+            body = dagcbor.decode(body_bytes)
     except dagcbor.DagCborError as exc:
         raise StreamFormatError(f"frame is not two DAG-CBOR values: {exc}") from None
     if not isinstance(header, dict) or not isinstance(body, dict):

@@ -81,3 +81,58 @@ def test_a_real_pds_stream_yields_the_commits_of_new_records(pds):
                 seen |= {op.collection_rkey for op in event.ops if op.action == "create"}
     assert wanted <= seen
     assert subscription.malformed == 0
+
+
+def hostile_commit_frames():
+    """#commit frames, valid and not, for the libipld fast path against the cbor2 decoding."""
+    import random
+
+    import cbor2
+
+    rng = random.Random(3)
+    changes = [
+        {}, {"prevData": None}, {"since": None}, {"blobs": [RECORD, COMMIT]}, {"blocks": b"\x01q\x12 car"},
+        {"blocks": bytes(CID.for_block(b"x"))}, {"blocks": b""}, {"blocks": "text"}, {"commit": b"\x01q"},
+        {"commit": bytes(COMMIT)}, {"prevData": bytes(RECORD)}, {"blobs": [b"bytes"]}, {"blobs": None},
+        {"ops": [{"action": "delete", "path": "a.b.c/x", "cid": None}]}, {"ops": [{"action": "update", "path": "a.b.c/x",
+         "cid": RECORD, "prev": COMMIT}]}, {"ops": [{"action": "create", "path": "a.b.c/x", "cid": bytes(RECORD)}]},
+        {"ops": [{"action": "create", "path": "a.b.c/x", "cid": RECORD, "extra": 1}]}, {"ops": [5]}, {"ops": {}},
+        {"seq": True}, {"seq": 2**40}, {"seq": -1}, {"tooBig": 1}, {"rebase": None}, {"time": "yesterday"},
+        {"repo": b"did"}, {"rev": 5}, {"extra": "field"}, {"since": RECORD},
+        {"commit": CID(0x70, b"\x00" * 32)}, {"time": "2026-12-04T10:00:00.000+01:00"},
+    ]
+    for change in changes:
+        body = commit_body(**change)
+        for drop in (None, "blobs", "prevData", "since", "rebase", "tooBig", "ops"):
+            value = {k: v for k, v in body.items() if k != drop}
+            yield frame("#commit", value)
+            items = list(value.items())
+            rng.shuffle(items)  # out of canonical order: the reference decides
+            yield dagcbor.encode({"op": 1, "t": "#commit"}) + cbor2.dumps(
+                dict(items), default=lambda encoder, v: encoder.encode(cbor2.CBORTag(42, b"\x00" + bytes(v))))
+    good = frame("#commit", commit_body())
+    yield good + b"\x00"
+    yield frame("#commit", commit_body()) + frame("#commit", commit_body())
+    yield dagcbor.encode({"op": True, "t": "#commit"}) + dagcbor.encode(commit_body())
+    yield dagcbor.encode({"op": 1, "t": "#commit", "x": 1}) + dagcbor.encode(commit_body())
+    for _ in range(300):
+        spot = rng.randrange(len(good))
+        yield good[:spot] + bytes([rng.randrange(256)]) + good[spot + 1:]
+
+
+def test_commit_frames_decode_through_libipld_exactly_as_through_the_reference(monkeypatch):
+    from migration_assets.repos import stream
+
+    def outcome(data):
+        try:
+            return "ok", decode_frame(data)
+        except (StreamFormatError, StreamError) as exc:
+            return type(exc).__name__, str(exc)
+
+    frames = list(hostile_commit_frames())
+    fast = [outcome(f) for f in frames]
+    taken = sum(stream._compiled_commit_frame(f) is not None for f in frames)
+    monkeypatch.setattr(stream, "_compiled_commit_frame", lambda data: None)
+    assert fast == [outcome(f) for f in frames]
+    assert 50 < taken < len(frames) / 2
+    assert sum(kind == "ok" for kind, _ in fast) > 100
