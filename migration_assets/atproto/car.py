@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from migration_assets.atproto import dagcbor
-from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID, SHA2_256, CidError, CidMismatch, decode_varint, read_cid
+from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID, CidError, CidMismatch, decode_varint, read_cid
 from migration_assets.atproto.errors import AtprotoFormatError
 
 READ_SIZE = 64 * 1024
@@ -137,6 +137,12 @@ class CarReader:
         return roots
 
     def __iter__(self) -> Iterator[tuple[CID, bytes]]:
+        for link, data in self.links():
+            yield CID.from_bytes(link), data
+
+    def links(self) -> Iterator[tuple[bytes, bytes]]:
+        """(binary CID, block) of each block: the CID as bytes, which costs no CID object (a repo's
+        parse keys its blocks by these)."""
         # The hot loop of a repo sync (one pass per block): locals only, one slice per block.
         src, sha256 = self._src, hashlib.sha256
         while src.fill(1):
@@ -146,18 +152,22 @@ class CarReader:
                 raise CarError(f"empty CAR section at byte {start}")
             src.need(size, "block")
             buf, pos = src.buf, src.pos
-            codec = CODEC_OF_PREFIX.get(buf[pos : pos + 4]) if size >= 36 else None
-            if codec is not None:  # every atproto block: CIDv1, sha2-256, 32-byte digest
-                cid, data = CID(codec, buf[pos + 4 : pos + 36]), buf[pos + 36 : pos + size]
+            if size >= 36 and buf[pos : pos + 4] in CODEC_OF_PREFIX:  # every atproto block: CIDv1, sha2-256
+                link, data = buf[pos : pos + 36], buf[pos + 36 : pos + size]
+                src.skip(size)
+                if sha256(data).digest() == link[4:]:
+                    yield link, data
+                    continue
+                cid = CID.from_bytes(link)
             else:
                 cid, data = _read_section(buf[pos : pos + size], start)
-            src.skip(size)
-            if cid.hash_code != SHA2_256 or sha256(data).digest() != cid.digest:
-                try:
-                    cid.verify(data)
-                except (CidMismatch, CidError) as exc:
-                    raise CarError(f"section at byte {start}: {exc}") from None
-            yield cid, data
+                src.skip(size)
+                link = bytes(cid)
+            try:
+                cid.verify(data)
+            except (CidMismatch, CidError) as exc:
+                raise CarError(f"section at byte {start}: {exc}") from None
+            yield link, data
 
 
 def _read_section(section: bytes, start: int) -> tuple[CID, bytes]:

@@ -93,6 +93,10 @@ class CID:
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> CID:
         """Parse a binary CID that spans all of `data`."""
+        if len(data) == 36 and type(data) is bytes:  # fast path: every atproto CID (a link of a decoded block)
+            codec = CODEC_OF_PREFIX.get(data[:4])
+            if codec is not None:
+                return cls(codec, data[4:])
         cid, end = read_cid(data)
         if end != len(data):
             raise CidError(f"{len(data) - end} stray bytes after CID {cid}")

@@ -147,13 +147,24 @@ def key_layer(key: bytes | str) -> int:
     return (256 - int.from_bytes(digest, "big").bit_length()) // 2
 
 
-Node = tuple[CID | None, list[dict[str, Any]]]  # (left subtree, entries), as decode_node returns it
+# A decoded node: (left subtree, full keys, values, subtrees), every link a binary CID (`bytes`, what
+# libipld decodes a link to): a repo's walk touches ~100,000 links, and making each a CID object was a
+# quarter of its parse time. Keys are the entries' full keys (the previous key's first `p` bytes + `k`).
+Node = tuple[bytes | None, list[bytes], list[bytes], list[bytes | None]]
 
 
-def walk_records(blocks: Mapping[CID, bytes], root: CID,
-                 decoded: Mapping[CID, Node] | None = None) -> Iterator[tuple[str, str, CID]]:
-    """Yield (collection, rkey, record CID) in key order from the MST rooted at `root` (a commit's `data`).
-    `decoded`: nodes already decoded (by decode_node), not decoded again.
+def walk_records(blocks: Mapping[CID, bytes], root: CID) -> Iterator[tuple[str, str, CID]]:
+    """Yield (collection, rkey, record CID) in key order from the MST rooted at `root` (a commit's
+    `data`); walk_links over blocks keyed by CID. Raises MstError as walk_links does."""
+    by_link = {bytes(cid): block for cid, block in blocks.items()}
+    for collection, rkey, link in walk_links(by_link, bytes(root)):
+        yield collection, rkey, CID.from_bytes(link)
+
+
+def walk_links(blocks: Mapping[bytes, bytes], root: bytes,
+               decoded: Mapping[bytes, Node] | None = None) -> Iterator[tuple[str, str, bytes]]:
+    """Yield (collection, rkey, record link) in key order from the MST rooted at `root`, blocks and links
+    as binary CIDs. `decoded`: nodes already decoded (by decode_node), not decoded again.
 
     Raises MstError on a missing node, a malformed node or key, keys out of order, or a wrong layer.
     """
@@ -163,7 +174,7 @@ def walk_records(blocks: Mapping[CID, bytes], root: CID,
         yield collection, rkey, value
 
 
-def lookup(blocks: Mapping[CID, bytes], root: CID, key: str, nodes: dict[CID, _PathNode] | None = None) -> CID | None:
+def lookup(blocks: Mapping[CID, bytes], root: CID, key: str, nodes: dict[CID, Node] | None = None) -> CID | None:
     """The value of `key` in the MST rooted at `root`, or None when the tree has no such key. Needs only
     the nodes on the key's path (what a commit event carries); a missing one raises MstError.
     `nodes`: a cache of the nodes decoded so far, for several lookups in the same blocks (a commit's ops).
@@ -174,48 +185,135 @@ def lookup(blocks: Mapping[CID, bytes], root: CID, key: str, nodes: dict[CID, _P
     while True:
         node = nodes.get(cid)
         if node is None:
-            node = nodes[cid] = _path_node(blocks, cid)
+            node = nodes[cid] = _node(blocks, cid)
         left, keys, values, trees = node
         subtree = left
         for i, entry_key in enumerate(keys):
             if entry_key == wanted:
-                return _as_cid(values[i])
+                return CID.from_bytes(values[i])
             if entry_key > wanted:
                 break
             subtree = trees[i]
         if subtree is None:
             return None
-        cid = _as_cid(subtree)
+        cid = CID.from_bytes(subtree)
 
 
-# A node for lookups: (left, full keys, values, subtrees); links as CID, or as the 36 bytes of a CID of
-# the usual kind (checked: _as_cid makes it a CID when the path goes through it).
-_PathNode = tuple[Any, list[bytes], list[Any], list[Any]]
-
-
-def _path_node(blocks: Mapping[CID, bytes], cid: CID) -> _PathNode:
-    """As _node, but links stay bytes where libipld decoded the node: the checks are those of
-    _compiled_node (whose CID(...) calls cannot fail), so the same blocks take the reference path."""
+def _named(link: CID | bytes) -> str:
+    """A link as errors name it: the CID's text."""
+    if isinstance(link, CID):
+        return str(link)
     try:
-        block = blocks[cid]
+        return str(CID.from_bytes(link))
+    except AtprotoFormatError:
+        return f"0x{link.hex()}"
+
+
+def _split_key(key: bytes, valid_collections: set[str]) -> tuple[str, str]:
+    text = key.decode("utf-8", errors="replace")
+    collection, sep, rkey = text.partition("/")
+    problem = None
+    if not key.isascii() or not sep:
+        problem = "is not 'collection/rkey' in ASCII"
+    elif collection not in valid_collections:
+        if not is_valid_nsid(collection):
+            problem = f"has collection {collection[:100]!r}, which is not a valid NSID"
+        else:
+            valid_collections.add(collection)
+    if problem is None and not is_valid_record_key(rkey):
+        problem = f"has record key {rkey[:100]!r} ({len(rkey)} characters), which is not a valid record key"
+    if problem:
+        shown = text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
+        raise MstError(f"MST key {shown!r} {problem}; the repo export is invalid, so this repo is not stored")
+    return collection, rkey
+
+
+def _walk(blocks: Mapping[bytes, bytes], root: bytes, decoded: Mapping[bytes, Node]) -> Iterator[tuple[bytes, bytes]]:
+    """In-order walk with an explicit stack (no generator per tree level). A stack item is either a
+    subtree to expand, (None, node link, expected layer or None for the root), or an entry to yield,
+    (key, record link, link of its node)."""
+    stack: list[tuple[bytes | None, bytes, Any]] = [(None, root, None)]
+    last = b""
+    while stack:
+        key, link, extra = stack.pop()
+        if key is not None:
+            if key <= last:
+                raise MstError(f"MST key {key!r} in node {_named(extra)} is not after {last!r}; keys are out of order")
+            last = key
+            yield key, link
+            continue
+        node = decoded.get(link)
+        left, keys, values, trees = node if node is not None else _node(blocks, link)
+        layer = _node_layer(link, left, keys, extra)
+        if layer is None:
+            continue  # the empty root of an empty repo
+        if layer == 0 and (left is not None or any(trees)):
+            raise MstError(f"MST node {_named(link)} at layer 0 has a subtree; nothing can sit below layer 0")
+        expand: list[tuple[bytes | None, bytes, Any]] = [] if left is None else [(None, left, layer - 1)]
+        for key, value, tree in zip(keys, values, trees):
+            expand.append((key, value, link))
+            if tree is not None:
+                expand.append((None, tree, layer - 1))
+        stack.extend(reversed(expand))
+
+
+def _node(blocks: Mapping[Any, bytes], link: CID | bytes) -> Node:
+    """The decoded node of `link` (a CID or a binary CID, as `blocks` is keyed)."""
+    try:
+        block = blocks[link]
     except KeyError:
         raise MstError(
-            f"MST node {cid} is missing from the block set; the repo export is incomplete, fetch it again"
+            f"MST node {_named(link)} is missing from the block set; the repo export is incomplete, fetch it again"
         ) from None
-    node = _compiled_path_node(block)
+    try:
+        return decode_node(block)
+    except MstError as exc:
+        raise MstError(f"MST node {_named(link)} {exc}") from None
+
+
+def decode_node(block: bytes) -> Node:
+    """A node's (left, keys, values, subtrees), links as binary CIDs. Raises MstError ("is not ...", for
+    the caller to prefix with the node's CID)."""
+    node = _compiled_node(block)
     if node is not None:
         return node
+    left, entries = _reference_node(block)
+    return (None if left is None else bytes(left), _entry_keys(entries), [bytes(e["v"]) for e in entries],
+            [None if e.get("t") is None else bytes(e["t"]) for e in entries])
+
+
+def _reference_node(block: bytes) -> tuple[CID | None, list[dict[str, Any]]]:
     try:
-        left, entries = _reference_node(block)
-    except MstError as exc:
-        raise MstError(f"MST node {cid} {exc}") from None
-    return left, _entry_keys(cid, entries), [e["v"] for e in entries], [e["t"] for e in entries]
+        value = dagcbor.decode(block)
+    except AtprotoFormatError as exc:
+        raise MstError(f"is not DAG-CBOR: {exc}") from None
+    left = value.get("l") if isinstance(value, dict) else None
+    entries = value.get("e") if isinstance(value, dict) else None
+    if not isinstance(entries, list) or not (left is None or isinstance(left, CID)):
+        raise MstError("is not {l: CID|null, e: [...]}")
+    for entry in entries:
+        if not (
+            isinstance(entry, dict)
+            and type(entry.get("p")) is int
+            and type(entry.get("k")) is bytes
+            and type(entry.get("v")) is CID
+            and (entry.get("t") is None or type(entry.get("t")) is CID)
+        ):
+            raise MstError("has an entry that is not {p: int, k: bytes, v: CID, t: CID|null}")
+    return left, entries
 
 
-def _compiled_path_node(block: bytes) -> _PathNode | None:
-    """_compiled_node's decoding and checks (_is_link is _link's, inlined), the links left as bytes, and
-    _entry_keys's keys in the same loop. A prefix past the previous key goes to the reference path too,
-    which accepts the node and then raises _entry_keys's error."""
+_NODE_KEYS = {"e", "l"}
+_ENTRY_KEYS = {"k", "p", "t", "v"}
+_NOT_A_CID_START = (b"\x00", b"\x01", b"\x12")  # every binary CID starts so (v0: sha2-256; v1)
+
+
+def _compiled_node(block: bytes) -> Node | None:
+    """The node through libipld (dagcbor.decode_canonical), or None to leave it to the reference decoder.
+    The block is canonical, so a CID-shaped `bytes` was a link and any other a byte string: `v`, `t`, `l`
+    must be atproto's CIDs (_is_link, inlined) and `k` must not look like a CID. Anything else, including
+    keys beyond the usual ones and a prefix past the previous key, goes to the reference path, which
+    decides and words the error. Keys are built in the same loop."""
     value = dagcbor.decode_canonical(block)
     if type(value) is not dict or value.keys() != _NODE_KEYS or type(value["e"]) is not list:
         return None
@@ -245,168 +343,42 @@ def _compiled_path_node(block: bytes) -> _PathNode | None:
 
 
 def _is_link(value: object) -> bool:
-    """Whether _link makes a CID of `value`."""
+    """A CID-shaped `bytes` of the usual kind (CIDv1, sha2-256, DAG-CBOR or raw)."""
     return type(value) is bytes and len(value) == 36 and value[:4] in CODEC_OF_PREFIX
 
 
-def _as_cid(value: CID | bytes) -> CID:
-    """A link of a _PathNode as a CID."""
-    return value if type(value) is CID else CID(CODEC_OF_PREFIX[value[:4]], value[4:])
-def _split_key(key: bytes, valid_collections: set[str]) -> tuple[str, str]:
-    text = key.decode("utf-8", errors="replace")
-    collection, sep, rkey = text.partition("/")
-    problem = None
-    if not key.isascii() or not sep:
-        problem = "is not 'collection/rkey' in ASCII"
-    elif collection not in valid_collections:
-        if not is_valid_nsid(collection):
-            problem = f"has collection {collection[:100]!r}, which is not a valid NSID"
-        else:
-            valid_collections.add(collection)
-    if problem is None and not is_valid_record_key(rkey):
-        problem = f"has record key {rkey[:100]!r} ({len(rkey)} characters), which is not a valid record key"
-    if problem:
-        shown = text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
-        raise MstError(f"MST key {shown!r} {problem}; the repo export is invalid, so this repo is not stored")
-    return collection, rkey
-
-
-def _walk(blocks: Mapping[CID, bytes], root: CID, decoded: Mapping[CID, Node]) -> Iterator[tuple[bytes, CID]]:
-    """In-order walk with an explicit stack (no generator per tree level). A stack item is either a
-    subtree to expand, (None, node CID, expected layer or None for the root), or an entry to yield,
-    (key, record CID, CID of its node)."""
-    stack: list[tuple[bytes | None, CID, Any]] = [(None, root, None)]
-    last = b""
-    while stack:
-        key, cid, extra = stack.pop()
-        if key is not None:
-            if key <= last:
-                raise MstError(f"MST key {key!r} in node {extra} is not after {last!r}; keys are out of order")
-            last = key
-            yield key, cid
-            continue
-        node = decoded.get(cid)
-        left, entries = node if node is not None else _node(blocks, cid)
-        keys = _entry_keys(cid, entries)
-        layer = _node_layer(cid, left, keys, extra)
-        if layer is None:
-            continue  # the empty root of an empty repo
-        children = [left] + [entry["t"] for entry in entries]
-        if layer == 0 and any(children):
-            raise MstError(f"MST node {cid} at layer 0 has a subtree; nothing can sit below layer 0")
-        expand: list[tuple[bytes | None, CID, Any]] = [] if left is None else [(None, left, layer - 1)]
-        for key, entry in zip(keys, entries):
-            expand.append((key, entry["v"], cid))
-            if entry["t"] is not None:
-                expand.append((None, entry["t"], layer - 1))
-        stack.extend(reversed(expand))
-
-
-def _node(blocks: Mapping[CID, bytes], cid: CID) -> tuple[CID | None, list[dict[str, Any]]]:
-    try:
-        block = blocks[cid]
-    except KeyError:
-        raise MstError(
-            f"MST node {cid} is missing from the block set; the repo export is incomplete, fetch it again"
-        ) from None
-    try:
-        return decode_node(block)
-    except MstError as exc:
-        raise MstError(f"MST node {cid} {exc}") from None
-
-
-def decode_node(block: bytes) -> tuple[CID | None, list[dict[str, Any]]]:
-    """A node's (left subtree, entries), links as CID. Raises MstError ("is not ...", for the caller to
-    prefix with the node's CID)."""
-    node = _compiled_node(block)
-    return node if node is not None else _reference_node(block)
-
-
-def _reference_node(block: bytes) -> tuple[CID | None, list[dict[str, Any]]]:
-    try:
-        value = dagcbor.decode(block)
-    except AtprotoFormatError as exc:
-        raise MstError(f"is not DAG-CBOR: {exc}") from None
-    left = value.get("l") if isinstance(value, dict) else None
-    entries = value.get("e") if isinstance(value, dict) else None
-    if not isinstance(entries, list) or not (left is None or isinstance(left, CID)):
-        raise MstError("is not {l: CID|null, e: [...]}")
-    for entry in entries:
-        if not (
-            isinstance(entry, dict)
-            and type(entry.get("p")) is int
-            and type(entry.get("k")) is bytes
-            and type(entry.get("v")) is CID
-            and (entry.get("t") is None or type(entry.get("t")) is CID)
-        ):
-            raise MstError("has an entry that is not {p: int, k: bytes, v: CID, t: CID|null}")
-    return left, entries
-
-
-_NODE_KEYS = {"e", "l"}
-_ENTRY_KEYS = {"k", "p", "t", "v"}
-_NOT_A_CID_START = (b"\x00", b"\x01", b"\x12")  # every binary CID starts so (v0: sha2-256; v1)
-
-
-def _compiled_node(block: bytes) -> tuple[CID | None, list[dict[str, Any]]] | None:
-    """The node through libipld (dagcbor.decode_canonical), or None to leave it to the reference decoder.
-    The block is canonical, so a CID-shaped `bytes` was a link and any other a byte string: `v`, `t`, `l`
-    must be atproto's CIDs and `k` must not look like a CID. Anything else, including keys beyond the
-    usual ones, goes to the reference path, which decides and words the error."""
-    value = dagcbor.decode_canonical(block)
-    if type(value) is not dict or value.keys() != _NODE_KEYS or type(value["e"]) is not list:
-        return None
-    left = value["l"]
-    if left is not None and (left := _link(left)) is None:
-        return None
-    for entry in value["e"]:
-        if type(entry) is not dict or entry.keys() != _ENTRY_KEYS or type(entry["p"]) is not int:
-            return None
-        key, link, tree = entry["k"], _link(entry["v"]), entry["t"]
-        if type(key) is not bytes or key[:1] in _NOT_A_CID_START or link is None:
-            return None
-        if tree is not None and (tree := _link(tree)) is None:
-            return None
-        entry["v"], entry["t"] = link, tree
-    return left, value["e"]
-
-
 def _link(value: object) -> CID | None:
-    """A CID-shaped `bytes` of the usual kind (CIDv1, sha2-256, DAG-CBOR or raw) as a CID; else None."""
-    if type(value) is bytes and len(value) == 36:
-        codec = CODEC_OF_PREFIX.get(value[:4])
-        if codec is not None:
-            return CID(codec, value[4:])
-    return None
+    """A CID-shaped `bytes` of the usual kind as a CID; else None."""
+    return CID(CODEC_OF_PREFIX[value[:4]], value[4:]) if _is_link(value) else None
 
 
-def _entry_keys(cid: CID, entries: list[dict[str, Any]]) -> list[bytes]:
+def _entry_keys(entries: list[dict[str, Any]]) -> list[bytes]:
     """Full keys of a node's entries: each is the previous key's first `p` bytes + `k`."""
     keys: list[bytes] = []
     prev = b""
     for entry in entries:
         prefix = entry["p"]
         if not 0 <= prefix <= len(prev):
-            raise MstError(f"MST node {cid}: prefix length {prefix} exceeds the previous key")
+            raise MstError(f"has prefix length {prefix}, past the previous key")
         prev = prev[:prefix] + entry["k"]
         keys.append(prev)
     return keys
 
 
-def _node_layer(cid: CID, left: CID | None, keys: list[bytes], expected: int | None) -> int | None:
+def _node_layer(link: bytes, left: bytes | None, keys: list[bytes], expected: int | None) -> int | None:
     """The node's layer, checked against where it sits (`expected`; None for the root)."""
     if keys:
         layers = {key_layer(k) for k in keys}
         if len(layers) > 1:
-            raise MstError(f"MST node {cid} mixes keys of layers {sorted(layers)}; the tree is malformed")
+            raise MstError(f"MST node {_named(link)} mixes keys of layers {sorted(layers)}; the tree is malformed")
         layer = layers.pop()
         if expected is not None and layer != expected:
-            raise MstError(f"MST node {cid} holds layer-{layer} keys where layer {expected} belongs")
+            raise MstError(f"MST node {_named(link)} holds layer-{layer} keys where layer {expected} belongs")
         return layer
     if expected is None:
         if left is not None:  # an empty root with a child is an untrimmed tree: no canonical repo has one
-            raise MstError(f"MST root {cid} has no entries but a subtree; the tree is not canonical")
+            raise MstError(f"MST root {_named(link)} has no entries but a subtree; the tree is not canonical")
         return None
     if left is None:
-        raise MstError(f"MST node {cid} below the root is empty")
+        raise MstError(f"MST node {_named(link)} below the root is empty")
     return expected

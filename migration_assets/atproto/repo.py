@@ -7,8 +7,11 @@ waits: in memory up to a budget (a node reached later pulls in its waiting subtr
 a temp file, scanned again after the stream for the nodes the tree turned out to reach (one pass per
 tree level at most). Unreferenced blocks beyond the budget, however many, cost disk, not RAM.
 
-Every other block goes to the caller's `other(cid, block)`: records as they stream, and after the
+Every other block goes to the caller's `other(link, block)`: records as they stream, and after the
 stream the node-shaped blocks the tree never reached (one may be a record shaped like a node).
+
+Blocks are keyed by their binary CID (`link`, bytes: what CarReader.links yields and a decoded node holds),
+never made CID objects.
 """
 
 from __future__ import annotations
@@ -19,8 +22,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
-from migration_assets.atproto.cid import CID
-from migration_assets.atproto.errors import AtprotoFormatError
 from migration_assets.atproto.mst import MstError, Node, decode_node, parse_commit
 
 # Canonical DAG-CBOR of an MST node {e: [...], l: ...}: a two-entry map whose first key is "e".
@@ -31,26 +32,26 @@ _LENGTHS = struct.Struct(">II")
 # of a repo's parse time.
 WAITING_MEMORY_BYTES = 8 << 20
 
-Other = Callable[[CID, bytes], None]
+Other = Callable[[bytes, bytes], None]
 
 
 @dataclass
 class RepoBlocks:
     commit_block: bytes | None  # None: the CAR lacks its root
-    nodes: dict[CID, bytes] = field(default_factory=dict)  # MST nodes reachable from the commit
-    decoded: dict[CID, Node] = field(default_factory=dict)  # those of them that decode, for the walk
+    nodes: dict[bytes, bytes] = field(default_factory=dict)  # MST nodes reachable from the commit
+    decoded: dict[bytes, Node] = field(default_factory=dict)  # those of them that decode, for the walk
 
 
-def collect_repo_blocks(blocks: Iterable[tuple[CID, bytes]], head: CID, other: Other,
+def collect_repo_blocks(blocks: Iterable[tuple[bytes, bytes]], head: bytes, other: Other,
                         memory_bytes: int = WAITING_MEMORY_BYTES) -> RepoBlocks:
-    """Read every (cid, block) of a CAR whose root is `head` (the commit): the commit and the MST nodes
+    """Read every (link, block) of a CAR whose root is `head` (the commit): the commit and the MST nodes
     it reaches are returned, every other block is handed to `other`. Node-shaped blocks not reached yet
     wait in memory up to `memory_bytes`, then on disk. A malformed commit raises CommitError; a malformed
     or missing node is left for the MST walk to report."""
     collector = _Collector(head, other, memory_bytes)
     try:
-        for cid, block in blocks:
-            collector.add(cid, block)
+        for link, block in blocks:
+            collector.add(link, block)
         collector.finish()
     finally:
         collector.waiting.close()
@@ -59,34 +60,33 @@ def collect_repo_blocks(blocks: Iterable[tuple[CID, bytes]], head: CID, other: O
 
 class _Waiting:
     """Node-shaped blocks not (yet) reached: in memory up to `memory_bytes`, the rest in a temp file of
-    (cid, block) records, read back in order."""
+    (link, block) records, read back in order."""
 
     def __init__(self, memory_bytes: int) -> None:
-        self.held: dict[CID, bytes] = {}
+        self.held: dict[bytes, bytes] = {}
         self.room = memory_bytes
         self.file: IO[bytes] | None = None
         self.count = 0  # records in the file
 
-    def append(self, cid: CID, block: bytes) -> None:
-        if len(block) <= self.room and cid not in self.held:
-            self.held[cid] = block
+    def append(self, link: bytes, block: bytes) -> None:
+        if len(block) <= self.room and link not in self.held:
+            self.held[link] = block
             self.room -= len(block)
             return
         if self.file is None:
             self.file = tempfile.TemporaryFile(prefix="repo-nodes-")
-        raw = bytes(cid)
-        self.file.write(_LENGTHS.pack(len(raw), len(block)) + raw)
+        self.file.write(_LENGTHS.pack(len(link), len(block)) + link)
         self.file.write(block)
         self.count += 1
 
-    def take(self, cid: CID) -> bytes | None:
-        """The held block of `cid`, no longer held; None if it is not in memory."""
-        block = self.held.pop(cid, None)
+    def take(self, link: bytes) -> bytes | None:
+        """The held block of `link`, no longer held; None if it is not in memory."""
+        block = self.held.pop(link, None)
         if block is not None:
             self.room += len(block)
         return block
 
-    def drain(self) -> Iterator[tuple[CID, bytes]]:
+    def drain(self) -> Iterator[tuple[bytes, bytes]]:
         """Every record of the file, once; the file is empty for new appends afterwards."""
         old, self.file, self.count = self.file, None, 0
         if old is None:
@@ -94,8 +94,8 @@ class _Waiting:
         with old:
             old.seek(0)
             while header := old.read(_LENGTHS.size):
-                cid_size, block_size = _LENGTHS.unpack(header)
-                yield CID.from_bytes(old.read(cid_size)), old.read(block_size)
+                link_size, block_size = _LENGTHS.unpack(header)
+                yield old.read(link_size), old.read(block_size)
 
     def close(self) -> None:
         self.held = {}
@@ -104,41 +104,41 @@ class _Waiting:
 
 
 class _Collector:
-    def __init__(self, head: CID, other: Other, memory_bytes: int) -> None:
+    def __init__(self, head: bytes, other: Other, memory_bytes: int) -> None:
         self.head = head
         self.other = other
         self.found = RepoBlocks(None)
-        self.wanted: set[CID] = set()
+        self.wanted: set[bytes] = set()
         self.waiting = _Waiting(memory_bytes)
 
-    def add(self, cid: CID, block: bytes) -> None:
-        if cid == self.head:
+    def add(self, link: bytes, block: bytes) -> None:
+        if link == self.head:
             self.found.commit_block = block
-            self.want(parse_commit(block).data)
+            self.want(bytes(parse_commit(block).data))
         elif block[:3] != NODE_PREFIX:
-            self.other(cid, block)
-        elif cid in self.wanted:
-            self.reach(cid, block)
+            self.other(link, block)
+        elif link in self.wanted:
+            self.reach(link, block)
         else:
-            self.waiting.append(cid, block)
+            self.waiting.append(link, block)
 
-    def want(self, cid: CID) -> None:
-        if cid in self.found.nodes:
+    def want(self, link: bytes) -> None:
+        if link in self.found.nodes:
             return
-        block = self.waiting.take(cid)
+        block = self.waiting.take(link)
         if block is None:
-            self.wanted.add(cid)
+            self.wanted.add(link)
         else:
-            self.reach(cid, block)
+            self.reach(link, block)
 
-    def reach(self, cid: CID, block: bytes) -> None:
+    def reach(self, link: bytes, block: bytes) -> None:
         """Keep the node, and every node below it that is already waiting in memory."""
-        stack = [(cid, block)]
+        stack = [(link, block)]
         while stack:
-            cid, block = stack.pop()
-            self.wanted.discard(cid)
-            self.found.nodes[cid] = block
-            for child in self._children(cid, block):
+            link, block = stack.pop()
+            self.wanted.discard(link)
+            self.found.nodes[link] = block
+            for child in self._children(link, block):
                 if child in self.found.nodes:
                     continue
                 held = self.waiting.take(child)
@@ -147,31 +147,27 @@ class _Collector:
                 else:
                     stack.append((child, held))
 
-    def _children(self, cid: CID, block: bytes) -> list[CID]:
+    def _children(self, link: bytes, block: bytes) -> list[bytes]:
         """The subtree links of a node (`l` and each entry's `t`); none if it does not decode as a node
         (the walk then reports the node as malformed). The decoded node is kept for the walk."""
         try:
-            node = self.found.decoded[cid] = decode_node(block)
+            left, _, _, trees = self.found.decoded[link] = decode_node(block)
         except MstError:
             return []
-        left, entries = node
-        links = [left] + [entry.get("t") for entry in entries]
-        return [link for link in links if link is not None]
+        return [tree for tree in (left, *trees) if tree is not None]
 
     def finish(self) -> None:
         """Rescan the waiting file while that reaches more of the tree; hand the rest to `other`."""
         reached = True
         while reached and self.wanted and self.waiting.count:
             reached = False
-            for cid, block in self.waiting.drain():
-                if cid in self.wanted:
-                    self.reach(cid, block)
+            for link, block in self.waiting.drain():
+                if link in self.wanted:
+                    self.reach(link, block)
                     reached = True
                 else:
-                    self.waiting.append(cid, block)
-        for cid, block in self.waiting.held.items():
-            self.other(cid, block)
-        for cid, block in self.waiting.drain():
-            self.other(cid, block)
-
-
+                    self.waiting.append(link, block)
+        for link, block in self.waiting.held.items():
+            self.other(link, block)
+        for link, block in self.waiting.drain():
+            self.other(link, block)

@@ -29,7 +29,7 @@ from migration_assets.atproto import dagcbor
 from migration_assets.atproto.car import CarError, CarReader
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.errors import AtprotoFormatError
-from migration_assets.atproto.mst import Commit, parse_commit, walk_records
+from migration_assets.atproto.mst import Commit, parse_commit, walk_links
 from migration_assets.atproto.repo import collect_repo_blocks
 from migration_assets.atproto.signature import verify_commit
 from migration_assets.repos.collections import RecordScope
@@ -180,9 +180,10 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
     raw = Spool() if scope != RecordScope() else None  # selective: stage only kept records, after the walk
     try:
         if raw is None:
-            found = collect_repo_blocks(reader, head, lambda cid, block: _stage(blocks, bytes(cid), block))
+            found = collect_repo_blocks(reader.links(), bytes(head), lambda link, block: _stage(blocks, link, block))
         else:
-            found = collect_repo_blocks(reader, head, lambda cid, block: raw.append((bytes(cid), bytes(block)), len(block) + _ROW_BYTES))
+            found = collect_repo_blocks(reader.links(), bytes(head),
+                                        lambda link, block: raw.append((link, bytes(block)), len(block) + _ROW_BYTES))
         nodes, commit_block = found.nodes, found.commit_block
         if commit_block is None:
             raise CarError(f"the CAR's root (commit {head}) is not among its blocks; the export is incomplete")
@@ -203,25 +204,24 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
             raw.close()
 
 
-def _walk_kept(snapshot: RepoSnapshot, nodes: dict[CID, bytes], decoded: dict) -> set[bytes] | None:
+def _walk_kept(snapshot: RepoSnapshot, nodes: dict[bytes, bytes], decoded: dict) -> set[bytes] | None:
     """Walk the whole MST, spooling the keys of the records the scope keeps. Returns the binary CIDs
     of those records when the collection filter drops some (None: every record's block is wanted); that
     set, one CID per kept record, is the memory a filter costs."""
     collections, signal = snapshot.scope.collections, snapshot.scope.signal
     wanted: set[bytes] | None = None if collections.everything else set()
     snapshot.signal_missing = signal is not None
-    for collection, rkey, cid in walk_records(nodes, snapshot.commit.data, decoded):
+    for collection, rkey, link in walk_links(nodes, bytes(snapshot.commit.data), decoded):
         if collection == signal:
             snapshot.signal_missing = False
         if not collections.matches(collection):
             continue
-        link = bytes(cid)
         snapshot.keys.append((collection, rkey, cid_text(link), link), _ROW_BYTES + len(rkey))
         snapshot.collections[collection] += 1
         if wanted is not None:
             wanted.add(link)
-        if cid in nodes:  # a block that is both a reached node and a record: stage it after all
-            _stage(snapshot.blocks, link, nodes[cid])
+        if link in nodes:  # a block that is both a reached node and a record: stage it after all
+            _stage(snapshot.blocks, link, nodes[link])
     return wanted
 
 

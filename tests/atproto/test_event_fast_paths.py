@@ -103,15 +103,24 @@ def test_a_cid_pickles_to_itself():
 
 
 def reference_lookup(blocks, root, key):
-    """The lookup as it was: every node through decode_node, every link a CID."""
+    """The lookup on the reference decoder alone (cbor2, every link a CID), with the walk's errors."""
     wanted, cid = key.encode(), root
     while True:
-        left, entries = mst._node(blocks, cid)
-        subtree = left
-        for entry, entry_key in zip(entries, mst._entry_keys(cid, entries)):
-            if entry_key == wanted:
+        if cid not in blocks:
+            raise mst.MstError(f"MST node {cid} is missing from the block set; the repo export is incomplete, "
+                               "fetch it again")
+        try:
+            left, entries = mst._reference_node(blocks[cid])
+        except mst.MstError as exc:
+            raise mst.MstError(f"MST node {cid} {exc}") from None
+        subtree, previous = left, b""
+        for entry in entries:
+            if not 0 <= entry["p"] <= len(previous):
+                raise mst.MstError(f"MST node {cid} has prefix length {entry['p']}, past the previous key")
+            previous = previous[: entry["p"]] + entry["k"]
+            if previous == wanted:
                 return entry["v"]
-            if entry_key > wanted:
+            if previous > wanted:
                 break
             subtree = entry["t"]
         if subtree is None:

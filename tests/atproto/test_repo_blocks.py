@@ -4,7 +4,7 @@ import pytest
 
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CID
-from migration_assets.atproto.mst import walk_records
+from migration_assets.atproto.mst import walk_links
 from migration_assets.atproto.repo import NODE_PREFIX, WAITING_MEMORY_BYTES, collect_repo_blocks
 from tests.atproto.builders import put
 from tests.atproto.conftest import make_repo
@@ -17,28 +17,28 @@ def test_only_reached_nodes_are_kept_in_any_block_order(order, memory_bytes):
     junk: dict[CID, bytes] = {}
     for n in range(20):
         put(junk, {"e": [], "l": None} if n == 0 else {"e": n.to_bytes(4, "big"), "l": None})
-    blocks = list(repo.blocks.items()) + list(junk.items())
+    blocks = [(bytes(cid), data) for cid, data in [*repo.blocks.items(), *junk.items()]]
     if order == "by_cid":  # how the reference PDS sends getRepo
-        blocks.sort(key=lambda item: bytes(item[0]))
+        blocks.sort(key=lambda item: item[0])
     elif order == "reversed_by_cid":
-        blocks.sort(key=lambda item: bytes(item[0]), reverse=True)
+        blocks.sort(key=lambda item: item[0], reverse=True)
     elif order == "commit_last":
-        blocks.sort(key=lambda item: item[0] == repo.commit)
-    others: dict[CID, bytes] = {}
-    found = collect_repo_blocks(blocks, repo.commit, others.__setitem__, memory_bytes)
+        blocks.sort(key=lambda item: item[0] == bytes(repo.commit))
+    others: dict[bytes, bytes] = {}
+    found = collect_repo_blocks(blocks, bytes(repo.commit), others.__setitem__, memory_bytes)
     node_cids = {cid for cid, data in repo.blocks.items() if data[:3] == NODE_PREFIX}
-    assert set(found.nodes) == node_cids
+    assert set(found.nodes) == {bytes(cid) for cid in node_cids}
     assert found.commit_block == repo.blocks[repo.commit]
-    assert set(others) == (set(repo.blocks) - node_cids - {repo.commit}) | set(junk)
-    walked = {f"{c}/{r}": cid for c, r, cid in walk_records(found.nodes, repo.root)}
+    assert {CID.from_bytes(link) for link in others} == (set(repo.blocks) - node_cids - {repo.commit}) | set(junk)
+    walked = {f"{c}/{r}": CID.from_bytes(link) for c, r, link in walk_links(found.nodes, bytes(repo.root))}
     assert walked == repo.records
 
 
 def test_a_missing_commit_leaves_every_block_to_the_caller():
     repo = make_repo(10)
-    others: dict[CID, bytes] = {}
-    blocks = [(cid, data) for cid, data in repo.blocks.items() if cid != repo.commit]
-    found = collect_repo_blocks(blocks, repo.commit, others.__setitem__)
+    others: dict[bytes, bytes] = {}
+    blocks = [(bytes(cid), data) for cid, data in repo.blocks.items() if cid != repo.commit]
+    found = collect_repo_blocks(blocks, bytes(repo.commit), others.__setitem__)
     assert found.commit_block is None and found.nodes == {}
     assert set(others) == {cid for cid, _ in blocks}
     assert dagcbor.decode(repo.blocks[repo.commit])["data"] == repo.root
