@@ -92,9 +92,11 @@ def botocore_put(bucket: str):
     return put
 
 
-def lean_put(bucket: str):
+def lean_put(bucket: str, botocore_signer: bool = False):
     from migration_assets.files.s3client import FastPut, copy_client
     fast = FastPut(copy_client(_Resource(), THREADS), bucket)
+    if botocore_signer:  # the before of SigV4Signer: FastPut as it signed with botocore
+        fast._signer = _BotocoreSigner(fast)
 
     def put(key: str, data: bytes, sha: bytes) -> str:
         reply = fast.put(key, data, sha, {"sha256": sha.hex()})
@@ -123,15 +125,7 @@ class _BotocoreSigner:
 
 
 def lean_botocore_signer_put(bucket: str):
-    from migration_assets.files.s3client import FastPut, copy_client
-    fast = FastPut(copy_client(_Resource(), THREADS), bucket)
-    fast._signer = _BotocoreSigner(fast)
-
-    def put(key: str, data: bytes, sha: bytes) -> str:
-        reply = fast.put(key, data, sha, {"sha256": sha.hex()})
-        assert reply is not None, "the lean path gave up on a PUT"
-        return reply["ETag"]
-    return put
+    return lean_put(bucket, botocore_signer=True)
 
 
 class _Reshaped:
