@@ -93,10 +93,8 @@ class CID:
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> CID:
         """Parse a binary CID that spans all of `data`."""
-        if len(data) == 36 and type(data) is bytes:  # fast path: every atproto CID (a link of a decoded block)
-            codec = CODEC_OF_PREFIX.get(data[:4])
-            if codec is not None:
-                return cls(codec, data[4:])
+        if (cid := usual_link(data)) is not None:  # fast path: every atproto CID (a link of a decoded block)
+            return cid
         cid, end = read_cid(data)
         if end != len(data):
             raise CidError(f"{len(data) - end} stray bytes after CID {cid}")
@@ -133,6 +131,18 @@ class CID:
 
 CODEC_OF_PREFIX = {bytes((1, codec, SHA2_256, 32)): codec for codec in (DAG_CBOR, RAW)}
 _PREFIX_OF = {(1, codec, SHA2_256, 32): prefix for prefix, codec in CODEC_OF_PREFIX.items()}
+NOT_A_CID_START = (b"\x00", b"\x01", b"\x12")  # every binary CID starts so (v0: sha2-256; v1)
+
+
+def usual_link(value: object) -> CID | None:
+    """CID-shaped bytes of the usual kind (CIDv1, sha2-256, DAG-CBOR or raw) as a CID; else None. In a
+    canonical block decoded by libipld (links and byte strings alike as bytes), such bytes were a link
+    where the schema allows one (dagcbor.decode_canonical)."""
+    if type(value) is bytes and len(value) == 36:
+        codec = CODEC_OF_PREFIX.get(value[:4])
+        if codec is not None:
+            return CID(codec, value[4:])
+    return None
 def read_cid(data: bytes | bytearray | memoryview, pos: int = 0) -> tuple[CID, int]:
     """Read a binary CIDv1 at `pos` (as in a CAR section); returns (cid, position after it)."""
     prefix = bytes(data[pos : pos + 4])

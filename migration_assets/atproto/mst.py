@@ -19,7 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from migration_assets.atproto import dagcbor
-from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID
+from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID, NOT_A_CID_START, usual_link
 from migration_assets.atproto.errors import AtprotoFormatError
 
 
@@ -117,12 +117,12 @@ def _compiled_commit(block: bytes) -> tuple[Commit, bytes] | None:
     if type(value) is not dict or value.keys() != _COMMIT_KEYS:
         return None
     did, rev, sig, prev, version = value["did"], value["rev"], value["sig"], value["prev"], value["version"]
-    data = _link(value["data"])
+    data = usual_link(value["data"])
     if (type(did) is not str or not did.startswith("did:") or type(rev) is not str or not rev
             or type(version) is not int or version != 3 or data is None
-            or type(sig) is not bytes or len(sig) != 64 or sig[:1] in _NOT_A_CID_START):
+            or type(sig) is not bytes or len(sig) != 64 or sig[:1] in NOT_A_CID_START):
         return None
-    if prev is not None and (prev := _link(prev)) is None:
+    if prev is not None and (prev := usual_link(prev)) is None:
         return None
     start = 1 + 4 + _text_size(did) + 4 + _text_size(rev)  # a6, "did", did, "rev", rev
     end = start + len(_SIG_PAIR_HEAD) + 64
@@ -305,7 +305,6 @@ def _reference_node(block: bytes) -> tuple[CID | None, list[dict[str, Any]]]:
 
 _NODE_KEYS = {"e", "l"}
 _ENTRY_KEYS = {"k", "p", "t", "v"}
-_NOT_A_CID_START = (b"\x00", b"\x01", b"\x12")  # every binary CID starts so (v0: sha2-256; v1)
 
 
 def _compiled_node(block: bytes) -> Node | None:
@@ -328,7 +327,7 @@ def _compiled_node(block: bytes) -> Node | None:
         if type(entry) is not dict or entry.keys() != _ENTRY_KEYS:
             return None
         prefix, key, link, tree = entry["p"], entry["k"], entry["v"], entry["t"]
-        if (type(prefix) is not int or type(key) is not bytes or key[:1] in _NOT_A_CID_START
+        if (type(prefix) is not int or type(key) is not bytes or key[:1] in NOT_A_CID_START
                 or type(link) is not bytes or len(link) != 36 or link[:4] not in prefixes):
             return None
         if tree is not None and (type(tree) is not bytes or len(tree) != 36 or tree[:4] not in prefixes):
@@ -345,11 +344,6 @@ def _compiled_node(block: bytes) -> Node | None:
 def _is_link(value: object) -> bool:
     """A CID-shaped `bytes` of the usual kind (CIDv1, sha2-256, DAG-CBOR or raw)."""
     return type(value) is bytes and len(value) == 36 and value[:4] in CODEC_OF_PREFIX
-
-
-def _link(value: object) -> CID | None:
-    """A CID-shaped `bytes` of the usual kind as a CID; else None."""
-    return CID(CODEC_OF_PREFIX[value[:4]], value[4:]) if _is_link(value) else None
 
 
 def _entry_keys(entries: list[dict[str, Any]]) -> list[bytes]:

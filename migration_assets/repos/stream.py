@@ -21,7 +21,7 @@ from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 from migration_assets.atproto import dagcbor
-from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID
+from migration_assets.atproto.cid import CID, NOT_A_CID_START, usual_link
 from migration_assets.atproto.errors import AtprotoFormatError
 
 NSID = "com.atproto.sync.subscribeRepos"
@@ -128,7 +128,6 @@ _COMMIT_FIELDS = {  # the #commit lexicon's fields and the Python types libipld 
     "rebase": {bool}, "repo": {str}, "rev": {str}, "seq": {int}, "since": {str, _NONE}, "time": {str}, "tooBig": {bool},
 }
 _OP_FIELDS = {"action", "cid", "path", "prev"}
-_NOT_A_CID_START = (b"\x00", b"\x01", b"\x12")  # every binary CID starts so (mst._NOT_A_CID_START)
 
 
 def _compiled_commit_frame(frame: bytes) -> tuple[dict, dict] | None:
@@ -153,7 +152,7 @@ def _compiled_commit_frame(frame: bytes) -> tuple[dict, dict] | None:
         kinds = _COMMIT_FIELDS.get(name)
         if kinds is None or type(value) not in kinds:
             return None
-    if body.get("blocks", b"")[:1] in _NOT_A_CID_START:
+    if body.get("blocks", b"")[:1] in NOT_A_CID_START:
         return None
     for op in body.get("ops", ()):
         if type(op) is not dict or not op.keys() <= _OP_FIELDS:
@@ -163,29 +162,20 @@ def _compiled_commit_frame(frame: bytes) -> tuple[dict, dict] | None:
                 if type(value) is not str:
                     return None
             elif value is not None:
-                if (cid := _usual_link(value)) is None:
+                if (cid := usual_link(value)) is None:
                     return None
                 op[name] = cid
     for name in ("commit", "prevData"):
         if (value := body.get(name)) is not None:
-            if (cid := _usual_link(value)) is None:
+            if (cid := usual_link(value)) is None:
                 return None
             body[name] = cid
     if "blobs" in body:
-        links = [_usual_link(item) for item in body["blobs"]]
+        links = [usual_link(item) for item in body["blobs"]]
         if None in links:
             return None
         body["blobs"] = links
     return header, body
-
-
-def _usual_link(value: object) -> CID | None:
-    """CID-shaped bytes of the usual kind (CIDv1, sha2-256, DAG-CBOR or raw) as a CID; else None."""
-    if type(value) is bytes and len(value) == 36:
-        codec = CODEC_OF_PREFIX.get(value[:4])
-        if codec is not None:
-            return CID(codec, value[4:])
-    return None
 
 
 def decode_frame(frame: bytes, host: str = "") -> StreamEvent | None:
