@@ -3,6 +3,9 @@
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -64,3 +67,34 @@ def test_workers_give_the_same_results_and_a_dead_worker_falls_back_to_this_proc
             os.kill(pid, signal.SIGKILL)
         assert checker.submit(events)() == expected
         assert checker._pool is None, "the broken pool was not let go"
+
+
+def _checker_then_hang(collections) -> None:  # a follower's stand-in, run in a child and SIGKILLed
+    checker = CommitChecker(1, collections)
+    assert checker.wait_started(60)
+    print(checker.worker_pids[0], flush=True)
+    signal.pause()
+
+
+def test_workers_exit_when_the_follower_is_killed():
+    code = ("import sys; sys.path.insert(0, '.'); from tests.repos.test_commit_check import _checker_then_hang, "
+            "EVERYTHING; _checker_then_hang(EVERYTHING)")
+    follower = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(follower.stdout.readline())
+        os.kill(worker, 0)  # the worker is up
+    finally:
+        follower.kill()
+        follower.wait()
+    deadline = time.monotonic() + 30  # the worker polls its parent every second
+    while time.monotonic() < deadline and _alive(worker):
+        time.sleep(0.2)
+    assert not _alive(worker), f"check worker {worker} outlived its follower"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"  # a zombie waiting for init's reap is gone too
+    except FileNotFoundError:
+        return False
