@@ -44,13 +44,13 @@ def ordered_map_in_processes(fn: Callable[[In], Out], items: Iterable[In], proce
     (botocore spends ~1 ms of CPU a request), where threads of one process contend for the GIL."""
     # spawn, not fork: the calling process has threads (pools, Dagster) whose locks a fork would copy.
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_leave_with_parent, initargs=(os.getpid(),)) as pool:
+                             initializer=leave_with_parent, initargs=(os.getpid(),)) as pool:
         yield from ordered_map(fn, items, processes, executor=pool)
 
 
-def _leave_with_parent(parent: int) -> None:
-    """Worker initializer. A worker whose run was killed (SIGKILL, OOM) would wait forever on its
-    queues, holding its memory: it leaves within a second of its parent."""
+def leave_with_parent(parent: int) -> None:
+    """Worker initializer (any spawned pool's). A worker whose run was killed (SIGKILL, OOM) would wait
+    forever on its queues, holding its memory: it leaves within a second of its parent."""
 
     def watch() -> None:
         while os.getppid() == parent:

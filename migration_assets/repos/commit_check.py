@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -24,6 +22,7 @@ from migration_assets.atproto.cid import CID
 from migration_assets.atproto.errors import AtprotoError
 from migration_assets.atproto.mst import is_valid_nsid, is_valid_record_key, lookup, parse_signed_commit
 from migration_assets.atproto.signature import SignatureError, verify_commit
+from migration_assets.core.concurrency import leave_with_parent
 from migration_assets.repos.collections import CollectionFilter
 from migration_assets.repos.snapshot import _staged as staged_block  # the backfill's record row: jsonb + U+0000
 
@@ -119,19 +118,6 @@ def recheck_with(item: CommitToCheck, signing_key: str, collections: CollectionF
     return check_commit(replace(item, signing_key=signing_key), collections)
 
 
-def exit_with_parent(parent: int, poll_seconds: float = 1.0) -> None:
-    """A worker's initializer: exit once the process that spawned it is gone. A follower that is killed
-    (SIGKILL, out of memory) cannot shut its pool down, and its idle workers would otherwise live on,
-    a pair more with every restart."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_seconds)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 class CommitChecker:
     """Checks batches of #commits in `processes` worker processes (a batch is split among them), or in
     this process with 0. `submit` returns at once; the result is waited for when it is needed.
@@ -145,7 +131,7 @@ class CommitChecker:
         self._starting: list[Future] = []
         if processes > 0:
             self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=exit_with_parent, initargs=(os.getpid(),))
+                                             initializer=leave_with_parent, initargs=(os.getpid(),))
             self._starting = [self._pool.submit(check_all, [], collections) for _ in range(processes)]
 
     @property
