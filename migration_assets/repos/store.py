@@ -101,13 +101,11 @@ class RecordChanges:
 def store_snapshot(conn: psycopg.Connection, snapshot: RepoSnapshot, pds: str) -> RecordChanges:
     """Four round trips: the repo's ledger and counts (known from the snapshot, pipelined), one COPY
     of its records (two and a join for a repo spooled to disk), the diff, the commit. A repo with no
-    stored records skips the diff."""
+    stored records skips the staging tables and the diff."""
     did = {"did": snapshot.did}
     with conn.transaction(), conn.cursor() as cur:
         with conn.pipeline():
             cur.execute("SELECT 1 FROM repos WHERE did = %(did)s FOR UPDATE", did)  # as every writer of its records
-            for statement in _STAGING:
-                cur.execute(statement)
             _write_counts(cur, snapshot)
             ledger.finish_synced(cur, snapshot.did, pds, str(snapshot.head), snapshot.commit.rev, snapshot.records)
             cur.execute("UPDATE repos SET collections_filter = %s, signal_missing = %s WHERE did = %s",
@@ -123,12 +121,23 @@ def store_snapshot(conn: psycopg.Connection, snapshot: RepoSnapshot, pds: str) -
 
 
 def _stage(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:
-    if snapshot.blocks.in_memory:  # most repos: join blocks to keys here, one COPY
+    """The snapshot's records into incoming_records."""
+    _copy_to_staging(cur, snapshot)
+    if not snapshot.blocks.in_memory:
+        cur.execute(_JOIN_SPOOLED)
+
+
+def _copy_to_staging(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:
+    """Empty the staging tables, then COPY the records in: into incoming_records with their blocks
+    joined here (most repos), or, for a repo spooled to disk, into incoming_blocks and incoming_keys."""
+    with cur.connection.pipeline():
+        for statement in _STAGING:
+            cur.execute(statement)
+    if snapshot.blocks.in_memory:
         copy_rows(cur, "incoming_records", _RECORD_COLUMNS, _record_rows(snapshot))
         return
     copy_rows(cur, "incoming_blocks", ("link", "record", "error", "record_cbor"), snapshot.blocks)
     copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid", "link"), snapshot.keys)
-    cur.execute(_JOIN_SPOOLED)
 
 
 def _write_first(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> int:
@@ -137,14 +146,10 @@ def _write_first(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> int:
         rows = (row for row in _record_rows(snapshot) if row[3] is not None)
         written = copy_rows(cur, "records", _RECORDS_COLUMNS, ((snapshot.did, *row[:4], row[5]) for row in rows))
     else:
-        copy_rows(cur, "incoming_blocks", ("link", "record", "error", "record_cbor"), snapshot.blocks)
-        copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid", "link"), snapshot.keys)
+        _copy_to_staging(cur, snapshot)
         written = cur.execute(_INSERT_SPOOLED, {"did": snapshot.did}).rowcount
-    if written < snapshot.records:
-        if snapshot.blocks.in_memory:
-            _stage(cur, snapshot)
-        else:
-            cur.execute(_JOIN_SPOOLED)
+    if written < snapshot.records:  # staged again to find which record, as the diff does
+        _stage(cur, snapshot)
         _refuse_unusable(cur, snapshot)
     return written
 
