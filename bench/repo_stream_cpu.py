@@ -100,8 +100,8 @@ def replay(path: Path, rounds: int, profile: bool) -> None:
             parse_signed_commit(block)
 
     def verify_all():
-        for block, item, (commit, unsigned) in zip(commit_blocks, items, parsed):
-            verify_commit(block, item.signing_key, signed=None if unsigned is None else (unsigned, commit.sig))
+        for block, item, (_, signed) in zip(commit_blocks, items, parsed):
+            verify_commit(block, item.signing_key, signed=signed)
 
     def lookup_all():
         for blocks, item, (commit, _) in zip(block_sets, items, parsed):

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from migration_assets.atproto import dagcbor
-from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID, CidError, CidMismatch, decode_varint, read_cid
+from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID, CidError, CidMismatch, decode_varint, read_cid, usual_link
 from migration_assets.atproto.errors import AtprotoFormatError
 
 READ_SIZE = 64 * 1024
@@ -124,6 +124,9 @@ class CarReader:
 
     @staticmethod
     def _decode_header(data: bytes) -> list[CID]:
+        roots = _usual_roots(data)
+        if roots is not None:
+            return roots
         try:
             header = dagcbor.decode(data)
         except AtprotoFormatError as exc:
@@ -181,6 +184,18 @@ def _read_section(section: bytes, start: int) -> tuple[CID, bytes]:
 _HEADER_KEYS = {"roots", "version"}
 
 
+def _usual_roots(header: bytes) -> list[CID] | None:
+    """The roots of a CAR header of the usual shape ({version: 1, roots: [links of the usual kind]},
+    canonical) through libipld; None to leave it to the reference decoding, which decides and words it.
+    A canonical block holds a link exactly where its value holds CID-shaped bytes (decode_canonical)."""
+    value = dagcbor.decode_canonical(header)
+    if (type(value) is not dict or value.keys() != _HEADER_KEYS or type(value["version"]) is not int
+            or value["version"] != 1 or type(value["roots"]) is not list or not value["roots"]):
+        return None
+    roots = [usual_link(root) for root in value["roots"]]
+    return None if None in roots else roots
+
+
 def read_blocks(data: bytes, *, max_size: int) -> dict[CID, bytes]:
     """`dict(CarReader(iter([data]), max_size=max_size))` for a CAR held in memory (a stream event's
     slice), in one tight loop: a header of the usual shape decoded by libipld, the usual CIDs, one- and
@@ -195,11 +210,7 @@ def _read_usual_blocks(data: bytes, max_size: int) -> dict[CID, bytes] | None:
     if not 0 < end <= max_size or data[0] >= 0x80:
         return None
     pos = 1 + data[0]
-    header = dagcbor.decode_canonical(data[1:pos]) if pos > 1 and pos <= end else None
-    # A canonical block holds a link exactly where its value holds CID-shaped bytes (decode_canonical).
-    if (type(header) is not dict or header.keys() != _HEADER_KEYS or type(header["version"]) is not int
-            or header["version"] != 1 or type(header["roots"]) is not list or not header["roots"]
-            or not all(type(r) is bytes and len(r) == 36 and r[:4] in CODEC_OF_PREFIX for r in header["roots"])):
+    if not 1 < pos <= end or _usual_roots(data[1:pos]) is None:
         return None
     blocks: dict[CID, bytes] = {}
     sha256, codec_of = hashlib.sha256, CODEC_OF_PREFIX

@@ -68,9 +68,10 @@ def parse_commit(block: bytes) -> Commit:
     return parse_signed_commit(block)[0]
 
 
-def parse_signed_commit(block: bytes) -> tuple[Commit, bytes | None]:
-    """(the commit, as parse_commit; the bytes its signature covers when they came with the decoding, else
-    None: then signature.unsigned_commit_bytes re-encodes them). Decodes the block once, not twice."""
+def parse_signed_commit(block: bytes) -> tuple[Commit, tuple[bytes, bytes] | None]:
+    """(the commit, as parse_commit; (the bytes its signature covers, the signature) when they came with
+    the decoding, as signature.unsigned_commit_bytes gives them, else None: that then re-encodes them).
+    Decodes the block once, not twice."""
     compiled = _compiled_commit(block)
     return compiled if compiled is not None else (_reference_commit(block), None)
 
@@ -107,7 +108,7 @@ _COMMIT_KEYS = {"data", "did", "prev", "rev", "sig", "version"}
 _SIG_PAIR_HEAD = b"\x63sig\x58\x40"  # text "sig", then a 64-byte byte string
 
 
-def _compiled_commit(block: bytes) -> tuple[Commit, bytes] | None:
+def _compiled_commit(block: bytes) -> tuple[Commit, tuple[bytes, bytes]] | None:
     """The commit through libipld and the bytes its signature covers, cut out of the block; None to leave
     it to the reference path, which decides and words the error. Only the usual commit takes this path:
     exactly the six keys of a version 3 commit, a 64-byte `sig` that can't be taken for a link, and a
@@ -129,7 +130,7 @@ def _compiled_commit(block: bytes) -> tuple[Commit, bytes] | None:
     if block[:1] != b"\xa6" or block[start:start + len(_SIG_PAIR_HEAD)] != _SIG_PAIR_HEAD:
         return None
     commit = Commit.model_construct(did=did, version=version, data=data, rev=rev, prev=prev, sig=sig)
-    return commit, b"\xa5" + block[1:start] + block[end:]
+    return commit, (b"\xa5" + block[1:start] + block[end:], sig)
 
 
 def _text_size(text: str) -> int:

@@ -167,12 +167,11 @@ def _record_until_done(results: _Results, running: int, on_results: Callable[[li
                     on_results(batch)
                     batch = []
                     last_flush = time.monotonic()
-        if batch and time.monotonic() - last_flush >= FLUSH_EVERY_SECONDS:
-            on_results(batch)
-            batch = []
+        if time.monotonic() - last_flush >= FLUSH_EVERY_SECONDS:  # with nothing to record, wait a whole
+            if batch:                                                # interval again, not spin
+                on_results(batch)
+                batch = []
             last_flush = time.monotonic()
-        elif not batch and time.monotonic() - last_flush >= FLUSH_EVERY_SECONDS:
-            last_flush = time.monotonic()  # nothing to record: wait a whole interval again, not spin
     on_results(batch)
     if error:
         raise error

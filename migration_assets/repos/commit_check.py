@@ -67,12 +67,12 @@ def check_commit(item: CommitToCheck, collections: CollectionFilter) -> Checked:
         commit_block = blocks.get(item.commit)
         if commit_block is None:
             return Checked(problem=f"commit block {item.commit} is missing from the event's blocks")
-        commit, unsigned = parse_signed_commit(commit_block)  # decoded once, for the signature too
+        commit, signed = parse_signed_commit(commit_block)  # decoded once, for the signature too
         if (commit.did, commit.rev) != (item.repo, item.rev):
             return Checked(problem=f"the commit is {commit.did} rev {commit.rev}, the event {item.repo} rev {item.rev}")
         if item.signing_key is not None:
             try:
-                verify_commit(commit_block, item.signing_key, signed=None if unsigned is None else (unsigned, commit.sig))
+                verify_commit(commit_block, item.signing_key, signed=signed)
             except SignatureError as exc:
                 return Checked(problem=str(exc), bad_signature=True)
         records = {}

@@ -348,8 +348,7 @@ class Follower:
             states[event.repo] = replace(state, status="pending")
             return self._due(conn, event.repo, f"desynchronized at rev {event.rev}: {problem}")
         stored = not (self.signal is not None and state.signal_missing)  # else no records kept, only the head
-        data = str(checked.data)
-        writes.commit(event, checked, stored, data)
+        data = writes.commit(event, checked, stored)
         states[event.repo] = RepoState(status=state.status, rev=event.rev, data=data, signal_missing=state.signal_missing)
         self.report.applied += 1
         return []
@@ -475,8 +474,8 @@ class _BatchWrites:
         self.records: dict[tuple[str, str, str], tuple | None] = {}  # (did, collection, rkey) -> (cid, json, cbor)
         self.heads: dict[str, tuple[str, str, str]] = {}  # did -> (head, rev, data) of its last applied commit
 
-    def commit(self, event: CommitEvent, checked: Checked, store_records: bool = True, data: str | None = None) -> None:
-        """`data`: str(checked.data), if the caller has it."""
+    def commit(self, event: CommitEvent, checked: Checked, store_records: bool = True) -> str:
+        """Stage the commit's writes; returns its data root as text (the repo's state keeps it too)."""
         for op in event.ops if store_records else ():
             collection, rkey = op.collection_rkey
             if not self.collections.matches(collection):
@@ -486,7 +485,9 @@ class _BatchWrites:
             else:
                 _, text, _, exact = checked.records[op.cid]
                 self.records[(event.repo, collection, rkey)] = (str(op.cid), text, exact)
-        self.heads[event.repo] = (str(event.commit), event.rev, data if data is not None else str(checked.data))
+        data = str(checked.data)
+        self.heads[event.repo] = (str(event.commit), event.rev, data)
+        return data
 
     def flush(self, conn: psycopg.Connection) -> None:
         if not self.heads and not self.records:

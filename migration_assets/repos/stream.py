@@ -184,13 +184,14 @@ def decode_frame(frame: bytes, host: str = "") -> StreamEvent | None:
     if not isinstance(frame, bytes):
         raise StreamFormatError("a text frame on subscribeRepos; only binary DAG-CBOR frames are valid")
     compiled = _compiled_commit_frame(frame)  # most frames: #commit, decoded about 4 times faster
-    try:
-        header, body = compiled if compiled is not None else (None, None)
-        if compiled is None:
+    if compiled is not None:
+        header, body = compiled
+    else:
+        try:
             header, body_bytes = _split_frame(frame)
             body = dagcbor.decode(body_bytes)
-    except dagcbor.DagCborError as exc:
-        raise StreamFormatError(f"frame is not two DAG-CBOR values: {exc}") from None
+        except dagcbor.DagCborError as exc:
+            raise StreamFormatError(f"frame is not two DAG-CBOR values: {exc}") from None
     if not isinstance(header, dict) or not isinstance(body, dict):
         raise StreamFormatError("frame header and body must be DAG-CBOR maps")
     if header.get("op") == -1:

@@ -85,9 +85,10 @@ def test_a_commit_decoded_once_is_the_reference_commit_and_its_unsigned_bytes_th
         assert outcome(mst.parse_commit, block) == reference
         if compiled is not None:
             fast += 1
-            commit, unsigned = compiled
+            commit, signed = compiled
             assert reference == ("ok", commit)
-            assert unsigned_commit_bytes(block) == (unsigned, commit.sig)  # byte for byte
+            assert unsigned_commit_bytes(block) == signed  # byte for byte
+            assert signed[1] == commit.sig
     assert fast > 1000  # the fast path was taken (most of the valid ones) ...
     assert fast < sum(1 for _ in commit_blocks())  # ... and not for everything
 
