@@ -159,7 +159,7 @@ def record_rows(cars: dict[str, bytes]) -> dict[str, list[tuple]]:
     rows = {}
     for did, car in cars.items():
         with read_snapshot(did, [car], len(car)) as snapshot:
-            text = {link: record for link, record, _, _ in snapshot.blocks}
+            text = {link: record for link, record, _, _ in snapshot.staged_blocks()}
             rows[did] = [(did, collection, rkey, cid, text[link]) for collection, rkey, cid, link in snapshot.keys]
     return rows
 

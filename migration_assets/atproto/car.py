@@ -96,6 +96,27 @@ class _Source:
             have = len(self.buf) - self.pos
             raise CarError(f"CAR truncated: {what} at byte {self.offset} needs {size} bytes, only {have} remain")
 
+    def section(self) -> tuple[bytes, int, int]:
+        """Buffer the next CAR section whole: (buffer, where the section starts after its length,
+        where it ends). Most sections are buffered already and have a one- or two-byte length: those
+        are found here, without varint() and need(). An empty section, the cap and truncation raise."""
+        buf, pos = self.buf, self.pos
+        size = buf[pos]
+        if size < 0x80:
+            begin = pos + 1
+        elif pos + 1 < len(buf) and 0 < buf[pos + 1] < 0x80:
+            size, begin = (size & 0x7F) | (buf[pos + 1] << 7), pos + 2
+        else:
+            begin = len(buf)  # a longer length: the general way
+        if size and begin + size <= len(buf):  # within what was pulled, so within the cap too
+            return buf, begin, begin + size
+        start = self.offset
+        size = self.varint("section length")
+        if size == 0:
+            raise CarError(f"empty CAR section at byte {start}")
+        self.need(size, "block")
+        return self.buf, self.pos, self.pos + size
+
     def skip(self, size: int) -> None:
         self.pos += size
         self.offset += size
@@ -147,24 +168,19 @@ class CarReader:
         """(binary CID, block) of each block: the CID as bytes, which costs no CID object (a repo's
         parse keys its blocks by these)."""
         # The hot loop of a repo sync (one pass per block): locals only, one slice per block.
-        src, sha256 = self._src, hashlib.sha256
+        src, sha256, prefixes = self._src, hashlib.sha256, CODEC_OF_PREFIX
         while src.fill(1):
             start = src.offset
-            size = src.varint("section length")
-            if size == 0:
-                raise CarError(f"empty CAR section at byte {start}")
-            src.need(size, "block")
-            buf, pos = src.buf, src.pos
-            if size >= 36 and buf[pos : pos + 4] in CODEC_OF_PREFIX:  # every atproto block: CIDv1, sha2-256
-                link, data = buf[pos : pos + 36], buf[pos + 36 : pos + size]
-                src.skip(size)
+            buf, begin, end = src.section()
+            src.skip(end - src.pos)
+            if end - begin >= 36 and buf[begin:begin + 4] in prefixes:  # every atproto block: CIDv1, sha2-256
+                link, data = buf[begin:begin + 36], buf[begin + 36:end]
                 if sha256(data).digest() == link[4:]:
                     yield link, data
                     continue
                 cid = CID.from_bytes(link)
             else:
-                cid, data = _read_section(buf[pos : pos + size], start)
-                src.skip(size)
+                cid, data = _read_section(buf[begin:end], start)
                 link = bytes(cid)
             try:
                 cid.verify(data)

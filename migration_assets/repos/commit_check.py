@@ -24,7 +24,7 @@ from migration_assets.atproto.mst import is_valid_nsid, is_valid_record_key, loo
 from migration_assets.atproto.signature import SignatureError, verify_commit
 from migration_assets.core.concurrency import leave_with_parent
 from migration_assets.repos.collections import CollectionFilter
-from migration_assets.repos.snapshot import _staged as staged_block  # the backfill's record row: jsonb + U+0000
+from migration_assets.repos.snapshot import record_json  # as the backfill stores a record: jsonb + U+0000
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ class CommitToCheck:
 
 @dataclass(frozen=True)
 class Checked:
-    """A checked #commit: the rows of the records it writes (keyed by CID, as the backfill stages
-    them: link, json, error, exact block) and its signed MST root, or why it can't be applied."""
+    """A checked #commit: the records it writes (keyed by CID, as the backfill stores them: record_json's
+    JSON form, why none, exact block) and its signed MST root, or why it can't be applied."""
 
     records: dict[CID, tuple] = field(default_factory=dict)
     data: CID | None = None
@@ -84,9 +84,9 @@ def check_commit(item: CommitToCheck, collections: CollectionFilter) -> Checked:
                 continue
             if cid not in blocks:
                 return Checked(problem=f"record block of {action} {path} is missing from the event")
-            row = staged_block(cid, blocks[cid])
-            if row[1] is None:  # as in the backfill: a record that isn't DAG-CBOR fails its repo
-                return Checked(problem=f"record {path} ({cid}) is not valid DAG-CBOR: {row[2]}")
+            row = record_json(blocks[cid])
+            if row[0] is None:  # as in the backfill: a record that isn't DAG-CBOR fails its repo
+                return Checked(problem=f"record {path} ({cid}) is not valid DAG-CBOR: {row[1]}")
             records[cid] = row
         return Checked(records, commit.data)
     except AtprotoError as exc:  # bad blocks or commit: the resync decides

@@ -483,7 +483,7 @@ class _BatchWrites:
             if op.action == "delete":
                 self.records[(event.repo, collection, rkey)] = None
             else:
-                _, text, _, exact = checked.records[op.cid]
+                text, _, exact = checked.records[op.cid]
                 self.records[(event.repo, collection, rkey)] = (str(op.cid), text, exact)
         data = str(checked.data)
         self.heads[event.repo] = (str(event.commit), event.rev, data)

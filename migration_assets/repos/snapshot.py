@@ -1,18 +1,17 @@
-"""A repo at one commit, read from its CAR export: the commit, and every record's (collection, rkey, CID)
-with its JSON form, staged on local disk so memory stays flat however big the repo.
+"""A repo at one commit, read from its CAR export: the commit, and every kept record's (collection,
+rkey, CID) with its block, held in memory up to a budget and on local disk past it, so memory stays
+flat however big the repo.
 
 The CAR streams through once. The MST nodes the commit reaches stay in memory (a node holds several
 keys, so they are a fraction of the blocks; atproto.repo keeps unreferenced ones out); the commit is kept
-apart; every other block is turned into its JSON form and appended to a spool file (see `_staged` for
-the records that jsonb cannot hold). The MST walk then appends each record's key to a second spool
-file. Storing
-(store.py) COPYs them into PostgreSQL and diffs there. Blocks may come in any order, so nothing can be
-stored before the CAR ends, and disk is where the rest of it waits.
+apart; every other block is appended, as the CAR holds it, to a spool. The MST walk then appends each
+kept record's key to a second spool. Blocks may come in any order, so nothing is known before the CAR
+ends, and disk is where a big repo waits.
 
-Under a collection filter or a signal collection (RecordScope), which records to keep is known only
-after the walk: blocks are then spooled raw, and only the kept records' blocks are turned into JSON
-and staged, so excluded records cost neither that nor anything in PostgreSQL. The MST is still walked
-(and so verified) whole.
+A record's JSON form (see `record_json` for the records that jsonb cannot hold) is made only as the store
+COPYs it (`record_rows`, `staged_blocks`), so the conversion overlaps PostgreSQL's work on the rows
+before it, and records a collection filter or a missing signal collection leaves out (RecordScope) cost
+nothing. The MST is still walked (and so verified) whole.
 """
 
 import json
@@ -104,15 +103,37 @@ class RepoSnapshot:
     commit: Commit
     commit_block: bytes
     car_bytes: int
-    blocks: Spool = field(repr=False)  # (binary CID, record JSON or None, why not, exact block or None)
+    blocks: Spool = field(repr=False)  # (binary CID, block) of every block but the commit and the MST nodes
     keys: Spool = field(repr=False)  # (collection, rkey, CID, binary CID) in key order, of kept records
     collections: Counter = field(default_factory=Counter)  # kept records per collection
     scope: RecordScope = RecordScope()
     signal_missing: bool = False  # a signal collection is set and the repo has no record in it: none kept
+    wanted: set[bytes] | None = field(default=None, repr=False)  # kept records' binary CIDs; None: every block
 
     @property
     def records(self) -> int:
         return self.keys.rows
+
+    @property
+    def in_memory(self) -> bool:
+        """The blocks are in memory, so `record_rows` can look them up (else: `staged_blocks`)."""
+        return self.blocks.in_memory
+
+    def record_rows(self) -> Iterator[tuple[str, str, str, str | None, str | None, bytes | None]]:
+        """(collection, rkey, CID, record JSON, why none, exact block) of each kept record, in key order;
+        all three None for a record whose block the CAR lacks. Only for a snapshot held in memory: the
+        blocks are looked up by CID."""
+        blocks = dict(self.blocks)
+        for collection, rkey, cid, link in self.keys:
+            block = blocks.get(link)
+            yield (collection, rkey, cid) + (record_json(block) if block is not None else (None, None, None))
+
+    def staged_blocks(self) -> Iterator[tuple[bytes, str | None, str | None, bytes | None]]:
+        """(binary CID, record JSON, why none, exact block) of the kept records' blocks, in CAR order, for
+        PostgreSQL to join to the keys (a snapshot spooled to disk). A block repeated in the CAR repeats."""
+        for link, block in self.blocks:
+            if self.wanted is None or link in self.wanted:
+                yield link, *record_json(block)
 
     def close(self) -> None:
         self.blocks.close()
@@ -138,26 +159,21 @@ class _Counting:
             yield chunk
 
 
-def _stage(spool: Spool, link: bytes, block: bytes) -> None:
-    row = _staged(link, block)
-    spool.append(row, _ROW_BYTES + 2 * len(block))  # the JSON text is about twice the block
-
-
-def _staged(link: bytes, block: bytes) -> tuple[bytes, str | None, str | None, bytes | None]:
-    """A block's spool row, keyed by the binary CID (the text form is only needed for the records
-    written, and it costs far more). A block that is not DAG-CBOR fails the repo only if a record needs it.
+def record_json(block: bytes) -> tuple[str | None, str | None, bytes | None]:
+    """A record block's (JSON form, why none, exact block). A block that is not DAG-CBOR fails the repo
+    only if a record needs it.
 
     jsonb cannot hold U+0000, which atproto strings may: such a record's JSON form gets U+FFFD in its
     place, and the exact block is kept with it (the check is one scan of the text, for every block)."""
     try:
         text = dagcbor.to_json_text(block)
     except AtprotoFormatError as exc:
-        return link, None, str(exc), None
+        return None, str(exc), None
     if _JSON_NUL in text:  # or a literal backslash before "u0000": then nothing changes below
         readable = _JSON.encode(_without_nul(json.loads(text)))
         if readable != text:
-            return link, readable, None, bytes(block)
-    return link, text, None, None
+            return readable, None, bytes(block)
+    return text, None, None
 
 
 def _without_nul(value: object) -> object:
@@ -177,37 +193,27 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
     reader = CarReader(counted, max_size=max_bytes)
     head = reader.roots[0]
     blocks, keys = Spool(), Spool()
-    raw = Spool() if scope != RecordScope() else None  # selective: stage only kept records, after the walk
     try:
-        if raw is None:
-            found = collect_repo_blocks(reader.links(), bytes(head), lambda link, block: _stage(blocks, link, block))
-        else:
-            found = collect_repo_blocks(reader.links(), bytes(head),
-                                        lambda link, block: raw.append((link, bytes(block)), len(block) + _ROW_BYTES))
-        nodes, commit_block = found.nodes, found.commit_block
-        if commit_block is None:
+        found = collect_repo_blocks(reader.links(), bytes(head),
+                                    lambda link, block: blocks.append((link, block), _ROW_BYTES + len(block)))
+        if found.commit_block is None:
             raise CarError(f"the CAR's root (commit {head}) is not among its blocks; the export is incomplete")
-        commit = parse_commit(commit_block)
+        commit = parse_commit(found.commit_block)
         if commit.did != did:
             raise CarError(f"the CAR's commit is for {commit.did}, not {did}; the PDS served another repo")
-        snapshot = RepoSnapshot(did, head, commit, commit_block, counted.total, blocks, keys, scope=scope)
-        wanted = _walk_kept(snapshot, nodes, found.decoded)
-        if raw is not None:
-            _stage_kept(snapshot, raw, wanted)
+        snapshot = RepoSnapshot(did, head, commit, found.commit_block, counted.total, blocks, keys, scope=scope)
+        _walk_kept(snapshot, found.nodes, found.decoded)
         return snapshot
     except BaseException:
         blocks.close()
         keys.close()
         raise
-    finally:
-        if raw is not None:
-            raw.close()
 
 
-def _walk_kept(snapshot: RepoSnapshot, nodes: dict[bytes, bytes], decoded: dict) -> set[bytes] | None:
-    """Walk the whole MST, spooling the keys of the records the scope keeps. Returns the binary CIDs
-    of those records when the collection filter drops some (None: every record's block is wanted); that
-    set, one CID per kept record, is the memory a filter costs."""
+def _walk_kept(snapshot: RepoSnapshot, nodes: dict[bytes, bytes], decoded: dict) -> None:
+    """Walk the whole MST, spooling the keys of the records the scope keeps. When the collection filter
+    drops some, the snapshot's `wanted` holds the binary CIDs of those kept (one per kept record: the
+    memory a filter costs); a repo without its signal collection keeps none."""
     collections, signal = snapshot.scope.collections, snapshot.scope.signal
     wanted: set[bytes] | None = None if collections.everything else set()
     snapshot.signal_missing = signal is not None
@@ -220,22 +226,13 @@ def _walk_kept(snapshot: RepoSnapshot, nodes: dict[bytes, bytes], decoded: dict)
         snapshot.collections[collection] += 1
         if wanted is not None:
             wanted.add(link)
-        if link in nodes:  # a block that is both a reached node and a record: stage it after all
-            _stage(snapshot.blocks, link, nodes[link])
-    return wanted
-
-
-def _stage_kept(snapshot: RepoSnapshot, raw: Spool, wanted: set[bytes] | None) -> None:
-    """Stage the kept records' blocks from the raw spool; a repo without its signal keeps none."""
+        if link in nodes:  # a block that is both a reached node and a record: a record's after all
+            snapshot.blocks.append((link, nodes[link]), _ROW_BYTES + len(nodes[link]))
+    snapshot.wanted = wanted
     if snapshot.signal_missing:
-        snapshot.keys.close()
-        snapshot.blocks.close()
-        snapshot.keys, snapshot.blocks = Spool(), Spool()
+        snapshot.close()
+        snapshot.blocks, snapshot.keys, snapshot.wanted = Spool(), Spool(), None
         snapshot.collections.clear()
-        return
-    for link, block in raw:
-        if wanted is None or link in wanted:
-            _stage(snapshot.blocks, link, block)
 
 
 def verify_snapshot(snapshot: RepoSnapshot, signing_key: str) -> None:

@@ -9,7 +9,6 @@ records (its first sync, most of a backfill) has nothing to diff: its records ar
 snapshot's collection filter left out are not among its keys, so a narrowed filter deletes them here
 like any record gone from the MST; the filter is recorded with the repo (`collections_filter`)."""
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -123,7 +122,7 @@ def store_snapshot(conn: psycopg.Connection, snapshot: RepoSnapshot, pds: str) -
 def _stage(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:
     """The snapshot's records into incoming_records."""
     _copy_to_staging(cur, snapshot)
-    if not snapshot.blocks.in_memory:
+    if not snapshot.in_memory:
         cur.execute(_JOIN_SPOOLED)
 
 
@@ -133,17 +132,17 @@ def _copy_to_staging(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:
     with cur.connection.pipeline():
         for statement in _STAGING:
             cur.execute(statement)
-    if snapshot.blocks.in_memory:
-        copy_rows(cur, "incoming_records", _RECORD_COLUMNS, _record_rows(snapshot))
+    if snapshot.in_memory:
+        copy_rows(cur, "incoming_records", _RECORD_COLUMNS, snapshot.record_rows())
         return
-    copy_rows(cur, "incoming_blocks", ("link", "record", "error", "record_cbor"), snapshot.blocks)
+    copy_rows(cur, "incoming_blocks", ("link", "record", "error", "record_cbor"), snapshot.staged_blocks())
     copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid", "link"), snapshot.keys)
 
 
 def _write_first(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> int:
     """Write the records of a repo that has none stored; as the diff, refuse (MstError) if any lacks its block."""
-    if snapshot.blocks.in_memory:
-        rows = (row for row in _record_rows(snapshot) if row[3] is not None)
+    if snapshot.in_memory:
+        rows = (row for row in snapshot.record_rows() if row[3] is not None)
         written = copy_rows(cur, "records", _RECORDS_COLUMNS, ((snapshot.did, *row[:4], row[5]) for row in rows))
     else:
         _copy_to_staging(cur, snapshot)
@@ -152,16 +151,6 @@ def _write_first(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> int:
         _stage(cur, snapshot)
         _refuse_unusable(cur, snapshot)
     return written
-
-
-def _record_rows(snapshot: RepoSnapshot) -> Iterator[tuple]:
-    blocks = {}
-    for link, record, error, record_cbor in snapshot.blocks:  # a link's rows are alike: one with a record
-        if record is not None or link not in blocks:
-            blocks[link] = (record, error, record_cbor)
-    missing = (None, None, None)
-    for collection, rkey, cid, link in snapshot.keys:
-        yield (collection, rkey, cid, *blocks.get(link, missing))
 
 
 def _refuse_unusable(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:

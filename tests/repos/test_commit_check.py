@@ -39,7 +39,7 @@ def test_a_signed_commit_checks_and_a_stranger_s_signature_does_not(curve):
     event = commit_event(private_key(curve, 0xA11CE))
     checked = check_commit(event, EVERYTHING)
     assert checked.problem is None and not checked.bad_signature
-    assert [json.loads(row[1])["text"] for row in checked.records.values()] == ["post 0"]
+    assert [json.loads(row[0])["text"] for row in checked.records.values()] == ["post 0"]
     stranger = commit_event(private_key(curve, 0xBAD), did=DID)
     forged = check_commit(CommitToCheck(**{**vars(stranger), "signing_key": event.signing_key}), EVERYTHING)
     assert forged.bad_signature and "does not verify" in forged.problem
