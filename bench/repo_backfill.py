@@ -248,6 +248,8 @@ def peak_rss_of_sync(did: str, target_url: str, env: dict) -> dict:
 
 
 def main(argv=None) -> None:
+    import migration_assets.definitions  # noqa: F401  (a run's process loads the code location first)
+
     args = parse_args(argv)
     if args.child_sync:
         child_sync(args.child_sync)

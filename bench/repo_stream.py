@@ -170,6 +170,8 @@ def report_check_processes(args) -> int:
 
 
 def main(argv=None) -> None:
+    import migration_assets.definitions  # noqa: F401  (a run's process loads the code location first)
+
     args = parse_args(argv)
     with embedded_postgres("bench_stream") as (target_url, _), start_atproto_network(
         0, log_path=Path("/tmp/bench-stream-plc.log")

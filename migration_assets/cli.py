@@ -7,6 +7,7 @@ import sys
 from migration_assets.blobs import cli as blobs_cli
 from migration_assets.blobs import rotation
 from migration_assets.chain import cli as chain_cli
+from migration_assets.core.runs import freeze_loaded_objects
 from migration_assets.devstack import demo
 from migration_assets.files import cli as files_cli
 from migration_assets.repos import cli as repos_cli
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    freeze_loaded_objects()  # every pipeline is loaded: the runs below add only their own objects
     return args.handler(args)
 
 

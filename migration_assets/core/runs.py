@@ -1,9 +1,19 @@
 """In-process runs for the `migration-assets` command: materialize a partition against the project's
 instance (so the run shows in the UI) and print one line for it, its failed checks and its error."""
 
+import gc
 from collections.abc import Callable
 
 import dagster as dg
+
+
+def freeze_loaded_objects() -> None:
+    """Call once a process that runs assets (a Dagster run's, the webserver's, the daemon's, the
+    command's) has loaded the project: it keeps what the imports built for its whole life, so freeze
+    that out of the collector's full passes. One such pass over Dagster's objects paused a file-copy run
+    for ~0.17 s; in a repo backfill, whose parse keeps many objects alive for a while and so triggers full
+    passes, they were a tenth of the process's CPU."""
+    gc.freeze()
 
 
 def materialize_partition(
