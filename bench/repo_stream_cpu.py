@@ -113,7 +113,7 @@ def replay(path: Path, rounds: int, profile: bool) -> None:
         for blocks, item in zip(block_sets, items):
             for action, _, cid in item.ops:
                 if action != "delete":
-                    commit_check.staged_block(cid, blocks[cid])
+                    commit_check.record_json(blocks[cid])
 
     def check_all():
         for item in items:
@@ -147,7 +147,7 @@ def replay(path: Path, rounds: int, profile: bool) -> None:
     phases = {"frame decode (decode_frame)": (decode_all, len(frames)),
               "check: CAR slice -> blocks": (car_all, n), "check: parse_signed_commit": (parse_all, n),
               "check: verify_commit": (verify_all, n), "check: MST lookup of the ops": (lookup_all, n),
-              "check: staged_block (record JSON)": (staged_all, n), "check_commit (all)": (check_all, n),
+              "check: record_json (record JSON)": (staged_all, n), "check_commit (all)": (check_all, n),
               "follower: _to_check": (to_check_all, n), "follower: _BatchWrites.commit": (writes_all, n),
               "follower: pickling to/from workers": (send_all, n), "worker: unpickling/pickling": (receive_all, n)}
     for name, (fn, count) in phases.items():
