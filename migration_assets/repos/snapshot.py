@@ -28,7 +28,7 @@ from migration_assets.atproto import dagcbor
 from migration_assets.atproto.car import CarError, CarReader
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.errors import AtprotoFormatError
-from migration_assets.atproto.mst import Commit, parse_commit, walk_links
+from migration_assets.atproto.mst import Commit, parse_signed_commit, walk_links
 from migration_assets.atproto.repo import collect_repo_blocks
 from migration_assets.atproto.signature import verify_commit
 from migration_assets.repos.collections import RecordScope
@@ -109,6 +109,7 @@ class RepoSnapshot:
     scope: RecordScope = RecordScope()
     signal_missing: bool = False  # a signal collection is set and the repo has no record in it: none kept
     wanted: set[bytes] | None = field(default=None, repr=False)  # kept records' binary CIDs; None: every block
+    signed: tuple[bytes, bytes] | None = field(default=None, repr=False)  # (signed bytes, sig); None: re-encode
 
     @property
     def records(self) -> int:
@@ -198,10 +199,11 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
                                     lambda link, block: blocks.append((link, block), _ROW_BYTES + len(block)))
         if found.commit_block is None:
             raise CarError(f"the CAR's root (commit {head}) is not among its blocks; the export is incomplete")
-        commit = parse_commit(found.commit_block)
+        commit, signed = parse_signed_commit(found.commit_block)  # decoded once, for the signature too
         if commit.did != did:
             raise CarError(f"the CAR's commit is for {commit.did}, not {did}; the PDS served another repo")
-        snapshot = RepoSnapshot(did, head, commit, found.commit_block, counted.total, blocks, keys, scope=scope)
+        snapshot = RepoSnapshot(did, head, commit, found.commit_block, counted.total, blocks, keys, scope=scope,
+                                signed=signed)
         _walk_kept(snapshot, found.nodes, found.decoded)
         return snapshot
     except BaseException:
@@ -237,5 +239,5 @@ def _walk_kept(snapshot: RepoSnapshot, nodes: dict[bytes, bytes], decoded: dict)
 
 def verify_snapshot(snapshot: RepoSnapshot, signing_key: str) -> None:
     """Check the commit signature against the DID document's #atproto key (SignatureError if not)."""
-    verify_commit(snapshot.commit_block, signing_key)
+    verify_commit(snapshot.commit_block, signing_key, signed=snapshot.signed)
 
