@@ -8,7 +8,9 @@ fetch takes a token from the shared per-host rate limiter, as XRPC calls do.
 
 Caching: a document is reused for `identity_ttl_seconds`. Callers re-resolve when what they did with it
 failed in a way a stale document explains (the signature does not verify: the key rotated; the PDS no
-longer has the repo: the account moved): `resolve(did, fresh=True)` or `invalidate(did)`.
+longer has the repo: the account moved): `resolve(did, fresh=True)` or `invalidate(did)`. With a
+`StoredDocuments`, the cache is shared through PostgreSQL by every process: what a backfill run resolved,
+the stream follower after it reuses, and so does the next follower run; an invalidation reaches them all.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import httpx
+from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from migration_assets.atproto.errors import AtprotoError
@@ -39,6 +42,8 @@ from migration_assets.atproto.xrpc import (
 from migration_assets.core.backoff import Backoff
 
 if TYPE_CHECKING:
+    from psycopg_pool import ConnectionPool
+
     from migration_assets.atproto.ratelimit import HostRateLimiter
 
 _PLC_DID = re.compile(r"^did:plc:[a-z2-7]{24}$")
@@ -195,6 +200,33 @@ def _first_error(exc: ValidationError) -> str:
     return f"{'.'.join(str(p) for p in err['loc']) or 'document'}: {err['msg']}"
 
 
+class StoredDocuments:
+    """Resolved DID documents in PostgreSQL (`did_documents`, with when they were resolved), shared by
+    every process that resolves with them."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def load(self, dids: list[str], max_age_seconds: float) -> dict[str, tuple[DidDocument, float]]:
+        """{did: (document, seconds since it was resolved)} of those resolved less than `max_age_seconds` ago."""
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT did, document, extract(epoch FROM now() - resolved_at)::float8 FROM did_documents"
+                " WHERE did = ANY(%s) AND resolved_at > now() - make_interval(secs => %s)",
+                (dids, max_age_seconds)).fetchall()
+        return {did: (DidDocument.model_validate(document), age) for did, document, age in rows}
+
+    def save(self, did: str, document: DidDocument) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("INSERT INTO did_documents (did, document) VALUES (%s, %s) ON CONFLICT (did) DO UPDATE"
+                         " SET document = excluded.document, resolved_at = now()",
+                         (did, Jsonb(document.model_dump())))
+
+    def forget(self, did: str) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("DELETE FROM did_documents WHERE did = %s", (did,))
+
+
 class IdentityResolver:
     """Resolves and caches DID documents (see the module docstring). Thread-safe. Arguments left None come
     from AtprotoSettings (ATPROTO_*)."""
@@ -203,7 +235,7 @@ class IdentityResolver:
                  allow_private_hosts: bool | None = None, *, limiter: HostRateLimiter | None = None,
                  max_rate_limit_wait: float = 60.0, deadline_seconds: float | None = None,
                  max_document_bytes: int | None = None, retries: int = 2,
-                 settings: AtprotoSettings | None = None) -> None:
+                 settings: AtprotoSettings | None = None, store: StoredDocuments | None = None) -> None:
         settings = settings or AtprotoSettings.load()
         self.plc_url = (plc_url or settings.plc_url).rstrip("/")
         self.ttl_seconds = settings.identity_ttl_seconds if ttl_seconds is None else ttl_seconds
@@ -222,6 +254,7 @@ class IdentityResolver:
                                  verify=shared_ssl_context())
         self._cache: dict[str, tuple[float, DidDocument]] = {}
         self._lock = threading.Lock()
+        self.store = store if self.ttl_seconds > 0 else None  # a TTL of 0 caches nothing, here or there
 
     def close(self) -> None:
         self._web.close()
@@ -234,13 +267,31 @@ class IdentityResolver:
         self.close()
 
     def resolve(self, did: str, *, fresh: bool = False) -> DidDocument:
-        """The DID's document: from the cache while its TTL lasts, else (or with `fresh`) fetched again."""
-        if not fresh and (cached := self.cached(did)) is not None:
-            return cached
+        """The DID's document: from the cache (this process's, else the stored one) while its TTL lasts,
+        else (or with `fresh`) fetched again."""
+        if not fresh:
+            cached = self.cached(did) or self.load([did]).get(did)
+            if cached is not None:
+                return cached
         document = self._resolve_uncached(did)
-        with self._lock:
-            self._cache[did] = (time.monotonic() + self.ttl_seconds, document)
+        self._remember(did, document, age=0.0)
+        if self.store is not None:
+            self.store.save(did, document)
         return document
+
+    def load(self, dids: Iterable[str]) -> dict[str, DidDocument]:
+        """The stored documents of `dids` still within the TTL, now in this process's cache too: one
+        query for many DIDs (a follower's batch, a backfill's claim). Empty without a store."""
+        if self.store is None:
+            return {}
+        found = self.store.load(list(dids), self.ttl_seconds)
+        for did, (document, age) in found.items():
+            self._remember(did, document, age)
+        return {did: document for did, (document, _) in found.items()}
+
+    def _remember(self, did: str, document: DidDocument, age: float) -> None:
+        with self._lock:
+            self._cache[did] = (time.monotonic() + self.ttl_seconds - age, document)
 
     def cached(self, did: str) -> DidDocument | None:
         """The cached document while its TTL lasts, else None (nothing is fetched)."""
@@ -253,6 +304,8 @@ class IdentityResolver:
         its PDS no longer has the repo: the account may have moved)."""
         with self._lock:
             self._cache.pop(did, None)
+        if self.store is not None:
+            self.store.forget(did)
 
     def _resolve_uncached(self, did: str) -> DidDocument:
         if did.startswith("did:plc:"):

@@ -205,16 +205,19 @@ def backfill_buckets(
     a time (the syncer's settings), and as many repos again being resolved or stored meanwhile."""
     settings = syncer.settings
     return sync_leased(pool, syncer.sync, buckets, ledger.repo_lease(settings.lease_seconds),
-                       settings.claim_batch, settings.sync_threads, on_outcome)
+                       settings.claim_batch, settings.sync_threads, on_outcome,
+                       on_claim=lambda repos: syncer.resolver.load(repo.did for repo in repos))
 
 
 def sync_leased(
     pool: ConnectionPool, sync_one: SyncOne, buckets: list[int], lease: Lease, batch: int, threads: int,
     on_outcome: Callable[[RepoOutcome, int, int], None] | None = None,
+    on_claim: Callable[[list[ClaimedRepo]], object] | None = None,
 ) -> BackfillReport:
     """The claim loop: lease up to `batch` due repos, sync them `threads` at a time while a heartbeat
     renews the lease, claim the next batch once these are handed out, stop when none is left.
-    `sync_one` writes each outcome inside `lease.holding`; a repo whose lease was lost ends `lost`."""
+    `sync_one` writes each outcome inside `lease.holding`; a repo whose lease was lost ends `lost`.
+    `on_claim` sees each claimed batch first (the backfill loads its stored DID documents at once)."""
     started, report = time.monotonic(), BackfillReport()
     claimed = 0
 
@@ -236,6 +239,8 @@ def sync_leased(
             if not repos:
                 return
             claimed += len(repos)
+            if on_claim:
+                on_claim(repos)
             yield from repos
 
     try:

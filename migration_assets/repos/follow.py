@@ -244,8 +244,12 @@ class Follower:
         return keys, unresolved
 
     def _prefetch(self, dids: list[str]) -> dict[str, AtprotoError]:
-        """Resolve the DIDs not cached yet at once, not one after another; returns the failures."""
-        missing = [did for did in dict.fromkeys(dids) if self.syncer.resolver.cached(did) is None]
+        """Resolve the DIDs not cached yet at once, not one after another (those stored by another process
+        in one query); returns the failures."""
+        resolver = self.syncer.resolver
+        missing = [did for did in dict.fromkeys(dids) if resolver.cached(did) is None]
+        stored = resolver.load(missing) if missing else {}
+        missing = [did for did in missing if did not in stored]
         if len(missing) < 2:
             return {}
 

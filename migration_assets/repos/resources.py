@@ -5,7 +5,7 @@ import threading
 import dagster as dg
 from pydantic import Field
 
-from migration_assets.atproto.identity import IdentityResolver
+from migration_assets.atproto.identity import IdentityResolver, StoredDocuments
 from migration_assets.atproto.ratelimit import HostRateLimiter
 from migration_assets.atproto.xrpc import XrpcClient
 from migration_assets.repos.backfill import RepoSyncer
@@ -60,12 +60,14 @@ class RepoSourceResource(dg.ConfigurableResource):
         return RepoSettings.load(verify_signatures=self.verify_signatures, concurrency=self.concurrency,
                                  max_car_bytes=self.max_car_bytes, fetch_timeout_seconds=self.fetch_timeout_seconds)
 
-    def resolver(self, limiter: HostRateLimiter | None = None) -> IdentityResolver:
-        return IdentityResolver(self.plc_url, allow_private_hosts=self.allow_private_hosts, limiter=limiter)
+    def resolver(self, limiter: HostRateLimiter | None = None, pool=None) -> IdentityResolver:
+        """With `pool`: documents are shared with every other process through the target database."""
+        return IdentityResolver(self.plc_url, allow_private_hosts=self.allow_private_hosts, limiter=limiter,
+                                store=StoredDocuments(pool) if pool is not None else None)
 
     def clients(self, database_url: str) -> HostClients:
         limiter = HostRateLimiter(database_url)
         return HostClients(limiter, timeout=30.0, allow_private_hosts=self.allow_private_hosts)
 
     def syncer(self, pool, clients: HostClients) -> RepoSyncer:
-        return RepoSyncer(pool, self.resolver(clients.limiter), clients, self.settings)
+        return RepoSyncer(pool, self.resolver(clients.limiter, pool), clients, self.settings)

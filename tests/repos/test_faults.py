@@ -4,10 +4,12 @@ The PDS is reached through a loopback proxy: a proxy in front of the PLC directo
 document so its PDS endpoint is the PDS proxy (and, for one test, its signing key is another key)."""
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -29,7 +31,10 @@ def post(n: int) -> dict:
 
 @contextmanager
 def routed(network, pds_intercept=None, pds_rewrite=None, signing_key: str | None = None) -> Iterator[tuple]:
-    """(PLC proxy, PDS proxy): DID documents from the PLC proxy point at the PDS proxy."""
+    """(PLC proxy, PDS proxy): DID documents from the PLC proxy point at the PDS proxy. The documents
+    stored by earlier syncs are forgotten, as if their TTL had run out, so the proxy's are used."""
+    with psycopg.connect(os.environ["MIGRATION_DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("DELETE FROM did_documents")
     real_pds = network.pdses[0].url
     with http_proxy(real_pds, pds_intercept, pds_rewrite) as pds_proxy:
         def rewrite_document(method: str, path: str, reply: Reply) -> Reply:

@@ -1,5 +1,6 @@
-"""Identities are cached for their TTL and re-resolved only when what was done with them failed: a
-repo the cached PDS no longer has, or a signature the cached key does not verify."""
+"""Identities are cached for their TTL, shared by every process through the target database, and
+re-resolved only when what was done with them failed: a repo the cached PDS no longer has, or a
+signature the cached key does not verify."""
 
 import json
 import threading
@@ -7,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from migration_assets.atproto.identity import DidResolutionFailed, IdentityResolver, StoredDocuments
 from migration_assets.core.postgres import shared_pool
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import backfill_buckets
@@ -40,6 +42,11 @@ def old_pds():
     server.shutdown()
 
 
+def stored_document(target, did) -> dict | None:
+    row = target.execute("SELECT document FROM did_documents WHERE did = %s", (did,)).fetchone()
+    return row[0] if row else None
+
+
 def run_once(target, target_url, syncer, did) -> dict:
     ledger.request_sync(target, [did], 256)
     report = backfill_buckets(shared_pool(target_url), syncer, [ledger_row(target, did)["bucket"]])
@@ -61,13 +68,44 @@ def test_identity_is_cached_across_syncs_and_refreshed_when_the_cached_pds_lost_
         assert run_once(target, target_url, syncer, account.did) == {account.did: "synced"}
         assert fetched == [account.did], "the second sync resolved the DID again instead of using the cache"
 
-        # The cached document now names a PDS the account has left: the repo is not found there, the
-        # identity is resolved afresh, and the repo syncs from where it lives, not marked deleted.
+        # The cached document, here and as stored for every process, now names a PDS the account has
+        # left: the repo is not found there, the identity is resolved afresh (and stored so), and the
+        # repo syncs from where it lives, not marked deleted.
         live = syncer.resolver.resolve(account.did)
-        syncer.resolver._cache[account.did] = (float("inf"), live.model_copy(update={"pds_endpoint": old_pds}))
+        stale = live.model_copy(update={"pds_endpoint": old_pds})
+        syncer.resolver._cache[account.did] = (float("inf"), stale)
+        StoredDocuments(shared_pool(target_url)).save(account.did, stale)
         assert run_once(target, target_url, syncer, account.did) == {account.did: "synced"}
         assert fetched == [account.did, account.did]
         assert ledger_row(target, account.did)["pds"] == pds.pds.url
         assert len(stored_records(target, account.did)) == 3
+        assert stored_document(target, account.did)["pds_endpoint"] == pds.pds.url
     finally:
         clients.close()
+
+
+DEAD_PLC = "http://127.0.0.1:9"  # nothing listens: a resolver that asks it fails
+
+
+def test_documents_are_shared_by_every_process_while_their_ttl_lasts(pds, target, target_url, atproto_env):
+    account = pds.create_account(handle())
+    store = StoredDocuments(shared_pool(target_url))
+    first = RepoSourceResource().resolver(pool=shared_pool(target_url))
+    document = first.resolve(account.did)
+    assert stored_document(target, account.did)["signing_key"] == document.signing_key
+
+    # Another process (a follower after the backfill, the next follower run) does not ask the PLC.
+    assert IdentityResolver(DEAD_PLC, store=store, retries=0).resolve(account.did) == document
+
+    # Past the TTL, a document is resolved again.
+    target.execute("UPDATE did_documents SET resolved_at = now() - interval '2 hours'")
+    with pytest.raises(DidResolutionFailed):
+        IdentityResolver(DEAD_PLC, store=store, retries=0, ttl_seconds=3600).resolve(account.did)
+
+    # An invalidation (an #identity event, a signature that failed) reaches every process.
+    first.resolve(account.did, fresh=True)
+    assert IdentityResolver(DEAD_PLC, store=store, retries=0).load([account.did]) == {account.did: document}
+    first.invalidate(account.did)
+    assert stored_document(target, account.did) is None
+    with pytest.raises(DidResolutionFailed):
+        IdentityResolver(DEAD_PLC, store=store, retries=0).resolve(account.did)
