@@ -255,6 +255,7 @@ class IdentityResolver:
         self._cache: dict[str, tuple[float, DidDocument]] = {}
         self._lock = threading.Lock()
         self.store = store if self.ttl_seconds > 0 else None  # a TTL of 0 caches nothing, here or there
+        self._unstored: set[str] = set()  # asked of the store by `load` and not there: fetched without asking again
 
     def close(self) -> None:
         self._web.close()
@@ -270,7 +271,9 @@ class IdentityResolver:
         """The DID's document: from the cache (this process's, else the stored one) while its TTL lasts,
         else (or with `fresh`) fetched again."""
         if not fresh:
-            cached = self.cached(did) or self.load([did]).get(did)
+            cached = self.cached(did)
+            if cached is None and did not in self._unstored:
+                cached = self.load([did]).get(did)
             if cached is not None:
                 return cached
         document = self._resolve_uncached(did)
@@ -284,14 +287,18 @@ class IdentityResolver:
         query for many DIDs (a follower's batch, a backfill's claim). Empty without a store."""
         if self.store is None:
             return {}
-        found = self.store.load(list(dids), self.ttl_seconds)
+        dids = list(dids)
+        found = self.store.load(dids, self.ttl_seconds)
         for did, (document, age) in found.items():
             self._remember(did, document, age)
+        with self._lock:
+            self._unstored.update(did for did in dids if did not in found)
         return {did: document for did, (document, _) in found.items()}
 
     def _remember(self, did: str, document: DidDocument, age: float) -> None:
         with self._lock:
             self._cache[did] = (time.monotonic() + self.ttl_seconds - age, document)
+            self._unstored.discard(did)
 
     def cached(self, did: str) -> DidDocument | None:
         """The cached document while its TTL lasts, else None (nothing is fetched)."""

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
-from migration_assets.atproto.mst import MstError, Node, decode_node, parse_commit
+from migration_assets.atproto.mst import Commit, MstError, Node, decode_node, parse_signed_commit
 
 # Canonical DAG-CBOR of an MST node {e: [...], l: ...}: a two-entry map whose first key is "e".
 NODE_PREFIX = b"\xa2\x61\x65"
@@ -38,6 +38,8 @@ Other = Callable[[bytes, bytes], None]
 @dataclass
 class RepoBlocks:
     commit_block: bytes | None  # None: the CAR lacks its root
+    commit: Commit | None = None  # the commit block decoded, and what its signature covers (parse_signed_commit)
+    signed: tuple[bytes, bytes] | None = None
     nodes: dict[bytes, bytes] = field(default_factory=dict)  # MST nodes reachable from the commit
     decoded: dict[bytes, Node] = field(default_factory=dict)  # those of them that decode, for the walk
 
@@ -114,7 +116,8 @@ class _Collector:
     def add(self, link: bytes, block: bytes) -> None:
         if link == self.head:
             self.found.commit_block = block
-            self.want(bytes(parse_commit(block).data))
+            self.found.commit, self.found.signed = parse_signed_commit(block)  # decoded once, for the signature too
+            self.want(bytes(self.found.commit.data))
         elif block[:3] != NODE_PREFIX:
             self.other(link, block)
         elif link in self.wanted:

@@ -3,6 +3,7 @@
 import threading
 
 import dagster as dg
+from psycopg_pool import ConnectionPool
 from pydantic import Field
 
 from migration_assets.atproto.identity import IdentityResolver, StoredDocuments
@@ -60,7 +61,7 @@ class RepoSourceResource(dg.ConfigurableResource):
         return RepoSettings.load(verify_signatures=self.verify_signatures, concurrency=self.concurrency,
                                  max_car_bytes=self.max_car_bytes, fetch_timeout_seconds=self.fetch_timeout_seconds)
 
-    def resolver(self, limiter: HostRateLimiter | None = None, pool=None) -> IdentityResolver:
+    def resolver(self, limiter: HostRateLimiter | None = None, pool: ConnectionPool | None = None) -> IdentityResolver:
         """With `pool`: documents are shared with every other process through the target database."""
         return IdentityResolver(self.plc_url, allow_private_hosts=self.allow_private_hosts, limiter=limiter,
                                 store=StoredDocuments(pool) if pool is not None else None)
@@ -69,5 +70,5 @@ class RepoSourceResource(dg.ConfigurableResource):
         limiter = HostRateLimiter(database_url)
         return HostClients(limiter, timeout=30.0, allow_private_hosts=self.allow_private_hosts)
 
-    def syncer(self, pool, clients: HostClients) -> RepoSyncer:
+    def syncer(self, pool: ConnectionPool, clients: HostClients) -> RepoSyncer:
         return RepoSyncer(pool, self.resolver(clients.limiter, pool), clients, self.settings)

@@ -28,7 +28,7 @@ from migration_assets.atproto import dagcbor
 from migration_assets.atproto.car import CarError, CarReader
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.errors import AtprotoFormatError
-from migration_assets.atproto.mst import Commit, parse_signed_commit, walk_links
+from migration_assets.atproto.mst import Commit, walk_links
 from migration_assets.atproto.repo import collect_repo_blocks
 from migration_assets.atproto.signature import verify_commit
 from migration_assets.repos.collections import RecordScope
@@ -197,13 +197,13 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
     try:
         found = collect_repo_blocks(reader.links(), bytes(head),
                                     lambda link, block: blocks.append((link, block), _ROW_BYTES + len(block)))
-        if found.commit_block is None:
+        commit = found.commit
+        if found.commit_block is None or commit is None:
             raise CarError(f"the CAR's root (commit {head}) is not among its blocks; the export is incomplete")
-        commit, signed = parse_signed_commit(found.commit_block)  # decoded once, for the signature too
         if commit.did != did:
             raise CarError(f"the CAR's commit is for {commit.did}, not {did}; the PDS served another repo")
         snapshot = RepoSnapshot(did, head, commit, found.commit_block, counted.total, blocks, keys, scope=scope,
-                                signed=signed)
+                                signed=found.signed)
         _walk_kept(snapshot, found.nodes, found.decoded)
         return snapshot
     except BaseException:

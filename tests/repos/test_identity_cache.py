@@ -109,3 +109,16 @@ def test_documents_are_shared_by_every_process_while_their_ttl_lasts(pds, target
     assert stored_document(target, account.did) is None
     with pytest.raises(DidResolutionFailed):
         IdentityResolver(DEAD_PLC, store=store, retries=0).resolve(account.did)
+
+
+def test_a_did_the_store_just_lacked_is_fetched_without_asking_the_store_again(pds, target, target_url, atproto_env):
+    # A backfill loads a claimed batch's documents in one query, a follower a stream batch's: the DIDs
+    # missing there are resolved at the PLC next, without one more query each.
+    account = pds.create_account(handle())
+    resolver = RepoSourceResource().resolver(pool=shared_pool(target_url))
+    asked, load = [], resolver.store.load
+    resolver.store.load = lambda dids, max_age: asked.append(list(dids)) or load(dids, max_age)
+    assert resolver.load([account.did]) == {}
+    document = resolver.resolve(account.did)
+    assert asked == [[account.did]]
+    assert stored_document(target, account.did)["signing_key"] == document.signing_key
