@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -164,6 +165,31 @@ class CpuMeter:
         after = self._now()
         self.seconds[phase] = {name: round(after[name] - before[name], 2) for name in after}
         return result
+
+
+def median_round(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The round whose `key` (a ratio of this project to its baseline) is the median, the lower middle of
+    an even count. This machine's speed drifts by a fifth within seconds (other tenants share its host),
+    so one pair of timings can put a fast baseline beside a slow run or the reverse; pairs taken in turn
+    and their median ratio are steadier."""
+    return sorted(rounds, key=lambda r: r[key])[(len(rounds) - 1) // 2]
+
+
+def spread(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """`key` over the rounds: each in the order taken, and the lowest and highest."""
+    values = [r[key] for r in rounds]
+    return {"each": values, "min": min(values), "max": max(values)}
+
+
+def copied_database(url: str, name: str) -> str:
+    """A new database `name` on the server of `url`, copied from the database of `url` (no session may be
+    connected to it), and its URL: each round of a bench starts from the same state."""
+    import psycopg
+
+    parts = urlsplit(url)
+    with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{parts.path.lstrip("/")}"')
+    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 def embedded_postgres_pid() -> int:

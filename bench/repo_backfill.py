@@ -18,6 +18,10 @@ each in the dev PLC) was taken from the PDSes serving the downloads being compar
    fresh database each time) at once, each with `--concurrency` downloads: repos/min and records/s.
 5. memory: peak RSS of a fresh process backfilling one repo of 1,000 and one of `--big-records` records.
 
+Steps 1 to 3 are taken `--rounds` times in turn (download then backfill, store then raw COPY, each into
+a fresh database): the figures are those of the round with the median ratio, and every round's ratio is
+reported. This machine's speed drifts within seconds, so a single pair can flatter either side.
+
     python bench/repo_backfill.py                                   # 200 x 300 + 2 x 10,000 records
     python bench/repo_backfill.py --accounts 10 --records 50 --big 1 --big-records 2000   # smoke run
 """
@@ -36,10 +40,10 @@ import httpx
 
 try:
     from bench.common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
-                              peak_rss_mb, process_tree_cpu_seconds, write_result)
+                              median_round, peak_rss_mb, process_tree_cpu_seconds, spread, write_result)
 except ImportError:  # run as a script: bench/ is on sys.path
-    from common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info, peak_rss_mb,
-                        process_tree_cpu_seconds, write_result)
+    from common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
+                        median_round, peak_rss_mb, process_tree_cpu_seconds, spread, write_result)
 
 from migration_assets.atproto.identity import IdentityResolver
 from migration_assets.core import embedded
@@ -65,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--big", type=int, default=2, help="accounts with --big-records records")
     parser.add_argument("--big-records", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=RepoSettings().concurrency)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="steps 1-3 taken this many times in turn; the median ratio is the figure")
     parser.add_argument("--runs", type=int, nargs="*", default=list(RUN_COUNTS),
                         help="step 4: how many runs share the buckets, one measurement each (none: skip)")
     parser.add_argument("--child-sync", metavar="DID", help=argparse.SUPPRESS)  # step 5's worker process
@@ -175,6 +181,34 @@ def raw_copy(target_url: str, rows: dict[str, list[tuple]]) -> float:
         return time.perf_counter() - started
 
 
+def backfill_round(n: int, cpu: CpuMeter, lookups: PlcLookups, target_url: str, repos: dict, concurrency: int,
+                   network) -> dict:
+    """Steps 1 and 2 once: the raw download, then the backfill into `target_url` (a fresh database)."""
+    log(f"round {n + 1}: raw download ...")
+    download_seconds, cars = cpu.measure("download", download_all, repos, concurrency)
+    cpu_download, before = cpu.seconds["download"], lookups.count
+    log(f"download {download_seconds:.2f} s; backfill ...")
+    backfill_seconds, outcomes = cpu.measure("backfill", backfill, target_url, list(repos), concurrency,
+                                             [pds.url for pds in network.pdses])
+    if outcomes != {"synced": len(repos)}:
+        raise SystemExit(f"backfill did not sync every repo: {outcomes}")
+    log(f"backfill {backfill_seconds:.2f} s ({lookups.count - before} PLC lookups)")
+    return {"download_seconds": round(download_seconds, 2), "backfill_seconds": round(backfill_seconds, 2),
+            "ratio": round(download_seconds / backfill_seconds, 3), "plc_lookups": lookups.count - before,
+            "cpu_seconds": {"download": cpu_download, "backfill": cpu.seconds["backfill"]}, "cars": cars}
+
+
+def store_round(n: int, cpu: CpuMeter, server_url: str, cars: dict, repos: dict, rows: dict) -> dict:
+    """Step 3 once, each side into a fresh database."""
+    store_seconds = cpu.measure("store_from_memory", store_from_memory,
+                                embedded.database_url(server_url, f"bench_repos_store_{n}"), cars, repos)
+    copy_seconds = cpu.measure("raw_copy", raw_copy, embedded.database_url(server_url, f"bench_repos_copy_{n}"), rows)
+    log(f"round {n + 1}: store {store_seconds:.2f} s, raw COPY {copy_seconds:.2f} s")
+    return {"store_seconds": round(store_seconds, 2), "copy_seconds": round(copy_seconds, 2),
+            "ratio": round(copy_seconds / store_seconds, 3),
+            "cpu_seconds": {"store_from_memory": cpu.seconds["store_from_memory"], "raw_copy": cpu.seconds["raw_copy"]}}
+
+
 def child_run(url: str, concurrency: int) -> None:
     """Step 4's worker: one run over every bucket. Says `ready` once set up, starts on a line on stdin,
     prints its outcome counts as JSON."""
@@ -265,28 +299,25 @@ def main(argv=None) -> None:
         log(f"seeding {args.accounts} x {args.records} + {args.big} x {args.big_records} records ...")
         repos = seed(network, args)
         records = sum(n for _, n in repos.values())
-        dids = list(repos)
+        log(f"{len(repos)} repos, {records} records")
         cpu = CpuMeter("run_processes", pds=network.server.process.pid, plc=plc.server.process.pid, postgres=embedded_postgres_pid())
-        log(f"{len(repos)} repos, {records} records; raw download ...")
-        download_seconds, cars = cpu.measure("download", download_all, repos, args.concurrency)
-        log(f"download {download_seconds:.2f} s; backfill ...")
         lookups = PlcLookups()
-        backfill_seconds, outcomes = cpu.measure("backfill", backfill, target_url, dids, args.concurrency,
-                                                 [pds.url for pds in network.pdses])
-        if outcomes != {"synced": len(dids)}:
-            raise SystemExit(f"backfill did not sync every repo: {outcomes}")
-        plc_lookups = lookups.count
-        close_pools()
-        log(f"backfill {backfill_seconds:.2f} s ({plc_lookups} PLC lookups); store from memory ...")
-        store_seconds = cpu.measure("store_from_memory", store_from_memory,
-                                    embedded.database_url(target_url, "bench_repos_store"), cars, repos)
+        backfills, stores = [], []
+        for n in range(args.rounds):
+            # Round 1 backfills into the main database: step 5 resyncs one of its repos.
+            url = target_url if n == 0 else embedded.database_url(target_url, f"bench_repos_{n}")
+            backfills.append(backfill_round(n, cpu, lookups, url, repos, args.concurrency, network))
+            cars = backfills[-1].pop("cars")
+            close_pools()
         rows = record_rows(cars)
-        copy_seconds = cpu.measure("raw_copy", raw_copy, embedded.database_url(target_url, "bench_repos_copy"), rows)
+        for n in range(args.rounds):
+            stores.append(store_round(n, cpu, target_url, cars, repos, rows))
+            close_pools()
         del rows
-        close_pools()
+        backfill_median, store_median = median_round(backfills, "ratio"), median_round(stores, "ratio")
         shared = []
         for runs in args.runs:
-            log(f"store {store_seconds:.2f} s, raw COPY {copy_seconds:.2f} s; {runs} runs sharing the buckets ...")
+            log(f"{runs} runs sharing the buckets ...")
             shared.append(cpu.measure(f"runs_{runs}", shared_runs, target_url, repos, runs, args.concurrency,
                                       network.environment()))
             close_pools()
@@ -302,20 +333,26 @@ def main(argv=None) -> None:
         "data": {"repos": len(repos), "records": records, "car_megabytes": round(sum(map(len, cars.values())) / 1e6, 1),
                  "accounts": args.accounts, "records_per_account": args.records, "big_accounts": args.big,
                  "big_records": args.big_records, "concurrency": args.concurrency, "pdses": 2, "plc": "own Node process"},
-        "backfill": {"seconds": round(backfill_seconds, 2),
-                     "accounts_per_minute": round(60 * len(repos) / backfill_seconds, 1),
-                     "records_per_second": round(records / backfill_seconds, 1),
-                     "plc_lookups": plc_lookups},
-        "raw_download": {"seconds": round(download_seconds, 2),
-                         "accounts_per_minute": round(60 * len(repos) / download_seconds, 1),
-                         "records_per_second": round(records / download_seconds, 1)},
-        "backfill_vs_download": round(download_seconds / backfill_seconds, 3),
+        "rounds": args.rounds,
+        "backfill": {"seconds": backfill_median["backfill_seconds"],
+                     "accounts_per_minute": round(60 * len(repos) / backfill_median["backfill_seconds"], 1),
+                     "records_per_second": round(records / backfill_median["backfill_seconds"], 1),
+                     "plc_lookups": backfill_median["plc_lookups"]},
+        "raw_download": {"seconds": backfill_median["download_seconds"],
+                         "accounts_per_minute": round(60 * len(repos) / backfill_median["download_seconds"], 1),
+                         "records_per_second": round(records / backfill_median["download_seconds"], 1)},
+        "backfill_vs_download": backfill_median["ratio"],
+        "backfill_vs_download_rounds": spread(backfills, "ratio"),
         "backfill_target": DOWNLOAD_TARGET,
-        "store_from_memory": {"seconds": round(store_seconds, 2), "records_per_second": round(records / store_seconds, 1)},
-        "raw_copy": {"seconds": round(copy_seconds, 2), "records_per_second": round(records / copy_seconds, 1)},
-        "store_vs_raw_copy": round(copy_seconds / store_seconds, 3),
+        "store_from_memory": {"seconds": store_median["store_seconds"],
+                              "records_per_second": round(records / store_median["store_seconds"], 1)},
+        "raw_copy": {"seconds": store_median["copy_seconds"],
+                     "records_per_second": round(records / store_median["copy_seconds"], 1)},
+        "store_vs_raw_copy": store_median["ratio"],
+        "store_vs_raw_copy_rounds": spread(stores, "ratio"),
         "store_target": STORE_TARGET,
-        "cpu_seconds": cpu.seconds,
+        "cpu_seconds": {**backfill_median["cpu_seconds"], **store_median["cpu_seconds"],
+                        **{name: seconds for name, seconds in cpu.seconds.items() if name.startswith("runs_")}},
         "runs_sharing_buckets": shared,
         "memory": memory,
     }
