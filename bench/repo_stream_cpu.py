@@ -92,7 +92,7 @@ def replay(path: Path, rounds: int, profile: bool) -> None:
             read_blocks(item.blocks, max_size=commit_check.MAX_BLOCKS_BYTES)
 
     block_sets = [read_blocks(item.blocks, max_size=commit_check.MAX_BLOCKS_BYTES) for item in items]
-    commit_blocks = [blocks[item.commit] for blocks, item in zip(block_sets, items)]
+    commit_blocks = [blocks[bytes(item.commit)] for blocks, item in zip(block_sets, items)]
     parsed = [parse_signed_commit(block) for block in commit_blocks]
 
     def parse_all():
@@ -107,13 +107,13 @@ def replay(path: Path, rounds: int, profile: bool) -> None:
         for blocks, item, (commit, _) in zip(block_sets, items, parsed):
             nodes = {}
             for _, op_path, _ in item.ops:
-                lookup(blocks, commit.data, op_path, nodes)
+                lookup(blocks, bytes(commit.data), op_path, nodes)
 
     def staged_all():
         for blocks, item in zip(block_sets, items):
             for action, _, cid in item.ops:
                 if action != "delete":
-                    commit_check.record_json(blocks[cid])
+                    commit_check.record_json(blocks[bytes(cid)])
 
     def check_all():
         for item in items:

@@ -212,24 +212,25 @@ def _usual_roots(header: bytes) -> list[CID] | None:
     return None if None in roots else roots
 
 
-def read_blocks(data: bytes, *, max_size: int) -> dict[CID, bytes]:
-    """`dict(CarReader(iter([data]), max_size=max_size))` for a CAR held in memory (a stream event's
-    slice), in one tight loop: a header of the usual shape decoded by libipld, the usual CIDs, one- and
-    two-byte section lengths. Anything else, including every error, is left to CarReader, which decides
-    and words it, so both accept and refuse the same bytes alike."""
+def read_blocks(data: bytes, *, max_size: int) -> dict[bytes, bytes]:
+    """{binary CID: block} of a CAR held in memory (a stream event's slice), as
+    `dict(CarReader(iter([data]), max_size=max_size).links())` reads it, in one tight loop: a header of the
+    usual shape decoded by libipld, the usual CIDs, one- and two-byte section lengths. Anything else,
+    including every error, is left to CarReader, which decides and words it, so both accept and refuse
+    the same bytes alike. No CID object is made: a link's bytes are its key."""
     blocks = _read_usual_blocks(data, max_size)
-    return blocks if blocks is not None else dict(CarReader(iter([data]), max_size=max_size))
+    return blocks if blocks is not None else dict(CarReader(iter([data]), max_size=max_size).links())
 
 
-def _read_usual_blocks(data: bytes, max_size: int) -> dict[CID, bytes] | None:
+def _read_usual_blocks(data: bytes, max_size: int) -> dict[bytes, bytes] | None:
     end = len(data)
     if not 0 < end <= max_size or data[0] >= 0x80:
         return None
     pos = 1 + data[0]
     if not 1 < pos <= end or _usual_roots(data[1:pos]) is None:
         return None
-    blocks: dict[CID, bytes] = {}
-    sha256, codec_of = hashlib.sha256, CODEC_OF_PREFIX
+    blocks: dict[bytes, bytes] = {}
+    sha256, prefixes = hashlib.sha256, CODEC_OF_PREFIX
     while pos < end:
         size = data[pos]
         if size < 0x80:
@@ -238,12 +239,11 @@ def _read_usual_blocks(data: bytes, max_size: int) -> dict[CID, bytes] | None:
             size, pos = (size & 0x7F) | (data[pos + 1] << 7), pos + 2
         else:
             return None
-        codec = codec_of.get(data[pos:pos + 4]) if size >= 36 else None
-        if codec is None or pos + size > end:
+        if size < 36 or pos + size > end or data[pos:pos + 4] not in prefixes:
             return None
-        digest, block = data[pos + 4:pos + 36], data[pos + 36:pos + size]
-        if sha256(block).digest() != digest:
+        link, block = data[pos:pos + 36], data[pos + 36:pos + size]
+        if sha256(block).digest() != link[4:]:
             return None
-        blocks[CID(codec, digest)] = block
+        blocks[link] = block
         pos += size
     return blocks

@@ -175,29 +175,29 @@ def walk_links(blocks: Mapping[bytes, bytes], root: bytes,
         yield collection, rkey, value
 
 
-def lookup(blocks: Mapping[CID, bytes], root: CID, key: str, nodes: dict[CID, Node] | None = None) -> CID | None:
-    """The value of `key` in the MST rooted at `root`, or None when the tree has no such key. Needs only
-    the nodes on the key's path (what a commit event carries); a missing one raises MstError.
-    `nodes`: a cache of the nodes decoded so far, for several lookups in the same blocks (a commit's ops).
-    Only the links on the path become CID objects."""
+def lookup(blocks: Mapping[bytes, bytes], root: bytes, key: str, nodes: dict[bytes, Node] | None = None) -> bytes | None:
+    """The value (a record link) of `key` in the MST rooted at `root`, or None when the tree has no such
+    key; blocks and links as binary CIDs. Needs only the nodes on the key's path (what a commit event
+    carries); a missing one raises MstError. `nodes`: a cache of the nodes decoded so far, for several
+    lookups in the same blocks (a commit's ops)."""
     if nodes is None:
         nodes = {}
-    wanted, cid = key.encode(), root
+    wanted, link = key.encode(), root
     while True:
-        node = nodes.get(cid)
+        node = nodes.get(link)
         if node is None:
-            node = nodes[cid] = _node(blocks, cid)
+            node = nodes[link] = _node(blocks, link)
         left, keys, values, trees = node
         subtree = left
         for i, entry_key in enumerate(keys):
             if entry_key == wanted:
-                return CID.from_bytes(values[i])
+                return values[i]
             if entry_key > wanted:
                 break
             subtree = trees[i]
         if subtree is None:
             return None
-        cid = CID.from_bytes(subtree)
+        link = subtree
 
 
 def _named(link: CID | bytes) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -63,8 +63,8 @@ def check_commit(item: CommitToCheck, collections: CollectionFilter) -> Checked:
     if item.too_big:
         return Checked(problem="the host left the diff out (tooBig)")
     try:
-        blocks = read_blocks(item.blocks, max_size=MAX_BLOCKS_BYTES)
-        commit_block = blocks.get(item.commit)
+        blocks = read_blocks(item.blocks, max_size=MAX_BLOCKS_BYTES)  # keyed by binary CID: no CID objects
+        commit_block = blocks.get(bytes(item.commit))
         if commit_block is None:
             return Checked(problem=f"commit block {item.commit} is missing from the event's blocks")
         commit, signed = parse_signed_commit(commit_block)  # decoded once, for the signature too
@@ -76,15 +76,16 @@ def check_commit(item: CommitToCheck, collections: CollectionFilter) -> Checked:
             except SignatureError as exc:
                 return Checked(problem=str(exc), bad_signature=True)
         records = {}
-        nodes: dict = {}  # MST nodes decoded by the ops' lookups: the ops of a commit share its top nodes
+        root, nodes = bytes(commit.data), {}  # MST nodes decoded by the ops' lookups: a commit's ops share its top nodes
         for action, path, cid in item.ops:
-            if problem := op_problem(action, path, cid, blocks, commit.data, nodes):
+            link = None if cid is None else bytes(cid)
+            if problem := op_problem(action, path, link, blocks, root, nodes):
                 return Checked(problem=problem)
             if action == "delete" or not collections.matches(path.partition("/")[0]):
                 continue
-            if cid not in blocks:
+            if link not in blocks:
                 return Checked(problem=f"record block of {action} {path} is missing from the event")
-            row = record_json(blocks[cid])
+            row = record_json(blocks[link])
             if row[0] is None:  # as in the backfill: a record that isn't DAG-CBOR fails its repo
                 return Checked(problem=f"record {path} ({cid}) is not valid DAG-CBOR: {row[1]}")
             records[cid] = row
@@ -93,19 +94,21 @@ def check_commit(item: CommitToCheck, collections: CollectionFilter) -> Checked:
         return Checked(problem=f"{type(exc).__name__}: {exc}")
 
 
-def op_problem(action: str, path: str, cid: CID | None, blocks: dict[CID, bytes], data: CID,
+def op_problem(action: str, path: str, link: bytes | None, blocks: Mapping[bytes, bytes], root: bytes,
                nodes: dict | None = None) -> str | None:
     """Why an op can't be trusted, if it can't: a bad path, or it disagrees with the signed tree (the
-    event's MST nodes must put the op's CID at its path, or nothing for a delete)."""
+    event's MST nodes, rooted at `root`, must put the op's record at its path, or nothing for a delete).
+    Blocks and links as binary CIDs."""
     collection, _, rkey = path.partition("/")
     if not (is_valid_nsid(collection) and is_valid_record_key(rkey)):
         return f"op path {path[:200]!r} is not collection/record-key"
-    expected = None if action == "delete" else cid
+    expected = None if action == "delete" else link
     if expected is None and action != "delete":
         return f"{action} {path} has no record CID"
-    found = lookup(blocks, data, path, nodes)
+    found = lookup(blocks, root, path, nodes)
     if found != expected:
-        return f"{action} {path} disagrees with the signed commit's tree (holds {found}, op says {expected})"
+        found_cid, expected_cid = (None if link is None else CID.from_bytes(link) for link in (found, expected))
+        return f"{action} {path} disagrees with the signed commit's tree (holds {found_cid}, op says {expected_cid})"
     return None
 
 
