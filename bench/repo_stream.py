@@ -43,7 +43,7 @@ from migration_assets.devstack.atproto import PdsSeeder, populate, start_atproto
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import backfill_buckets
 from migration_assets.repos.commit_check import CommitChecker
-from migration_assets.repos.follow import Follower, FollowReport, save_cursor
+from migration_assets.repos.follow import BATCH_EVENTS, Follower, FollowReport, save_cursor
 from migration_assets.repos.resources import RepoSourceResource
 from migration_assets.repos.settings import RepoSettings
 from migration_assets.repos.stream import CommitEvent, Subscription
@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--accounts", type=int, default=50)
     parser.add_argument("--commits", type=int, default=5000)
     parser.add_argument("--ops", type=int, default=1, help="records created per commit")
-    parser.add_argument("--batch-events", type=int, default=200)
+    parser.add_argument("--batch-events", type=int, default=BATCH_EVENTS)
     parser.add_argument("--rate", type=float, default=50.0, help="commits/s of the steady load (step 3)")
     parser.add_argument("--load-seconds", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=3,

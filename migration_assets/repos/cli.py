@@ -10,6 +10,7 @@ from migration_assets.core.resources import PostgresResource
 from migration_assets.core.runs import materialize_partition, materialized_metadata, print_partition_summary
 from migration_assets.repos import ledger
 from migration_assets.repos.assets import REPOS, repo_ledger, repos
+from migration_assets.repos.follow import BATCH_EVENTS
 from migration_assets.repos.follow_assets import REPO_STREAM, followed_hosts, repo_stream
 from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.resources import RepoSourceResource
@@ -30,7 +31,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     follow.add_argument("--host", required=True, help="PDS or relay URL to follow")
     follow.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
     follow.add_argument("--no-verify", action="store_true", help="skip commit signature checks")
-    follow.add_argument("--batch-events", type=int, default=200, help="events per transaction (with the cursor)")
+    follow.add_argument("--batch-events", type=int, default=BATCH_EVENTS, help="events per transaction (with the cursor)")
     follow.set_defaults(handler=follow_command)
 
 

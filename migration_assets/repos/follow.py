@@ -87,11 +87,18 @@ class FollowReport:
                 f"lag {self.lag_seconds:.1f} s; {self.events_per_second:.1f} events/s")
 
 
+# Events per transaction while catching up (a quiet stream's batches close sooner: see _read_batch). Each
+# batch pays its fixed queries, statements and commit once: 1,000 instead of 200 cut the follower's and
+# PostgreSQL's CPU per event by a tenth and a third in bench/repo_stream.py. A killed follower reads up
+# to one batch again (nothing lost, nothing applied twice).
+BATCH_EVENTS = 1000
+
+
 class Follower:
     """Follows one host. `run` reads until `stop` is set or `seconds` pass, committing every batch."""
 
     def __init__(self, pool: ConnectionPool, host: str, syncer: RepoSyncer, *, buckets: int,
-                 batch_size: int = 200, batch_seconds: float = 0.5, start_cursor: int | None = 0,
+                 batch_size: int = BATCH_EVENTS, batch_seconds: float = 0.5, start_cursor: int | None = 0,
                  on_batch: Callable[[FollowReport], None] | None = None, check_processes: int | None = None,
                  checker: CommitChecker | None = None) -> None:
         self.pool, self.host, self.syncer = pool, host.rstrip("/"), syncer

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from migration_assets.core.resources import PostgresResource
 from migration_assets.repos.backfill import describe
-from migration_assets.repos.follow import Follower, FollowReport
+from migration_assets.repos.follow import BATCH_EVENTS, Follower, FollowReport
 from migration_assets.repos.resources import RepoSourceResource
 
 REPO_STREAM = dg.AssetKey(["atproto", "repo_stream"])
@@ -25,7 +25,7 @@ FOLLOW_CONNECTIONS = 4  # the batch transaction, resync claims, the rate limiter
 class FollowConfig(dg.Config):
     seconds: float | None = Field(default=None, description="how long to follow (default REPO_FOLLOW_RUN_SECONDS)")
     until_stopped: bool = Field(default=False, description="follow until the run is stopped (the CLI without --seconds)")
-    batch_events: int = Field(default=200, ge=1, description="events per transaction (committed with the cursor)")
+    batch_events: int = Field(default=BATCH_EVENTS, ge=1, description="events per transaction (committed with the cursor)")
 
 
 def report_metadata(report: FollowReport) -> dict:
