@@ -164,7 +164,8 @@ def store_from_memory(target_url: str, cars: dict[str, bytes], pds_of: dict) -> 
         started = time.perf_counter()
         for did, car in cars.items():
             with read_snapshot(did, [car], len(car)) as snapshot:
-                store_snapshot(conn, snapshot, pds_of[did][0])
+                with conn.transaction():  # a transaction per repo, as a backfill's
+                    store_snapshot(conn, snapshot, pds_of[did][0])
         return time.perf_counter() - started
 
 

@@ -162,8 +162,6 @@ class RepoSyncer:
                 verify_snapshot(snapshot, document.signing_key)
             with self.pool.connection() as conn, lease.holding(conn, did):
                 changes = store.store_snapshot(conn, snapshot, pds)
-                with conn.cursor() as cur:  # the stream's next commit must follow this root (prevData)
-                    ledger.set_data_root(cur, did, str(snapshot.commit.data))
         return RepoOutcome(did, "synced", snapshot.records, changes, snapshot.car_bytes)
 
     def _failed(self, lease: Lease, did: str, error: str, attempts: int) -> RepoOutcome:

@@ -144,12 +144,16 @@ def next_retry_at(attempts: int) -> datetime:
 _END_LEASE = "claim_token = NULL, lease_expires_at = NULL, claimed_at = NULL, updated_at = now()"
 
 
-def finish_synced(cur: psycopg.Cursor, did: str, pds: str, head: str, rev: str | None, records: int) -> None:
+def finish_synced(cur: psycopg.Cursor, did: str, pds: str, *, head: str, rev: str | None, records: int,
+                  data_root: str, collections_filter: str, signal_missing: bool) -> None:
+    """A full sync stored: its commit, the MST root the stream's next commit must follow (prevData), and
+    the collection filter its records were kept under."""
     cur.execute(
-        f"""UPDATE repos SET status = 'synced', pds = %s, head = %s, rev = %s, records_count = %s,
-               attempts = 0, next_retry_at = NULL, last_error = NULL, synced_at = now(), {_END_LEASE}
+        f"""UPDATE repos SET status = 'synced', pds = %s, head = %s, rev = %s, records_count = %s, data_cid = %s,
+               collections_filter = %s, signal_missing = %s, attempts = 0, next_retry_at = NULL, last_error = NULL,
+               synced_at = now(), {_END_LEASE}
            WHERE did = %s""",
-        (pds, head, rev, records, did),
+        (pds, head, rev, records, data_root, collections_filter, signal_missing, did),
     )
 
 
@@ -223,11 +227,6 @@ def advance_heads(cur: psycopg.Cursor, heads: list[HeadAdvance]) -> None:
             ([h.did for h in heads], [h.head for h in heads], [h.rev for h in heads], [h.data for h in heads],
              [h.record_change for h in heads]),
         )
-
-
-def set_data_root(cur: psycopg.Cursor, did: str, data: str) -> None:
-    """After a full sync (in its transaction): the root the next stream commit's prevData must match."""
-    cur.execute("UPDATE repos SET data_cid = %s WHERE did = %s", (data, did))
 
 
 def known(conn: psycopg.Connection, dids: Iterable[str]) -> set[str]:

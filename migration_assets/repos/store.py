@@ -98,17 +98,17 @@ class RecordChanges:
 
 
 def store_snapshot(conn: psycopg.Connection, snapshot: RepoSnapshot, pds: str) -> RecordChanges:
-    """Four round trips: the repo's ledger and counts (known from the snapshot, pipelined), one COPY
-    of its records (two and a join for a repo spooled to disk), the diff, the commit. A repo with no
-    stored records skips the staging tables and the diff."""
+    """Write the snapshot in the caller's transaction, with the repo's row locked as every writer of its
+    records locks it first (Lease.holding does). Three round trips: the repo's ledger and counts (known
+    from the snapshot, pipelined), one COPY of its records (two and a join for a repo spooled to disk),
+    the diff. A repo with no stored records skips the staging tables and the diff."""
     did = {"did": snapshot.did}
-    with conn.transaction(), conn.cursor() as cur:
+    with conn.cursor() as cur:
         with conn.pipeline():
-            cur.execute("SELECT 1 FROM repos WHERE did = %(did)s FOR UPDATE", did)  # as every writer of its records
             _write_counts(cur, snapshot)
-            ledger.finish_synced(cur, snapshot.did, pds, str(snapshot.head), snapshot.commit.rev, snapshot.records)
-            cur.execute("UPDATE repos SET collections_filter = %s, signal_missing = %s WHERE did = %s",
-                        (snapshot.scope.key, snapshot.signal_missing, snapshot.did))
+            ledger.finish_synced(cur, snapshot.did, pds, head=str(snapshot.head), rev=snapshot.commit.rev,
+                                 records=snapshot.records, data_root=str(snapshot.commit.data),
+                                 collections_filter=snapshot.scope.key, signal_missing=snapshot.signal_missing)
             cur.execute("SELECT NOT EXISTS (SELECT 1 FROM records WHERE did = %(did)s)", did)
         if cur.fetchone()[0]:
             return RecordChanges(created=_write_first(cur, snapshot))

@@ -203,7 +203,8 @@ def test_excluded_records_are_neither_staged_nor_decoded_but_the_whole_mst_is_wa
         assert (snapshot.records, dict(snapshot.collections)) == (3, {POST: 3})
         with shared_pool(target_url).connection() as conn:
             ledger.enqueue(conn, ["did:plc:filtered"], 256)
-            changes = store_snapshot(conn, snapshot, "https://pds.example")
+            with conn.transaction():
+                changes = store_snapshot(conn, snapshot, "https://pds.example")
     assert changes.created == 3
 
     # Filtered or not, the MST is walked: a missing node still fails the repo.

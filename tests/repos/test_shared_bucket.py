@@ -14,6 +14,7 @@ from psycopg_pool import ConnectionPool
 
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import RepoOutcome, sync_leased
+from migration_assets.repos.collections import RecordScope
 from migration_assets.repos.ledger import ClaimedRepo
 
 REPOS = 2000
@@ -51,7 +52,8 @@ def test_two_runs_share_a_bucket_and_a_paused_runs_late_write_changes_nothing(ta
         with writes.connection() as conn, lease.holding(conn, repo.did), conn.cursor() as cur:
             cur.execute("INSERT INTO records (did, collection, rkey, cid, record) VALUES (%s, 'test.sync', %s, 'c', '{}')",
                         (repo.did, run))
-            ledger.finish_synced(cur, repo.did, run, f"head-{run}", None, 1)
+            ledger.finish_synced(cur, repo.did, run, head=f"head-{run}", rev=None, records=1, data_root=f"data-{run}",
+                                 collections_filter=RecordScope().key, signal_missing=False)
         return RepoOutcome(repo.did, "synced", records=1)
 
     def sync_a(repo: ClaimedRepo, lease) -> RepoOutcome:

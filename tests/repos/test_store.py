@@ -35,7 +35,8 @@ def export(records: dict[str, object], *, drop: str | None = None, replace: dict
 
 def sync(conn, car: bytes):
     with read_snapshot(DID, [car[i : i + 1000] for i in range(0, len(car), 1000)], len(car)) as snapshot:
-        return store_snapshot(conn, snapshot, "https://pds.example")
+        with conn.transaction():
+            return store_snapshot(conn, snapshot, "https://pds.example")
 
 
 def stored(conn) -> dict[str, tuple[str, dict]]:
