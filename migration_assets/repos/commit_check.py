@@ -107,7 +107,7 @@ def op_problem(action: str, path: str, link: bytes | None, blocks: Mapping[bytes
         return f"{action} {path} has no record CID"
     found = lookup(blocks, root, path, nodes)
     if found != expected:
-        found_cid, expected_cid = (None if link is None else CID.from_bytes(link) for link in (found, expected))
+        found_cid, expected_cid = (None if value is None else CID.from_bytes(value) for value in (found, expected))
         return f"{action} {path} disagrees with the signed commit's tree (holds {found_cid}, op says {expected_cid})"
     return None
 
