@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -186,10 +186,11 @@ def copied_database(url: str, name: str) -> str:
     connected to it), and its URL: each round of a bench starts from the same state."""
     import psycopg
 
-    parts = urlsplit(url)
-    with psycopg.connect(urlunsplit(parts._replace(path="/postgres")), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{parts.path.lstrip("/")}"')
-    return urlunsplit(parts._replace(path=f"/{name}"))
+    from migration_assets.core import embedded
+
+    with psycopg.connect(embedded.database_url(url, "postgres"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{urlsplit(url).path.lstrip("/")}"')
+    return embedded.database_url(url, name)
 
 
 def embedded_postgres_pid() -> int:

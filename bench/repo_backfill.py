@@ -195,11 +195,11 @@ def backfill_round(n: int, cpu: CpuMeter, lookups: PlcLookups, target_url: str, 
                    network) -> dict:
     """Steps 1 and 2 once: the raw download, then the backfill into `target_url` (a fresh database)."""
     log(f"round {n + 1}: raw download ...")
+    pdses = [pds.url for pds in network.pdses]
     download_seconds, cars = cpu.measure("download", download_all, repos, concurrency)
     cpu_download, before = cpu.seconds["download"], lookups.count
     log(f"download {download_seconds:.2f} s; backfill ...")
-    backfill_seconds, outcomes = cpu.measure("backfill", backfill, target_url, list(repos), concurrency,
-                                             [pds.url for pds in network.pdses])
+    backfill_seconds, outcomes = cpu.measure("backfill", backfill, target_url, list(repos), concurrency, pdses)
     if outcomes != {"synced": len(repos)}:
         raise SystemExit(f"backfill did not sync every repo: {outcomes}")
     plc_lookups = lookups.count - before
@@ -207,7 +207,7 @@ def backfill_round(n: int, cpu: CpuMeter, lookups: PlcLookups, target_url: str, 
         documents = conn.execute("SELECT did, document, resolved_at FROM did_documents").fetchall()
     cached_url = embedded.database_url(target_url, f"bench_repos_cached_{n}")
     cached_seconds, outcomes = cpu.measure("backfill_identities_stored", backfill, cached_url, list(repos),
-                                           concurrency, [pds.url for pds in network.pdses], documents)
+                                           concurrency, pdses, documents)
     if outcomes != {"synced": len(repos)} or lookups.count != before + plc_lookups:
         raise SystemExit(f"the rerun with stored identities did not sync every repo without the PLC: {outcomes}")
     log(f"backfill {backfill_seconds:.2f} s ({plc_lookups} PLC lookups); with the identities stored {cached_seconds:.2f} s")
