@@ -67,7 +67,7 @@ def replay(path: Path, rounds: int, profile: bool) -> None:
     from migration_assets.atproto.signature import verify_commit
     from migration_assets.repos import commit_check
     from migration_assets.repos.collections import CollectionFilter
-    from migration_assets.repos.follow import _BatchWrites, _to_check
+    from migration_assets.repos.follow import BATCH_EVENTS, _BatchWrites, _to_check
     from migration_assets.repos.stream import CommitEvent, decode_frame
 
     saved = pickle.loads(path.read_bytes())
@@ -92,7 +92,7 @@ def replay(path: Path, rounds: int, profile: bool) -> None:
             read_blocks(item.blocks, max_size=commit_check.MAX_BLOCKS_BYTES)
 
     block_sets = [read_blocks(item.blocks, max_size=commit_check.MAX_BLOCKS_BYTES) for item in items]
-    commit_blocks = [blocks[bytes(item.commit)] for blocks, item in zip(block_sets, items)]
+    commit_blocks = [blocks[item.commit] for blocks, item in zip(block_sets, items)]
     parsed = [parse_signed_commit(block) for block in commit_blocks]
 
     def parse_all():
@@ -113,7 +113,7 @@ def replay(path: Path, rounds: int, profile: bool) -> None:
         for blocks, item in zip(block_sets, items):
             for action, _, cid in item.ops:
                 if action != "delete":
-                    commit_check.record_json(blocks[bytes(cid)])
+                    commit_check.record_json(blocks[cid])
 
     def check_all():
         for item in items:
@@ -128,8 +128,9 @@ def replay(path: Path, rounds: int, profile: bool) -> None:
         for event, result in zip(commits, checked):
             writes.commit(event, result)
 
-    parts = [items[i:i + 100] for i in range(0, n, 100)]  # as CommitChecker sends them (2 workers, 200 a batch)
-    results = [checked[i:i + 100] for i in range(0, n, 100)]
+    size = BATCH_EVENTS // 2  # as CommitChecker sends a batch's commits to 2 workers
+    parts = [items[i:i + size] for i in range(0, n, size)]
+    results = [checked[i:i + size] for i in range(0, n, size)]
     sent, returned = [pickle.dumps(p, pickle.HIGHEST_PROTOCOL) for p in parts], [pickle.dumps(r) for r in results]
 
     def send_all():  # the follower's side of the worker round trip; a worker does the opposite

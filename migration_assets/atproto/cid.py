@@ -109,7 +109,7 @@ class CID:
     def __str__(self) -> str:
         try:
             return libipld.encode_cid(bytes(self))  # base32 in Rust: the stdlib's is pure Python in 3.11
-        except ValueError:  # a multihash libipld refuses (e.g. a sha2-256 digest that isn't 32 bytes)
+        except ValueError:  # a multihash libipld refuses (a digest over 64 bytes)
             return "b" + base64.b32encode(bytes(self)).decode("ascii").lower().rstrip("=")
 
     def __repr__(self) -> str:
@@ -143,6 +143,15 @@ def usual_link(value: object) -> CID | None:
         if codec is not None:
             return CID(codec, value[4:])
     return None
+def link_text(link: bytes) -> str:
+    """A binary CID's text ("bafy..."), as CID.__str__ writes it, without making a CID (libipld's
+    base32, with CID's own for a multihash libipld refuses)."""
+    try:
+        return libipld.encode_cid(link)
+    except ValueError:
+        return str(CID.from_bytes(link))
+
+
 def read_cid(data: bytes | bytearray | memoryview, pos: int = 0) -> tuple[CID, int]:
     """Read a binary CIDv1 at `pos` (as in a CAR section); returns (cid, position after it)."""
     prefix = bytes(data[pos : pos + 4])

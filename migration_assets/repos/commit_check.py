@@ -18,28 +18,29 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 
 from migration_assets.atproto.car import read_blocks
-from migration_assets.atproto.cid import CID
+from migration_assets.atproto.cid import link_text
 from migration_assets.atproto.errors import AtprotoError
 from migration_assets.atproto.mst import is_valid_nsid, is_valid_record_key, lookup, parse_signed_commit
 from migration_assets.atproto.signature import SignatureError, verify_commit
 from migration_assets.core.concurrency import leave_with_parent
 from migration_assets.repos.collections import CollectionFilter
-from migration_assets.repos.snapshot import record_json  # as the backfill stores a record: jsonb + U+0000
+from migration_assets.repos.snapshot import record_json
 
 log = logging.getLogger(__name__)
 
 MAX_BLOCKS_BYTES = 16 * 1024 * 1024
 
-Op = tuple[str, str, CID | None]  # (action, path, record CID): a RepoOp without its pydantic model
+Op = tuple[str, str, bytes | None]  # (action, path, record CID in binary): a RepoOp without its pydantic model
 
 
 @dataclass(frozen=True)
 class CommitToCheck:
-    """What the check needs of a #commit event: small and cheap to send to a worker process."""
+    """What the check needs of a #commit event: small and cheap to send to a worker process (CIDs in
+    binary, not CID objects)."""
 
     repo: str
     rev: str
-    commit: CID
+    commit: bytes  # the commit's CID, binary
     blocks: bytes  # the event's CAR slice
     ops: tuple[Op, ...]
     too_big: bool = False
@@ -48,25 +49,27 @@ class CommitToCheck:
 
 @dataclass(frozen=True)
 class Checked:
-    """A checked #commit: the records it writes (keyed by CID, as the backfill stores them: record_json's
-    JSON form, why none, exact block) and its signed MST root, or why it can't be applied."""
+    """A checked #commit: what its writes store, with CIDs as the text the database holds (made here, in
+    the worker, not in the follower), or why it can't be applied."""
 
-    records: dict[CID, tuple] = field(default_factory=dict)
-    data: CID | None = None
+    records: dict[str, tuple] = field(default_factory=dict)  # path -> (CID text, JSON, exact block) of each record
+    head: str | None = None  # the commit's CID
+    data: str | None = None  # its signed MST root
     problem: str | None = None
     bad_signature: bool = False  # the problem is the signature: the key may have rotated
 
 
 def check_commit(item: CommitToCheck, collections: CollectionFilter) -> Checked:
     """Everything about a #commit that needs no database. Records outside `collections` are checked
-    against the tree but not staged (they are never stored)."""
+    against the tree but not staged (they are never stored). The records are staged as the backfill
+    stores them: record_json's JSON form (jsonb and U+0000) and exact block."""
     if item.too_big:
         return Checked(problem="the host left the diff out (tooBig)")
     try:
         blocks = read_blocks(item.blocks, max_size=MAX_BLOCKS_BYTES)  # keyed by binary CID: no CID objects
-        commit_block = blocks.get(bytes(item.commit))
+        commit_block = blocks.get(item.commit)
         if commit_block is None:
-            return Checked(problem=f"commit block {item.commit} is missing from the event's blocks")
+            return Checked(problem=f"commit block {link_text(item.commit)} is missing from the event's blocks")
         commit, signed = parse_signed_commit(commit_block)  # decoded once, for the signature too
         if (commit.did, commit.rev) != (item.repo, item.rev):
             return Checked(problem=f"the commit is {commit.did} rev {commit.rev}, the event {item.repo} rev {item.rev}")
@@ -77,19 +80,18 @@ def check_commit(item: CommitToCheck, collections: CollectionFilter) -> Checked:
                 return Checked(problem=str(exc), bad_signature=True)
         records = {}
         root, nodes = bytes(commit.data), {}  # MST nodes decoded by the ops' lookups: a commit's ops share its top nodes
-        for action, path, cid in item.ops:
-            link = None if cid is None else bytes(cid)
+        for action, path, link in item.ops:
             if problem := op_problem(action, path, link, blocks, root, nodes):
                 return Checked(problem=problem)
             if action == "delete" or not collections.matches(path.partition("/")[0]):
                 continue
             if link not in blocks:
                 return Checked(problem=f"record block of {action} {path} is missing from the event")
-            row = record_json(blocks[link])
-            if row[0] is None:  # as in the backfill: a record that isn't DAG-CBOR fails its repo
-                return Checked(problem=f"record {path} ({cid}) is not valid DAG-CBOR: {row[1]}")
-            records[cid] = row
-        return Checked(records, commit.data)
+            text, why, exact = record_json(blocks[link])
+            if text is None:  # as in the backfill: a record that isn't DAG-CBOR fails its repo
+                return Checked(problem=f"record {path} ({link_text(link)}) is not valid DAG-CBOR: {why}")
+            records[path] = (link_text(link), text, exact)
+        return Checked(records, link_text(item.commit), str(commit.data))
     except AtprotoError as exc:  # bad blocks or commit: the resync decides
         return Checked(problem=f"{type(exc).__name__}: {exc}")
 
@@ -107,7 +109,7 @@ def op_problem(action: str, path: str, link: bytes | None, blocks: Mapping[bytes
         return f"{action} {path} has no record CID"
     found = lookup(blocks, root, path, nodes)
     if found != expected:
-        found_cid, expected_cid = (None if value is None else CID.from_bytes(value) for value in (found, expected))
+        found_cid, expected_cid = (None if value is None else link_text(value) for value in (found, expected))
         return f"{action} {path} disagrees with the signed commit's tree (holds {found_cid}, op says {expected_cid})"
     return None
 

@@ -425,8 +425,9 @@ class Follower:
 
 
 def _to_check(event: CommitEvent, signing_key: str | None) -> CommitToCheck:
-    return CommitToCheck(event.repo, event.rev, event.commit, event.blocks,
-                         tuple((op.action, op.path, op.cid) for op in event.ops), event.too_big, signing_key)
+    return CommitToCheck(event.repo, event.rev, bytes(event.commit), event.blocks,
+                         tuple((op.action, op.path, None if op.cid is None else bytes(op.cid)) for op in event.ops),
+                         event.too_big, signing_key)
 
 
 def _gap(event: CommitEvent, state: RepoState) -> str | None:
@@ -491,14 +492,9 @@ class _BatchWrites:
             collection, rkey = op.collection_rkey
             if not self.collections.matches(collection):
                 continue
-            if op.action == "delete":
-                self.records[(event.repo, collection, rkey)] = None
-            else:
-                text, _, exact = checked.records[op.cid]
-                self.records[(event.repo, collection, rkey)] = (str(op.cid), text, exact)
-        data = str(checked.data)
-        self.heads[event.repo] = (str(event.commit), event.rev, data)
-        return data
+            self.records[(event.repo, collection, rkey)] = None if op.action == "delete" else checked.records[op.path]
+        self.heads[event.repo] = (checked.head, event.rev, checked.data)
+        return checked.data
 
     def flush(self, conn: psycopg.Connection) -> None:
         if not self.heads and not self.records:

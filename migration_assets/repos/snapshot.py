@@ -22,11 +22,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
-import libipld
 
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.car import CarError, CarReader
-from migration_assets.atproto.cid import CID
+from migration_assets.atproto.cid import CID, link_text
 from migration_assets.atproto.errors import AtprotoFormatError
 from migration_assets.atproto.mst import Commit, walk_links
 from migration_assets.atproto.repo import collect_repo_blocks
@@ -36,7 +35,6 @@ from migration_assets.repos.collections import RecordScope
 _BATCH = 1000  # rows per marshal record in a spool file
 SPOOL_MEMORY_BYTES = 4 << 20  # per spool: a repo's rows stay in memory up to this, then go to disk
 _ROW_BYTES = 300  # what a spooled row costs in memory besides its variable text (tuple, str and bytes heads)
-cid_text = libipld.encode_cid  # binary CID -> "bafy...", as CID.__str__ writes it, without making a CID
 _JSON_NUL = "\\u0000"  # how json writes U+0000, which jsonb refuses
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as dagcbor.to_json_text writes
 
@@ -224,7 +222,7 @@ def _walk_kept(snapshot: RepoSnapshot, nodes: dict[bytes, bytes], decoded: dict)
             snapshot.signal_missing = False
         if not collections.matches(collection):
             continue
-        snapshot.keys.append((collection, rkey, cid_text(link), link), _ROW_BYTES + len(rkey))
+        snapshot.keys.append((collection, rkey, link_text(link), link), _ROW_BYTES + len(rkey))
         snapshot.collections[collection] += 1
         if wanted is not None:
             wanted.add(link)

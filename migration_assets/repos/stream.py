@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import io
 from contextlib import ExitStack
-from datetime import datetime
 from typing import Literal, Union
 
 import cbor2
 import libipld
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictBytes, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictBytes, StrictInt, StrictStr, ValidationError,
+)
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
@@ -67,7 +68,7 @@ class CommitEvent(_Event):
     ops: list[RepoOp]
     too_big: StrictBool = Field(default=False, alias="tooBig")
     prev_data: CID | None = Field(default=None, alias="prevData")
-    time: datetime
+    time: AwareDatetime  # with its zone, as atproto datetimes are: the lag is measured against UTC
 
 
 class SyncEvent(_Event):
@@ -76,7 +77,7 @@ class SyncEvent(_Event):
     did: StrictStr
     rev: StrictStr
     blocks: StrictBytes
-    time: datetime
+    time: AwareDatetime
 
 
 class IdentityEvent(_Event):
@@ -84,7 +85,7 @@ class IdentityEvent(_Event):
     seq: StrictInt
     did: StrictStr
     handle: str | None = None
-    time: datetime
+    time: AwareDatetime
 
 
 class AccountEvent(_Event):
@@ -93,7 +94,7 @@ class AccountEvent(_Event):
     did: StrictStr
     active: StrictBool
     status: str | None = None
-    time: datetime
+    time: AwareDatetime
 
 
 class InfoEvent(_Event):

@@ -10,7 +10,7 @@ import time
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from migration_assets.atproto.cid import CID
+from migration_assets.atproto.cid import CID, link_text
 from migration_assets.atproto.signature import PublicKey
 from migration_assets.repos.collections import CollectionFilter
 from migration_assets.repos.commit_check import CommitChecker, CommitToCheck, check_commit
@@ -30,7 +30,7 @@ def commit_event(key: ec.EllipticCurvePrivateKey, n: int = 0, did: str = DID) ->
     commit_block = signed_commit(key, data, did=did, rev=REV)
     commit = CID.for_block(commit_block)
     car = car_bytes([commit], [(commit, commit_block), *blocks.items()])
-    return CommitToCheck(did, REV, commit, car, (("create", path, record),),
+    return CommitToCheck(did, REV, bytes(commit), car, (("create", path, bytes(record)),),
                          signing_key=PublicKey(key.public_key()).did_key().removeprefix("did:key:"))
 
 
@@ -39,7 +39,8 @@ def test_a_signed_commit_checks_and_a_stranger_s_signature_does_not(curve):
     event = commit_event(private_key(curve, 0xA11CE))
     checked = check_commit(event, EVERYTHING)
     assert checked.problem is None and not checked.bad_signature
-    assert [json.loads(row[0])["text"] for row in checked.records.values()] == ["post 0"]
+    assert [json.loads(row[1])["text"] for row in checked.records.values()] == ["post 0"]
+    assert checked.records[event.ops[0][1]][0] == link_text(event.ops[0][2])
     stranger = commit_event(private_key(curve, 0xBAD), did=DID)
     forged = check_commit(CommitToCheck(**{**vars(stranger), "signing_key": event.signing_key}), EVERYTHING)
     assert forged.bad_signature and "does not verify" in forged.problem

@@ -55,6 +55,8 @@ def test_error_frame_raises_naming_the_error():
     pytest.param(b"\xa1\x62op\x01", id="header only"),
     pytest.param(frame("#commit", commit_body()) + b"\x00", id="trailing bytes"),
     pytest.param(frame("#commit", commit_body(seq="7")), id="seq not an integer"),
+    pytest.param(frame("#commit", commit_body(time="2026-12-04T10:00:00.000")), id="time without its zone"),
+    pytest.param(frame("#identity", {"seq": 1, "did": "did:plc:a", "time": "2026-12-04T10:00:00"}), id="identity time without its zone"),
     pytest.param(frame("#commit", commit_body(ops=[{"action": "move", "path": "a/b"}])), id="unknown op action"),
     pytest.param(frame("#commit", {k: v for k, v in commit_body().items() if k != "commit"}), id="no commit CID"),
     pytest.param(dagcbor.encode({"op": 1, "t": "#commit"}) + b"\xd8\x2a\x41\x00", id="body not a map"),
@@ -99,7 +101,7 @@ def hostile_commit_frames():
         {"ops": [{"action": "create", "path": "a.b.c/x", "cid": RECORD, "extra": 1}]}, {"ops": [5]}, {"ops": {}},
         {"seq": True}, {"seq": 2**40}, {"seq": -1}, {"tooBig": 1}, {"rebase": None}, {"time": "yesterday"},
         {"repo": b"did"}, {"rev": 5}, {"extra": "field"}, {"since": RECORD},
-        {"commit": CID(0x70, b"\x00" * 32)}, {"time": "2026-12-04T10:00:00.000+01:00"},
+        {"commit": CID(0x70, b"\x00" * 32)}, {"time": "2026-12-04T10:00:00.000+01:00"}, {"time": "2026-12-04T10:00:00"},
     ]
     for change in changes:
         body = commit_body(**change)
