@@ -153,6 +153,8 @@ def parse_document(did: str, raw: object, *, allow_http_endpoint: bool = False) 
         raise InvalidDidDocument(did, f"not a DID document: {_first_error(exc)}") from None
     if doc.id != did:
         raise InvalidDidDocument(did, f"document is for {doc.id!r}, not the DID requested")
+    if any("\0" in alias for alias in doc.alsoKnownAs):  # no handle or URI holds one; jsonb can't store it
+        raise InvalidDidDocument(did, "an alsoKnownAs entry contains U+0000")
     return DidDocument(
         id=doc.id,
         also_known_as=doc.alsoKnownAs,

@@ -114,6 +114,7 @@ class Follower:
         # Repos a bucket run held while newer commits went by: {did: newest rev seen}. Once the run has
         # stored its (maybe older) snapshot, a repo still behind is resynced.
         self._behind_claims: dict[str, str] = {}
+        self._read_seq: int | None = None  # the last seq read from the stream
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -158,6 +159,7 @@ class Follower:
         """Read a batch and send its commits to be checked, then write the previous one meanwhile. With a
         batch waiting, an idle stream doesn't hold it back: reading returns at once."""
         pending: tuple[list[StreamEvent], Callable[[], dict[int, Checked]]] | None = None
+        self._read_seq = self.report.cursor  # the subscription starts after it
         try:
             while not stop.is_set() and not _past(deadline):
                 started = time.monotonic()
@@ -198,6 +200,12 @@ class Follower:
             event = subscription.next(timeout=wait)
             if event is None:
                 break
+            seq = getattr(event, "seq", None)  # #info has none
+            if seq is not None:
+                if self._read_seq is not None and seq <= self._read_seq:
+                    self.report.skipped += 1  # the host went back: read already (a seq only grows)
+                    continue
+                self._read_seq = seq
             batch.append(event)
         return batch
 
@@ -211,9 +219,11 @@ class Follower:
         """Send the batch's commits to be checked; returns a call that waits for the results, keyed by
         id(event). Commits of DIDs the ledger doesn't hold are not checked: they are never applied."""
         commits = [e for e in batch if isinstance(e, CommitEvent)]
+        closing = [e.did for e in batch if isinstance(e, AccountEvent) and e.status in GONE_STATUSES]
         with self.pool.connection() as conn:
-            tracked = ledger.known(conn, {e.repo for e in commits}) if commits else set()
+            tracked = ledger.known(conn, {e.repo for e in commits} | set(closing)) if commits or closing else set()
         keys, unresolved = self._signing_keys(batch, tracked)
+        self._prefetch([did for did in closing if did in tracked])  # is this host their PDS? (_apply_account)
         items = {id(e): _to_check(e, keys.get(e.repo)) for e in commits if e.repo in tracked and id(e) not in unresolved}
         results = self._checker.submit(list(items.values()))
 
@@ -251,13 +261,13 @@ class Follower:
         return keys, unresolved
 
     def _prefetch(self, dids: list[str]) -> dict[str, AtprotoError]:
-        """Resolve the DIDs not cached yet at once, not one after another (those stored by another process
-        in one query); returns the failures."""
+        """Resolve the DIDs not cached yet, at once rather than one after another (those stored by another
+        process in one query), before the batch's transaction needs them; returns the failures."""
         resolver = self.syncer.resolver
         missing = [did for did in dict.fromkeys(dids) if resolver.cached(did) is None]
         stored = resolver.load(missing) if missing else {}
         missing = [did for did in missing if did not in stored]
-        if len(missing) < 2:
+        if not missing:
             return {}
 
         def resolve(did: str) -> AtprotoError | None:
@@ -392,18 +402,29 @@ class Follower:
             return self._due(conn, event.did) if event.active and self.signal is None else []
         if event.active:
             return self._due(conn, event.did) if row[0] in GONE_STATUSES else []
-        reason = f"#account event: {event.status or 'inactive'}"
+        if event.status not in GONE_STATUSES:
+            return []  # throttled, desynchronized: the host's own states; nothing to change here
+        if not self._hosts(event.did):  # a relay, or a host claiming another's account: ask the DID's PDS
+            return self._due(conn, event.did, f"#account {event.status} from {self.host}, which is not the "
+                                              "DID's PDS: the resync asks its PDS")
+        reason = f"#account event: {event.status}"
         if event.status == "deleted":
             store.delete_repo(conn, event.did, None, reason)  # a savepoint inside this batch's transaction
-        elif event.status in GONE_STATUSES:
+        else:
             store.mark_gone(conn, event.did, event.status, None, reason)
-        return []  # throttled, desynchronized: the host's own states; nothing to change here
+        return []
+
+    def _hosts(self, did: str) -> bool:
+        """Whether this host is the DID's PDS (its document, resolved before the batch, says so): only
+        that host is believed about the account, as an #account event is not signed."""
+        document = self.syncer.resolver.cached(did)
+        return document is not None and document.pds_endpoint.lower() == self.host.lower()
 
     def _due(self, conn: psycopg.Connection, did: str, reason: str | None = None) -> list[str]:
         ledger.request_sync(conn, [did], self.buckets)
         if reason:
             self.report.last_desync = f"{did}: {reason}"
-            conn.execute("UPDATE repos SET last_error = %s WHERE did = %s", (reason[:2000], did))
+            conn.execute("UPDATE repos SET last_error = %s WHERE did = %s", (ledger.error_text(reason), did))
         self.report.desyncs += 1
         return [did]
 

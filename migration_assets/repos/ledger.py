@@ -141,6 +141,12 @@ def next_retry_at(attempts: int) -> datetime:
 
 
 # The finish_* writes end the repo's lease; call them inside the run's `Lease.holding(conn, did)`.
+def error_text(text: str) -> str:
+    """An error as `last_error` holds it: at most 2,000 characters, and no U+0000, which PostgreSQL's
+    text refuses (an error may quote what a host sent: a message, a rev, a DID)."""
+    return text[:2000].replace("\0", "\ufffd")
+
+
 _END_LEASE = "claim_token = NULL, lease_expires_at = NULL, claimed_at = NULL, updated_at = now()"
 
 
@@ -165,7 +171,7 @@ def finish_gone(cur: psycopg.Cursor, did: str, status: str, pds: str | None, rea
         f"""UPDATE repos SET status = %s, pds = coalesce(%s, pds), attempts = 0, next_retry_at = NULL,
                last_error = %s, {_END_LEASE}
            WHERE did = %s""",
-        (status, pds, reason, did),
+        (status, pds, error_text(reason), did),
     )
 
 
@@ -175,7 +181,7 @@ def finish_failed(cur: psycopg.Cursor, did: str, error: str, retry_at: datetime,
         f"""UPDATE repos SET status = 'error', attempts = attempts + %s, next_retry_at = %s,
                last_error = %s, {_END_LEASE}
            WHERE did = %s""",
-        (1 if count_attempt else 0, retry_at, error[:2000], did),
+        (1 if count_attempt else 0, retry_at, error_text(error), did),
     )
 
 

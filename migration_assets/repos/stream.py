@@ -10,13 +10,15 @@ spec lets hosts add them). Pure core: no Dagster, no database.
 from __future__ import annotations
 
 import io
+import time
 from contextlib import ExitStack
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import cbor2
 import libipld
 from pydantic import (
-    AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictBytes, StrictInt, StrictStr, ValidationError,
+    AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictBytes, StrictStr, StringConstraints,
+    ValidationError,
 )
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
@@ -41,6 +43,18 @@ class StreamError(Exception):
         self.host, self.error = host, error
 
 
+# What an event names is checked against the AT Protocol syntax here, at the boundary: the follower writes
+# it to PostgreSQL (a DID with U+0000 or a seq past bigint would fail the whole batch, and every run after
+# it, at the same frame). A DID is at most 2 KB (atproto.com/specs/did); a rev or since is a TID
+# (/specs/tid); an account status is a short word (the lexicon's values are open: deactivated, ...).
+Did = Annotated[str, StringConstraints(strict=True, max_length=2048,
+                                       pattern=r"^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$")]
+Tid = Annotated[str, StringConstraints(strict=True,
+                                       pattern=r"^[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}$")]
+Seq = Annotated[int, Field(strict=True, ge=0, lt=1 << 63)]
+_Status = Annotated[str, StringConstraints(strict=True, pattern=r"^[a-zA-Z][a-zA-Z0-9_-]{0,63}$")]
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="ignore")
 
@@ -59,10 +73,10 @@ class RepoOp(_Event):
 
 class CommitEvent(_Event):
     type: Literal["#commit"] = "#commit"
-    seq: StrictInt
-    repo: StrictStr
-    rev: StrictStr
-    since: StrictStr | None = None
+    seq: Seq
+    repo: Did
+    rev: Tid
+    since: Tid | None = None
     commit: CID
     blocks: StrictBytes  # a CAR slice: the new commit, changed MST nodes and the new records
     ops: list[RepoOp]
@@ -73,27 +87,27 @@ class CommitEvent(_Event):
 
 class SyncEvent(_Event):
     type: Literal["#sync"] = "#sync"
-    seq: StrictInt
-    did: StrictStr
-    rev: StrictStr
+    seq: Seq
+    did: Did
+    rev: Tid
     blocks: StrictBytes
     time: AwareDatetime
 
 
 class IdentityEvent(_Event):
     type: Literal["#identity"] = "#identity"
-    seq: StrictInt
-    did: StrictStr
+    seq: Seq
+    did: Did
     handle: str | None = None
     time: AwareDatetime
 
 
 class AccountEvent(_Event):
     type: Literal["#account"] = "#account"
-    seq: StrictInt
-    did: StrictStr
+    seq: Seq
+    did: Did
     active: StrictBool
-    status: str | None = None
+    status: _Status | None = None
     time: AwareDatetime
 
 
@@ -234,9 +248,12 @@ class Subscription:
         ))
 
     def next(self, timeout: float | None = None) -> StreamEvent | None:
+        """The next event; None once `timeout` has passed, also while frames that are skipped (malformed,
+        or of a type this client does not know) keep coming: a flood of them can't hold the caller."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
-                frame = self._ws.recv(timeout=timeout)
+                frame = self._ws.recv(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 return None
             try:
@@ -247,6 +264,8 @@ class Subscription:
                 continue
             if event is not None:
                 return event
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
 
     def close(self) -> None:
         self._resources.close()

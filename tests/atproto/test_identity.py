@@ -83,6 +83,8 @@ def test_plc_url_from_environment(plc, monkeypatch):
         (json_reply(document(pds="ftp://pds.example.com")), InvalidDidDocument, "origin"),
         (json_reply(document(verificationMethod=[])), InvalidDidDocument, "no #atproto verification method"),
         (json_reply(document(key="zNotAKey")), InvalidDidDocument, "#atproto key"),
+        # jsonb can't store U+0000: stored as it came, the document would fail the batch that saved it
+        (json_reply(document(alsoKnownAs=["at://alice\u0000.example.com"])), InvalidDidDocument, "U\\+0000"),
     ],
 )
 def test_plc_failures_name_what_is_wrong(plc, reply, error, words):

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -353,3 +354,28 @@ def test_a_batch_keeps_the_order_of_a_commit_and_the_account_deletion_after_it(p
     row = ledger_row(target, alice.did)
     assert (row["status"], row["records_count"], stored_records(target, alice.did)) == ("deleted", 0, {})
     assert target.execute("SELECT count(*) FROM repo_collection_counts WHERE did = %s", (alice.did,)).fetchone()[0] == 0
+
+
+def test_an_account_event_from_a_host_that_does_not_host_the_did_is_asked_of_its_pds(pds, target, target_url, instance):
+    """An #account event is not signed: only the DID's own PDS is believed about the account. The same
+    `deleted` from another host (a relay, or a PDS claiming someone else's account) makes the repo due,
+    and the resync asks the DID's PDS, which still hosts it: nothing is deleted."""
+    alice = pds.create_account(handle())
+    pds.create_records(alice, POSTS, [post(0), post(1)])
+    sync_dids(instance, target, [alice.did])
+    deleted = AccountEvent(seq=1, did=alice.did, active=False, status="deleted", time=datetime.now(timezone.utc))
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    clients = source.clients(target_url)
+    try:
+        elsewhere = Follower(pool, "http://127.0.0.1:9", source.syncer(pool, clients), buckets=source.settings.buckets)
+        elsewhere.apply([deleted])
+        assert (elsewhere.report.desyncs, elsewhere.report.resyncs) == (1, 1), elsewhere.report
+        assert exact(pds, target, alice, (POSTS,)) and len(stored_records(target, alice.did)) == 2
+
+        own = Follower(pool, pds.pds.url, source.syncer(pool, clients), buckets=source.settings.buckets)
+        own.apply([deleted])  # from its own PDS it is applied as sent
+    finally:
+        clients.close()
+    row = ledger_row(target, alice.did)
+    assert (row["status"], stored_records(target, alice.did)) == ("deleted", {})

@@ -11,7 +11,7 @@ from migration_assets.atproto.cid import CID
 from migration_assets.atproto.signature import PublicKey
 from migration_assets.repos.buckets import bucket_key, bucket_of
 from tests.atproto.builders import build_mst, car_bytes, private_key, put, signed_commit
-from tests.atproto.loopback import Reply, Request, json_reply, serve
+from tests.atproto.loopback import Reply, Request, json_reply, serve, xrpc_error
 from tests.repos.helpers import discover, ledger_row, run_bucket
 
 KEY = private_key(ec.SECP256K1(), 0xA11CE)
@@ -68,3 +68,29 @@ def test_a_u0000_record_neither_fails_its_repo_nor_the_next_one(servers, target,
     assert {did: ledger_row(target, did)["status"] for did in cars} == {NUL_DID: "synced", NEXT_DID: "synced"}
     raw, = target.execute("SELECT record_cbor FROM records WHERE did = %s", (NUL_DID,)).fetchone()
     assert dagcbor.decode(raw) == NUL_RECORD
+
+
+def test_an_error_message_holding_u0000_fails_only_its_repo(servers, target, instance):
+    """A host's error message is quoted in the repo's last_error, which PostgreSQL's text can't hold
+    with U+0000 in it: the repo fails with the message (U+FFFD in its place), the next one is synced."""
+    plc, pds = servers(), servers()
+    cars = {NEXT_DID: export(NEXT_DID, {"app.bsky.feed.post/1": {"$type": "app.bsky.feed.post", "text": "next"}})}
+    for did in (NUL_DID, NEXT_DID):
+        plc.route("GET", f"/{did}", json_reply(document(did, pds.url)))
+
+    def get_repo(request: Request) -> Reply:
+        did = request.query["did"][0]
+        if did == NUL_DID:
+            return xrpc_error(400, "InvalidRequest", "no repo\x00here")
+        return Reply(200, cars[did], {"Content-Type": "application/vnd.ipld.car"})
+
+    pds.route("GET", "/xrpc/com.atproto.sync.getRepo", get_repo)
+    source = {"plc_url": plc.url, "allow_private_hosts": True}
+    discover(instance, dids=[NUL_DID, NEXT_DID], **source)
+
+    result = run_bucket(instance, bucket_key(bucket_of(NUL_DID, 256)), raise_on_error=False, **source)
+
+    assert result.success
+    failed, synced = ledger_row(target, NUL_DID), ledger_row(target, NEXT_DID)
+    assert (failed["status"], synced["status"]) == ("error", "synced")
+    assert "no repo\ufffdhere" in failed["last_error"], failed["last_error"]

@@ -12,6 +12,7 @@ from tests.repos.conftest import handle
 
 RECORD = CID.for_block(dagcbor.encode({"text": "hi"}))
 COMMIT = CID.for_block(b"commit")
+REV, SINCE = "3kbaaaaaaaa22", "3kaaaaaaaaa22"  # TIDs, as revs are
 
 
 def frame(t: str | None, body: dict, op: int = 1) -> bytes:
@@ -21,8 +22,8 @@ def frame(t: str | None, body: dict, op: int = 1) -> bytes:
 
 def commit_body(**changes) -> dict:
     return {
-        "seq": 7, "rebase": False, "tooBig": False, "repo": "did:plc:abc", "commit": COMMIT, "rev": "3kb",
-        "since": "3ka", "blocks": b"car", "blobs": [], "time": "2026-12-04T10:00:00.000Z",
+        "seq": 7, "rebase": False, "tooBig": False, "repo": "did:plc:abc", "commit": COMMIT, "rev": REV,
+        "since": SINCE, "blocks": b"car", "blobs": [], "time": "2026-12-04T10:00:00.000Z",
         "ops": [{"action": "create", "path": "app.bsky.feed.post/3kx", "cid": RECORD, "prev": None}],
         "prevData": RECORD,
     } | changes
@@ -31,7 +32,7 @@ def commit_body(**changes) -> dict:
 def test_commit_frame_decodes_into_a_typed_event():
     event = decode_frame(frame("#commit", commit_body()))
     assert isinstance(event, CommitEvent)
-    assert (event.seq, event.repo, event.rev, event.since, event.commit, event.prev_data) == (7, "did:plc:abc", "3kb", "3ka", COMMIT, RECORD)
+    assert (event.seq, event.repo, event.rev, event.since, event.commit, event.prev_data) == (7, "did:plc:abc", REV, SINCE, COMMIT, RECORD)
     assert event.ops[0].collection_rkey == ("app.bsky.feed.post", "3kx") and event.ops[0].cid == RECORD
     assert event.time.tzinfo is not None
 
@@ -57,6 +58,20 @@ def test_error_frame_raises_naming_the_error():
     pytest.param(frame("#commit", commit_body(seq="7")), id="seq not an integer"),
     pytest.param(frame("#commit", commit_body(time="2026-12-04T10:00:00.000")), id="time without its zone"),
     pytest.param(frame("#identity", {"seq": 1, "did": "did:plc:a", "time": "2026-12-04T10:00:00"}), id="identity time without its zone"),
+    # What the follower writes to PostgreSQL, which would refuse it and fail the whole batch, every run:
+    pytest.param(frame("#commit", commit_body(seq=1 << 63)), id="seq past bigint"),
+    pytest.param(frame("#commit", commit_body(seq=-1)), id="negative seq"),
+    pytest.param(frame("#commit", commit_body(repo="did:plc:a\0b")), id="U+0000 in the DID"),
+    pytest.param(frame("#commit", commit_body(repo="did:web:" + "a" * 2048)), id="DID over 2 KB"),
+    pytest.param(frame("#commit", commit_body(repo="alice")), id="not a DID"),
+    pytest.param(frame("#commit", commit_body(rev="3kb\0")), id="U+0000 in the rev"),
+    pytest.param(frame("#commit", commit_body(since="yesterday")), id="since not a TID"),
+    pytest.param(frame("#sync", {"seq": 1, "did": "did:plc:a", "rev": "x" * 5000, "blocks": b"",
+                                 "time": "2026-12-04T10:00:00Z"}), id="sync rev not a TID"),
+    pytest.param(frame("#account", {"seq": 2, "did": "did:plc:a\0", "active": False, "time": "2026-12-04T10:00:00Z"}),
+                 id="U+0000 in an account's DID"),
+    pytest.param(frame("#account", {"seq": 2, "did": "did:plc:a", "active": False, "status": "gone\0",
+                                    "time": "2026-12-04T10:00:00Z"}), id="U+0000 in an account status"),
     pytest.param(frame("#commit", commit_body(ops=[{"action": "move", "path": "a/b"}])), id="unknown op action"),
     pytest.param(frame("#commit", {k: v for k, v in commit_body().items() if k != "commit"}), id="no commit CID"),
     pytest.param(dagcbor.encode({"op": 1, "t": "#commit"}) + b"\xd8\x2a\x41\x00", id="body not a map"),

@@ -1,0 +1,81 @@
+"""A host whose stream misbehaves, served by a WebSocket server on loopback: a flood of frames that are
+skipped must not hold the reader past its timeout, and a seq that goes back must not take the stored
+cursor back with it (nor apply an event twice)."""
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.server import ServerConnection, serve
+
+from migration_assets.atproto import dagcbor
+from migration_assets.core.postgres import shared_pool
+from migration_assets.repos.follow import Follower, load_cursor
+from migration_assets.repos.resources import RepoSourceResource
+from migration_assets.repos.stream import Subscription
+
+
+def identity_frame(seq: int) -> bytes:
+    return dagcbor.encode({"op": 1, "t": "#identity"}) + dagcbor.encode(
+        {"seq": seq, "did": f"did:plc:{'a' * 23}{seq % 10}", "time": "2026-12-05T10:00:00.000Z"})
+
+
+@pytest.fixture
+def stream_host() -> Iterator[Callable[[Callable[[ServerConnection], None]], str]]:
+    """Starts a subscribeRepos host on loopback whose every connection runs `handler`; returns its URL."""
+    servers = []
+
+    def start(handler: Callable[[ServerConnection], None]) -> str:
+        def session(connection: ServerConnection) -> None:
+            try:
+                handler(connection)
+            except ConnectionClosed:
+                pass
+
+        server = serve(session, "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.socket.getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_a_flood_of_skipped_frames_does_not_hold_the_reader_past_its_timeout(stream_host):
+    def flood(connection: ServerConnection) -> None:
+        until = time.monotonic() + 3  # ten times the reader's timeout, past the wait below
+        while time.monotonic() < until:
+            connection.send(b"\xff\xff")  # not CBOR: skipped as malformed, one after another
+        connection.wait_closed()
+
+    host = stream_host(flood)
+    returned: list = []
+    with Subscription(host, cursor=0) as subscription:
+        reader = threading.Thread(target=lambda: returned.append(subscription.next(timeout=0.3)), daemon=True)
+        reader.start()
+        reader.join(2)
+        assert not reader.is_alive(), "next() kept skipping frames past its timeout"
+    assert returned == [None] and subscription.malformed > 0
+
+
+def test_a_seq_that_goes_back_neither_takes_the_cursor_back_nor_applies_twice(stream_host, target, target_url):
+    def stream(connection: ServerConnection) -> None:
+        for seq in (5, 6, 3):  # 3: the host went back (a replay after a restore, a bug)
+            connection.send(identity_frame(seq))
+        connection.wait_closed()
+
+    host = stream_host(stream)
+    pool = shared_pool(target_url)
+    source = RepoSourceResource()
+    clients = source.clients(target_url)
+    try:
+        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets,
+                            start_cursor=4, check_processes=0)
+        report = follower.run(seconds=2.0)
+    finally:
+        clients.close()
+    assert (report.identities, report.skipped, report.cursor) == (2, 1, 6), report
+    assert load_cursor(target, host) == 6
