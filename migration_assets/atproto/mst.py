@@ -12,7 +12,6 @@ collection a valid NSID and the rkey a valid record key (AT Protocol syntax), so
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -21,25 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID, NOT_A_CID_START, usual_link
 from migration_assets.atproto.errors import AtprotoFormatError
-
-
-# AT Protocol syntax (atproto.com/specs/nsid, /specs/record-key): a reversed domain of at least two
-# segments then a name (letters and digits, not starting with a digit), 317 characters at most; a record
-# key is 1-512 of [A-Za-z0-9._~:-], but not "." or "..".
-_NSID = re.compile(
-    r"[a-zA-Z](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?)+"
-    r"\.[a-zA-Z][a-zA-Z0-9]{0,62}"
-)
-_NSID_MAX = 317
-_RECORD_KEY = re.compile(r"[A-Za-z0-9._~:-]{1,512}")
-
-
-def is_valid_nsid(text: str) -> bool:
-    return len(text) <= _NSID_MAX and _NSID.fullmatch(text) is not None
-
-
-def is_valid_record_key(text: str) -> bool:
-    return text not in (".", "..") and _RECORD_KEY.fullmatch(text) is not None
+from migration_assets.atproto.syntax import is_valid_nsid, is_valid_record_key
 
 
 class MstError(AtprotoFormatError):

@@ -7,7 +7,7 @@ followed by `.*` (every collection under them, e.g. `app.bsky.feed.*`), or `*` a
 import re
 from dataclasses import dataclass
 
-from migration_assets.atproto.mst import is_valid_nsid
+from migration_assets.atproto.syntax import is_valid_nsid
 
 _SEGMENT = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")
 

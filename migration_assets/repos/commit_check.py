@@ -20,7 +20,8 @@ from dataclasses import dataclass, field, replace
 from migration_assets.atproto.car import read_blocks
 from migration_assets.atproto.cid import link_text
 from migration_assets.atproto.errors import AtprotoError
-from migration_assets.atproto.mst import is_valid_nsid, is_valid_record_key, lookup, parse_signed_commit
+from migration_assets.atproto.mst import lookup, parse_signed_commit
+from migration_assets.atproto.syntax import is_valid_nsid, is_valid_record_key
 from migration_assets.atproto.signature import SignatureError, verify_commit
 from migration_assets.core.concurrency import leave_with_parent
 from migration_assets.repos.collections import CollectionFilter

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import psycopg
 
+from migration_assets.atproto.cid import CID, CidError
+from migration_assets.atproto.syntax import is_did, is_tid
 from migration_assets.atproto.xrpc import XrpcClient, XrpcError
 from migration_assets.repos import ledger
 from migration_assets.repos.collections import RecordScope
@@ -38,12 +40,26 @@ class DiscoveryProgress:
 def list_page(client: XrpcClient, cursor: str | None, limit: int = PAGE_SIZE) -> tuple[list[ListedRepo], str | None]:
     params = {"limit": limit} | ({"cursor": cursor} if cursor else {})
     reply = client.query("com.atproto.sync.listRepos", params)
-    items = [
-        ListedRepo(r["did"], r.get("head"), r.get("rev"), r.get("active", True), r.get("status"))
-        for r in reply.get("repos", [])
-        if isinstance(r, dict) and isinstance(r.get("did"), str) and r["did"].startswith("did:")
-    ]
+    items = [item for item in map(_listed, reply.get("repos", [])) if item is not None]
     return items, _next(cursor, reply.get("cursor"), items)
+
+
+def _listed(item: object) -> ListedRepo | None:
+    """A listRepos item as the ledger records it; None without a valid DID (atproto/syntax.py). A head
+    that is not a CID, a rev that is not a TID or an `active` that is not a boolean is taken as unknown
+    (the repo is then due, and its getRepo decides), not written: the listing's page would fail with it."""
+    if not isinstance(item, dict) or not is_did(did := item.get("did")):
+        return None
+    head, rev, active = item.get("head"), item.get("rev"), item.get("active", True)
+    return ListedRepo(did, head if _is_cid(head) else None, rev if is_tid(rev) else None,
+                      active if type(active) is bool else True)
+
+
+def _is_cid(text: object) -> bool:
+    try:
+        return type(text) is str and len(text) <= 200 and CID.decode(text) is not None
+    except CidError:
+        return False
 
 
 def list_by_collection_page(client: XrpcClient, collection: str, cursor: str | None,
@@ -51,8 +67,7 @@ def list_by_collection_page(client: XrpcClient, collection: str, cursor: str | N
     """A page of the DIDs having `collection`; XrpcError if the host fails or doesn't serve it."""
     params = {"collection": collection, "limit": limit} | ({"cursor": cursor} if cursor else {})
     reply = client.query("com.atproto.sync.listReposByCollection", params)
-    dids = [r["did"] for r in reply.get("repos", [])
-            if isinstance(r, dict) and isinstance(r.get("did"), str) and r["did"].startswith("did:")]
+    dids = [r["did"] for r in reply.get("repos", []) if isinstance(r, dict) and is_did(r.get("did"))]
     return dids, _next(cursor, reply.get("cursor"), dids)
 
 

@@ -35,7 +35,6 @@ class ListedRepo:
     head: str | None
     rev: str | None
     active: bool = True
-    status: str | None = None
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from migration_assets.atproto.mst import is_valid_nsid
+from migration_assets.atproto.syntax import is_valid_nsid
 from migration_assets.core.settings import CommaList, EnvBool, EnvSettings
 from migration_assets.repos.collections import CollectionFilter, RecordScope
 

@@ -26,6 +26,7 @@ from websockets.sync.client import ClientConnection, connect
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CID, NOT_A_CID_START, usual_link
 from migration_assets.atproto.errors import AtprotoFormatError
+from migration_assets.atproto.syntax import DID_MAX, DID_PATTERN, TID_PATTERN
 
 NSID = "com.atproto.sync.subscribeRepos"
 MAX_FRAME_BYTES = 8 * 1024 * 1024  # a #commit's blocks are capped far below this by hosts
@@ -43,14 +44,12 @@ class StreamError(Exception):
         self.host, self.error = host, error
 
 
-# What an event names is checked against the AT Protocol syntax here, at the boundary: the follower writes
-# it to PostgreSQL (a DID with U+0000 or a seq past bigint would fail the whole batch, and every run after
-# it, at the same frame). A DID is at most 2 KB (atproto.com/specs/did); a rev or since is a TID
-# (/specs/tid); an account status is a short word (the lexicon's values are open: deactivated, ...).
-Did = Annotated[str, StringConstraints(strict=True, max_length=2048,
-                                       pattern=r"^did:[a-z]+:[a-zA-Z0-9._:%-]*[a-zA-Z0-9._-]$")]
-Tid = Annotated[str, StringConstraints(strict=True,
-                                       pattern=r"^[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}$")]
+# What an event names is checked against the AT Protocol syntax (atproto/syntax.py) here, at the boundary:
+# the follower writes it to PostgreSQL, where a DID with U+0000 or a seq past bigint would fail the whole
+# batch, and every run after it, at the same frame. An account status is a short word (the lexicon's
+# values are open: deactivated, takendown, ...).
+Did = Annotated[str, StringConstraints(strict=True, max_length=DID_MAX, pattern=f"^{DID_PATTERN}$")]
+Tid = Annotated[str, StringConstraints(strict=True, pattern=f"^{TID_PATTERN}$")]
 Seq = Annotated[int, Field(strict=True, ge=0, lt=1 << 63)]
 _Status = Annotated[str, StringConstraints(strict=True, pattern=r"^[a-zA-Z][a-zA-Z0-9_-]{0,63}$")]
 

@@ -3,7 +3,8 @@ holding any other key fails with an error naming that key."""
 
 import pytest
 
-from migration_assets.atproto.mst import MstError, is_valid_nsid, is_valid_record_key, walk_records
+from migration_assets.atproto.mst import MstError, walk_records
+from migration_assets.atproto.syntax import is_valid_nsid, is_valid_record_key
 from tests.atproto.builders import build_mst, put
 
 POST = "app.bsky.feed.post"

@@ -6,8 +6,12 @@ from datetime import datetime, timedelta, timezone
 
 import psycopg
 
+from migration_assets.atproto.cid import CID
+from migration_assets.atproto.xrpc import XrpcClient
 from migration_assets.repos import ledger
+from migration_assets.repos.discovery import discover
 from migration_assets.repos.ledger import ListedRepo
+from tests.atproto.loopback import LoopbackServer, json_reply
 from tests.repos.helpers import ledger_row
 
 BUCKETS = 256
@@ -39,10 +43,10 @@ def test_listing_makes_due_only_what_changed(target):
     listing = [
         ListedRepo("did:plc:synced", "h1", "r1"),
         ListedRepo("did:plc:moved", "h2", "r2"),
-        ListedRepo("did:plc:quiet", "h1", "r1", active=False, status="deactivated"),
+        ListedRepo("did:plc:quiet", "h1", "r1", active=False),
         ListedRepo("did:plc:back", "h1", "r1", active=True),
         ListedRepo("did:plc:waiting", "h2", "r2"),
-        ListedRepo("did:plc:gone", "h1", "r1", active=False, status="takendown"),
+        ListedRepo("did:plc:gone", "h1", "r1", active=False),
     ]
     ledger.record_listing(target, listing, BUCKETS)
     assert statuses(target, dids) == {"synced": "synced", "moved": "pending", "quiet": "deactivated",
@@ -105,3 +109,30 @@ def test_retry_backoff_doubles_from_a_minute_to_an_hour_with_jitter():
         delays = [ledger.RETRY.delay(attempts, rng) for _ in range(50)]
         assert all(base / 2 <= d <= base for d in delays), (attempts, min(delays), max(delays))
         assert max(delays) - min(delays) > base / 10, "no jitter"
+
+
+def test_a_listing_with_hostile_items_records_the_rest_of_its_page(target):
+    """listRepos items are a host's word: one naming no valid DID is left out, a head that is not a CID, a
+    rev that is not a TID or an `active` that is not a boolean is taken as unknown. Written as sent, any
+    of them (U+0000 above all) failed the whole page, and the listing never got past it."""
+    good, odd = "did:plc:" + "a" * 24, "did:plc:" + "b" * 24
+    head, rev = str(CID.for_block(b"head")), "3l5aaaaaaaa22"
+    page = [
+        {"did": good, "head": head, "rev": rev, "active": True},
+        {"did": odd, "head": "bafy\x00", "rev": "r\x00", "active": "yes"},
+        {"did": "did:plc:\x00nul", "head": head, "rev": rev},
+        {"did": "did:web:" + "x" * 3000, "head": head, "rev": rev},
+        {"did": "alice.example.com", "head": head, "rev": rev},
+        {"did": good.replace("a", "c"), "head": {"$link": head}, "rev": 5},
+        "not an item",
+    ]
+    server = LoopbackServer()
+    server.route("GET", "/xrpc/com.atproto.sync.listRepos", json_reply({"repos": page}))
+    try:
+        with XrpcClient(server.url, allow_private_hosts=True) as client:
+            progress = discover(target, client, BUCKETS)
+    finally:
+        server.stop()
+    assert progress.listed == 3
+    listed = dict(target.execute("SELECT did, (listed_head, listed_rev) FROM repos").fetchall())
+    assert listed == {good: (head, rev), odd: (None, None), good.replace("a", "c"): (None, None)}
