@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from migration_assets.blobs.credentials import AccountCredentials, encrypt
 from migration_assets.core.lease import FENCE, Lease
+from migration_assets.core.postgres import without_nul
 
 Status = Literal["pending_blobs", "pending_prefs", "failed", "superseded"]
 Origin = Literal["queue", "cli"]
@@ -227,7 +228,7 @@ def note_error(pool: ConnectionPool, lease: Lease, migration_id: int, message: s
     """The latest error of a migration that will be retried (its status stays pending_blobs); the lease
     is given back so the retry (or any other run) can take the migration."""
     with pool.connection() as conn, conn.cursor() as cur:
-        return lease.finish(cur, migration_id, "error = %s, updated_at = now()", (message,))
+        return lease.finish(cur, migration_id, "error = %s, updated_at = now()", (without_nul(message),))
 
 
 def mark_failed(pool: ConnectionPool, lease: Lease, migration_id: int, message: str) -> bool:
@@ -235,7 +236,8 @@ def mark_failed(pool: ConnectionPool, lease: Lease, migration_id: int, message: 
     request with both passwords resumes it, sending only what is still missing."""
     with pool.connection() as conn, conn.cursor() as cur:
         return lease.finish(
-            cur, migration_id, "status = 'failed', credentials = NULL, error = %s, updated_at = now()", (message,),
+            cur, migration_id, "status = 'failed', credentials = NULL, error = %s, updated_at = now()",
+            (without_nul(message),),
         )
 
 
@@ -251,7 +253,7 @@ def mark_completed(pool: ConnectionPool, lease: Lease, migration_id: int, progre
 
 
 def _json(progress: ProgressData) -> Jsonb:
-    return Jsonb(json.loads(progress.model_dump_json()))
+    return Jsonb(without_nul(json.loads(progress.model_dump_json())))  # a failed blob's CID or reason may hold one
 
 
 # --- key rotation ------------------------------------------------------------------------------------

@@ -40,6 +40,18 @@ def close_pools() -> None:
         _pools.clear()
 
 
+def without_nul(value: Any) -> Any:
+    """`value` (text, or the lists and dicts of JSON) with U+0000 replaced by U+FFFD: PostgreSQL's text
+    and jsonb can't hold U+0000, which a host may send anywhere (an error message, a name, a record)."""
+    if isinstance(value, str):
+        return value.replace("\0", "\ufffd")
+    if isinstance(value, list):
+        return [without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {without_nul(key): without_nul(item) for key, item in value.items()}
+    return value
+
+
 def copy_rows(cur: psycopg.Cursor, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
     """COPY rows into `table` (a temp or staging table); return how many were written."""
     count = 0
