@@ -40,6 +40,7 @@ from migration_assets.atproto.xrpc import (
     shared_ssl_context,
 )
 from migration_assets.core.backoff import Backoff
+from migration_assets.core.postgres import storable
 
 if TYPE_CHECKING:
     from psycopg_pool import ConnectionPool
@@ -153,8 +154,9 @@ def parse_document(did: str, raw: object, *, allow_http_endpoint: bool = False) 
         raise InvalidDidDocument(did, f"not a DID document: {_first_error(exc)}") from None
     if doc.id != did:
         raise InvalidDidDocument(did, f"document is for {doc.id!r}, not the DID requested")
-    if any("\0" in alias for alias in doc.alsoKnownAs):  # no handle or URI holds one; jsonb can't store it
-        raise InvalidDidDocument(did, "an alsoKnownAs entry contains U+0000")
+    if any(storable(alias) != alias for alias in doc.alsoKnownAs):  # no handle or URI holds these
+        raise InvalidDidDocument(did, "an alsoKnownAs entry contains U+0000 or a lone surrogate, which jsonb "
+                                      "can't store")
     return DidDocument(
         id=doc.id,
         also_known_as=doc.alsoKnownAs,
@@ -178,7 +180,10 @@ def _pds_endpoint(did: str, doc: _RawDocument, allow_http: bool) -> str:
             raise InvalidDidDocument(did, f"#atproto_pds endpoint {endpoint!r} is not a URL") from None
         schemes = ("https", "http") if allow_http else ("https",)
         if url.scheme not in schemes or not url.host or url.query or url.path not in ("", "/"):
-            raise InvalidDidDocument(did, f"#atproto_pds endpoint {endpoint!r} is not an {'/'.join(schemes)} origin")
+            raise InvalidDidDocument(did, f"#atproto_pds endpoint {endpoint!r:.300} is not an {'/'.join(schemes)} origin")
+        if len(url.host) > 253 or url.userinfo or url.fragment:  # a DNS name's limit; the host keys rate limits
+            raise InvalidDidDocument(did, f"#atproto_pds endpoint {endpoint!r:.300} is not a plain origin (a host "
+                                          "name of at most 253 characters, no user or fragment)")
         return endpoint.rstrip("/")
     raise InvalidDidDocument(did, "no #atproto_pds service of type AtprotoPersonalDataServer: the DID has no PDS")
 

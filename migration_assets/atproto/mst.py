@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID, NOT_A_CID_START, usual_link
 from migration_assets.atproto.errors import AtprotoFormatError
-from migration_assets.atproto.syntax import is_valid_nsid, is_valid_record_key
+from migration_assets.atproto.syntax import is_did, is_tid, is_valid_nsid, is_valid_record_key
 
 
 class MstError(AtprotoFormatError):
@@ -66,14 +66,14 @@ def _reference_commit(block: bytes) -> Commit:
         raise CommitError("commit block is not a map")
     did, version, data, rev, prev, sig = (obj.get(k) for k in ("did", "version", "data", "rev", "prev", "sig"))
     problems = []
-    if not isinstance(did, str) or not did.startswith("did:"):
-        problems.append(f"did {did!r} is not a DID")
+    if not is_did(did):
+        problems.append(f"did {did!r:.200} is not a DID")
     if version not in (2, 3) or isinstance(version, bool):
         problems.append(f"version {version!r} is not 2 or 3")
     if not isinstance(data, CID):
         problems.append("data is not a CID link")
-    if not (isinstance(rev, str) and rev) and not (version == 2 and rev is None):
-        problems.append(f"rev {rev!r} is not a TID string")
+    if not is_tid(rev) and not (version == 2 and rev is None):  # the ledger and the stream order revs as TIDs
+        problems.append(f"rev {rev!r:.200} is not a TID")
     if prev is not None and not isinstance(prev, CID):
         problems.append("prev is neither null nor a CID link")
     if not isinstance(sig, bytes):
@@ -100,7 +100,7 @@ def _compiled_commit(block: bytes) -> tuple[Commit, tuple[bytes, bytes]] | None:
         return None
     did, rev, sig, prev, version = value["did"], value["rev"], value["sig"], value["prev"], value["version"]
     data = usual_link(value["data"])
-    if (type(did) is not str or not did.startswith("did:") or type(rev) is not str or not rev
+    if (not is_did(did) or not is_tid(rev)
             or type(version) is not int or version != 3 or data is None
             or type(sig) is not bytes or len(sig) != 64 or sig[:1] in NOT_A_CID_START):
         return None

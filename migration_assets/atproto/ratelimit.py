@@ -87,13 +87,19 @@ def retry_after_time(value: str | None, now: float, settings: AtprotoSettings) -
     return now + bounded_wait(seconds, settings)
 
 
+# The least a 429 pauses, whatever its headers say: a host answering 429 with `Retry-After: 0` (or a
+# reset already past) would otherwise be asked again at once, without end.
+MIN_429_PAUSE_SECONDS = 1.0
+
+
 def pause_end(headers: Mapping[str, str], now: float, settings: AtprotoSettings) -> float:
-    """When a 429 lifts: RateLimit-Reset, else Retry-After, else the short default pause."""
+    """When a 429 lifts: RateLimit-Reset, else Retry-After, else the short default pause; at least
+    MIN_429_PAUSE_SECONDS ahead."""
     lowered = {key.lower(): value for key, value in headers.items()}
     for when in (reset_time(lowered.get("ratelimit-reset"), now, settings),
                  retry_after_time(lowered.get("retry-after"), now, settings)):
         if when is not None:
-            return when
+            return max(when, now + MIN_429_PAUSE_SECONDS)
     return now + settings.default_pause_seconds
 
 

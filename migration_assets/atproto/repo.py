@@ -105,6 +105,13 @@ class _Waiting:
             self.file.close()
 
 
+# A pass over the waiting file reaches at least one more level of the tree, and a real MST is a few dozen
+# levels at most (a level up takes keys whose sha256 starts with two more zero bits), so this many passes
+# reach all of it. A hostile chain of nodes sent children-first would otherwise cost a pass per node: a
+# rescan quadratic in its length. What is left unreached is missing to the walk, which fails the repo.
+MAX_MST_DEPTH = 64
+
+
 class _Collector:
     def __init__(self, head: bytes, other: Other, memory_bytes: int) -> None:
         self.head = head
@@ -160,10 +167,11 @@ class _Collector:
         return [tree for tree in (left, *trees) if tree is not None]
 
     def finish(self) -> None:
-        """Rescan the waiting file while that reaches more of the tree; hand the rest to `other`."""
-        reached = True
-        while reached and self.wanted and self.waiting.count:
-            reached = False
+        """Rescan the waiting file while that reaches more of the tree, at most MAX_MST_DEPTH times; hand
+        the rest to `other`."""
+        reached, passes = True, 0
+        while reached and self.wanted and self.waiting.count and passes < MAX_MST_DEPTH:
+            reached, passes = False, passes + 1
             for link, block in self.waiting.drain():
                 if link in self.wanted:
                     self.reach(link, block)

@@ -1,7 +1,6 @@
 """The `blob_migrations` table: the request queue and each account's progress record (`progress_data`,
 shaped as the seed's migration record). Passwords go in only as Fernet tokens (see credentials.py)."""
 
-import json
 from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -13,7 +12,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from migration_assets.blobs.credentials import AccountCredentials, encrypt
 from migration_assets.core.lease import FENCE, Lease
-from migration_assets.core.postgres import without_nul
+from migration_assets.core.postgres import storable
 
 Status = Literal["pending_blobs", "pending_prefs", "failed", "superseded"]
 Origin = Literal["queue", "cli"]
@@ -228,7 +227,7 @@ def note_error(pool: ConnectionPool, lease: Lease, migration_id: int, message: s
     """The latest error of a migration that will be retried (its status stays pending_blobs); the lease
     is given back so the retry (or any other run) can take the migration."""
     with pool.connection() as conn, conn.cursor() as cur:
-        return lease.finish(cur, migration_id, "error = %s, updated_at = now()", (without_nul(message),))
+        return lease.finish(cur, migration_id, "error = %s, updated_at = now()", (storable(message),))
 
 
 def mark_failed(pool: ConnectionPool, lease: Lease, migration_id: int, message: str) -> bool:
@@ -237,7 +236,7 @@ def mark_failed(pool: ConnectionPool, lease: Lease, migration_id: int, message: 
     with pool.connection() as conn, conn.cursor() as cur:
         return lease.finish(
             cur, migration_id, "status = 'failed', credentials = NULL, error = %s, updated_at = now()",
-            (without_nul(message),),
+            (storable(message),),
         )
 
 
@@ -253,7 +252,7 @@ def mark_completed(pool: ConnectionPool, lease: Lease, migration_id: int, progre
 
 
 def _json(progress: ProgressData) -> Jsonb:
-    return Jsonb(without_nul(json.loads(progress.model_dump_json())))  # a failed blob's CID or reason may hold one
+    return Jsonb(storable(progress.model_dump(mode="json")))  # a failed blob's CID or reason comes from a host
 
 
 # --- key rotation ------------------------------------------------------------------------------------

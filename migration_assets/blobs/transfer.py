@@ -49,7 +49,7 @@ class TransferSettings(BaseModel):
     progress_every: int = Field(default=10, ge=1, description="write progress_data every N blobs")
     chunk_bytes: int = Field(default=256 * 1024, ge=4096)
     max_blob_bytes: int = Field(default=1 << 30, description="a bigger download is cut off (the disk is not filled)")
-    max_rate_limit_sleep: float = Field(default=3600.0, description="a 429 asking for longer fails the job")
+    max_rate_limit_sleep: float = Field(default=3600.0, description="a blob's rate-limit waits past this, in all, fail the job")
 
 
 class JobFailure(RuntimeError):
@@ -142,32 +142,34 @@ def _login(client: XrpcClient, did: str, password: str, which: str, url: str) ->
 
 def list_old_blobs(old: XrpcClient, did: str) -> list[str]:
     """Every blob CID of the account on the old PDS (listBlobs, cursor paging)."""
-    cids: list[str] = []
-    cursor: str | None = None
-    while True:
-        params = {"did": did, "limit": LIST_PAGE, **({"cursor": cursor} if cursor else {})}
-        page = old.query("com.atproto.sync.listBlobs", params, auth=True)
-        cids.extend(cid for cid in page.get("cids") or [] if isinstance(cid, str))
-        next_cursor = page.get("cursor")
-        if not page.get("cids") or not next_cursor or next_cursor == cursor:
-            return list(dict.fromkeys(cids))  # in order, without duplicates
-        cursor = next_cursor
+    return _paged(old, "com.atproto.sync.listBlobs", {"did": did}, "cids",
+                  lambda cid: cid if isinstance(cid, str) else None)
 
 
 def list_missing_blobs(new: XrpcClient) -> list[str]:
     """CIDs the new PDS's imported repo references but has no blob for (listMissingBlobs, paged). An
     entry that is not a CID string is kept as text: it fails as that blob, not the account."""
-    cids: list[str] = []
+    return _paged(new, "com.atproto.repo.listMissingBlobs", {}, "blobs", _entry_cid)
+
+
+def _paged(client: XrpcClient, nsid: str, params: dict, key: str, item: Callable[[object], str | None]) -> list[str]:
+    """A listing's items in order, without duplicates. It ends at a page without items or cursor, and
+    also at a cursor seen before or a page with nothing new: a host whose cursors go round (A, B, A...)
+    or whose pages repeat would otherwise be listed without end."""
+    found: dict[str, None] = {}
     cursor: str | None = None
+    seen_cursors: set[str] = set()
     while True:
-        params = {"limit": LIST_PAGE, **({"cursor": cursor} if cursor else {})}
-        page = new.query("com.atproto.repo.listMissingBlobs", params, auth=True)
-        blobs = page.get("blobs") or []
-        cids.extend(_entry_cid(blob) for blob in blobs)
-        next_cursor = page.get("cursor")
-        if not blobs or not next_cursor or next_cursor == cursor:
-            return list(dict.fromkeys(cids))
-        cursor = next_cursor
+        page = client.query(nsid, {**params, "limit": LIST_PAGE, **({"cursor": cursor} if cursor else {})}, auth=True)
+        entries = page.get(key)
+        before = len(found)
+        for entry in entries if isinstance(entries, list) else ():
+            if (text := item(entry)) is not None:
+                found[text] = None
+        cursor = page.get("cursor")
+        if len(found) == before or not isinstance(cursor, str) or not cursor or cursor in seen_cursors:
+            return list(found)
+        seen_cursors.add(cursor)
 
 
 def _entry_cid(entry: object) -> str:
@@ -232,19 +234,23 @@ def transfer_with_retries(
     old: XrpcClient, new: XrpcClient, did: str, cid: str, settings: TransferSettings,
     sleep: Callable[[float], None] = time.sleep,
 ) -> _Sent:
-    """`settings.attempts` tries with backoff; 429s wait for their reset without using a try. Raises
-    BlobFailed (this blob only) or JobFailure (a host down, login lost, local disk: the account)."""
+    """`settings.attempts` tries with backoff; rate limits wait for their reset without using a try, up
+    to `settings.max_rate_limit_sleep` in all (a host that keeps answering RateLimitExceeded would
+    otherwise hold the blob, and its account's slot, without end). Raises BlobFailed (this blob only)
+    or JobFailure (a host down or limiting us, login lost, local disk: the account)."""
     backoff = blob_backoff(settings)
     path = blob_path(settings.work_dir, did, cid)
-    failures = 0
+    failures, rate_slept = 0, 0.0
     while True:
         try:
             return transfer_blob(old, new, did, cid, path, settings.chunk_bytes, settings.max_blob_bytes)
         except RateLimited as error:  # the client already waited what it may; this one is longer
-            wait = error.retry_at - time.time()
-            if wait > settings.max_rate_limit_sleep:
-                raise JobFailure(f"{error.host} rate-limits us until unix time {error.retry_at:.0f}: run again later") from None
-            sleep(max(wait, 0.0))
+            wait = max(error.retry_at - time.time(), 0.0)
+            if rate_slept + wait > settings.max_rate_limit_sleep:
+                raise JobFailure(f"{error.host} rate-limits us until unix time {error.retry_at:.0f} (waited "
+                                 f"{rate_slept:.0f} s for blob {cid} already): run again later") from None
+            sleep(wait)
+            rate_slept += wait
             continue
         except AuthRequired as error:
             raise JobFailure(f"the session on {error.host} was lost and could not be renewed: {error}") from None

@@ -1,6 +1,7 @@
 """The PostgreSQL target: a pooled psycopg 3 connection per process, COPY helpers, schema on first use.
 Pure core (no Dagster): the Dagster resource over it is core/resources.py."""
 
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -40,15 +41,20 @@ def close_pools() -> None:
         _pools.clear()
 
 
-def without_nul(value: Any) -> Any:
-    """`value` (text, or the lists and dicts of JSON) with U+0000 replaced by U+FFFD: PostgreSQL's text
-    and jsonb can't hold U+0000, which a host may send anywhere (an error message, a name, a record)."""
+# Lone surrogates: what a JSON escape like \ud800 decodes to in Python, which UTF-8 can't encode.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(value: Any) -> Any:
+    """`value` (text, or the lists and dicts of JSON) as PostgreSQL's text and jsonb can hold it: U+0000
+    and lone surrogates become U+FFFD. A host may send either anywhere (an error message, a name, a
+    JSON answer; a record may hold U+0000), and one of them would fail the statement writing it."""
     if isinstance(value, str):
-        return value.replace("\0", "\ufffd")
+        return _SURROGATE.sub("\ufffd", value.replace("\0", "\ufffd"))
     if isinstance(value, list):
-        return [without_nul(item) for item in value]
+        return [storable(item) for item in value]
     if isinstance(value, dict):
-        return {without_nul(key): without_nul(item) for key, item in value.items()}
+        return {storable(key): storable(item) for key, item in value.items()}
     return value
 
 

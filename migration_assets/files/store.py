@@ -15,7 +15,7 @@ from typing import Literal
 import psycopg
 
 from migration_assets.core.lease import Lease
-from migration_assets.core.postgres import without_nul
+from migration_assets.core.postgres import storable
 
 Status = Literal["SUCCESS", "FAIL"]
 
@@ -244,7 +244,7 @@ def record_results(conn: psycopg.Connection, results: Sequence[FileResult], comm
     columns = [[r.file_id for r in rows], [r.old_uri for r in rows], [r.new_uri for r in rows],
                [r.file_name for r in rows], [r.create_date for r in rows], [r.status for r in rows],
                [r.size for r in rows], [r.sha256 for r in rows], [r.s3_checksum for r in rows],
-               [r.s3_etag for r in rows], [without_nul(r.error) for r in rows]]  # an S3 message may hold one
+               [r.s3_etag for r in rows], [storable(r.error) for r in rows]]  # an S3 message may hold one
     conn.execute(_UPSERT, columns)
     if commit:
         conn.commit()

@@ -14,7 +14,7 @@ import psycopg
 
 from migration_assets.core.backoff import Backoff
 from migration_assets.core.lease import FREE, Lease
-from migration_assets.core.postgres import without_nul
+from migration_assets.core.postgres import storable
 from migration_assets.repos.buckets import bucket_of
 
 GONE_STATUSES = ("deleted", "deactivated", "takendown", "suspended")
@@ -144,7 +144,7 @@ def next_retry_at(attempts: int) -> datetime:
 def error_text(text: str) -> str:
     """An error as `last_error` holds it: at most 2,000 characters, and no U+0000, which PostgreSQL's
     text refuses (an error may quote what a host sent: a message, a rev, a DID)."""
-    return without_nul(text[:2000])
+    return storable(text[:2000])
 
 
 _END_LEASE = "claim_token = NULL, lease_expires_at = NULL, claimed_at = NULL, updated_at = now()"

@@ -30,7 +30,7 @@ from migration_assets.atproto.errors import AtprotoFormatError
 from migration_assets.atproto.mst import Commit, walk_links
 from migration_assets.atproto.repo import collect_repo_blocks
 from migration_assets.atproto.signature import verify_commit
-from migration_assets.core.postgres import without_nul
+from migration_assets.core.postgres import storable
 from migration_assets.repos.collections import RecordScope
 
 _BATCH = 1000  # rows per marshal record in a spool file
@@ -170,7 +170,7 @@ def record_json(block: bytes) -> tuple[str | None, str | None, bytes | None]:
     except AtprotoFormatError as exc:
         return None, str(exc), None
     if _JSON_NUL in text:  # or a literal backslash before "u0000": then nothing changes below
-        readable = _JSON.encode(without_nul(json.loads(text)))
+        readable = _JSON.encode(storable(json.loads(text)))
         if readable != text:
             return readable, None, bytes(block)
     return text, None, None

@@ -32,14 +32,21 @@ def random_text(rng: random.Random, size: int) -> str:
     return "".join(rng.choice("abc:xyz019é☃") for _ in range(size))
 
 
+def random_tid(rng: random.Random) -> str:
+    return rng.choice("234567abcdefghij") + "".join(rng.choice("234567abcdefghijklmnopqrstuvwxyz") for _ in range(12))
+
+
 def commit_values(rng: random.Random):
     """Commit maps (as cbor2 values, links as tag 42): mostly valid, with one thing changed at times."""
     for n in range(3000):
         sig = bytes(rng.randrange(256) for _ in range(64))
         if n % 7 == 0:
             sig = bytes([rng.choice([0, 1, 0x12])]) + sig[1:]  # starts like a CID
-        value = {"did": "did:plc:" + random_text(rng, rng.choice([1, 10, 15, 16, 20, 250, 300])),
-                 "rev": random_text(rng, rng.choice([1, 13, 23, 24, 255, 256])),
+        # DIDs of sizes around CBOR's text-head boundaries (24, 256 bytes); revs mostly TIDs, at times not
+        did_size = rng.choice([1, 10, 15, 16, 20, 250, 300])
+        rev = random_tid(rng) if rng.random() < 0.8 else random_text(rng, rng.choice([1, 13, 23, 24, 255, 256]))
+        value = {"did": "did:plc:" + "".join(rng.choice("abc:xyz019") for _ in range(did_size)) + "a",
+                 "rev": rev,
                  "version": 3, "data": link(CID.for_block(bytes([n % 256, n // 256]))),
                  "prev": rng.choice([None, link(CID.for_block(b"prev"))]), "sig": sig}
         change = rng.randrange(16)
@@ -78,10 +85,11 @@ def commit_blocks():
 
 
 def test_a_commit_decoded_once_is_the_reference_commit_and_its_unsigned_bytes_the_re_encoding():
-    fast = 0
+    fast = valid = 0
     for block in commit_blocks():
         compiled = mst._compiled_commit(block)
         reference = outcome(mst._reference_commit, block)
+        valid += reference[0] == "ok"
         assert outcome(lambda b: mst.parse_signed_commit(b)[0], block) == reference
         assert outcome(mst.parse_commit, block) == reference
         if compiled is not None:
@@ -90,7 +98,7 @@ def test_a_commit_decoded_once_is_the_reference_commit_and_its_unsigned_bytes_th
             assert reference == ("ok", commit)
             assert unsigned_commit_bytes(block) == signed  # byte for byte
             assert signed[1] == commit.sig
-    assert fast > 1000  # the fast path was taken (most of the valid ones) ...
+    assert fast > valid / 2 > 500  # the fast path was taken (most of the valid ones) ...
     assert fast < sum(1 for _ in commit_blocks())  # ... and not for everything
 
 

@@ -81,10 +81,14 @@ def test_plc_url_from_environment(plc, monkeypatch):
          InvalidDidDocument, "type 'Other'"),
         (json_reply(document(pds="https://pds.example.com/some/path")), InvalidDidDocument, "origin"),
         (json_reply(document(pds="ftp://pds.example.com")), InvalidDidDocument, "origin"),
+        # The host keys the shared rate limits (a primary key: PostgreSQL refuses a 3 KB one)
+        (json_reply(document(pds="https://" + "a" * 3000 + ".com")), InvalidDidDocument, "plain origin"),
+        (json_reply(document(pds="https://user:pw@pds.example.com")), InvalidDidDocument, "plain origin"),
         (json_reply(document(verificationMethod=[])), InvalidDidDocument, "no #atproto verification method"),
         (json_reply(document(key="zNotAKey")), InvalidDidDocument, "#atproto key"),
         # jsonb can't store U+0000: stored as it came, the document would fail the batch that saved it
         (json_reply(document(alsoKnownAs=["at://alice\u0000.example.com"])), InvalidDidDocument, "U\\+0000"),
+        (Reply(200, b'{"id": "%s", "alsoKnownAs": ["at://\\ud800"]}' % DID.encode()), InvalidDidDocument, "surrogate"),
     ],
 )
 def test_plc_failures_name_what_is_wrong(plc, reply, error, words):

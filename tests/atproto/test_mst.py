@@ -165,7 +165,12 @@ def test_parse_commit_v2_has_no_rev():
         ({"version": True}, "version True"),
         ({"data": str(CID1)}, "data is not a CID"),
         ({"rev": None}, "rev None"),
+        # A rev is a TID: the ledger and the stream compare revs as such (a rev of "zzz" would have every
+        # later event skipped as a replay), and PostgreSQL's text can't hold U+0000
+        ({"rev": "zzzzzzzzzzzzzzzz"}, "not a TID"),
+        ({"rev": "3l5aaaaaaaa2\0"}, "not a TID"),
         ({"did": "alice"}, "not a DID"),
+        ({"did": "did:plc:\0"}, "not a DID"),
         ({"prev": "x"}, "prev"),
         ({"sig": None}, "sig"),
     ],

@@ -1,12 +1,15 @@
 """collect_repo_blocks: the MST nodes the commit reaches, whatever order the CAR lists blocks in."""
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CID
-from migration_assets.atproto.mst import walk_links
-from migration_assets.atproto.repo import NODE_PREFIX, WAITING_MEMORY_BYTES, collect_repo_blocks
-from tests.atproto.builders import put
+from migration_assets.atproto.mst import MstError, walk_links
+from migration_assets.atproto.repo import (
+    MAX_MST_DEPTH, NODE_PREFIX, WAITING_MEMORY_BYTES, _Waiting, collect_repo_blocks,
+)
+from tests.atproto.builders import private_key, put, signed_commit
 from tests.atproto.conftest import make_repo
 
 
@@ -42,3 +45,25 @@ def test_a_missing_commit_leaves_every_block_to_the_caller():
     assert found.commit_block is None and found.nodes == {}
     assert set(others) == {cid for cid, _ in blocks}
     assert dagcbor.decode(repo.blocks[repo.commit])["data"] == repo.root
+
+
+def test_a_chain_of_nodes_sent_children_first_is_rescanned_a_bounded_number_of_times(monkeypatch):
+    """A hostile CAR: a chain of empty nodes, each listed before its parent, waiting on disk. Each pass over
+    the waiting file reaches one more of them, so without a bound the rescan is quadratic in the chain's
+    length; a real tree needs at most MAX_MST_DEPTH passes. The walk fails such a tree."""
+    chain: list[tuple[bytes, bytes]] = []
+    below = None
+    for _ in range(3 * MAX_MST_DEPTH):
+        block = dagcbor.encode({"e": [], "l": below})
+        below = CID.for_block(block)
+        chain.append((bytes(below), block))
+    commit_block = signed_commit(private_key(ec.SECP256K1(), 5), below)
+    passes = []
+    drain = _Waiting.drain
+    monkeypatch.setattr(_Waiting, "drain", lambda waiting: passes.append(1) or drain(waiting))
+    found = collect_repo_blocks([*chain, (bytes(CID.for_block(commit_block)), commit_block)],
+                                bytes(CID.for_block(commit_block)), lambda link, block: None, memory_bytes=0)
+    assert MAX_MST_DEPTH <= len(found.nodes) < len(chain)
+    assert len(passes) <= MAX_MST_DEPTH + 1  # the passes, and handing the unreached rest to `other`
+    with pytest.raises(MstError):
+        list(walk_links(found.nodes, bytes(below), found.decoded))

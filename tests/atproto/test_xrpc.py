@@ -4,6 +4,7 @@ import io
 import logging
 import pickle
 import socket
+import threading
 import time
 from datetime import datetime, timezone
 
@@ -283,6 +284,27 @@ def test_429_with_reset_far_ahead_raises_rate_limited(server):
     assert raised.value.retry_at == reset and raised.value.status == 429
     assert pickle.loads(pickle.dumps(raised.value)).retry_at == reset
     assert len(server.calls(PATH)) == 1
+
+
+@pytest.mark.parametrize("headers", [{"Retry-After": "0"}, {"RateLimit-Reset": "0"}], ids=["retry-after 0", "reset 0"])
+def test_a_429_that_asks_for_no_wait_is_still_paused_and_ends(server, headers):
+    """A host answering every call with 429 and no wait would be asked again at once, without end: each
+    429 pauses at least a second, so the wait limit is reached and the call raises RateLimited."""
+    server.route("GET", PATH, Reply(429, b"", headers))
+    outcome: list = []
+
+    def call() -> None:
+        with client_for(server, max_rate_limit_wait=2) as client:
+            try:
+                client.query(LIST_REPOS)
+            except RateLimited as exc:
+                outcome.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(20)
+    assert not caller.is_alive(), f"still calling after {len(server.calls(PATH))} requests"
+    assert len(outcome) == 1 and len(server.calls(PATH)) <= 4
 
 
 def test_retry_after_seconds_beyond_the_wait_limit_raises(server):

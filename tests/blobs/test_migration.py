@@ -213,8 +213,10 @@ def test_an_oversized_download_is_cut_off_and_recorded(migrated, pdses, tmp_path
 def test_a_malformed_cid_from_list_missing_blobs_fails_that_blob_not_the_account(instance, migrated, blob_resources, pdses):
     account = migrated([3000, 4000, 5000])
     proxy = PdsProxy(pdses[1])
-    # U+0000 too: PostgreSQL's jsonb can't hold it, and the failed blob's CID is written with its progress
-    proxy.extra_missing = [{"cid": "bafy-not/../a-cid", "recordUri": "at://x"}, {"cid": 12345}, "bare", {"cid": "bafy\0"}]
+    # U+0000 and a lone surrogate too: PostgreSQL's jsonb can't hold them, and a failed blob's CID is written
+    # with its progress
+    proxy.extra_missing = [{"cid": "bafy-not/../a-cid", "recordUri": "at://x"}, {"cid": 12345}, "bare", {"cid": "bafy\0"},
+                           {"cid": "bafy\ud800"}]
     try:
         migration = request_migration(account, pdses[0], proxy.url)
         result = run_partition(instance, account.did, blob_resources, migration.id)
@@ -230,7 +232,8 @@ def test_a_malformed_cid_from_list_missing_blobs_fails_that_blob_not_the_account
         "bare": "malformed CID in listMissingBlobs of the new PDS",
         "bafy\ufffd": "malformed CID in listMissingBlobs of the new PDS",
     }
+    assert sorted(f.cid for f in after.progress.failed_blobs if f.cid.startswith("bafy\ufffd")) == ["bafy\ufffd"] * 2
     assert sorted(proxy.uploads.values()) == [1, 1, 1]  # every real blob moved
     assert after.progress.bytes_transferred == 12_000
     assert checks_by_name(result)[CHECK_NO_FAILED_BLOBS] is False  # and the account says what failed
-    assert after.status == "failed" and "4 blobs failed" in after.error
+    assert after.status == "failed" and "5 blobs failed" in after.error

@@ -70,9 +70,10 @@ def test_a_u0000_record_neither_fails_its_repo_nor_the_next_one(servers, target,
     assert dagcbor.decode(raw) == NUL_RECORD
 
 
-def test_an_error_message_holding_u0000_fails_only_its_repo(servers, target, instance):
+def test_an_error_message_holding_u0000_or_a_lone_surrogate_fails_only_its_repo(servers, target, instance):
     """A host's error message is quoted in the repo's last_error, which PostgreSQL's text can't hold
-    with U+0000 in it: the repo fails with the message (U+FFFD in its place), the next one is synced."""
+    with U+0000 or a lone surrogate in it: the repo fails with the message (U+FFFD in their place), the
+    next one is synced."""
     plc, pds = servers(), servers()
     cars = {NEXT_DID: export(NEXT_DID, {"app.bsky.feed.post/1": {"$type": "app.bsky.feed.post", "text": "next"}})}
     for did in (NUL_DID, NEXT_DID):
@@ -81,7 +82,7 @@ def test_an_error_message_holding_u0000_fails_only_its_repo(servers, target, ins
     def get_repo(request: Request) -> Reply:
         did = request.query["did"][0]
         if did == NUL_DID:
-            return xrpc_error(400, "InvalidRequest", "no repo\x00here")
+            return xrpc_error(400, "InvalidRequest", "no repo\x00here\ud800")  # JSON: \u0000, \ud800
         return Reply(200, cars[did], {"Content-Type": "application/vnd.ipld.car"})
 
     pds.route("GET", "/xrpc/com.atproto.sync.getRepo", get_repo)
@@ -93,4 +94,4 @@ def test_an_error_message_holding_u0000_fails_only_its_repo(servers, target, ins
     assert result.success
     failed, synced = ledger_row(target, NUL_DID), ledger_row(target, NEXT_DID)
     assert (failed["status"], synced["status"]) == ("error", "synced")
-    assert "no repo\ufffdhere" in failed["last_error"], failed["last_error"]
+    assert "no repo\ufffdhere\ufffd" in failed["last_error"], failed["last_error"]

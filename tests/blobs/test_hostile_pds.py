@@ -1,0 +1,93 @@
+"""A blob's transfer against a PDS on loopback that answers what no real one should: each case must end,
+failing the blob or the account with a clear reason, not hold the run."""
+
+import json
+import threading
+
+import pytest
+
+from migration_assets.atproto.cid import CID, RAW
+from migration_assets.atproto.xrpc import XrpcClient
+from migration_assets.blobs.transfer import (
+    JobFailure, TransferSettings, list_missing_blobs, list_old_blobs, transfer_with_retries,
+)
+from tests.atproto.loopback import json_reply, serve, xrpc_error
+
+DID = "did:plc:" + "a" * 24
+
+
+@pytest.fixture
+def servers():
+    yield from serve()
+
+
+def test_a_rate_limit_answered_without_a_429_is_waited_out_within_the_limit_then_fails_the_job(servers, tmp_path):
+    """`RateLimitExceeded` with status 400 and no reset: each answer is a short pause that uses no try.
+    Without a limit on those waits in all, the blob (and its account's slot) was held for as long as
+    the host kept answering so."""
+    old, new = servers(), servers()
+    for pds in (old, new):
+        pds.route("POST", "/xrpc/com.atproto.server.createSession", json_reply(
+            {"did": DID, "handle": "alice.test", "accessJwt": "access", "refreshJwt": "refresh"}))
+    old.route("GET", "/xrpc/com.atproto.sync.getBlob", xrpc_error(400, "RateLimitExceeded", "slow down"))
+    settings = TransferSettings(work_dir=tmp_path, max_rate_limit_sleep=35)
+    slept: list[float] = []
+    outcome: list[BaseException] = []
+
+    def transfer() -> None:
+        with XrpcClient(old.url, allow_private_hosts=True) as source, XrpcClient(new.url, allow_private_hosts=True) as target:
+            source.login(DID, "password")
+            target.login(DID, "password")
+            try:
+                transfer_with_retries(source, target, DID, str(CID.for_block(b"blob", RAW)), settings, sleep=slept.append)
+            except JobFailure as exc:
+                outcome.append(exc)
+
+    worker = threading.Thread(target=transfer, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), f"still transferring after {len(slept)} rate-limit waits"
+    assert len(outcome) == 1 and "rate-limits us" in str(outcome[0]) and "run again later" in str(outcome[0])
+    assert 1 <= len(slept) <= 4 and sum(slept) <= 35
+
+
+@pytest.mark.parametrize("listing", ["cursors going round", "pages repeating under new cursors"])
+def test_a_listing_that_never_ends_is_listed_once(servers, listing):
+    """listBlobs and listMissingBlobs end at a cursor seen before or a page with nothing new: before,
+    only a cursor repeated by the very next page ended them, and these two listed without end."""
+    pds = servers()
+    cids = [str(CID.for_block(bytes([n]), RAW)) for n in range(4)]
+    pages = {None: (cids[:2], "A"), "A": (cids[2:], "B"), "B": (cids[:2], "A")}  # A, B, A, B, ...
+    asked: list = []
+
+    def list_blobs(request):
+        cursor = request.query.get("cursor", [None])[0]
+        asked.append(cursor)
+        if listing == "cursors going round":
+            items, after = pages[cursor]
+        else:
+            items, after = cids, f"c{len(asked)}"  # the same page under an ever new cursor
+        return json_reply({"cids": items, "cursor": after})
+
+    def list_missing(request):
+        page = list_blobs(request)
+        return json_reply({"blobs": [{"cid": cid, "recordUri": "at://x"} for cid in json.loads(page.body)["cids"]],
+                           "cursor": json.loads(page.body)["cursor"]})
+
+    pds.route("POST", "/xrpc/com.atproto.server.createSession", json_reply(
+        {"did": DID, "handle": "alice.test", "accessJwt": "access", "refreshJwt": "refresh"}))
+    pds.route("GET", "/xrpc/com.atproto.sync.listBlobs", list_blobs)
+    pds.route("GET", "/xrpc/com.atproto.repo.listMissingBlobs", list_missing)
+    listed: list = []
+
+    def list_both() -> None:
+        with XrpcClient(pds.url, allow_private_hosts=True) as client:
+            client.login(DID, "password")
+            listed.append(list_old_blobs(client, DID))
+            listed.append(list_missing_blobs(client))
+
+    worker = threading.Thread(target=list_both, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), f"still listing after {len(asked)} pages"
+    assert listed == [cids, cids] and len(asked) <= 8
