@@ -4,7 +4,6 @@ import io
 import logging
 import pickle
 import socket
-import threading
 import time
 from datetime import datetime, timezone
 
@@ -29,6 +28,7 @@ from migration_assets.atproto.xrpc import (
     is_forbidden_address,
 )
 from tests.atproto.loopback import LoopbackServer, Reply, json_reply, xrpc_error
+from tests.ending import ends_within
 
 LIST_REPOS = "com.atproto.sync.listRepos"
 PATH = f"/xrpc/{LIST_REPOS}"
@@ -291,20 +291,9 @@ def test_a_429_that_asks_for_no_wait_is_still_paused_and_ends(server, headers):
     """A host answering every call with 429 and no wait would be asked again at once, without end: each
     429 pauses at least a second, so the wait limit is reached and the call raises RateLimited."""
     server.route("GET", PATH, Reply(429, b"", headers))
-    outcome: list = []
-
-    def call() -> None:
-        with client_for(server, max_rate_limit_wait=2) as client:
-            try:
-                client.query(LIST_REPOS)
-            except RateLimited as exc:
-                outcome.append(exc)
-
-    caller = threading.Thread(target=call, daemon=True)
-    caller.start()
-    caller.join(20)
-    assert not caller.is_alive(), f"still calling after {len(server.calls(PATH))} requests"
-    assert len(outcome) == 1 and len(server.calls(PATH)) <= 4
+    with client_for(server, max_rate_limit_wait=2) as client:
+        kind, value = ends_within(20, lambda: client.query(LIST_REPOS), lambda: f"{len(server.calls(PATH))} requests")
+    assert kind == "raised" and isinstance(value, RateLimited) and len(server.calls(PATH)) <= 4
 
 
 def test_retry_after_seconds_beyond_the_wait_limit_raises(server):

@@ -2,7 +2,6 @@
 failing the blob or the account with a clear reason, not hold the run."""
 
 import json
-import threading
 
 import pytest
 
@@ -12,6 +11,7 @@ from migration_assets.blobs.transfer import (
     JobFailure, TransferSettings, list_missing_blobs, list_old_blobs, transfer_with_retries,
 )
 from tests.atproto.loopback import json_reply, serve, xrpc_error
+from tests.ending import ends_within
 
 DID = "did:plc:" + "a" * 24
 
@@ -32,22 +32,14 @@ def test_a_rate_limit_answered_without_a_429_is_waited_out_within_the_limit_then
     old.route("GET", "/xrpc/com.atproto.sync.getBlob", xrpc_error(400, "RateLimitExceeded", "slow down"))
     settings = TransferSettings(work_dir=tmp_path, max_rate_limit_sleep=35)
     slept: list[float] = []
-    outcome: list[BaseException] = []
-
-    def transfer() -> None:
-        with XrpcClient(old.url, allow_private_hosts=True) as source, XrpcClient(new.url, allow_private_hosts=True) as target:
-            source.login(DID, "password")
-            target.login(DID, "password")
-            try:
-                transfer_with_retries(source, target, DID, str(CID.for_block(b"blob", RAW)), settings, sleep=slept.append)
-            except JobFailure as exc:
-                outcome.append(exc)
-
-    worker = threading.Thread(target=transfer, daemon=True)
-    worker.start()
-    worker.join(30)
-    assert not worker.is_alive(), f"still transferring after {len(slept)} rate-limit waits"
-    assert len(outcome) == 1 and "rate-limits us" in str(outcome[0]) and "run again later" in str(outcome[0])
+    with XrpcClient(old.url, allow_private_hosts=True) as source, XrpcClient(new.url, allow_private_hosts=True) as target:
+        source.login(DID, "password")
+        target.login(DID, "password")
+        kind, error = ends_within(30, lambda: transfer_with_retries(
+            source, target, DID, str(CID.for_block(b"blob", RAW)), settings, sleep=slept.append),
+            lambda: f"{len(slept)} rate-limit waits")
+    assert kind == "raised" and isinstance(error, JobFailure), error
+    assert "rate-limits us" in str(error) and "run again later" in str(error)
     assert 1 <= len(slept) <= 4 and sum(slept) <= 35
 
 
@@ -78,16 +70,8 @@ def test_a_listing_that_never_ends_is_listed_once(servers, listing):
         {"did": DID, "handle": "alice.test", "accessJwt": "access", "refreshJwt": "refresh"}))
     pds.route("GET", "/xrpc/com.atproto.sync.listBlobs", list_blobs)
     pds.route("GET", "/xrpc/com.atproto.repo.listMissingBlobs", list_missing)
-    listed: list = []
-
-    def list_both() -> None:
-        with XrpcClient(pds.url, allow_private_hosts=True) as client:
-            client.login(DID, "password")
-            listed.append(list_old_blobs(client, DID))
-            listed.append(list_missing_blobs(client))
-
-    worker = threading.Thread(target=list_both, daemon=True)
-    worker.start()
-    worker.join(30)
-    assert not worker.is_alive(), f"still listing after {len(asked)} pages"
-    assert listed == [cids, cids] and len(asked) <= 8
+    with XrpcClient(pds.url, allow_private_hosts=True) as client:
+        client.login(DID, "password")
+        listed = [ends_within(30, lambda: listing_of(client), lambda: f"{len(asked)} pages")
+                  for listing_of in (lambda c: list_old_blobs(c, DID), list_missing_blobs)]
+    assert listed == [("returned", cids)] * 2 and len(asked) <= 8
