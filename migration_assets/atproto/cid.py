@@ -143,6 +143,8 @@ def usual_link(value: object) -> CID | None:
         if codec is not None:
             return CID(codec, value[4:])
     return None
+
+
 def link_text(link: bytes) -> str:
     """A binary CID's text ("bafy..."), as CID.__str__ writes it, without making a CID (libipld's
     base32, with CID's own for a multihash libipld refuses)."""

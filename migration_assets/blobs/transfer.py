@@ -8,6 +8,7 @@ sent, so a resumed or repeated migration never sends a blob twice. No Dagster im
 
 import hashlib
 import math
+import re
 import shutil
 import threading
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel, Field
 
-from migration_assets.atproto.cid import CID, CidError, CidMismatch
+from migration_assets.atproto.cid import SHA2_256, CID, CidError, CidMismatch
 from migration_assets.atproto.ratelimit import HostRateLimiter
 from migration_assets.atproto.xrpc import (
     AuthRequired, RateLimited, TransportFailure, XrpcClient, XrpcError,
@@ -178,11 +179,15 @@ def _entry_cid(entry: object) -> str:
 
 
 def malformed_cid(cid: str) -> str | None:
-    """Why `cid` (from a PDS listing) is not a CID we can fetch and verify, or None when it is one."""
+    """Why `cid` (from a PDS listing) is not a CID we can fetch and verify, or None when it is one. Only
+    a sha2-256 one can be verified (its text is then 59 characters: a staging file's name)."""
     try:
-        CID.decode(cid)
+        parsed = CID.decode(cid)
     except CidError as error:
         return f"malformed CID in listMissingBlobs of the new PDS: {error}"[:500]
+    if parsed.hash_code != SHA2_256 or len(parsed.digest) != 32:
+        return (f"CID {cid[:100]} in listMissingBlobs of the new PDS is not a sha2-256 one: its blob could not "
+                "be verified")
     return None
 
 
@@ -202,7 +207,7 @@ def transfer_blob(
         hasher = hashlib.sha256()
         size = 0
         with old.stream("com.atproto.sync.getBlob", {"did": did, "cid": cid}, auth=True) as response:
-            mime = response.headers.get("content-type") or "application/octet-stream"
+            mime = _media_type(response.headers.get("content-type"))
             with path.open("wb") as file:
                 for chunk in response.iter_bytes(chunk_bytes):
                     file.write(chunk)
@@ -220,11 +225,22 @@ def transfer_blob(
             )
     finally:
         path.unlink(missing_ok=True)
-    blob = reply.get("blob") or {}
-    stored_cid = (blob.get("ref") or {}).get("$link")
+    blob = reply.get("blob")
+    ref = blob.get("ref") if isinstance(blob, dict) else None
+    stored_cid = ref.get("$link") if isinstance(ref, dict) else None
     if stored_cid != cid:
-        raise BlobFailed(f"the new PDS stored the upload as {stored_cid}, not {cid}")
-    return _Sent(size, blob.get("size"))
+        raise BlobFailed(f"the new PDS stored the upload as {str(stored_cid)[:100]}, not {cid}")
+    stored_size = blob.get("size")
+    return _Sent(size, stored_size if type(stored_size) is int else None)  # else: a size mismatch, reported
+
+
+_MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+(?:\s*;[ -~]*)?", re.ASCII)
+
+
+def _media_type(value: str | None) -> str:
+    """The old PDS's Content-Type, sent again with the upload when it is a media type (printable ASCII:
+    an HTTP header can't carry more); else application/octet-stream."""
+    return value if value and len(value) <= 200 and _MEDIA_TYPE.fullmatch(value) else "application/octet-stream"
 
 
 _TRANSPORT = (TransportFailure, httpx.TransportError)

@@ -8,9 +8,9 @@ import pytest
 from migration_assets.atproto.cid import CID, RAW
 from migration_assets.atproto.xrpc import XrpcClient
 from migration_assets.blobs.transfer import (
-    JobFailure, TransferSettings, list_missing_blobs, list_old_blobs, transfer_with_retries,
+    BlobFailed, JobFailure, TransferSettings, list_missing_blobs, list_old_blobs, transfer_with_retries,
 )
-from tests.atproto.loopback import json_reply, serve, xrpc_error
+from tests.atproto.loopback import Reply, json_reply, serve, xrpc_error
 from tests.ending import ends_within
 
 DID = "did:plc:" + "a" * 24
@@ -75,3 +75,37 @@ def test_a_listing_that_never_ends_is_listed_once(servers, listing):
         listed = [ends_within(30, lambda: listing_of(client), lambda: f"{len(asked)} pages")
                   for listing_of in (lambda c: list_old_blobs(c, DID), list_missing_blobs)]
     assert listed == [("returned", cids)] * 2 and len(asked) <= 8
+
+
+@pytest.mark.parametrize(("reply", "content_type", "stored"), [
+    ({"size": "10"}, "image/\xe9", "size not a number"),
+    ("x", "image/png", "blob not a map"),
+    ({"ref": "x"}, "image/png; charset=binary", "ref not a map"),
+], ids=["size as text, non-ASCII type", "blob not a map", "ref not a map"])
+def test_odd_upload_answers_fail_the_blob_or_show_as_a_size_mismatch_not_an_error(servers, tmp_path, reply, content_type,
+                                                                                      stored):
+    """An upload answer of the wrong shape: before, `size` as text, `blob` or `ref` not a map raised
+    TypeError or AttributeError outside the blob's handling (the account failed), and a Content-Type that
+    is not ASCII failed the upload's request. Now the blob fails, or its size shows as not acknowledged;
+    the type sent on is a media type or application/octet-stream."""
+    old, new = servers(), servers()
+    data = b"blob bytes"
+    cid = str(CID.for_block(data, RAW))
+    for pds in (old, new):
+        pds.route("POST", "/xrpc/com.atproto.server.createSession", json_reply(
+            {"did": DID, "handle": "alice.test", "accessJwt": "access", "refreshJwt": "refresh"}))
+    old.route("GET", "/xrpc/com.atproto.sync.getBlob", Reply(200, data, {"Content-Type": content_type}))
+    blob = {"ref": {"$link": cid}, **reply} if isinstance(reply, dict) and "ref" not in reply else reply
+    new.route("POST", "/xrpc/com.atproto.repo.uploadBlob", json_reply({"blob": blob}))
+    settings = TransferSettings(work_dir=tmp_path, attempts=1)
+    with XrpcClient(old.url, allow_private_hosts=True) as source, XrpcClient(new.url, allow_private_hosts=True) as target:
+        source.login(DID, "password")
+        target.login(DID, "password")
+        kind, value = ends_within(30, lambda: transfer_with_retries(source, target, DID, cid, settings, sleep=lambda s: None),
+                                  lambda: "transferring")
+    sent_type = new.calls("/xrpc/com.atproto.repo.uploadBlob")[0].headers["content-type"]
+    assert sent_type == (content_type if content_type.isascii() else "application/octet-stream")
+    if stored == "size not a number":
+        assert kind == "returned" and (value.size, value.acknowledged_size) == (len(data), None)
+    else:
+        assert kind == "raised" and isinstance(value, BlobFailed) and "stored the upload as" in str(value), value

@@ -105,6 +105,9 @@ def test_a_malformed_cid_is_named_with_its_reason():
     assert malformed_cid(raw_cid(b"fine")) is None
     assert "malformed CID in listMissingBlobs" in malformed_cid("../../etc/passwd")
     assert "not valid base32" in malformed_cid("b!!!!")
+    # A valid CID whose blob can't be verified (and whose 329-character text no file name can hold)
+    assert "not a sha2-256 one" in malformed_cid(str(CID(RAW, bytes(200), hash_code=0x00)))
+    assert "not a sha2-256 one" in malformed_cid(str(CID(RAW, bytes(64), hash_code=0x13)))
 
 
 def test_request_validation():
