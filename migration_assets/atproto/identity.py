@@ -38,6 +38,7 @@ from migration_assets.atproto.xrpc import (
     guarded_http_client,
     host_key,
     shared_ssl_context,
+    untrusted_json,
 )
 from migration_assets.core.backoff import Backoff
 from migration_assets.core.postgres import storable
@@ -388,7 +389,7 @@ class IdentityResolver:
             raise DidResolutionFailed(did, f"{url} took longer than the {self.deadline_seconds:g} s deadline "
                                            "(ATPROTO_DID_FETCH_DEADLINE_SECONDS)") from None
         try:
-            return json.loads(body)
+            return untrusted_json(body)
         except ValueError:
             raise InvalidDidDocument(did, f"document at {url} is not JSON") from None
 

@@ -548,7 +548,7 @@ class XrpcClient:
         if not raw.strip():
             return {}
         try:
-            value = json.loads(raw)
+            value = untrusted_json(raw)
         except ValueError:
             raise XrpcError(f"reply is not JSON ({len(raw)} bytes, {response.headers.get('content-type')})",
                             host=self.host, nsid=nsid, status=response.status_code) from None
@@ -610,10 +610,19 @@ def _read_limited(response: httpx.Response, limit: int) -> bytes:
         response.close()
 
 
+def untrusted_json(raw: bytes | str) -> Any:
+    """json.loads for what a host sent: ValueError also for nesting too deep to decode, which raises
+    RecursionError (an error of a different kind, that callers handling one bad answer don't expect)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to decode") from None
+
+
 def _parse_error_body(raw: bytes) -> tuple[str | None, str]:
     """(error name, message) of an XRPC error body; a non-JSON body becomes the message, shortened."""
     try:
-        value = json.loads(raw)
+        value = untrusted_json(raw)
     except ValueError:
         value = None
     if isinstance(value, dict):

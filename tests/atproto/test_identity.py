@@ -74,6 +74,7 @@ def test_plc_url_from_environment(plc, monkeypatch):
         (json_reply({"message": "DID not available"}, 410), DidTombstoned, "tombstoned"),
         (Reply(500, b"boom"), DidResolutionFailed, "HTTP 500"),
         (Reply(200, b"not json"), InvalidDidDocument, "not JSON"),
+        (Reply(200, b"[" * 100_000), InvalidDidDocument, "not JSON"),  # too deep to decode: RecursionError
         (json_reply(["a", "list"]), InvalidDidDocument, "not a DID document"),
         (json_reply(document(did="did:plc:aaaaaaaaaaaaaaaaaaaaaaaa")), InvalidDidDocument, "not the DID requested"),
         (json_reply(document(service=[])), InvalidDidDocument, "no #atproto_pds"),

@@ -106,10 +106,18 @@ def test_procedure_bodies(server):
 def test_empty_reply_is_empty_dict_and_non_json_reply_is_an_error(server):
     server.route("POST", "/xrpc/x.empty", Reply(200))
     server.route("GET", "/xrpc/x.html", Reply(200, b"<html/>", {"Content-Type": "text/html"}))
+    # Nested too deep to decode: RecursionError, which no caller handling one bad answer expects
+    server.route("GET", "/xrpc/x.deep", Reply(200, b"[" * 100_000, {"Content-Type": "application/json"}))
+    server.route("GET", "/xrpc/x.deep_error", Reply(400, b'{"error": ' + b"[" * 100_000))
     with client_for(server) as client:
         assert client.procedure("x.empty") == {}
         with pytest.raises(XrpcError, match="not JSON"):
             client.query("x.html")
+        with pytest.raises(XrpcError, match="not JSON"):
+            client.query("x.deep")
+        with pytest.raises(XrpcError) as raised:
+            client.query("x.deep_error")
+        assert raised.value.status == 400 and raised.value.message.startswith('{"error": [[[')
 
 
 # --- sessions ---
