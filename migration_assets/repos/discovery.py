@@ -56,10 +56,13 @@ def _listed(item: object) -> ListedRepo | None:
 
 
 def _is_cid(text: object) -> bool:
+    if type(text) is not str or len(text) > 200:
+        return False
     try:
-        return type(text) is str and len(text) <= 200 and CID.decode(text) is not None
+        CID.decode(text)
     except CidError:
         return False
+    return True
 
 
 def list_by_collection_page(client: XrpcClient, collection: str, cursor: str | None,

@@ -34,6 +34,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from migration_assets.atproto.errors import AtprotoError
+from migration_assets.atproto.xrpc import host_key
 from migration_assets.core.backoff import Backoff
 from migration_assets.core.lease import LeaseLost
 from migration_assets.repos import ledger, store
@@ -418,7 +419,7 @@ class Follower:
         """Whether this host is the DID's PDS (its document, resolved before the batch, says so): only
         that host is believed about the account, as an #account event is not signed."""
         document = self.syncer.resolver.cached(did)
-        return document is not None and document.pds_endpoint.lower() == self.host.lower()
+        return document is not None and host_key(document.pds_endpoint) == host_key(self.host)
 
     def _due(self, conn: psycopg.Connection, did: str, reason: str | None = None) -> list[str]:
         ledger.request_sync(conn, [did], self.buckets)

@@ -140,13 +140,13 @@ def next_retry_at(attempts: int) -> datetime:
     return RETRY.retry_at(attempts)
 
 
-# The finish_* writes end the repo's lease; call them inside the run's `Lease.holding(conn, did)`.
 def error_text(text: str) -> str:
-    """An error as `last_error` holds it: at most 2,000 characters, and no U+0000, which PostgreSQL's
-    text refuses (an error may quote what a host sent: a message, a rev, a DID)."""
+    """An error as `last_error` holds it: at most 2,000 characters, and nothing PostgreSQL's text refuses
+    (U+0000, a lone surrogate: see `storable`), as an error may quote what a host sent."""
     return storable(text[:2000])
 
 
+# The finish_* writes end the repo's lease; call them inside the run's `Lease.holding(conn, did)`.
 _END_LEASE = "claim_token = NULL, lease_expires_at = NULL, claimed_at = NULL, updated_at = now()"
 
 
