@@ -15,7 +15,6 @@ the stream follower after it reuses, and so does the next follower run; an inval
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
@@ -27,17 +26,21 @@ import httpx
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from migration_assets.atproto.deadline import Deadline, DeadlineBackend, within
 from migration_assets.atproto.errors import AtprotoError
 from migration_assets.atproto.ratelimit import LimiterWaitExceeded, pause_end
 from migration_assets.atproto.settings import AtprotoSettings
 from migration_assets.atproto.signature import DidKeyError, PublicKey, parse_did_key, parse_verification_method
 from migration_assets.atproto.xrpc import (
     ALLOW_PRIVATE_ENV,
+    DeadlineTransport,
     PrivateHostRefused,
     RateLimited,
+    ReplyTooLarge,
     guarded_http_client,
     host_key,
-    shared_ssl_context,
+    read_at_most,
+    send_following,
     untrusted_json,
 )
 from migration_assets.core.backoff import Backoff
@@ -88,14 +91,6 @@ class InvalidDidDocument(IdentityError):
 class DidResolutionFailed(IdentityError):
     """The directory or host could not be reached, answered with an unexpected status, or took longer
     than the deadline (transient)."""
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _PastDeadline(Exception):
-    pass
 
 
 class DidDocument(BaseModel):
@@ -255,11 +250,11 @@ class IdentityResolver:
         self.retries = retries
         self._backoff = Backoff(base=0.5, cap=5.0, floor=0.5)
         self._allow_private = settings.allow_private_hosts if allow_private_hosts is None else allow_private_hosts
-        # No single read may outlast the whole deadline; the deadline itself is checked between reads.
+        # Both keep each fetch to its whole deadline (atproto.deadline), however the host drips its answer.
         self._web = guarded_http_client(timeout=self.deadline_seconds, allow_private=self._allow_private,
                                         user_agent="migration-assets")
         self._plc = httpx.Client(timeout=httpx.Timeout(self.deadline_seconds), trust_env=False, follow_redirects=False,
-                                 verify=shared_ssl_context())
+                                 transport=DeadlineTransport(DeadlineBackend()))
         self._cache: dict[str, tuple[float, DidDocument]] = {}
         self._lock = threading.Lock()
         self.store = store if self.ttl_seconds > 0 else None  # a TTL of 0 caches nothing, here or there
@@ -371,23 +366,27 @@ class IdentityResolver:
     def _fetch_once(self, did: str, client: httpx.Client, url: str) -> object:
         host = host_key(url)
         self._acquire(host)
-        deadline = time.monotonic() + self.deadline_seconds
+        deadline = Deadline(self.deadline_seconds, "the DID document fetch (ATPROTO_DID_FETCH_DEADLINE_SECONDS)")
+        request = client.build_request("GET", url, headers={"Accept": "application/did+ld+json, application/json"})
         try:
-            with client.stream("GET", url, headers={"Accept": "application/did+ld+json, application/json"}) as reply:
-                if self.limiter is not None:
-                    self.limiter.observe(host, reply.headers)
-                self._check_status(did, url, host, reply)
-                body = _read_within(reply, self.max_document_bytes, deadline)
+            with within(deadline):
+                reply = send_following(client, request)
+                try:
+                    if self.limiter is not None:
+                        self.limiter.observe(host, reply.headers)
+                    self._check_status(did, url, host, reply)
+                    body = read_at_most(reply, self.max_document_bytes)
+                finally:
+                    reply.close()
         except httpx.TooManyRedirects:
             raise InvalidDidDocument(did, f"{url} redirects too many times") from None
         except httpx.TransportError as exc:
             raise DidResolutionFailed(did, f"{url}: {type(exc).__name__}: {exc}") from None
-        except _TooLarge:
+        except ReplyTooLarge:
             raise InvalidDidDocument(did, f"document at {url} is larger than {self.max_document_bytes} bytes "
                                           "(ATPROTO_DID_DOCUMENT_MAX_BYTES)") from None
-        except _PastDeadline:
-            raise DidResolutionFailed(did, f"{url} took longer than the {self.deadline_seconds:g} s deadline "
-                                           "(ATPROTO_DID_FETCH_DEADLINE_SECONDS)") from None
+        except httpx.DecodingError:
+            raise InvalidDidDocument(did, f"document at {url} does not decode as its Content-Encoding") from None
         try:
             return untrusted_json(body)
         except ValueError:
@@ -406,26 +405,3 @@ class IdentityResolver:
                 self.limiter.pause_until(host, retry_at)
             raise RateLimited(f"resolving {did}", host=host, status=429, error="RateLimitExceeded", retry_at=retry_at)
         raise DidResolutionFailed(did, f"{url} answered HTTP {reply.status_code}")
-
-
-def _read_within(reply: httpx.Response, limit: int, deadline: float) -> bytes:
-    """The body, or _TooLarge past `limit` bytes, or _PastDeadline once the deadline has passed (httpx's
-    timeouts are per read: a host sending one byte at a time would otherwise never be cut)."""
-    length = reply.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise _TooLarge
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in _until(reply.iter_bytes(), deadline):
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _until(chunks: Iterable[bytes], deadline: float) -> Iterable[bytes]:
-    for chunk in chunks:
-        if time.monotonic() > deadline:
-            raise _PastDeadline
-        yield chunk

@@ -5,6 +5,9 @@ it. A 429 is waited out (RateLimit-Reset is a unix time, Retry-After seconds) wh
 within `max_rate_limit_wait`, else RateLimited(retry_at) is raised for the caller to reschedule; 429s
 never use up retry attempts; every pause a host asks for is bounded (ATPROTO_MAX_PAUSE_SECONDS).
 Transport errors and 500/502/503/504 are retried with backoff, then raise TransportFailure.
+Each attempt keeps to a whole-request deadline (atproto.deadline: headers and body, however a host
+drips them; ATPROTO_REQUEST_DEADLINE_SECONDS unless the caller gives its own), and a JSON reply is read
+up to MAX_JSON_BYTES, no further.
 
 Private-host guard: the connection layer (a httpcore network backend) resolves each hop's name once,
 refuses any non-public answer, and connects to exactly the checked address (TLS still verifies the name),
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import httpcore
 import httpx
 
+from migration_assets.atproto.deadline import Deadline, DeadlineBackend, current, within
 from migration_assets.atproto.errors import AtprotoError
 from migration_assets.atproto.ratelimit import LimiterWaitExceeded, pause_end
 from migration_assets.atproto.settings import AtprotoSettings
@@ -44,6 +48,9 @@ ALLOW_PRIVATE_ENV = AtprotoSettings.env_name("allow_private_hosts")
 _RETRY_STATUSES = {500, 502, 503, 504}
 CREATE_SESSION = "com.atproto.server.createSession"
 _ERROR_BODY_LIMIT = 64 * 1024  # bytes of an error body we read (a stream's body may be huge)
+# A JSON reply larger than this is refused unread: a listing page of 1,000 items is ~200 KB, and a host
+# sending gigabytes (or a gzip bomb, counted as decoded) would otherwise be held whole in memory.
+MAX_JSON_BYTES = 16 * 1024 * 1024
 
 
 # --- errors -----------------------------------------------------------------------------------------
@@ -193,7 +200,7 @@ def checked_addresses(host: str, port: int, allow_private: bool, resolve: Resolv
     return addresses
 
 
-class PinnedBackend(httpcore.SyncBackend):
+class PinnedBackend(DeadlineBackend):
     """Connects to the address that passed the guard: one resolution per connection, checked, then used.
     TLS is started by httpcore with the URL's name (SNI and certificate check), the Host header is the
     URL's; only the TCP destination is pinned."""
@@ -221,8 +228,11 @@ def shared_ssl_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
-class _PinnedTransport(httpx.HTTPTransport):
-    def __init__(self, backend: PinnedBackend) -> None:
+class DeadlineTransport(httpx.HTTPTransport):
+    """httpx's transport on one of our network backends (DeadlineBackend, or PinnedBackend for hosts
+    from the network), with the shared TLS context."""
+
+    def __init__(self, backend: DeadlineBackend) -> None:
         super().__init__(verify=shared_ssl_context(), trust_env=False)
         # httpx has no public hook for the network backend: the pool is rebuilt around ours.
         self._pool = httpcore.ConnectionPool(ssl_context=shared_ssl_context(), network_backend=backend,
@@ -252,7 +262,7 @@ def guarded_http_client(*, timeout: float, allow_private: bool, user_agent: str,
         max_redirects=max_redirects,
         headers={"User-Agent": user_agent},
         event_hooks={"request": [http_only]},
-        transport=_PinnedTransport(PinnedBackend(allow_private, resolve)),
+        transport=DeadlineTransport(PinnedBackend(allow_private, resolve)),
         trust_env=False,  # no proxy from the environment: the guard must see the real destination
     )
 
@@ -284,7 +294,8 @@ class XrpcClient:
     def __init__(self, base_url: str, *, limiter: HostRateLimiter | None = None, timeout: float = 30.0,
                  max_rate_limit_wait: float = 300.0, allow_private_hosts: bool | None = None,
                  user_agent: str = "migration-assets", retries: int = 3, backoff: float = 0.5,
-                 settings: AtprotoSettings | None = None, resolve: Resolver | None = None) -> None:
+                 settings: AtprotoSettings | None = None, resolve: Resolver | None = None,
+                 deadline_seconds: float | None = None) -> None:
         url = httpx.URL(base_url.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"XRPC base URL must be http(s)://host[:port], got {base_url!r}")
@@ -293,6 +304,7 @@ class XrpcClient:
         self.limiter = limiter
         self.settings = settings or AtprotoSettings.load()
         self.max_rate_limit_wait = max_rate_limit_wait
+        self.deadline_seconds = deadline_seconds or self.settings.request_deadline_seconds
         self.retries = retries
         self.backoff = Backoff(base=backoff, cap=max(30.0, backoff), floor=0.5)
         self.allow_private = (self.settings.allow_private_hosts if allow_private_hosts is None
@@ -322,13 +334,20 @@ class XrpcClient:
 
     # --- public calls ---
 
-    def query(self, nsid: str, params: dict | None = None, *, auth: bool = False) -> dict:
+    def deadline(self, nsid: str, what: str = "", seconds: float | None = None,
+                 min_bytes_per_second: float | None = None) -> Deadline:
+        """A deadline for one call's attempts (each starts it again): this client's unless `seconds`."""
+        return Deadline(seconds or self.deadline_seconds, what or f"{nsid} on {self.host}", min_bytes_per_second)
+
+    def query(self, nsid: str, params: dict | None = None, *, auth: bool = False,
+              deadline: Deadline | None = None) -> dict:
         """GET /xrpc/{nsid}; the JSON reply."""
-        response = self._call("GET", nsid, params=params, auth=auth)
-        return self._json(nsid, response)
+        with within(deadline or self.deadline(nsid)):
+            return self._json(nsid, *self._call("GET", nsid, params=params, auth=auth))
 
     def procedure(self, nsid: str, body: Body = None, *, params: dict | None = None,
-                  content_type: str | None = None, headers: dict | None = None, auth: bool = False) -> dict:
+                  content_type: str | None = None, headers: dict | None = None, auth: bool = False,
+                  deadline: Deadline | None = None) -> dict:
         """POST /xrpc/{nsid} with a JSON (dict) or raw body; the JSON reply ({} when there is none).
         A one-shot body (iterator, unseekable file) is sent once: it is not retried."""
         extra = dict(headers or {})
@@ -336,19 +355,24 @@ class XrpcClient:
             extra["Content-Type"] = content_type
         elif body is not None and not isinstance(body, dict) and "content-type" not in {k.lower() for k in extra}:
             extra["Content-Type"] = "application/octet-stream"
-        response = self._call("POST", nsid, params=params, body=body, headers=extra, auth=auth)
-        return self._json(nsid, response)
+        with within(deadline or self.deadline(nsid)):
+            return self._json(nsid, *self._call("POST", nsid, params=params, body=body, headers=extra, auth=auth))
 
     @contextmanager
-    def stream(self, nsid: str, params: dict | None = None, *, auth: bool = False) -> Iterator[httpx.Response]:
-        """GET with a streamed body (getRepo CAR, getBlob). Read errors while streaming raise TransportFailure."""
-        response = self._call("GET", nsid, params=params, auth=auth, stream=True)
-        try:
-            yield response
-        except httpx.TransportError as exc:
-            raise self._transport_failure(nsid, exc) from None
-        finally:
-            response.close()
+    def stream(self, nsid: str, params: dict | None = None, *, auth: bool = False,
+               deadline: Deadline | None = None) -> Iterator[httpx.Response]:
+        """GET with a streamed body (getRepo CAR, getBlob), read inside the block under `deadline` (this
+        client's by default). Read errors while streaming, the deadline's too, raise TransportFailure."""
+        with within(deadline or self.deadline(nsid)):
+            response, _ = self._call("GET", nsid, params=params, auth=auth, read=False)
+            try:
+                yield response
+            except httpx.TransportError as exc:
+                raise self._transport_failure(nsid, exc) from None
+            except httpx.DecodingError as exc:
+                raise self._undecodable(nsid, response, exc) from None
+            finally:
+                response.close()
 
     def login(self, identifier: str, password: str) -> None:
         """createSession; later `auth=True` calls carry the access token. Refused over plain http://
@@ -358,20 +382,22 @@ class XrpcClient:
                               f"(or set {ALLOW_PRIVATE_ENV}=true for a local network)", host=self.host,
                               nsid=CREATE_SESSION)
         session = _Session(identifier, password)
-        self._create_session(session)
+        with within(self.deadline(CREATE_SESSION)):
+            self._create_session(session)
         self._session = session
 
     def refresh_session(self) -> None:
         """refreshSession now (normally automatic on ExpiredToken); logs in again if the refresh fails."""
         if self._session is None:
             raise AuthRequired("call login() before refresh_session()", host=self.host)
-        self._renew_session(self._session.access_jwt)
+        with within(self.deadline("com.atproto.server.refreshSession")):
+            self._renew_session(self._session.access_jwt)
 
     # --- sessions ---
 
     def _create_session(self, session: _Session) -> None:
         body = {"identifier": session.identifier, "password": session.password}
-        reply = self._json(CREATE_SESSION, self._call("POST", CREATE_SESSION, body=body, headers={}, auth=False))
+        reply = self._json(CREATE_SESSION, *self._call("POST", CREATE_SESSION, body=body, headers={}, auth=False))
         self._store_tokens(session, reply, CREATE_SESSION)
 
     def _store_tokens(self, session: _Session, reply: dict, nsid: str) -> None:
@@ -391,8 +417,7 @@ class XrpcClient:
             try:
                 reply = self._json(
                     "com.atproto.server.refreshSession",
-                    self._call("POST", "com.atproto.server.refreshSession", headers={},
-                               bearer=session.refresh_jwt),
+                    *self._call("POST", "com.atproto.server.refreshSession", headers={}, bearer=session.refresh_jwt),
                 )
                 self._store_tokens(session, reply, "com.atproto.server.refreshSession")
             except (RateLimited, TransportFailure, PrivateHostRefused):
@@ -410,29 +435,36 @@ class XrpcClient:
     # --- the request loop ---
 
     def _call(self, method: str, nsid: str, *, params: dict | None = None, body: Body = None,
-              headers: dict | None = None, auth: bool = False, stream: bool = False,
-              bearer: str | None = None) -> httpx.Response:
-        """Send with auth renewal on ExpiredToken (once); return a 2xx response or raise a typed error."""
+              headers: dict | None = None, auth: bool = False, bearer: str | None = None,
+              read: bool = True) -> tuple[httpx.Response, bytes]:
+        """Send with auth renewal on ExpiredToken (once); return a 2xx response and its body (`read`: up to
+        MAX_JSON_BYTES, read within the attempt, so a reply cut short is tried again), or the response
+        with its body unread and b"" (a stream, read inside the caller's `within(deadline)` block); or
+        raise a typed error."""
         token = bearer if bearer is not None else (self._auth_header(nsid) if auth else None)
         try:
-            return self._send(method, nsid, params, body, headers or {}, token, stream)
+            return self._send(method, nsid, params, body, headers or {}, token, read)
         except AuthRequired as exc:
             if not auth or exc.error != "ExpiredToken":
                 raise
         self._renew_session(token)
-        return self._send(method, nsid, params, _rewound(body), headers or {}, self._auth_header(nsid), stream)
+        return self._send(method, nsid, params, _rewound(body), headers or {}, self._auth_header(nsid), read)
 
     def _send(self, method: str, nsid: str, params: dict | None, body: Body, headers: dict,
-              token: str | None, stream: bool) -> httpx.Response:
-        """One logical call: rate-limit waits (uncounted), then up to 1 + retries attempts."""
+              token: str | None, read: bool) -> tuple[httpx.Response, bytes]:
+        """One logical call: rate-limit waits (uncounted), then up to 1 + retries attempts, each with the
+        whole deadline."""
         replayable = _replayable(body)
         attempt = 0
         rate_waited = 0.0
         while True:
             self._acquire(nsid, rate_waited)
+            if (deadline := current()) is not None:
+                deadline.restart()
             try:
-                response = self._send_once(self._build(method, nsid, params, body, headers, token), stream,
+                response = self._send_once(self._build(method, nsid, params, body, headers, token),
                                            same_origin_only=nsid == CREATE_SESSION)
+                answer = self._answer(nsid, response) if read and response.is_success else b""
             except httpx.TooManyRedirects:
                 raise XrpcError("too many redirects", host=self.host, nsid=nsid) from None
             except httpx.TransportError as exc:
@@ -445,7 +477,7 @@ class XrpcClient:
             if self.limiter is not None:
                 self.limiter.observe(self.host, response.headers)
             if response.is_success:
-                return response
+                return response, answer
             if response.status_code == 429:
                 rate_waited += self._wait_out_429(nsid, response, rate_waited)
                 body = _rewound(body)
@@ -458,25 +490,17 @@ class XrpcClient:
                 continue
             raise self._error_for(nsid, response)
 
-    def _send_once(self, request: httpx.Request, stream: bool, same_origin_only: bool) -> httpx.Response:
+    def _send_once(self, request: httpx.Request, same_origin_only: bool) -> httpx.Response:
         """Send, following redirects; a request carrying a password (`same_origin_only`) follows only
         redirects within its origin, whatever the status (a 307/308 would re-send the body)."""
-        if not same_origin_only:
-            return self._http.send(request, stream=stream)
-        response = self._http.send(request, stream=stream, follow_redirects=False)
-        hops = 0
-        while response.next_request is not None:
-            target = response.next_request.url
-            response.close()
+
+        def same_origin(target: httpx.URL) -> None:
             if _origin(target) != _origin(request.url):
                 raise UnsafeLogin(f"{request.url.host} redirected the login to another origin "
                                   f"({target.scheme}://{target.netloc.decode()}); the password is not sent there",
                                   host=self.host, nsid=CREATE_SESSION)
-            hops += 1
-            if hops > self._http.max_redirects:
-                raise httpx.TooManyRedirects("too many redirects", request=request)
-            response = self._http.send(response.next_request, stream=stream, follow_redirects=False)
-        return response
+
+        return send_following(self._http, request, same_origin if same_origin_only else None)
 
     def _build(self, method: str, nsid: str, params: dict | None, body: Body, headers: dict,
                token: str | None) -> httpx.Request:
@@ -538,13 +562,24 @@ class XrpcClient:
             kwargs["retry_at"] = pause_end(response.headers, time.time(), self.settings)
         return cls(message, **kwargs)
 
-    def _json(self, nsid: str, response: httpx.Response) -> dict:
+    def _answer(self, nsid: str, response: httpx.Response) -> bytes:
+        """The body of a 2xx reply, up to MAX_JSON_BYTES; a transport error reading it is the attempt's."""
         try:
-            raw = response.read()
-        except httpx.TransportError as exc:
-            raise self._transport_failure(nsid, exc) from None
+            return read_at_most(response, MAX_JSON_BYTES)
+        except ReplyTooLarge:
+            raise XrpcError(f"reply is larger than {MAX_JSON_BYTES} bytes: refused unread", host=self.host,
+                            nsid=nsid, status=response.status_code) from None
+        except httpx.DecodingError as exc:
+            raise self._undecodable(nsid, response, exc) from None
         finally:
             response.close()
+
+    def _undecodable(self, nsid: str, response: httpx.Response, exc: httpx.DecodingError) -> XrpcError:
+        encoding = response.headers.get("content-encoding", "")[:50]
+        return XrpcError(f"reply body does not decode as its Content-Encoding ({encoding!r}): {exc}",
+                         host=self.host, nsid=nsid, status=response.status_code)
+
+    def _json(self, nsid: str, response: httpx.Response, raw: bytes) -> dict:
         if not raw.strip():
             return {}
         try:
@@ -591,6 +626,45 @@ def _rewound(body: Body) -> Body:
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port or (443 if url.scheme == "https" else 80)
+
+
+def send_following(http: httpx.Client, request: httpx.Request,
+                   check: Callable[[httpx.URL], None] | None = None) -> httpx.Response:
+    """Send with the body unread, following redirects (when the client does) by hand: each redirect's
+    answer is closed unread (httpx reads it whole, whatever its size), `check(url)` may refuse a hop,
+    and the client's max_redirects holds."""
+    response = http.send(request, stream=True, follow_redirects=False)
+    hops = 0
+    while http.follow_redirects and response.next_request is not None:
+        following = response.next_request
+        response.close()
+        if check is not None:
+            check(following.url)
+        hops += 1
+        if hops > http.max_redirects:
+            raise httpx.TooManyRedirects("too many redirects", request=request)
+        response = http.send(following, stream=True, follow_redirects=False)
+    return response
+
+
+class ReplyTooLarge(Exception):
+    """A body past the reader's limit (read_at_most)."""
+
+
+def read_at_most(response: httpx.Response, limit: int) -> bytes:
+    """A streamed reply's whole body, or ReplyTooLarge past `limit` bytes (decoded: a gzip bomb counts
+    as what it inflates to). A Content-Length over the limit is refused before reading."""
+    length = response.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise ReplyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise ReplyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _read_limited(response: httpx.Response, limit: int) -> bytes:

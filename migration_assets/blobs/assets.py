@@ -59,7 +59,7 @@ def outcome_metadata(outcome: AccountOutcome) -> dict:
         "bytes_transferred": dg.MetadataValue.int(progress.bytes_transferred),
         "bytes_this_run": dg.MetadataValue.int(result.run_bytes),
         "mb_per_second": dg.MetadataValue.float(round(result.bytes_per_second / 1e6, 2)),
-        "failed_blobs": dg.MetadataValue.int(len(failed)),
+        "failed_blobs": dg.MetadataValue.int(progress.failures),
         "failures": dg.MetadataValue.text(listing([f"{f.cid}: {f.reason}" for f in failed], 10) or "none"),
         "estimated_memory_mb": dg.MetadataValue.int(progress.estimated_memory_mb or 0),
         "seconds": dg.MetadataValue.float(round(result.seconds, 2)),

@@ -80,7 +80,7 @@ def print_summary(postgres: PostgresResource, migration_id: int, result: dg.Exec
     assert stored is not None
     progress = stored.progress
     print(f"{stored.did}: {stored.status}; blobs {progress.blobs_completed}/{progress.blobs_total}, "
-          f"{progress.bytes_transferred} bytes transferred in all, {len(progress.failed_blobs)} failed")
+          f"{progress.bytes_transferred} bytes transferred in all, {progress.failures} failed")
     for failed in progress.failed_blobs[:20]:
         print(f"  failed blob {failed.cid}: {failed.reason}")
     for evaluation in result.get_asset_check_evaluations():

@@ -28,6 +28,9 @@ class BlobMigrationResource(dg.ConfigurableResource):
     max_blob_bytes: int = Field(default=_ENV.max_blob_bytes, description="a bigger download is cut off; that blob fails")
     request_timeout_seconds: float = Field(
         default=_ENV.request_timeout_seconds, description="per XRPC request (connect, each read)")
+    min_bytes_per_second: float = Field(
+        default=_ENV.min_bytes_per_second,
+        description="a blob's transfer may take the request deadline plus 1 s per this many bytes; slower, the try is cut")
     lease_seconds: float = Field(
         default=_ENV.lease_seconds, description="a run's hold on its account lapses this long after its last heartbeat")
     rate_limit: bool = Field(default=True, description="share the per-host request budget (ATPROTO_RATE_LIMIT)")
@@ -37,7 +40,7 @@ class BlobMigrationResource(dg.ConfigurableResource):
         return TransferSettings(
             work_dir=work_dir, attempts=self.blob_attempts, backoff_base_seconds=self.backoff_base_seconds,
             backoff_cap_seconds=self.backoff_cap_seconds, progress_every=self.progress_every,
-            max_blob_bytes=self.max_blob_bytes,
+            max_blob_bytes=self.max_blob_bytes, min_bytes_per_second=self.min_bytes_per_second,
         )
 
     def limiter(self, database_url: str) -> HostRateLimiter | None:

@@ -33,6 +33,9 @@ class BlobSettings(EnvSettings):
     progress_every: int = Field(default=10, ge=1, description="write progress_data every N blobs")
     max_blob_bytes: int = Field(default=1 << 30, gt=0, description="a bigger download is cut off and that blob fails")
     request_timeout_seconds: float = Field(default=120.0, gt=0, description="per XRPC request (connect, each read)")
+    min_bytes_per_second: float = Field(
+        default=16 * 1024, gt=0, description="a blob's download or upload may take ATPROTO_REQUEST_DEADLINE_SECONDS "
+        "plus 1 s per this many bytes; slower (a host dripping bytes), the try is cut")
     job_retries: int = Field(
         default=3, ge=0, description="Dagster retries of a whole account's step before the migration fails for good")
     job_retry_delay_seconds: float = Field(

@@ -54,8 +54,13 @@ class FailedBlob(BaseModel):
     reason: str
 
 
+FAILED_BLOBS_LISTED = 1000  # failed blobs listed with their reason; past that only counted
+
+
 class ProgressData(BaseModel):
-    """`progress_data`: the seed's fields, plus each failed blob's reason."""
+    """`progress_data`: the seed's fields, plus each failed blob's reason: the first FAILED_BLOBS_LISTED of
+    them, and how many in all (progress is rewritten every few blobs: a new PDS listing a million blobs
+    that the old one lacks would otherwise make each write longer than the last)."""
 
     blobs_started_at: str | None = None
     blobs_completed_at: str | None = None
@@ -66,6 +71,17 @@ class ProgressData(BaseModel):
     bytes_transferred: int = 0
     last_progress_update: str | None = None
     failed_blobs: list[FailedBlob] = Field(default_factory=list)
+    failed_blob_count: int = 0
+
+    @property
+    def failures(self) -> int:
+        """Failed blobs in all (a row written before the count was kept has only the list)."""
+        return max(self.failed_blob_count, len(self.failed_blobs))
+
+    def add_failure(self, cid: str, reason: str) -> None:
+        self.failed_blob_count = self.failures + 1
+        if len(self.failed_blobs) < FAILED_BLOBS_LISTED:
+            self.failed_blobs.append(FailedBlob(cid=cid, reason=reason))
 
 
 class BlobMigration(BaseModel):

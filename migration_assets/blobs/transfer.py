@@ -22,11 +22,12 @@ from pydantic import BaseModel, Field
 
 from migration_assets.atproto.cid import SHA2_256, CID, CidError, CidMismatch
 from migration_assets.atproto.ratelimit import HostRateLimiter
+from migration_assets.atproto.deadline import Deadline
 from migration_assets.atproto.xrpc import (
-    AuthRequired, RateLimited, TransportFailure, XrpcClient, XrpcError,
+    AuthRequired, BlobNotFound, RateLimited, TransportFailure, XrpcClient, XrpcError,
 )
 from migration_assets.blobs.credentials import AccountCredentials
-from migration_assets.blobs.store import FailedBlob, ProgressData, now_iso
+from migration_assets.blobs.store import ProgressData, now_iso
 from migration_assets.core.backoff import Backoff
 from migration_assets.core.checks import CheckOutcome, listing
 
@@ -51,6 +52,9 @@ class TransferSettings(BaseModel):
     chunk_bytes: int = Field(default=256 * 1024, ge=4096)
     max_blob_bytes: int = Field(default=1 << 30, description="a bigger download is cut off (the disk is not filled)")
     max_rate_limit_sleep: float = Field(default=3600.0, description="a blob's rate-limit waits past this, in all, fail the job")
+    min_bytes_per_second: float = Field(
+        default=16 * 1024, gt=0, description="a blob's download or upload gets the request deadline plus 1 s per "
+        "this many bytes moved; slower, it is cut and the try fails")
 
 
 class JobFailure(RuntimeError):
@@ -64,6 +68,15 @@ class PermanentFailure(JobFailure):
 
 class BlobFailed(Exception):
     """One blob could not be moved after its attempts; it goes into failed_blobs and the job goes on."""
+
+
+class BlobTooSlow(BlobFailed):
+    """The old PDS answered for the blob but sent it slower than BLOB_MIN_BYTES_PER_SECOND: cut."""
+
+
+# This many blobs in a row cut as too slow: the old PDS is slow for all of them, not for one; fail the job
+# (it is run again later) rather than spend a deadline on each blob of the account.
+SLOW_BLOBS_IN_A_ROW = 3
 
 
 class LeaseLost(RuntimeError):
@@ -197,32 +210,40 @@ class _Sent:
     acknowledged_size: int | None
 
 
+GET_BLOB, UPLOAD_BLOB = "com.atproto.sync.getBlob", "com.atproto.repo.uploadBlob"
+
+
 def transfer_blob(
-    old: XrpcClient, new: XrpcClient, did: str, cid: str, path: Path, chunk_bytes: int, max_bytes: int = 1 << 30,
+    old: XrpcClient, new: XrpcClient, did: str, cid: str, path: Path, settings: TransferSettings,
 ) -> _Sent:
-    """Download to `path` while hashing, check the CID, upload the file, delete it (whatever happens)."""
+    """Download to `path` while hashing, check the CID, upload the file, delete it (whatever happens).
+    Each way keeps to a deadline that grows with the bytes moved (a drip is cut: that try fails)."""
     expected = CID.decode(cid)
     path.parent.mkdir(parents=True, exist_ok=True)
+    rate = settings.min_bytes_per_second
+    download = old.deadline(GET_BLOB, f"getBlob of {cid} from the old PDS", min_bytes_per_second=rate)
+    upload = new.deadline(UPLOAD_BLOB, f"uploadBlob of {cid} to the new PDS", min_bytes_per_second=rate)
+    answered = threading.Event()  # the old PDS's headers came: a cut after that is this blob's slowness
     try:
         hasher = hashlib.sha256()
         size = 0
-        with old.stream("com.atproto.sync.getBlob", {"did": did, "cid": cid}, auth=True) as response:
+        with _too_slow(download, answered), old.stream(GET_BLOB, {"did": did, "cid": cid}, auth=True,
+                                                       deadline=download) as response:
+            answered.set()
             mime = _media_type(response.headers.get("content-type"))
             with path.open("wb") as file:
-                for chunk in response.iter_bytes(chunk_bytes):
+                for chunk in response.iter_bytes(settings.chunk_bytes):
                     file.write(chunk)
                     hasher.update(chunk)
                     size += len(chunk)
-                    if size > max_bytes:
-                        raise BlobFailed(f"the old PDS sent more than {max_bytes} bytes for blob {cid}")
+                    if size > settings.max_blob_bytes:
+                        raise BlobFailed(f"the old PDS sent more than {settings.max_blob_bytes} bytes for blob {cid}")
         if hasher.digest() != expected.digest:
             raise CidMismatch(expected, CID(expected.codec, hasher.digest()))
         with path.open("rb") as file:
             # With a Content-Length the file streams unchunked and the PDS can refuse an oversize blob up front.
-            reply = new.procedure(
-                "com.atproto.repo.uploadBlob", file, content_type=mime, headers={"Content-Length": str(size)},
-                auth=True,
-            )
+            reply = new.procedure(UPLOAD_BLOB, file, content_type=mime, headers={"Content-Length": str(size)},
+                                  auth=True, deadline=upload)
     finally:
         path.unlink(missing_ok=True)
     blob = reply.get("blob")
@@ -232,6 +253,19 @@ def transfer_blob(
         raise BlobFailed(f"the new PDS stored the upload as {str(stored_cid)[:100]}, not {cid}")
     stored_size = blob.get("size")
     return _Sent(size, stored_size if type(stored_size) is int else None)  # else: a size mismatch, reported
+
+
+@contextmanager
+def _too_slow(deadline: Deadline, answered: threading.Event) -> Iterator[None]:
+    """A download cut by its deadline once the old PDS had answered fails this blob's try (BlobTooSlow).
+    A host that sends no answer in time, or any other transport error, is the host's: after their tries,
+    the account fails (and is run again later)."""
+    try:
+        yield
+    except TransportFailure as error:
+        if not (answered.is_set() and deadline.passed()):
+            raise
+        raise BlobTooSlow(str(error)) from None
 
 
 _MEDIA_TYPE = re.compile(r"[\w.+-]+/[\w.+-]+(?:\s*;[ -~]*)?", re.ASCII)
@@ -259,7 +293,7 @@ def transfer_with_retries(
     failures, rate_slept = 0, 0.0
     while True:
         try:
-            return transfer_blob(old, new, did, cid, path, settings.chunk_bytes, settings.max_blob_bytes)
+            return transfer_blob(old, new, did, cid, path, settings)
         except RateLimited as error:  # the client already waited what it may; this one is longer
             wait = max(error.retry_at - time.time(), 0.0)
             if rate_slept + wait > settings.max_rate_limit_sleep:
@@ -270,6 +304,8 @@ def transfer_with_retries(
             continue
         except AuthRequired as error:
             raise JobFailure(f"the session on {error.host} was lost and could not be renewed: {error}") from None
+        except BlobNotFound as error:  # asking again finds no more (a CID only the new PDS lists)
+            raise BlobFailed(_reason(error)) from None
         except OSError as error:
             raise JobFailure(f"local staging of blob {cid} under {settings.work_dir} failed: {error}") from None
         except (*_TRANSPORT, CidMismatch, CidError, XrpcError, BlobFailed) as error:
@@ -277,7 +313,7 @@ def transfer_with_retries(
             if failures >= settings.attempts:
                 if isinstance(error, _TRANSPORT):
                     raise JobFailure(f"blob {cid}: {_reason(error)} ({settings.attempts} tries)") from None
-                raise BlobFailed(_reason(error)) from None
+                raise (BlobTooSlow if isinstance(error, BlobTooSlow) else BlobFailed)(_reason(error)) from None
             sleep(backoff.delay(failures))
 
 
@@ -303,7 +339,7 @@ class ProgressTracker:
         self._tick()
 
     def blob_failed(self, cid: str, reason: str) -> None:
-        self.progress.failed_blobs.append(FailedBlob(cid=cid, reason=reason))
+        self.progress.add_failure(cid, reason)
         self._tick()
 
     def _tick(self) -> None:
@@ -339,7 +375,7 @@ def migrate_blobs(
     progress = progress.model_copy(deep=True)
     progress.blobs_started_at = progress.blobs_started_at or now_iso()
     progress.blobs_completed_at = None
-    progress.failed_blobs = []  # this run retries every earlier failure
+    progress.failed_blobs, progress.failed_blob_count = [], 0  # this run retries every earlier failure
     try:
         old_cids = list_old_blobs(old, did)
         missing = list_missing_blobs(new)
@@ -356,6 +392,7 @@ def migrate_blobs(
     tracker = ProgressTracker(progress, settings.progress_every, write_progress)
     tracker.flush()
     result = TransferResult(progress=progress, blobs_listed=len(old_cids), missing_at_start=len(missing))
+    slow_in_a_row = 0
     for number, cid in enumerate(order, 1):
         if lease_lost is not None and lease_lost.is_set():
             raise LeaseLost(f"{did}: another run took this account's blob migration over; this run stops")
@@ -368,10 +405,16 @@ def migrate_blobs(
         except BlobFailed as failure:
             log(f"{did}: blob {cid} failed: {failure}")
             tracker.blob_failed(cid, str(failure))
+            slow_in_a_row = slow_in_a_row + 1 if isinstance(failure, BlobTooSlow) else 0
+            if slow_in_a_row >= SLOW_BLOBS_IN_A_ROW:
+                tracker.flush()
+                raise JobFailure(f"{did}: {slow_in_a_row} blobs in a row came slower than {settings.min_bytes_per_second:g} "
+                                 "bytes/s from the old PDS (BLOB_MIN_BYTES_PER_SECOND): run again later") from None
             continue
         except JobFailure:
             tracker.flush()  # what was sent stays counted
             raise
+        slow_in_a_row = 0
         result.transferred += 1
         result.run_bytes += sent.size
         result.acknowledged_bytes += sent.acknowledged_size or 0
@@ -391,7 +434,7 @@ def verify_account(new: XrpcClient, result: TransferResult) -> list[CheckOutcome
     status = new.query("com.atproto.server.checkAccountStatus", auth=True)
     expected, imported = int(status.get("expectedBlobs", 0)), int(status.get("importedBlobs", 0))
     complete = not missing and imported >= expected
-    failed = result.progress.failed_blobs
+    failed, failures = result.progress.failed_blobs, result.progress.failures
     return [
         CheckOutcome(
             CHECK_NOTHING_MISSING, complete,
@@ -400,9 +443,9 @@ def verify_account(new: XrpcClient, result: TransferResult) -> list[CheckOutcome
             metadata={"missing": len(missing), "imported_blobs": imported, "expected_blobs": expected},
         ),
         CheckOutcome(
-            CHECK_NO_FAILED_BLOBS, not failed,
-            f"{len(failed)} blobs failed" + (": " + listing([f"{f.cid} ({f.reason})" for f in failed], 5) if failed else ""),
-            metadata={"failed_blobs": len(failed)},
+            CHECK_NO_FAILED_BLOBS, not failures,
+            f"{failures} blobs failed" + (": " + listing([f"{f.cid} ({f.reason})" for f in failed], 5) if failed else ""),
+            metadata={"failed_blobs": failures},
         ),
         CheckOutcome(
             CHECK_BYTES_VERIFIED,

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -172,24 +172,10 @@ class RepoSyncer:
 
     def fetch(self, did: str, pds: str) -> RepoSnapshot:
         client = self.client_for(pds)
-        with self._downloads, client.stream("com.atproto.sync.getRepo", {"did": did}) as response:
-            chunks = _within(response.iter_bytes(), self.settings.fetch_timeout_seconds, did, pds)
-            return read_snapshot(did, chunks, self.settings.max_car_bytes, self.settings.scope)
-
-
-class FetchTimeout(Exception):
-    pass
-
-
-def _within(chunks: Iterable[bytes], seconds: float, did: str, pds: str) -> Iterator[bytes]:
-    """A deadline for the whole download (httpx's timeouts are per read, so a slow drip never ends)."""
-    deadline = time.monotonic() + seconds
-    for chunk in chunks:
-        if time.monotonic() > deadline:
-            raise FetchTimeout(
-                f"getRepo of {did} from {pds} took over {seconds:.0f} s; raise REPO_FETCH_TIMEOUT_SECONDS for big repos"
-            )
-        yield chunk
+        deadline = client.deadline("com.atproto.sync.getRepo", seconds=self.settings.fetch_timeout_seconds,
+                                   what=f"getRepo of {did} (raise REPO_FETCH_TIMEOUT_SECONDS for big repos)")
+        with self._downloads, client.stream("com.atproto.sync.getRepo", {"did": did}, deadline=deadline) as response:
+            return read_snapshot(did, response.iter_bytes(), self.settings.max_car_bytes, self.settings.scope)
 
 
 SyncOne = Callable[[ClaimedRepo, Lease], RepoOutcome]

@@ -44,7 +44,7 @@ from migration_assets.repos.commit_check import Checked, CommitChecker, CommitTo
 from migration_assets.repos.ledger import GONE_STATUSES, HeadAdvance, RepoState
 from migration_assets.repos.stream import (
     AccountEvent, CommitEvent, IdentityEvent, InfoEvent, StreamError, StreamEvent, Subscription, SyncEvent,
-    WebSocketException,
+    WebSocketException, frame_too_big,
 )
 
 _RECONNECT = Backoff(base=1.0, cap=60.0, floor=0.5)
@@ -66,6 +66,7 @@ class FollowReport:
     outdated_cursor: int = 0
     reconnects: int = 0
     malformed: int = 0  # frames that didn't decode, skipped
+    oversize: int = 0  # frames over MAX_FRAME_BYTES, stepped past (their repos resync when they don't follow)
     cursor: int | None = None
     lag_seconds: float = 0.0  # between the last applied event's time and when it was applied
     seconds: float = 0.0
@@ -83,7 +84,8 @@ class FollowReport:
     def summary(self) -> str:
         return (f"{self.events} events ({self.applied} commits applied, {self.skipped} skipped), "
                 f"{self.desyncs} desyncs, {self.resyncs} resyncs ({self.resync_failures} failed), "
-                f"{self.identities} identity, {self.accounts} account, {self.malformed} malformed frames; "
+                f"{self.identities} identity, {self.accounts} account, {self.malformed} malformed frames, "
+                f"{self.oversize} over the size limit; "
                 f"cursor {self.cursor}; "
                 f"lag {self.lag_seconds:.1f} s; {self.events_per_second:.1f} events/s")
 
@@ -93,6 +95,7 @@ class FollowReport:
 # faster in bench/repo_stream.py, PostgreSQL's CPU per event a quarter to a third lower. A killed
 # follower reads up to one batch again (nothing lost, nothing applied twice).
 BATCH_EVENTS = 1000
+DEADLOCK_TRIES = 5  # a batch's transaction aborted as a deadlock's victim is tried again, up to this often
 
 
 class Follower:
@@ -123,7 +126,7 @@ class Follower:
         stop = stop or threading.Event()
         started = time.monotonic()
         deadline = None if seconds is None else started + seconds
-        failures = 0
+        failures, past_oversize = 0, _PastOversize()
         with self.pool.connection() as conn:
             stored = load_cursor(conn, self.host)
         # First follow of a host: replay what it keeps (0), so changes since the backfill aren't missed.
@@ -134,7 +137,8 @@ class Follower:
             while not stop.is_set() and not _past(deadline):
                 try:
                     # Read ahead while a batch is written (the host waits once the queue is full).
-                    with Subscription(self.host, self.report.cursor, max_queue=2 * self.batch_size) as subscription:
+                    start = past_oversize.cursor(self.report.cursor)
+                    with Subscription(self.host, start, max_queue=2 * self.batch_size) as subscription:
                         failures = 0
                         try:
                             self._follow(subscription, stop, deadline)
@@ -146,6 +150,10 @@ class Follower:
                     failures += 1
                     self.report.reconnects += 1
                     self.report.last_error = describe(exc)
+                    if frame_too_big(exc) and past_oversize.step(self.report.cursor):
+                        self.report.oversize += 1
+                        self.report.last_error = (f"{describe(exc)}: the frame after seq {self.report.cursor} is "
+                                                  "stepped past (its repo resyncs when its next commit does not follow)")
                     if not _RECONNECT.sleep(failures, stop):
                         break
                 finally:
@@ -198,7 +206,12 @@ class Follower:
                 break
             elif batch:
                 wait = min(wait, _IDLE_SECONDS)
-            event = subscription.next(timeout=wait)
+            try:
+                event = subscription.next(timeout=wait)
+            except WebSocketException:
+                if not batch:
+                    raise
+                break  # the host hung up: apply what was read (the next read raises it again)
             if event is None:
                 break
             seq = getattr(event, "seq", None)  # #info has none
@@ -302,11 +315,37 @@ class Follower:
 
     def _apply_checked(self, batch: list[StreamEvent], checked: dict[int, Checked]) -> None:
         """Apply the events and store the cursor in one transaction, then resync the repos that need it.
-        The repos' states are read (and locked) once per batch and the record writes are one statement:
-        a batch costs a few round trips, not several per event."""
+        A transaction PostgreSQL aborts as a deadlock's victim is tried again: followers of hosts that
+        overlap (a relay and a PDS), or a bucket run, can lock the same repos in another order."""
+        started = time.monotonic()
+        for attempt in range(1, DEADLOCK_TRIES + 1):
+            before = (replace(self.report), dict(self._behind_claims))
+            try:
+                resync, cursor, last_time = self._write_batch(batch, checked)
+                break
+            except psycopg.errors.DeadlockDetected as exc:
+                vars(self.report).update(vars(before[0]))  # what the rolled-back attempt counted
+                self._behind_claims = before[1]
+                if attempt == DEADLOCK_TRIES:
+                    raise
+                self.report.last_error = f"a batch's transaction was a deadlock's victim; tried again: {exc}"
+                time.sleep(0.1 * attempt)
+        self.report.writing_seconds += time.monotonic() - started
+        self.report.cursor = cursor
+        self.report.events += sum(not isinstance(e, InfoEvent) for e in batch)
+        if last_time is not None:
+            self.report.lag_seconds = max(0.0, (datetime.now(timezone.utc) - last_time).total_seconds())
+        self._resync(resync)
+        if self.on_batch:
+            self.on_batch(self.report)
+
+    def _write_batch(self, batch: list[StreamEvent], checked: dict[int, Checked]
+                     ) -> tuple[list[str], int | None, datetime | None]:
+        """One transaction: the events and the cursor. The repos' states are read (and locked) once per
+        batch and the record writes are one statement: a batch costs a few round trips, not several per
+        event. Returns the repos to resync, the cursor and the last event's time."""
         resync: list[str] = []
         cursor, last_time = self.report.cursor, None
-        started = time.monotonic()
         with self.pool.connection() as conn, conn.transaction():
             resync += self._recheck_claimed(conn)
             states = ledger.lock_states(conn, [e.repo for e in batch if isinstance(e, CommitEvent)])
@@ -320,14 +359,7 @@ class Follower:
             writes.flush(conn)
             if cursor is not None:
                 save_cursor(conn, self.host, cursor)
-        self.report.writing_seconds += time.monotonic() - started
-        self.report.cursor = cursor
-        self.report.events += sum(not isinstance(e, InfoEvent) for e in batch)
-        if last_time is not None:
-            self.report.lag_seconds = max(0.0, (datetime.now(timezone.utc) - last_time).total_seconds())
-        self._resync(resync)
-        if self.on_batch:
-            self.on_batch(self.report)
+        return resync, cursor, last_time
 
     def _apply_event(self, conn: psycopg.Connection, event: StreamEvent, checked: Checked | None,
                      states: dict[str, RepoState], writes: _BatchWrites) -> list[str]:
@@ -444,6 +476,29 @@ class Follower:
                 if outcome.status in ("retry", "rate_limited"):
                     self.report.resync_failures += 1
                     self.report.last_error = outcome.error
+
+
+class _PastOversize:
+    """A frame over MAX_FRAME_BYTES closes the connection, and the host sends it again to every reconnect
+    from the same cursor: the stream would stay stuck there. Its seq can't be read, but a cursor one
+    further asks for what comes after it; sequence numbers may skip, so each time the same cursor meets
+    one again, one more. Only the frame that can't be read is passed over; its repo's next commit won't
+    follow the stored state and resyncs it (or repo_sync's listing finds its head moved)."""
+
+    def __init__(self) -> None:
+        self.at: int | None = None
+        self.steps = 0
+
+    def step(self, cursor: int | None) -> bool:
+        if cursor is None:
+            return False  # following live: a reconnect starts after it anyway
+        self.steps = self.steps + 1 if cursor == self.at else 1
+        self.at = cursor
+        return True
+
+    def cursor(self, stored: int | None) -> int | None:
+        """Where to reconnect: past the frames stepped over, while nothing after them was applied."""
+        return stored + self.steps if stored is not None and stored == self.at else stored
 
 
 def _to_check(event: CommitEvent, signing_key: str | None) -> CommitToCheck:

@@ -41,6 +41,7 @@ def report_metadata(report: FollowReport) -> dict:
         "cursor": dg.MetadataValue.int(report.cursor or 0),
         "reconnects": dg.MetadataValue.int(report.reconnects),
         "malformed_frames": dg.MetadataValue.int(report.malformed),
+        "oversize_frames": dg.MetadataValue.int(report.oversize),
         "seconds": dg.MetadataValue.float(round(report.seconds, 1)),
         "last_desync": dg.MetadataValue.text(report.last_desync or "none"),
         "last_error": dg.MetadataValue.text(report.last_error or "none"),

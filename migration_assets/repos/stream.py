@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
 )
 from websockets.exceptions import WebSocketException
+from websockets.frames import CloseCode
 from websockets.sync.client import ClientConnection, connect
 
 from migration_assets.atproto import dagcbor
@@ -221,6 +222,12 @@ def decode_frame(frame: bytes, host: str = "") -> StreamEvent | None:
         raise StreamFormatError(f"{header['t']} message does not match the lexicon: {exc}") from None
 
 
+def frame_too_big(error: BaseException) -> bool:
+    """Whether the connection closed because a frame was over MAX_FRAME_BYTES (we closed it with 1009)."""
+    sent = getattr(error, "sent", None)
+    return isinstance(error, WebSocketException) and sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG
+
+
 def websocket_url(host: str, cursor: int | None) -> str:
     base = host.rstrip("/")
     if base.startswith("https://"):
@@ -279,5 +286,5 @@ class Subscription:
 __all__ = [
     "AccountEvent", "CommitEvent", "IdentityEvent", "InfoEvent", "RepoOp", "StreamError",
     "StreamEvent", "StreamFormatError", "Subscription", "SyncEvent", "WebSocketException", "decode_frame",
-    "websocket_url",
+    "frame_too_big", "websocket_url",
 ]

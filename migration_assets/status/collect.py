@@ -148,8 +148,9 @@ def blobs_status(conn: psycopg.Connection) -> PipelineStatus:
         """SELECT coalesce(sum((progress_data->>'bytes_transferred')::bigint), 0)::float8 FROM blob_migrations
            WHERE updated_at > now() - interval '1 hour'"""
     ).fetchone()[0]
-    failed = """SELECT did, coalesce(error, 'BlobsFailed: ' || jsonb_array_length(progress_data->'failed_blobs')
-                                || ' blobs failed'), old_pds FROM blob_migrations
+    failed = """SELECT did, coalesce(error, 'BlobsFailed: ' || greatest((progress_data->>'failed_blob_count')::bigint,
+                                jsonb_array_length(progress_data->'failed_blobs')) || ' blobs failed'), old_pds
+                FROM blob_migrations
                 WHERE status = 'failed' OR (status <> 'superseded'
                       AND jsonb_array_length(coalesce(progress_data->'failed_blobs', '[]')) > 0)"""
     failure_count = conn.execute(f"SELECT count(*) FROM ({failed}) f").fetchone()[0]

@@ -27,6 +27,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before answering (timeouts)
     chunk_delay: float = 0.0  # seconds between the writes of a list body (a host dripping bytes)
+    raw: list[bytes] | None = None  # the whole answer, status line and headers too, written as is (chunk_delay
+    # between), then the connection closes (an answer cut short, a host that hangs up)
 
 
 def json_reply(value: object, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
@@ -46,6 +48,7 @@ class LoopbackServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.requests: list[Request] = []
+        self.unfinished = 0  # replies the client stopped reading before their end
         self._routes: dict[tuple[str, str], Handler] = {}
         self._server = ThreadingHTTPServer((host, port), _make_handler(self))
         self._server.daemon_threads = True
@@ -100,6 +103,7 @@ def _read_body(handler: BaseHTTPRequestHandler) -> bytes:
 def _make_handler(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body are separate writes: Nagle held the body ~40 ms
 
         def _handle(self) -> None:
             parts = urlsplit(self.path)
@@ -110,18 +114,24 @@ def _make_handler(server: LoopbackServer) -> type[BaseHTTPRequestHandler]:
                 time.sleep(reply.delay)
             chunks = reply.body if isinstance(reply.body, list) else [reply.body]
             try:
+                if reply.raw is not None:
+                    self.close_connection = True
+                    return self._write(reply.raw, reply.chunk_delay)
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(sum(len(c) for c in chunks)))
                 self.end_headers()
-                for n, chunk in enumerate(chunks):
-                    if n and reply.chunk_delay:
-                        time.sleep(reply.chunk_delay)
-                    self.wfile.write(chunk)
-                    self.wfile.flush()
+                self._write(chunks, reply.chunk_delay)
             except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (timeout tests)
+                server.unfinished += 1  # the client gave up (timeout tests, bodies it refuses)
+
+        def _write(self, chunks: list[bytes], delay: float) -> None:
+            for n, chunk in enumerate(chunks):
+                if n and delay:
+                    time.sleep(delay)
+                self.wfile.write(chunk)
+                self.wfile.flush()
 
         do_GET = do_POST = _handle
 

@@ -20,6 +20,7 @@ from migration_assets.atproto.ratelimit import HostRateLimiter
 from migration_assets.atproto.signature import PublicKey
 from migration_assets.atproto.xrpc import PrivateHostRefused, RateLimited
 from tests.atproto.loopback import LoopbackServer, Reply, json_reply
+from tests.ending import ends_within
 
 DID = "did:plc:ewvi7nxzyoun6zhxrhs64oiz"
 KEY = PublicKey(ec.derive_private_key(0xC0FFEE, ec.SECP256K1()).public_key()).did_key().removeprefix("did:key:")
@@ -177,6 +178,17 @@ def test_a_document_dripped_byte_by_byte_is_cut_at_the_deadline(plc, servers):
         with pytest.raises(DidResolutionFailed, match="deadline") as raised:
             resolver.resolve(did)
     assert raised.value.did == did
+
+
+def test_a_directory_sending_early_hints_without_end_is_cut_at_the_deadline(plc):
+    """No answer's headers ever end: a 103 every 0.5 s, within the per-read timeout. Before, the PLC
+    fetch waited on them for as long as they came; the deadline was checked between body chunks only."""
+    hints = [b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n"] * 200
+    plc.route("GET", f"/{DID}", Reply(raw=hints, chunk_delay=0.5))
+    with resolver_for(plc, retries=0, deadline_seconds=1.5) as resolver:
+        kind, error = ends_within(6, lambda: resolver.resolve(DID), lambda: "waiting for the answer")
+    assert kind == "raised" and isinstance(error, DidResolutionFailed), error
+    assert "ATPROTO_DID_FETCH_DEADLINE_SECONDS" in str(error)
 
 
 @pytest.mark.parametrize("chunked", [False, True])

@@ -1,6 +1,8 @@
 """XrpcClient against real HTTP servers on loopback: typed errors, sessions, 429s, retries, redirects, guard."""
 
+import gzip
 import io
+import json
 import logging
 import pickle
 import socket
@@ -349,6 +351,96 @@ def test_timeout_becomes_transport_failure_after_retries(server):
     with client_for(server, timeout=0.3, retries=1) as client, pytest.raises(TransportFailure, match="Timeout"):
         client.query(LIST_REPOS)
     assert len(server.calls(PATH)) == 2
+
+
+# --- hosts that drip: every byte within the per-read timeout, so only a whole-request deadline ends them ---
+
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+DRIPS = {
+    "103 Early Hints without end": [EARLY_HINTS] * 200,
+    "headers byte by byte": [bytes([b]) for b in ANSWER],
+}
+
+
+@pytest.mark.parametrize("drip", DRIPS, ids=list(DRIPS))
+def test_a_host_dripping_its_headers_is_cut_at_the_deadline(server, drip):
+    """Before the answer's headers end, httpx's 1 s per-read timeout never trips (a piece every 0.3 s):
+    the call was held for as long as the host went on (60 s of 103s, 20 s of headers), checked nowhere."""
+    server.route("GET", PATH, Reply(raw=DRIPS[drip], chunk_delay=0.3))
+    with client_for(server, timeout=1, retries=1, deadline_seconds=1.5) as client:
+        kind, error = ends_within(6, lambda: client.query(LIST_REPOS), lambda: f"{len(server.calls(PATH))} requests")
+    assert kind == "raised" and isinstance(error, TransportFailure), error
+    assert f"{LIST_REPOS} on {client.host} took longer than its deadline of 1.5 s" in str(error)
+    assert len(server.calls(PATH)) == 2  # a retry gets the whole deadline again
+
+
+def test_a_json_answer_dripped_byte_by_byte_is_cut_at_the_deadline(server):
+    body = json.dumps({"repos": [], "cursor": "x" * 100}).encode()
+    server.route("GET", PATH, Reply(200, [bytes([b]) for b in body], {"Content-Type": "application/json"},
+                                    chunk_delay=0.1))
+    with client_for(server, timeout=1, retries=0, deadline_seconds=1) as client:
+        kind, error = ends_within(5, lambda: client.query(LIST_REPOS), lambda: "still reading")
+    assert kind == "raised" and isinstance(error, TransportFailure) and "deadline of 1 s" in str(error), error
+
+
+def test_a_deadline_is_per_call_and_the_next_call_on_the_connection_has_its_own(server):
+    server.route("GET", PATH, [Reply(200, [b'{"repos"', b': []}'], {"Content-Type": "application/json"},
+                                     chunk_delay=0.6), OK])
+    with client_for(server, retries=0, deadline_seconds=1) as client:
+        assert client.query(LIST_REPOS) == {"repos": []}  # 0.6 s of its 1 s
+        assert client.query(LIST_REPOS) == {"repos": []}  # the kept-alive connection, a new second
+        slow = client.deadline(LIST_REPOS, "the slow one", seconds=0.3)
+        with pytest.raises(TransportFailure, match="the slow one took longer than its deadline of 0.3 s"):
+            server.route("GET", PATH, Reply(200, [b"{", b"}"], chunk_delay=1))
+            client.query(LIST_REPOS, deadline=slow)
+
+
+def test_a_json_answer_cut_short_is_tried_again(server):
+    """The body is read within the attempt: before, it was read after the retry loop, so a host hanging
+    up halfway through an answer failed the call (a page of a blob listing failed its account)."""
+    cut = [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n", b'{"repos": [']
+    server.route("GET", PATH, [Reply(raw=cut), OK])
+    with client_for(server, retries=1) as client:
+        assert client.query(LIST_REPOS) == {"repos": []}
+    assert len(server.calls(PATH)) == 2
+
+
+def test_a_redirect_is_followed_without_reading_its_body(servers):
+    """httpx reads a redirect's body whole before following it: 200 MB here (any size, bounded only by
+    the deadline), held in memory for nothing. Now it is closed unread."""
+    target, redirecting = servers(), servers()
+    target.route("GET", PATH, OK)
+    megabyte = b"x" * (1 << 20)
+    head = f"HTTP/1.1 302 Found\r\nLocation: {target.url}{PATH}\r\nContent-Length: {200 << 20}\r\n\r\n".encode()
+    redirecting.route("GET", PATH, Reply(raw=[head] + [megabyte] * 200))
+    with client_for(redirecting) as client:
+        assert client.query(LIST_REPOS) == {"repos": []}
+    assert len(target.calls(PATH)) == 1
+    ends_within(10, lambda: _wait_for(lambda: redirecting.unfinished == 1), lambda: "the redirect's body read whole")
+
+
+def _wait_for(condition) -> None:
+    while not condition():
+        time.sleep(0.05)
+
+
+def test_a_body_that_does_not_decode_as_its_encoding_is_a_clear_error(server):
+    server.route("GET", PATH, Reply(200, b"not gzip at all", {"Content-Type": "application/json", "Content-Encoding": "gzip"}))
+    with client_for(server) as client, pytest.raises(XrpcError, match="does not decode as its Content-Encoding"):
+        client.query(LIST_REPOS)
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+def test_a_json_answer_past_the_size_limit_is_refused(server, encoding):
+    """17 MB of JSON, or a 17 KB gzip that inflates to it: refused at MAX_JSON_BYTES, not held whole."""
+    body = b'{"repos": [], "pad": "' + b"x" * (17 * 1024 * 1024) + b'"}'
+    headers = {"Content-Type": "application/json"}
+    if encoding == "gzip":
+        body, headers["Content-Encoding"] = gzip.compress(body), "gzip"
+    server.route("GET", PATH, Reply(200, [body[i:i + 65536] for i in range(0, len(body), 65536)], headers))
+    with client_for(server, retries=0) as client, pytest.raises(XrpcError, match="larger than 16777216 bytes"):
+        client.query(LIST_REPOS)
 
 
 def test_connection_refused_becomes_transport_failure(servers):

@@ -2,6 +2,7 @@
 rate limits, corrupt CARs, wrong keys. Requests and replies are buffered (test data is small)."""
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ class Reply:
     status: int
     headers: dict[str, str]
     body: bytes
+    raw: list[bytes] = field(default_factory=list)  # instead: the whole answer as is, `drip_seconds` apart
+    drip_seconds: float = 0.0
 
 
 # (method, path with query) -> a reply to send instead of asking upstream, or None
@@ -50,6 +53,8 @@ def http_proxy(upstream: str, intercept: Intercept | None = None, rewrite: Rewri
                 reply = Reply(upstream_reply.status_code, dict(upstream_reply.headers), upstream_reply.content)
                 if rewrite:
                     reply = rewrite(self.command, self.path, reply)
+            if reply.raw:
+                return self._drip(reply)
             self.send_response(reply.status)
             for name, value in reply.headers.items():
                 if name.lower() not in _HOP:
@@ -57,6 +62,15 @@ def http_proxy(upstream: str, intercept: Intercept | None = None, rewrite: Rewri
             self.send_header("content-length", str(len(reply.body)))
             self.end_headers()
             self.wfile.write(reply.body)
+
+        def _drip(self, reply: Reply) -> None:
+            try:
+                for piece in reply.raw:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    time.sleep(reply.drip_seconds)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up
 
         do_GET = do_POST = _handle
 

@@ -20,6 +20,7 @@ from migration_assets.repos.backfill import backfill_buckets
 from migration_assets.repos.resources import RepoSourceResource
 from tests.repos.conftest import handle
 from tests.repos.helpers import ledger_row, metadata, stored_records, sync_dids
+from tests.ending import ends_within
 from tests.repos.pds_proxy import Reply, http_proxy
 
 POSTS = "app.bsky.feed.post"
@@ -93,6 +94,30 @@ def test_429_until_far_ahead_schedules_the_repo_without_using_an_attempt(pds, ta
     assert (row["status"], row["attempts"]) == ("error", 0), "a 429 must not count as a failed attempt"
     assert abs(row["next_retry_at"].timestamp() - reset) < 5, row["next_retry_at"]
     assert metadata(result)["outcomes"] == {"rate_limited": 1}
+
+
+def test_a_pds_that_never_ends_its_headers_fails_that_repo_at_the_fetch_deadline(pds, target, instance, atproto_env):
+    """getRepo answered with `103 Early Hints`, one every 0.3 s for a minute: before, the download's
+    deadline began with the body, so the run waited on the hints for as long as they came. Now the
+    whole request keeps to REPO_FETCH_TIMEOUT_SECONDS, and the other repos are synced."""
+    victim, bystander = pds.create_account(handle()), pds.create_account(handle())
+    for account in (victim, bystander):
+        pds.create_records(account, POSTS, [post(n) for n in range(3)])
+    hints = [b"HTTP/1.1 103 Early Hints\r\nLink: </car>; rel=preload\r\n\r\n"] * 200
+
+    def hints_for_the_victim(method: str, path: str) -> Reply | None:
+        return Reply(200, {}, b"", raw=hints, drip_seconds=0.3) if f"getRepo?did={victim.did.replace(':', '%3A')}" in path else None
+
+    with routed(atproto_env, pds_intercept=hints_for_the_victim) as (plc, pds_proxy):
+        kind, results = ends_within(40, lambda: sync_dids(instance, target, [victim.did, bystander.did],
+                                                          plc_url=plc.url, fetch_timeout_seconds=1),
+                                    lambda: f"{pds_proxy.count('sync.getRepo')} getRepo requests")
+    assert kind == "returned", results
+    victim_row = ledger_row(target, victim.did)
+    assert victim_row["status"] == "error" and victim_row["attempts"] == 1, victim_row
+    assert f"getRepo of {victim.did} (raise REPO_FETCH_TIMEOUT_SECONDS" in victim_row["last_error"]
+    assert "took longer than its deadline of 1 s" in victim_row["last_error"]
+    assert ledger_row(target, bystander.did)["status"] == "synced" and len(stored_records(target, bystander.did)) == 3
 
 
 def flip_last_block_byte(method: str, path: str, reply: Reply) -> Reply:

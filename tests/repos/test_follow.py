@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import httpx
+import psycopg
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from migration_assets.core.postgres import shared_pool
@@ -21,7 +22,7 @@ from migration_assets.repos.stream import Subscription
 from migration_assets.atproto.car import CarReader
 from migration_assets.atproto.cid import CID
 from migration_assets.atproto.mst import parse_commit
-from migration_assets.repos.stream import AccountEvent, CommitEvent, InfoEvent
+from migration_assets.repos.stream import AccountEvent, CommitEvent, InfoEvent, SyncEvent
 from tests.atproto.builders import car_bytes, private_key, signed_commit
 from tests.repos.conftest import handle
 from tests.repos.helpers import ledger_row, listed_records, stored_records, sync_dids
@@ -379,3 +380,46 @@ def test_an_account_event_from_a_host_that_does_not_host_the_did_is_asked_of_its
         clients.close()
     row = ledger_row(target, alice.did)
     assert (row["status"], stored_records(target, alice.did)) == ("deleted", {})
+
+
+def test_a_batch_that_is_a_deadlocks_victim_is_written_again(pds, target, target_url, instance):
+    """Another transaction (a follower of an overlapping host, a bucket run) holds bob's row and then asks
+    for alice's, which this batch holds while it waits for bob's: PostgreSQL aborts the batch's
+    transaction as the deadlock's victim. Before, the follower's run failed on it; now the batch is
+    written again, its counts as if once."""
+    alice, bob = pds.create_account(handle()), pds.create_account(handle())
+    sync_dids(instance, target, [alice.did, bob.did])
+    now = datetime.now(timezone.utc)
+    later = "j" + "2" * 12  # a TID after any stored rev
+    batch = [SyncEvent(seq=n + 1, did=did, rev=later, blocks=b"", time=now) for n, did in enumerate((alice.did, bob.did))]
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    clients = source.clients(target_url)
+    follower = Follower(pool, pds.pds.url, source.syncer(pool, clients), buckets=source.settings.buckets)
+    failures: list[BaseException] = []
+
+    def apply() -> None:
+        try:
+            follower.apply(batch)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    other = psycopg.connect(target_url)
+    try:
+        other.execute("SELECT 1 FROM repos WHERE did = %s FOR UPDATE", (bob.did,))
+        thread = threading.Thread(target=apply)
+        thread.start()
+        wait_until("the batch waits for bob's row", lambda: target.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE repos%%'"
+        ).fetchone()[0] == 1, timeout=30)
+        other.execute("SELECT 1 FROM repos WHERE did = %s FOR UPDATE", (alice.did,))  # the batch is the victim
+        other.commit()
+        thread.join(60)
+    finally:
+        other.close()
+        clients.close()
+    assert not failures, failures
+    assert (follower.report.events, follower.report.desyncs, follower.report.resyncs) == (2, 2, 2), follower.report
+    assert "deadlock" in (follower.report.last_error or ""), follower.report
+    assert all(ledger_row(target, did)["status"] == "synced" for did in (alice.did, bob.did))
+    assert load_cursor(target, pds.pds.url) == 2

@@ -77,3 +77,33 @@ def test_a_seq_that_goes_back_neither_takes_the_cursor_back_nor_applies_twice(st
         clients.close()
     assert (report.identities, report.skipped, report.cursor) == (2, 1, 6), report
     assert load_cursor(target, host) == 6
+
+
+def test_a_frame_over_the_size_limit_is_stepped_past_not_met_on_every_reconnect(stream_host, target, target_url):
+    """The host sends seq 2 as a 9 MB frame: the client closes the connection (1009), and the host sends
+    it again to every reconnect from cursor 1. Before, the follower reconnected there until its run
+    ended, and the next run did the same: the stream was stuck for good. Now it asks from one further."""
+    frames = {1: identity_frame(1), 2: dagcbor.encode({"op": 1, "t": "#identity"}) + b"\x00" * (9 << 20),
+              3: identity_frame(3), 5: identity_frame(5)}  # no 4: a host's seqs may skip
+    asked: list[int] = []
+
+    def stream(connection: ServerConnection) -> None:
+        cursor = int(connection.request.path.partition("cursor=")[2] or 0)
+        asked.append(cursor)
+        for seq in sorted(s for s in frames if s > cursor):
+            connection.send(frames[seq])
+        connection.wait_closed()
+
+    host = stream_host(stream)
+    pool = shared_pool(target_url)
+    source = RepoSourceResource()
+    clients = source.clients(target_url)
+    try:
+        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets,
+                            start_cursor=0, check_processes=0)
+        report = follower.run(seconds=6.0)
+    finally:
+        clients.close()
+    assert (report.identities, report.oversize, report.cursor) == (3, 1, 5), report
+    assert asked[:2] == [0, 2], asked
+    assert load_cursor(target, host) == 5
