@@ -15,6 +15,7 @@ from migration_assets.core.dagster_glue import check_result, check_specs, step_r
 from migration_assets.core.resources import PostgresResource
 
 SYNC_TAG = "migration-assets/sync"  # runs requested by the continuous-sync sensor
+SYNC_ASSET_TAG = "migration-assets/sync-asset"  # and the asset each is for (range keys repeat across assets)
 MISSING_BLOCK_HEIGHTS = "missing_block_heights"  # [first, last] on an event range's failure
 # Continuous sync launches a range's block and event runs together: a synced event run whose blocks
 # have not landed yet is retried (within 30 s, 90 s, 210 s, ...: full jitter) instead of failing.

@@ -8,7 +8,8 @@ Legacy items carry no `sequence`: their id is the key. Each table has a GSI on `
 holding chainstorage's EventIdDeleted (0), written while a table is repopulated, means no event history.
 """
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -16,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from migration_assets.chain.items import ItemReader, SourceDataError
+from migration_assets.chain.items import HASH_LENGTH, ItemReader, SourceDataError, pages
 from migration_assets.chain.source import naming_missing_table
 from migration_assets.core.aws import DynamoClientSpec, cached_client
 from migration_assets.core.backoff import Backoff
@@ -26,7 +27,10 @@ BATCH_GET_LIMIT = 100  # keys per BatchGetItem call
 EVENT_KEY = ("event_id",)
 EVENT_ID_DELETED = 0  # chainstorage's EventIdDeleted: the watermark while the table is repopulated
 LEGACY_WATERMARK_ID = -1  # the legacy watermark's event_id; it sits at height 0 in the height index
-UNPROCESSED_BACKOFF = Backoff(base=0.05, cap=2.0)  # waits before re-asking for UnprocessedKeys
+UNPROCESSED_BACKOFF = Backoff(base=0.05, cap=5.0)  # waits before re-asking for UnprocessedKeys
+# How long UnprocessedKeys are asked for again before the range fails: a throttled table catches up in
+# seconds to minutes (13 s of attempts failed 100,000-event ranges on a burst).
+UNPROCESSED_MAX_SECONDS = 300.0
 
 
 class NoEventHistory(SourceDataError):
@@ -104,13 +108,13 @@ def parse_event_item(layout: EventLayout, item: dict[str, Any], table: str = "th
     if type_code not in _EVENT_TYPES:
         raise attrs.malformed(f"attribute 'type' must be 0, 1 or 2, got {type_code}")
     event = EventItem(
-        event_tag=attrs.integer("event_tag", default=layout.event_tag),
+        event_tag=attrs.integer("event_tag", default=layout.event_tag, bits=32),
         sequence=attrs.integer("event_id" if layout.legacy else "sequence"),
         type=_EVENT_TYPES[type_code],
         height=attrs.integer("height"),
-        hash=None if skipped else (attrs.text("hash", default="") or None),
-        parent_hash=attrs.text("parent_hash", default=""),
-        block_tag=attrs.integer("tag"),
+        hash=None if skipped else (attrs.text("hash", default="", max_length=HASH_LENGTH) or None),
+        parent_hash=attrs.text("parent_hash", default="", max_length=HASH_LENGTH),
+        block_tag=attrs.integer("tag", bits=32),
         skipped=skipped,
     )
     if event.event_tag != layout.event_tag:
@@ -124,20 +128,27 @@ def parse_event_item(layout: EventLayout, item: dict[str, Any], table: str = "th
     return event
 
 
-def batch_get(client: Any, table: str, keys: list[dict[str, Any]], max_attempts: int = 12) -> list[dict[str, Any]]:
-    """BatchGetItem of up to 100 keys, retrying `UnprocessedKeys` with the project's backoff."""
+def batch_get(client: Any, table: str, keys: list[dict[str, Any]], max_seconds: float = UNPROCESSED_MAX_SECONDS,
+              sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
+    """BatchGetItem of up to 100 keys, asking again for `UnprocessedKeys` with the project's backoff for
+    up to `max_seconds`."""
     items: list[dict[str, Any]] = []
     request = {table: {"Keys": keys, "ConsistentRead": True}}
-    for attempt in range(1, max_attempts + 1):
+    waited, attempt = 0.0, 0
+    while True:
         reply = client.batch_get_item(RequestItems=request)
         items.extend(reply.get("Responses", {}).get(table, []))
         request = reply.get("UnprocessedKeys") or {}
         if not request:
             return items
-        if attempt < max_attempts:
-            UNPROCESSED_BACKOFF.sleep(attempt)
+        attempt += 1
+        if waited >= max_seconds:
+            break
+        delay = UNPROCESSED_BACKOFF.delay(attempt)
+        sleep(delay)
+        waited += delay
     left = len(request[table]["Keys"])
-    raise RuntimeError(f"{table}: {left} keys still unprocessed after {max_attempts} BatchGetItem attempts; "
+    raise RuntimeError(f"{table}: {left} keys still unprocessed after {attempt} BatchGetItem attempts in {waited:.0f} s; "
                        "the table is throttled: lower read_concurrency or raise its capacity, then re-run")
 
 
@@ -226,11 +237,8 @@ def event_ids_at_height(client: Any, table: str, layout: EventLayout, height: in
         "ProjectionExpression": "event_id, #seq", "ExpressionAttributeNames": {"#seq": "sequence"},
     }
     ids: list[int] = []
-    while True:
-        page = client.query(**request)
+    for page in pages(client.query, request, table):
         # The legacy watermark (event_id -1) sits at height 0: never an event.
         sequences = (layout.sequence_of(table, item) for item in page.get("Items", []))
         ids += [sequence for sequence in sequences if sequence is not None]
-        if not page.get("LastEvaluatedKey"):
-            return sorted(ids)
-        request["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return sorted(ids)

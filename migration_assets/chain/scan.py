@@ -25,6 +25,7 @@ from migration_assets.chain.checks import (
 )
 from migration_assets.chain.event_checks import CHECK_EVENT_CONTIGUOUS, run_event_checks
 from migration_assets.chain.event_loader import load_events
+from migration_assets.chain.items import PageKeys
 from migration_assets.chain.event_source import EVENT_KEY, EventItem, EventLayout, max_event_id, parse_event_item
 from migration_assets.chain.events import EventRangeResult, MissingBlocksError
 from migration_assets.chain.loader import load_heights
@@ -40,6 +41,9 @@ from migration_assets.files.bandwidth import SharedLimiter, Slot, Timetable
 
 BLOCKS, EVENTS = "blocks", "events"
 THROTTLE_BACKOFF = Backoff(base=0.1, cap=20.0)
+# Throttled without a page between for this long, the scan stops (it resumes where it stopped when run
+# again) rather than retrying without end, unseen.
+THROTTLED_MAX_SECONDS = 900.0
 _THROTTLED = {"ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded"}
 Item = dict[str, Any]
 
@@ -81,6 +85,10 @@ class ScanRequest:
         top = min(self.end, self.watermark + 1)
         first = max(self.start, 1 if self.kind == EVENTS else 0)  # event ids start at 1
         return covering_ranges(first, top, self.range_size) if first < top else []
+
+
+class ScanThrottled(RuntimeError):
+    """The table stayed throttled past THROTTLED_MAX_SECONDS; the message says what to do."""
 
 
 class ScanMissingBlocksError(MissingBlocksError):
@@ -140,20 +148,26 @@ def scan_pages(
     if start_key:
         args["ExclusiveStartKey"] = start_key
     read_items_from_wire(client)
-    failures = 0
+    failures, throttled_for, keys = 0, 0.0, PageKeys(request.table)
     while True:
         try:
             page = client.scan(**args)
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") not in _THROTTLED:
                 raise
+            if throttled_for >= THROTTLED_MAX_SECONDS:
+                raise ScanThrottled(f"{request.table} segment {segment}: throttled for {throttled_for:.0f} s "
+                                    f"({failures} tries) without a page; raise its read capacity or lower the scan's "
+                                    "read budget, then run it again: it resumes where it stopped") from None
             failures += 1
-            sleep(THROTTLE_BACKOFF.delay(failures))
+            delay = THROTTLE_BACKOFF.delay(failures)
+            sleep(delay)
+            throttled_for += delay
             continue
-        failures = 0
+        failures, throttled_for = 0, 0.0
         if limiter is not None:
             limiter.acquire(page.get("ConsumedCapacity", {}).get("CapacityUnits", 0.0))
-        next_key = page.get("LastEvaluatedKey")
+        next_key = keys.next(page)
         yield page.get("Items", []), bool(next_key)
         if not next_key:
             return

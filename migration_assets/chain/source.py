@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from migration_assets.chain.items import ItemReader, SourceDataError
+from migration_assets.chain.items import HASH_LENGTH, OBJECT_KEY_LENGTH, ItemReader, SourceDataError, pages
 
 CANONICAL_RID = "canonical"
 BLOCK_KEY = ("block_pid", "block_rid")
@@ -57,12 +57,12 @@ def parse_block_item(item: dict[str, Any], table: str = "the block table") -> tu
     attrs = ItemReader(table, "block", item, BLOCK_KEY)
     skipped = attrs.flag("skipped", default=False)
     block = BlockItem(
-        tag=attrs.integer("tag"),
+        tag=attrs.integer("tag", bits=32),
         height=attrs.integer("height"),
-        hash=None if skipped else (attrs.text("block_hash", default="") or None),
-        parent_hash=attrs.text("parent_hash", default=""),
+        hash=None if skipped else (attrs.text("block_hash", default="", max_length=HASH_LENGTH) or None),
+        parent_hash=attrs.text("parent_hash", default="", max_length=HASH_LENGTH),
         parent_height=attrs.integer("parent_height", default=0),
-        object_key_main=attrs.text("object_key_main", default=""),
+        object_key_main=attrs.text("object_key_main", default="", max_length=OBJECT_KEY_LENGTH),
         timestamp=attrs.integer("timestamp", default=0),
         skipped=skipped,
     )
@@ -103,13 +103,9 @@ def query_height_items(client: Any, table: str, tag: int, height: int) -> list[d
         "ExpressionAttributeValues": {":pid": {"S": f"{tag}-{height}"}},
         "ConsistentRead": True,
     }
-    while True:
-        page = client.query(**request)
+    for page in pages(client.query, request, table):
         items.extend(page.get("Items", []))
-        last_key = page.get("LastEvaluatedKey")
-        if not last_key:
-            return items
-        request["ExclusiveStartKey"] = last_key
+    return items
 
 
 def read_height(client: Any, table: str, tag: int, height: int) -> HeightBlocks:

@@ -58,6 +58,11 @@ def storable(value: Any) -> Any:
     return value
 
 
+def is_storable(text: str) -> bool:
+    """Whether PostgreSQL's text can hold `text` as it is (no U+0000, no lone surrogate)."""
+    return (text.isascii() and "\0" not in text) or storable(text) == text
+
+
 def copy_rows(cur: psycopg.Cursor, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
     """COPY rows into `table` (a temp or staging table); return how many were written."""
     count = 0

@@ -1,6 +1,7 @@
 """Checks of a file range, free of Dagster: counts against the source, checksums against S3, claims."""
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -98,12 +99,13 @@ def _listed_problem(copied: store.CopiedFile, size: int, etag: str) -> str | Non
     return None
 
 
-def checksum_check(target: S3Target, files: list[store.CopiedFile], concurrency: int, mode: str = "list") -> CheckOutcome:
+def checksum_check(target: S3Target, files: list[store.CopiedFile], concurrency: int, mode: str = "list",
+                   on_mismatch: Callable[[list[int]], None] = lambda file_ids: None) -> CheckOutcome:
     """"head": HEAD every object (a request each). "list" (default): S3 verified each object's SHA-256
     when it was uploaded and its ETag was recorded then; a listing (a request per 1,000 objects) shows
     size and ETag unchanged since, and a sample of HEADs (1%, 1 to 20) re-reads stored checksums.
     Objects missing from the listing, or without a recorded ETag, get a HEAD."""
-    problems: list[str] = []
+    problems: dict[int, str] = {}  # file_id: what is wrong with its object
     to_head = files
     if mode == "list" and files:
         listed = _listing(target, files, concurrency)
@@ -113,16 +115,19 @@ def checksum_check(target: S3Target, files: list[store.CopiedFile], concurrency:
             if entry is None or copied.s3_etag is None:
                 to_head.append(copied)
             elif problem := _listed_problem(copied, *entry):
-                problems.append(problem)
+                problems[copied.file_id] = problem
         step = max(1, len(files) // min(20, max(1, len(files) // 100)))
         to_head += [f for f in files[::step] if f not in to_head][:20]
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3-check") as pool:
-        problems += [p for p in pool.map(lambda f: _object_problem(target, f), to_head) if p]
-    problems = sorted(set(problems))
+        for copied, problem in zip(to_head, pool.map(lambda f: _object_problem(target, f), to_head)):
+            if problem:
+                problems.setdefault(copied.file_id, problem)  # the listing's finding first
+    if problems:
+        on_mismatch(sorted(problems))
     how = f"listing, {len(to_head)} by HEAD" if mode == "list" else "HEAD of each"
     summary = (f"{len(files)} objects match their records ({how})" if not problems else
-               f"{len(problems)}/{len(files)} objects do not match: {listing(problems, 5)}. "
-               "Next: re-run this partition; it copies every file whose object no longer matches")
+               f"{len(problems)}/{len(files)} objects do not match: {listing(sorted(problems.values()), 5)}. "
+               "Their files are marked FAIL: the retry schedule copies them again")
     return CheckOutcome(CHECK_CHECKSUMS, not problems, summary, metadata={
         "objects_checked": len(files), "objects_headed": len(to_head), "mismatches": len(problems)})
 
@@ -142,4 +147,11 @@ def range_checks(pool: ConnectionPool, target: S3Target, settings: FilesSettings
     with pool.connection() as conn:
         counts = store.range_counts(conn, min_id, max_id, settings.max_retries)
         copied = store.copied_files(conn, min_id, max_id)
-    return [count_check(counts), checksum_check(target, copied, settings.concurrency, settings.check_mode), heartbeat_check(pool, settings)]
+
+    def copy_again(file_ids: list[int]) -> None:  # a copy recorded SUCCESS that S3 no longer holds
+        with pool.connection() as conn:
+            store.mark_not_copied(conn, file_ids, "its object in S3 is missing or no longer matches its record "
+                                                  f"(found by the {CHECK_CHECKSUMS} check); the retry copies it again")
+
+    checksums = checksum_check(target, copied, settings.concurrency, settings.check_mode, copy_again)
+    return [count_check(counts), checksums, heartbeat_check(pool, settings)]

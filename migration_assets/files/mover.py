@@ -19,6 +19,7 @@ upload starts, nor stop a part loop when the file changes.
 import base64
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -33,6 +34,7 @@ from migration_assets.files.store import FileResult, SourceFile
 
 READ_CHUNK = 1024 * 1024
 IN_MEMORY_MAX = 8 * READ_CHUNK  # single PUTs up to this size send bytes read once; larger ones stream
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class FileFailed(Exception):
@@ -210,18 +212,32 @@ def _upload(target: S3Target, key: str, path: Path, handle: BinaryIO, data: byte
         return _put_object(target, key, data, size, sha)
     if size <= settings.multipart_threshold:
         return _put_streamed(target, key, path, handle, size, sha)
-    return _put_multipart(target, key, path, handle, sha.hex(), settings.part_size)
+    return _put_multipart(target, key, path, handle, sha.hex(), part_size_for(size, settings.part_size))
 
 
-def _hash_file(handle: BinaryIO) -> str:
-    digest = hashlib.sha256()
+MAX_PARTS = 10_000  # S3's limit on a multipart upload's parts
+
+
+def part_size_for(size: int, configured: int) -> int:
+    """The configured part size, or more for a file that would need more than MAX_PARTS parts of it
+    (past ~78 GiB at 8 MiB: every try sent that much, then S3 refused part 10,001)."""
+    return max(configured, -(-size // MAX_PARTS))
+
+
+def _hash_file(handle: BinaryIO) -> tuple[int, str]:
+    """(bytes read, SHA-256 hex) to the file's end: its size as hashed, should it have grown meanwhile."""
+    digest, size = hashlib.sha256(), 0
     while chunk := handle.read(READ_CHUNK):
         digest.update(chunk)
+        size += len(chunk)
     handle.seek(0)
-    return digest.hexdigest()
+    return size, digest.hexdigest()
 
 
 def _check_listing(source: SourceFile, path: Path, size: int, sha_hex: str | None) -> None:
+    if source.sha256 is not None and not _SHA256_HEX.fullmatch(source.sha256):
+        raise FileFailed(f"source_files.sha256 of file_id {source.file_id} is {source.sha256[:80]!r}, not a SHA-256 "
+                         "digest in hex; correct it (or set it NULL to have it computed), then retry")
     if source.size is not None and source.size != size:
         raise FileFailed(f"{path} changed since it was listed: source_files says {source.size} bytes, the disk has "
                          f"{size}; restore the file or update its source_files row (size, sha256), then retry")
@@ -272,7 +288,7 @@ def _copy_open_file(target: S3Target, key: str, path: Path, handle: BinaryIO, so
         data = handle.read()
         size, sha_hex = len(data), hashlib.sha256(data).hexdigest()
     else:
-        sha_hex = _hash_file(handle)
+        size, sha_hex = _hash_file(handle)
     _check_listing(source, path, size, sha_hex)
     if source.copied_sha256 == sha_hex:  # already SUCCESS with this content: nothing to send
         return _unchanged(source)

@@ -45,6 +45,14 @@ class SourceFile:
     copied_sha256: str | None = None    # sha256 of the copy recorded as SUCCESS
     retry_count: int = 0
 
+    def __post_init__(self) -> None:
+        # Inventories write a digest as they like (PowerShell's Get-FileHash: upper case; a CHAR(64)
+        # column pads an empty one) and "unknown" as they like: read them as one form, or as unknown.
+        sha256 = (self.sha256 or "").strip().lower() or None
+        object.__setattr__(self, "sha256", sha256)
+        if self.size is not None and self.size < 0:
+            object.__setattr__(self, "size", None)
+
 
 @dataclass(frozen=True)
 class FileResult:
@@ -224,6 +232,7 @@ _UPSERT = (
     "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::bigint[], "
     "  %s::text[], %s::text[], %s::text[], %s::text[]) "
     "  AS r(file_id, old_uri, new_uri, file_name, create_date, status, size, sha256, s3_checksum, s3_etag, error) "
+    "WHERE EXISTS (SELECT 1 FROM source_files s WHERE s.file_id = r.file_id) "  # a row deleted meanwhile: no outcome
     "ON CONFLICT (file_id) DO UPDATE SET old_uri = EXCLUDED.old_uri, new_uri = EXCLUDED.new_uri, "
     "  file_name = EXCLUDED.file_name, create_date = EXCLUDED.create_date, status = EXCLUDED.status, "
     "  size = EXCLUDED.size, sha256 = EXCLUDED.sha256, s3_checksum = EXCLUDED.s3_checksum, s3_etag = EXCLUDED.s3_etag, "
@@ -312,6 +321,14 @@ class CopiedFile:
     sha256: str
     s3_checksum: str | None
     s3_etag: str | None
+
+
+def mark_not_copied(conn: psycopg.Connection, file_ids: Sequence[int], reason: str) -> None:
+    """SUCCESS files whose objects a check found missing or changed: FAIL with `reason` and their
+    retries back, so the retry job (or a re-run of the range) copies them again."""
+    conn.execute("UPDATE migration_files SET status = 'FAIL', retry_count = 0, error = %s "
+                 "WHERE file_id = ANY(%s) AND status = 'SUCCESS'", (reason, list(file_ids)))
+    conn.commit()
 
 
 def copied_files(conn: psycopg.Connection, min_id: int, max_id: int) -> list[CopiedFile]:

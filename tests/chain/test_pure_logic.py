@@ -1,7 +1,13 @@
 """Pure logic of the chain pipeline: range keys and the ordering of one height's items."""
 
-import pytest
+from types import SimpleNamespace
 
+import pytest
+from botocore.exceptions import ClientError
+
+from migration_assets.chain.event_source import UNPROCESSED_MAX_SECONDS, batch_get
+from migration_assets.chain.items import pages
+from migration_assets.chain.scan import THROTTLED_MAX_SECONDS, ScanRequest, ScanThrottled, scan_pages
 from migration_assets.chain.ranges import complete_ranges, covering_ranges, parse_range_key, range_key
 from migration_assets.chain.source import MultipleCanonicalError, SourceDataError, order_height
 from tests.chain.helpers import TAG, canonical_pair, orphan, skipped
@@ -62,3 +68,59 @@ def test_a_block_without_hash_is_malformed():
     item["block_hash"] = {"S": ""}
     with pytest.raises(SourceDataError, match="not skipped but has no block_hash"):
         order_height(TAG, 5, [item])
+
+
+# --- reading the source when it misbehaves (stub clients: paging and throttling are the logic here) ---
+
+
+class _Pages:
+    """A client whose pages carry the given LastEvaluatedKeys, in turn."""
+
+    def __init__(self, keys):
+        self.keys, self.calls = list(keys), 0
+
+    def query(self, **request):
+        key = self.keys[min(self.calls, len(self.keys) - 1)]
+        self.calls += 1
+        return {"Items": [{"n": {"N": str(self.calls)}}], **({"LastEvaluatedKey": key} if key else {})}
+
+
+def test_paging_follows_each_key_and_stops_at_one_that_comes_back():
+    assert [len(page["Items"]) for page in pages(_Pages([{"k": {"S": "a"}}, None]).query, {}, "t")] == [1, 1]
+    going_round = _Pages([{"k": {"S": "a"}}, {"k": {"S": "b"}}, {"k": {"S": "a"}}])
+    with pytest.raises(SourceDataError, match=r"table t answered the page key .* a second time"):
+        list(pages(going_round.query, {}, "t"))  # before: paged A, B, A, B... without end
+    assert going_round.calls == 3
+
+
+class _Unprocessed:
+    def __init__(self):
+        self.calls = 0
+
+    def batch_get_item(self, RequestItems):
+        self.calls += 1
+        return {"Responses": {"t": []}, "UnprocessedKeys": RequestItems}
+
+
+def test_unprocessed_keys_are_asked_for_again_for_minutes_not_a_dozen_tries():
+    """Before: 12 tries in about 13 s, then a 100,000-event range failed on a throttling burst."""
+    client, slept = _Unprocessed(), []
+    with pytest.raises(RuntimeError, match=r"still unprocessed after \d+ BatchGetItem attempts in 30\d s"):
+        batch_get(client, "t", [{"event_id": {"N": "1"}}], sleep=slept.append)
+    assert sum(slept) >= UNPROCESSED_MAX_SECONDS and client.calls > 12
+
+
+class _Throttled:
+    meta = SimpleNamespace(events=SimpleNamespace(register=lambda *args, **kwargs: None))
+
+    def scan(self, **args):
+        raise ClientError({"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow"}}, "Scan")
+
+
+def test_a_scan_throttled_for_good_stops_saying_so():
+    """Before: retried without end and without a word (500 tries, 1.4 hours of waits, still going)."""
+    slept: list[float] = []
+    request = ScanRequest(kind="BLOCKS", table="t", tag=1, start=0, end=10, range_size=10, database_url="", segments=1)
+    with pytest.raises(ScanThrottled, match="throttled for 9\\d\\d s"):
+        list(scan_pages(_Throttled(), request, 0, None, None, sleep=slept.append))
+    assert THROTTLED_MAX_SECONDS <= sum(slept) < THROTTLED_MAX_SECONDS + 30

@@ -41,13 +41,22 @@ def test_skipped_as_a_number_0_or_1_is_read_as_a_boolean(instance, dynamodb, blo
     assert [(h, s) for h, _, s in stored_blocks(target)] == [(0, False), (1, False), (2, False), (3, True), (4, False), (5, False)]
 
 
+# The last six are values DynamoDB takes that chainstorage's PostgreSQL columns can't hold: before, each
+# failed the range's COPY with an error naming a line of it (or a UnicodeEncodeError), not the item.
 @pytest.mark.parametrize("attribute, value, expected", [
     ("height", {"S": "4"}, "attribute 'height' must be an integer (N), got S '4'"),
     ("tag", {"N": "1.5"}, "attribute 'tag' must be an integer (N), got N '1.5'"),
     ("block_hash", {"N": "7"}, "attribute 'block_hash' must be a string (S), got N '7'"),
     ("timestamp", {"BOOL": True}, "attribute 'timestamp' must be an integer (N), got BOOL True"),
+    ("object_key_main", {"S": "blocks/4\u0000"}, "attribute 'object_key_main' holds U+0000 or a lone surrogate"),
+    ("parent_hash", {"S": "0x\ud800"}, "attribute 'parent_hash' holds U+0000 or a lone surrogate"),
+    ("block_hash", {"S": "0x" + "a" * 65}, "attribute 'block_hash' is 67 characters, over the 66 its column holds"),
+    ("object_key_main", {"S": "k" * 300}, "attribute 'object_key_main' is 300 characters, over the 255 its column holds"),
+    ("timestamp", {"N": "1" + "0" * 19}, "attribute 'timestamp' is 10000000000000000000, past what a 64-bit integer"),
+    ("parent_height", {"N": "-" + "9" * 20}, "attribute 'parent_height' is -99999999999999999999, past what a 64-bit"),
 ])
-def test_a_block_attribute_of_the_wrong_type_fails_naming_it(instance, dynamodb, block_table, target, attribute, value, expected):
+def test_a_block_attribute_of_the_wrong_type_or_past_its_column_fails_naming_it(instance, dynamodb, block_table, target,
+                                                                                attribute, value, expected):
     items = linear_chain(0, 10)
     bad = next(i for i in items if i["block_pid"]["S"] == f"{TAG}-4" and i["block_rid"]["S"] == "canonical")
     bad[attribute] = value
@@ -58,6 +67,7 @@ def test_a_block_attribute_of_the_wrong_type_fails_naming_it(instance, dynamodb,
     assert not result.success
     text = failure_text(result)
     assert f"malformed block item {TAG}-4/canonical in table {block_table}: {expected}" in text, text
+    assert stored_blocks(target) == [], "the range stores nothing"
 
 
 def test_a_malformed_watermark_names_its_table_and_attribute(dynamodb, block_table):
@@ -84,6 +94,8 @@ def seed_events(dynamodb, block_table, event_table, heights: int):
     ("type", {"N": "7"}, "attribute 'type' must be 0, 1 or 2, got 7"),
     ("tag", {"S": "1"}, "attribute 'tag' must be an integer (N), got S '1'"),
     ("sequence", {"N": "6"}, "attribute 'sequence' is 6, which is not the item's key"),
+    ("hash", {"S": "0x\u0000"}, "attribute 'hash' holds U+0000 or a lone surrogate"),
+    ("tag", {"N": str(1 << 31)}, "attribute 'tag' is 2147483648, past what a 32-bit integer column holds"),
 ])
 def test_a_malformed_event_fails_its_range_naming_table_key_and_attribute(
     instance, dynamodb, block_table, event_table, target, attribute, value, expected

@@ -1,6 +1,7 @@
 """Continuous sync: the pure planner, and the sensor driven tick by tick against a growing source."""
 
 import dagster as dg
+from dagster._core.utils import make_new_run_id
 
 from migration_assets.chain.assets import SYNC_TAG, block_events, block_metadata
 from migration_assets.chain.resources import ChainSourceResource
@@ -133,3 +134,40 @@ def test_sensor_syncs_blocks_when_the_event_table_is_missing(instance, dynamodb,
         ("block_metadata", "000000000000-000000000010", "complete"),
         ("block_metadata", "000000000010-000000000020", "tip"),
     ]
+
+
+def test_a_tip_run_still_running_is_not_asked_for_again_until_it_ends(instance, dynamodb, block_table, target, monkeypatch):
+    """Each move of the tip asked for another run of the open range, however many were still queued:
+    a backlog piled them up (132 in an hour), each reading the whole range again."""
+    monkeypatch.setenv("CHAIN_BLOCK_RANGE_SIZE", "10")
+    monkeypatch.setenv("CHAIN_EVENT_TABLE", "no_such_events_table")
+    seed(dynamodb, block_table, list(sample_chain(TAG, 0, 12)))
+    first = tick(instance, None)
+    (tip,) = [r for r in first.run_requests if r.tags[SYNC_TAG] == "tip"]
+    running = dg.DagsterRun(job_name="__ASSET_JOB", run_id=make_new_run_id(), status=dg.DagsterRunStatus.STARTED,
+                            tags={**tip.tags, "dagster/partition": tip.partition_key})
+    instance.add_run(running)
+
+    seed(dynamodb, block_table, list(sample_chain(TAG, 0, 14)))  # the tip moves while that run goes on
+    second = tick(instance, first.cursor)
+    open_range = ("block_metadata", "000000000010-000000000020", "tip")
+    assert planned(second) == [("block_metadata", "000000000000-000000000010", "tip")], (
+        "the open range asked for again while its last tip run is still running (the range below is near the tip)")
+
+    instance.report_run_failed(running)
+    third = tick(instance, second.cursor)
+    (asked,) = [r for r in third.run_requests if r.partition_key == open_range[1]]
+    assert asked.tags[SYNC_TAG] == "tip" and asked.run_key.endswith("@13:" + block_hash(TAG, 13))
+
+
+def test_a_malformed_block_watermark_stops_only_the_block_stream(instance, dynamodb, block_table, event_table, target,
+                                                                 monkeypatch):
+    """Before, the SourceDataError failed every tick of the sensor, and the event stream stopped with it."""
+    monkeypatch.setenv("CHAIN_EVENT_RANGE_SIZE", "20")
+    events_table, layout = event_table
+    chain = [i for i in sample_chain(TAG, 0, 25, reorg_rate=0.0, skip_rate=0.0) if "latest" not in i["block_pid"]["S"]]
+    seed(dynamodb, block_table, chain + [{**chain[-1], "block_pid": {"S": f"{TAG}-latest"}, "height": {"S": "24"}}])
+    seed(dynamodb, events_table, list(chain_events(chain, layout))[:25] + [watermark_item(layout, 25)])
+    result = tick(instance, None)
+    assert planned(result) == [("block_events", "000000000000-000000000020", "complete"),
+                               ("block_events", "000000000020-000000000040", "tip")]

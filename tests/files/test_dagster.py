@@ -13,6 +13,8 @@ from migration_assets.files.cli import failure_text
 from migration_assets.files.definitions import defs as files_defs
 from migration_assets.files.resources import FilesResource, FilesS3Resource
 from migration_assets.files.schedules import files_pending_ranges, files_retries
+from migration_assets.files.worker import retry_failed
+from tests.files.conftest import make_job
 from tests.files.helpers import assert_bytes_equal, seed
 
 NY = ZoneInfo("America/New_York")
@@ -40,7 +42,8 @@ def test_materialize_ranges_then_a_partition_with_its_checks(files_env, target, 
 
 
 @pytest.mark.parametrize("mode", ["list", "head"])
-def test_checksum_check_fails_when_an_object_no_longer_matches(mode, files_env, target, s3, bucket, source_root, instance, monkeypatch):
+def test_checksum_check_fails_when_an_object_no_longer_matches(mode, files_env, target, target_url, s3, bucket, source_root, instance,
+                                                              monkeypatch):
     monkeypatch.setenv("FILES_CHECK_MODE", mode)
     seed(target, source_root, 5)
     dg.materialize([assets.migration_ranges], instance=instance, resources=resources())
@@ -57,7 +60,15 @@ def test_checksum_check_fails_when_an_object_no_longer_matches(mode, files_env, 
     failed = [e for e in rerun.get_asset_check_evaluations() if not e.passed]
     assert [e.check_name for e in failed] == ["s3_checksums"]
     expected = f"{uri}: ETag" if mode == "list" else f"{uri}: sha256 metadata None"
-    assert expected in failed[0].description and "re-run this partition" in failed[0].description
+    assert expected in failed[0].description and "marked FAIL: the retry schedule copies them again" in failed[0].description
+
+    # As the check says: the file is FAIL now, and the retry copies it again (before, it stayed SUCCESS, and
+    # re-runs skipped it: the object stayed wrong).
+    assert target.execute("SELECT status FROM migration_files WHERE new_uri = %s", (uri,)).fetchone()[0] == "FAIL"
+    assert retry_failed(make_job(files_env, target_url)).copied == 1
+    checked = dg.materialize([assets.copied_files], partition_key=key, instance=instance, resources=resources())
+    assert checked.success and all(e.passed for e in checked.get_asset_check_evaluations())
+    assert assert_bytes_equal(target, s3, bucket, source_root) == 5
 
 
 def test_a_run_outside_the_window_copies_nothing_and_says_when_it_opens(files_env, target, source_root, instance, monkeypatch):

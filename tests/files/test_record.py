@@ -43,3 +43,14 @@ def test_a_batch_is_recorded_column_for_column_and_re_recorded_over(target):
     store.record_results(target, [])
     store.record_results(target, [FileResult(3, "three", "three", None, "SUCCESS", unchanged=True)])
     assert len(rows(target)) == 3
+
+
+def test_an_outcome_of_a_file_deleted_from_source_files_meanwhile_is_left_out(target):
+    """A source row deleted while its range was copied: before, its outcome broke the foreign key and the
+    whole batch's outcomes were lost (the range failed). Now the others are recorded."""
+    for file_id in (1, 2):
+        target.execute("INSERT INTO source_files (file_id, file_uri, file_name) VALUES (%s, 'u', 'n')", (file_id,))
+    store.record_results(target, [FileResult(1, "one", "one", None, "FAIL", error="x"),
+                                  FileResult(9, "gone", "gone", None, "SUCCESS", "s3://b/gone", 1, "c" * 64, "c", "e"),
+                                  FileResult(2, "two", "two", None, "SUCCESS", "s3://b/two", 1, "b" * 64, "c", "e")])
+    assert [(row[0], row[5]) for row in rows(target)] == [(1, "FAIL"), (2, "SUCCESS")]

@@ -8,6 +8,7 @@ import pytest
 from migration_assets.core.settings import SettingsError
 from migration_assets.files.resources import FilesResource
 from migration_assets.files.settings import MIB, FilesSettings
+from migration_assets.files.mover import MAX_PARTS, part_size_for
 
 
 @pytest.mark.parametrize("variable, value, accepts", [
@@ -80,3 +81,12 @@ def test_the_resource_shows_the_values_in_force_and_a_run_may_set_only_some(monk
     [settings] = used
     assert settings.window.start == time(1, 0) and not settings.window.weekends
     assert settings.bucket == "archive-bucket" and settings.window.end == time(6, 0)
+
+
+def test_a_file_too_big_for_10000_parts_of_the_set_size_gets_bigger_parts():
+    """S3 takes at most 10,000 parts: at 8 MiB a 100 GiB file sent ~78 GiB per try, then was refused."""
+    assert part_size_for(100 * MIB, 8 * MIB) == 8 * MIB
+    assert part_size_for(10_000 * 8 * MIB, 8 * MIB) == 8 * MIB
+    size = 100 * 1024 * MIB
+    part = part_size_for(size, 8 * MIB)
+    assert part > 8 * MIB and -(-size // part) <= MAX_PARTS and -(-size // (part - 1)) > MAX_PARTS

@@ -249,3 +249,26 @@ def test_expansion_adds_aligned_ranges_and_reopens_a_completed_range_that_grew(f
 
     assert (added, reopened) == ([(200, 300)], [(100, 200)])
     assert store.all_ranges(target) == [(0, 100, "PENDING"), (100, 200, "PENDING"), (200, 300, "PENDING")]
+
+
+def test_listed_digests_and_sizes_are_read_as_inventories_write_them(files_env, target, target_url, s3, bucket, source_root):
+    """Upper-case hex (PowerShell's Get-FileHash), a padded empty CHAR(64), -1 for "size unknown": each file
+    copies. Before, each failed as "changed since it was listed", every retry reading it again. A digest
+    that is not one fails its file, saying so."""
+    ids = seed(target, source_root, 4)
+    uri = {i: target.execute("SELECT file_uri FROM source_files WHERE file_id = %s", (i,)).fetchone()[0] for i in ids}
+    digest = {i: hashlib.sha256((source_root / uri[i]).read_bytes()).hexdigest() for i in ids}
+    target.execute("UPDATE source_files SET sha256 = %s WHERE file_id = %s", (digest[ids[0]].upper(), ids[0]))
+    target.execute("UPDATE source_files SET sha256 = %s, size = -1 WHERE file_id = %s", (" " * 64, ids[1]))
+    target.execute("UPDATE source_files SET sha256 = %s WHERE file_id = %s", (digest[ids[2]], ids[2]))
+    target.execute("UPDATE source_files SET sha256 = %s WHERE file_id = %s", ("n/a", ids[3]))
+    target.commit()
+    job = make_job(files_env, target_url)
+
+    progress = migrate_claimed_range(job, claim(job))
+
+    assert (progress.copied, progress.failed) == (3, 1)
+    assert statuses(target) == {ids[0]: "SUCCESS", ids[1]: "SUCCESS", ids[2]: "SUCCESS", ids[3]: "FAIL"}
+    (error,) = target.execute("SELECT error FROM migration_files WHERE file_id = %s", (ids[3],)).fetchone()
+    assert "source_files.sha256 of file_id" in error and "'n/a', not a SHA-256 digest in hex" in error
+    assert assert_bytes_equal(target, s3, bucket, source_root) == 3

@@ -12,7 +12,7 @@ from websockets.sync.server import ServerConnection, serve
 
 from migration_assets.atproto import dagcbor
 from migration_assets.core.postgres import shared_pool
-from migration_assets.repos.follow import Follower, load_cursor
+from migration_assets.repos.follow import Follower, FollowReport, load_cursor
 from migration_assets.repos.resources import RepoSourceResource
 from migration_assets.repos.stream import Subscription
 from tests.ending import ends_within
@@ -21,6 +21,19 @@ from tests.ending import ends_within
 def identity_frame(seq: int) -> bytes:
     return dagcbor.encode({"op": 1, "t": "#identity"}) + dagcbor.encode(
         {"seq": seq, "did": f"did:plc:{'a' * 23}{seq % 10}", "time": "2026-12-05T10:00:00.000Z"})
+
+
+def follow(target_url: str, host: str, start_cursor: int, seconds: float) -> FollowReport:
+    """A follower of `host` (commits checked in this process) for `seconds`; its report."""
+    pool = shared_pool(target_url)
+    source = RepoSourceResource()
+    clients = source.clients(target_url)
+    try:
+        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets,
+                            start_cursor=start_cursor, check_processes=0)
+        return follower.run(seconds=seconds)
+    finally:
+        clients.close()
 
 
 @pytest.fixture
@@ -66,15 +79,7 @@ def test_a_seq_that_goes_back_neither_takes_the_cursor_back_nor_applies_twice(st
         connection.wait_closed()
 
     host = stream_host(stream)
-    pool = shared_pool(target_url)
-    source = RepoSourceResource()
-    clients = source.clients(target_url)
-    try:
-        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets,
-                            start_cursor=4, check_processes=0)
-        report = follower.run(seconds=2.0)
-    finally:
-        clients.close()
+    report = follow(target_url, host, start_cursor=4, seconds=2.0)
     assert (report.identities, report.skipped, report.cursor) == (2, 1, 6), report
     assert load_cursor(target, host) == 6
 
@@ -95,15 +100,7 @@ def test_a_frame_over_the_size_limit_is_stepped_past_not_met_on_every_reconnect(
         connection.wait_closed()
 
     host = stream_host(stream)
-    pool = shared_pool(target_url)
-    source = RepoSourceResource()
-    clients = source.clients(target_url)
-    try:
-        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets,
-                            start_cursor=0, check_processes=0)
-        report = follower.run(seconds=6.0)
-    finally:
-        clients.close()
+    report = follow(target_url, host, start_cursor=0, seconds=6.0)
     assert (report.identities, report.oversize, report.cursor) == (3, 1, 5), report
     assert asked[:2] == [0, 2], asked
     assert load_cursor(target, host) == 5
