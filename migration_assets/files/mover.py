@@ -27,7 +27,7 @@ from typing import Any, BinaryIO
 from botocore.exceptions import BotoCoreError, ClientError
 
 from migration_assets.files.bandwidth import SharedLimiter, throttled
-from migration_assets.files.paths import SourceRefused, open_under_root, relative_path
+from migration_assets.files.paths import SourceRefused, open_under_root, source_path
 from migration_assets.files.s3client import FastPut
 from migration_assets.files.settings import FilesSettings
 from migration_assets.files.store import FileResult, SourceFile
@@ -60,7 +60,7 @@ class S3Target:
             object.__setattr__(self, "_fast", fast if fast.available else None)
 
     def key_for(self, relative: PurePosixPath) -> str:
-        """The key of the file at `relative` under FILES_SOURCE_ROOT (paths.relative_path)."""
+        """The key of the file at `relative` under FILES_SOURCE_ROOT (paths.source_path)."""
         return self.prefix + relative.as_posix()
 
     def uri(self, key: str) -> str:
@@ -258,7 +258,7 @@ def copy_file(target: S3Target, root: Path, source: SourceFile, settings: FilesS
     if source.copied_sha256 is not None and source.copied_sha256 == source.sha256:
         return _unchanged(source)  # SUCCESS with the listed checksum: not even read
     try:
-        relative = relative_path(source.file_uri, root)
+        relative = source_path(source.file_uri, root)
         path = root / relative
         try:
             handle = open_under_root(root, relative, source.file_uri)

@@ -26,7 +26,7 @@ class SourceRefused(Exception):
     """This file_uri does not name a regular file under the root; the message says why and what to fix."""
 
 
-def relative_path(file_uri: str, root: Path) -> PurePosixPath:
+def relative_path(file_uri: str, root: Path, backslash_separates: bool = True) -> PurePosixPath:
     """The path under `root` that `file_uri` names (relative, absolute under the root, or file://).
     Pure (no disk access): `..` components are refused outright, never resolved. An absolute path
     must start with `root` as given (FilesSettings resolves FILES_SOURCE_ROOT's own symlinks)."""
@@ -48,7 +48,7 @@ def relative_path(file_uri: str, root: Path) -> PurePosixPath:
             raise refuse("is not UTF-8 once percent-decoded (S3 keys are UTF-8)") from None
         if not path.startswith("/"):
             raise refuse("is a file: URI without an absolute path")
-    posix = PurePosixPath(path.replace("\\", "/"))
+    posix = PurePosixPath(path.replace("\\", "/") if backslash_separates else path)
     if "\0" in path or ".." in posix.parts:
         raise refuse("contains '..' or a NUL byte; paths must stay under the root")
     if posix.is_absolute():
@@ -58,6 +58,22 @@ def relative_path(file_uri: str, root: Path) -> PurePosixPath:
     if not posix.parts:
         raise refuse("names no file")
     return posix
+
+
+def source_path(file_uri: str, root: Path) -> PurePosixPath:
+    """`relative_path`, a backslash read as a separator (a Windows inventory's `dir\\file`) unless the
+    name as written exists under the root (a POSIX name may hold one). When both exist, which file the
+    row means can't be told: refused (before, `dir\\x` was copied, and recorded, from `dir/x`)."""
+    relative = relative_path(file_uri, root)
+    if "\\" not in file_uri:
+        return relative
+    literal = relative_path(file_uri, root, backslash_separates=False)
+    if not os.path.lexists(root / literal):
+        return relative
+    if os.path.lexists(root / relative):
+        raise SourceRefused(f"file_uri {file_uri!r} names both {literal} (a backslash in its name) and {relative} "
+                            f"(a backslash as a separator) under {root}: rename one of them, then retry")
+    return literal
 
 
 def open_under_root(root: Path, relative: PurePosixPath, file_uri: str) -> BinaryIO:

@@ -103,8 +103,9 @@ ON CONFLICT (min_id, max_id) DO NOTHING RETURNING min_id, max_id
 
 def expand_ranges(conn: psycopg.Connection, size: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Add ranges of up to `size` ids for source files no range covers yet (_ADD_RANGES); reopen
-    COMPLETE ranges that gained files since they completed. Set-based: the ids never come to Python.
-    Returns (added, reopened)."""
+    COMPLETE ranges holding a source file without an outcome: one listed since they completed, below
+    the ids they saw too (an id taken by a transaction that committed later, a backfill with explicit
+    ids). Set-based: the ids never come to Python. Returns (added, reopened)."""
     with conn.transaction():
         # One expansion at a time (two would see the same gaps); claims and heartbeats are not held up.
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('files: expand migration_ranges'))")
@@ -112,7 +113,8 @@ def expand_ranges(conn: psycopg.Connection, size: int) -> tuple[list[tuple[int, 
         reopened = conn.execute(
             "UPDATE migration_ranges r SET status = 'PENDING', last_updated = now() "
             "WHERE status = 'COMPLETE' AND EXISTS (SELECT 1 FROM source_files s "
-            "  WHERE s.file_id > coalesce(r.covered_through, r.min_id - 1) AND s.file_id < r.max_id) "
+            "  WHERE s.file_id >= r.min_id AND s.file_id < r.max_id "
+            "  AND NOT EXISTS (SELECT 1 FROM migration_files m WHERE m.file_id = s.file_id)) "
             "RETURNING min_id, max_id"
         ).fetchall()
     return sorted(added), sorted(reopened)

@@ -251,6 +251,27 @@ def test_expansion_adds_aligned_ranges_and_reopens_a_completed_range_that_grew(f
     assert store.all_ranges(target) == [(0, 100, "PENDING"), (100, 200, "PENDING"), (200, 300, "PENDING")]
 
 
+def test_a_completed_range_reopens_for_a_file_listed_below_the_ids_it_saw(files_env, target, target_url, source_root):
+    """An id taken earlier and committed later (or given explicitly): before, only ids above the highest
+    one a completed range saw reopened it, and this file was never copied."""
+    ids = seed(target, source_root, 10)
+    job = make_job(files_env, target_url)
+    migrate_claimed_range(job, claim(job))
+    target.execute("DELETE FROM migration_files WHERE file_id = %s", (ids[3],))
+    target.execute("DELETE FROM source_files WHERE file_id = %s", (ids[3],))  # as if not committed yet
+    target.commit()
+    migrate_claimed_range(job, claim(job))  # the range completes having seen ids up to ids[-1]
+    assert store.all_ranges(target) == [(0, 100, "COMPLETE")]
+    (source,) = [p for p in source_root.rglob("*") if p.is_file()][:1]
+    target.execute("INSERT INTO source_files (file_id, file_uri, file_name) VALUES (%s, %s, 'late')",
+                   (ids[3], source.relative_to(source_root).as_posix()))
+    target.commit()
+
+    assert store.expand_ranges(target, 100) == ([], [(0, 100)])
+    migrate_claimed_range(job, claim(job))  # its bytes are an object already there: found, not sent again
+    assert statuses(target)[ids[3]] == "SUCCESS" and store.all_ranges(target) == [(0, 100, "COMPLETE")]
+
+
 def test_listed_digests_and_sizes_are_read_as_inventories_write_them(files_env, target, target_url, s3, bucket, source_root):
     """Upper-case hex (PowerShell's Get-FileHash), a padded empty CHAR(64), -1 for "size unknown": each file
     copies. Before, each failed as "changed since it was listed", every retry reading it again. A digest
@@ -272,3 +293,28 @@ def test_listed_digests_and_sizes_are_read_as_inventories_write_them(files_env, 
     (error,) = target.execute("SELECT error FROM migration_files WHERE file_id = %s", (ids[3],)).fetchone()
     assert "source_files.sha256 of file_id" in error and "'n/a', not a SHA-256 digest in hex" in error
     assert assert_bytes_equal(target, s3, bucket, source_root) == 3
+
+
+def test_a_backslash_is_a_separator_unless_the_name_holds_one_and_both_existing_is_refused(
+    files_env, target, target_url, s3, bucket, source_root
+):
+    """`win\\a.txt` (a Windows inventory) is `win/a.txt`; `posix\\b.txt` is a POSIX file of that very name;
+    `both\\c.txt` names a file that exists both ways. Before, the last was copied from `both/c.txt` and
+    recorded SUCCESS, the real file never copied; the second failed as missing."""
+    for relative, data in {"win/a.txt": b"a", "posix\\b.txt": b"b", "both/c.txt": b"slash", "both\\c.txt": b"back"}.items():
+        (source_root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (source_root / relative).write_bytes(data)
+    for uri in ("win\\a.txt", "posix\\b.txt", "both\\c.txt"):
+        target.execute("INSERT INTO source_files (file_uri, file_name) VALUES (%s, 'f')", (uri,))
+    store.expand_ranges(target, 100)
+    target.commit()
+    job = make_job(files_env, target_url)
+
+    migrate_claimed_range(job, claim(job))
+
+    outcome = dict(target.execute("SELECT s.file_uri, m.status FROM migration_files m JOIN source_files s USING (file_id)"))
+    assert outcome == {"win\\a.txt": "SUCCESS", "posix\\b.txt": "SUCCESS", "both\\c.txt": "FAIL"}
+    assert s3.get_object(Bucket=bucket, Key="archive/win/a.txt")["Body"].read() == b"a"
+    assert s3.get_object(Bucket=bucket, Key="archive/posix\\b.txt")["Body"].read() == b"b"
+    (error,) = target.execute("SELECT error FROM migration_files WHERE status = 'FAIL'").fetchone()
+    assert "names both both\\c.txt (a backslash in its name) and both/c.txt" in error
