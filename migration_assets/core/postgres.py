@@ -3,6 +3,7 @@ Pure core (no Dagster): the Dagster resource over it is core/resources.py."""
 
 import re
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -12,6 +13,19 @@ from psycopg_pool import ConnectionPool
 from migration_assets.core.schema import apply_migrations
 
 _pools: dict[tuple[str, str | None], ConnectionPool] = {}
+# A connection that sat in the pool this long is checked (one round trip) before it is handed out: the
+# server may have closed it meanwhile (idle_session_timeout, a failover, a firewall's idle cut), and a
+# run would fail on it. One back sooner is handed out as it is: the hot paths pay nothing.
+CHECK_AFTER_IDLE_SECONDS = 30.0
+
+
+def _returned(conn: psycopg.Connection) -> None:
+    conn._idle_since = time.monotonic()  # type: ignore[attr-defined]
+
+
+def _check_if_idle(conn: psycopg.Connection) -> None:
+    if time.monotonic() - getattr(conn, "_idle_since", 0.0) >= CHECK_AFTER_IDLE_SECONDS:
+        ConnectionPool.check_connection(conn)  # raises on a closed one: the pool opens another
 _pools_lock = threading.Lock()
 
 
@@ -27,7 +41,8 @@ def shared_pool(url: str, max_size: int = 8, schema: str | None = None, migratio
                 apply_migrations(conn, schema, prefix=migrations)
             options = {} if schema is None else {"options": f"-c search_path={schema}"}
             name = "migration-target" if schema is None else f"migration-target-{schema}"
-            pool = ConnectionPool(url, kwargs=options, min_size=1, max_size=max_size, open=True, name=name)
+            pool = ConnectionPool(url, kwargs=options, min_size=1, max_size=max_size, open=True, name=name,
+                                  check=_check_if_idle, reset=_returned)
             _pools[(url, schema)] = pool
         elif pool.max_size < max_size:
             pool.resize(pool.min_size, max_size)

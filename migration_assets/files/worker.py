@@ -199,15 +199,15 @@ def migrate_claimed_range(job: RangeJob, claim: Claim, on_progress: Callable[[Pr
     probe = claim.attempts > 1
 
     lost = f"lost the claim on range [{claim.min_id}, {claim.max_id}) (lease expired and taken over)"
-    with beating(job, claim), job.pool.connection() as conn:
+    with beating(job, claim):
         def stop_reason() -> str | None:
             return lost if claim.lease.lost else job.window_stop()
 
         def record(results: list[FileResult]) -> None:
             if not results or claim.lease.lost:
                 return
-            try:
-                with claim.lease.holding(conn, claim.range_id, keep=True):
+            try:  # a connection per batch: one held idle through a long upload may be closed by the server
+                with job.pool.connection() as conn, claim.lease.holding(conn, claim.range_id, keep=True):
                     store.record_results(conn, results, commit=False)
             except LeaseLost:
                 return  # the new holder copies and records these files again
@@ -219,8 +219,9 @@ def migrate_claimed_range(job: RangeJob, claim: Claim, on_progress: Callable[[Pr
         copy = lambda f: copy_file(job.target, job.settings.source_root, f, job.settings, probe or f.status is not None)  # noqa: E731
         progress.stopped = copy_all(todo, copy, job.settings.concurrency, stop_reason, record)
         progress.finished = time.monotonic()
-        ended = (store.release(conn, claim) if progress.stopped
-                 else store.complete(conn, claim, files[-1].file_id if files else None))
+        with job.pool.connection() as conn:
+            ended = (store.release(conn, claim) if progress.stopped
+                     else store.complete(conn, claim, files[-1].file_id if files else None))
         if not ended:
             progress.stopped = lost
     return progress

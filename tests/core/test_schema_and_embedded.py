@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 
-from migration_assets.core import embedded
+from migration_assets.core import embedded, postgres
 from migration_assets.core.postgres import shared_pool
 from migration_assets.core.resources import PostgresResource
 from migration_assets.core.schema import apply_migrations, available_migrations
@@ -70,3 +70,18 @@ def test_a_caller_needing_more_connections_grows_the_shared_pool(target_url):
     with ThreadPoolExecutor(18) as threads:
         held = list(threads.map(hold, range(18)))
     assert len(set(held)) == 18
+
+
+def test_a_pooled_connection_the_server_closed_while_idle_is_replaced(target_url, monkeypatch):
+    """The server ends an idle session (idle_session_timeout, a failover, a firewall's idle cut): before,
+    the pool handed the dead connection out and the run failed on its first statement."""
+    monkeypatch.setattr(postgres, "CHECK_AFTER_IDLE_SECONDS", 0.0)
+    pool = shared_pool(target_url)
+    with pool.connection() as conn:
+        pids = {conn.info.backend_pid}
+    with psycopg.connect(target_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s)", (list(pids),))
+    for _ in range(len(pids) + 1):
+        with pool.connection() as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert conn.info.backend_pid not in pids
