@@ -1,4 +1,5 @@
-"""A loopback HTTP proxy in front of a real server that can rewrite responses: a corrupt source."""
+"""A loopback HTTP proxy in front of a real server that can rewrite responses: a corrupt source, or an
+answer of another status (a throttled DynamoDB)."""
 
 import threading
 from collections.abc import Callable, Iterator
@@ -7,8 +8,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
-# (request headers, request body, response body) -> new response body
-Rewrite = Callable[[dict[str, str], bytes, bytes], bytes]
+# (request headers, request body, response body) -> new response body, or (status, body)
+Rewrite = Callable[[dict[str, str], bytes, bytes], bytes | tuple[int, bytes]]
+THROTTLED = (400, b'{"__type":"com.amazonaws.dynamodb.v20120810#ProvisionedThroughputExceededException",'
+                  b'"message":"The level of configured provisioned throughput for the table was exceeded"}')
 
 _HOP_HEADERS = {"host", "content-length", "connection", "transfer-encoding", "x-amz-crc32"}
 
@@ -23,7 +26,8 @@ def fault_proxy(upstream: str, rewrite: Rewrite) -> Iterator[str]:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_HEADERS}
             reply = client.post(self.path, content=body, headers=headers)
             content = rewrite(dict(self.headers), body, reply.content)
-            self.send_response(reply.status_code)
+            status, content = content if isinstance(content, tuple) else (reply.status_code, content)
+            self.send_response(status)
             for name, value in reply.headers.items():
                 if name.lower() not in _HOP_HEADERS:  # the CRC no longer matches a rewritten body
                     self.send_header(name, value)

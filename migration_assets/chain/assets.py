@@ -3,9 +3,12 @@
 from dataclasses import dataclass
 
 import dagster as dg
+import psycopg
+from botocore.exceptions import BotoCoreError, ClientError
 
 from migration_assets.chain import checks, event_checks
 from migration_assets.chain.blocks import BlockRangeRequest, BlockRangeResult, migrate_block_range
+from migration_assets.chain.event_source import TableThrottled
 from migration_assets.chain.events import EventRangeRequest, EventRangeResult, MissingBlocksError, migrate_event_range
 from migration_assets.chain.partitions import block_ranges, event_ranges
 from migration_assets.chain.ranges import parse_range_key
@@ -18,8 +21,17 @@ SYNC_TAG = "migration-assets/sync"  # runs requested by the continuous-sync sens
 SYNC_ASSET_TAG = "migration-assets/sync-asset"  # and the asset each is for (range keys repeat across assets)
 MISSING_BLOCK_HEIGHTS = "missing_block_heights"  # [first, last] on an event range's failure
 # Continuous sync launches a range's block and event runs together: a synced event run whose blocks
-# have not landed yet is retried (within 30 s, 90 s, 210 s, ...: full jitter) instead of failing.
+# have not landed yet is retried (within 30 s, 90 s, 210 s, ...: full jitter) instead of failing. So is
+# a run of either asset that met an error a later try may get past (TRANSIENT_ERRORS): the sensor asks
+# for each completed range once, and a range whose run failed on a throttling burst stayed unsynced.
 SYNC_RETRY = step_retry_policy(max_retries=5, base_seconds=30)
+# DynamoDB throttling or an endpoint's error or connection (after botocore's own tries), keys left
+# unprocessed, the target's connection lost. Anything else (a malformed item) fails at once, named.
+TRANSIENT_ERRORS = (BotoCoreError, ClientError, TableThrottled, psycopg.OperationalError)
+
+
+def _failed_for_good(error: Exception) -> dg.Failure:
+    return dg.Failure(description=f"{type(error).__name__}: {error}", allow_retries=False)
 
 _BLOCK_CHECKS = {
     checks.CHECK_BLOCK_COUNT: "block_metadata rows per height = distinct blocks in the source",
@@ -91,6 +103,7 @@ def chain_assets(
         group_name=network.prefixed("chain"),
         kinds={"dynamodb", "postgres"},
         pool="chain_dynamodb",
+        retry_policy=SYNC_RETRY,
         description="Every block of each height (reorged ones first, the canonical last) from DynamoDB "
         "into block_metadata, and the canonical one into canonical_blocks.",
     )
@@ -119,7 +132,12 @@ def chain_assets(
                 f"{len(result.missing_canonical)} without canonical"
             )
 
-        result = migrate_block_range(request, network_pool(postgres, network.schema), on_progress=progress)
+        try:
+            result = migrate_block_range(request, network_pool(postgres, network.schema), on_progress=progress)
+        except TRANSIENT_ERRORS:
+            raise  # SYNC_RETRY
+        except Exception as error:
+            raise _failed_for_good(error) from error
         if result.missing_canonical:
             context.log.warning(
                 f"{len(result.missing_canonical)} heights have blocks but no canonical item: "
@@ -170,9 +188,10 @@ def chain_assets(
                 description=str(error), allow_retries=False,
                 metadata={MISSING_BLOCK_HEIGHTS: dg.MetadataValue.json([min(error.heights), max(error.heights)])},
             ) from error
+        except TRANSIENT_ERRORS:
+            raise  # SYNC_RETRY
         except Exception as error:
-            # Only missing blocks come right by waiting; anything else fails now, naming its cause.
-            raise dg.Failure(description=f"{type(error).__name__}: {error}", allow_retries=False) from error
+            raise _failed_for_good(error) from error
         return dg.MaterializeResult(
             metadata=event_range_metadata(result),
             check_results=[check_result(outcome) for outcome in result.checks],

@@ -33,6 +33,10 @@ UNPROCESSED_BACKOFF = Backoff(base=0.05, cap=5.0)  # waits before re-asking for 
 UNPROCESSED_MAX_SECONDS = 300.0
 
 
+class TableThrottled(RuntimeError):
+    """BatchGetItem kept keys unprocessed past UNPROCESSED_MAX_SECONDS."""
+
+
 class NoEventHistory(SourceDataError):
     """The event table has no event history yet (its watermark is chainstorage's deleted sentinel)."""
 
@@ -148,7 +152,7 @@ def batch_get(client: Any, table: str, keys: list[dict[str, Any]], max_seconds: 
         sleep(delay)
         waited += delay
     left = len(request[table]["Keys"])
-    raise RuntimeError(f"{table}: {left} keys still unprocessed after {attempt} BatchGetItem attempts in {waited:.0f} s; "
+    raise TableThrottled(f"{table}: {left} keys still unprocessed after {attempt} BatchGetItem attempts in {waited:.0f} s; "
                        "the table is throttled: lower read_concurrency or raise its capacity, then re-run")
 
 

@@ -75,3 +75,16 @@ def materialize_events(instance: dg.DagsterInstance, start: int, end: int, tags=
         [block_events], partition_key=key, instance=instance, resources=resources, raise_on_error=False,
         tags=tags or {},
     )
+
+
+def quick_sync_retries(monkeypatch, asset=None) -> None:
+    """An asset's retry policy (the event asset's by default) with its waits cut from half minutes to
+    milliseconds."""
+    from migration_assets.chain.assets import SYNC_RETRY, block_events
+    from migration_assets.core.dagster_glue import step_retry_policy
+
+    monkeypatch.setattr((asset or block_events).op, "_retry_policy", step_retry_policy(SYNC_RETRY.max_retries, 0.01))
+
+
+def step_retries(result) -> int:
+    return sum(1 for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY")

@@ -8,9 +8,9 @@ from migration_assets.devstack.sample_chain import block_hash, sample_chain
 from migration_assets.devstack.sample_events import ADDED, REMOVED, chain_events, event_item, watermark_item
 from tests.chain.helpers import (
     TAG, check_outcomes, failure_text, linear_chain, materialize_events, materialize_range,
-    orphan, seed,
+    orphan, quick_sync_retries, seed, step_retries,
 )
-from tests.fault_proxy import fault_proxy
+from tests.fault_proxy import THROTTLED, fault_proxy
 
 
 def seed_chain(dynamodb, block_table, event_table, heights, **chain_options):
@@ -191,18 +191,6 @@ def test_rule_check_warns_on_a_suspicious_source(instance, dynamodb, block_table
     assert "event 5 at height 1: removed after a removal at 3" in rules.description
 
 
-def quick_sync_retries(monkeypatch) -> None:
-    """The event asset's retry policy with its waits cut from half minutes to milliseconds."""
-    from migration_assets.chain.assets import SYNC_RETRY, block_events
-    from migration_assets.core.dagster_glue import step_retry_policy
-
-    monkeypatch.setattr(block_events.op, "_retry_policy", step_retry_policy(SYNC_RETRY.max_retries, 0.01))
-
-
-def step_retries(result) -> int:
-    return sum(1 for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY")
-
-
 def test_a_synced_event_run_waits_for_its_blocks_instead_of_failing(
     instance, dynalite, dynamodb, block_table, event_table, target, monkeypatch
 ):
@@ -262,3 +250,27 @@ def test_worker_processes_read_exactly_what_threads_read(dynamodb, event_table):
     in_threads = flat(read_events(dynamodb, events_name, layout, 1, end, 8))
     in_processes = flat(read_events(dynamodb, events_name, layout, 1, end, 8, processes=2, client_spec=spec))
     assert in_processes == in_threads and len(in_threads) == len(events) - 1
+
+
+def test_an_event_run_throttled_once_is_tried_again_not_failed_for_good(
+    instance, dynalite, dynamodb, block_table, event_table, target, monkeypatch
+):
+    """DynamoDB throttling past botocore's own tries (here: two tries, both throttled): before,
+    it failed the range for good, and the sync sensor, having asked for it once, never asked again."""
+    quick_sync_retries(monkeypatch)
+    seed_chain(dynamodb, block_table, event_table, 20)
+    assert materialize_range(instance, 0, 20).success
+    throttled = []
+
+    def throttle_once(headers, request, response):
+        if headers.get("X-Amz-Target", "").endswith(".BatchGetItem") and len(throttled) < 2:  # botocore tries twice
+            throttled.append(1)
+            return THROTTLED
+        return response
+
+    with fault_proxy(dynalite, throttle_once) as proxy_url:
+        result = materialize_events(instance, 0, 1000, chain_source=ChainSourceResource(endpoint_url=proxy_url,
+                                                                                          max_attempts=1))
+
+    assert result.success, failure_text(result)
+    assert step_retries(result) == 1 and throttled == [1, 1]

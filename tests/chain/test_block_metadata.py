@@ -2,11 +2,14 @@
 
 import pytest
 
+from migration_assets.chain.assets import block_metadata
+from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.devstack.sample_chain import block_hash, block_item, sample_chain
 from tests.chain.helpers import (
     TAG, canonical_pair, check_outcomes, failure_text, linear_chain, materialization_metadata, materialize_range,
-    orphan, seed, skipped,
+    orphan, quick_sync_retries, seed, skipped, step_retries,
 )
+from tests.fault_proxy import THROTTLED, fault_proxy
 
 
 def blocks_by_height(conn, height):
@@ -138,3 +141,27 @@ def test_worker_processes_report_a_malformed_item(dynamodb, block_table):
                                 client_spec=ChainSourceResource().client_spec())
     with pytest.raises(SourceDataError, match=f"malformed block item {TAG}-1100/.*missing attribute 'tag'"):
         list(read_heights(request, 1200))
+
+
+def test_a_block_run_throttled_once_is_tried_again_and_a_malformed_item_is_not(instance, dynalite, dynamodb,
+                                                                              block_table, target, monkeypatch):
+    """A throttled Query past botocore's own tries failed the range for good (the block asset had no retry
+    policy), and the sync sensor never asked for it again. A malformed item still fails at once."""
+    quick_sync_retries(monkeypatch, block_metadata)
+    seed(dynamodb, block_table, linear_chain(0, 10))
+    attempts = []
+
+    def throttled_in_the_first_attempt(headers, request, response):
+        target = headers.get("X-Amz-Target", "")
+        if target.endswith(".GetItem"):  # each try of the step starts with the watermark
+            attempts.append(1)
+        return THROTTLED if target.endswith(".Query") and len(attempts) == 1 else response
+
+    with fault_proxy(dynalite, throttled_in_the_first_attempt) as proxy_url:
+        result = materialize_range(instance, 0, 10, chain_source=ChainSourceResource(endpoint_url=proxy_url, max_attempts=1))
+    assert result.success, failure_text(result)
+    assert step_retries(result) == 1 and len(attempts) == 2 and len(blocks_by_height(target, 9)) == 1
+
+    seed(dynamodb, block_table, [{**linear_chain(10, 11)[0], "height": {"S": "10"}}])
+    malformed = materialize_range(instance, 10, 20)
+    assert not malformed.success and step_retries(malformed) == 0 and "must be an integer" in failure_text(malformed)
