@@ -14,6 +14,7 @@ from psycopg_pool import ConnectionPool
 
 from migration_assets.chain.checks import SourceSummary, run_block_checks
 from migration_assets.chain.loader import load_heights
+from migration_assets.chain.items import NothingToRead
 from migration_assets.chain.source import HeightBlocks, latest_height, read_height
 from migration_assets.core.aws import DynamoClientSpec, cached_client
 from migration_assets.core.checks import CheckOutcome
@@ -97,6 +98,10 @@ def migrate_block_range(
     result = BlockRangeResult(request.tag, request.start, request.end)
     tip = latest_height(request.client, request.table, request.tag)
     result.read_end = request.end if tip is None else max(request.start, min(request.end, tip + 1))
+    if result.read_end <= request.start:  # before: materialized with no block, every check passing
+        raise NothingToRead(f"{request.table}: heights [{request.start}, {request.end}) are past the chain's tip "
+                            f"(height {tip}): nothing to read yet; run the range once the chain has reached it "
+                            "(the sync sensor does)")
 
     chunk: list[HeightBlocks] = []
     with pool.connection() as conn:

@@ -15,6 +15,7 @@ from psycopg_pool import ConnectionPool
 from migration_assets.chain.event_checks import run_event_checks
 from migration_assets.chain.event_loader import load_events
 from migration_assets.chain.event_source import EventItem, EventLayout, max_event_id, read_events
+from migration_assets.chain.items import NothingToRead
 from migration_assets.core.aws import DynamoClientSpec
 from migration_assets.core.checks import CheckOutcome, listing
 
@@ -76,9 +77,14 @@ def migrate_event_range(
     started = time.monotonic()
     layout = EventLayout(request.event_tag)
     result = EventRangeResult(request.event_tag, request.start, request.end)
-    watermark = max_event_id(request.client, request.table, layout) or 0
+    watermark = max_event_id(request.client, request.table, layout)
     first = result.read_start = max(request.start, 1)  # event ids start at 1
-    result.read_end = max(first, min(request.end, watermark + 1))
+    result.read_end = max(first, min(request.end, (watermark or 0) + 1))
+    if result.read_end <= first:  # before: materialized with no event, every check passing
+        tip = "it has no event watermark item" if watermark is None else f"its watermark is event {watermark}"
+        raise NothingToRead(f"{request.table}: events [{request.start}, {request.end}) are past the source's tip "
+                            f"({tip}): nothing to read yet; run the range once the chain has reached it "
+                            "(the sync sensor does)")
 
     gaps: list[int] = []
     missing_blocks: set[tuple[int, str | None]] = set()

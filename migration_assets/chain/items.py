@@ -24,6 +24,10 @@ class SourceDataError(Exception):
     """The source holds data that cannot be migrated as it is; the message names the item."""
 
 
+class NothingToRead(SourceDataError):
+    """The range lies past the source's watermark: there is nothing in it to read yet."""
+
+
 class ItemReader:
     """The attributes of one raw DynamoDB item of `table`, read by type. An absent or NULL attribute
     takes the default given; without one it is missing, and the item malformed."""

@@ -274,3 +274,15 @@ def test_an_event_run_throttled_once_is_tried_again_not_failed_for_good(
 
     assert result.success, failure_text(result)
     assert step_retries(result) == 1 and throttled == [1, 1]
+
+
+def test_an_event_table_without_a_watermark_fails_saying_there_is_nothing_to_read(
+    instance, dynamodb, block_table, event_table, target
+):
+    """Before, a missing watermark read as 0: the range materialized with no event, every check passing."""
+    events_name, layout = event_table
+    blocks, events = seed_chain(dynamodb, block_table, event_table, 20)
+    assert materialize_range(instance, 0, 20).success
+    dynamodb.delete_item(TableName=events_name, Key=layout.watermark_key())
+    result = materialize_events(instance, 0, 1000)
+    assert not result.success and "it has no event watermark item): nothing to read yet" in failure_text(result)

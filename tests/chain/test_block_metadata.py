@@ -165,3 +165,11 @@ def test_a_block_run_throttled_once_is_tried_again_and_a_malformed_item_is_not(i
     seed(dynamodb, block_table, [{**linear_chain(10, 11)[0], "height": {"S": "10"}}])
     malformed = materialize_range(instance, 10, 20)
     assert not malformed.success and step_retries(malformed) == 0 and "must be an integer" in failure_text(malformed)
+
+
+def test_a_range_past_the_tip_fails_saying_there_is_nothing_to_read_yet(instance, dynamodb, block_table, target):
+    """Before, it materialized with no block and every check passing: a green partition with no data."""
+    seed(dynamodb, block_table, list(sample_chain(TAG, 0, 12)))
+    result = materialize_range(instance, 20, 30)
+    assert not result.success and step_retries(result) == 0
+    assert "heights [20, 30) are past the chain's tip (height 11): nothing to read yet" in failure_text(result)
