@@ -34,13 +34,12 @@ class Deadline:
         self.seconds = seconds
         self.what = what
         self.per_byte = 1.0 / min_bytes_per_second if min_bytes_per_second else 0.0
-        self.ends = 0.0
         self.restart()
 
     def restart(self) -> None:
         """A new attempt: the full time again, no bytes counted yet."""
         self.ends = time.monotonic() + self.seconds
-        self.moved = 0
+        self.moved = 0  # bytes read and written in this attempt
 
     def left(self, timeout: float | None, error: type[Exception]) -> float:
         """The timeout for the next socket operation: `timeout` (httpx's per-operation one) or the time

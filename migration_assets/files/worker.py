@@ -253,6 +253,10 @@ def retry_failed(job: RangeJob, on_progress: Callable[[Progress], None] | None =
     The batch's file ids come back in `batch_ids` (for its failure report)."""
     progress = Progress()
     with job.pool.connection() as conn, conn.transaction():
+        # The transaction holds the batch's rows through their uploads, and one big file can outlast a
+        # server's idle_in_transaction_session_timeout: killed, the batch rolled back with nothing
+        # recorded, and the next run took the same files again, without end.
+        conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
         files = store.claim_retries(conn, job.settings.max_retries, job.settings.retry_batch)
         progress.listed = len(files)
         progress.batch_ids = [f.file_id for f in files]

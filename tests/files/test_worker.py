@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 
-from migration_assets.files import store
+from migration_assets.core.postgres import close_pools
+from migration_assets.files import store, worker
 from migration_assets.files.seed import seed_files
 from migration_assets.files.settings import FilesSettings
 from migration_assets.files.store import ClaimRefused
@@ -318,3 +320,27 @@ def test_a_backslash_is_a_separator_unless_the_name_holds_one_and_both_existing_
     assert s3.get_object(Bucket=bucket, Key="archive/posix\\b.txt")["Body"].read() == b"b"
     (error,) = target.execute("SELECT error FROM migration_files WHERE status = 'FAIL'").fetchone()
     assert "names both both\\c.txt (a backslash in its name) and both/c.txt" in error
+
+
+def test_a_retry_batch_outlasting_the_servers_idle_in_transaction_limit_is_recorded(
+    files_env, target, target_url, source_root, monkeypatch
+):
+    """One upload longer than idle_in_transaction_session_timeout (1 s here; managed servers set minutes):
+    before, the server killed the batch's transaction, nothing was recorded, and every run took the same
+    files again."""
+    ids = seed(target, source_root, 3)
+    target.execute("INSERT INTO migration_files (file_id, old_uri, status, retry_count, error) "
+                   "SELECT file_id, file_uri, 'FAIL', 0, 'earlier' FROM source_files")
+    target.execute(f'ALTER DATABASE "{target.info.dbname}" SET idle_in_transaction_session_timeout = \'1s\'')
+    close_pools()  # new connections take the setting
+    copy = worker.copy_file
+
+    def slow(target_, root, source, settings, probe):
+        if source.file_id == ids[-1]:
+            time.sleep(2.5)  # a big file: nothing written to the database meanwhile
+        return copy(target_, root, source, settings, probe)
+
+    monkeypatch.setattr(worker, "copy_file", slow)
+    progress = retry_failed(make_job(files_env, target_url))
+
+    assert progress.copied == 3 and set(statuses(target).values()) == {"SUCCESS"}
