@@ -309,7 +309,7 @@ def test_dockerfile_installs_the_project_as_non_root():
     ignored = {line.strip() for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     sources = [src for op, args in instructions if op == "COPY" for src in args.split()[:-1]]
-    assert {"pyproject.toml", "migration_assets"} <= set(sources)
+    assert {"pyproject.toml", "setup.py", "migration_assets"} <= set(sources)
     for src in sources:
         assert (PROJECT_ROOT / src).exists(), f"COPY {src}: not in the checkout"
         assert src.split("/")[0] not in ignored, f"COPY {src}: excluded by .dockerignore"

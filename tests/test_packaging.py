@@ -24,7 +24,7 @@ PYPROJECT = PROJECT_ROOT / "pyproject.toml"
 # Run by the fresh venv's python: imports every module (an undeclared dependency fails here) and
 # finds the data files the code reads at run time inside the installed package.
 CHECK_INSTALLED = r"""
-import importlib, importlib.resources, json, pkgutil, sys
+import importlib, importlib.resources, importlib.util, json, pkgutil, sys
 import yaml
 import migration_assets
 from migration_assets.core import instance, pools, schema
@@ -37,6 +37,7 @@ print(json.dumps({
     "pools": pools.project_pool_limits(), "instance_config": sorted(yaml.safe_load(instance.INSTANCE_CONFIG.read_text())),
     "migrations": len(schema.available_migrations()),
     "dynalite": importlib.resources.files("migration_assets.devstack").joinpath("dynalite.js").is_file(),
+    "compiled_parse": importlib.util.find_spec("migration_assets.atproto._fastrepo") is not None,
 }))
 """
 
@@ -47,9 +48,9 @@ def installed(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("packaging")
     source = root / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(PROJECT_ROOT / name, source / name)
-    shutil.copytree(PACKAGE_ROOT, source / "migration_assets", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PACKAGE_ROOT, source / "migration_assets", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-input", str(source)],
@@ -88,6 +89,7 @@ def test_installed_package_imports_everything_and_has_its_data_files(installed, 
     assert found["pools"]["atproto_blobs"] == 15
     assert {"storage", "run_coordinator", "concurrency"} <= set(found["instance_config"])
     assert found["migrations"] >= 1 and found["dynalite"]
+    assert found["compiled_parse"], "the install built no migration_assets/atproto/_fastrepo.c (setup.py)"
 
 
 @pytest.mark.timeout(1200)

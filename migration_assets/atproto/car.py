@@ -222,13 +222,22 @@ def read_blocks(data: bytes, *, max_size: int) -> dict[bytes, bytes]:
     return blocks if blocks is not None else dict(CarReader(iter([data]), max_size=max_size).links())
 
 
+def usual_header(data: bytes) -> tuple[list[CID], int] | None:
+    """(roots, where the sections start) of a CAR held in memory whose header is of the usual shape, with
+    a one-byte length; None to leave it to CarReader, which decides and words it."""
+    if not data or data[0] >= 0x80:
+        return None
+    start = 1 + data[0]
+    roots = _usual_roots(data[1:start]) if 1 < start <= len(data) else None
+    return None if roots is None else (roots, start)
+
+
 def _read_usual_blocks(data: bytes, max_size: int) -> dict[bytes, bytes] | None:
     end = len(data)
-    if not 0 < end <= max_size or data[0] >= 0x80:
+    header = usual_header(data) if end <= max_size else None
+    if header is None:
         return None
-    pos = 1 + data[0]
-    if not 1 < pos <= end or _usual_roots(data[1:pos]) is None:
-        return None
+    pos = header[1]
     blocks: dict[bytes, bytes] = {}
     sha256, prefixes = hashlib.sha256, CODEC_OF_PREFIX
     while pos < end:

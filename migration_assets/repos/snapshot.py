@@ -14,6 +14,7 @@ before it, and records a collection filter or a missing signal collection leaves
 nothing. The MST is still walked (and so verified) whole.
 """
 
+import itertools
 import json
 import marshal
 import tempfile
@@ -24,17 +25,26 @@ from typing import IO
 
 
 from migration_assets.atproto import dagcbor
-from migration_assets.atproto.car import CarError, CarReader
+from migration_assets.atproto.car import CarError, CarReader, usual_header
 from migration_assets.atproto.cid import CID, link_text
 from migration_assets.atproto.errors import AtprotoFormatError
-from migration_assets.atproto.mst import Commit, walk_links
+from migration_assets.atproto.mst import Commit, parse_signed_commit, walk_links
 from migration_assets.atproto.repo import collect_repo_blocks
 from migration_assets.atproto.signature import verify_commit
+from migration_assets.atproto.syntax import is_valid_nsid
+
+try:  # the compiled parse (setup.py builds it); without it, every repo takes the Python path
+    from migration_assets.atproto import _fastrepo
+except ImportError:  # pragma: no cover (CI builds it: tests/atproto/test_fastrepo.py)
+    _fastrepo = None
 from migration_assets.core.postgres import storable
 from migration_assets.repos.collections import RecordScope
 
 _BATCH = 1000  # rows per marshal record in a spool file
 SPOOL_MEMORY_BYTES = 4 << 20  # per spool: a repo's rows stay in memory up to this, then go to disk
+# A CAR up to this size (most repos) is read whole, then parsed in one pass of compiled code
+# (atproto/_fastrepo.c); a bigger one streams through the Python parse, its memory flat.
+WHOLE_CAR_MAX_BYTES = 4 << 20
 _ROW_BYTES = 300  # what a spooled row costs in memory besides its variable text (tuple, str and bytes heads)
 _JSON_NUL = "\\u0000"  # how json writes U+0000, which jsonb refuses
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as dagcbor.to_json_text writes
@@ -66,6 +76,16 @@ class Spool:
         self._batch.append(row)
         if len(self._batch) >= _BATCH:
             self._flush()
+
+    def extend(self, rows: list[tuple], size: int) -> None:
+        """Append `rows`, `size` bytes in all (as `append` is told each row's)."""
+        if self._file is None and self._held_bytes + size <= self._memory_bytes:
+            self._held.extend(rows)
+            self._held_bytes += size
+            self.rows += len(rows)
+            return
+        for row in rows:
+            self.append(row, size // max(len(rows), 1))
 
     @property
     def in_memory(self) -> bool:
@@ -178,9 +198,87 @@ def record_json(block: bytes) -> tuple[str | None, str | None, bytes | None]:
 
 def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: RecordScope = RecordScope()) -> RepoSnapshot:
     """Parse a getRepo CAR stream, keeping the records `scope` selects. Raises CarError / CommitError /
-    MstError on a bad export."""
+    MstError on a bad export.
+
+    A CAR of at most WHOLE_CAR_MAX_BYTES is parsed by the compiled path when it takes it (the usual
+    export); anything it leaves, and every bigger CAR, streams through the Python parse, which is the
+    reference: it decides and words every refusal."""
     counted = _Counting(chunks)
-    reader = CarReader(counted, max_size=max_bytes)
+    whole, rest = _whole_if_small(counted, min(max_bytes, WHOLE_CAR_MAX_BYTES))
+    if whole is not None:
+        snapshot = _read_whole(did, whole, scope)
+        if snapshot is not None:
+            return snapshot
+        rest = iter([whole])
+    return _read_streaming(did, rest, counted, max_bytes, scope)
+
+
+def _whole_if_small(chunks: Iterable[bytes], limit: int) -> tuple[bytes | None, Iterator[bytes]]:
+    """(the whole CAR, nothing left) if the stream ends within `limit` bytes; else (None, every chunk,
+    those read so far first)."""
+    stream, read, size = iter(chunks), [], 0
+    for chunk in stream:
+        read.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None, itertools.chain(read, stream)
+    return b"".join(read), iter(())
+
+
+def _read_whole(did: str, car: bytes, scope: RecordScope) -> RepoSnapshot | None:
+    """The snapshot through the compiled parse, or None where it leaves the CAR to the Python parse."""
+    header = usual_header(car) if _fastrepo is not None else None
+    if header is None:
+        return None
+    head = header[0][0]
+    commits = []
+
+    def data_root(block: bytes) -> bytes:  # the commit decoded once, for the signature too
+        commits.append((block, *parse_signed_commit(block)))
+        return bytes(commits[-1][1].data)
+
+    parsed = _fastrepo.parse(car, header[1], bytes(head), data_root)
+    if parsed is None:
+        return None
+    records, blocks = parsed
+    counts = Counter(collection for collection, _, _, _ in records)
+    if not all(map(is_valid_nsid, counts)):
+        return None
+    commit_block, commit, signed = commits[0]
+    _check_commit_did(commit, did)
+    snapshot = RepoSnapshot(did, head, commit, commit_block, len(car), Spool(), Spool(), scope=scope, signed=signed)
+    try:
+        _keep(snapshot, records, blocks, counts)
+    except BaseException:
+        snapshot.close()
+        raise
+    return snapshot
+
+
+def _keep(snapshot: RepoSnapshot, records: list[tuple], blocks: list[tuple], counts: Counter) -> None:
+    """What `_walk_kept` keeps of a whole walk's records, the blocks with them."""
+    collections, signal = snapshot.scope.collections, snapshot.scope.signal
+    snapshot.signal_missing = signal is not None and signal not in counts
+    if snapshot.signal_missing:
+        return
+    if not collections.everything:
+        records = [row for row in records if collections.matches(row[0])]
+        snapshot.wanted = {row[3] for row in records}
+        counts = Counter(row[0] for row in records)
+    snapshot.collections = counts
+    snapshot.keys.extend(records, _ROW_BYTES * len(records) + sum(len(row[1]) for row in records))
+    snapshot.blocks.extend(blocks, _ROW_BYTES * len(blocks) + sum(len(block) for _, block in blocks))
+
+
+def _check_commit_did(commit: Commit, did: str) -> None:
+    if commit.did != did:
+        raise CarError(f"the CAR's commit is for {commit.did}, not {did}; the PDS served another repo")
+
+
+def _read_streaming(did: str, chunks: Iterable[bytes], counted: "_Counting", max_bytes: int,
+                    scope: RecordScope) -> RepoSnapshot:
+    """The Python parse, as the CAR streams: memory holds the MST nodes, the rest spools past its budget."""
+    reader = CarReader(chunks, max_size=max_bytes)
     head = reader.roots[0]
     blocks, keys = Spool(), Spool()
     try:
@@ -189,8 +287,7 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
         commit = found.commit
         if found.commit_block is None or commit is None:
             raise CarError(f"the CAR's root (commit {head}) is not among its blocks; the export is incomplete")
-        if commit.did != did:
-            raise CarError(f"the CAR's commit is for {commit.did}, not {did}; the PDS served another repo")
+        _check_commit_did(commit, did)
         snapshot = RepoSnapshot(did, head, commit, found.commit_block, counted.total, blocks, keys, scope=scope,
                                 signed=found.signed)
         _walk_kept(snapshot, found.nodes, found.decoded)

@@ -1,0 +1,467 @@
+/* The usual repo export parsed in one pass of compiled code: the fast path of snapshot.read_snapshot.
+
+   parse(car, start, head, data_root) reads the CAR sections from byte `start` (after the header), checks
+   every block against its CID, finds the commit (`head`), asks `data_root(commit block)` for the MST's
+   root link, walks the MST in key order and returns
+       (records, blocks)
+   records: (collection, rkey, CID text, binary CID) of every MST entry, in key order;
+   blocks:  (binary CID, block) of every block but the commit and the MST nodes reached, in CAR order.
+
+   It takes only what atproto hosts write: CIDv1 sha2-256 DAG-CBOR or raw links, one- to three-byte
+   section lengths, canonical MST nodes, record keys that pass their syntax. On anything else (a bad
+   hash, a missing or malformed node, keys out of order or on the wrong layer, an invalid key, a block
+   repeated, a record whose block is also a node) it returns None, and the caller reads the same bytes
+   through the Python reference path (atproto.car, atproto.repo, atproto.mst), which decides and words
+   the error. So both paths accept the same repos alike: tests/atproto/test_fastrepo.py checks them
+   against each other. The collection's NSID syntax is left to the caller (a repo has few).
+
+   Memory: the caller's CAR, an index of its blocks, and the results. Recursion depth is bounded by the
+   MST's layers (each level down is one layer lower, and a layer is at most 128). */
+
+#define PY_SSIZE_T_CLEAN
+#define OPENSSL_SUPPRESS_DEPRECATED /* SHA256(): the one-shot call, without EVP's per-call fetch */
+#include <Python.h>
+#include <openssl/sha.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LINK_SIZE 36 /* CIDv1, codec, sha2-256, 32-byte digest */
+#define MAX_KEY 1024 /* longer than any valid key: NSID (317) + "/" + record key (512) */
+#define MAX_RKEY 512
+#define NOT_USUAL 1  /* a parse step's "leave it to the reference path" */
+
+typedef struct {
+    const uint8_t *link; /* LINK_SIZE bytes */
+    const uint8_t *data;
+    Py_ssize_t size;
+    int reached; /* an MST node the walk visited */
+} Block;
+
+typedef struct {
+    const uint8_t *car;
+    Py_ssize_t end;
+    Block *blocks;
+    Py_ssize_t count, capacity;
+    int32_t *table; /* open addressing: block index + 1, 0 empty */
+    size_t mask;
+    PyObject *records;          /* list */
+    const uint8_t **values;     /* each record's link, for the check after the walk */
+    Py_ssize_t value_count, value_capacity;
+    uint8_t last[MAX_KEY];
+    Py_ssize_t last_size;
+    int have_last;
+    PyObject *collection;        /* the last collection's str: keys are sorted, so a collection's records are together */
+    uint8_t collection_bytes[MAX_KEY];
+    Py_ssize_t collection_size;
+} Parse;
+
+static int usual_link(const uint8_t *p) {
+    return p[0] == 0x01 && (p[1] == 0x71 || p[1] == 0x55) && p[2] == 0x12 && p[3] == 0x20;
+}
+
+static size_t link_hash(const uint8_t *link) {
+    uint64_t h;
+    memcpy(&h, link + 4, sizeof h); /* a sha256 digest: its first bytes are already uniform */
+    return (size_t)(h ^ link[1]);
+}
+
+static Py_ssize_t find(const Parse *p, const uint8_t *link) {
+    size_t i = link_hash(link) & p->mask;
+    while (p->table[i]) {
+        const Block *b = &p->blocks[p->table[i] - 1];
+        if (memcmp(b->link, link, LINK_SIZE) == 0)
+            return p->table[i] - 1;
+        i = (i + 1) & p->mask;
+    }
+    return -1;
+}
+
+/* Split the sections, check each block's hash, index them. 0, NOT_USUAL, or -1 (memory). */
+static int split(Parse *p, Py_ssize_t pos) {
+    const uint8_t *car = p->car;
+    while (pos < p->end) {
+        Py_ssize_t size, shift = 0;
+        size = 0;
+        for (int i = 0;; i++) { /* a minimal varint of at most 3 bytes */
+            if (pos >= p->end || i == 3)
+                return NOT_USUAL;
+            uint8_t byte = car[pos++];
+            size |= (Py_ssize_t)(byte & 0x7f) << shift;
+            shift += 7;
+            if (!(byte & 0x80)) {
+                if (i > 0 && byte == 0)
+                    return NOT_USUAL;
+                break;
+            }
+        }
+        if (size < LINK_SIZE || size > p->end - pos || !usual_link(car + pos))
+            return NOT_USUAL;
+        const uint8_t *data = car + pos + LINK_SIZE;
+        Py_ssize_t data_size = size - LINK_SIZE;
+        uint8_t digest[SHA256_DIGEST_LENGTH];
+        SHA256(data, (size_t)data_size, digest);
+        if (memcmp(digest, car + pos + 4, 32) != 0)
+            return NOT_USUAL;
+        if (p->count == p->capacity) {
+            Py_ssize_t capacity = p->capacity ? 2 * p->capacity : 1024;
+            Block *grown = PyMem_Realloc(p->blocks, (size_t)capacity * sizeof(Block));
+            if (!grown)
+                return -1;
+            p->blocks = grown;
+            p->capacity = capacity;
+        }
+        p->blocks[p->count++] = (Block){car + pos, data, data_size, 0};
+        pos += size;
+    }
+    size_t slots = 16;
+    while (slots < 2 * (size_t)p->count)
+        slots *= 2;
+    p->table = PyMem_Calloc(slots, sizeof(int32_t));
+    if (!p->table)
+        return -1;
+    p->mask = slots - 1;
+    for (Py_ssize_t n = 0; n < p->count; n++) {
+        if (find(p, p->blocks[n].link) >= 0)
+            return NOT_USUAL; /* a block repeated */
+        size_t i = link_hash(p->blocks[n].link) & p->mask;
+        while (p->table[i])
+            i = (i + 1) & p->mask;
+        p->table[i] = (int32_t)(n + 1);
+    }
+    return 0;
+}
+
+/* --- canonical DAG-CBOR of an MST node: {e: [{k, p, t, v}...], l: link|null} --- */
+
+typedef struct {
+    const uint8_t *at, *end;
+} Cursor;
+
+static int take(Cursor *c, const char *bytes, Py_ssize_t n) {
+    if (c->end - c->at < n || memcmp(c->at, bytes, (size_t)n) != 0)
+        return 0;
+    c->at += n;
+    return 1;
+}
+
+/* A head of major type `major` (0 uint, 2 bytes, 4 array), minimal, argument below 2^32. */
+static int head(Cursor *c, int major, uint64_t *value) {
+    if (c->at >= c->end || (*c->at >> 5) != major)
+        return 0;
+    uint8_t info = *c->at++ & 0x1f;
+    int extra = info < 24 ? 0 : info == 24 ? 1 : info == 25 ? 2 : info == 26 ? 4 : -1;
+    if (extra < 0 || c->end - c->at < extra)
+        return 0;
+    uint64_t v = info < 24 ? info : 0;
+    for (int i = 0; i < extra; i++)
+        v = (v << 8) | *c->at++;
+    if ((extra == 1 && v < 24) || (extra == 2 && v < 0x100) || (extra == 4 && v < 0x10000))
+        return 0;
+    *value = v;
+    return 1;
+}
+
+/* A link (tag 42, bytes of 0x00 + a usual CID) or, where `nullable`, null (*link = NULL). */
+static int link_or_null(Cursor *c, const uint8_t **link, int nullable) {
+    if (nullable && c->at < c->end && *c->at == 0xf6) {
+        c->at++;
+        *link = NULL;
+        return 1;
+    }
+    if (!take(c, "\xd8\x2a\x58\x25\x00", 5) || c->end - c->at < LINK_SIZE || !usual_link(c->at))
+        return 0;
+    *link = c->at;
+    c->at += LINK_SIZE;
+    return 1;
+}
+
+typedef struct {
+    Py_ssize_t key_at, key_size; /* in the node's key buffer */
+    const uint8_t *value, *tree;
+} Entry;
+
+typedef struct {
+    const uint8_t *left;
+    Entry *entries;
+    Py_ssize_t count;
+    uint8_t *keys;
+} Node;
+
+static void free_node(Node *n) {
+    PyMem_Free(n->entries);
+    PyMem_Free(n->keys);
+}
+
+/* 0, NOT_USUAL, or -1 (memory). */
+static int decode_node(const Block *b, Node *n) {
+    Cursor c = {b->data, b->data + b->size};
+    uint64_t count, prefix, key_size;
+    memset(n, 0, sizeof *n);
+    if (!take(&c, "\xa2\x61\x65", 3) || !head(&c, 4, &count) || count > (uint64_t)b->size)
+        return NOT_USUAL;
+    Py_ssize_t capacity = 4096, used = 0, previous = 0, previous_size = 0;
+    n->entries = PyMem_Malloc(((size_t)count + 1) * sizeof(Entry));
+    n->keys = PyMem_Malloc((size_t)capacity);
+    if (!n->entries || !n->keys)
+        return -1;
+    for (uint64_t i = 0; i < count; i++) {
+        Entry *e = &n->entries[i];
+        if (!take(&c, "\xa4\x61\x6b", 3) || !head(&c, 2, &key_size) || key_size > (uint64_t)(c.end - c.at))
+            return NOT_USUAL;
+        const uint8_t *suffix = c.at;
+        c.at += key_size;
+        if (!take(&c, "\x61\x70", 2) || !head(&c, 0, &prefix) || prefix > (uint64_t)previous_size
+            || prefix + key_size > MAX_KEY)
+            return NOT_USUAL;
+        if (used + MAX_KEY > capacity) { /* room for this key, the longest one allowed */
+            uint8_t *grown = PyMem_Realloc(n->keys, (size_t)(capacity *= 2));
+            if (!grown)
+                return -1;
+            n->keys = grown;
+        }
+        e->key_at = used;
+        e->key_size = (Py_ssize_t)(prefix + key_size);
+        memcpy(n->keys + used, n->keys + previous, (size_t)prefix);
+        memcpy(n->keys + used + prefix, suffix, (size_t)key_size);
+        previous = used;
+        previous_size = e->key_size;
+        used += e->key_size;
+        if (!take(&c, "\x61\x74", 2) || !link_or_null(&c, &e->tree, 1) || !take(&c, "\x61\x76", 2)
+            || !link_or_null(&c, &e->value, 0))
+            return NOT_USUAL;
+    }
+    n->count = (Py_ssize_t)count;
+    if (!take(&c, "\x61\x6c", 2) || !link_or_null(&c, &n->left, 1) || c.at != c.end)
+        return NOT_USUAL;
+    return 0;
+}
+
+/* Leading zero bits of sha256(key), in 2-bit steps: the key's MST layer. */
+static int key_layer(const uint8_t *key, Py_ssize_t size) {
+    uint8_t digest[SHA256_DIGEST_LENGTH];
+    int zeros = 0;
+    SHA256(key, (size_t)size, digest);
+    for (int i = 0; i < SHA256_DIGEST_LENGTH; i++) {
+        if (digest[i] == 0) {
+            zeros += 8;
+            continue;
+        }
+        zeros += __builtin_clz(digest[i]) - 24;
+        break;
+    }
+    return zeros / 2;
+}
+
+static int rkey_char(uint8_t ch) {
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.'
+           || ch == '_' || ch == '~' || ch == ':' || ch == '-';
+}
+
+/* The CID's text: multibase "b", base32 lower-case without padding. */
+static PyObject *cid_text(const uint8_t *link) {
+    static const char alphabet[] = "abcdefghijklmnopqrstuvwxyz234567";
+    char text[1 + (LINK_SIZE * 8 + 4) / 5];
+    Py_ssize_t out = 0;
+    uint32_t buffer = 0;
+    int bits = 0;
+    text[out++] = 'b';
+    for (int i = 0; i < LINK_SIZE; i++) {
+        buffer = (buffer << 8) | link[i];
+        bits += 8;
+        while (bits >= 5) {
+            text[out++] = alphabet[(buffer >> (bits - 5)) & 31];
+            bits -= 5;
+        }
+    }
+    if (bits)
+        text[out++] = alphabet[(buffer << (5 - bits)) & 31];
+    return PyUnicode_FromStringAndSize(text, out);
+}
+
+/* One MST entry in key order: checked after the last, split, appended. 0, NOT_USUAL or -1. */
+static int emit(Parse *p, const uint8_t *key, Py_ssize_t size, const uint8_t *value) {
+    if (p->have_last) {
+        Py_ssize_t common = size < p->last_size ? size : p->last_size;
+        int order = memcmp(key, p->last, (size_t)common);
+        if (order < 0 || (order == 0 && size <= p->last_size))
+            return NOT_USUAL;
+    }
+    memcpy(p->last, key, (size_t)size);
+    p->last_size = size;
+    p->have_last = 1;
+    const uint8_t *slash = memchr(key, '/', (size_t)size);
+    if (!slash || slash == key)
+        return NOT_USUAL;
+    Py_ssize_t collection_size = slash - key, rkey_size = size - collection_size - 1;
+    if (rkey_size < 1 || rkey_size > MAX_RKEY || (rkey_size == 1 && slash[1] == '.')
+        || (rkey_size == 2 && slash[1] == '.' && slash[2] == '.'))
+        return NOT_USUAL;
+    for (Py_ssize_t i = 0; i < rkey_size; i++)
+        if (!rkey_char(slash[1 + i]))
+            return NOT_USUAL;
+    for (Py_ssize_t i = 0; i < collection_size; i++)
+        if (key[i] >= 0x80)
+            return NOT_USUAL;
+    if (!p->collection || collection_size != p->collection_size
+        || memcmp(key, p->collection_bytes, (size_t)collection_size) != 0) {
+        Py_XDECREF(p->collection);
+        p->collection = PyUnicode_FromStringAndSize((const char *)key, collection_size);
+        if (!p->collection)
+            return -1;
+        memcpy(p->collection_bytes, key, (size_t)collection_size);
+        p->collection_size = collection_size;
+    }
+    PyObject *rkey = PyUnicode_FromStringAndSize((const char *)slash + 1, rkey_size);
+    PyObject *text = cid_text(value);
+    PyObject *link = PyBytes_FromStringAndSize((const char *)value, LINK_SIZE);
+    PyObject *row = (rkey && text && link) ? PyTuple_Pack(4, p->collection, rkey, text, link) : NULL;
+    Py_XDECREF(rkey);
+    Py_XDECREF(text);
+    Py_XDECREF(link);
+    if (!row)
+        return -1;
+    int failed = PyList_Append(p->records, row);
+    Py_DECREF(row);
+    if (failed)
+        return -1;
+    if (p->value_count == p->value_capacity) {
+        Py_ssize_t capacity = p->value_capacity ? 2 * p->value_capacity : 1024;
+        const uint8_t **grown = PyMem_Realloc(p->values, (size_t)capacity * sizeof *grown);
+        if (!grown)
+            return -1;
+        p->values = grown;
+        p->value_capacity = capacity;
+    }
+    p->values[p->value_count++] = value;
+    return 0;
+}
+
+/* The subtree at `link`, whose keys belong on `layer` (-1: the root, any layer). 0, NOT_USUAL or -1. */
+static int walk(Parse *p, const uint8_t *link, int layer) {
+    Py_ssize_t index = find(p, link);
+    if (index < 0 || p->blocks[index].reached)
+        return NOT_USUAL; /* missing (the reference words it), or met twice */
+    p->blocks[index].reached = 1;
+    Node node;
+    int status = decode_node(&p->blocks[index], &node);
+    if (status == 0) {
+        if (node.count == 0) {
+            /* the empty root of an empty repo, or a node that only links a layer down (the tree skips
+               its layer); the reference judges any other (an untrimmed root, an empty leaf) */
+            if (layer == -1 && node.left == NULL)
+                status = 0;
+            else if (layer > 0 && node.left)
+                status = walk(p, node.left, layer - 1);
+            else
+                status = NOT_USUAL;
+            free_node(&node);
+            return status;
+        }
+        int own = key_layer(node.keys + node.entries[0].key_at, node.entries[0].key_size);
+        for (Py_ssize_t i = 1; i < node.count && status == 0; i++)
+            if (key_layer(node.keys + node.entries[i].key_at, node.entries[i].key_size) != own)
+                status = NOT_USUAL;
+        if (status == 0 && layer != -1 && own != layer)
+            status = NOT_USUAL;
+        if (status == 0 && own == 0) {
+            status = node.left ? NOT_USUAL : 0;
+            for (Py_ssize_t i = 0; i < node.count && status == 0; i++)
+                if (node.entries[i].tree)
+                    status = NOT_USUAL;
+        }
+        if (status == 0 && node.left)
+            status = walk(p, node.left, own - 1);
+        for (Py_ssize_t i = 0; i < node.count && status == 0; i++) {
+            const Entry *e = &node.entries[i];
+            status = emit(p, node.keys + e->key_at, e->key_size, e->value);
+            if (status == 0 && e->tree)
+                status = walk(p, e->tree, own - 1);
+        }
+    }
+    free_node(&node);
+    return status;
+}
+
+static PyObject *other_blocks(const Parse *p, Py_ssize_t commit) {
+    PyObject *blocks = PyList_New(0);
+    for (Py_ssize_t n = 0; blocks && n < p->count; n++) {
+        const Block *b = &p->blocks[n];
+        if (n == commit || b->reached)
+            continue;
+        PyObject *row = Py_BuildValue("(y#y#)", b->link, (Py_ssize_t)LINK_SIZE, b->data, b->size);
+        if (!row || PyList_Append(blocks, row)) {
+            Py_XDECREF(row);
+            Py_CLEAR(blocks);
+            break;
+        }
+        Py_DECREF(row);
+    }
+    return blocks;
+}
+
+static PyObject *parse_repo(Parse *p, Py_ssize_t start, Py_buffer *head, PyObject *data_root) {
+    int status = split(p, start);
+    if (status)
+        return status < 0 ? PyErr_NoMemory() : Py_NewRef(Py_None);
+    if (head->len != LINK_SIZE || !usual_link(head->buf))
+        return Py_NewRef(Py_None);
+    Py_ssize_t commit = find(p, head->buf);
+    if (commit < 0)
+        return Py_NewRef(Py_None);
+    PyObject *block = PyBytes_FromStringAndSize((const char *)p->blocks[commit].data, p->blocks[commit].size);
+    PyObject *root = block ? PyObject_CallOneArg(data_root, block) : NULL;
+    Py_XDECREF(block);
+    if (!root)
+        return NULL;
+    if (!PyBytes_Check(root) || PyBytes_GET_SIZE(root) != LINK_SIZE || !usual_link((uint8_t *)PyBytes_AS_STRING(root))) {
+        Py_DECREF(root);
+        return Py_NewRef(Py_None);
+    }
+    p->records = PyList_New(0);
+    status = p->records ? walk(p, (const uint8_t *)PyBytes_AS_STRING(root), -1) : -1;
+    Py_DECREF(root);
+    for (Py_ssize_t i = 0; i < p->value_count && status == 0; i++) {
+        Py_ssize_t index = find(p, p->values[i]);
+        if (index >= 0 && p->blocks[index].reached)
+            status = NOT_USUAL; /* a record's block that is also a node of the tree */
+    }
+    if (status)
+        return status < 0 ? (PyErr_Occurred() ? NULL : PyErr_NoMemory()) : Py_NewRef(Py_None);
+    PyObject *blocks = other_blocks(p, commit);
+    if (!blocks)
+        return NULL;
+    return Py_BuildValue("(ON)", p->records, blocks);
+}
+
+static PyObject *parse(PyObject *module, PyObject *args) {
+    Py_buffer car, head;
+    Py_ssize_t start;
+    PyObject *data_root;
+    if (!PyArg_ParseTuple(args, "y*ny*O:parse", &car, &start, &head, &data_root))
+        return NULL;
+    Parse p;
+    memset(&p, 0, sizeof p);
+    p.car = car.buf;
+    p.end = car.len;
+    PyObject *result = (start < 0 || start > car.len) ? Py_NewRef(Py_None) : parse_repo(&p, start, &head, data_root);
+    Py_XDECREF(p.records);
+    Py_XDECREF(p.collection);
+    PyMem_Free(p.blocks);
+    PyMem_Free(p.table);
+    PyMem_Free(p.values);
+    PyBuffer_Release(&car);
+    PyBuffer_Release(&head);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"parse", parse, METH_VARARGS,
+     "parse(car, start, head, data_root) -> (records, blocks) | None: see the module's source."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "_fastrepo", .m_size = -1, .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__fastrepo(void) { return PyModule_Create(&module); }

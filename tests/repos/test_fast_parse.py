@@ -1,0 +1,286 @@
+"""The compiled repo parse (atproto/_fastrepo.c) against the Python parse, its reference: on valid repos
+both give the same snapshot, and the compiled one took them; on hostile ones, both give the same snapshot
+or the same error (the compiled parse leaves whatever it does not take to the reference)."""
+
+import random
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from migration_assets.atproto import dagcbor
+from migration_assets.atproto.cid import CID, encode_varint
+from migration_assets.repos import snapshot as snapshot_module
+from migration_assets.repos.collections import CollectionFilter, RecordScope
+from migration_assets.repos.snapshot import read_snapshot
+from tests.atproto.builders import build_mst, car_bytes, node, private_key, put, signed_commit
+from tests.atproto.conftest import make_repo
+from tests.repos.conftest import handle
+
+DID = "did:plc:testrepo"
+KEY = private_key(ec.SECP256K1(), 0xFA57)
+CID1 = CID.decode("bafyreie5cvv4h45feadgeuwhbcutmh6t2ceseocckahdoe6uat64zmz454")
+# Keys of known MST layers (the atproto spec's vectors, as tests/atproto/test_mst.py uses them).
+L0A, L0B, L0C = (f"com.example.record/3jqfcqzm{s}" for s in ("3fp2j", "3fr2j", "3ft2j"))
+L1 = "com.example.record/3jqfcqzm3fs2j"
+L2 = "com.example.record/3jqfcqzm3fx2j"
+
+
+class Counting:
+    """The compiled module, counting the CARs it took."""
+
+    def __init__(self, module):
+        self.module, self.taken = module, 0
+
+    def parse(self, *args):
+        parsed = self.module.parse(*args)
+        self.taken += parsed is not None
+        return parsed
+
+
+@pytest.fixture
+def compiled(monkeypatch) -> Counting:
+    counting = Counting(snapshot_module._fastrepo)
+    monkeypatch.setattr(snapshot_module, "_fastrepo", counting)
+    return counting
+
+
+def test_the_compiled_parse_is_built():
+    assert snapshot_module._fastrepo is not None, (
+        "migration_assets/atproto/_fastrepo.c was not built: `pip install -e .` needs gcc, the Python headers "
+        "and OpenSSL's (Debian: libssl-dev); without it every repo takes the slower Python parse")
+
+
+def outcome(car: bytes, *, compiled: bool, monkeypatch, scope: RecordScope = RecordScope(), did: str = DID):
+    """What read_snapshot makes of `car` through one path: the snapshot's every field, or the error."""
+    with monkeypatch.context() as patch:
+        if not compiled:
+            patch.setattr(snapshot_module, "_fastrepo", None)
+        try:
+            snapshot = read_snapshot(did, [car[i:i + 4096] for i in range(0, len(car), 4096)], len(car), scope)
+        except Exception as exc:  # noqa: BLE001 (the error itself is what is compared)
+            return type(exc).__name__, str(exc)
+    with snapshot:
+        return (str(snapshot.head), snapshot.commit, snapshot.commit_block, snapshot.car_bytes, snapshot.signed,
+                dict(snapshot.collections), snapshot.wanted, snapshot.signal_missing, snapshot.in_memory,
+                list(snapshot.keys), sorted(snapshot.blocks))
+
+
+def assert_same(car: bytes, monkeypatch, **options):
+    reference = outcome(car, compiled=False, monkeypatch=monkeypatch, **options)
+    assert outcome(car, compiled=True, monkeypatch=monkeypatch, **options) == reference
+    return reference
+
+
+def export(blocks: dict[CID, bytes], root: CID, *, did: str = DID, shuffle: int | None = None,
+           extra: list[tuple[CID, bytes]] = ()) -> bytes:
+    commit_block = signed_commit(KEY, root, did=did)
+    commit = CID.for_block(commit_block)
+    sections = [(commit, commit_block), *blocks.items(), *extra]
+    if shuffle is not None:
+        random.Random(shuffle).shuffle(sections)
+    return car_bytes([commit], sections)
+
+
+def records_export(count: int, **options) -> bytes:
+    repo = make_repo(count)
+    del repo.blocks[repo.commit]
+    return export(repo.blocks, repo.root, **options)
+
+
+VALID = {
+    "empty repo": lambda: (lambda blocks: export(blocks, build_mst({}, blocks)))({}),
+    "one record": lambda: records_export(1),
+    "400 records, empty nodes between layers": lambda: records_export(400),
+    "blocks in any order": lambda: records_export(300, shuffle=7),
+    "a record shaped like an MST node": lambda: (lambda blocks: export(
+        blocks, build_mst({L0A: put(blocks, {"e": [], "l": None})}, blocks)))({}),
+    "a record missing from the CAR": lambda: _missing_record(),
+}
+
+
+def _missing_record() -> bytes:
+    blocks: dict[CID, bytes] = {}
+    root = build_mst({L0A: CID1, L0B: put(blocks, {"text": "kept"})}, blocks)  # CID1's block is not there
+    return export(blocks, root)
+
+
+@pytest.mark.parametrize("make", VALID.values(), ids=VALID)
+def test_valid_repos_read_alike_through_the_compiled_parse(make, compiled, monkeypatch):
+    result = assert_same(make(), monkeypatch)
+    assert not isinstance(result[0], str) or result[0].startswith("bafy"), result
+    assert compiled.taken == 1, "the compiled parse left a valid repo to the Python one"
+
+
+@pytest.mark.parametrize("scope", [RecordScope(CollectionFilter.parse("app.bsky.feed.*")),
+                                   RecordScope(signal="app.bsky.feed.like"), RecordScope(signal="com.example.absent")],
+                         ids=["filter", "signal", "no signal"])
+def test_collection_filters_and_signals_read_alike(scope, compiled, monkeypatch):
+    assert_same(records_export(60), monkeypatch, scope=scope)
+    assert compiled.taken == 1
+
+
+def test_a_repo_spooled_to_disk_reads_alike(compiled, monkeypatch):
+    monkeypatch.setattr(snapshot_module, "SPOOL_MEMORY_BYTES", 1000)
+    assert assert_same(records_export(200), monkeypatch)[8] is False  # in_memory: spooled
+    assert compiled.taken == 1
+
+
+def test_a_car_past_the_whole_car_limit_streams_through_the_python_parse(compiled, monkeypatch):
+    monkeypatch.setattr(snapshot_module, "WHOLE_CAR_MAX_BYTES", 1000)
+    assert_same(records_export(50), monkeypatch)
+    assert compiled.taken == 0
+
+
+def _node_block(left: bytes, entries: bytes, count: int) -> bytes:
+    """An MST node's DAG-CBOR written by hand (to make what the encoder never would)."""
+    return b"\xa2\x61e" + bytes([0x80 + count]) + entries + b"\x61l" + left
+
+
+def _link(cid: CID) -> bytes:
+    return b"\xd8\x2a\x58\x25\x00" + bytes(cid)
+
+
+def _entry(key: bytes, prefix: bytes = b"\x00") -> bytes:
+    return b"\xa4\x61k" + bytes([0x40 + len(key)]) + key + b"\x61p" + prefix + b"\x61t\xf6\x61v" + _link(CID1)
+
+
+def hostile() -> dict[str, bytes]:
+    cases: dict[str, bytes] = {}
+
+    def tree(name: str, build) -> None:
+        blocks: dict[CID, bytes] = {}
+        cases[name] = export(blocks, build(blocks))
+
+    tree("keys out of order in a node", lambda b: put(b, node(None, [(L0B, CID1, None), (L0A, CID1, None)])))
+    tree("keys out of order across a subtree",
+         lambda b: put(b, node(put(b, node(None, [(L0C, CID1, None)])), [(L1, CID1, None)])))
+    tree("a subtree met twice", lambda b: (lambda low: put(b, node(None, [(L1, CID1, low), (L2[:-1] + "z", CID1, low)])))(
+        put(b, node(None, [(L0A, CID1, None)]))))
+    tree("a node on the wrong layer", lambda b: put(b, node(put(b, node(None, [(L0A, CID1, None)])), [(L2, CID1, None)])))
+    tree("a node mixing layers", lambda b: put(b, node(None, [(L0A, CID1, None), (L1, CID1, None)])))
+    tree("a layer-0 node with a subtree",
+         lambda b: put(b, node(put(b, node(None, [(L0A, CID1, None)])), [(L0B, CID1, None)])))
+    tree("an empty node below the root", lambda b: put(b, node(put(b, node(None, [])), [(L1, CID1, None)])))
+    tree("an empty root with a subtree", lambda b: put(b, node(put(b, node(None, [(L0A, CID1, None)])), [])))
+    tree("a layer-1 empty node above layer 0 is fine, above nothing is not",
+         lambda b: put(b, node(put(b, node(put(b, node(None, [])), [])), [(L2, CID1, None)])))
+    for name, key in {"a key without a collection": "asdf", "a record key '..'": "com.example.record/..",
+                      "a record key with a space": "com.example.record/a b",
+                      "a record key of 513 characters": "com.example.record/" + "a" * 513,
+                      "a collection that is no NSID": "notnsid/3jqfcqzm3fp2j",
+                      "a key that is not ASCII": "com.example.récord/3jqfcqzm3fp2j",
+                      "an empty record key": "com.example.record/"}.items():
+        tree(name, lambda b, key=key: put(b, node(None, [(key, CID1, None)])))
+    tree("an entry with a text key",
+         lambda b: put(b, {"l": None, "e": [{"p": 0, "k": L0A, "v": CID1, "t": None}]}))
+    tree("a prefix past the previous key",
+         lambda b: put(b, {"l": None, "e": [{"p": 3, "k": L0A.encode(), "v": CID1, "t": None}]}))
+    tree("a node with a key too many",
+         lambda b: put(b, {"l": None, "x": 1, "e": [{"p": 0, "k": L0A.encode(), "v": CID1, "t": None}]}))
+    tree("a non-minimal prefix length", lambda b: _put_raw(b, _node_block(b"\xf6", _entry(L0A.encode(), b"\x18\x00"), 1)))
+    tree("a node that is not DAG-CBOR", lambda b: _put_raw(b, b"\xa2\x61e\x81\xff"))
+    tree("a node that is a list", lambda b: put(b, ["not", "a", "node"]))
+    tree("a node missing", lambda b: CID.for_block(dagcbor.encode(node(None, [(L0A, CID1, None)]))))
+    tree("a record that is a node of the tree", lambda b: (lambda low: put(b, node(None, [(L1, low, low)])))(
+        put(b, node(None, [(L0C, CID1, None)]))))
+
+    good = records_export(30)
+    cases["another repo's commit"] = (lambda blocks: export(blocks, build_mst({L0A: CID1}, blocks), did="did:plc:other"))({})
+    cases["a block that does not match its CID"] = good.replace(b"record 7", b"record 8")
+    cases["a CAR cut short"] = good[:-10]
+    cases["a CAR with a byte too many"] = good + b"\x00"
+    cases["a section length written long"] = _long_first_length(good)
+    repo = make_repo(10)
+    cases["a block repeated (read, by the reference)"] = car_bytes(
+        [repo.commit], [(repo.commit, repo.blocks[repo.commit]), *repo.blocks.items(), next(iter(repo.blocks.items()))])
+    cases["no commit among the blocks"] = car_bytes(
+        [repo.commit], [(cid, data) for cid, data in repo.blocks.items() if cid != repo.commit])
+    cases["a commit that is not one"] = car_bytes([repo.commit], [(repo.commit, b"\xa1\x61a\x01")])
+    cases["a header of another shape"] = _header_with_extra_root(good)
+    return cases
+
+
+def _put_raw(blocks: dict[CID, bytes], data: bytes) -> CID:
+    cid = CID.for_block(data)
+    blocks[cid] = data
+    return cid
+
+
+def _long_first_length(car: bytes) -> bytes:
+    """The first section's one-byte length written in two (0x80 | n, 0x00): not minimal."""
+    start = 1 + car[0]
+    size = car[start]
+    assert size >= 0x80 and car[start + 1] < 0x80  # the commit's section: a two-byte length
+    return car[:start] + bytes([size, car[start + 1] | 0x80, 0]) + car[start + 2:]
+
+
+def _header_with_extra_root(car: bytes) -> bytes:
+    start = 1 + car[0]
+    header = dagcbor.decode(car[1:start])
+    header["roots"].append(CID1)
+    encoded = dagcbor.encode(header)
+    return encode_varint(len(encoded)) + encoded + car[start:]
+
+
+HOSTILE = hostile()
+
+
+@pytest.mark.parametrize("car", HOSTILE.values(), ids=HOSTILE)
+def test_hostile_repos_fail_alike_through_both_parses(car, monkeypatch):
+    reference = assert_same(car, monkeypatch)
+    assert reference, "no outcome"
+
+
+def test_most_hostile_repos_are_refused(monkeypatch):
+    # The differential test above is only as good as its cases: most must be refusals, named.
+    refused = [name for name, car in HOSTILE.items() if isinstance(outcome(car, compiled=False, monkeypatch=monkeypatch)[0], str)
+               and not outcome(car, compiled=False, monkeypatch=monkeypatch)[0].startswith("bafy")]
+    assert len(refused) >= len(HOSTILE) - 3, sorted(set(HOSTILE) - set(refused))
+
+
+def test_random_corruption_reads_alike(monkeypatch):
+    """Bytes flipped in a real-shaped export, a thousand times: the same snapshot or the same error."""
+    good, rng = records_export(40), random.Random(1)
+    for _ in range(1000):
+        car = bytearray(good)
+        for _ in range(rng.randint(1, 3)):
+            car[rng.randrange(len(car))] = rng.randrange(256)
+        assert_same(bytes(car), monkeypatch)
+
+
+def test_corrupted_mst_nodes_read_alike(monkeypatch):
+    """Bytes flipped in an MST node, its CID and every link up to a new signed commit made anew, so the
+    corruption reaches the node's decoding and the walk, not only the hash check; a thousand times."""
+    repo, rng = make_repo(40), random.Random(2)
+    del repo.blocks[repo.commit]
+    nodes = [cid for cid, data in repo.blocks.items() if data[:3] == b"\xa2\x61e"]
+    for _ in range(1000):
+        blocks = dict(repo.blocks)
+        cid = rng.choice(nodes)
+        data = bytearray(blocks[cid])
+        for _ in range(rng.randint(1, 2)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        assert_same(export(blocks, _replace(blocks, cid, bytes(data), repo.root)), monkeypatch)
+
+
+def _replace(blocks: dict[CID, bytes], old: CID, data: bytes, root: CID) -> CID:
+    """`old`'s block replaced by `data`, and each node linking to it relinked, up to the root: the new root."""
+    if data == blocks[old]:
+        return root
+    new = _put_raw(blocks, data)
+    del blocks[old]
+    if old == root:
+        return new
+    (parent,) = [cid for cid, block in blocks.items() if bytes(old) in block and block[:3] == b"\xa2\x61e"]
+    return _replace(blocks, parent, blocks[parent].replace(bytes(old), bytes(new)), root)
+
+
+def test_a_dev_env_export_reads_alike_through_the_compiled_parse(pds, compiled, monkeypatch):
+    """A repo the reference PDS wrote (its own MST, its own block order), through both parses."""
+    account = pds.create_account(handle())
+    pds.create_records(account, "app.bsky.feed.post", [
+        {"$type": "app.bsky.feed.post", "text": f"post {n}", "createdAt": "2024-05-01T00:00:00.000Z"} for n in range(300)])
+    car = httpx.get(f"{account.pds.url}/xrpc/com.atproto.sync.getRepo", params={"did": account.did}).content
+    result = assert_same(car, monkeypatch, did=account.did)
+    assert len(result[9]) >= 300 and compiled.taken == 1
