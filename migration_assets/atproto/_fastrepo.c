@@ -1,4 +1,6 @@
-/* The usual repo export parsed in one pass of compiled code: the fast path of snapshot.read_snapshot.
+/* The repo backfill's hot paths in compiled code, each the fast path of a Python reference:
+   parse() of snapshot.read_snapshot (a whole CAR to records and blocks), copy_lines() of the store (the
+   records' COPY lines, their atproto JSON made from their blocks; see its own comment further down).
 
    parse(car, start, head, data_root) reads the CAR sections from byte `start` (after the header), checks
    every block against its CID, finds the commit (`head`), asks `data_root(commit block)` for the MST's
@@ -12,7 +14,7 @@
    hash, a missing or malformed node, keys out of order or on the wrong layer, an invalid key, a block
    repeated, a record whose block is also a node) it returns None, and the caller reads the same bytes
    through the Python reference path (atproto.car, atproto.repo, atproto.mst), which decides and words
-   the error. So both paths accept the same repos alike: tests/atproto/test_fastrepo.py checks them
+   the error. So both paths accept the same repos alike: tests/repos/test_fast_parse.py checks them
    against each other. The collection's NSID syntax is left to the caller (a repo has few).
 
    Memory: the caller's CAR, an index of its blocks, and the results. Recursion depth is bounded by the
@@ -144,18 +146,19 @@ static int take(Cursor *c, const char *bytes, Py_ssize_t n) {
     return 1;
 }
 
-/* A head of major type `major` (0 uint, 2 bytes, 4 array), minimal, argument below 2^32. */
+/* A head of major type `major` (0 uint, 1 negative, 2 bytes, 3 text, 4 array, 5 map), minimal. */
 static int head(Cursor *c, int major, uint64_t *value) {
     if (c->at >= c->end || (*c->at >> 5) != major)
         return 0;
     uint8_t info = *c->at++ & 0x1f;
-    int extra = info < 24 ? 0 : info == 24 ? 1 : info == 25 ? 2 : info == 26 ? 4 : -1;
+    int extra = info < 24 ? 0 : info == 24 ? 1 : info == 25 ? 2 : info == 26 ? 4 : info == 27 ? 8 : -1;
     if (extra < 0 || c->end - c->at < extra)
         return 0;
     uint64_t v = info < 24 ? info : 0;
     for (int i = 0; i < extra; i++)
         v = (v << 8) | *c->at++;
-    if ((extra == 1 && v < 24) || (extra == 2 && v < 0x100) || (extra == 4 && v < 0x10000))
+    if ((extra == 1 && v < 24) || (extra == 2 && v < 0x100) || (extra == 4 && v < 0x10000)
+        || (extra == 8 && v < 0x100000000ULL))
         return 0;
     *value = v;
     return 1;
@@ -257,11 +260,12 @@ static int rkey_char(uint8_t ch) {
            || ch == '_' || ch == '~' || ch == ':' || ch == '-';
 }
 
-/* The CID's text: multibase "b", base32 lower-case without padding. */
-static PyObject *cid_text(const uint8_t *link) {
+#define CID_TEXT_SIZE (1 + (LINK_SIZE * 8 + 4) / 5)
+
+/* The CID's text: multibase "b", base32 lower-case without padding, CID_TEXT_SIZE characters. */
+static void base32_cid(const uint8_t *link, char *text) {
     static const char alphabet[] = "abcdefghijklmnopqrstuvwxyz234567";
-    char text[1 + (LINK_SIZE * 8 + 4) / 5];
-    Py_ssize_t out = 0;
+    int out = 0;
     uint32_t buffer = 0;
     int bits = 0;
     text[out++] = 'b';
@@ -275,7 +279,12 @@ static PyObject *cid_text(const uint8_t *link) {
     }
     if (bits)
         text[out++] = alphabet[(buffer << (5 - bits)) & 31];
-    return PyUnicode_FromStringAndSize(text, out);
+}
+
+static PyObject *cid_text(const uint8_t *link) {
+    char text[CID_TEXT_SIZE];
+    base32_cid(link, text);
+    return PyUnicode_FromStringAndSize(text, CID_TEXT_SIZE);
 }
 
 /* One MST entry in key order: checked after the last, split, appended. 0, NOT_USUAL or -1. */
@@ -433,6 +442,268 @@ static PyObject *parse_repo(Parse *p, Py_ssize_t start, Py_buffer *head, PyObjec
     return Py_BuildValue("(ON)", p->records, blocks);
 }
 
+/* --- a record's atproto JSON form, as a COPY text line ---------------------------------------------
+
+   copy_lines(records, blocks, prefix, suffix) writes, for each (collection, rkey, CID text, binary CID)
+   of `records`, the line  prefix collection \t rkey \t CID \t JSON suffix  in COPY's text format, the
+   JSON being what dagcbor.to_json_text makes of the record's block (`blocks[link]`). It takes what
+   records usually hold: canonical DAG-CBOR of maps, lists, text, integers, booleans, null and links.
+   For anything else in any record (a byte string, a float, U+0000, a block missing, a key out of
+   canonical order, invalid UTF-8, ...) it returns None, and the caller makes the rows the Python way,
+   which decides and words every refusal. tests/repos/test_fast_parse.py holds the two to the same text. */
+
+#define MAX_JSON_DEPTH 64 /* deeper values (the reference allows 400) are left to the Python path */
+
+typedef struct {
+    char *data;
+    Py_ssize_t size, capacity;
+} Buffer;
+
+static int reserve(Buffer *b, Py_ssize_t more) {
+    if (b->size + more <= b->capacity)
+        return 0;
+    Py_ssize_t capacity = b->capacity ? b->capacity : 1 << 16;
+    while (capacity < b->size + more)
+        capacity *= 2;
+    char *grown = PyMem_Realloc(b->data, (size_t)capacity);
+    if (!grown)
+        return -1;
+    b->data = grown;
+    b->capacity = capacity;
+    return 0;
+}
+
+static int put(Buffer *b, const char *text, Py_ssize_t size) {
+    if (reserve(b, size))
+        return -1;
+    memcpy(b->data + b->size, text, (size_t)size);
+    b->size += size;
+    return 0;
+}
+
+static int put_unsigned(Buffer *b, uint64_t v) {
+    char digits[24];
+    int n = 0;
+    do
+        digits[sizeof digits - 1 - n++] = (char)('0' + v % 10);
+    while (v /= 10);
+    return put(b, digits + sizeof digits - n, n);
+}
+
+/* Length of the UTF-8 sequence at s (at most `left` bytes), 0 if it is not valid UTF-8 (overlong,
+   a surrogate, past U+10FFFF, cut short), as Python's strict decoder refuses. */
+static int utf8_length(const uint8_t *s, Py_ssize_t left) {
+    uint8_t c = s[0];
+    if (c < 0x80)
+        return 1;
+    int n = c >= 0xc2 && c <= 0xdf ? 2 : c >= 0xe0 && c <= 0xef ? 3 : c >= 0xf0 && c <= 0xf4 ? 4 : 0;
+    if (n == 0 || left < n)
+        return 0;
+    for (int i = 1; i < n; i++)
+        if ((s[i] & 0xc0) != 0x80)
+            return 0;
+    if ((c == 0xe0 && s[1] < 0xa0) || (c == 0xed && s[1] >= 0xa0) || (c == 0xf0 && s[1] < 0x90)
+        || (c == 0xf4 && s[1] >= 0x90))
+        return 0;
+    return n;
+}
+
+/* A JSON string as json.dumps(ensure_ascii=False) writes it, each backslash doubled for COPY. */
+static int json_string(Buffer *b, const uint8_t *s, Py_ssize_t size) {
+    static const char hex[] = "0123456789abcdef";
+    if (reserve(b, 2 + 12 * size)) /* the longest: \\u00XX, COPY-escaped, per byte */
+        return -1;
+    char *out = b->data + b->size;
+    *out++ = '"';
+    for (Py_ssize_t i = 0; i < size;) {
+        uint8_t c = s[i];
+        if (c >= 0x20 && c != '"' && c != '\\' && c < 0x80) {
+            *out++ = (char)c;
+            i++;
+            continue;
+        }
+        if (c >= 0x80) {
+            int n = utf8_length(s + i, size - i);
+            if (!n)
+                return NOT_USUAL;
+            memcpy(out, s + i, (size_t)n);
+            out += n;
+            i += n;
+            continue;
+        }
+        if (c == 0)
+            return NOT_USUAL; /* U+0000: jsonb can't hold it; snapshot.record_json decides */
+        *out++ = '\\';
+        *out++ = '\\';
+        switch (c) {
+        case '"': *out++ = '"'; break;
+        case '\\': *out++ = '\\'; *out++ = '\\'; break;
+        case '\b': *out++ = 'b'; break;
+        case '\f': *out++ = 'f'; break;
+        case '\n': *out++ = 'n'; break;
+        case '\r': *out++ = 'r'; break;
+        case '\t': *out++ = 't'; break;
+        default:
+            memcpy(out, "u00", 3);
+            out += 3;
+            *out++ = hex[c >> 4];
+            *out++ = hex[c & 15];
+        }
+        i++;
+    }
+    *out++ = '"';
+    b->size = out - b->data;
+    return 0;
+}
+
+/* A text string's head and bytes. */
+static int text(Cursor *c, const uint8_t **s, Py_ssize_t *size) {
+    uint64_t n;
+    if (!head(c, 3, &n) || n > (uint64_t)(c->end - c->at))
+        return 0;
+    *s = c->at;
+    *size = (Py_ssize_t)n;
+    c->at += n;
+    return 1;
+}
+
+/* Whether map key a sorts before b in DAG-CBOR's canonical order: shorter first, then bytewise. */
+static int canonical_before(const uint8_t *a, Py_ssize_t a_size, const uint8_t *b, Py_ssize_t b_size) {
+    if (a_size != b_size)
+        return a_size < b_size;
+    return memcmp(a, b, (size_t)a_size) < 0;
+}
+
+static int json_value(Cursor *c, Buffer *b, int depth) {
+    uint64_t n;
+    const uint8_t *s;
+    Py_ssize_t size;
+    int status;
+    if (c->at >= c->end || depth > MAX_JSON_DEPTH)
+        return NOT_USUAL;
+    switch (*c->at >> 5) {
+    case 0:
+        return head(c, 0, &n) ? put_unsigned(b, n) : NOT_USUAL;
+    case 1: /* -1 - n */
+        if (!head(c, 1, &n) || n >= (1ULL << 63))
+            return NOT_USUAL;
+        return put(b, "-", 1) ? -1 : put_unsigned(b, n + 1);
+    case 3:
+        return text(c, &s, &size) ? json_string(b, s, size) : NOT_USUAL;
+    case 4:
+        if (!head(c, 4, &n) || n > (uint64_t)(c->end - c->at))
+            return NOT_USUAL;
+        if (put(b, "[", 1))
+            return -1;
+        for (uint64_t i = 0; i < n; i++) {
+            if (i && put(b, ",", 1))
+                return -1;
+            if ((status = json_value(c, b, depth + 1)))
+                return status;
+        }
+        return put(b, "]", 1);
+    case 5: {
+        const uint8_t *last = NULL;
+        Py_ssize_t last_size = 0;
+        if (!head(c, 5, &n) || n > (uint64_t)(c->end - c->at))
+            return NOT_USUAL;
+        if (put(b, "{", 1))
+            return -1;
+        for (uint64_t i = 0; i < n; i++) {
+            if (!text(c, &s, &size) || (last && !canonical_before(last, last_size, s, size)))
+                return NOT_USUAL;
+            last = s;
+            last_size = size;
+            if (i && put(b, ",", 1))
+                return -1;
+            if ((status = json_string(b, s, size)))
+                return status;
+            if (put(b, ":", 1))
+                return -1;
+            if ((status = json_value(c, b, depth + 1)))
+                return status;
+        }
+        return put(b, "}", 1);
+    }
+    case 6: { /* tag 42, a link of the usual kind: {"$link": "bafy..."} */
+        const uint8_t *link;
+        if (!link_or_null(c, &link, 0))
+            return NOT_USUAL;
+        char cid[CID_TEXT_SIZE];
+        base32_cid(link, cid);
+        return put(b, "{\"$link\":\"", 10) || put(b, cid, CID_TEXT_SIZE) || put(b, "\"}", 2) ? -1 : 0;
+    }
+    case 7:
+        switch (*c->at++) {
+        case 0xf4: return put(b, "false", 5);
+        case 0xf5: return put(b, "true", 4);
+        case 0xf6: return put(b, "null", 4);
+        }
+        return NOT_USUAL; /* a float, undefined, another simple value */
+    }
+    return NOT_USUAL; /* a byte string (JSON {"$bytes": ...}): the Python path writes it */
+}
+
+/* A str's UTF-8 bytes if they need no COPY escaping (no backslash, no control character). */
+static const char *plain(PyObject *value, Py_ssize_t *size) {
+    const char *utf8 = PyUnicode_Check(value) ? PyUnicode_AsUTF8AndSize(value, size) : NULL;
+    if (!utf8) {
+        PyErr_Clear();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < *size; i++)
+        if ((uint8_t)utf8[i] < 0x20 || utf8[i] == '\\' || utf8[i] == 0x7f)
+            return NULL;
+    return utf8;
+}
+
+static int copy_line(Buffer *b, PyObject *row, PyObject *blocks, Py_buffer *prefix, Py_buffer *suffix) {
+    if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 4)
+        return NOT_USUAL;
+    PyObject *block = PyDict_GetItemWithError(blocks, PyTuple_GET_ITEM(row, 3));
+    if (!block)
+        return PyErr_Occurred() ? -1 : NOT_USUAL; /* missing from the CAR: the Python path refuses it */
+    if (!PyBytes_Check(block) || put(b, prefix->buf, prefix->len))
+        return PyBytes_Check(block) ? -1 : NOT_USUAL;
+    for (int i = 0; i < 3; i++) {
+        Py_ssize_t size;
+        const char *field = plain(PyTuple_GET_ITEM(row, i), &size);
+        if (!field)
+            return NOT_USUAL;
+        if (put(b, field, size) || put(b, "\t", 1))
+            return -1;
+    }
+    Cursor c = {(const uint8_t *)PyBytes_AS_STRING(block), (const uint8_t *)PyBytes_AS_STRING(block) + PyBytes_GET_SIZE(block)};
+    int status = json_value(&c, b, 0);
+    if (status)
+        return status;
+    if (c.at != c.end)
+        return NOT_USUAL; /* trailing bytes */
+    return put(b, suffix->buf, suffix->len);
+}
+
+static PyObject *copy_lines(PyObject *module, PyObject *args) {
+    PyObject *records, *blocks;
+    Py_buffer prefix, suffix;
+    if (!PyArg_ParseTuple(args, "O!O!y*y*:copy_lines", &PyList_Type, &records, &PyDict_Type, &blocks, &prefix, &suffix))
+        return NULL;
+    Buffer b = {NULL, 0, 0};
+    int status = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(records) && status == 0; i++)
+        status = copy_line(&b, PyList_GET_ITEM(records, i), blocks, &prefix, &suffix);
+    PyObject *result = NULL;
+    if (status == 0)
+        result = PyBytes_FromStringAndSize(b.data ? b.data : "", b.size);
+    else if (status == NOT_USUAL)
+        result = Py_NewRef(Py_None);
+    else if (!PyErr_Occurred())
+        PyErr_NoMemory();
+    PyMem_Free(b.data);
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&suffix);
+    return result;
+}
+
 static PyObject *parse(PyObject *module, PyObject *args) {
     Py_buffer car, head;
     Py_ssize_t start;
@@ -457,6 +728,8 @@ static PyObject *parse(PyObject *module, PyObject *args) {
 static PyMethodDef methods[] = {
     {"parse", parse, METH_VARARGS,
      "parse(car, start, head, data_root) -> (records, blocks) | None: see the module's source."},
+    {"copy_lines", copy_lines, METH_VARARGS,
+     "copy_lines(records, blocks, prefix, suffix) -> bytes | None: see the module's source."},
     {NULL, NULL, 0, NULL},
 };
 

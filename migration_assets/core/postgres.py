@@ -78,6 +78,12 @@ def is_storable(text: str) -> bool:
     return (text.isascii() and "\0" not in text) or storable(text) == text
 
 
+def copy_text(cur: psycopg.Cursor, table: str, columns: Sequence[str], lines: bytes) -> None:
+    """COPY `lines`, rows already in COPY's text format, into `table`."""
+    with cur.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        copy.write(lines)
+
+
 def copy_rows(cur: psycopg.Cursor, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
     """COPY rows into `table` (a temp or staging table); return how many were written."""
     count = 0

@@ -148,6 +148,15 @@ class RepoSnapshot:
             block = blocks.get(link)
             yield (collection, rkey, cid) + (record_json(block) if block is not None else (None, None, None))
 
+    def copy_lines(self, prefix: str, suffix: str) -> bytes | None:
+        """Each kept record as a line of COPY's text format, `prefix` collection, rkey, CID, record JSON
+        `suffix`, made in one call of compiled code (atproto/_fastrepo.c); None where that leaves the
+        rows to `record_rows` (a record with no JSON form, a byte string, U+0000, a block missing) or
+        the snapshot is spooled to disk. `prefix` and `suffix` are written as given: COPY text."""
+        if _fastrepo is None or not self.in_memory:
+            return None
+        return _fastrepo.copy_lines(list(self.keys), dict(self.blocks), prefix.encode(), suffix.encode())
+
     def staged_blocks(self) -> Iterator[tuple[bytes, str | None, str | None, bytes | None]]:
         """(binary CID, record JSON, why none, exact block) of the kept records' blocks, in CAR order, for
         PostgreSQL to join to the keys (a snapshot spooled to disk). A block repeated in the CAR repeats."""

@@ -15,7 +15,7 @@ from datetime import datetime
 import psycopg
 
 from migration_assets.atproto.mst import MstError
-from migration_assets.core.postgres import copy_rows
+from migration_assets.core.postgres import copy_rows, copy_text
 from migration_assets.repos import ledger
 from migration_assets.repos.snapshot import RepoSnapshot
 
@@ -133,7 +133,11 @@ def _copy_to_staging(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:
         for statement in _STAGING:
             cur.execute(statement)
     if snapshot.in_memory:
-        copy_rows(cur, "incoming_records", _RECORD_COLUMNS, snapshot.record_rows())
+        lines = snapshot.copy_lines("", "\t\\N\t\\N\n")  # error and record_cbor NULL
+        if lines is not None:
+            copy_text(cur, "incoming_records", _RECORD_COLUMNS, lines)
+        else:
+            copy_rows(cur, "incoming_records", _RECORD_COLUMNS, snapshot.record_rows())
         return
     copy_rows(cur, "incoming_blocks", ("link", "record", "error", "record_cbor"), snapshot.staged_blocks())
     copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid", "link"), snapshot.keys)
@@ -141,7 +145,11 @@ def _copy_to_staging(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:
 
 def _write_first(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> int:
     """Write the records of a repo that has none stored; as the diff, refuse (MstError) if any lacks its block."""
-    if snapshot.in_memory:
+    lines = snapshot.copy_lines(f"{snapshot.did}\t", "\t\\N\n") if _copyable(snapshot.did) else None  # record_cbor NULL
+    if lines is not None:
+        copy_text(cur, "records", _RECORDS_COLUMNS, lines)
+        written = snapshot.records
+    elif snapshot.in_memory:
         rows = (row for row in snapshot.record_rows() if row[3] is not None)
         written = copy_rows(cur, "records", _RECORDS_COLUMNS, ((snapshot.did, *row[:4], row[5]) for row in rows))
     else:
@@ -151,6 +159,11 @@ def _write_first(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> int:
         _stage(cur, snapshot)
         _refuse_unusable(cur, snapshot)
     return written
+
+
+def _copyable(text: str) -> bool:
+    """Whether `text` goes into a COPY text line as it is (no backslash, tab or line break)."""
+    return text.isprintable() and "\\" not in text
 
 
 def _refuse_unusable(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:

@@ -284,3 +284,128 @@ def test_a_dev_env_export_reads_alike_through_the_compiled_parse(pds, compiled, 
     car = httpx.get(f"{account.pds.url}/xrpc/com.atproto.sync.getRepo", params={"did": account.did}).content
     result = assert_same(car, monkeypatch, did=account.did)
     assert len(result[9]) >= 300 and compiled.taken == 1
+
+
+# --- a record's COPY line: _fastrepo.copy_lines against snapshot.record_json and COPY's escaping ------
+
+def reference_line(block: bytes) -> bytes | None:
+    """The line the Python path's rows make (`record_json`, then COPY's text escaping); None where the
+    record has no plain JSON form to write that way (an error, or U+0000 kept with its exact block)."""
+    text, error, exact = snapshot_module.record_json(block)
+    if text is None or exact is not None:
+        return None
+    escaped = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return f"app.bsky.feed.post\t3kabc\tbafycid\t{escaped}\t\\N\n".encode()
+
+
+def compiled_line(block: bytes) -> bytes | None:
+    link = bytes(CID.for_block(block))
+    return snapshot_module._fastrepo.copy_lines([("app.bsky.feed.post", "3kabc", "bafycid", link)], {link: block},
+                                                b"", b"\t\\N\n")
+
+
+TEXTS = ["", "plain", "quote \" and backslash \\ and slash /", "tab\tnew\nline\rcr\bbs\fff\x01\x1f\x7f",
+         "é ü ß 中文 🦋 \u2028 \u00a0 \U0010ffff", "\\u0000 written out", "nul \x00 inside", "\ud7ff\ue000"]
+INTEGERS = [0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1, 2**64 - 1,
+            -1, -24, -25, -256, -257, -2**32, -2**63, -2**63 - 1, -2**64]
+
+
+def random_value(rng: random.Random, depth: int = 0):
+    kind = rng.randrange(10 if depth < 4 else 7)
+    if kind == 0:
+        return rng.choice(TEXTS) + "".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(rng.randrange(4)))
+    if kind == 1:
+        return rng.choice(INTEGERS)
+    if kind == 2:
+        return rng.choice([True, False, None])
+    if kind == 3:
+        return CID.for_block(bytes([rng.randrange(256)]))
+    if kind == 4:
+        return rng.choice([b"", b"\x00bytes"]) if rng.random() < 0.2 else rng.choice(TEXTS)
+    if kind in (5, 6):
+        return rng.randrange(-1000, 1000)
+    if kind == 7:
+        return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {rng.choice(TEXTS[:6]) + str(n): random_value(rng, depth + 1) for n in range(rng.randrange(5))}
+
+
+def test_record_lines_are_the_python_paths_own():
+    rng, written = random.Random(3), 0
+    for _ in range(3000):
+        block = dagcbor.encode({"$type": "app.bsky.feed.post", "value": random_value(rng)})
+        line = compiled_line(block)
+        if line is not None:
+            assert line == reference_line(block), block
+            written += 1
+    assert written > 2000, "the compiled path left most plain records to the Python one"
+
+
+def test_record_lines_refuse_what_the_python_path_refuses():
+    """Blocks with bytes flipped: the compiled line is the Python path's, or none (never one the Python
+    path would refuse or write otherwise)."""
+    rng, taken = random.Random(4), 0
+    for _ in range(3000):
+        block = bytearray(dagcbor.encode({"text": rng.choice(TEXTS), "n": rng.choice(INTEGERS),
+                                          "list": [1, "two", None, CID1], "ok": True}))
+        block[rng.randrange(len(block))] = rng.randrange(256)
+        line = compiled_line(bytes(block))
+        if line is not None:
+            assert line == reference_line(bytes(block)), bytes(block)
+            taken += 1
+    assert taken > 100  # some flips keep a valid record (another character, another number)
+
+
+@pytest.mark.parametrize("block", [b"\xa1\x61a\xf9\x3c\x00", b"\xa1\x61a\x41x", b"\xa2\x61b\x01\x61a\x02",
+                                   b"\xa1\x61a\x01\x00", b"\xa1\x62\xc3\x28\x01", b"\xa1\x61a\x18\x01",
+                                   dagcbor.encode({"a": "nul\x00"})],
+                         ids=["float", "byte string", "keys out of order", "trailing byte", "invalid UTF-8",
+                              "integer not minimal", "U+0000"])
+def test_record_lines_leave_the_unusual_to_the_python_path(block):
+    assert compiled_line(block) is None
+
+
+def test_a_record_missing_its_block_leaves_the_rows_to_the_python_path():
+    assert snapshot_module._fastrepo.copy_lines([("a.b.c", "k", "bafy", bytes(CID1))], {}, b"", b"\n") is None
+
+
+def test_stored_records_are_the_python_paths_own(target_url, monkeypatch):
+    """The same repos stored through the compiled lines and through the Python rows, a first sync then a
+    resync (the diff's staging): PostgreSQL holds the same records."""
+    from migration_assets.core.postgres import shared_pool
+    from migration_assets.repos import ledger
+    from migration_assets.repos.store import store_snapshot
+
+    rng = random.Random(5)
+    values = [{"$type": "app.bsky.feed.post", "value": random_value(rng)} for _ in range(300)]
+    plain = [v for v in values if compiled_line(dagcbor.encode(v)) is not None]
+    first = {f"app.bsky.feed.post/3k{n:011d}": value for n, value in enumerate(plain)}
+    second = {**dict(list(first.items())[::2]), "app.bsky.feed.post/3kzzz": {"text": "new \\ \t"}}
+
+    made = snapshot_module.RepoSnapshot.copy_lines
+
+    def lines_made(snapshot, *args):
+        lines = made(snapshot, *args)
+        assert lines is not None, "the compiled path left these records to the Python one"
+        return lines
+
+    def sync(did: str, records: dict, compiled: bool) -> None:
+        blocks: dict[CID, bytes] = {}
+        car = export(blocks, build_mst({key: put(blocks, value) for key, value in records.items()}, blocks), did=did)
+        with monkeypatch.context() as patch:
+            patch.setattr(snapshot_module.RepoSnapshot, "copy_lines", lines_made if compiled else lambda *args: None)
+            with read_snapshot(did, [car], len(car)) as snapshot, shared_pool(target_url).connection() as conn:
+                with conn.transaction():
+                    store_snapshot(conn, snapshot, "https://pds.example")
+
+    with shared_pool(target_url).connection() as conn:
+        ledger.enqueue(conn, ["did:plc:compiled", "did:plc:python"], 256)
+        conn.commit()
+    for records in (first, second):
+        sync("did:plc:compiled", records, compiled=True)
+        sync("did:plc:python", records, compiled=False)
+        with shared_pool(target_url).connection() as conn:
+            rows = conn.execute("SELECT did, collection, rkey, cid, record::text, record_cbor FROM records"
+                                " ORDER BY collection, rkey, did").fetchall()
+        compiled_rows = [row[1:] for row in rows if row[0] == "did:plc:compiled"]
+        assert compiled_rows == [row[1:] for row in rows if row[0] == "did:plc:python"]
+        assert len(compiled_rows) == len(records) > 100
