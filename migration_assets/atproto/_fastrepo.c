@@ -7,7 +7,8 @@
    root link, walks the MST in key order and returns
        (records, blocks)
    records: (collection, rkey, CID text, binary CID) of every MST entry, in key order;
-   blocks:  (binary CID, block) of every block but the commit and the MST nodes reached, in CAR order.
+   blocks:  (binary CID, block) of every block but the commit and the MST nodes reached, in CAR order
+            (the reference lists unreached node-shaped blocks last; callers look blocks up by CID).
 
    It takes only what atproto hosts write: CIDv1 sha2-256 DAG-CBOR or raw links, one- to three-byte
    section lengths, canonical MST nodes, record keys that pass their syntax. On anything else (a bad
@@ -31,6 +32,8 @@
 #define MAX_KEY 1024 /* longer than any valid key: NSID (317) + "/" + record key (512) */
 #define MAX_RKEY 512
 #define NOT_USUAL 1  /* a parse step's "leave it to the reference path" */
+#define GAVE_UP -2   /* find(): the probe ran past MAX_PROBES */
+#define MAX_PROBES 256
 
 typedef struct {
     const uint8_t *link; /* LINK_SIZE bytes */
@@ -46,6 +49,7 @@ typedef struct {
     Py_ssize_t count, capacity;
     int32_t *table; /* open addressing: block index + 1, 0 empty */
     size_t mask;
+    int shift; /* 64 - log2(slots): a hash's top bits pick its slot */
     PyObject *records;          /* list */
     const uint8_t **values;     /* each record's link, for the check after the walk */
     Py_ssize_t value_count, value_capacity;
@@ -61,18 +65,25 @@ static int usual_link(const uint8_t *p) {
     return p[0] == 0x01 && (p[1] == 0x71 || p[1] == 0x55) && p[2] == 0x12 && p[3] == 0x20;
 }
 
-static size_t link_hash(const uint8_t *link) {
+/* An odd multiplier drawn at import (os.urandom): a host that crafts blocks whose digests share
+   their low bits (cheap to find) cannot make them share a slot, so the index stays linear. */
+static uint64_t hash_key = 0x9e3779b97f4a7c15ULL;
+
+static size_t slot(const Parse *p, const uint8_t *link) {
     uint64_t h;
-    memcpy(&h, link + 4, sizeof h); /* a sha256 digest: its first bytes are already uniform */
-    return (size_t)(h ^ link[1]);
+    memcpy(&h, link + 4, sizeof h);
+    return (size_t)(((h ^ link[1]) * hash_key) >> p->shift);
 }
 
+/* The block index of `link`, -1 if absent, GAVE_UP past MAX_PROBES (then the reference decides). */
 static Py_ssize_t find(const Parse *p, const uint8_t *link) {
-    size_t i = link_hash(link) & p->mask;
-    while (p->table[i]) {
+    size_t i = slot(p, link);
+    for (int probes = 0; p->table[i]; probes++) {
         const Block *b = &p->blocks[p->table[i] - 1];
         if (memcmp(b->link, link, LINK_SIZE) == 0)
             return p->table[i] - 1;
+        if (probes == MAX_PROBES)
+            return GAVE_UP;
         i = (i + 1) & p->mask;
     }
     return -1;
@@ -104,6 +115,8 @@ static int split(Parse *p, Py_ssize_t pos) {
         SHA256(data, (size_t)data_size, digest);
         if (memcmp(digest, car + pos + 4, 32) != 0)
             return NOT_USUAL;
+        if (p->count == INT32_MAX - 1)
+            return NOT_USUAL;
         if (p->count == p->capacity) {
             Py_ssize_t capacity = p->capacity ? 2 * p->capacity : 1024;
             Block *grown = PyMem_Realloc(p->blocks, (size_t)capacity * sizeof(Block));
@@ -116,16 +129,19 @@ static int split(Parse *p, Py_ssize_t pos) {
         pos += size;
     }
     size_t slots = 16;
-    while (slots < 2 * (size_t)p->count)
+    p->shift = 60;
+    while (slots < 2 * (size_t)p->count) {
         slots *= 2;
+        p->shift--;
+    }
     p->table = PyMem_Calloc(slots, sizeof(int32_t));
     if (!p->table)
         return -1;
     p->mask = slots - 1;
     for (Py_ssize_t n = 0; n < p->count; n++) {
-        if (find(p, p->blocks[n].link) >= 0)
-            return NOT_USUAL; /* a block repeated */
-        size_t i = link_hash(p->blocks[n].link) & p->mask;
+        if (find(p, p->blocks[n].link) != -1)
+            return NOT_USUAL; /* a block repeated, or a probe too long */
+        size_t i = slot(p, p->blocks[n].link);
         while (p->table[i])
             i = (i + 1) & p->mask;
         p->table[i] = (int32_t)(n + 1);
@@ -178,6 +194,8 @@ static int link_or_null(Cursor *c, const uint8_t **link, int nullable) {
     return 1;
 }
 
+#define MIN_ENTRY_SIZE 53 /* {k: b"", p: 0, t: null, v: link}: what a node's entry count is held to */
+
 typedef struct {
     Py_ssize_t key_at, key_size; /* in the node's key buffer */
     const uint8_t *value, *tree;
@@ -200,7 +218,7 @@ static int decode_node(const Block *b, Node *n) {
     Cursor c = {b->data, b->data + b->size};
     uint64_t count, prefix, key_size;
     memset(n, 0, sizeof *n);
-    if (!take(&c, "\xa2\x61\x65", 3) || !head(&c, 4, &count) || count > (uint64_t)b->size)
+    if (!take(&c, "\xa2\x61\x65", 3) || !head(&c, 4, &count) || count > (uint64_t)b->size / MIN_ENTRY_SIZE)
         return NOT_USUAL;
     Py_ssize_t capacity = 4096, used = 0, previous = 0, previous_size = 0;
     n->entries = PyMem_Malloc(((size_t)count + 1) * sizeof(Entry));
@@ -349,7 +367,7 @@ static int emit(Parse *p, const uint8_t *key, Py_ssize_t size, const uint8_t *va
 static int walk(Parse *p, const uint8_t *link, int layer) {
     Py_ssize_t index = find(p, link);
     if (index < 0 || p->blocks[index].reached)
-        return NOT_USUAL; /* missing (the reference words it), or met twice */
+        return NOT_USUAL; /* missing (the reference words it), met twice, or a probe too long */
     p->blocks[index].reached = 1;
     Node node;
     int status = decode_node(&p->blocks[index], &node);
@@ -431,7 +449,7 @@ static PyObject *parse_repo(Parse *p, Py_ssize_t start, Py_buffer *head, PyObjec
     Py_DECREF(root);
     for (Py_ssize_t i = 0; i < p->value_count && status == 0; i++) {
         Py_ssize_t index = find(p, p->values[i]);
-        if (index >= 0 && p->blocks[index].reached)
+        if (index == GAVE_UP || (index >= 0 && p->blocks[index].reached))
             status = NOT_USUAL; /* a record's block that is also a node of the tree */
     }
     if (status)
@@ -474,6 +492,8 @@ static int reserve(Buffer *b, Py_ssize_t more) {
 }
 
 static int put(Buffer *b, const char *text, Py_ssize_t size) {
+    if (size == 0)
+        return 0;
     if (reserve(b, size))
         return -1;
     memcpy(b->data + b->size, text, (size_t)size);
@@ -511,7 +531,7 @@ static int utf8_length(const uint8_t *s, Py_ssize_t left) {
 /* A JSON string as json.dumps(ensure_ascii=False) writes it, each backslash doubled for COPY. */
 static int json_string(Buffer *b, const uint8_t *s, Py_ssize_t size) {
     static const char hex[] = "0123456789abcdef";
-    if (reserve(b, 2 + 12 * size)) /* the longest: \\u00XX, COPY-escaped, per byte */
+    if (reserve(b, 2 + 7 * size)) /* the longest, per byte: \\u00XX, its backslash doubled for COPY */
         return -1;
     char *out = b->data + b->size;
     *out++ = '"';
@@ -646,7 +666,7 @@ static int json_value(Cursor *c, Buffer *b, int depth) {
 
 /* A str's UTF-8 bytes if they need no COPY escaping (no backslash, no control character). */
 static const char *plain(PyObject *value, Py_ssize_t *size) {
-    const char *utf8 = PyUnicode_Check(value) ? PyUnicode_AsUTF8AndSize(value, size) : NULL;
+    const char *utf8 = PyUnicode_CheckExact(value) ? PyUnicode_AsUTF8AndSize(value, size) : NULL;
     if (!utf8) {
         PyErr_Clear();
         return NULL;
@@ -657,14 +677,18 @@ static const char *plain(PyObject *value, Py_ssize_t *size) {
     return utf8;
 }
 
+/* `row` and `blocks` hold only exact str, bytes and tuples (no __eq__ or __hash__ of a caller's class
+   runs during the lookup), and the caller holds a reference to `row`. */
 static int copy_line(Buffer *b, PyObject *row, PyObject *blocks, Py_buffer *prefix, Py_buffer *suffix) {
-    if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 4)
+    if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != 4 || !PyBytes_CheckExact(PyTuple_GET_ITEM(row, 3)))
         return NOT_USUAL;
     PyObject *block = PyDict_GetItemWithError(blocks, PyTuple_GET_ITEM(row, 3));
     if (!block)
         return PyErr_Occurred() ? -1 : NOT_USUAL; /* missing from the CAR: the Python path refuses it */
-    if (!PyBytes_Check(block) || put(b, prefix->buf, prefix->len))
-        return PyBytes_Check(block) ? -1 : NOT_USUAL;
+    if (!PyBytes_CheckExact(block))
+        return NOT_USUAL;
+    if (put(b, prefix->buf, prefix->len))
+        return -1;
     for (int i = 0; i < 3; i++) {
         Py_ssize_t size;
         const char *field = plain(PyTuple_GET_ITEM(row, i), &size);
@@ -689,8 +713,11 @@ static PyObject *copy_lines(PyObject *module, PyObject *args) {
         return NULL;
     Buffer b = {NULL, 0, 0};
     int status = 0;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(records) && status == 0; i++)
-        status = copy_line(&b, PyList_GET_ITEM(records, i), blocks, &prefix, &suffix);
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(records) && status == 0; i++) {
+        PyObject *row = Py_NewRef(PyList_GET_ITEM(records, i));
+        status = copy_line(&b, row, blocks, &prefix, &suffix);
+        Py_DECREF(row);
+    }
     PyObject *result = NULL;
     if (status == 0)
         result = PyBytes_FromStringAndSize(b.data ? b.data : "", b.size);
@@ -737,4 +764,14 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, .m_name = "_fastrepo", .m_size = -1, .m_methods = methods,
 };
 
-PyMODINIT_FUNC PyInit__fastrepo(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastrepo(void) {
+    PyObject *os = PyImport_ImportModule("os");
+    PyObject *random = os ? PyObject_CallMethod(os, "urandom", "i", (int)sizeof hash_key) : NULL;
+    Py_XDECREF(os);
+    if (!random)
+        return NULL;
+    memcpy(&hash_key, PyBytes_AS_STRING(random), sizeof hash_key);
+    hash_key |= 1;
+    Py_DECREF(random);
+    return PyModule_Create(&module);
+}

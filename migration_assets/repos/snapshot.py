@@ -77,15 +77,17 @@ class Spool:
         if len(self._batch) >= _BATCH:
             self._flush()
 
-    def extend(self, rows: list[tuple], size: int) -> None:
-        """Append `rows`, `size` bytes in all (as `append` is told each row's)."""
+    def extend(self, rows: list[tuple], sizes: list[int]) -> None:
+        """Append `rows`, each of the size `append` would be told: as many appends would, in one go
+        while they all fit in memory."""
+        size = sum(sizes)
         if self._file is None and self._held_bytes + size <= self._memory_bytes:
             self._held.extend(rows)
             self._held_bytes += size
             self.rows += len(rows)
             return
-        for row in rows:
-            self.append(row, size // max(len(rows), 1))
+        for row, row_size in zip(rows, sizes):
+            self.append(row, row_size)
 
     @property
     def in_memory(self) -> bool:
@@ -275,8 +277,8 @@ def _keep(snapshot: RepoSnapshot, records: list[tuple], blocks: list[tuple], cou
         snapshot.wanted = {row[3] for row in records}
         counts = Counter(row[0] for row in records)
     snapshot.collections = counts
-    snapshot.keys.extend(records, _ROW_BYTES * len(records) + sum(len(row[1]) for row in records))
-    snapshot.blocks.extend(blocks, _ROW_BYTES * len(blocks) + sum(len(block) for _, block in blocks))
+    snapshot.keys.extend(records, [_ROW_BYTES + len(rkey) for _, rkey, _, _ in records])
+    snapshot.blocks.extend(blocks, [_ROW_BYTES + len(block) for _, block in blocks])
 
 
 def _check_commit_did(commit: Commit, did: str) -> None:

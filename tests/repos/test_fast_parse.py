@@ -409,3 +409,34 @@ def test_stored_records_are_the_python_paths_own(target_url, monkeypatch):
         compiled_rows = [row[1:] for row in rows if row[0] == "did:plc:compiled"]
         assert compiled_rows == [row[1:] for row in rows if row[0] == "did:plc:python"]
         assert len(compiled_rows) == len(records) > 100
+
+
+def test_a_repo_just_past_the_spool_budget_spools_alike(compiled, monkeypatch):
+    """Three record blocks whose rows come to one byte past the budget: both parses spool them to disk
+    (the compiled one once kept them in memory, sizing its rows by their average)."""
+    monkeypatch.setattr(snapshot_module, "SPOOL_MEMORY_BYTES", 1000)
+    values = [dagcbor.encode({"t": letter * size}) for letter, size in (("x", 30), ("y", 30), ("z", 26))]
+    blocks: dict[CID, bytes] = {}
+    records = {f"com.example.record/k{n}": _put_raw(blocks, value) for n, value in enumerate(values)}
+    assert sum(map(len, values)) == 101
+    car = export(blocks, build_mst(records, blocks))
+    assert assert_same(car, monkeypatch)[8] is False  # in_memory: 3 x 300 + 101 bytes > 1000
+    assert compiled.taken == 1
+
+
+def test_copy_lines_takes_only_plain_bytes_keys():
+    """A caller's bytes subclass could run code during the block lookup (its __eq__ emptied the list of
+    rows being read, which freed the row under it: a crash under AddressSanitizer): such a row is left
+    to the Python path. Repo data never makes one; this holds the function to its contract."""
+    rows = []
+
+    class Sneaky(bytes):
+        __hash__ = bytes.__hash__
+
+        def __eq__(self, other):
+            rows.clear()
+            return bytes.__eq__(self, other)
+
+    link = bytes(CID.for_block(b"\xa0"))
+    rows.append(("app.bsky.feed.post", "3kabc", "bafycid", Sneaky(link)))
+    assert snapshot_module._fastrepo.copy_lines(rows, {link: b"\xa0"}, b"", b"\n") is None
