@@ -1,6 +1,7 @@
-/* The repo backfill's hot paths in compiled code, each the fast path of a Python reference:
-   parse() of snapshot.read_snapshot (a whole CAR to records and blocks), copy_lines() of the store (the
-   records' COPY lines, their atproto JSON made from their blocks; see its own comment further down).
+/* The repo backfill's and event stream's hot paths in compiled code, each the fast path of a Python
+   reference: parse() of snapshot.read_snapshot (a whole CAR to records and blocks), copy_lines() of the
+   store (the records' COPY lines, their atproto JSON made from their blocks), blocks() of
+   car.read_blocks (a stream event's CAR slice); each has its own comment below.
 
    parse(car, start, head, data_root) reads the CAR sections from byte `start` (after the header), checks
    every block against its CID, finds the commit (`head`), asks `data_root(commit block)` for the MST's
@@ -731,6 +732,46 @@ static PyObject *copy_lines(PyObject *module, PyObject *args) {
     return result;
 }
 
+/* The usual CAR header, length first: {roots: [one usual link], version: 1}, canonical. */
+static const uint8_t USUAL_HEADER_START[] = "\x3a\xa2\x65roots\x81\xd8\x2a\x58\x25\x00";
+static const uint8_t USUAL_HEADER_END[] = "\x67version\x01";
+#define USUAL_HEADER_SIZE (sizeof USUAL_HEADER_START - 1 + LINK_SIZE + sizeof USUAL_HEADER_END - 1)
+
+static int usual_header(const uint8_t *car, Py_ssize_t size) {
+    const Py_ssize_t start = sizeof USUAL_HEADER_START - 1;
+    return size >= (Py_ssize_t)USUAL_HEADER_SIZE && memcmp(car, USUAL_HEADER_START, (size_t)start) == 0
+           && usual_link(car + start)
+           && memcmp(car + start + LINK_SIZE, USUAL_HEADER_END, sizeof USUAL_HEADER_END - 1) == 0;
+}
+
+/* blocks(car) -> {binary CID: block} | None: the sections of a CAR held in memory (a stream event's
+   slice) whose header is the usual one, each checked against its CID: car.read_blocks's fast path.
+   None for anything unusual (a block repeated too), left to CarReader, which decides and words it. */
+static PyObject *blocks(PyObject *module, PyObject *args) {
+    Py_buffer car;
+    if (!PyArg_ParseTuple(args, "y*:blocks", &car))
+        return NULL;
+    Parse p;
+    memset(&p, 0, sizeof p);
+    p.car = car.buf;
+    p.end = car.len;
+    int status = usual_header(car.buf, car.len) ? split(&p, USUAL_HEADER_SIZE) : NOT_USUAL;
+    PyObject *result = status < 0 ? PyErr_NoMemory() : status ? Py_NewRef(Py_None) : PyDict_New();
+    for (Py_ssize_t n = 0; status == 0 && result && n < p.count; n++) {
+        const Block *b = &p.blocks[n];
+        PyObject *link = PyBytes_FromStringAndSize((const char *)b->link, LINK_SIZE);
+        PyObject *data = link ? PyBytes_FromStringAndSize((const char *)b->data, b->size) : NULL;
+        if (!data || PyDict_SetItem(result, link, data))
+            Py_CLEAR(result);
+        Py_XDECREF(link);
+        Py_XDECREF(data);
+    }
+    PyMem_Free(p.blocks);
+    PyMem_Free(p.table);
+    PyBuffer_Release(&car);
+    return result;
+}
+
 static PyObject *parse(PyObject *module, PyObject *args) {
     Py_buffer car, head;
     Py_ssize_t start;
@@ -755,6 +796,7 @@ static PyObject *parse(PyObject *module, PyObject *args) {
 static PyMethodDef methods[] = {
     {"parse", parse, METH_VARARGS,
      "parse(car, start, head, data_root) -> (records, blocks) | None: see the module's source."},
+    {"blocks", blocks, METH_VARARGS, "blocks(car) -> {binary CID: block} | None: see the module's source."},
     {"copy_lines", copy_lines, METH_VARARGS,
      "copy_lines(records, blocks, prefix, suffix) -> bytes | None: see the module's source."},
     {NULL, NULL, 0, NULL},

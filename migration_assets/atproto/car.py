@@ -12,6 +12,11 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from migration_assets.atproto import dagcbor
+
+try:  # the compiled CAR slice reader (setup.py builds it); without it, CarReader reads every slice
+    from migration_assets.atproto import _fastrepo
+except ImportError:  # pragma: no cover (CI builds it: tests/repos/test_fast_parse.py)
+    _fastrepo = None
 from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID, CidError, CidMismatch, decode_varint, read_cid, usual_link
 from migration_assets.atproto.errors import AtprotoFormatError
 
@@ -214,11 +219,11 @@ def _usual_roots(header: bytes) -> list[CID] | None:
 
 def read_blocks(data: bytes, *, max_size: int) -> dict[bytes, bytes]:
     """{binary CID: block} of a CAR held in memory (a stream event's slice), as
-    `dict(CarReader(iter([data]), max_size=max_size).links())` reads it, in one tight loop: a header of the
-    usual shape decoded by libipld, the usual CIDs, one- and two-byte section lengths. Anything else,
+    `dict(CarReader(iter([data]), max_size=max_size).links())` reads it, in one call of compiled code
+    (atproto/_fastrepo.c) for the usual header (one root), CIDs and section lengths. Anything else,
     including every error, is left to CarReader, which decides and words it, so both accept and refuse
     the same bytes alike. No CID object is made: a link's bytes are its key."""
-    blocks = _read_usual_blocks(data, max_size)
+    blocks = _fastrepo.blocks(data) if _fastrepo is not None and len(data) <= max_size else None
     return blocks if blocks is not None else dict(CarReader(iter([data]), max_size=max_size).links())
 
 
@@ -230,29 +235,3 @@ def usual_header(data: bytes) -> tuple[list[CID], int] | None:
     start = 1 + data[0]
     roots = _usual_roots(data[1:start]) if 1 < start <= len(data) else None
     return None if roots is None else (roots, start)
-
-
-def _read_usual_blocks(data: bytes, max_size: int) -> dict[bytes, bytes] | None:
-    end = len(data)
-    header = usual_header(data) if end <= max_size else None
-    if header is None:
-        return None
-    pos = header[1]
-    blocks: dict[bytes, bytes] = {}
-    sha256, prefixes = hashlib.sha256, CODEC_OF_PREFIX
-    while pos < end:
-        size = data[pos]
-        if size < 0x80:
-            pos += 1
-        elif pos + 1 < end and 0 < data[pos + 1] < 0x80:
-            size, pos = (size & 0x7F) | (data[pos + 1] << 7), pos + 2
-        else:
-            return None
-        if size < 36 or pos + size > end or data[pos:pos + 4] not in prefixes:
-            return None
-        link, block = data[pos:pos + 36], data[pos + 36:pos + size]
-        if sha256(block).digest() != link[4:]:
-            return None
-        blocks[link] = block
-        pos += size
-    return blocks

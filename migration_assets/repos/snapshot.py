@@ -2,16 +2,20 @@
 rkey, CID) with its block, held in memory up to a budget and on local disk past it, so memory stays
 flat however big the repo.
 
-The CAR streams through once. The MST nodes the commit reaches stay in memory (a node holds several
-keys, so they are a fraction of the blocks; atproto.repo keeps unreferenced ones out); the commit is kept
-apart; every other block is appended, as the CAR holds it, to a spool. The MST walk then appends each
-kept record's key to a second spool. Blocks may come in any order, so nothing is known before the CAR
-ends, and disk is where a big repo waits.
+Two paths read a CAR, to the same snapshot:
+- A CAR of at most WHOLE_CAR_MAX_BYTES (most repos) is read whole and parsed in one call of compiled
+  code (atproto/_fastrepo.c), which takes what hosts usually write and leaves anything else to:
+- the Python parse, the reference, which also reads every bigger CAR as it streams. The MST nodes the
+  commit reaches stay in memory (a node holds several keys, so they are a fraction of the blocks;
+  atproto.repo keeps unreferenced ones out); the commit is kept apart; every other block is appended,
+  as the CAR holds it, to a spool. The MST walk then appends each kept record's key to a second spool.
+  Blocks may come in any order, so nothing is known before the CAR ends, and disk is where a big repo
+  waits.
 
 A record's JSON form (see `record_json` for the records that jsonb cannot hold) is made only as the store
-COPYs it (`record_rows`, `staged_blocks`), so the conversion overlaps PostgreSQL's work on the rows
-before it, and records a collection filter or a missing signal collection leaves out (RecordScope) cost
-nothing. The MST is still walked (and so verified) whole.
+COPYs it: in one compiled call for a repo held in memory (`copy_lines`), else row by row (`record_rows`,
+`staged_blocks`). Records a collection filter or a missing signal collection leaves out (RecordScope)
+cost nothing; the MST is still walked (and so verified) whole.
 """
 
 import itertools
