@@ -1,7 +1,8 @@
 /* The repo backfill's and event stream's hot paths in compiled code, each the fast path of a Python
    reference: parse() of snapshot.read_snapshot (a whole CAR to records and blocks), copy_lines() of the
    store (the records' COPY lines, their atproto JSON made from their blocks), blocks() of
-   car.read_blocks (a stream event's CAR slice); each has its own comment below.
+   car.read_blocks and lookup() of mst.lookup (a stream event's CAR slice, its ops' MST lookups); each
+   has its own comment below.
 
    parse(car, start, head, data_root) reads the CAR sections from byte `start` (after the header), checks
    every block against its CID, finds the commit (`head`), asks `data_root(commit block)` for the MST's
@@ -772,6 +773,71 @@ static PyObject *blocks(PyObject *module, PyObject *args) {
     return result;
 }
 
+/* Bytes order, as Python compares bytes: bytewise, then the shorter first. */
+static int compare_keys(const uint8_t *a, Py_ssize_t a_size, const uint8_t *b, Py_ssize_t b_size) {
+    int order = memcmp(a, b, (size_t)(a_size < b_size ? a_size : b_size));
+    return order ? order : (a_size > b_size) - (a_size < b_size);
+}
+
+/* One node's step of a lookup: 0 with *found (the key's value) or *next (the subtree to go down, NULL
+   for none), NOT_USUAL, or -1. */
+static int lookup_step(PyObject *blocks, const uint8_t *link, const uint8_t *key, Py_ssize_t key_size,
+                       const uint8_t **found, const uint8_t **next) {
+    PyObject *name = PyBytes_FromStringAndSize((const char *)link, LINK_SIZE);
+    PyObject *block = name ? PyDict_GetItemWithError(blocks, name) : NULL;
+    Py_XDECREF(name);
+    if (!block)
+        return PyErr_Occurred() ? -1 : NOT_USUAL; /* missing: mst.lookup words it */
+    if (!PyBytes_CheckExact(block))
+        return NOT_USUAL;
+    Block b = {link, (const uint8_t *)PyBytes_AS_STRING(block), PyBytes_GET_SIZE(block), 0};
+    Node node;
+    int status = decode_node(&b, &node);
+    *found = NULL;
+    *next = node.left;
+    for (Py_ssize_t i = 0; status == 0 && i < node.count; i++) {
+        const Entry *e = &node.entries[i];
+        int order = compare_keys(node.keys + e->key_at, e->key_size, key, key_size);
+        if (order == 0)
+            *found = e->value;
+        if (order >= 0)
+            break;
+        *next = e->tree;
+    }
+    free_node(&node);
+    return status;
+}
+
+/* lookup(blocks, root, key) -> (binary CID or None,) | None: the value of `key` in the MST at `root`,
+   over `blocks` ({binary CID: block}: a stream event's), found on canonical nodes; mst.lookup's fast
+   path. None where a node on the way is missing or not canonical: mst.lookup's Python path decides and
+   words it. Links point into blocks' values, which the dict keeps alive meanwhile. */
+static PyObject *lookup(PyObject *module, PyObject *args) {
+    PyObject *blocks;
+    Py_buffer root, key;
+    if (!PyArg_ParseTuple(args, "O!y*y*:lookup", &PyDict_Type, &blocks, &root, &key))
+        return NULL;
+    PyObject *result = NULL;
+    const uint8_t *link = root.len == LINK_SIZE ? root.buf : NULL, *found = NULL, *next = NULL;
+    int status = link ? 0 : NOT_USUAL;
+    /* A content-addressed tree has no cycle; the bound only keeps a caller's odd dict from looping. */
+    for (int depth = 0; status == 0; depth++) {
+        status = depth > 1000 ? NOT_USUAL : lookup_step(blocks, link, key.buf, key.len, &found, &next);
+        if (status == 0 && (found || !next)) {
+            result = found ? Py_BuildValue("(y#)", found, (Py_ssize_t)LINK_SIZE) : Py_BuildValue("(O)", Py_None);
+            break;
+        }
+        link = next;
+    }
+    if (status == NOT_USUAL)
+        result = Py_NewRef(Py_None);
+    else if (status < 0 && !PyErr_Occurred())
+        PyErr_NoMemory();
+    PyBuffer_Release(&root);
+    PyBuffer_Release(&key);
+    return result;
+}
+
 static PyObject *parse(PyObject *module, PyObject *args) {
     Py_buffer car, head;
     Py_ssize_t start;
@@ -797,6 +863,7 @@ static PyMethodDef methods[] = {
     {"parse", parse, METH_VARARGS,
      "parse(car, start, head, data_root) -> (records, blocks) | None: see the module's source."},
     {"blocks", blocks, METH_VARARGS, "blocks(car) -> {binary CID: block} | None: see the module's source."},
+    {"lookup", lookup, METH_VARARGS, "lookup(blocks, root, key) -> (link | None,) | None: see the module's source."},
     {"copy_lines", copy_lines, METH_VARARGS,
      "copy_lines(records, blocks, prefix, suffix) -> bytes | None: see the module's source."},
     {NULL, NULL, 0, NULL},

@@ -12,12 +12,8 @@ from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from migration_assets.atproto import dagcbor
-
-try:  # the compiled CAR slice reader (setup.py builds it); without it, CarReader reads every slice
-    from migration_assets.atproto import _fastrepo
-except ImportError:  # pragma: no cover (CI builds it: tests/repos/test_fast_parse.py)
-    _fastrepo = None
 from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID, CidError, CidMismatch, decode_varint, read_cid, usual_link
+from migration_assets.atproto.compiled import fastrepo as _fastrepo
 from migration_assets.atproto.errors import AtprotoFormatError
 
 READ_SIZE = 64 * 1024

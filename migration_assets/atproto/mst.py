@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CODEC_OF_PREFIX, CID, NOT_A_CID_START, usual_link
+from migration_assets.atproto.compiled import fastrepo as _fastrepo
 from migration_assets.atproto.errors import AtprotoFormatError
 from migration_assets.atproto.syntax import is_did, is_tid, is_valid_nsid, is_valid_record_key
 
@@ -160,7 +161,12 @@ def lookup(blocks: Mapping[bytes, bytes], root: bytes, key: str, nodes: dict[byt
     """The value (a record link) of `key` in the MST rooted at `root`, or None when the tree has no such
     key; blocks and links as binary CIDs. Needs only the nodes on the key's path (what a commit event
     carries); a missing one raises MstError. `nodes`: a cache of the nodes decoded so far, for several
-    lookups in the same blocks (a commit's ops)."""
+    lookups in the same blocks (a commit's ops). Canonical nodes in a dict are looked up in one call of
+    compiled code (atproto/_fastrepo.c); anything else takes the Python path below, which words errors."""
+    if _fastrepo is not None and type(blocks) is dict:
+        found = _fastrepo.lookup(blocks, root, key.encode())
+        if found is not None:
+            return found[0]
     if nodes is None:
         nodes = {}
     wanted, link = key.encode(), root

@@ -36,11 +36,7 @@ from migration_assets.atproto.mst import Commit, parse_signed_commit, walk_links
 from migration_assets.atproto.repo import collect_repo_blocks
 from migration_assets.atproto.signature import verify_commit
 from migration_assets.atproto.syntax import is_valid_nsid
-
-try:  # the compiled parse (setup.py builds it); without it, every repo takes the Python path
-    from migration_assets.atproto import _fastrepo
-except ImportError:  # pragma: no cover (CI builds it: tests/atproto/test_fastrepo.py)
-    _fastrepo = None
+from migration_assets.atproto.compiled import fastrepo as _fastrepo
 from migration_assets.core.postgres import storable
 from migration_assets.repos.collections import RecordScope
 

@@ -192,6 +192,20 @@ def test_lookups_with_lazy_links_and_a_node_cache_agree_with_the_reference_walk(
     assert checked > 2000 and errors > 50
 
 
+def test_lookups_in_a_usual_tree_take_the_compiled_path():
+    # The test above holds mst.lookup to the reference whichever path it takes: here, that it takes the
+    # compiled one on canonical nodes (every host's), for keys present and absent.
+    from migration_assets.atproto import _fastrepo
+
+    blocks: dict = {}
+    records = {f"app.bsky.feed.post/3k{n:011d}": CID.for_block(b"r%d" % n) for n in range(300)}
+    root = bytes(build_mst(records, blocks))
+    by_link = {bytes(cid): block for cid, block in blocks.items()}
+    for key, cid in list(records.items())[::7]:
+        assert _fastrepo.lookup(by_link, root, key.encode()) == (bytes(cid),)
+        assert _fastrepo.lookup(by_link, root, (key + "x").encode()) == (None,)
+
+
 # --- a CAR slice read in one loop ---------------------------------------------------------------------
 
 

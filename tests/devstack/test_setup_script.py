@@ -10,6 +10,7 @@ from pathlib import Path
 from migration_assets.core.settings import PROJECT_ROOT
 
 LOGGER = '#!/usr/bin/env bash\necho "{name} $*" >>"{log}"\n{extra}'
+C_SOURCE = "migration_assets/atproto/_fastrepo.c"  # setup.py builds it at the pip install
 
 
 def _tool(path: Path, name: str, log: Path, extra: str = "") -> None:
@@ -23,6 +24,9 @@ def _checkout(tmp_path: Path) -> tuple[Path, Path, dict]:
     (root / "scripts").mkdir(parents=True)
     shutil.copy(PROJECT_ROOT / "scripts" / "setup", root / "scripts" / "setup")
     (root / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (root / "setup.py").write_text("from setuptools import setup\nsetup()\n")
+    (root / C_SOURCE).parent.mkdir(parents=True)
+    (root / C_SOURCE).write_text("/* the compiled parse */\n")
     (root / "package-lock.json").write_text('{"lockfileVersion": 3}\n')
     _tool(root / ".venv" / "bin" / "python", "pip", log)
     _tool(bin_dir / "npm", "npm", log, extra="mkdir -p node_modules\n")  # npm ci recreates node_modules
@@ -43,6 +47,8 @@ def test_second_setup_skips_installs_until_an_input_changes(tmp_path):
     (root / "package-lock.json").write_text('{"lockfileVersion": 3, "packages": {}}\n')
     assert _installs(root, log, env) == ["npm"]
     (root / "pyproject.toml").write_text("[project]\nname = 'x'\nversion = '2'\n")
+    assert _installs(root, log, env) == ["pip"]
+    (root / C_SOURCE).write_text("/* the compiled parse, changed */\n")
     assert _installs(root, log, env) == ["pip"]
     shutil.rmtree(root / "node_modules")  # the stamp goes with the packages it describes
     assert _installs(root, log, env) == ["npm"]
