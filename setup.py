@@ -1,6 +1,7 @@
-"""The compiled fast path of the repo parse (migration_assets/atproto/_fastrepo.c). It is optional: where it
-cannot be built (no C compiler, no OpenSSL headers), the install goes on and the pure-Python parse is used;
-tests/atproto/test_fastrepo.py fails when it is missing, so CI always runs it."""
+"""The compiled fast paths of the repo parse, store and event check (migration_assets/atproto/_fastrepo.c).
+They are optional: where they cannot be built (no C compiler, C library or OpenSSL headers, no Python
+headers), the install goes on and the Python references run; tests/repos/test_fast_parse.py fails when
+the module is missing, so CI always runs it."""
 
 from setuptools import Extension, setup
 

@@ -780,7 +780,8 @@ static int compare_keys(const uint8_t *a, Py_ssize_t a_size, const uint8_t *b, P
 }
 
 /* One node's step of a lookup: 0 with *found (the key's value) or *next (the subtree to go down, NULL
-   for none), NOT_USUAL, or -1. */
+   for none), NOT_USUAL, or -1. `link` points into the parent's block, held by `blocks`: it is copied
+   into `name` before the dict lookup, which could run a caller's key __eq__ (and so free that block). */
 static int lookup_step(PyObject *blocks, const uint8_t *link, const uint8_t *key, Py_ssize_t key_size,
                        const uint8_t **found, const uint8_t **next) {
     PyObject *name = PyBytes_FromStringAndSize((const char *)link, LINK_SIZE);

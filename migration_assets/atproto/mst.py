@@ -163,7 +163,7 @@ def lookup(blocks: Mapping[bytes, bytes], root: bytes, key: str, nodes: dict[byt
     carries); a missing one raises MstError. `nodes`: a cache of the nodes decoded so far, for several
     lookups in the same blocks (a commit's ops). Canonical nodes in a dict are looked up in one call of
     compiled code (atproto/_fastrepo.c); anything else takes the Python path below, which words errors."""
-    if _fastrepo is not None and type(blocks) is dict:
+    if _fastrepo is not None and type(blocks) is dict and type(root) is bytes:
         found = _fastrepo.lookup(blocks, root, key.encode())
         if found is not None:
             return found[0]

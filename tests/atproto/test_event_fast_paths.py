@@ -192,18 +192,28 @@ def test_lookups_with_lazy_links_and_a_node_cache_agree_with_the_reference_walk(
     assert checked > 2000 and errors > 50
 
 
-def test_lookups_in_a_usual_tree_take_the_compiled_path():
-    # The test above holds mst.lookup to the reference whichever path it takes: here, that it takes the
-    # compiled one on canonical nodes (every host's), for keys present and absent.
-    from migration_assets.atproto import _fastrepo
-
+def test_lookups_in_a_usual_tree_take_the_compiled_path(monkeypatch):
+    # The test above holds mst.lookup to the reference whichever path it takes: here, that mst.lookup
+    # takes the compiled one on canonical nodes (every host's), for keys present and absent, and leaves
+    # a key too long for it (over 1,024 bytes) to the Python path.
+    counting = compiled_counting(monkeypatch, mst, "lookup")
     blocks: dict = {}
     records = {f"app.bsky.feed.post/3k{n:011d}": CID.for_block(b"r%d" % n) for n in range(300)}
     root = bytes(build_mst(records, blocks))
     by_link = {bytes(cid): block for cid, block in blocks.items()}
-    for key, cid in list(records.items())[::7]:
-        assert _fastrepo.lookup(by_link, root, key.encode()) == (bytes(cid),)
-        assert _fastrepo.lookup(by_link, root, (key + "x").encode()) == (None,)
+    keys = list(records.items())[::7]
+    for key, cid in keys:
+        assert mst.lookup(by_link, root, key) == bytes(cid)
+        assert mst.lookup(by_link, root, key + "x") is None
+    assert counting.answered == counting.calls == 2 * len(keys)
+    long_blocks: dict = {}
+    long_key = "app.bsky.feed.post/" + "k" * 1100
+    long_root = bytes(build_mst({long_key: CID1_FOR_LOOKUP}, long_blocks))
+    assert mst.lookup({bytes(c): b for c, b in long_blocks.items()}, long_root, long_key) == bytes(CID1_FOR_LOOKUP)
+    assert counting.answered == 2 * len(keys)  # the long key's lookup was the Python path's
+
+
+CID1_FOR_LOOKUP = CID.for_block(b"a record")
 
 
 # --- a CAR slice read in one loop ---------------------------------------------------------------------
@@ -252,14 +262,36 @@ def test_a_car_slice_read_in_one_loop_is_what_carreader_reads(max_size):
             outcome(lambda d: dict(CarReader(iter([d]), max_size=max_size).links()), data)
 
 
-def test_usual_car_slices_take_the_compiled_path():
-    # The test above holds read_blocks to CarReader whichever path it takes: here, that it takes the
-    # compiled one for a usual slice (one root, no block twice), as every host's events are.
-    from migration_assets.atproto import _fastrepo
+class Answered:
+    """A compiled module's function, counting the calls it answered (not None)."""
 
-    read = [data for data in car_slices() if outcome(lambda d: dict(CarReader(iter([d]), max_size=1 << 24).links()), data)[0] == "ok"]
-    taken = [data for data in read if _fastrepo.blocks(data) is not None]
-    assert len(read) > 500 and len(taken) > len(read) * 0.7, (len(read), len(taken))
+    def __init__(self, module, name):
+        self.function, self.answered, self.calls = getattr(module, name), 0, 0
+
+    def __call__(self, *args):
+        result = self.function(*args)
+        self.calls += 1
+        self.answered += result is not None
+        return result
+
+
+def compiled_counting(monkeypatch, module, name: str) -> Answered:
+    """`module`'s compiled fast path `name`, counted where `module` calls it."""
+    counting = Answered(module._fastrepo, name)
+    monkeypatch.setattr(module, "_fastrepo", type("Counted", (), {name: staticmethod(counting)}))
+    return counting
+
+
+def test_usual_car_slices_take_the_compiled_path(monkeypatch):
+    # The test above holds read_blocks to CarReader whichever path it takes: here, that read_blocks
+    # takes the compiled one for a usual slice (one root, no block twice), as every host's events are.
+    from migration_assets.atproto import car
+
+    counting = compiled_counting(monkeypatch, car, "blocks")
+    read = 0
+    for data in car_slices():
+        read += outcome(lambda d: read_blocks(d, max_size=1 << 24), data)[0] == "ok"
+    assert read > 500 and counting.answered > read * 0.7, (read, counting.answered)
 
 
 def test_carreader_reads_a_car_alike_in_one_chunk_and_byte_by_byte():

@@ -62,3 +62,13 @@ def test_a_failed_install_writes_no_stamp(tmp_path):
     assert result.returncode != 0
     _tool(tmp_path / "bin" / "npm", "npm", log, extra="mkdir -p node_modules\n")
     assert _installs(root, log, env) == ["npm"]
+
+
+def test_an_install_without_the_compiled_paths_warns_and_is_tried_again(tmp_path):
+    root, log, env = _checkout(tmp_path)
+    # A python whose compiled module does not import (`python -c "import ..."` fails): no compiler.
+    _tool(root / ".venv" / "bin" / "python", "pip", log, extra='[ "$1" = "-c" ] && exit 1\nexit 0\n')
+    result = subprocess.run([str(root / "scripts" / "setup")], cwd=root, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "compiled fast paths (setup.py) were not built" in result.stderr
+    assert _installs(root, log, env) == ["pip"]  # npm's stamp was written, pip's was not

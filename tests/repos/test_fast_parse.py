@@ -228,8 +228,7 @@ HOSTILE = hostile()
 
 @pytest.mark.parametrize("car", HOSTILE.values(), ids=HOSTILE)
 def test_hostile_repos_fail_alike_through_both_parses(car, monkeypatch):
-    reference = assert_same(car, monkeypatch)
-    assert reference, "no outcome"
+    assert_same(car, monkeypatch)
 
 
 def test_most_hostile_repos_are_refused(monkeypatch):
@@ -240,7 +239,9 @@ def test_most_hostile_repos_are_refused(monkeypatch):
 
 
 def test_random_corruption_reads_alike(monkeypatch):
-    """Bytes flipped in a real-shaped export, a thousand times: the same snapshot or the same error."""
+    """Bytes flipped in a real-shaped export, a thousand times: the same snapshot or the same error. A
+    flip breaks a block's hash (or a length) almost always, so this holds the compiled parse's refusals
+    to the reference; test_corrupted_mst_nodes_read_alike reaches its walk."""
     good, rng = records_export(40), random.Random(1)
     for _ in range(1000):
         car = bytearray(good)
