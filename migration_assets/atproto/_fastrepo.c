@@ -4,15 +4,15 @@
    car.read_blocks and lookup() of mst.lookup (a stream event's CAR slice, its ops' MST lookups); each
    has its own comment below.
 
-   parse(car, start, head, data_root) reads the CAR sections from byte `start` (after the header), checks
-   every block against its CID, finds the commit (`head`), asks `data_root(commit block)` for the MST's
-   root link, walks the MST in key order and returns
-       (records, blocks)
+   parse(car, data_root) checks the CAR's header is the usual one (one root, the commit: `head`), reads
+   its sections, checks every block against its CID, finds the commit, asks `data_root(commit block)`
+   for the MST's root link, walks the MST in key order and returns
+       (head, records, blocks)
    records: (collection, rkey, CID text, binary CID) of every MST entry, in key order;
    blocks:  (binary CID, block) of every block but the commit and the MST nodes reached, in CAR order
             (the reference lists unreached node-shaped blocks last; callers look blocks up by CID).
 
-   It takes only what atproto hosts write: CIDv1 sha2-256 DAG-CBOR or raw links, one- to three-byte
+   It takes only what atproto hosts write: the usual header, CIDv1 sha2-256 DAG-CBOR or raw links, one- to three-byte
    section lengths, canonical MST nodes, record keys that pass their syntax. On anything else (a bad
    hash, a missing or malformed node, keys out of order or on the wrong layer, an invalid key, a block
    repeated, a record whose block is also a node) it returns None, and the caller reads the same bytes
@@ -149,6 +149,19 @@ static int split(Parse *p, Py_ssize_t pos) {
         p->table[i] = (int32_t)(n + 1);
     }
     return 0;
+}
+
+/* The usual CAR header, length first: {roots: [one usual link], version: 1}, canonical. */
+static const uint8_t USUAL_HEADER_START[] = "\x3a\xa2\x65roots\x81\xd8\x2a\x58\x25\x00";
+static const uint8_t USUAL_HEADER_END[] = "\x67version\x01";
+#define USUAL_HEADER_SIZE (sizeof USUAL_HEADER_START - 1 + LINK_SIZE + sizeof USUAL_HEADER_END - 1)
+
+#define HEADER_ROOT_AT (sizeof USUAL_HEADER_START - 1) /* where its root's link starts */
+
+static int usual_header(const uint8_t *car, Py_ssize_t size) {
+    return size >= (Py_ssize_t)USUAL_HEADER_SIZE && memcmp(car, USUAL_HEADER_START, HEADER_ROOT_AT) == 0
+           && usual_link(car + HEADER_ROOT_AT)
+           && memcmp(car + HEADER_ROOT_AT + LINK_SIZE, USUAL_HEADER_END, sizeof USUAL_HEADER_END - 1) == 0;
 }
 
 /* --- canonical DAG-CBOR of an MST node: {e: [{k, p, t, v}...], l: link|null} --- */
@@ -428,13 +441,14 @@ static PyObject *other_blocks(const Parse *p, Py_ssize_t commit) {
     return blocks;
 }
 
-static PyObject *parse_repo(Parse *p, Py_ssize_t start, Py_buffer *head, PyObject *data_root) {
-    int status = split(p, start);
+static PyObject *parse_repo(Parse *p, PyObject *data_root) {
+    if (!usual_header(p->car, p->end))
+        return Py_NewRef(Py_None);
+    int status = split(p, USUAL_HEADER_SIZE);
     if (status)
         return status < 0 ? PyErr_NoMemory() : Py_NewRef(Py_None);
-    if (head->len != LINK_SIZE || !usual_link(head->buf))
-        return Py_NewRef(Py_None);
-    Py_ssize_t commit = find(p, head->buf);
+    const uint8_t *head = p->car + HEADER_ROOT_AT;
+    Py_ssize_t commit = find(p, head);
     if (commit < 0)
         return Py_NewRef(Py_None);
     PyObject *block = PyBytes_FromStringAndSize((const char *)p->blocks[commit].data, p->blocks[commit].size);
@@ -459,7 +473,7 @@ static PyObject *parse_repo(Parse *p, Py_ssize_t start, Py_buffer *head, PyObjec
     PyObject *blocks = other_blocks(p, commit);
     if (!blocks)
         return NULL;
-    return Py_BuildValue("(ON)", p->records, blocks);
+    return Py_BuildValue("(y#ON)", head, (Py_ssize_t)LINK_SIZE, p->records, blocks);
 }
 
 /* --- a record's atproto JSON form, as a COPY text line ---------------------------------------------
@@ -733,18 +747,6 @@ static PyObject *copy_lines(PyObject *module, PyObject *args) {
     return result;
 }
 
-/* The usual CAR header, length first: {roots: [one usual link], version: 1}, canonical. */
-static const uint8_t USUAL_HEADER_START[] = "\x3a\xa2\x65roots\x81\xd8\x2a\x58\x25\x00";
-static const uint8_t USUAL_HEADER_END[] = "\x67version\x01";
-#define USUAL_HEADER_SIZE (sizeof USUAL_HEADER_START - 1 + LINK_SIZE + sizeof USUAL_HEADER_END - 1)
-
-static int usual_header(const uint8_t *car, Py_ssize_t size) {
-    const Py_ssize_t start = sizeof USUAL_HEADER_START - 1;
-    return size >= (Py_ssize_t)USUAL_HEADER_SIZE && memcmp(car, USUAL_HEADER_START, (size_t)start) == 0
-           && usual_link(car + start)
-           && memcmp(car + start + LINK_SIZE, USUAL_HEADER_END, sizeof USUAL_HEADER_END - 1) == 0;
-}
-
 /* blocks(car) -> {binary CID: block} | None: the sections of a CAR held in memory (a stream event's
    slice) whose header is the usual one, each checked against its CID: car.read_blocks's fast path.
    None for anything unusual (a block repeated too), left to CarReader, which decides and words it. */
@@ -840,29 +842,27 @@ static PyObject *lookup(PyObject *module, PyObject *args) {
 }
 
 static PyObject *parse(PyObject *module, PyObject *args) {
-    Py_buffer car, head;
-    Py_ssize_t start;
+    Py_buffer car;
     PyObject *data_root;
-    if (!PyArg_ParseTuple(args, "y*ny*O:parse", &car, &start, &head, &data_root))
+    if (!PyArg_ParseTuple(args, "y*O:parse", &car, &data_root))
         return NULL;
     Parse p;
     memset(&p, 0, sizeof p);
     p.car = car.buf;
     p.end = car.len;
-    PyObject *result = (start < 0 || start > car.len) ? Py_NewRef(Py_None) : parse_repo(&p, start, &head, data_root);
+    PyObject *result = parse_repo(&p, data_root);
     Py_XDECREF(p.records);
     Py_XDECREF(p.collection);
     PyMem_Free(p.blocks);
     PyMem_Free(p.table);
     PyMem_Free(p.values);
     PyBuffer_Release(&car);
-    PyBuffer_Release(&head);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"parse", parse, METH_VARARGS,
-     "parse(car, start, head, data_root) -> (records, blocks) | None: see the module's source."},
+     "parse(car, data_root) -> (head, records, blocks) | None: see the module's source."},
     {"blocks", blocks, METH_VARARGS, "blocks(car) -> {binary CID: block} | None: see the module's source."},
     {"lookup", lookup, METH_VARARGS, "lookup(blocks, root, key) -> (link | None,) | None: see the module's source."},
     {"copy_lines", copy_lines, METH_VARARGS,

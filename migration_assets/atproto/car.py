@@ -221,13 +221,3 @@ def read_blocks(data: bytes, *, max_size: int) -> dict[bytes, bytes]:
     the same bytes alike. No CID object is made: a link's bytes are its key."""
     blocks = _fastrepo.blocks(data) if _fastrepo is not None and len(data) <= max_size else None
     return blocks if blocks is not None else dict(CarReader(iter([data]), max_size=max_size).links())
-
-
-def usual_header(data: bytes) -> tuple[list[CID], int] | None:
-    """(roots, where the sections start) of a CAR held in memory whose header is of the usual shape, with
-    a one-byte length; None to leave it to CarReader, which decides and words it."""
-    if not data or data[0] >= 0x80:
-        return None
-    start = 1 + data[0]
-    roots = _usual_roots(data[1:start]) if 1 < start <= len(data) else None
-    return None if roots is None else (roots, start)

@@ -29,14 +29,14 @@ from typing import IO
 
 
 from migration_assets.atproto import dagcbor
-from migration_assets.atproto.car import CarError, CarReader, usual_header
+from migration_assets.atproto.car import CarError, CarReader
 from migration_assets.atproto.cid import CID, link_text
+from migration_assets.atproto.compiled import fastrepo as _fastrepo
 from migration_assets.atproto.errors import AtprotoFormatError
 from migration_assets.atproto.mst import Commit, parse_signed_commit, walk_links
 from migration_assets.atproto.repo import collect_repo_blocks
 from migration_assets.atproto.signature import verify_commit
 from migration_assets.atproto.syntax import is_valid_nsid
-from migration_assets.atproto.compiled import fastrepo as _fastrepo
 from migration_assets.core.postgres import storable
 from migration_assets.repos.collections import RecordScope
 
@@ -238,26 +238,25 @@ def _whole_if_small(chunks: Iterable[bytes], limit: int) -> tuple[bytes | None, 
 
 def _read_whole(did: str, car: bytes, scope: RecordScope) -> RepoSnapshot | None:
     """The snapshot through the compiled parse, or None where it leaves the CAR to the Python parse."""
-    header = usual_header(car) if _fastrepo is not None else None
-    if header is None:
+    if _fastrepo is None:
         return None
-    head = header[0][0]
     commits = []
 
     def data_root(block: bytes) -> bytes:  # the commit decoded once, for the signature too
         commits.append((block, *parse_signed_commit(block)))
         return bytes(commits[-1][1].data)
 
-    parsed = _fastrepo.parse(car, header[1], bytes(head), data_root)
+    parsed = _fastrepo.parse(car, data_root)
     if parsed is None:
         return None
-    records, blocks = parsed
+    head, records, blocks = parsed
     counts = Counter(collection for collection, _, _, _ in records)
     if not all(map(is_valid_nsid, counts)):
         return None
     commit_block, commit, signed = commits[0]
     _check_commit_did(commit, did)
-    snapshot = RepoSnapshot(did, head, commit, commit_block, len(car), Spool(), Spool(), scope=scope, signed=signed)
+    snapshot = RepoSnapshot(did, CID.from_bytes(head), commit, commit_block, len(car), Spool(), Spool(), scope=scope,
+                            signed=signed)
     try:
         _keep(snapshot, records, blocks, counts)
     except BaseException:

@@ -15,6 +15,7 @@ from migration_assets.atproto.cid import CID
 from migration_assets.atproto.errors import AtprotoError
 from migration_assets.atproto.signature import unsigned_commit_bytes
 from tests.atproto.builders import build_mst, car_bytes, put
+from tests.compiled import count_compiled
 
 
 def outcome(fn, *args):
@@ -196,7 +197,7 @@ def test_lookups_in_a_usual_tree_take_the_compiled_path(monkeypatch):
     # The test above holds mst.lookup to the reference whichever path it takes: here, that mst.lookup
     # takes the compiled one on canonical nodes (every host's), for keys present and absent, and leaves
     # a key too long for it (over 1,024 bytes) to the Python path.
-    counting = compiled_counting(monkeypatch, mst, "lookup")
+    counting = count_compiled(monkeypatch, mst, "lookup")
     blocks: dict = {}
     records = {f"app.bsky.feed.post/3k{n:011d}": CID.for_block(b"r%d" % n) for n in range(300)}
     root = bytes(build_mst(records, blocks))
@@ -262,32 +263,12 @@ def test_a_car_slice_read_in_one_loop_is_what_carreader_reads(max_size):
             outcome(lambda d: dict(CarReader(iter([d]), max_size=max_size).links()), data)
 
 
-class Answered:
-    """A compiled module's function, counting the calls it answered (not None)."""
-
-    def __init__(self, module, name):
-        self.function, self.answered, self.calls = getattr(module, name), 0, 0
-
-    def __call__(self, *args):
-        result = self.function(*args)
-        self.calls += 1
-        self.answered += result is not None
-        return result
-
-
-def compiled_counting(monkeypatch, module, name: str) -> Answered:
-    """`module`'s compiled fast path `name`, counted where `module` calls it."""
-    counting = Answered(module._fastrepo, name)
-    monkeypatch.setattr(module, "_fastrepo", type("Counted", (), {name: staticmethod(counting)}))
-    return counting
-
-
 def test_usual_car_slices_take_the_compiled_path(monkeypatch):
     # The test above holds read_blocks to CarReader whichever path it takes: here, that read_blocks
     # takes the compiled one for a usual slice (one root, no block twice), as every host's events are.
     from migration_assets.atproto import car
 
-    counting = compiled_counting(monkeypatch, car, "blocks")
+    counting = count_compiled(monkeypatch, car, "blocks")
     read = 0
     for data in car_slices():
         read += outcome(lambda d: read_blocks(d, max_size=1 << 24), data)[0] == "ok"

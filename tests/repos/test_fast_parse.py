@@ -15,6 +15,7 @@ from migration_assets.repos.collections import CollectionFilter, RecordScope
 from migration_assets.repos.snapshot import read_snapshot
 from tests.atproto.builders import build_mst, car_bytes, node, private_key, put, signed_commit
 from tests.atproto.conftest import make_repo
+from tests.compiled import CountedCalls, count_compiled
 from tests.repos.conftest import handle
 
 DID = "did:plc:testrepo"
@@ -26,23 +27,10 @@ L1 = "com.example.record/3jqfcqzm3fs2j"
 L2 = "com.example.record/3jqfcqzm3fx2j"
 
 
-class Counting:
-    """The compiled module, counting the CARs it took."""
-
-    def __init__(self, module):
-        self.module, self.taken = module, 0
-
-    def parse(self, *args):
-        parsed = self.module.parse(*args)
-        self.taken += parsed is not None
-        return parsed
-
-
 @pytest.fixture
-def compiled(monkeypatch) -> Counting:
-    counting = Counting(snapshot_module._fastrepo)
-    monkeypatch.setattr(snapshot_module, "_fastrepo", counting)
-    return counting
+def compiled(monkeypatch) -> CountedCalls:
+    """The compiled parse as read_snapshot calls it, counting the CARs it took."""
+    return count_compiled(monkeypatch, snapshot_module, "parse")
 
 
 def test_the_compiled_parse_is_built():
@@ -109,7 +97,7 @@ def _missing_record() -> bytes:
 def test_valid_repos_read_alike_through_the_compiled_parse(make, compiled, monkeypatch):
     result = assert_same(make(), monkeypatch)
     assert not isinstance(result[0], str) or result[0].startswith("bafy"), result
-    assert compiled.taken == 1, "the compiled parse left a valid repo to the Python one"
+    assert compiled.answered == 1, "the compiled parse left a valid repo to the Python one"
 
 
 @pytest.mark.parametrize("scope", [RecordScope(CollectionFilter.parse("app.bsky.feed.*")),
@@ -117,19 +105,19 @@ def test_valid_repos_read_alike_through_the_compiled_parse(make, compiled, monke
                          ids=["filter", "signal", "no signal"])
 def test_collection_filters_and_signals_read_alike(scope, compiled, monkeypatch):
     assert_same(records_export(60), monkeypatch, scope=scope)
-    assert compiled.taken == 1
+    assert compiled.answered == 1
 
 
 def test_a_repo_spooled_to_disk_reads_alike(compiled, monkeypatch):
     monkeypatch.setattr(snapshot_module, "SPOOL_MEMORY_BYTES", 1000)
     assert assert_same(records_export(200), monkeypatch)[8] is False  # in_memory: spooled
-    assert compiled.taken == 1
+    assert compiled.answered == 1
 
 
 def test_a_car_past_the_whole_car_limit_streams_through_the_python_parse(compiled, monkeypatch):
     monkeypatch.setattr(snapshot_module, "WHOLE_CAR_MAX_BYTES", 1000)
     assert_same(records_export(50), monkeypatch)
-    assert compiled.taken == 0
+    assert compiled.answered == 0
 
 
 def _node_block(left: bytes, entries: bytes, count: int) -> bytes:
@@ -284,7 +272,7 @@ def test_a_dev_env_export_reads_alike_through_the_compiled_parse(pds, compiled, 
         {"$type": "app.bsky.feed.post", "text": f"post {n}", "createdAt": "2024-05-01T00:00:00.000Z"} for n in range(300)])
     car = httpx.get(f"{account.pds.url}/xrpc/com.atproto.sync.getRepo", params={"did": account.did}).content
     result = assert_same(car, monkeypatch, did=account.did)
-    assert len(result[9]) >= 300 and compiled.taken == 1
+    assert len(result[9]) >= 300 and compiled.answered == 1
 
 
 # --- a record's COPY line: _fastrepo.copy_lines against snapshot.record_json and COPY's escaping ------
@@ -422,7 +410,7 @@ def test_a_repo_just_past_the_spool_budget_spools_alike(compiled, monkeypatch):
     assert sum(map(len, values)) == 101
     car = export(blocks, build_mst(records, blocks))
     assert assert_same(car, monkeypatch)[8] is False  # in_memory: 3 x 300 + 101 bytes > 1000
-    assert compiled.taken == 1
+    assert compiled.answered == 1
 
 
 def test_copy_lines_takes_only_plain_bytes_keys():
