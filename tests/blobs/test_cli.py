@@ -61,17 +61,20 @@ def test_killed_mid_blob_then_rerun_sends_each_blob_once(
            "ATPROTO_OLD_PASSWORD": account.old.password, "ATPROTO_NEW_PASSWORD": account.new.password}
     command = [sys.executable, "-m", "migration_assets.blobs.cli",
                *migrate_args(account.did, old_proxy.url, new_proxy.url)]
+    staging = tmp_path / "data" / "tmp" / "atproto-blobs" / account.did / "blobs"
     try:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 120
-        while not (sum(new_proxy.uploads.values()) >= 5 and old_proxy.stalling.is_set()):
+        # Killed once a download has stalled half way and its first half is staged on disk (the proxy
+        # stalls as it sends; the client may not have written the half yet: the kill waits for it).
+        while not (sum(new_proxy.uploads.values()) >= 5 and old_proxy.stalling.is_set()
+                   and staging.is_dir() and any(staging.iterdir())):
             assert process.poll() is None, process.stdout.read().decode()
             assert time.monotonic() < deadline, "the migration did not get going"
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
         process.wait()
         sent_before = sum(new_proxy.uploads.values())
-        staging = tmp_path / "data" / "tmp" / "atproto-blobs" / account.did / "blobs"
         assert len(list(staging.iterdir())) == 1  # the blob it was downloading
 
         old_proxy.blob_delay = 0
