@@ -30,6 +30,6 @@ class AtprotoSettings(EnvSettings):
         default=256 * 1024, gt=0, description="a larger DID document (PLC or did:web) is refused")
     request_deadline_seconds: float = Field(
         default=120.0, gt=0, description="whole-request deadline of one XRPC request (headers and body; a slow "
-        "drip is cut); a repo download has REPO_FETCH_TIMEOUT_SECONDS, a blob's grows with its size")
+        "drip is cut); a repo download's and a blob's grow with their size")
     did_fetch_deadline_seconds: float = Field(
         default=15.0, gt=0, description="whole-request deadline of one DID document fetch (a slow drip is cut)")

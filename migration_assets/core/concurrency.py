@@ -1,7 +1,8 @@
-"""Bounded, order-preserving concurrency for I/O-bound reads."""
+"""Bounded concurrency for I/O-bound work: in input order (reads a consumer loads in order), or as done."""
 
 import multiprocessing
 import os
+import queue
 import threading
 import time
 from collections import deque
@@ -34,6 +35,34 @@ def ordered_map(
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def completed_map(fn: Callable[[In], Out], items: Iterable[In], concurrency: int) -> Iterator[Out]:
+    """Like `ordered_map`, results yielded as they complete: one slow item (a repo a hundred times the
+    others') holds up only its own thread, where in input order it would stall the whole window behind
+    it. Items are still submitted lazily; an error surfaces when its item completes."""
+    window = max(1, concurrency) * 2
+    finished: queue.SimpleQueue[Future[Out]] = queue.SimpleQueue()  # each future as it completes
+    with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="work") as pool:
+        pending: set[Future[Out]] = set()
+
+        def next_result() -> Out:
+            future = finished.get()
+            pending.discard(future)
+            return future.result()
+
+        try:
+            for item in items:
+                future = pool.submit(fn, item)
+                pending.add(future)
+                future.add_done_callback(finished.put)
+                if len(pending) >= window:
+                    yield next_result()
+            while pending:
+                yield next_result()
         finally:
             for future in pending:
                 future.cancel()

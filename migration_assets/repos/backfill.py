@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool
 from migration_assets.atproto import xrpc
 from migration_assets.atproto.identity import DidDocument, DidNotFound, DidTombstoned, IdentityResolver
 from migration_assets.atproto.signature import SignatureError
-from migration_assets.core.concurrency import ordered_map
+from migration_assets.core.concurrency import completed_map
 from migration_assets.core.lease import Heartbeat, Lease, LeaseLost
 from migration_assets.repos import ledger, store
 from migration_assets.repos.ledger import ClaimedRepo
@@ -172,8 +172,12 @@ class RepoSyncer:
 
     def fetch(self, did: str, pds: str) -> RepoSnapshot:
         client = self.client_for(pds)
+        # The deadline grows with the bytes moved: the heaviest accounts' exports (hundreds of MB) get
+        # the time their size needs at a fair rate, and a host that drips is still cut.
         deadline = client.deadline("com.atproto.sync.getRepo", seconds=self.settings.fetch_timeout_seconds,
-                                   what=f"getRepo of {did} (raise REPO_FETCH_TIMEOUT_SECONDS for big repos)")
+                                   min_bytes_per_second=self.settings.fetch_min_bytes_per_second,
+                                   what=f"getRepo of {did} (for a slow host, raise REPO_FETCH_TIMEOUT_SECONDS "
+                                        "or lower REPO_FETCH_MIN_BYTES_PER_SECOND)")
         with self._downloads, client.stream("com.atproto.sync.getRepo", {"did": did}, deadline=deadline) as response:
             return read_snapshot(did, response.iter_bytes(), self.settings.max_car_bytes, self.settings.scope)
 
@@ -229,7 +233,7 @@ def sync_leased(
 
     try:
         with Heartbeat(lease, pool.connection):
-            for outcome in ordered_map(attempt, claims(), threads):
+            for outcome in completed_map(attempt, claims(), threads):
                 report.outcomes.append(outcome)
                 if outcome.status == "lost":
                     log.warning("%s: %s", outcome.did, outcome.error)

@@ -54,12 +54,15 @@ class RepoSourceResource(dg.ConfigurableResource):
     max_car_bytes: int = Field(default=_ENV.max_car_bytes, gt=0, description="REPO_MAX_CAR_BYTES")
     fetch_timeout_seconds: float = Field(default=_ENV.fetch_timeout_seconds, gt=0,
                                          description="REPO_FETCH_TIMEOUT_SECONDS")
+    fetch_min_bytes_per_second: float = Field(default=_ENV.fetch_min_bytes_per_second, gt=0,
+                                              description="REPO_FETCH_MIN_BYTES_PER_SECOND")
 
     @property
     def settings(self) -> RepoSettings:
         """The environment's REPO_* settings with this resource's fields in their place."""
         return RepoSettings.load(verify_signatures=self.verify_signatures, concurrency=self.concurrency,
-                                 max_car_bytes=self.max_car_bytes, fetch_timeout_seconds=self.fetch_timeout_seconds)
+                                 max_car_bytes=self.max_car_bytes, fetch_timeout_seconds=self.fetch_timeout_seconds,
+                                 fetch_min_bytes_per_second=self.fetch_min_bytes_per_second)
 
     def resolver(self, limiter: HostRateLimiter | None = None, pool: ConnectionPool | None = None) -> IdentityResolver:
         """With `pool`: documents are shared with every other process through the target database."""

@@ -19,7 +19,12 @@ class RepoSettings(EnvSettings):
     verify_signatures: EnvBool = Field(default=True, description="check each commit's signature against the DID key")
     concurrency: int = Field(default=8, ge=1, description="repo downloads at once per run")
     max_car_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="a larger repo export fails that repo")
-    fetch_timeout_seconds: float = Field(default=120.0, gt=0, description="deadline for one whole repo download")
+    fetch_timeout_seconds: float = Field(
+        default=120.0, gt=0, description="deadline for one whole repo download, plus 1 s per "
+        "REPO_FETCH_MIN_BYTES_PER_SECOND bytes it has moved")
+    fetch_min_bytes_per_second: float = Field(
+        default=64 * 1024, gt=0, description="a repo download slower than this (a host dripping bytes) is cut at "
+        "its deadline; faster, a big repo gets the time its size needs")
     lease_seconds: int = Field(
         default=300, ge=5, description="a run renews its claims every third of this; claims not renewed for this "
         "long are taken over by another run")

@@ -4,12 +4,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from migration_assets.core.concurrency import ordered_map
+from migration_assets.core.concurrency import completed_map, ordered_map
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,6 +26,37 @@ def test_results_come_in_input_order_and_an_error_surfaces_at_its_item():
     assert [next(results) for _ in range(7)] == [n * n for n in range(7)]
     with pytest.raises(ValueError, match="seven"):
         next(results)
+
+
+def test_as_completed_a_slow_item_holds_up_only_its_own_thread():
+    """Item 0 waits until the 40 others are done: in input order the window would stop behind it."""
+    others_done = threading.Event()
+    finished: list[int] = []
+
+    def work(n: int) -> int:
+        if n == 0:
+            assert others_done.wait(30), "the other items were not handed out while item 0 waited"
+        return n
+
+    for n in completed_map(work, range(41), concurrency=4):
+        finished.append(n)
+        if len(finished) == 40:
+            others_done.set()
+    assert sorted(finished) == list(range(41)) and finished[-1] == 0
+
+
+def test_as_completed_an_error_surfaces_and_the_items_not_started_are_dropped():
+    started: list[int] = []
+
+    def work(n: int) -> int:
+        started.append(n)
+        if n == 3:
+            raise ValueError("three")
+        return n
+
+    with pytest.raises(ValueError, match="three"):
+        list(completed_map(work, range(1000), concurrency=2))
+    assert len(started) < 1000, "every item was started despite the error"
 
 
 def _children(pid: int) -> set[int]:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -18,6 +19,7 @@ from migration_assets.core.postgres import shared_pool
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import backfill_buckets
 from migration_assets.repos.resources import RepoSourceResource
+from migration_assets.repos.settings import RepoSettings
 from tests.repos.conftest import handle
 from tests.repos.helpers import ledger_row, metadata, stored_records, sync_dids
 from tests.ending import ends_within
@@ -115,9 +117,41 @@ def test_a_pds_that_never_ends_its_headers_fails_that_repo_at_the_fetch_deadline
     assert kind == "returned", results
     victim_row = ledger_row(target, victim.did)
     assert victim_row["status"] == "error" and victim_row["attempts"] == 1, victim_row
-    assert f"getRepo of {victim.did} (raise REPO_FETCH_TIMEOUT_SECONDS" in victim_row["last_error"]
-    assert "took longer than its deadline of 1 s" in victim_row["last_error"]
+    assert f"getRepo of {victim.did} (for a slow host, raise REPO_FETCH_TIMEOUT_SECONDS" in victim_row["last_error"]
+    assert "took longer than its deadline of 1 s (and 1 s per 65,536 bytes moved)" in victim_row["last_error"]
     assert ledger_row(target, bystander.did)["status"] == "synced" and len(stored_records(target, bystander.did)) == 3
+
+
+@pytest.mark.parametrize("rate_over_minimum, syncs", [(4, True), (1 / 3, False)])
+def test_a_repo_download_gets_the_time_its_size_needs_at_a_fair_rate(pds, target, instance, atproto_env,
+                                                                     rate_over_minimum, syncs):
+    """The export is sent in 30 pieces 0.1 s apart (3 s) against a 1 s deadline. Before, the deadline was
+    fixed, so the download was cut at 1 s however fast the bytes came: the heaviest accounts' exports
+    (hundreds of MB) could never sync. Now it grows by 1 s per REPO_FETCH_MIN_BYTES_PER_SECOND bytes
+    moved: faster than that the repo syncs, slower (a drip) it is still cut."""
+    account = pds.create_account(handle())
+    pds.create_records(account, POSTS, [post(n) for n in range(40)])
+    car = httpx.get(f"{pds.pds.url}/xrpc/com.atproto.sync.getRepo", params={"did": account.did}).content
+    rate = len(car) / 3  # bytes per second as dripped
+    pieces = [car[i * len(car) // 30:(i + 1) * len(car) // 30] for i in range(30)]
+    head = (f"HTTP/1.1 200 OK\r\ncontent-type: application/vnd.ipld.car\r\ncontent-length: {len(car)}\r\n"
+            "connection: close\r\n\r\n").encode()
+
+    def dripped(method: str, path: str, reply: Reply) -> Reply:
+        if "sync.getRepo" not in path or reply.status != 200:
+            return reply
+        return Reply(200, {}, b"", raw=[head, *pieces], drip_seconds=0.1)
+
+    with routed(atproto_env, pds_rewrite=dripped) as (plc, _):
+        sync_dids(instance, target, [account.did], plc_url=plc.url, fetch_timeout_seconds=1,
+                  fetch_min_bytes_per_second=rate / rate_over_minimum)
+    row = ledger_row(target, account.did)
+    if syncs:
+        assert row["status"] == "synced", row["last_error"]
+        assert len(stored_records(target, account.did)) == 40
+    else:
+        assert row["status"] == "error" and "took longer than its deadline of 1 s" in row["last_error"], row
+        assert stored_records(target, account.did) == {}
 
 
 def flip_last_block_byte(method: str, path: str, reply: Reply) -> Reply:
@@ -152,6 +186,50 @@ def test_corrupt_car_fails_only_its_repo_and_keeps_what_was_stored(pds, target_u
     assert stored_records(target, victim.did) == before, "a corrupt export must not change stored records"
     assert ledger_row(target, bystander.did)["status"] == "synced"
     assert [o.status for o in bystander_report.outcomes if o.did == bystander.did] == ["synced"]
+
+
+def test_a_slow_repo_holds_up_only_its_own_thread(pds, target_url, target, atproto_env):
+    """The first repo downloaded is held by its PDS until every other repo of the run is synced. Before,
+    outcomes were taken in claim order with twice the threads in flight, so the run stopped handing
+    out repos behind the slow one and it was held until the proxy gave up (a heavy account on the real
+    network stalls a run the same way)."""
+    accounts = [pds.create_account(handle()) for _ in range(13)]
+    for account in accounts:
+        pds.create_records(account, POSTS, [post(0)])
+    dids = [account.did for account in accounts]
+    held: list[str] = []
+
+    def others_synced(did: str) -> bool:
+        rows = target.execute("SELECT count(*) FROM repos WHERE did = ANY(%s) AND did <> %s AND status = 'synced'",
+                              (dids, did)).fetchone()
+        return rows[0] == len(dids) - 1
+
+    def hold_the_first(method: str, path: str) -> Reply | None:
+        if "sync.getRepo" not in path or held:
+            return None
+        held.append(next(did for did in dids if did.replace(":", "%3A") in path))
+        deadline = time.monotonic() + 60
+        while not others_synced(held[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        held.append("released" if others_synced(held[0]) else "gave up")
+        return None  # then answered by the PDS
+
+    settings = RepoSettings()
+    with target.transaction():
+        ledger.enqueue(target, dids, settings.buckets)
+    pool = shared_pool(target_url)
+    with routed(atproto_env, pds_intercept=hold_the_first) as (plc, pds_proxy):
+        source = RepoSourceResource(plc_url=plc.url, concurrency=2)  # 4 threads, 8 repos in flight
+        clients = source.clients(target_url)
+        try:
+            report = backfill_buckets(pool, source.syncer(pool, clients), list(range(settings.buckets)))
+        finally:
+            clients.close()
+    assert held[1:] == ["released"], "the run stopped handing out repos while the first one was held"
+    # Once: not given up on by the client (its read timeout) and asked again after the others.
+    assert pds_proxy.count(f"getRepo?did={held[0].replace(':', '%3A')}") == 1
+    assert report.by_status() == {"synced": len(dids)}
+    assert report.outcomes[-1].did == held[0], "the held repo's outcome came before the others'"
 
 
 def other_signing_key() -> str:
