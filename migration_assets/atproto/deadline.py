@@ -27,13 +27,19 @@ import httpcore
 
 
 class Deadline:
-    """`seconds` for one request from (re)start, plus 1/`min_bytes_per_second` seconds per byte moved.
+    """`seconds` for one request from (re)start, plus 1/`min_bytes_per_second` seconds per byte moved, up
+    to `max_bytes` of them: bytes on the wire are counted (headers, 1xx answers, chunk framing, gzip
+    alike), so without the cap a host could buy time without end with bytes that are never data.
     `what` names the request and its setting in the error ("getRepo of did:plc:x (REPO_FETCH_TIMEOUT_SECONDS)")."""
 
-    def __init__(self, seconds: float, what: str = "the request", min_bytes_per_second: float | None = None) -> None:
+    def __init__(self, seconds: float, what: str = "the request", min_bytes_per_second: float | None = None,
+                 max_bytes: int | None = None) -> None:
         self.seconds = seconds
         self.what = what
         self.per_byte = 1.0 / min_bytes_per_second if min_bytes_per_second else 0.0
+        if self.per_byte and max_bytes is None:
+            raise ValueError("a deadline that grows with the bytes moved needs max_bytes: the most it grows by")
+        self.max_bytes = max_bytes or 0
         self.restart()
 
     def restart(self) -> None:
@@ -65,11 +71,12 @@ class Deadline:
         return self.ends <= time.monotonic()
 
     def count(self, size: int) -> None:
+        grows_by = max(0, min(size, self.max_bytes - self.moved))
         self.moved += size
-        self.ends += size * self.per_byte
+        self.ends += grows_by * self.per_byte
 
     def describe(self) -> str:
-        rate = f" (and 1 s per {1 / self.per_byte:,.0f} bytes moved)" if self.per_byte else ""
+        rate = f" (and 1 s per {1 / self.per_byte:,.0f} bytes moved, up to {self.max_bytes:,})" if self.per_byte else ""
         return f"{self.what} took longer than its deadline of {self.seconds:g} s{rate}"
 
 

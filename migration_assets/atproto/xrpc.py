@@ -335,9 +335,10 @@ class XrpcClient:
     # --- public calls ---
 
     def deadline(self, nsid: str, what: str = "", seconds: float | None = None,
-                 min_bytes_per_second: float | None = None) -> Deadline:
+                 min_bytes_per_second: float | None = None, max_bytes: int | None = None) -> Deadline:
         """A deadline for one call's attempts (each starts it again): this client's unless `seconds`."""
-        return Deadline(seconds or self.deadline_seconds, what or f"{nsid} on {self.host}", min_bytes_per_second)
+        return Deadline(seconds or self.deadline_seconds, what or f"{nsid} on {self.host}", min_bytes_per_second,
+                        max_bytes)
 
     def query(self, nsid: str, params: dict | None = None, *, auth: bool = False,
               deadline: Deadline | None = None) -> dict:

@@ -221,8 +221,9 @@ def transfer_blob(
     expected = CID.decode(cid)
     path.parent.mkdir(parents=True, exist_ok=True)
     rate = settings.min_bytes_per_second
-    download = old.deadline(GET_BLOB, f"getBlob of {cid} from the old PDS", min_bytes_per_second=rate)
-    upload = new.deadline(UPLOAD_BLOB, f"uploadBlob of {cid} to the new PDS", min_bytes_per_second=rate)
+    most = settings.max_blob_bytes
+    download = old.deadline(GET_BLOB, f"getBlob of {cid} from the old PDS", min_bytes_per_second=rate, max_bytes=most)
+    upload = new.deadline(UPLOAD_BLOB, f"uploadBlob of {cid} to the new PDS", min_bytes_per_second=rate, max_bytes=most)
     answered = threading.Event()  # the old PDS's headers came: a cut after that is this blob's slowness
     try:
         hasher = hashlib.sha256()

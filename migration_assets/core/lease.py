@@ -50,6 +50,9 @@ class Lease:
         self._held: set[Any] = set()
         self._lost: set[Any] = set()
         self._lock = threading.Lock()
+        # Set by a holder that stops early (an error, an interrupt): long work under the lease checks it
+        # and ends, so what it holds is given back now rather than when that work would have finished.
+        self.stopping = threading.Event()
 
     # --- taking and giving back ---------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
@@ -40,6 +40,11 @@ _GONE = {
     xrpc.RepoTakendown: "takendown",
     xrpc.RepoSuspended: "suspended",
 }
+
+
+class RunStopping(Exception):
+    """The run is stopping (an error or an interrupt in its main thread): a download in flight ends at its
+    next chunk, and its repo is given back, due again at once (no attempt counted)."""
 
 
 @dataclass(frozen=True)
@@ -150,14 +155,14 @@ class RepoSyncer:
             with self.pool.connection() as conn, lease.holding(conn, did):
                 store.mark_failed(conn, did, describe(exc), retry_at, count_attempt=False)
             return RepoOutcome(did, "rate_limited", error=describe(exc), retry_at=retry_at)
-        except LeaseLost:
+        except (LeaseLost, RunStopping):
             raise
         except Exception as exc:  # noqa: BLE001 - any other failure of one repo schedules its retry
             return self._failed(lease, did, describe(exc), repo.attempts)
 
     def _fetch_and_store(self, did: str, document: DidDocument, lease: Lease) -> RepoOutcome:
         pds = document.pds_endpoint
-        with self.fetch(did, pds) as snapshot:
+        with self.fetch(did, pds, lease) as snapshot:
             if self.settings.verify_signatures:
                 verify_snapshot(snapshot, document.signing_key)
             with self.pool.connection() as conn, lease.holding(conn, did):
@@ -170,16 +175,27 @@ class RepoSyncer:
             store.mark_failed(conn, did, error, retry_at, count_attempt=True)
         return RepoOutcome(did, "retry", error=error, retry_at=retry_at)
 
-    def fetch(self, did: str, pds: str) -> RepoSnapshot:
+    def fetch(self, did: str, pds: str, lease: Lease | None = None) -> RepoSnapshot:
+        """The repo's snapshot; a download in flight when `lease`'s holder stops ends with RunStopping."""
         client = self.client_for(pds)
         # The deadline grows with the bytes moved: the heaviest accounts' exports (hundreds of MB) get
         # the time their size needs at a fair rate, and a host that drips is still cut.
         deadline = client.deadline("com.atproto.sync.getRepo", seconds=self.settings.fetch_timeout_seconds,
                                    min_bytes_per_second=self.settings.fetch_min_bytes_per_second,
+                                   max_bytes=self.settings.max_car_bytes,
                                    what=f"getRepo of {did} (for a slow host, raise REPO_FETCH_TIMEOUT_SECONDS "
                                         "or lower REPO_FETCH_MIN_BYTES_PER_SECOND)")
         with self._downloads, client.stream("com.atproto.sync.getRepo", {"did": did}, deadline=deadline) as response:
-            return read_snapshot(did, response.iter_bytes(), self.settings.max_car_bytes, self.settings.scope)
+            chunks = response.iter_bytes() if lease is None else _until_stopped(response.iter_bytes(), lease)
+            return read_snapshot(did, chunks, self.settings.max_car_bytes, self.settings.scope)
+
+
+def _until_stopped(chunks: Iterable[bytes], lease: Lease) -> Iterator[bytes]:
+    """The chunks, until the run holding `lease` stops: a big export can take an hour at a fair rate."""
+    for chunk in chunks:
+        if lease.stopping.is_set():
+            raise RunStopping("the run is stopping: the download was cut and the repo given back")
+        yield chunk
 
 
 SyncOne = Callable[[ClaimedRepo, Lease], RepoOutcome]
@@ -231,14 +247,21 @@ def sync_leased(
                 on_claim(repos)
             yield from repos
 
+    outcomes = completed_map(attempt, claims(), threads)
     try:
         with Heartbeat(lease, pool.connection):
-            for outcome in completed_map(attempt, claims(), threads):
-                report.outcomes.append(outcome)
-                if outcome.status == "lost":
-                    log.warning("%s: %s", outcome.did, outcome.error)
-                if on_outcome:
-                    on_outcome(outcome, len(report.outcomes), claimed)
+            try:
+                for outcome in outcomes:
+                    report.outcomes.append(outcome)
+                    if outcome.status == "lost":
+                        log.warning("%s: %s", outcome.did, outcome.error)
+                    if on_outcome:
+                        on_outcome(outcome, len(report.outcomes), claimed)
+            except BaseException:
+                lease.stopping.set()  # the downloads in flight end now, not when their repos are done
+                raise
+            finally:
+                outcomes.close()  # waits for the repos in flight, leases still renewed
     finally:
         _give_back(pool, lease)
     report.seconds = time.monotonic() - started

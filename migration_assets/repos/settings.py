@@ -21,7 +21,7 @@ class RepoSettings(EnvSettings):
     max_car_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="a larger repo export fails that repo")
     fetch_timeout_seconds: float = Field(
         default=120.0, gt=0, description="deadline for one whole repo download, plus 1 s per "
-        "REPO_FETCH_MIN_BYTES_PER_SECOND bytes it has moved")
+        "REPO_FETCH_MIN_BYTES_PER_SECOND bytes it has moved (up to REPO_MAX_CAR_BYTES of them)")
     fetch_min_bytes_per_second: float = Field(
         default=64 * 1024, gt=0, description="a repo download slower than this (a host dripping bytes) is cut at "
         "its deadline; faster, a big repo gets the time its size needs")

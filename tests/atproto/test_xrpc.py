@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 import pytest
 
 from migration_assets.atproto import xrpc
+from migration_assets.atproto.deadline import Deadline
 from migration_assets.atproto.ratelimit import HostRateLimiter
 from migration_assets.atproto.settings import AtprotoSettings
 from migration_assets.atproto.xrpc import (
@@ -373,6 +374,29 @@ def test_a_host_dripping_its_headers_is_cut_at_the_deadline(server, drip):
     assert kind == "raised" and isinstance(error, TransportFailure), error
     assert f"{LIST_REPOS} on {client.host} took longer than its deadline of 1.5 s" in str(error)
     assert len(server.calls(PATH)) == 2  # a retry gets the whole deadline again
+
+
+def test_a_deadline_grows_with_the_bytes_moved_only_up_to_its_cap(server):
+    """A deadline that grows with the bytes moved counts bytes on the wire, and 103s are bytes that are
+    never data: sent fast (80 KB/s against a 10 KB/s minimum), they bought time without end before the
+    cap (20 s of them here, held for all of it). Now the deadline grows by at most `max_bytes` worth."""
+    hint = b"HTTP/1.1 103 Early Hints\r\nLink: </" + b"x" * 4000 + b">; rel=preload\r\n\r\n"
+    server.route("GET", PATH, Reply(raw=[hint] * 400, chunk_delay=0.05))
+    with client_for(server, timeout=1, retries=0) as client:
+        growing = client.deadline(LIST_REPOS, "the flood", seconds=1, min_bytes_per_second=10_000, max_bytes=20_000)
+        kind, error = ends_within(15, lambda: client.query(LIST_REPOS, deadline=growing), lambda: "still reading 103s")
+    assert kind == "raised" and isinstance(error, TransportFailure), error
+    assert "the flood took longer than its deadline of 1 s (and 1 s per 10,000 bytes moved, up to 20,000)" in str(error)
+
+
+def test_a_growing_deadline_needs_its_cap_and_stops_growing_there():
+    with pytest.raises(ValueError, match="needs max_bytes"):
+        Deadline(1, "uncapped", min_bytes_per_second=1000)
+    deadline = Deadline(1, "capped", min_bytes_per_second=1000, max_bytes=2500)
+    start = deadline.ends
+    deadline.count(2000)
+    deadline.count(2000)
+    assert (deadline.moved, round(deadline.ends - start, 6)) == (4000, 2.5)
 
 
 def test_a_json_answer_dripped_byte_by_byte_is_cut_at_the_deadline(server):

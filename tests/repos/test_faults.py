@@ -5,6 +5,7 @@ document so its PDS endpoint is the PDS proxy (and, for one test, its signing ke
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,11 +15,12 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from migration_assets.atproto.ratelimit import HostRateLimiter
 from migration_assets.atproto.signature import PublicKey
 from migration_assets.core.postgres import shared_pool
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import backfill_buckets
-from migration_assets.repos.resources import RepoSourceResource
+from migration_assets.repos.resources import HostClients, RepoSourceResource
 from migration_assets.repos.settings import RepoSettings
 from tests.repos.conftest import handle
 from tests.repos.helpers import ledger_row, metadata, stored_records, sync_dids
@@ -118,7 +120,7 @@ def test_a_pds_that_never_ends_its_headers_fails_that_repo_at_the_fetch_deadline
     victim_row = ledger_row(target, victim.did)
     assert victim_row["status"] == "error" and victim_row["attempts"] == 1, victim_row
     assert f"getRepo of {victim.did} (for a slow host, raise REPO_FETCH_TIMEOUT_SECONDS" in victim_row["last_error"]
-    assert "took longer than its deadline of 1 s (and 1 s per 65,536 bytes moved)" in victim_row["last_error"]
+    assert "took longer than its deadline of 1 s (and 1 s per 65,536 bytes moved, up to" in victim_row["last_error"]
     assert ledger_row(target, bystander.did)["status"] == "synced" and len(stored_records(target, bystander.did)) == 3
 
 
@@ -137,12 +139,10 @@ def test_a_repo_download_gets_the_time_its_size_needs_at_a_fair_rate(pds, target
     head = (f"HTTP/1.1 200 OK\r\ncontent-type: application/vnd.ipld.car\r\ncontent-length: {len(car)}\r\n"
             "connection: close\r\n\r\n").encode()
 
-    def dripped(method: str, path: str, reply: Reply) -> Reply:
-        if "sync.getRepo" not in path or reply.status != 200:
-            return reply
-        return Reply(200, {}, b"", raw=[head, *pieces], drip_seconds=0.1)
+    def dripped(method: str, path: str) -> Reply | None:  # the export as it was, from its first byte on
+        return Reply(200, {}, b"", raw=[head, *pieces], drip_seconds=0.1) if "sync.getRepo" in path else None
 
-    with routed(atproto_env, pds_rewrite=dripped) as (plc, _):
+    with routed(atproto_env, pds_intercept=dripped) as (plc, _):
         sync_dids(instance, target, [account.did], plc_url=plc.url, fetch_timeout_seconds=1,
                   fetch_min_bytes_per_second=rate / rate_over_minimum)
     row = ledger_row(target, account.did)
@@ -152,6 +152,51 @@ def test_a_repo_download_gets_the_time_its_size_needs_at_a_fair_rate(pds, target
     else:
         assert row["status"] == "error" and "took longer than its deadline of 1 s" in row["last_error"], row
         assert stored_records(target, account.did) == {}
+
+
+def test_a_run_that_stops_cuts_its_downloads_and_gives_their_repos_back(pds, target_url, target, atproto_env):
+    """One export comes at a fair rate over 30 s; the run stops (its main thread raises, as an interrupt
+    does) once the other repo is synced. Before, the run waited for that download to end before it gave
+    anything back: with a deadline that grows with the bytes, a heavy account's could take an hour."""
+    slow, quick = pds.create_account(handle()), pds.create_account(handle())
+    for account in (slow, quick):
+        pds.create_records(account, POSTS, [post(n) for n in range(5)])
+    car = httpx.get(f"{pds.pds.url}/xrpc/com.atproto.sync.getRepo", params={"did": slow.did}).content
+    head = (f"HTTP/1.1 200 OK\r\ncontent-type: application/vnd.ipld.car\r\ncontent-length: {len(car)}\r\n"
+            "connection: close\r\n\r\n").encode()
+    pieces = [car[i * len(car) // 300:(i + 1) * len(car) // 300] for i in range(300)]
+
+    def dripped(method: str, path: str) -> Reply | None:
+        if f"getRepo?did={slow.did.replace(':', '%3A')}" not in path:
+            return None
+        return Reply(200, {}, b"", raw=[head, *pieces], drip_seconds=0.1)
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_the_quick_one(outcome, done: int, total: int) -> None:
+        if outcome.did == quick.did:
+            raise Interrupted("stop")
+
+    settings = RepoSettings()
+    with target.transaction():
+        ledger.enqueue(target, [slow.did, quick.did], settings.buckets)
+    pool = shared_pool(target_url)
+    with routed(atproto_env, pds_intercept=dripped) as (plc, _):
+        source = RepoSourceResource(plc_url=plc.url, fetch_min_bytes_per_second=1)
+        clients = source.clients(target_url)
+        try:
+            kind, error = ends_within(20, lambda: backfill_buckets(pool, source.syncer(pool, clients),
+                                                                   list(range(settings.buckets)),
+                                                                   stop_after_the_quick_one),
+                                      lambda: "still waiting for the dripped download")
+        finally:
+            clients.close()
+    assert kind == "raised" and isinstance(error, Interrupted), error
+    assert ledger_row(target, quick.did)["status"] == "synced"
+    given_back = ledger_row(target, slow.did)
+    assert (given_back["status"], given_back["attempts"], given_back["claim_token"]) == ("pending", 0, None), given_back
+    assert stored_records(target, slow.did) == {}
 
 
 def flip_last_block_byte(method: str, path: str, reply: Reply) -> Reply:
@@ -198,6 +243,7 @@ def test_a_slow_repo_holds_up_only_its_own_thread(pds, target_url, target, atpro
         pds.create_records(account, POSTS, [post(0)])
     dids = [account.did for account in accounts]
     held: list[str] = []
+    first = threading.Lock()  # two downloads may ask at once: only one is held
 
     def others_synced(did: str) -> bool:
         rows = target.execute("SELECT count(*) FROM repos WHERE did = ANY(%s) AND did <> %s AND status = 'synced'",
@@ -205,9 +251,10 @@ def test_a_slow_repo_holds_up_only_its_own_thread(pds, target_url, target, atpro
         return rows[0] == len(dids) - 1
 
     def hold_the_first(method: str, path: str) -> Reply | None:
-        if "sync.getRepo" not in path or held:
-            return None
-        held.append(next(did for did in dids if did.replace(":", "%3A") in path))
+        with first:
+            if "sync.getRepo" not in path or held:
+                return None
+            held.append(next(did for did in dids if did.replace(":", "%3A") in path))
         deadline = time.monotonic() + 60
         while not others_synced(held[0]) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -220,7 +267,8 @@ def test_a_slow_repo_holds_up_only_its_own_thread(pds, target_url, target, atpro
     pool = shared_pool(target_url)
     with routed(atproto_env, pds_intercept=hold_the_first) as (plc, pds_proxy):
         source = RepoSourceResource(plc_url=plc.url, concurrency=2)  # 4 threads, 8 repos in flight
-        clients = source.clients(target_url)
+        # A read timeout past the proxy's hold: the held download is not given up on by the client.
+        clients = HostClients(HostRateLimiter(target_url), timeout=120, allow_private_hosts=True)
         try:
             report = backfill_buckets(pool, source.syncer(pool, clients), list(range(settings.buckets)))
         finally:
