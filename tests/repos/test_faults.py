@@ -124,6 +124,15 @@ def test_a_pds_that_never_ends_its_headers_fails_that_repo_at_the_fetch_deadline
     assert ledger_row(target, bystander.did)["status"] == "synced" and len(stored_records(target, bystander.did)) == 3
 
 
+def dripped_export(pds, did: str, pieces: int) -> tuple[int, Reply]:
+    """(its size, the repo's export as a reply sent in `pieces` pieces 0.1 s apart from its first byte)."""
+    car = httpx.get(f"{pds.pds.url}/xrpc/com.atproto.sync.getRepo", params={"did": did}).content
+    head = (f"HTTP/1.1 200 OK\r\ncontent-type: application/vnd.ipld.car\r\ncontent-length: {len(car)}\r\n"
+            "connection: close\r\n\r\n").encode()
+    body = [car[i * len(car) // pieces:(i + 1) * len(car) // pieces] for i in range(pieces)]
+    return len(car), Reply(200, {}, b"", raw=[head, *body], drip_seconds=0.1)
+
+
 @pytest.mark.parametrize("rate_over_minimum, syncs", [(4, True), (1 / 3, False)])
 def test_a_repo_download_gets_the_time_its_size_needs_at_a_fair_rate(pds, target, instance, atproto_env,
                                                                      rate_over_minimum, syncs):
@@ -133,14 +142,11 @@ def test_a_repo_download_gets_the_time_its_size_needs_at_a_fair_rate(pds, target
     moved: faster than that the repo syncs, slower (a drip) it is still cut."""
     account = pds.create_account(handle())
     pds.create_records(account, POSTS, [post(n) for n in range(40)])
-    car = httpx.get(f"{pds.pds.url}/xrpc/com.atproto.sync.getRepo", params={"did": account.did}).content
-    rate = len(car) / 3  # bytes per second as dripped
-    pieces = [car[i * len(car) // 30:(i + 1) * len(car) // 30] for i in range(30)]
-    head = (f"HTTP/1.1 200 OK\r\ncontent-type: application/vnd.ipld.car\r\ncontent-length: {len(car)}\r\n"
-            "connection: close\r\n\r\n").encode()
+    size, export = dripped_export(pds, account.did, 30)
+    rate = size / 3  # bytes per second as dripped
 
-    def dripped(method: str, path: str) -> Reply | None:  # the export as it was, from its first byte on
-        return Reply(200, {}, b"", raw=[head, *pieces], drip_seconds=0.1) if "sync.getRepo" in path else None
+    def dripped(method: str, path: str) -> Reply | None:
+        return export if "sync.getRepo" in path else None
 
     with routed(atproto_env, pds_intercept=dripped) as (plc, _):
         sync_dids(instance, target, [account.did], plc_url=plc.url, fetch_timeout_seconds=1,
@@ -161,15 +167,10 @@ def test_a_run_that_stops_cuts_its_downloads_and_gives_their_repos_back(pds, tar
     slow, quick = pds.create_account(handle()), pds.create_account(handle())
     for account in (slow, quick):
         pds.create_records(account, POSTS, [post(n) for n in range(5)])
-    car = httpx.get(f"{pds.pds.url}/xrpc/com.atproto.sync.getRepo", params={"did": slow.did}).content
-    head = (f"HTTP/1.1 200 OK\r\ncontent-type: application/vnd.ipld.car\r\ncontent-length: {len(car)}\r\n"
-            "connection: close\r\n\r\n").encode()
-    pieces = [car[i * len(car) // 300:(i + 1) * len(car) // 300] for i in range(300)]
+    _, export = dripped_export(pds, slow.did, 300)
 
     def dripped(method: str, path: str) -> Reply | None:
-        if f"getRepo?did={slow.did.replace(':', '%3A')}" not in path:
-            return None
-        return Reply(200, {}, b"", raw=[head, *pieces], drip_seconds=0.1)
+        return export if f"getRepo?did={slow.did.replace(':', '%3A')}" in path else None
 
     class Interrupted(Exception):
         pass
