@@ -164,6 +164,11 @@ static int usual_header(const uint8_t *car, Py_ssize_t size) {
            && memcmp(car + HEADER_ROOT_AT + LINK_SIZE, USUAL_HEADER_END, sizeof USUAL_HEADER_END - 1) == 0;
 }
 
+/* The sections of a CAR with the usual header, checked and indexed: 0, NOT_USUAL, or -1 (no memory). */
+static int split_car(Parse *p) {
+    return usual_header(p->car, p->end) ? split(p, USUAL_HEADER_SIZE) : NOT_USUAL;
+}
+
 /* --- canonical DAG-CBOR of an MST node: {e: [{k, p, t, v}...], l: link|null} --- */
 
 typedef struct {
@@ -442,9 +447,7 @@ static PyObject *other_blocks(const Parse *p, Py_ssize_t commit) {
 }
 
 static PyObject *parse_repo(Parse *p, PyObject *data_root) {
-    if (!usual_header(p->car, p->end))
-        return Py_NewRef(Py_None);
-    int status = split(p, USUAL_HEADER_SIZE);
+    int status = split_car(p);
     if (status)
         return status < 0 ? PyErr_NoMemory() : Py_NewRef(Py_None);
     const uint8_t *head = p->car + HEADER_ROOT_AT;
@@ -754,11 +757,8 @@ static PyObject *blocks(PyObject *module, PyObject *args) {
     Py_buffer car;
     if (!PyArg_ParseTuple(args, "y*:blocks", &car))
         return NULL;
-    Parse p;
-    memset(&p, 0, sizeof p);
-    p.car = car.buf;
-    p.end = car.len;
-    int status = usual_header(car.buf, car.len) ? split(&p, USUAL_HEADER_SIZE) : NOT_USUAL;
+    Parse p = {.car = car.buf, .end = car.len};
+    int status = split_car(&p);
     PyObject *result = status < 0 ? PyErr_NoMemory() : status ? Py_NewRef(Py_None) : PyDict_New();
     for (Py_ssize_t n = 0; status == 0 && result && n < p.count; n++) {
         const Block *b = &p.blocks[n];
@@ -846,10 +846,7 @@ static PyObject *parse(PyObject *module, PyObject *args) {
     PyObject *data_root;
     if (!PyArg_ParseTuple(args, "y*O:parse", &car, &data_root))
         return NULL;
-    Parse p;
-    memset(&p, 0, sizeof p);
-    p.car = car.buf;
-    p.end = car.len;
+    Parse p = {.car = car.buf, .end = car.len};
     PyObject *result = parse_repo(&p, data_root);
     Py_XDECREF(p.records);
     Py_XDECREF(p.collection);

@@ -175,7 +175,7 @@ class RepoSyncer:
             store.mark_failed(conn, did, error, retry_at, count_attempt=True)
         return RepoOutcome(did, "retry", error=error, retry_at=retry_at)
 
-    def fetch(self, did: str, pds: str, lease: Lease | None = None) -> RepoSnapshot:
+    def fetch(self, did: str, pds: str, lease: Lease) -> RepoSnapshot:
         """The repo's snapshot; a download in flight when `lease`'s holder stops ends with RunStopping."""
         client = self.client_for(pds)
         # The deadline grows with the bytes moved: the heaviest accounts' exports (hundreds of MB) get
@@ -186,7 +186,7 @@ class RepoSyncer:
                                    what=f"getRepo of {did} (for a slow host, raise REPO_FETCH_TIMEOUT_SECONDS "
                                         "or lower REPO_FETCH_MIN_BYTES_PER_SECOND)")
         with self._downloads, client.stream("com.atproto.sync.getRepo", {"did": did}, deadline=deadline) as response:
-            chunks = response.iter_bytes() if lease is None else _until_stopped(response.iter_bytes(), lease)
+            chunks = _until_stopped(response.iter_bytes(), lease)
             return read_snapshot(did, chunks, self.settings.max_car_bytes, self.settings.scope)
 
 
