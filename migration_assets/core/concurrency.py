@@ -1,4 +1,5 @@
-"""Bounded concurrency for I/O-bound work: in input order (reads a consumer loads in order), or as done."""
+"""Bounded concurrency for I/O-bound work: in input order (reads a consumer loads in order), or as done;
+and a budget of bytes that threads share out."""
 
 import multiprocessing
 import os
@@ -66,6 +67,27 @@ def completed_map(fn: Callable[[In], Out], items: Iterable[In], concurrency: int
         finally:
             for future in pending:
                 future.cancel()
+
+
+class ByteBudget:
+    """Bytes that threads share out without waiting: `take` answers at once whether `count` more fit
+    within `limit`, so a caller that gets no share takes its slower path rather than queueing."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+        self._lock = threading.Lock()
+
+    def take(self, count: int) -> bool:
+        with self._lock:
+            if self.taken + count > self.limit:
+                return False
+            self.taken += count
+            return True
+
+    def give(self, count: int) -> None:
+        with self._lock:
+            self.taken -= count
 
 
 def ordered_map_in_processes(fn: Callable[[In], Out], items: Iterable[In], processes: int) -> Iterator[Out]:

@@ -25,7 +25,7 @@ from psycopg_pool import ConnectionPool
 from migration_assets.atproto import xrpc
 from migration_assets.atproto.identity import DidDocument, DidNotFound, DidTombstoned, IdentityResolver
 from migration_assets.atproto.signature import SignatureError
-from migration_assets.core.concurrency import completed_map
+from migration_assets.core.concurrency import ByteBudget, completed_map
 from migration_assets.core.lease import Heartbeat, Lease, LeaseLost
 from migration_assets.repos import ledger, store
 from migration_assets.repos.ledger import ClaimedRepo
@@ -116,6 +116,7 @@ class RepoSyncer:
         self.client_for = client_for
         self.settings = settings
         self._downloads = threading.BoundedSemaphore(settings.concurrency)
+        self.whole_cars = ByteBudget(settings.whole_car_memory_bytes)  # shared by every thread's snapshot
 
     def sync(self, repo: ClaimedRepo, lease: Lease) -> RepoOutcome:
         """Sync one leased repo; every ledger and records write is fenced by `lease` (LeaseLost)."""
@@ -187,7 +188,7 @@ class RepoSyncer:
                                         "or lower REPO_FETCH_MIN_BYTES_PER_SECOND)")
         with self._downloads, client.stream("com.atproto.sync.getRepo", {"did": did}, deadline=deadline) as response:
             chunks = _until_stopped(response.iter_bytes(), lease)
-            return read_snapshot(did, chunks, self.settings.max_car_bytes, self.settings.scope)
+            return read_snapshot(did, chunks, self.settings.max_car_bytes, self.settings.scope, self.whole_cars)
 
 
 def _until_stopped(chunks: Iterable[bytes], lease: Lease) -> Iterator[bytes]:

@@ -56,13 +56,16 @@ class RepoSourceResource(dg.ConfigurableResource):
                                          description="REPO_FETCH_TIMEOUT_SECONDS")
     fetch_min_bytes_per_second: float = Field(default=_ENV.fetch_min_bytes_per_second, gt=0,
                                               description="REPO_FETCH_MIN_BYTES_PER_SECOND")
+    whole_car_memory_bytes: int = Field(default=_ENV.whole_car_memory_bytes, ge=0,
+                                        description="REPO_WHOLE_CAR_MEMORY_BYTES")
 
     @property
     def settings(self) -> RepoSettings:
         """The environment's REPO_* settings with this resource's fields in their place."""
         return RepoSettings.load(verify_signatures=self.verify_signatures, concurrency=self.concurrency,
                                  max_car_bytes=self.max_car_bytes, fetch_timeout_seconds=self.fetch_timeout_seconds,
-                                 fetch_min_bytes_per_second=self.fetch_min_bytes_per_second)
+                                 fetch_min_bytes_per_second=self.fetch_min_bytes_per_second,
+                                 whole_car_memory_bytes=self.whole_car_memory_bytes)
 
     def resolver(self, limiter: HostRateLimiter | None = None, pool: ConnectionPool | None = None) -> IdentityResolver:
         """With `pool`: documents are shared with every other process through the target database."""

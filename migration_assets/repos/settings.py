@@ -25,6 +25,10 @@ class RepoSettings(EnvSettings):
     fetch_min_bytes_per_second: float = Field(
         default=64 * 1024, gt=0, description="a repo download slower than this (a host dripping bytes) is cut at "
         "its deadline; faster, a big repo gets the time its size needs")
+    whole_car_memory_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=0, description="repo exports a run holds whole at once, in bytes, for the "
+        "compiled parse (peak memory about 5x this); an export that does not fit streams through the Python "
+        "parse, memory flat, at about 4x the CPU")
     lease_seconds: int = Field(
         default=300, ge=5, description="a run renews its claims every third of this; claims not renewed for this "
         "long are taken over by another run")

@@ -3,9 +3,11 @@ rkey, CID) with its block, held in memory up to a budget and on local disk past 
 flat however big the repo.
 
 Two paths read a CAR, to the same snapshot:
-- A CAR of at most WHOLE_CAR_MAX_BYTES (most repos) is read whole and parsed in one call of compiled
-  code (atproto/_fastrepo.c), which takes what hosts usually write and leaves anything else to:
-- the Python parse, the reference, which also reads every bigger CAR as it streams. The MST nodes the
+- A CAR that fits in the process's share of memory for whole CARs (REPO_WHOLE_CAR_MEMORY_BYTES, taken
+  as the bytes arrive, given back as the snapshot closes) is read whole and parsed in one call of
+  compiled code (atproto/_fastrepo.c), its rows held in memory for the store's compiled COPY lines. It
+  takes what hosts usually write and leaves anything else to:
+- the Python parse, the reference, which also reads every CAR that does not fit as it streams. The MST nodes the
   commit reaches stay in memory (a node holds several keys, so they are a fraction of the blocks;
   atproto.repo keeps unreferenced ones out); the commit is kept apart; every other block is appended,
   as the CAR holds it, to a spool. The MST walk then appends each kept record's key to a second spool.
@@ -18,12 +20,12 @@ COPYs it: in one compiled call for a repo held in memory (`copy_lines`), else ro
 cost nothing; the MST is still walked (and so verified) whole.
 """
 
-import itertools
 import json
 import marshal
+import sys
 import tempfile
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -37,14 +39,15 @@ from migration_assets.atproto.mst import Commit, parse_signed_commit, walk_links
 from migration_assets.atproto.repo import collect_repo_blocks
 from migration_assets.atproto.signature import verify_commit
 from migration_assets.atproto.syntax import is_valid_nsid
+from migration_assets.core.concurrency import ByteBudget
 from migration_assets.core.postgres import storable
 from migration_assets.repos.collections import RecordScope
 
 _BATCH = 1000  # rows per marshal record in a spool file
 SPOOL_MEMORY_BYTES = 4 << 20  # per spool: a repo's rows stay in memory up to this, then go to disk
-# A CAR up to this size (most repos) is read whole, then parsed in one pass of compiled code
-# (atproto/_fastrepo.c); a bigger one streams through the Python parse, its memory flat.
-WHOLE_CAR_MAX_BYTES = 4 << 20
+# The whole-CAR share of a caller that brings none (one repo at a time): REPO_WHOLE_CAR_MEMORY_BYTES' default.
+WHOLE_CAR_BYTES = 32 << 20
+_HELD = sys.maxsize  # a spool that never goes to disk
 _ROW_BYTES = 300  # what a spooled row costs in memory besides its variable text (tuple, str and bytes heads)
 _JSON_NUL = "\\u0000"  # how json writes U+0000, which jsonb refuses
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as dagcbor.to_json_text writes
@@ -131,6 +134,7 @@ class RepoSnapshot:
     signal_missing: bool = False  # a signal collection is set and the repo has no record in it: none kept
     wanted: set[bytes] | None = field(default=None, repr=False)  # kept records' binary CIDs; None: every block
     signed: tuple[bytes, bytes] | None = field(default=None, repr=False)  # (signed bytes, sig); None: re-encode
+    release: Callable[[], None] | None = field(default=None, repr=False)  # gives back its whole-CAR share
 
     @property
     def records(self) -> int:
@@ -169,6 +173,9 @@ class RepoSnapshot:
     def close(self) -> None:
         self.blocks.close()
         self.keys.close()
+        if self.release is not None:
+            self.release, release = None, self.release
+            release()
 
     def __enter__(self) -> "RepoSnapshot":
         return self
@@ -207,37 +214,55 @@ def record_json(block: bytes) -> tuple[str | None, str | None, bytes | None]:
     return text, None, None
 
 
-def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: RecordScope = RecordScope()) -> RepoSnapshot:
+def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: RecordScope = RecordScope(),
+                  whole_cars: ByteBudget | None = None) -> RepoSnapshot:
     """Parse a getRepo CAR stream, keeping the records `scope` selects. Raises CarError / CommitError /
     MstError on a bad export.
 
-    A CAR of at most WHOLE_CAR_MAX_BYTES is parsed by the compiled path when it takes it (the usual
-    export); anything it leaves, and every bigger CAR, streams through the Python parse, which is the
-    reference: it decides and words every refusal."""
+    A CAR that fits in `whole_cars` (the memory the caller's threads share for whole CARs; by default a
+    share of WHOLE_CAR_BYTES of its own) is parsed by the compiled path when it takes it (the usual
+    export), its share held until the snapshot closes; anything it leaves, and every CAR that does not
+    fit, streams through the Python parse, which is the reference: it decides and words every refusal."""
     counted = _Counting(chunks)
-    whole, rest = _whole_if_small(counted, min(max_bytes, WHOLE_CAR_MAX_BYTES))
+    budget = whole_cars or ByteBudget(WHOLE_CAR_BYTES)
+    whole, rest = _whole_if_it_fits(counted, min(max_bytes, budget.limit), budget)
     if whole is not None:
-        snapshot = _read_whole(did, whole, scope)
+        share = len(whole)
+        try:
+            snapshot = _read_whole(did, whole, scope)
+        except BaseException:
+            budget.give(share)
+            raise
         if snapshot is not None:
+            snapshot.release = lambda: budget.give(share)  # the CAR itself is let go: the rows are copies
             return snapshot
+        budget.give(share)
         rest = iter([whole])
     return _read_streaming(did, rest, counted, max_bytes, scope)
 
 
-def _whole_if_small(chunks: Iterable[bytes], limit: int) -> tuple[bytes | None, Iterator[bytes]]:
-    """(the whole CAR, nothing left) if the stream ends within `limit` bytes; else (None, every chunk,
-    those read so far first)."""
-    stream, read, size = iter(chunks), [], 0
+def _whole_if_it_fits(chunks: Iterable[bytes], limit: int, budget: ByteBudget) -> tuple[bytes | None, Iterator[bytes]]:
+    """(the whole CAR, nothing left) if the stream ends within `limit` bytes and `budget` has room for
+    them, taken from it; else (None, every chunk, those read so far first, each let go as it is read)."""
+    stream, read, size = iter(chunks), deque(), 0
     for chunk in stream:
         read.append(chunk)
         size += len(chunk)
-        if size > limit:
-            return None, itertools.chain(read, stream)
+        if size > limit or not budget.take(len(chunk)):
+            budget.give(size - len(chunk))
+            return None, _drained_then(read, stream)
     return b"".join(read), iter(())
 
 
+def _drained_then(read: deque, stream: Iterator[bytes]) -> Iterator[bytes]:
+    while read:
+        yield read.popleft()
+    yield from stream
+
+
 def _read_whole(did: str, car: bytes, scope: RecordScope) -> RepoSnapshot | None:
-    """The snapshot through the compiled parse, or None where it leaves the CAR to the Python parse."""
+    """The snapshot through the compiled parse, or None where it leaves the CAR to the Python parse. Its
+    rows stay in memory whatever their size: the whole-CAR share the caller took covers them."""
     if _fastrepo is None:
         return None
     commits = []
@@ -255,8 +280,8 @@ def _read_whole(did: str, car: bytes, scope: RecordScope) -> RepoSnapshot | None
         return None
     commit_block, commit, signed = commits[0]
     _check_commit_did(commit, did)
-    snapshot = RepoSnapshot(did, CID.from_bytes(head), commit, commit_block, len(car), Spool(), Spool(), scope=scope,
-                            signed=signed)
+    snapshot = RepoSnapshot(did, CID.from_bytes(head), commit, commit_block, len(car), Spool(_HELD), Spool(_HELD),
+                            scope=scope, signed=signed)
     try:
         _keep(snapshot, records, blocks, counts)
     except BaseException:

@@ -7,6 +7,7 @@ import sys
 
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.cid import CID, encode_varint
+from migration_assets.core.concurrency import ByteBudget
 from migration_assets.repos.snapshot import read_snapshot
 from tests.atproto.conftest import make_repo
 
@@ -47,7 +48,9 @@ if __name__ == "__main__":
     path, junk_bytes = sys.argv[1], int(sys.argv[2])
     records = write_car(path, junk_bytes, junk_block=2048)
     before = peak_rss_kib()
-    with read_snapshot("did:plc:testrepo", chunks(path), max_bytes=2 * junk_bytes) as snapshot:
+    # 4 MiB for whole CARs: the first 4 MiB are read as if the CAR might fit, then let go as it streams.
+    whole_cars = ByteBudget(4 << 20)
+    with read_snapshot("did:plc:testrepo", chunks(path), 2 * junk_bytes, whole_cars=whole_cars) as snapshot:
         seen = snapshot.records
     os.unlink(path)
     print(json.dumps({"records": seen, "expected": records, "growth_kib": peak_rss_kib() - before}))

@@ -5,7 +5,9 @@ import httpx
 from migration_assets.core.postgres import shared_pool
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import backfill_buckets
+from migration_assets.repos import snapshot as snapshot_module
 from migration_assets.repos.resources import RepoSourceResource
+from tests.compiled import count_compiled
 from tests.repos.conftest import handle
 from tests.repos.helpers import (
     bucket_of_did, check_evaluations, discover, ledger_row, listed_records, metadata, run_bucket,
@@ -140,3 +142,29 @@ def test_a_data_error_about_one_repo_fails_that_repo_and_the_run_goes_on(pds, ta
     assert f"--did {victim.did}" in row["last_error"], "the error says what to do next"
     assert stored_records(target, victim.did) == {}
     assert len(stored_records(target, bystander.did)) == 4
+
+
+def test_an_export_past_the_runs_whole_car_memory_streams_and_syncs_alike(pds, target, target_url, monkeypatch):
+    """REPO_WHOLE_CAR_MEMORY_BYTES is what a run's downloads may hold whole at once for the compiled parse:
+    an export bigger than that streams through the Python parse and is stored the same; every share taken
+    is given back when the run ends."""
+    small, big = pds.create_account(handle()), pds.create_account(handle())
+    pds.create_records(small, POSTS, [post(0)])
+    pds.create_records(big, POSTS, [post(n) for n in range(300)])
+    compiled = count_compiled(monkeypatch, snapshot_module, "parse")
+    ledger.request_sync(target, [small.did, big.did], 256)
+    buckets = sorted({ledger_row(target, d)["bucket"] for d in (small.did, big.did)})
+    pool = shared_pool(target_url)
+    source = RepoSourceResource(whole_car_memory_bytes=20_000)  # the small export is ~1 KB, the big ~50 KB
+    clients = source.clients(target_url)
+    try:
+        syncer = source.syncer(pool, clients)
+        report = backfill_buckets(pool, syncer, buckets)
+    finally:
+        clients.close()
+
+    assert {o.did: o.status for o in report.outcomes} == {small.did: "synced", big.did: "synced"}
+    assert (compiled.calls, compiled.answered) == (1, 1), "only the small export was read whole"
+    assert syncer.whole_cars.taken == 0
+    assert len(stored_records(target, small.did)) == 1
+    assert stored_records(target, big.did) == listed_records(pds.pds.url, big.did, POSTS)

@@ -17,6 +17,7 @@ from migration_assets.repos.settings import RepoSettings
     ("REPO_BUCKETS", "0", "greater than or equal to 1"),
     ("REPO_SENSOR_TICK_SECONDS", "-1", "greater than 0"),
     ("REPO_FETCH_MIN_BYTES_PER_SECOND", "0", "greater than 0"),  # no rate: every download would be cut
+    ("REPO_WHOLE_CAR_MEMORY_BYTES", "-1", "greater than or equal to 0"),
 ])
 def test_a_bad_value_fails_naming_the_variable(monkeypatch, name, value, accepts):
     monkeypatch.setenv(name, value)
@@ -29,11 +30,12 @@ def test_values_from_the_environment(monkeypatch):
     monkeypatch.setenv("REPO_VERIFY_SIGNATURES", "No")
     monkeypatch.setenv("REPO_FETCH_TIMEOUT_SECONDS", "2.5")
     monkeypatch.setenv("REPO_FETCH_MIN_BYTES_PER_SECOND", "1000")
+    monkeypatch.setenv("REPO_WHOLE_CAR_MEMORY_BYTES", "0")  # every export streams
     monkeypatch.setenv("REPO_CONCURRENCY", "")  # empty is unset: the default
     settings = RepoSettings.load()
     assert settings.discovery_hosts == ["https://a.example", "https://b.example"]
     assert (settings.verify_signatures, settings.fetch_timeout_seconds, settings.concurrency) == (False, 2.5, 8)
-    assert settings.fetch_min_bytes_per_second == 1000
+    assert (settings.fetch_min_bytes_per_second, settings.whole_car_memory_bytes) == (1000, 0)
     assert RepoSettings.from_env() == settings
 
 

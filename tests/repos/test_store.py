@@ -50,9 +50,11 @@ def post(text: str) -> dict:
 
 @pytest.fixture(autouse=True, params=["in_memory", "spooled"])
 def spool_memory(request, monkeypatch):
-    """Every test twice: a small repo's rows in memory (one COPY), and as a big repo's, spooled to disk
-    (two COPYs joined in PostgreSQL)."""
+    """Every test twice: a small repo's rows in memory (one COPY), and as a big repo's that does not fit
+    in the memory for whole CARs: streamed through the Python parse, spooled to disk (two COPYs joined in
+    PostgreSQL)."""
     if request.param == "spooled":
+        monkeypatch.setattr(snapshot_module, "WHOLE_CAR_BYTES", 0)
         monkeypatch.setattr(snapshot_module, "SPOOL_MEMORY_BYTES", 0)
     return request.param
 
