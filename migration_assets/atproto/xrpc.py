@@ -22,12 +22,13 @@ import functools
 import ipaddress
 import json
 import logging
+import queue
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import httpcore
@@ -182,6 +183,30 @@ def resolve_host(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(addresses))
 
 
+def resolve_within(resolve: Resolver, host: str, port: int, seconds: float | None) -> list[str]:
+    """`resolve(host, port)` given at most `seconds`: getaddrinfo has no timeout of its own, so a name
+    server that never answers held the request past its deadline, for as long as the system resolver's
+    retries took. A lookup that overruns ends in its own thread, its answer unused."""
+    if seconds is None:
+        return resolve(host, port)
+    answer: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+    def look_up() -> None:
+        try:
+            answer.put((True, resolve(host, port)))
+        except BaseException as exc:  # noqa: BLE001 - raised in the waiting thread
+            answer.put((False, exc))
+
+    threading.Thread(target=look_up, name=f"resolve {host}", daemon=True).start()
+    try:
+        resolved, value = answer.get(timeout=seconds)
+    except queue.Empty:
+        raise httpcore.ConnectTimeout(f"resolving {host} took longer than {seconds:g} s") from None
+    if resolved:
+        return value
+    raise value
+
+
 def checked_addresses(host: str, port: int, allow_private: bool, resolve: Resolver) -> list[str]:
     """Resolve `host` once and return the addresses to connect to; PrivateHostRefused if any of them is
     not public (unless private hosts are allowed). The caller connects to these, never to the name."""
@@ -211,8 +236,12 @@ class PinnedBackend(DeadlineBackend):
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        deadline = current()
+        with deadline.operation(timeout, httpcore.ConnectTimeout) if deadline else nullcontext(timeout) as seconds:
+            resolve = functools.partial(resolve_within, self.resolve, seconds=seconds)
+            addresses = checked_addresses(host, port, self.allow_private, resolve)
         error: Exception | None = None
-        for address in checked_addresses(host, port, self.allow_private, self.resolve):
+        for address in addresses:
             try:
                 return super().connect_tcp(address, port, timeout, local_address, socket_options)
             except httpcore.ConnectError as exc:  # try the next checked address, as create_connection would

@@ -6,6 +6,7 @@ import json
 import logging
 import pickle
 import socket
+import threading
 import time
 from datetime import datetime, timezone
 
@@ -387,6 +388,26 @@ def test_a_deadline_grows_with_the_bytes_moved_only_up_to_its_cap(server):
         kind, error = ends_within(15, lambda: client.query(LIST_REPOS, deadline=growing), lambda: "still reading 103s")
     assert kind == "raised" and isinstance(error, TransportFailure), error
     assert "the flood took longer than its deadline of 1 s (and 1 s per 10,000 bytes moved, up to 20,000)" in str(error)
+
+
+def test_a_name_server_that_never_answers_is_cut_at_the_deadline(server):
+    """getaddrinfo has no timeout: a lookup that hung held the request until the system resolver gave up
+    (for a name server that drops queries, its timeout times its attempts, per name), past the deadline."""
+    released, finished = threading.Event(), threading.Event()
+
+    def hanging(host, port):
+        released.wait(30)
+        finished.set()
+        return xrpc.resolve_host(host, port)
+
+    with client_for(server, retries=0, deadline_seconds=1, resolve=hanging) as client:
+        kind, error = ends_within(40, lambda: client.query(LIST_REPOS), lambda: "still resolving")
+    answered_first = finished.is_set()
+    released.set()
+    assert not answered_first, "the request waited for the lookup to end"
+    assert kind == "raised" and isinstance(error, TransportFailure), error
+    assert f"{LIST_REPOS} on {client.host} took longer than its deadline of 1 s" in str(error)
+    assert server.calls(PATH) == []
 
 
 def test_a_growing_deadline_needs_its_cap_and_stops_growing_there():
