@@ -153,18 +153,26 @@ class CommitChecker:
             done = check_all(items, self.collections)
             return lambda: done
         size = -(-len(items) // self.processes)
-        parts: list[Future] = [self._pool.submit(check_all, items[i:i + size], self.collections)
-                               for i in range(0, len(items), size)]
+        try:
+            parts: list[Future] = [self._pool.submit(check_all, items[i:i + size], self.collections)
+                                   for i in range(0, len(items), size)]
+        except BrokenProcessPool as exc:  # the pool already knows a worker died
+            done = self._without_workers(items, exc)
+            return lambda: done
 
         def results() -> list[Checked]:
             try:
                 return [checked for part in parts for checked in part.result()]
-            except BrokenProcessPool as exc:  # a worker died (killed, out of memory): go on without them
-                log.warning("commit check workers failed (%s); checking in the follower's process from now on", exc)
-                self.close()
-                return check_all(items, self.collections)
+            except BrokenProcessPool as exc:
+                return self._without_workers(items, exc)
 
         return results
+
+    def _without_workers(self, items: list[CommitToCheck], error: BrokenProcessPool) -> list[Checked]:
+        """A worker died (killed, out of memory): these and every later batch are checked here."""
+        log.warning("commit check workers failed (%s); checking in the follower's process from now on", error)
+        self.close()
+        return check_all(items, self.collections)
 
     def close(self) -> None:
         pool, self._pool = self._pool, None
