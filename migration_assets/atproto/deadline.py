@@ -17,9 +17,13 @@ the time it needs, a drip does not.
 
 from __future__ import annotations
 
+import ipaddress
+import queue
+import socket
+import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from typing import Any
 
@@ -136,13 +140,88 @@ class _DeadlineStream(httpcore.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
+Resolver = Callable[[str, int], list[str]]
+
+
+def resolve_host(host: str, port: int) -> list[str]:
+    """The addresses of `host` (the system resolver), in its order, without duplicates."""
+    addresses = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+    return list(dict.fromkeys(addresses))
+
+
+def resolve_within(resolve: Resolver, host: str, port: int, seconds: float | None) -> list[str]:
+    """`resolve(host, port)` given at most `seconds`: getaddrinfo has no timeout of its own, so a name
+    server that never answers held the request past its deadline, for as long as the system resolver's
+    retries took. A lookup that overruns ends in its own thread, its answer unused. A failed lookup is
+    a ConnectError, retried like any connect failure."""
+    if _is_address(host):
+        return [host]
+    if seconds is None:
+        return _resolved(resolve, host, port)
+    answer: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+
+    def look_up() -> None:
+        try:
+            answer.put((True, _resolved(resolve, host, port)))
+        except BaseException as exc:  # noqa: BLE001 - raised in the waiting thread
+            answer.put((False, exc))
+
+    try:
+        threading.Thread(target=look_up, name=f"resolve {host}", daemon=True).start()
+    except RuntimeError as exc:  # no thread to be had
+        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+    try:
+        resolved, value = answer.get(timeout=seconds)
+    except queue.Empty:
+        raise httpcore.ConnectTimeout(f"resolving {host} took longer than {seconds:g} s") from None
+    if resolved:
+        return value
+    raise value
+
+
+def _resolved(resolve: Resolver, host: str, port: int) -> list[str]:
+    try:
+        return resolve(host, port)
+    except OSError as exc:
+        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
 class DeadlineBackend(httpcore.SyncBackend):
-    """httpcore's own sockets, each kept to the current Deadline."""
+    """httpcore's own sockets, each kept to the current Deadline: the name's lookup (through `resolve`),
+    then the connect to each address it gave, in turn, then every read and write."""
+
+    def __init__(self, resolve: Resolver | None = None) -> None:
+        self.resolve = resolve or resolve_host
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
         deadline = _CURRENT.get()
+        with deadline.operation(timeout, httpcore.ConnectTimeout) if deadline else nullcontext(timeout) as seconds:
+            addresses = self.allowed(host, port, resolve_within(self.resolve, host, port, seconds))
+        error: Exception | None = None
+        for address in addresses:
+            try:
+                return self._connect(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as exc:  # try the next address, as socket.create_connection would
+                error = exc
+        raise error or httpcore.ConnectError(f"cannot connect to {host}:{port}: no address")
+
+    def allowed(self, host: str, port: int, addresses: list[str]) -> list[str]:
+        """The addresses of `host` that may be connected to: all of them here."""
+        return addresses
+
+    def _connect(self, address: str, port: int, timeout: float | None, local_address: str | None,
+                 socket_options: Iterable[Any] | None) -> httpcore.NetworkStream:
+        deadline = _CURRENT.get()
         if deadline is None:
-            return _DeadlineStream(super().connect_tcp(host, port, timeout, local_address, socket_options))
+            return _DeadlineStream(super().connect_tcp(address, port, timeout, local_address, socket_options))
         with deadline.operation(timeout, httpcore.ConnectTimeout) as left:
-            return _DeadlineStream(super().connect_tcp(host, port, left, local_address, socket_options))
+            return _DeadlineStream(super().connect_tcp(address, port, left, local_address, socket_options))

@@ -22,19 +22,17 @@ import functools
 import ipaddress
 import json
 import logging
-import queue
-import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import httpcore
 import httpx
 
-from migration_assets.atproto.deadline import Deadline, DeadlineBackend, current, within
+from migration_assets.atproto.deadline import Deadline, DeadlineBackend, Resolver, current, within
 from migration_assets.atproto.errors import AtprotoError
 from migration_assets.atproto.ratelimit import LimiterWaitExceeded, pause_end
 from migration_assets.atproto.settings import AtprotoSettings
@@ -174,79 +172,25 @@ def is_forbidden_address(address: str) -> bool:
             or ip.is_multicast or ip.is_unspecified)
 
 
-Resolver = Callable[[str, int], list[str]]
-
-
-def resolve_host(host: str, port: int) -> list[str]:
-    """The addresses of `host` (the system resolver), in its order, without duplicates."""
-    addresses = [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
-    return list(dict.fromkeys(addresses))
-
-
-def resolve_within(resolve: Resolver, host: str, port: int, seconds: float | None) -> list[str]:
-    """`resolve(host, port)` given at most `seconds`: getaddrinfo has no timeout of its own, so a name
-    server that never answers held the request past its deadline, for as long as the system resolver's
-    retries took. A lookup that overruns ends in its own thread, its answer unused."""
-    if seconds is None:
-        return resolve(host, port)
-    answer: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
-
-    def look_up() -> None:
-        try:
-            answer.put((True, resolve(host, port)))
-        except BaseException as exc:  # noqa: BLE001 - raised in the waiting thread
-            answer.put((False, exc))
-
-    threading.Thread(target=look_up, name=f"resolve {host}", daemon=True).start()
-    try:
-        resolved, value = answer.get(timeout=seconds)
-    except queue.Empty:
-        raise httpcore.ConnectTimeout(f"resolving {host} took longer than {seconds:g} s") from None
-    if resolved:
-        return value
-    raise value
-
-
-def checked_addresses(host: str, port: int, allow_private: bool, resolve: Resolver) -> list[str]:
-    """Resolve `host` once and return the addresses to connect to; PrivateHostRefused if any of them is
-    not public (unless private hosts are allowed). The caller connects to these, never to the name."""
-    try:
-        addresses = resolve(host, port)
-    except OSError as exc:
-        # A transport error, so it is retried like any connect failure.
-        raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
-    forbidden = [] if allow_private else sorted({a for a in addresses if is_forbidden_address(a)})
-    if forbidden or not addresses:
-        raise PrivateHostRefused(
-            f"{host} resolves to non-public address {', '.join(forbidden) or '(none)'}; "
-            f"set {ALLOW_PRIVATE_ENV}=true only for trusted local networks",
-            host=f"{host}:{port}",
-        )
-    return addresses
-
-
 class PinnedBackend(DeadlineBackend):
-    """Connects to the address that passed the guard: one resolution per connection, checked, then used.
-    TLS is started by httpcore with the URL's name (SNI and certificate check), the Host header is the
-    URL's; only the TCP destination is pinned."""
+    """Connects only to addresses that passed the guard: one resolution per connection, checked, then
+    used. TLS is started by httpcore with the URL's name (SNI and certificate check), the Host header is
+    the URL's; only the TCP destination is pinned."""
 
     def __init__(self, allow_private: bool, resolve: Resolver | None = None) -> None:
+        super().__init__(resolve)
         self.allow_private = allow_private
-        self.resolve = resolve or resolve_host
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
-        deadline = current()
-        with deadline.operation(timeout, httpcore.ConnectTimeout) if deadline else nullcontext(timeout) as seconds:
-            resolve = functools.partial(resolve_within, self.resolve, seconds=seconds)
-            addresses = checked_addresses(host, port, self.allow_private, resolve)
-        error: Exception | None = None
-        for address in addresses:
-            try:
-                return super().connect_tcp(address, port, timeout, local_address, socket_options)
-            except httpcore.ConnectError as exc:  # try the next checked address, as create_connection would
-                error = exc
-        raise error or httpcore.ConnectError(f"cannot connect to {host}:{port}")
+    def allowed(self, host: str, port: int, addresses: list[str]) -> list[str]:
+        """`addresses`; PrivateHostRefused if any of them is not public (unless private hosts are allowed)."""
+        forbidden = [] if self.allow_private else sorted({a for a in addresses if is_forbidden_address(a)})
+        if forbidden or not addresses:
+            raise PrivateHostRefused(
+                f"{host} resolves to non-public address {', '.join(forbidden) or '(none)'}; "
+                f"set {ALLOW_PRIVATE_ENV}=true only for trusted local networks",
+                host=f"{host}:{port}",
+            )
+        return addresses
 
 
 @functools.cache

@@ -6,6 +6,7 @@ from pydantic_settings import SettingsConfigDict
 from migration_assets.atproto.syntax import is_valid_nsid
 from migration_assets.core.settings import CommaList, EnvBool, EnvSettings
 from migration_assets.repos.collections import CollectionFilter, RecordScope
+from migration_assets.repos.snapshot import WHOLE_CAR_BYTES
 
 
 class RepoSettings(EnvSettings):
@@ -26,9 +27,9 @@ class RepoSettings(EnvSettings):
         default=64 * 1024, gt=0, description="a repo download slower than this (a host dripping bytes) is cut at "
         "its deadline; faster, a big repo gets the time its size needs")
     whole_car_memory_bytes: int = Field(
-        default=32 * 1024 * 1024, ge=0, description="repo exports a run holds whole at once, in bytes, for the "
-        "compiled parse (peak memory about 5x this); an export that does not fit streams through the Python "
-        "parse, memory flat, at about 4x the CPU")
+        default=WHOLE_CAR_BYTES, ge=0, description="repo exports a run holds whole at once, in bytes, for the "
+        "compiled parse (one export at most half of it; peak memory about 5x this); an export that does not fit "
+        "streams through the Python parse, memory flat, at about 4x the CPU")
     lease_seconds: int = Field(
         default=300, ge=5, description="a run renews its claims every third of this; claims not renewed for this "
         "long are taken over by another run")

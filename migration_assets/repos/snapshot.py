@@ -3,8 +3,8 @@ rkey, CID) with its block, held in memory up to a budget and on local disk past 
 flat however big the repo.
 
 Two paths read a CAR, to the same snapshot:
-- A CAR that fits in the process's share of memory for whole CARs (REPO_WHOLE_CAR_MEMORY_BYTES, taken
-  as the bytes arrive, given back as the snapshot closes) is read whole and parsed in one call of
+- A CAR that fits in the run's memory for whole CARs (REPO_WHOLE_CAR_MEMORY_BYTES, taken as the bytes
+  arrive, given back as the snapshot closes; one CAR at most half of it) is read whole and parsed in one call of
   compiled code (atproto/_fastrepo.c), its rows held in memory for the store's compiled COPY lines. It
   takes what hosts usually write and leaves anything else to:
 - the Python parse, the reference, which also reads every CAR that does not fit as it streams. The MST nodes the
@@ -219,38 +219,44 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
     """Parse a getRepo CAR stream, keeping the records `scope` selects. Raises CarError / CommitError /
     MstError on a bad export.
 
-    A CAR that fits in `whole_cars` (the memory the caller's threads share for whole CARs; by default a
-    share of WHOLE_CAR_BYTES of its own) is parsed by the compiled path when it takes it (the usual
-    export), its share held until the snapshot closes; anything it leaves, and every CAR that does not
-    fit, streams through the Python parse, which is the reference: it decides and words every refusal."""
+    A CAR that fits in `whole_cars` (the memory the caller's threads share for whole CARs; by default
+    WHOLE_CAR_BYTES of its own), and in half of it, is parsed by the compiled path when it takes it (the
+    usual export), its share held until the snapshot closes; anything it leaves, and every CAR that does
+    not fit, streams through the Python parse, which is the reference: it decides and words every refusal."""
     counted = _Counting(chunks)
     budget = whole_cars or ByteBudget(WHOLE_CAR_BYTES)
-    whole, rest = _whole_if_it_fits(counted, min(max_bytes, budget.limit), budget)
-    if whole is not None:
-        share = len(whole)
-        try:
-            snapshot = _read_whole(did, whole, scope)
-        except BaseException:
+    # Half the share at most: one export growing past it cannot hold all of it while it downloads.
+    limit = min(max_bytes, budget.limit // 2) if _fastrepo is not None else 0
+    whole, rest = _whole_if_it_fits(counted, limit, budget)
+    if whole is None:
+        return _read_streaming(did, rest, counted, max_bytes, scope)
+    share, held = len(whole), False
+    try:
+        snapshot = _read_whole(did, whole, scope)
+        if snapshot is None:  # left to the Python parse, the CAR held until it is done
+            return _read_streaming(did, iter([whole]), counted, max_bytes, scope)
+        held = not snapshot.signal_missing  # else nothing is kept
+    finally:
+        if not held:
             budget.give(share)
-            raise
-        if snapshot is not None:
-            snapshot.release = lambda: budget.give(share)  # the CAR itself is let go: the rows are copies
-            return snapshot
-        budget.give(share)
-        rest = iter([whole])
-    return _read_streaming(did, rest, counted, max_bytes, scope)
+    snapshot.release = lambda: budget.give(share)  # the CAR itself is let go: the rows are copies
+    return snapshot
 
 
 def _whole_if_it_fits(chunks: Iterable[bytes], limit: int, budget: ByteBudget) -> tuple[bytes | None, Iterator[bytes]]:
     """(the whole CAR, nothing left) if the stream ends within `limit` bytes and `budget` has room for
     them, taken from it; else (None, every chunk, those read so far first, each let go as it is read)."""
     stream, read, size = iter(chunks), deque(), 0
-    for chunk in stream:
-        read.append(chunk)
-        size += len(chunk)
-        if size > limit or not budget.take(len(chunk)):
-            budget.give(size - len(chunk))
-            return None, _drained_then(read, stream)
+    try:
+        for chunk in stream:
+            read.append(chunk)
+            size += len(chunk)
+            if size > limit or not budget.take(len(chunk)):
+                budget.give(size - len(chunk))
+                return None, _drained_then(read, stream)
+    except BaseException:  # the download failed or was cut
+        budget.give(size)
+        raise
     return b"".join(read), iter(())
 
 

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import pytest
 
 from migration_assets.atproto import xrpc
-from migration_assets.atproto.deadline import Deadline
+from migration_assets.atproto.deadline import Deadline, resolve_host
 from migration_assets.atproto.ratelimit import HostRateLimiter
 from migration_assets.atproto.settings import AtprotoSettings
 from migration_assets.atproto.xrpc import (
@@ -398,9 +398,10 @@ def test_a_name_server_that_never_answers_is_cut_at_the_deadline(server):
     def hanging(host, port):
         released.wait(30)
         finished.set()
-        return xrpc.resolve_host(host, port)
+        return resolve_host("127.0.0.1", port)
 
-    with client_for(server, retries=0, deadline_seconds=1, resolve=hanging) as client:
+    with XrpcClient(f"http://pds.hang.test:{server.port}", allow_private_hosts=True, retries=0, deadline_seconds=1,
+                    resolve=hanging) as client:
         kind, error = ends_within(40, lambda: client.query(LIST_REPOS), lambda: "still resolving")
     answered_first = finished.is_set()
     released.set()
@@ -408,6 +409,31 @@ def test_a_name_server_that_never_answers_is_cut_at_the_deadline(server):
     assert kind == "raised" and isinstance(error, TransportFailure), error
     assert f"{LIST_REPOS} on {client.host} took longer than its deadline of 1 s" in str(error)
     assert server.calls(PATH) == []
+
+
+def test_a_did_fetch_from_a_plc_whose_name_never_resolves_is_cut_at_its_deadline(monkeypatch):
+    """The PLC's client is not behind the private-host guard, and connected by name: the system lookup
+    inside the connect had no bound at all."""
+    from migration_assets.atproto.identity import DidResolutionFailed, IdentityResolver
+
+    released, finished = threading.Event(), threading.Event()
+    system_getaddrinfo = socket.getaddrinfo
+
+    def hanging(host, *args, **kwargs):
+        if host == "plc.hang.test":
+            released.wait(30)
+            finished.set()
+            raise socket.gaierror(socket.EAI_NONAME, "never answered")
+        return system_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    resolver = IdentityResolver(plc_url="http://plc.hang.test", deadline_seconds=1, retries=0)
+    kind, error = ends_within(40, lambda: resolver.resolve("did:plc:" + "a" * 24), lambda: "still resolving")
+    answered_first = finished.is_set()
+    released.set()
+    assert not answered_first, "the fetch waited for the lookup to end"
+    assert kind == "raised" and isinstance(error, DidResolutionFailed), error
+    assert "took longer than its deadline of 1 s" in str(error)
 
 
 def test_a_growing_deadline_needs_its_cap_and_stops_growing_there():
@@ -564,7 +590,7 @@ def test_guard_checks_every_redirect_hop(servers, monkeypatch):
     only_stand_in_is_public(monkeypatch)
 
     def resolve(host, port):
-        return [STAND_IN_PUBLIC] if host == "pds.example.test" else xrpc.resolve_host(host, port)
+        return [STAND_IN_PUBLIC] if host == "pds.example.test" else resolve_host(host, port)
 
     with XrpcClient(f"http://pds.example.test:{origin.port}", allow_private_hosts=False, resolve=resolve) as client:
         with pytest.raises(PrivateHostRefused, match=INTERNAL):

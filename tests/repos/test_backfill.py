@@ -155,7 +155,9 @@ def test_an_export_past_the_runs_whole_car_memory_streams_and_syncs_alike(pds, t
     ledger.request_sync(target, [small.did, big.did], 256)
     buckets = sorted({ledger_row(target, d)["bucket"] for d in (small.did, big.did)})
     pool = shared_pool(target_url)
-    source = RepoSourceResource(whole_car_memory_bytes=20_000)  # the small export is ~1 KB, the big ~50 KB
+    # One download at a time, so the big export's bytes never leave the small one no room. At most
+    # half the share, 10,000 bytes, is read whole: the small export is ~1 KB, the big one ~50 KB.
+    source = RepoSourceResource(whole_car_memory_bytes=20_000, concurrency=1)
     clients = source.clients(target_url)
     try:
         syncer = source.syncer(pool, clients)

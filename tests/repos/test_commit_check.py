@@ -72,6 +72,7 @@ def test_workers_give_the_same_results_and_a_dead_worker_falls_back_to_this_proc
         deadline = time.monotonic() + 30
         while not pool._broken and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert pool._broken, "the pool never saw its workers die"
         assert checker.submit(events)() == expected
         assert checker._pool is None, "the broken pool was not let go"
 

@@ -151,17 +151,42 @@ def test_threads_share_the_memory_for_whole_cars_and_a_car_that_does_not_fit_str
     thread at once. What does not fit in what is left streams (the same snapshot); a closed snapshot
     gives its share back."""
     small, big = records_export(100), records_export(400)
-    whole_cars = ByteBudget(len(big) + len(small) - 1)
-    with read(big, whole_cars) as first:
-        assert whole_cars.taken == len(big) and first.in_memory
-        with read(small, whole_cars) as second:
-            assert compiled.answered == 1, "read whole past the share left"
-            assert second.records == 100 and whole_cars.taken == len(big)
+    whole_cars = ByteBudget(2 * len(big) + len(small) - 1)
+    with read(big, whole_cars) as first, read(big, whole_cars) as second:
+        assert whole_cars.taken == 2 * len(big) and first.in_memory and second.in_memory
+        with read(small, whole_cars) as third:
+            assert compiled.answered == 2, "read whole past the share left"
+            assert third.records == 100 and whole_cars.taken == 2 * len(big)
     assert whole_cars.taken == 0
-    with read(small, whole_cars) as third, read(small, whole_cars) as fourth:
-        assert compiled.answered == 3 and whole_cars.taken == 2 * len(small)
-        assert list(third.keys) == list(fourth.keys)
+    with read(small, whole_cars) as fourth, read(small, whole_cars) as fifth:
+        assert compiled.answered == 4 and whole_cars.taken == 2 * len(small)
+        assert list(fourth.keys) == list(fifth.keys) and fourth.records == 100
     assert whole_cars.taken == 0
+
+
+def test_an_export_over_half_the_share_streams_and_a_failed_download_gives_its_share_back(compiled):
+    car = records_export(400)
+    whole_cars = ByteBudget(2 * len(car) - 1)  # the export fits, but is more than half
+    with read(car, whole_cars) as snapshot:
+        assert compiled.calls == 0 and whole_cars.taken == 0 and snapshot.records == 400
+    whole_cars = ByteBudget(1 << 20)
+
+    def cut_short():
+        yield car[:4096]
+        yield car[4096:8192]
+        raise ConnectionResetError("the host went away")
+
+    with pytest.raises(ConnectionResetError):
+        read_snapshot(DID, cut_short(), len(car), whole_cars=whole_cars)
+    assert whole_cars.taken == 0, "a failed download kept its share"
+
+
+def test_a_repo_without_its_signal_collection_gives_its_share_back_at_once(compiled):
+    whole_cars = ByteBudget(1 << 20)
+    with read_snapshot(DID, [records_export(30)], 1 << 20, RecordScope(signal="com.example.absent"),
+                       whole_cars=whole_cars) as snapshot:
+        assert snapshot.signal_missing and compiled.answered == 1
+        assert whole_cars.taken == 0
 
 
 def test_a_refused_or_left_car_gives_its_share_back(compiled):
