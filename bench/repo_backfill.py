@@ -44,10 +44,10 @@ from psycopg.types.json import Jsonb
 
 try:
     from bench.common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
-                              median_round, peak_rss_mb, process_tree_cpu_seconds, spread, write_result)
+                              median_round, peak_rss_mb, spread, write_result)
 except ImportError:  # run as a script: bench/ is on sys.path
     from common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
-                        median_round, peak_rss_mb, process_tree_cpu_seconds, spread, write_result)
+                        median_round, peak_rss_mb, spread, write_result)
 
 from migration_assets.atproto.identity import IdentityResolver
 from migration_assets.core import embedded
