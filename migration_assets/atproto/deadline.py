@@ -152,8 +152,9 @@ def resolve_host(host: str, port: int) -> list[str]:
 def resolve_within(resolve: Resolver, host: str, port: int, seconds: float | None) -> list[str]:
     """`resolve(host, port)` given at most `seconds`: getaddrinfo has no timeout of its own, so a name
     server that never answers held the request past its deadline, for as long as the system resolver's
-    retries took. A lookup that overruns ends in its own thread, its answer unused. A failed lookup is
-    a ConnectError, retried like any connect failure."""
+    retries took. A lookup that overruns ends in its own thread, its answer unused (such threads last
+    as long as the system resolver waits: a few per stuck name and try). A failed lookup is a
+    ConnectError, retried like any connect failure."""
     if _is_address(host):
         return [host]
     if seconds is None:
@@ -210,8 +211,10 @@ class DeadlineBackend(httpcore.SyncBackend):
         for address in addresses:
             try:
                 return self._connect(address, port, timeout, local_address, socket_options)
-            except httpcore.ConnectError as exc:  # try the next address, as socket.create_connection would
-                error = exc
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                if deadline is not None and deadline.passed():
+                    raise
+                error = exc  # the next address, as socket.create_connection would (an IPv6 route that drops)
         raise error or httpcore.ConnectError(f"cannot connect to {host}:{port}: no address")
 
     def allowed(self, host: str, port: int, addresses: list[str]) -> list[str]:

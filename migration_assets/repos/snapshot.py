@@ -239,7 +239,8 @@ def read_snapshot(did: str, chunks: Iterable[bytes], max_bytes: int, scope: Reco
     finally:
         if not held:
             budget.give(share)
-    snapshot.release = lambda: budget.give(share)  # the CAR itself is let go: the rows are copies
+    if held:
+        snapshot.release = lambda: budget.give(share)  # the CAR itself is let go: the rows are copies
     return snapshot
 
 

@@ -48,7 +48,7 @@ if __name__ == "__main__":
     path, junk_bytes = sys.argv[1], int(sys.argv[2])
     records = write_car(path, junk_bytes, junk_block=2048)
     before = peak_rss_kib()
-    # 4 MiB for whole CARs: the first 4 MiB are read as if the CAR might fit, then let go as it streams.
+    # 4 MiB for whole CARs: the first 2 MiB (half) are read as if the CAR might fit, then let go as it streams.
     whole_cars = ByteBudget(4 << 20)
     with read_snapshot("did:plc:testrepo", chunks(path), 2 * junk_bytes, whole_cars=whole_cars) as snapshot:
         seen = snapshot.records

@@ -427,13 +427,39 @@ def test_a_did_fetch_from_a_plc_whose_name_never_resolves_is_cut_at_its_deadline
         return system_getaddrinfo(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", hanging)
-    resolver = IdentityResolver(plc_url="http://plc.hang.test", deadline_seconds=1, retries=0)
-    kind, error = ends_within(40, lambda: resolver.resolve("did:plc:" + "a" * 24), lambda: "still resolving")
+    with IdentityResolver(plc_url="http://plc.hang.test", deadline_seconds=1, retries=0) as resolver:
+        kind, error = ends_within(40, lambda: resolver.resolve("did:plc:" + "a" * 24), lambda: "still resolving")
     answered_first = finished.is_set()
     released.set()
     assert not answered_first, "the fetch waited for the lookup to end"
     assert kind == "raised" and isinstance(error, DidResolutionFailed), error
     assert "took longer than its deadline of 1 s" in str(error)
+
+
+def test_an_address_that_never_answers_the_connect_gives_way_to_the_next(server):
+    """A name's first address dropping the connect (an IPv6 route that black-holes) timed out the
+    request; the system's create_connection tries the next address, and so does the backend now. Here
+    the first address is a listener whose accept queue is full, so the kernel drops its SYNs."""
+    server.route("GET", PATH, Reply(200, b"{}", {"Content-Type": "application/json"}))
+    clogged = socket.socket()
+    clogged.bind(("127.0.0.2", server.port))
+    clogged.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):  # the queue holds one; the rest wait in SYN-sent or are dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.2", server.port))
+            fillers.append(filler)
+        resolve = lambda host, port: ["127.0.0.2", "127.0.0.1"]  # noqa: E731
+        with XrpcClient(f"http://pds.clogged.test:{server.port}", allow_private_hosts=True, retries=0, timeout=1,
+                        deadline_seconds=20, resolve=resolve) as client:
+            kind, value = ends_within(30, lambda: client.query(LIST_REPOS), lambda: "still connecting")
+    finally:
+        for sock in (*fillers, clogged):
+            sock.close()
+    assert kind == "returned", value
+    assert len(server.calls(PATH)) == 1
 
 
 def test_a_growing_deadline_needs_its_cap_and_stops_growing_there():

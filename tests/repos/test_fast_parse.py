@@ -146,7 +146,7 @@ def read(car: bytes, whole_cars: ByteBudget):
     return read_snapshot(DID, [car[i:i + 4096] for i in range(0, len(car), 4096)], len(car), whole_cars=whole_cars)
 
 
-def test_threads_share_the_memory_for_whole_cars_and_a_car_that_does_not_fit_streams(compiled):
+def test_reads_share_the_memory_for_whole_cars_and_a_car_that_does_not_fit_streams(compiled):
     """Every download of a run reads into one share: a big export read whole is not read whole by every
     thread at once. What does not fit in what is left streams (the same snapshot); a closed snapshot
     gives its share back."""
@@ -187,6 +187,7 @@ def test_a_repo_without_its_signal_collection_gives_its_share_back_at_once(compi
                        whole_cars=whole_cars) as snapshot:
         assert snapshot.signal_missing and compiled.answered == 1
         assert whole_cars.taken == 0
+    assert whole_cars.taken == 0, "given back twice"
 
 
 def test_a_refused_or_left_car_gives_its_share_back(compiled):
