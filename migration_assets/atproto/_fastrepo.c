@@ -1,8 +1,8 @@
 /* The repo backfill's and event stream's hot paths in compiled code, each the fast path of a Python
    reference: parse() of snapshot.read_snapshot (a whole CAR to records and blocks), copy_lines() of the
-   store (the records' COPY lines, their atproto JSON made from their blocks), blocks() of
-   car.read_blocks and lookup() of mst.lookup (a stream event's CAR slice, its ops' MST lookups); each
-   has its own comment below.
+   store (the records' COPY lines, their atproto JSON made from their blocks), walk() of the snapshot's
+   MST walk for a CAR too big to parse whole, blocks() of car.read_blocks and lookup() of mst.lookup (a
+   stream event's CAR slice, its ops' MST lookups); each has its own comment below.
 
    parse(car, data_root) checks the CAR's header is the usual one (one root, the commit: `head`), reads
    its sections, checks every block against its CID, finds the commit, asks `data_root(commit block)`
@@ -58,6 +58,8 @@ typedef struct {
     uint8_t last[MAX_KEY];
     Py_ssize_t last_size;
     int have_last;
+    PyObject *sink;              /* walk(): called with each `batch` of records; NULL: parse() keeps them all */
+    Py_ssize_t batch;
     PyObject *collection;        /* the last collection's str: keys are sorted, so a collection's records are together */
     uint8_t collection_bytes[MAX_KEY];
     Py_ssize_t collection_size;
@@ -90,6 +92,8 @@ static Py_ssize_t find(const Parse *p, const uint8_t *link) {
     }
     return -1;
 }
+
+static int index_blocks(Parse *p);
 
 /* Split the sections, check each block's hash, index them. 0, NOT_USUAL, or -1 (memory). */
 static int split(Parse *p, Py_ssize_t pos) {
@@ -130,6 +134,11 @@ static int split(Parse *p, Py_ssize_t pos) {
         p->blocks[p->count++] = (Block){car + pos, data, data_size, 0};
         pos += size;
     }
+    return index_blocks(p);
+}
+
+/* Index p->blocks by link: 0, NOT_USUAL (a block repeated, or a probe too long), or -1 (no memory). */
+static int index_blocks(Parse *p) {
     size_t slots = 16;
     p->shift = 60;
     while (slots < 2 * (size_t)p->count) {
@@ -325,6 +334,16 @@ static PyObject *cid_text(const uint8_t *link) {
     return PyUnicode_FromStringAndSize(text, CID_TEXT_SIZE);
 }
 
+/* The records so far to the sink, the list started again. 0 or -1 (the sink raised, or no memory). */
+static int flush(Parse *p) {
+    PyObject *rows = p->records;
+    p->records = PyList_New(0);
+    PyObject *done = p->records ? PyObject_CallOneArg(p->sink, rows) : NULL;
+    Py_DECREF(rows);
+    Py_XDECREF(done);
+    return done ? 0 : -1;
+}
+
 /* One MST entry in key order: checked after the last, split, appended. 0, NOT_USUAL or -1. */
 static int emit(Parse *p, const uint8_t *key, Py_ssize_t size, const uint8_t *value) {
     if (p->have_last) {
@@ -369,7 +388,7 @@ static int emit(Parse *p, const uint8_t *key, Py_ssize_t size, const uint8_t *va
         return -1;
     int failed = PyList_Append(p->records, row);
     Py_DECREF(row);
-    if (failed)
+    if (failed || (p->sink && PyList_GET_SIZE(p->records) >= p->batch && flush(p)))
         return -1;
     if (p->value_count == p->value_capacity) {
         Py_ssize_t capacity = p->value_capacity ? 2 * p->value_capacity : 1024;
@@ -429,6 +448,19 @@ static int walk(Parse *p, const uint8_t *link, int layer) {
     return status;
 }
 
+/* The whole tree from `root` into p->records (and the sink), then the check that no record's block is
+   also a node of it. 0, NOT_USUAL or -1. */
+static int walk_tree(Parse *p, const uint8_t *root) {
+    p->records = PyList_New(0);
+    int status = p->records ? walk(p, root, -1) : -1;
+    for (Py_ssize_t i = 0; i < p->value_count && status == 0; i++) {
+        Py_ssize_t index = find(p, p->values[i]);
+        if (index == GAVE_UP || (index >= 0 && p->blocks[index].reached))
+            status = NOT_USUAL; /* a record's block that is also a node of the tree */
+    }
+    return status;
+}
+
 static PyObject *other_blocks(const Parse *p, Py_ssize_t commit) {
     PyObject *blocks = PyList_New(0);
     for (Py_ssize_t n = 0; blocks && n < p->count; n++) {
@@ -463,14 +495,8 @@ static PyObject *parse_repo(Parse *p, PyObject *data_root) {
         Py_DECREF(root);
         return Py_NewRef(Py_None);
     }
-    p->records = PyList_New(0);
-    status = p->records ? walk(p, (const uint8_t *)PyBytes_AS_STRING(root), -1) : -1;
+    status = walk_tree(p, (const uint8_t *)PyBytes_AS_STRING(root));
     Py_DECREF(root);
-    for (Py_ssize_t i = 0; i < p->value_count && status == 0; i++) {
-        Py_ssize_t index = find(p, p->values[i]);
-        if (index == GAVE_UP || (index >= 0 && p->blocks[index].reached))
-            status = NOT_USUAL; /* a record's block that is also a node of the tree */
-    }
     if (status)
         return status < 0 ? (PyErr_Occurred() ? NULL : PyErr_NoMemory()) : Py_NewRef(Py_None);
     PyObject *blocks = other_blocks(p, commit);
@@ -857,11 +883,62 @@ static PyObject *parse(PyObject *module, PyObject *args) {
     return result;
 }
 
+/* walk(nodes, root, sink, batch) -> True | None: parse()'s MST walk over `nodes` ({binary CID: block}:
+   the MST nodes a streamed CAR's reader kept, their hashes checked as they came) from `root`;
+   snapshot._walk_kept's fast path. The records, as parse() gives them, go to `sink(rows)` `batch` at a
+   time in key order, so a repo of millions of records never makes one list of them. None where the walk
+   meets anything unusual (a missing or non-canonical node, keys out of order, a record whose block is
+   a node, ...): the caller discards what the sink took and walks in Python, which decides and words it.
+   Links point into the dict's keys and values, which it keeps alive: the sink must not change it. */
+static int index_nodes(Parse *p, PyObject *nodes) {
+    Py_ssize_t count = PyDict_GET_SIZE(nodes), pos = 0;
+    PyObject *link, *block;
+    if (count >= INT32_MAX - 1)
+        return NOT_USUAL;
+    p->blocks = PyMem_Malloc((size_t)(count ? count : 1) * sizeof(Block));
+    if (!p->blocks)
+        return -1;
+    p->capacity = count;
+    while (PyDict_Next(nodes, &pos, &link, &block)) {
+        if (p->count == count || !PyBytes_CheckExact(link) || PyBytes_GET_SIZE(link) != LINK_SIZE
+            || !usual_link((const uint8_t *)PyBytes_AS_STRING(link)) || !PyBytes_CheckExact(block))
+            return NOT_USUAL;
+        p->blocks[p->count++] = (Block){(const uint8_t *)PyBytes_AS_STRING(link),
+                                        (const uint8_t *)PyBytes_AS_STRING(block), PyBytes_GET_SIZE(block), 0};
+    }
+    return index_blocks(p);
+}
+
+static PyObject *walk_nodes(PyObject *module, PyObject *args) {
+    PyObject *nodes, *sink;
+    Py_buffer root;
+    Py_ssize_t batch;
+    if (!PyArg_ParseTuple(args, "O!y*On:walk", &PyDict_Type, &nodes, &root, &sink, &batch))
+        return NULL;
+    Parse p = {.sink = sink, .batch = batch > 0 ? batch : 1};
+    int status = root.len == LINK_SIZE && usual_link(root.buf) ? index_nodes(&p, nodes) : NOT_USUAL;
+    if (status == 0)
+        status = walk_tree(&p, root.buf);
+    if (status == 0 && PyList_GET_SIZE(p.records) > 0)
+        status = flush(&p);
+    PyObject *result = status == 0 ? Py_NewRef(Py_True) : status == NOT_USUAL ? Py_NewRef(Py_None) : NULL;
+    if (!result && !PyErr_Occurred())
+        PyErr_NoMemory();
+    Py_XDECREF(p.records);
+    Py_XDECREF(p.collection);
+    PyMem_Free(p.blocks);
+    PyMem_Free(p.table);
+    PyMem_Free(p.values);
+    PyBuffer_Release(&root);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"parse", parse, METH_VARARGS,
      "parse(car, data_root) -> (head, records, blocks) | None: see the module's source."},
     {"blocks", blocks, METH_VARARGS, "blocks(car) -> {binary CID: block} | None: see the module's source."},
     {"lookup", lookup, METH_VARARGS, "lookup(blocks, root, key) -> (link | None,) | None: see the module's source."},
+    {"walk", walk_nodes, METH_VARARGS, "walk(nodes, root, sink, batch) -> True | None: see the module's source."},
     {"copy_lines", copy_lines, METH_VARARGS,
      "copy_lines(records, blocks, prefix, suffix) -> bytes | None: see the module's source."},
     {NULL, NULL, 0, NULL},

@@ -4,15 +4,16 @@ flat however big the repo.
 
 Two paths read a CAR, to the same snapshot:
 - A CAR that fits in the run's memory for whole CARs (REPO_WHOLE_CAR_MEMORY_BYTES, taken as the bytes
-  arrive, given back as the snapshot closes; one CAR at most half of it) is read whole and parsed in one call of
-  compiled code (atproto/_fastrepo.c), its rows held in memory for the store's compiled COPY lines. It
-  takes what hosts usually write and leaves anything else to:
-- the Python parse, the reference, which also reads every CAR that does not fit as it streams. The MST nodes the
-  commit reaches stay in memory (a node holds several keys, so they are a fraction of the blocks;
-  atproto.repo keeps unreferenced ones out); the commit is kept apart; every other block is appended,
-  as the CAR holds it, to a spool. The MST walk then appends each kept record's key to a second spool.
-  Blocks may come in any order, so nothing is known before the CAR ends, and disk is where a big repo
-  waits.
+  arrive, given back as the snapshot closes; one CAR at most half of it) is read whole and parsed in
+  one call of compiled code (atproto/_fastrepo.c), its rows held in memory for the store's compiled
+  COPY lines. It takes what hosts usually write and leaves anything else to:
+- the Python parse, the reference, which also reads every CAR that does not fit as it streams. The MST
+  nodes the commit reaches stay in memory (a node holds several keys, so they are a fraction of the
+  blocks; atproto.repo keeps unreferenced ones out); the commit is kept apart; every other block is
+  appended, as the CAR holds it, to a spool. The MST walk then appends each kept record's key to a
+  second spool: compiled too (`_fastrepo.walk`, a batch of records at a time), with the Python walk
+  taking any tree it leaves. Blocks may come in any order, so nothing is known before the CAR ends,
+  and disk is where a big repo waits.
 
 A record's JSON form (see `record_json` for the records that jsonb cannot hold) is made only as the store
 COPYs it: in one compiled call for a repo held in memory (`copy_lines`), else row by row (`record_rows`,
@@ -48,6 +49,7 @@ SPOOL_MEMORY_BYTES = 4 << 20  # per spool: a repo's rows stay in memory up to th
 # The whole-CAR share of a caller that brings none (one repo at a time): REPO_WHOLE_CAR_MEMORY_BYTES' default.
 WHOLE_CAR_BYTES = 32 << 20
 _HELD = sys.maxsize  # a spool that never goes to disk
+_WALK_BATCH = 10_000  # records per call of the compiled walk's sink: a big repo's keys never in one list
 _ROW_BYTES = 300  # what a spooled row costs in memory besides its variable text (tuple, str and bytes heads)
 _JSON_NUL = "\\u0000"  # how json writes U+0000, which jsonb refuses
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # as dagcbor.to_json_text writes
@@ -299,17 +301,26 @@ def _read_whole(did: str, car: bytes, scope: RecordScope) -> RepoSnapshot | None
 
 def _keep(snapshot: RepoSnapshot, records: list[tuple], blocks: list[tuple], counts: Counter) -> None:
     """What `_walk_kept` keeps of a whole walk's records, the blocks with them."""
-    collections, signal = snapshot.scope.collections, snapshot.scope.signal
+    signal = snapshot.scope.signal
     snapshot.signal_missing = signal is not None and signal not in counts
     if snapshot.signal_missing:
         return
+    snapshot.wanted = None if snapshot.scope.collections.everything else set()
+    _keep_keys(snapshot, records, counts)
+    snapshot.blocks.extend(blocks, [_ROW_BYTES + len(block) for _, block in blocks])
+
+
+def _keep_keys(snapshot: RepoSnapshot, records: list[tuple], counts: Counter) -> list[tuple]:
+    """The keys of `records` (rows of the compiled walk, `counts` theirs by collection) that the scope's
+    collection filter keeps, into the snapshot's keys, counts and `wanted`; those records."""
+    collections = snapshot.scope.collections
     if not collections.everything:
         records = [row for row in records if collections.matches(row[0])]
-        snapshot.wanted = {row[3] for row in records}
+        snapshot.wanted.update(row[3] for row in records)
         counts = Counter(row[0] for row in records)
-    snapshot.collections = counts
+    snapshot.collections.update(counts)
     snapshot.keys.extend(records, [_ROW_BYTES + len(rkey) for _, rkey, _, _ in records])
-    snapshot.blocks.extend(blocks, [_ROW_BYTES + len(block) for _, block in blocks])
+    return records
 
 
 def _check_commit_did(commit: Commit, did: str) -> None:
@@ -345,24 +356,60 @@ def _walk_kept(snapshot: RepoSnapshot, nodes: dict[bytes, bytes], decoded: dict)
     drops some, the snapshot's `wanted` holds the binary CIDs of those kept (one per kept record: the
     memory a filter costs); a repo without its signal collection keeps none."""
     collections, signal = snapshot.scope.collections, snapshot.scope.signal
-    wanted: set[bytes] | None = None if collections.everything else set()
-    snapshot.signal_missing = signal is not None
-    for collection, rkey, link in walk_links(nodes, bytes(snapshot.commit.data), decoded):
-        if collection == signal:
-            snapshot.signal_missing = False
-        if not collections.matches(collection):
-            continue
-        snapshot.keys.append((collection, rkey, link_text(link), link), _ROW_BYTES + len(rkey))
-        snapshot.collections[collection] += 1
-        if wanted is not None:
-            wanted.add(link)
-        if link in nodes:  # a block that is both a reached node and a record: a record's after all
-            snapshot.blocks.append((link, nodes[link]), _ROW_BYTES + len(nodes[link]))
-    snapshot.wanted = wanted
+    if not _walked_compiled(snapshot, nodes):
+        snapshot.wanted = None if collections.everything else set()
+        snapshot.signal_missing = signal is not None
+        for collection, rkey, link in walk_links(nodes, bytes(snapshot.commit.data), decoded):
+            if collection == signal:
+                snapshot.signal_missing = False
+            if not collections.matches(collection):
+                continue
+            snapshot.keys.append((collection, rkey, link_text(link), link), _ROW_BYTES + len(rkey))
+            snapshot.collections[collection] += 1
+            if snapshot.wanted is not None:
+                snapshot.wanted.add(link)
+            if link in nodes:  # a block that is both a reached node and a record: a record's after all
+                snapshot.blocks.append((link, nodes[link]), _ROW_BYTES + len(nodes[link]))
     if snapshot.signal_missing:
         snapshot.close()
         snapshot.blocks, snapshot.keys, snapshot.wanted = Spool(), Spool(), None
         snapshot.collections.clear()
+
+
+class _LeftToPython(Exception):
+    """A collection the compiled walk met is not a valid NSID: the Python walk words the error."""
+
+
+def _walked_compiled(snapshot: RepoSnapshot, nodes: dict[bytes, bytes]) -> bool:
+    """The walk through compiled code (_fastrepo.walk), its records kept a batch at a time; False, with
+    nothing kept, where it leaves the tree to the Python walk."""
+    if _fastrepo is None:
+        return False
+    signal = snapshot.scope.signal
+    checked: set[str] = set()
+    snapshot.wanted = None if snapshot.scope.collections.everything else set()
+    snapshot.signal_missing = signal is not None
+
+    def keep(records: list[tuple]) -> None:
+        counts = Counter(collection for collection, _, _, _ in records)
+        if not all(map(is_valid_nsid, counts.keys() - checked)):
+            raise _LeftToPython
+        checked.update(counts)
+        if signal in counts:
+            snapshot.signal_missing = False
+        for _, _, _, link in _keep_keys(snapshot, records, counts):
+            if link in nodes:  # node-shaped, so held with the nodes, but unreached: a record's after all
+                snapshot.blocks.append((link, nodes[link]), _ROW_BYTES + len(nodes[link]))
+
+    try:
+        if _fastrepo.walk(nodes, bytes(snapshot.commit.data), keep, _WALK_BATCH) is not None:
+            return True
+    except _LeftToPython:
+        pass
+    snapshot.keys.close()  # what the compiled walk kept is walked again
+    snapshot.keys = Spool()
+    snapshot.collections.clear()
+    return False
 
 
 def verify_snapshot(snapshot: RepoSnapshot, signing_key: str) -> None:
