@@ -310,9 +310,9 @@ def _keep(snapshot: RepoSnapshot, records: list[tuple], blocks: list[tuple], cou
     snapshot.blocks.extend(blocks, [_ROW_BYTES + len(block) for _, block in blocks])
 
 
-def _keep_keys(snapshot: RepoSnapshot, records: list[tuple], counts: Counter) -> list[tuple]:
+def _keep_keys(snapshot: RepoSnapshot, records: list[tuple], counts: Counter) -> None:
     """The keys of `records` (rows of the compiled walk, `counts` theirs by collection) that the scope's
-    collection filter keeps, into the snapshot's keys, counts and `wanted`; those records."""
+    collection filter keeps, into the snapshot's keys, counts and `wanted`."""
     collections = snapshot.scope.collections
     if not collections.everything:
         records = [row for row in records if collections.matches(row[0])]
@@ -320,7 +320,6 @@ def _keep_keys(snapshot: RepoSnapshot, records: list[tuple], counts: Counter) ->
         counts = Counter(row[0] for row in records)
     snapshot.collections.update(counts)
     snapshot.keys.extend(records, [_ROW_BYTES + len(rkey) for _, rkey, _, _ in records])
-    return records
 
 
 def _check_commit_did(commit: Commit, did: str) -> None:
@@ -377,7 +376,8 @@ def _walk_kept(snapshot: RepoSnapshot, nodes: dict[bytes, bytes], decoded: dict)
 
 
 class _LeftToPython(Exception):
-    """A collection the compiled walk met is not a valid NSID: the Python walk words the error."""
+    """The compiled walk met what the Python walk decides: a collection that is not a valid NSID (it
+    words the error), or a record whose block was held with the nodes (it keeps that block)."""
 
 
 def _walked_compiled(snapshot: RepoSnapshot, nodes: dict[bytes, bytes]) -> bool:
@@ -392,14 +392,12 @@ def _walked_compiled(snapshot: RepoSnapshot, nodes: dict[bytes, bytes]) -> bool:
 
     def keep(records: list[tuple]) -> None:
         counts = Counter(collection for collection, _, _, _ in records)
-        if not all(map(is_valid_nsid, counts.keys() - checked)):
+        if not all(map(is_valid_nsid, counts.keys() - checked)) or any(row[3] in nodes for row in records):
             raise _LeftToPython
         checked.update(counts)
         if signal in counts:
             snapshot.signal_missing = False
-        for _, _, _, link in _keep_keys(snapshot, records, counts):
-            if link in nodes:  # node-shaped, so held with the nodes, but unreached: a record's after all
-                snapshot.blocks.append((link, nodes[link]), _ROW_BYTES + len(nodes[link]))
+        _keep_keys(snapshot, records, counts)
 
     try:
         if _fastrepo.walk(nodes, bytes(snapshot.commit.data), keep, _WALK_BATCH) is not None:
