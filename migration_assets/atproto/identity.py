@@ -11,6 +11,9 @@ failed in a way a stale document explains (the signature does not verify: the ke
 longer has the repo: the account moved): `resolve(did, fresh=True)` or `invalidate(did)`. With a
 `StoredDocuments`, the cache is shared through PostgreSQL by every process: what a backfill run resolved,
 the stream follower after it reuses, and so does the next follower run; an invalidation reaches them all.
+A backfill stores a fetched document in the transaction of the repo it synced (`resolve(save=False)`,
+`save_fetched`), not in one of its own: a transaction less per repo, and no document kept for a repo
+that failed.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from migration_assets.core.backoff import Backoff
 from migration_assets.core.postgres import storable
 
 if TYPE_CHECKING:
+    import psycopg
     from psycopg_pool import ConnectionPool
 
     from migration_assets.atproto.ratelimit import HostRateLimiter
@@ -221,9 +225,14 @@ class StoredDocuments:
 
     def save(self, did: str, document: DidDocument) -> None:
         with self.pool.connection() as conn:
-            conn.execute("INSERT INTO did_documents (did, document) VALUES (%s, %s) ON CONFLICT (did) DO UPDATE"
-                         " SET document = excluded.document, resolved_at = now()",
-                         (did, Jsonb(document.model_dump())))
+            self.save_in(conn, did, document)
+
+    @staticmethod
+    def save_in(conn: psycopg.Connection, did: str, document: DidDocument) -> None:
+        """Save in the caller's transaction (it commits)."""
+        conn.execute("INSERT INTO did_documents (did, document) VALUES (%s, %s) ON CONFLICT (did) DO UPDATE"
+                     " SET document = excluded.document, resolved_at = now()",
+                     (did, Jsonb(document.model_dump())))
 
     def forget(self, did: str) -> None:
         with self.pool.connection() as conn:
@@ -259,6 +268,7 @@ class IdentityResolver:
         self._lock = threading.Lock()
         self.store = store if self.ttl_seconds > 0 else None  # a TTL of 0 caches nothing, here or there
         self._unstored: set[str] = set()  # asked of the store by `load` and not there: fetched without asking again
+        self._unsaved: dict[str, DidDocument] = {}  # fetched by resolve(save=False), for save_fetched
 
     def close(self) -> None:
         self._web.close()
@@ -270,9 +280,11 @@ class IdentityResolver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def resolve(self, did: str, *, fresh: bool = False) -> DidDocument:
+    def resolve(self, did: str, *, fresh: bool = False, save: bool = True) -> DidDocument:
         """The DID's document: from the cache (this process's, else the stored one) while its TTL lasts,
-        else (or with `fresh`) fetched again."""
+        else (or with `fresh`) fetched again and stored. With `save=False` a fetched document is kept for
+        `save_fetched` instead: the caller stores it in the transaction that records what it verified,
+        rather than in a transaction of its own (a backfill's repo)."""
         if not fresh:
             cached = self.cached(did)
             if cached is None and did not in self._unstored:
@@ -281,9 +293,20 @@ class IdentityResolver:
                 return cached
         document = self._resolve_uncached(did)
         self._remember(did, document, age=0.0)
-        if self.store is not None:
+        if self.store is not None and save:
             self.store.save(did, document)
+        elif self.store is not None:
+            with self._lock:
+                self._unsaved[did] = document
         return document
+
+    def save_fetched(self, conn: psycopg.Connection | None, did: str) -> None:
+        """Store, in `conn`'s transaction, the document `resolve(did, save=False)` fetched, if it did;
+        None drops it unsaved (what it was fetched for failed: the next process fetches it again)."""
+        with self._lock:
+            document = self._unsaved.pop(did, None)
+        if document is not None and conn is not None:
+            self.store.save_in(conn, did, document)
 
     def load(self, dids: Iterable[str]) -> dict[str, DidDocument]:
         """The stored documents of `dids` still within the TTL, now in this process's cache too: one
@@ -314,6 +337,7 @@ class IdentityResolver:
         its PDS no longer has the repo: the account may have moved)."""
         with self._lock:
             self._cache.pop(did, None)
+            self._unsaved.pop(did, None)
         if self.store is not None:
             self.store.forget(did)
 

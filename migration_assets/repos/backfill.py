@@ -121,19 +121,24 @@ class RepoSyncer:
     def sync(self, repo: ClaimedRepo, lease: Lease) -> RepoOutcome:
         """Sync one leased repo; every ledger and records write is fenced by `lease` (LeaseLost)."""
         started = time.monotonic()
-        return replace(self._sync(repo, lease), seconds=time.monotonic() - started)
+        try:
+            outcome = self._sync(repo, lease)
+        finally:
+            self.resolver.save_fetched(None, repo.did)  # a document the repo did not sync with stays unsaved
+        return replace(outcome, seconds=time.monotonic() - started)
 
     def _sync(self, repo: ClaimedRepo, lease: Lease) -> RepoOutcome:
         did, pds = repo.did, None
         try:
-            document = self.resolver.resolve(did)  # cached for ATPROTO_IDENTITY_TTL_SECONDS
+            # Cached for ATPROTO_IDENTITY_TTL_SECONDS; a fetched one is stored with the repo it synced.
+            document = self.resolver.resolve(did, save=False)
             pds = document.pds_endpoint
             try:
                 return self._fetch_and_store(did, document, lease)
             except (xrpc.RepoNotFound, SignatureError):
                 # The cached identity may be stale: the account moved to another PDS or rotated its
                 # key. Resolve once more; only a changed document is worth a second try.
-                fresh = self.resolver.resolve(did, fresh=True)
+                fresh = self.resolver.resolve(did, fresh=True, save=False)
                 if (fresh.pds_endpoint, fresh.signing_key) == (document.pds_endpoint, document.signing_key):
                     raise
                 pds = fresh.pds_endpoint
@@ -168,6 +173,7 @@ class RepoSyncer:
                 verify_snapshot(snapshot, document.signing_key)
             with self.pool.connection() as conn, lease.holding(conn, did):
                 changes = store.store_snapshot(conn, snapshot, pds)
+                self.resolver.save_fetched(conn, did)
         return RepoOutcome(did, "synced", snapshot.records, changes, snapshot.car_bytes)
 
     def _failed(self, lease: Lease, did: str, error: str, attempts: int) -> RepoOutcome:
