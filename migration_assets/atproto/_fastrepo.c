@@ -1,6 +1,7 @@
 /* The repo backfill's and event stream's hot paths in compiled code, each the fast path of a Python
    reference: parse() of snapshot.read_snapshot (a whole CAR to records and blocks), copy_lines() of the
-   store (the records' COPY lines, their atproto JSON made from their blocks), walk() of the snapshot's
+   store (the records' COPY lines, their atproto JSON made from their blocks), staged_lines() of a spooled
+   snapshot's staged_blocks (a batch of blocks' COPY lines, the same JSON), walk() of the snapshot's
    MST walk for a CAR too big to parse whole, blocks() of car.read_blocks and lookup() of mst.lookup (a
    stream event's CAR slice, its ops' MST lookups); each has its own comment below.
 
@@ -751,6 +752,19 @@ static int copy_line(Buffer *b, PyObject *row, PyObject *blocks, Py_buffer *pref
     return put(b, suffix->buf, suffix->len);
 }
 
+/* The lines written (bytes), None if a row was left to the Python path, or NULL with the error set. */
+static PyObject *lines_or_none(Buffer *b, int status) {
+    PyObject *result = NULL;
+    if (status == 0)
+        result = PyBytes_FromStringAndSize(b->data ? b->data : "", b->size);
+    else if (status == NOT_USUAL)
+        result = Py_NewRef(Py_None);
+    else if (!PyErr_Occurred())
+        PyErr_NoMemory();
+    PyMem_Free(b->data);
+    return result;
+}
+
 static PyObject *copy_lines(PyObject *module, PyObject *args) {
     PyObject *records, *blocks;
     Py_buffer prefix, suffix;
@@ -763,17 +777,67 @@ static PyObject *copy_lines(PyObject *module, PyObject *args) {
         status = copy_line(&b, row, blocks, &prefix, &suffix);
         Py_DECREF(row);
     }
-    PyObject *result = NULL;
-    if (status == 0)
-        result = PyBytes_FromStringAndSize(b.data ? b.data : "", b.size);
-    else if (status == NOT_USUAL)
-        result = Py_NewRef(Py_None);
-    else if (!PyErr_Occurred())
-        PyErr_NoMemory();
-    PyMem_Free(b.data);
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&suffix);
-    return result;
+    return lines_or_none(&b, status);
+}
+
+/* A (binary CID, block) row as a line of incoming_blocks: the CID as bytea hex, the record's JSON, error
+   and record_cbor NULL; nothing for a CID not in `wanted` (a set of exact bytes, or None: every one). */
+static int staged_line(Buffer *b, PyObject *row, PyObject *wanted) {
+    static const char hex[] = "0123456789abcdef";
+    if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != 2)
+        return NOT_USUAL;
+    PyObject *link = PyTuple_GET_ITEM(row, 0), *block = PyTuple_GET_ITEM(row, 1);
+    if (!PyBytes_CheckExact(link) || !PyBytes_CheckExact(block))
+        return NOT_USUAL;
+    if (wanted != Py_None) {
+        int kept = PySet_Contains(wanted, link);
+        if (kept <= 0)
+            return kept;
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(link);
+    const uint8_t *bytes = (const uint8_t *)PyBytes_AS_STRING(link);
+    if (reserve(b, 4 + 2 * size))
+        return -1;
+    char *out = b->data + b->size;
+    memcpy(out, "\\\\x", 3); /* \\x: COPY's escape of bytea's \x */
+    out += 3;
+    for (Py_ssize_t i = 0; i < size; i++) {
+        *out++ = hex[bytes[i] >> 4];
+        *out++ = hex[bytes[i] & 15];
+    }
+    *out++ = '\t';
+    b->size = out - b->data;
+    Cursor c = {(const uint8_t *)PyBytes_AS_STRING(block), (const uint8_t *)PyBytes_AS_STRING(block) + PyBytes_GET_SIZE(block)};
+    int status = json_value(&c, b, 0);
+    if (status)
+        return status;
+    if (c.at != c.end)
+        return NOT_USUAL; /* trailing bytes */
+    return put(b, "\t\\N\t\\N\n", 7);
+}
+
+/* staged_lines(blocks, wanted) -> bytes | None: snapshot.staged_blocks's rows of a repo spooled to
+   disk, for a list of (binary CID, block) rows, as COPY text lines of incoming_blocks (see staged_line);
+   None where a block has no usual JSON form here (those copy_lines leaves too): the caller makes that
+   list's rows the Python way. */
+static PyObject *staged_lines(PyObject *module, PyObject *args) {
+    PyObject *rows, *wanted;
+    if (!PyArg_ParseTuple(args, "O!O:staged_lines", &PyList_Type, &rows, &wanted))
+        return NULL;
+    if (wanted != Py_None && !PySet_CheckExact(wanted)) {
+        PyErr_SetString(PyExc_TypeError, "staged_lines: wanted must be a set or None");
+        return NULL;
+    }
+    Buffer b = {NULL, 0, 0};
+    int status = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(rows) && status == 0; i++) {
+        PyObject *row = Py_NewRef(PyList_GET_ITEM(rows, i));
+        status = staged_line(&b, row, wanted);
+        Py_DECREF(row);
+    }
+    return lines_or_none(&b, status);
 }
 
 /* blocks(car) -> {binary CID: block} | None: the sections of a CAR held in memory (a stream event's
@@ -941,6 +1005,7 @@ static PyMethodDef methods[] = {
     {"walk", walk_nodes, METH_VARARGS, "walk(nodes, root, sink, batch) -> True | None: see the module's source."},
     {"copy_lines", copy_lines, METH_VARARGS,
      "copy_lines(records, blocks, prefix, suffix) -> bytes | None: see the module's source."},
+    {"staged_lines", staged_lines, METH_VARARGS, "staged_lines(blocks, wanted) -> bytes | None: see the module's source."},
     {NULL, NULL, 0, NULL},
 };
 

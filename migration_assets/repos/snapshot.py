@@ -16,8 +16,9 @@ Two paths read a CAR, to the same snapshot:
   and disk is where a big repo waits.
 
 A record's JSON form (see `record_json` for the records that jsonb cannot hold) is made only as the store
-COPYs it: in one compiled call for a repo held in memory (`copy_lines`), else row by row (`record_rows`,
-`staged_blocks`). Records a collection filter or a missing signal collection leaves out (RecordScope)
+COPYs it: by compiled code, in one call for a repo held in memory (`copy_lines`), a batch of blocks per
+call for one spooled (`staged_batches`); row by row (`record_rows`, `staged_blocks`) where that leaves
+them. Records a collection filter or a missing signal collection leaves out (RecordScope)
 cost nothing; the MST is still walked (and so verified) whole.
 """
 
@@ -105,14 +106,20 @@ class Spool:
             self._batch = []
 
     def __iter__(self) -> Iterator[tuple]:
+        for batch in self.batches():
+            yield from batch
+
+    def batches(self) -> Iterator[list[tuple]]:
+        """The rows, a list of at most _BATCH at a time (as a file holds them)."""
         if self._file is None:
-            yield from self._held
+            for start in range(0, len(self._held), _BATCH):
+                yield self._held[start : start + _BATCH]
             return
         self._flush()
         self._file.seek(0)
         while True:
             try:
-                yield from marshal.load(self._file)
+                yield marshal.load(self._file)
             except EOFError:
                 return
 
@@ -168,7 +175,18 @@ class RepoSnapshot:
     def staged_blocks(self) -> Iterator[tuple[bytes, str | None, str | None, bytes | None]]:
         """(binary CID, record JSON, why none, exact block) of the kept records' blocks, in CAR order, for
         PostgreSQL to join to the keys (a snapshot spooled to disk). A block repeated in the CAR repeats."""
-        for link, block in self.blocks:
+        for batch in self.blocks.batches():
+            yield from self._staged(batch)
+
+    def staged_batches(self) -> Iterator[bytes | list[tuple]]:
+        """`staged_blocks`' rows a batch at a time: each batch as COPY text lines of incoming_blocks made
+        in one call of compiled code, or as its rows where that leaves it to `record_json`."""
+        for batch in self.blocks.batches():
+            lines = _fastrepo.staged_lines(batch, self.wanted) if _fastrepo is not None else None
+            yield lines if lines is not None else list(self._staged(batch))
+
+    def _staged(self, blocks: list[tuple]) -> Iterator[tuple[bytes, str | None, str | None, bytes | None]]:
+        for link, block in blocks:
             if self.wanted is None or link in self.wanted:
                 yield link, *record_json(block)
 

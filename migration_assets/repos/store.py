@@ -139,7 +139,13 @@ def _copy_to_staging(cur: psycopg.Cursor, snapshot: RepoSnapshot) -> None:
         else:
             copy_rows(cur, "incoming_records", _RECORD_COLUMNS, snapshot.record_rows())
         return
-    copy_rows(cur, "incoming_blocks", ("link", "record", "error", "record_cbor"), snapshot.staged_blocks())
+    with cur.copy("COPY incoming_blocks (link, record, error, record_cbor) FROM STDIN") as copy:
+        for batch in snapshot.staged_batches():
+            if isinstance(batch, bytes):  # COPY lines made by compiled code
+                copy.write(batch)
+            else:
+                for row in batch:
+                    copy.write_row(row)
     copy_rows(cur, "incoming_keys", ("collection", "rkey", "cid", "link"), snapshot.keys)
 
 

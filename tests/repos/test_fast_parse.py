@@ -452,9 +452,11 @@ def test_a_record_missing_its_block_leaves_the_rows_to_the_python_path():
     assert snapshot_module._fastrepo.copy_lines([("a.b.c", "k", "bafy", bytes(CID1))], {}, b"", b"\n") is None
 
 
-def test_stored_records_are_the_python_paths_own(target_url, monkeypatch):
+@pytest.mark.parametrize("held", ["in_memory", "spooled"])
+def test_stored_records_are_the_python_paths_own(held, target_url, monkeypatch):
     """The same repos stored through the compiled lines and through the Python rows, a first sync then a
-    resync (the diff's staging): PostgreSQL holds the same records."""
+    resync (the diff's staging): PostgreSQL holds the same records. Held in memory, a repo's lines are
+    its records' (copy_lines); spooled to disk, its blocks' (staged_batches), joined to its keys there."""
     from migration_assets.core.postgres import shared_pool
     from migration_assets.repos import ledger
     from migration_assets.repos.store import store_snapshot
@@ -465,18 +467,33 @@ def test_stored_records_are_the_python_paths_own(target_url, monkeypatch):
     first = {f"app.bsky.feed.post/3k{n:011d}": value for n, value in enumerate(plain)}
     second = {**dict(list(first.items())[::2]), "app.bsky.feed.post/3kzzz": {"text": "new \\ \t"}}
 
-    made = snapshot_module.RepoSnapshot.copy_lines
+    made, staged = snapshot_module.RepoSnapshot.copy_lines, snapshot_module.RepoSnapshot.staged_batches
+    compiled_batches: list[bytes] = []
+    if held == "spooled":
+        monkeypatch.setattr(snapshot_module, "WHOLE_CAR_BYTES", 0)
+        monkeypatch.setattr(snapshot_module, "SPOOL_MEMORY_BYTES", 0)
 
     def lines_made(snapshot, *args):
+        assert snapshot.in_memory == (held == "in_memory")
         lines = made(snapshot, *args)
-        assert lines is not None, "the compiled path left these records to the Python one"
+        assert lines is not None or held == "spooled", "the compiled path left these records to the Python one"
         return lines
+
+    def batches_made(snapshot):
+        batches = list(staged(snapshot))
+        assert batches and all(isinstance(batch, bytes) for batch in batches), "left to the Python path"
+        compiled_batches.extend(batches)
+        return batches
+
+    def python_batches(snapshot):
+        return (list(snapshot._staged(batch)) for batch in snapshot.blocks.batches())
 
     def sync(did: str, records: dict, compiled: bool) -> None:
         blocks: dict[CID, bytes] = {}
         car = export(blocks, build_mst({key: put(blocks, value) for key, value in records.items()}, blocks), did=did)
         with monkeypatch.context() as patch:
             patch.setattr(snapshot_module.RepoSnapshot, "copy_lines", lines_made if compiled else lambda *args: None)
+            patch.setattr(snapshot_module.RepoSnapshot, "staged_batches", batches_made if compiled else python_batches)
             with read_snapshot(did, [car], len(car)) as snapshot, shared_pool(target_url).connection() as conn:
                 with conn.transaction():
                     store_snapshot(conn, snapshot, "https://pds.example")
@@ -493,6 +510,39 @@ def test_stored_records_are_the_python_paths_own(target_url, monkeypatch):
         compiled_rows = [row[1:] for row in rows if row[0] == "did:plc:compiled"]
         assert compiled_rows == [row[1:] for row in rows if row[0] == "did:plc:python"]
         assert len(compiled_rows) == len(records) > 100
+    assert bool(compiled_batches) == (held == "spooled"), "a spooled repo's blocks were not staged as lines"
+
+
+def reference_staged_line(link: bytes, block: bytes) -> bytes | None:
+    """staged_blocks' row for the block as COPY writes it; None where it has no plain JSON form."""
+    line = reference_line(block)
+    if line is None:
+        return None
+    record = line.split(b"\t", 3)[3].removesuffix(b"\t\\N\n")
+    return b"\\\\x" + link.hex().encode() + b"\t" + record + b"\t\\N\t\\N\n"
+
+
+def test_staged_lines_are_the_python_paths_own():
+    rng, rows = random.Random(6), []
+    for _ in range(3000):
+        block = dagcbor.encode({"$type": "app.bsky.feed.post", "value": random_value(rng)})
+        link = bytes(CID.for_block(block))
+        line = snapshot_module._fastrepo.staged_lines([(link, block)], None)
+        if line is not None:  # else left to the Python path, as copy_lines leaves it
+            assert line == reference_staged_line(link, block), block
+            rows.append((link, block))
+    assert len(rows) > 2000, "the compiled path left most plain records to the Python one"
+
+    # A batch: its wanted blocks' lines in order; an unusual block among them leaves the batch to the
+    # Python path, one that is not wanted (a filtered-out record) does not.
+    wanted = {link for link, _ in rows[::3]}
+    lines = b"".join(reference_staged_line(link, block) for link, block in rows if link in wanted)
+    assert snapshot_module._fastrepo.staged_lines(rows, wanted) == lines
+    nul = dagcbor.encode({"text": "nul\x00"})
+    with_nul = [*rows[:500], (bytes(CID.for_block(nul)), nul), *rows[500:]]
+    assert snapshot_module._fastrepo.staged_lines(with_nul, None) is None
+    assert snapshot_module._fastrepo.staged_lines(with_nul, wanted) == lines
+    assert snapshot_module._fastrepo.staged_lines([], None) == b""
 
 
 def test_copy_lines_takes_only_plain_bytes_keys():
