@@ -2,8 +2,9 @@
    reference: parse() of snapshot.read_snapshot (a whole CAR to records and blocks), copy_lines() of the
    store (the records' COPY lines, their atproto JSON made from their blocks), staged_lines() of a spooled
    snapshot's staged_blocks (a batch of blocks' COPY lines, the same JSON), walk() of the snapshot's
-   MST walk for a CAR too big to parse whole, blocks() of car.read_blocks and lookup() of mst.lookup (a
-   stream event's CAR slice, its ops' MST lookups); each has its own comment below.
+   MST walk for a CAR too big to parse whole (and subtrees() of the node decode that gathers its nodes as
+   it streams), blocks() of car.read_blocks and lookup() of mst.lookup (a stream event's CAR slice, its
+   ops' MST lookups); each has its own comment below.
 
    parse(car, data_root) checks the CAR's header is the usual one (one root, the commit: `head`), reads
    its sections, checks every block against its CID, finds the commit, asks `data_root(commit block)`
@@ -840,6 +841,34 @@ static PyObject *staged_lines(PyObject *module, PyObject *args) {
     return lines_or_none(&b, status);
 }
 
+static int append_link(PyObject *list, const uint8_t *link) {
+    PyObject *item = PyBytes_FromStringAndSize((const char *)link, LINK_SIZE);
+    int status = item ? PyList_Append(list, item) : -1;
+    Py_XDECREF(item);
+    return status;
+}
+
+/* subtrees(block) -> [binary CID, ...] | None: an MST node's subtree links (its `l`, then each entry's
+   `t`; nulls left out), for repo.collect_repo_blocks to reach the nodes below it as the CAR streams.
+   None for a block that is not a usual node: mst.decode_node decides. */
+static PyObject *subtrees(PyObject *module, PyObject *args) {
+    Py_buffer data;
+    if (!PyArg_ParseTuple(args, "y*:subtrees", &data))
+        return NULL;
+    Block block = {.data = data.buf, .size = data.len};
+    Node n;
+    int status = decode_node(&block, &n);
+    PyObject *result = status < 0 ? PyErr_NoMemory() : status ? Py_NewRef(Py_None) : PyList_New(0);
+    if (status == 0 && result && n.left && append_link(result, n.left))
+        Py_CLEAR(result);
+    for (Py_ssize_t i = 0; status == 0 && result && i < n.count; i++)
+        if (n.entries[i].tree && append_link(result, n.entries[i].tree))
+            Py_CLEAR(result);
+    free_node(&n);
+    PyBuffer_Release(&data);
+    return result;
+}
+
 /* blocks(car) -> {binary CID: block} | None: the sections of a CAR held in memory (a stream event's
    slice) whose header is the usual one, each checked against its CID: car.read_blocks's fast path.
    None for anything unusual (a block repeated too), left to CarReader, which decides and words it. */
@@ -1003,6 +1032,7 @@ static PyMethodDef methods[] = {
     {"blocks", blocks, METH_VARARGS, "blocks(car) -> {binary CID: block} | None: see the module's source."},
     {"lookup", lookup, METH_VARARGS, "lookup(blocks, root, key) -> (link | None,) | None: see the module's source."},
     {"walk", walk_nodes, METH_VARARGS, "walk(nodes, root, sink, batch) -> True | None: see the module's source."},
+    {"subtrees", subtrees, METH_VARARGS, "subtrees(block) -> [link, ...] | None: see the module's source."},
     {"copy_lines", copy_lines, METH_VARARGS,
      "copy_lines(records, blocks, prefix, suffix) -> bytes | None: see the module's source."},
     {"staged_lines", staged_lines, METH_VARARGS, "staged_lines(blocks, wanted) -> bytes | None: see the module's source."},

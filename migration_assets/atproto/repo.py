@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 
+from migration_assets.atproto.compiled import fastrepo
 from migration_assets.atproto.mst import Commit, MstError, Node, decode_node, parse_signed_commit
 
 # Canonical DAG-CBOR of an MST node {e: [...], l: ...}: a two-entry map whose first key is "e".
@@ -159,7 +160,10 @@ class _Collector:
 
     def _children(self, link: bytes, block: bytes) -> list[bytes]:
         """The subtree links of a node (`l` and each entry's `t`); none if it does not decode as a node
-        (the walk then reports the node as malformed). The decoded node is kept for the walk."""
+        (the walk then reports the node as malformed). Compiled code reads the usual node (the compiled
+        walk decodes it again); the Python decode keeps the node it decoded for the Python walk."""
+        if fastrepo is not None and (trees := fastrepo.subtrees(block)) is not None:
+            return trees
         try:
             left, _, _, trees = self.found.decoded[link] = decode_node(block)
         except MstError:

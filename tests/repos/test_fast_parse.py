@@ -8,7 +8,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from migration_assets.atproto import dagcbor
+from migration_assets.atproto import dagcbor, mst
 from migration_assets.atproto.car import CarError
 from migration_assets.atproto.cid import CID, encode_varint
 from migration_assets.core.concurrency import ByteBudget
@@ -368,6 +368,33 @@ def test_a_dev_env_export_reads_alike_through_the_compiled_parse(pds, compiled, 
     car = httpx.get(f"{account.pds.url}/xrpc/com.atproto.sync.getRepo", params={"did": account.did}).content
     result = assert_same(car, monkeypatch, did=account.did)
     assert len(result[9]) >= 300 and compiled.answered == 1
+
+
+def python_subtrees(block: bytes) -> list[bytes] | None:
+    try:
+        left, _, _, trees = mst.decode_node(block)
+    except mst.MstError:
+        return None
+    return [tree for tree in (left, *trees) if tree is not None]
+
+
+def test_a_nodes_subtrees_are_the_python_decodes_own():
+    """What the streamed parse reaches below a node as the CAR streams (_fastrepo.subtrees, or the Python
+    decode where it leaves the node): the same links, and never any for a block the Python decode refuses."""
+    nodes = [block for block in make_repo(3000).blocks.values() if block[:3] == b"\xa2\x61\x65"]
+    assert sum(bool(python_subtrees(block)) for block in nodes) > 20
+    for block in nodes:
+        assert snapshot_module._fastrepo.subtrees(block) == python_subtrees(block)
+    rng, taken = random.Random(7), 0
+    for _ in range(3000):
+        block = bytearray(rng.choice(nodes))
+        block[rng.randrange(len(block))] = rng.randrange(256)
+        links = snapshot_module._fastrepo.subtrees(bytes(block))
+        if links is not None:
+            assert links == python_subtrees(bytes(block)), bytes(block)
+            taken += 1
+    assert taken > 100  # a flipped key byte or link digest keeps a node
+    assert snapshot_module._fastrepo.subtrees(b"\xa2\x61\x65\x80\x61\x6c\xf6\x00") is None  # a trailing byte
 
 
 # --- a record's COPY line: _fastrepo.copy_lines against snapshot.record_json and COPY's escaping ------
