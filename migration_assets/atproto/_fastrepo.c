@@ -2,8 +2,8 @@
    reference: parse() of snapshot.read_snapshot (a whole CAR to records and blocks), copy_lines() of the
    store (the records' COPY lines, their atproto JSON made from their blocks), staged_lines() of a spooled
    snapshot's staged_blocks (a batch of blocks' COPY lines, the same JSON), walk() of the snapshot's
-   MST walk for a CAR too big to parse whole (and subtrees() of the node decode that gathers its nodes as
-   it streams), blocks() of car.read_blocks and lookup() of mst.lookup (a stream event's CAR slice, its
+   MST walk for a CAR too big to parse whole (with sections() of car.CarReader, which reads it as it
+   streams, and subtrees() of the node decode that gathers its nodes), blocks() of car.read_blocks and lookup() of mst.lookup (a stream event's CAR slice, its
    ops' MST lookups); each has its own comment below.
 
    parse(car, data_root) checks the CAR's header is the usual one (one root, the commit: `head`), reads
@@ -97,31 +97,39 @@ static Py_ssize_t find(const Parse *p, const uint8_t *link) {
 
 static int index_blocks(Parse *p);
 
+/* The section at *pos of car[..end], if it is whole and of the usual kind (a minimal length of at most
+   3 bytes, a usual link, the block's sha256 that link's digest): 0 with *pos past it, else NOT_USUAL
+   with *pos unchanged. */
+static int usual_section(const uint8_t *car, Py_ssize_t end, Py_ssize_t *pos, Block *block) {
+    Py_ssize_t at = *pos, size = 0, shift = 0;
+    for (int i = 0;; i++) {
+        if (at >= end || i == 3)
+            return NOT_USUAL;
+        uint8_t byte = car[at++];
+        size |= (Py_ssize_t)(byte & 0x7f) << shift;
+        shift += 7;
+        if (!(byte & 0x80)) {
+            if (i > 0 && byte == 0)
+                return NOT_USUAL;
+            break;
+        }
+    }
+    if (size < LINK_SIZE || size > end - at || !usual_link(car + at))
+        return NOT_USUAL;
+    uint8_t digest[SHA256_DIGEST_LENGTH];
+    *block = (Block){car + at, car + at + LINK_SIZE, size - LINK_SIZE, 0};
+    SHA256(block->data, (size_t)block->size, digest);
+    if (memcmp(digest, car + at + 4, 32) != 0)
+        return NOT_USUAL;
+    *pos = at + size;
+    return 0;
+}
+
 /* Split the sections, check each block's hash, index them. 0, NOT_USUAL, or -1 (memory). */
 static int split(Parse *p, Py_ssize_t pos) {
-    const uint8_t *car = p->car;
     while (pos < p->end) {
-        Py_ssize_t size, shift = 0;
-        size = 0;
-        for (int i = 0;; i++) { /* a minimal varint of at most 3 bytes */
-            if (pos >= p->end || i == 3)
-                return NOT_USUAL;
-            uint8_t byte = car[pos++];
-            size |= (Py_ssize_t)(byte & 0x7f) << shift;
-            shift += 7;
-            if (!(byte & 0x80)) {
-                if (i > 0 && byte == 0)
-                    return NOT_USUAL;
-                break;
-            }
-        }
-        if (size < LINK_SIZE || size > p->end - pos || !usual_link(car + pos))
-            return NOT_USUAL;
-        const uint8_t *data = car + pos + LINK_SIZE;
-        Py_ssize_t data_size = size - LINK_SIZE;
-        uint8_t digest[SHA256_DIGEST_LENGTH];
-        SHA256(data, (size_t)data_size, digest);
-        if (memcmp(digest, car + pos + 4, 32) != 0)
+        Block block;
+        if (usual_section(p->car, p->end, &pos, &block))
             return NOT_USUAL;
         if (p->count == INT32_MAX - 1)
             return NOT_USUAL;
@@ -133,8 +141,7 @@ static int split(Parse *p, Py_ssize_t pos) {
             p->blocks = grown;
             p->capacity = capacity;
         }
-        p->blocks[p->count++] = (Block){car + pos, data, data_size, 0};
-        pos += size;
+        p->blocks[p->count++] = block;
     }
     return index_blocks(p);
 }
@@ -841,6 +848,32 @@ static PyObject *staged_lines(PyObject *module, PyObject *args) {
     return lines_or_none(&b, status);
 }
 
+/* sections(buffer, pos, max_bytes) -> ([(binary CID, block), ...], pos): the sections of a streamed
+   CAR's buffer from `pos` on, each whole and of the usual kind (see usual_section), up to the first that
+   is cut short or is not, or until they hold `max_bytes` (a buffer holding a whole CAR is not copied
+   into one list): car.CarReader.links's fast path, which reads the next one its own way (and words its
+   error). */
+static PyObject *sections(PyObject *module, PyObject *args) {
+    Py_buffer buffer;
+    Py_ssize_t pos, max_bytes;
+    if (!PyArg_ParseTuple(args, "y*nn:sections", &buffer, &pos, &max_bytes))
+        return NULL;
+    PyObject *found = pos >= 0 && pos <= buffer.len ? PyList_New(0) : NULL;
+    if (!found && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "sections: pos is outside the buffer");
+    Block block;
+    const Py_ssize_t start = pos;
+    for (Py_ssize_t at = pos; found && at - start < max_bytes && usual_section(buffer.buf, buffer.len, &at, &block) == 0;
+         pos = at) {
+        PyObject *row = Py_BuildValue("(y#y#)", block.link, (Py_ssize_t)LINK_SIZE, block.data, block.size);
+        if (!row || PyList_Append(found, row))
+            Py_CLEAR(found);
+        Py_XDECREF(row);
+    }
+    PyBuffer_Release(&buffer);
+    return found ? Py_BuildValue("(Nn)", found, pos) : NULL;
+}
+
 static int append_link(PyObject *list, const uint8_t *link) {
     PyObject *item = PyBytes_FromStringAndSize((const char *)link, LINK_SIZE);
     int status = item ? PyList_Append(list, item) : -1;
@@ -1033,6 +1066,7 @@ static PyMethodDef methods[] = {
     {"lookup", lookup, METH_VARARGS, "lookup(blocks, root, key) -> (link | None,) | None: see the module's source."},
     {"walk", walk_nodes, METH_VARARGS, "walk(nodes, root, sink, batch) -> True | None: see the module's source."},
     {"subtrees", subtrees, METH_VARARGS, "subtrees(block) -> [link, ...] | None: see the module's source."},
+    {"sections", sections, METH_VARARGS, "sections(buffer, pos, max_bytes) -> ([(link, block), ...], pos): see the module's source."},
     {"copy_lines", copy_lines, METH_VARARGS,
      "copy_lines(records, blocks, prefix, suffix) -> bytes | None: see the module's source."},
     {"staged_lines", staged_lines, METH_VARARGS, "staged_lines(blocks, wanted) -> bytes | None: see the module's source."},

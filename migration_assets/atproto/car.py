@@ -18,6 +18,7 @@ from migration_assets.atproto.errors import AtprotoFormatError
 
 READ_SIZE = 64 * 1024
 _VARINT_MAX = 9
+_FAST_BYTES = 1 << 20  # blocks read by compiled code per call: a buffer holding a whole CAR is not one list
 
 
 class CarError(AtprotoFormatError):
@@ -168,9 +169,17 @@ class CarReader:
     def links(self) -> Iterator[tuple[bytes, bytes]]:
         """(binary CID, block) of each block: the CID as bytes, which costs no CID object (a repo's
         parse keys its blocks by these)."""
-        # The hot loop of a repo sync (one pass per block): locals only, one slice per block.
-        src, sha256, prefixes = self._src, hashlib.sha256, CODEC_OF_PREFIX
+        # The hot loop of a repo sync (one pass per block): locals only, one slice per block. Compiled
+        # code reads the buffered sections of the usual kind; this loop, the reference, reads the next one
+        # it leaves (cut short by the buffer's end, or unusual: it decides and words the error).
+        src, sha256, prefixes, fast = self._src, hashlib.sha256, CODEC_OF_PREFIX, _fastrepo
         while src.fill(1):
+            if fast is not None:
+                found, end = fast.sections(src.buf, src.pos, _FAST_BYTES)
+                if found:
+                    src.skip(end - src.pos)
+                    yield from found
+                    continue
             start = src.offset
             buf, begin, end = src.section()
             src.skip(end - src.pos)

@@ -1,10 +1,13 @@
 """Streaming CAR v1 reader: header, blocks, size cap, truncation and corruption."""
 
 import io
+import random
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
+from migration_assets.atproto import car as car_module
 from migration_assets.atproto import dagcbor
 from migration_assets.atproto.car import CarError, CarReader, CarTooLarge
 from migration_assets.atproto.cid import CID, encode_varint
@@ -144,3 +147,64 @@ def test_bad_sections(repo):
         list(CarReader(io.BytesIO(head + b"\xff" * 10), max_size=CAP))
     empty_raw = CID.for_block(b"", 0x55)  # a zero-length block is legal
     assert list(CarReader(io.BytesIO(head + encode_varint(36) + bytes(empty_raw)), max_size=CAP)) == [(empty_raw, b"")]
+
+
+# --- the compiled sections (_fastrepo.sections) against the Python loop, the reference ----------------
+
+def read_through(data: bytes, chunk: int, monkeypatch, compiled: bool):
+    """What CarReader makes of `data` fed `chunk` bytes at a time: every (link, block), or the error."""
+    with monkeypatch.context() as patch:
+        if not compiled:
+            patch.setattr(car_module, "_fastrepo", None)
+        try:
+            return list(CarReader(chunks(data, chunk), max_size=CAP).links())
+        except CarError as exc:
+            return type(exc).__name__, str(exc)
+
+
+def hostile_sections(repo, car: bytes) -> list[bytes]:
+    head = header({"version": 1, "roots": [repo.commit]})
+    block = dagcbor.encode({"text": "x"})
+    link = bytes(CID.for_block(block))
+    section = link + block
+    return [
+        head + b"\x00",  # an empty section
+        head + bytes([0x80 | len(section), 0x00]) + section,  # a length that is not minimal
+        head + bytes([0x80 | len(section), 0x80, 0x80, 0x00]) + section,  # four bytes of length
+        head + encode_varint(len(section)) + section[:-1] + b"\x00",  # the block's hash fails
+        head + encode_varint(len(section) + 1) + section,  # cut short at the end
+        head + encode_varint(len(block) + 34) + b"\x12\x20" + link[4:] + block,  # a CIDv0
+        head + encode_varint(len(section)) + b"\x01\x55" + section[2:],  # a raw link to DAG-CBOR bytes: hash still sha256
+        car + encode_varint(10) + b"\x01" * 10,  # a short section after valid ones
+    ]
+
+
+def test_compiled_sections_read_as_the_python_loop(repo, car, monkeypatch):
+    hostile = hostile_sections(repo, car)
+    assert all(isinstance(read_through(data, 4096, monkeypatch, compiled=False)[0], str) for data in hostile[:6])
+    rng = random.Random(8)
+    cases = [car, *hostile]
+    for _ in range(300):
+        data = bytearray(car)
+        data[rng.randrange(len(data))] = rng.randrange(256)
+        cases.append(bytes(data))
+    for data in cases:
+        for chunk in (1, 100, 4096, len(data) or 1):
+            assert read_through(data, chunk, monkeypatch, compiled=True) == \
+                read_through(data, chunk, monkeypatch, compiled=False), (data, chunk)
+
+
+def test_compiled_sections_read_most_blocks_and_not_a_whole_car_at_once(car, monkeypatch):
+    calls = []
+    sections = car_module._fastrepo.sections
+
+    def counted(buffer, pos, max_bytes):
+        found, end = sections(buffer, pos, max_bytes)
+        calls.append((len(found), end - pos))
+        return found, end
+
+    monkeypatch.setattr(car_module, "_fastrepo", SimpleNamespace(sections=counted))
+    monkeypatch.setattr(car_module, "_FAST_BYTES", 4096)
+    blocks = list(CarReader(chunks(car, len(car)), max_size=CAP).links())
+    assert sum(found for found, _ in calls) == len(blocks)  # the whole CAR in one chunk: every block compiled
+    assert len(calls) > 1 and max(size for _, size in calls) < 4096 + max(len(block) for _, block in blocks) + 40
