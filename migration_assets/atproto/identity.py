@@ -12,8 +12,8 @@ longer has the repo: the account moved): `resolve(did, fresh=True)` or `invalida
 `StoredDocuments`, the cache is shared through PostgreSQL by every process: what a backfill run resolved,
 the stream follower after it reuses, and so does the next follower run; an invalidation reaches them all.
 A backfill stores a fetched document in the transaction of the repo it synced (`resolve(save=False)`,
-`save_fetched`), not in one of its own: a transaction less per repo, and no document kept for a repo
-that failed.
+`save_fetched`), not in one of its own: a transaction less per repo. Until a repo is stored with it
+(one that failed leaves it waiting for the retry), only this process has it.
 """
 
 from __future__ import annotations
@@ -228,11 +228,12 @@ class StoredDocuments:
             self.save_in(conn, did, document)
 
     @staticmethod
-    def save_in(conn: psycopg.Connection, did: str, document: DidDocument) -> None:
-        """Save in the caller's transaction (it commits)."""
-        conn.execute("INSERT INTO did_documents (did, document) VALUES (%s, %s) ON CONFLICT (did) DO UPDATE"
-                     " SET document = excluded.document, resolved_at = now()",
-                     (did, Jsonb(document.model_dump())))
+    def save_in(conn: psycopg.Connection, did: str, document: DidDocument, age: float = 0.0) -> None:
+        """Save in the caller's transaction (it commits), as resolved `age` seconds ago."""
+        conn.execute("INSERT INTO did_documents (did, document, resolved_at) VALUES (%s, %s,"
+                     " now() - make_interval(secs => %s)) ON CONFLICT (did) DO UPDATE"
+                     " SET document = excluded.document, resolved_at = excluded.resolved_at",
+                     (did, Jsonb(document.model_dump()), age))
 
     def forget(self, did: str) -> None:
         with self.pool.connection() as conn:
@@ -268,7 +269,8 @@ class IdentityResolver:
         self._lock = threading.Lock()
         self.store = store if self.ttl_seconds > 0 else None  # a TTL of 0 caches nothing, here or there
         self._unstored: set[str] = set()  # asked of the store by `load` and not there: fetched without asking again
-        self._unsaved: dict[str, DidDocument] = {}  # fetched by resolve(save=False), for save_fetched
+        # fetched by resolve(save=False) and not stored yet, with when (monotonic): for save_fetched
+        self._unsaved: dict[str, tuple[DidDocument, float]] = {}
 
     def close(self) -> None:
         self._web.close()
@@ -282,9 +284,10 @@ class IdentityResolver:
 
     def resolve(self, did: str, *, fresh: bool = False, save: bool = True) -> DidDocument:
         """The DID's document: from the cache (this process's, else the stored one) while its TTL lasts,
-        else (or with `fresh`) fetched again and stored. With `save=False` a fetched document is kept for
-        `save_fetched` instead: the caller stores it in the transaction that records what it verified,
-        rather than in a transaction of its own (a backfill's repo)."""
+        else (or with `fresh`) fetched again and stored. With `save=False` a fetched document waits for
+        `save_fetched` instead: the caller stores it in the transaction that records what it verified
+        (a backfill's repo), rather than in a transaction of its own; until then it is served from this
+        process's cache only."""
         if not fresh:
             cached = self.cached(did)
             if cached is None and did not in self._unstored:
@@ -293,20 +296,25 @@ class IdentityResolver:
                 return cached
         document = self._resolve_uncached(did)
         self._remember(did, document, age=0.0)
-        if self.store is not None and save:
+        if self.store is None:
+            return document
+        with self._lock:  # a newer document than one waiting replaces it, stored or waiting in its turn
+            self._unsaved.pop(did, None)
+            if not save:
+                self._unsaved[did] = (document, time.monotonic())
+        if save:
             self.store.save(did, document)
-        elif self.store is not None:
-            with self._lock:
-                self._unsaved[did] = document
         return document
 
-    def save_fetched(self, conn: psycopg.Connection | None, did: str) -> None:
-        """Store, in `conn`'s transaction, the document `resolve(did, save=False)` fetched, if it did;
-        None drops it unsaved (what it was fetched for failed: the next process fetches it again)."""
+    def save_fetched(self, conn: psycopg.Connection, did: str) -> None:
+        """Store, in `conn`'s transaction, the document of `did` that `resolve(save=False)` fetched and
+        no repo has been stored with yet (one that failed leaves it waiting for the next), as resolved
+        when it was fetched."""
         with self._lock:
-            document = self._unsaved.pop(did, None)
-        if document is not None and conn is not None:
-            self.store.save_in(conn, did, document)
+            waiting = self._unsaved.pop(did, None)
+        if waiting is not None:
+            document, fetched = waiting
+            self.store.save_in(conn, did, document, age=time.monotonic() - fetched)
 
     def load(self, dids: Iterable[str]) -> dict[str, DidDocument]:
         """The stored documents of `dids` still within the TTL, now in this process's cache too: one

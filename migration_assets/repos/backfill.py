@@ -121,11 +121,7 @@ class RepoSyncer:
     def sync(self, repo: ClaimedRepo, lease: Lease) -> RepoOutcome:
         """Sync one leased repo; every ledger and records write is fenced by `lease` (LeaseLost)."""
         started = time.monotonic()
-        try:
-            outcome = self._sync(repo, lease)
-        finally:
-            self.resolver.save_fetched(None, repo.did)  # a document the repo did not sync with stays unsaved
-        return replace(outcome, seconds=time.monotonic() - started)
+        return replace(self._sync(repo, lease), seconds=time.monotonic() - started)
 
     def _sync(self, repo: ClaimedRepo, lease: Lease) -> RepoOutcome:
         did, pds = repo.did, None

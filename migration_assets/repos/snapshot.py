@@ -106,8 +106,9 @@ class Spool:
             self._batch = []
 
     def __iter__(self) -> Iterator[tuple]:
-        for batch in self.batches():
-            yield from batch
+        if self._file is None:
+            return iter(self._held)
+        return (row for batch in self.batches() for row in batch)
 
     def batches(self) -> Iterator[list[tuple]]:
         """The rows, a list of at most _BATCH at a time (as a file holds them)."""

@@ -540,6 +540,52 @@ def test_stored_records_are_the_python_paths_own(held, target_url, monkeypatch):
     assert bool(compiled_batches) == (held == "spooled"), "a spooled repo's blocks were not staged as lines"
 
 
+def test_a_spooled_repo_with_unusual_records_is_stored_as_the_python_paths_own(target_url, monkeypatch):
+    """Batches of a spooled repo's blocks staged as compiled lines and, where a kept block is unusual (a
+    byte string, U+0000, an integer past 64 bits signed), as rows, in one COPY; a collection filter leaves
+    some out (an unusual one too): PostgreSQL holds what the Python rows alone store."""
+    from migration_assets.core.postgres import shared_pool
+    from migration_assets.repos import ledger
+    from migration_assets.repos.store import store_snapshot
+
+    monkeypatch.setattr(snapshot_module, "WHOLE_CAR_BYTES", 0)
+    monkeypatch.setattr(snapshot_module, "SPOOL_MEMORY_BYTES", 0)
+    monkeypatch.setattr(snapshot_module, "_BATCH", 10)
+    unusual = {7: {"data": b"\x00bytes"}, 33: {"text": "nul \x00"}, 60: {"n": -2**63 - 2}, 61: {"n": -2**63 - 1}}
+    records = {f"{'app.bsky.feed.post' if n % 4 else 'app.bsky.feed.like'}/3k{n:011d}":
+               unusual.get(n, {"text": f"post {n}", "n": n}) for n in range(90)}
+    blocks: dict[CID, bytes] = {}
+    scope = RecordScope(CollectionFilter(["app.bsky.feed.post"]))
+    staged, made = [], snapshot_module.RepoSnapshot.staged_batches
+
+    def python_batches(snapshot):
+        return (list(snapshot._staged(batch)) for batch in snapshot.blocks.batches())
+
+    def counted(snapshot):
+        batches = list(made(snapshot))
+        staged.extend(type(batch) for batch in batches)
+        return batches
+
+    with shared_pool(target_url).connection() as conn:
+        ledger.enqueue(conn, ["did:plc:mixed", "did:plc:rows"], 256)
+        conn.commit()
+    for did, batches in (("did:plc:mixed", counted), ("did:plc:rows", python_batches)):
+        car = export(blocks, build_mst({key: put(blocks, value) for key, value in records.items()}, blocks), did=did)
+        with monkeypatch.context() as patch:
+            patch.setattr(snapshot_module.RepoSnapshot, "staged_batches", batches)
+            with read_snapshot(did, [car], len(car), scope) as snapshot, shared_pool(target_url).connection() as conn:
+                assert not snapshot.in_memory
+                with conn.transaction():
+                    store_snapshot(conn, snapshot, "https://pds.example")
+    assert bytes in staged and list in staged, "the COPY did not mix compiled lines and rows"
+    with shared_pool(target_url).connection() as conn:
+        rows = conn.execute("SELECT did, collection, rkey, cid, record::text, record_cbor FROM records"
+                            " ORDER BY collection, rkey, did").fetchall()
+    mixed = [row[1:] for row in rows if row[0] == "did:plc:mixed"]
+    assert mixed == [row[1:] for row in rows if row[0] == "did:plc:rows"]
+    assert len(mixed) == sum(key.startswith("app.bsky.feed.post/") for key in records)
+
+
 def reference_staged_line(link: bytes, block: bytes) -> bytes | None:
     """staged_blocks' row for the block as COPY writes it; None where it has no plain JSON form."""
     line = reference_line(block)

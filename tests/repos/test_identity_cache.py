@@ -126,22 +126,27 @@ def test_a_did_the_store_just_lacked_is_fetched_without_asking_the_store_again(p
 
 def test_a_backfill_stores_a_fetched_document_with_the_repo_it_synced_and_not_for_a_repo_that_failed(
         pds, target, target_url, atproto_env):
-    # The document is written in the repo's own transaction (no transaction of its own per repo); a repo
-    # that failed keeps none, and nothing is left pending in the resolver however many fail.
+    # The document is written in the repo's own transaction (no transaction of its own per repo). A repo
+    # that failed stores none; its retry in the same process, served from the process's cache, does.
     account = pds.create_account(handle())
     pds.create_records(account, POSTS, [{"$type": POSTS, "text": "p", "createdAt": "2026-12-01T00:00:00Z"}])
-    for max_car_bytes, outcome in ((64, "retry"), (512 * 1024 * 1024, "synced")):
-        source = RepoSourceResource(max_car_bytes=max_car_bytes)  # 64 bytes: the export fails the repo
-        clients = source.clients(target_url)
-        syncer = source.syncer(shared_pool(target_url), clients)
-        try:
-            ledger.request_sync(target, [account.did], 256)
-            assert run_once(target, target_url, syncer, account.did) == {account.did: outcome}
-            assert syncer.resolver._unsaved == {}
-            stored = stored_document(target, account.did)
-            if outcome == "retry":
-                assert stored is None, "a repo that failed stored the document it was fetched with"
-            else:
-                assert stored["signing_key"] == syncer.resolver.cached(account.did).signing_key
-        finally:
-            clients.close()
+    source = RepoSourceResource(max_car_bytes=64)  # the export is bigger: it fails the repo
+    clients = source.clients(target_url)
+    syncer = source.syncer(shared_pool(target_url), clients)
+    fetched, fetch = [], syncer.resolver._resolve_uncached
+    syncer.resolver._resolve_uncached = lambda did: fetched.append(did) or fetch(did)
+    try:
+        assert run_once(target, target_url, syncer, account.did) == {account.did: "retry"}
+        assert fetched == [account.did]
+        assert stored_document(target, account.did) is None, "a repo that failed stored its document"
+
+        syncer.settings = syncer.settings.model_copy(update={"max_car_bytes": 512 * 1024 * 1024})
+        assert run_once(target, target_url, syncer, account.did) == {account.did: "synced"}
+        assert fetched == [account.did], "the retry fetched the document again instead of using the cache"
+        assert stored_document(target, account.did)["signing_key"] == syncer.resolver.cached(account.did).signing_key
+        resolved, synced = target.execute("SELECT d.resolved_at, r.synced_at FROM did_documents d JOIN repos r"
+                                          " USING (did) WHERE did = %s", (account.did,)).fetchone()
+        assert resolved < synced, "stored as resolved when the repo was stored, not when it was fetched (its age)"
+        assert syncer.resolver._unsaved == {}
+    finally:
+        clients.close()
