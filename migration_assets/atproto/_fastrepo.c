@@ -731,6 +731,16 @@ static const char *plain(PyObject *value, Py_ssize_t *size) {
     return utf8;
 }
 
+/* A record block's JSON, COPY-escaped: 0, NOT_USUAL (not the usual DAG-CBOR, or bytes after its value),
+   or -1 (memory). */
+static int block_json(Buffer *b, PyObject *block) {
+    Cursor c = {(const uint8_t *)PyBytes_AS_STRING(block), (const uint8_t *)PyBytes_AS_STRING(block) + PyBytes_GET_SIZE(block)};
+    int status = json_value(&c, b, 0);
+    if (status)
+        return status;
+    return c.at != c.end ? NOT_USUAL : 0;
+}
+
 /* `row` and `blocks` hold only exact str, bytes and tuples (no __eq__ or __hash__ of a caller's class
    runs during the lookup), and the caller holds a reference to `row`. */
 static int copy_line(Buffer *b, PyObject *row, PyObject *blocks, Py_buffer *prefix, Py_buffer *suffix) {
@@ -751,13 +761,8 @@ static int copy_line(Buffer *b, PyObject *row, PyObject *blocks, Py_buffer *pref
         if (put(b, field, size) || put(b, "\t", 1))
             return -1;
     }
-    Cursor c = {(const uint8_t *)PyBytes_AS_STRING(block), (const uint8_t *)PyBytes_AS_STRING(block) + PyBytes_GET_SIZE(block)};
-    int status = json_value(&c, b, 0);
-    if (status)
-        return status;
-    if (c.at != c.end)
-        return NOT_USUAL; /* trailing bytes */
-    return put(b, suffix->buf, suffix->len);
+    int status = block_json(b, block);
+    return status ? status : put(b, suffix->buf, suffix->len);
 }
 
 /* The lines written (bytes), None if a row was left to the Python path, or NULL with the error set. */
@@ -817,13 +822,8 @@ static int staged_line(Buffer *b, PyObject *row, PyObject *wanted) {
     }
     *out++ = '\t';
     b->size = out - b->data;
-    Cursor c = {(const uint8_t *)PyBytes_AS_STRING(block), (const uint8_t *)PyBytes_AS_STRING(block) + PyBytes_GET_SIZE(block)};
-    int status = json_value(&c, b, 0);
-    if (status)
-        return status;
-    if (c.at != c.end)
-        return NOT_USUAL; /* trailing bytes */
-    return put(b, "\t\\N\t\\N\n", 7);
+    int status = block_json(b, block);
+    return status ? status : put(b, "\t\\N\t\\N\n", 7);
 }
 
 /* staged_lines(blocks, wanted) -> bytes | None: snapshot.staged_blocks's rows of a repo spooled to

@@ -18,8 +18,8 @@ Two paths read a CAR, to the same snapshot:
 A record's JSON form (see `record_json` for the records that jsonb cannot hold) is made only as the store
 COPYs it: by compiled code, in one call for a repo held in memory (`copy_lines`), a batch of blocks per
 call for one spooled (`staged_batches`); row by row (`record_rows`, `staged_blocks`) where that leaves
-them. Records a collection filter or a missing signal collection leaves out (RecordScope)
-cost nothing; the MST is still walked (and so verified) whole.
+them. Records a collection filter or a missing signal collection leaves out (RecordScope) cost
+nothing; the MST is still walked (and so verified) whole.
 """
 
 import json
