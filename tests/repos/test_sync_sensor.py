@@ -33,6 +33,7 @@ def test_sensor_discovers_across_ticks_and_resyncs_moved_repos(pds, target, inst
     monkeypatch.setenv("REPO_DISCOVERY_HOSTS", pds.pds.url)
     monkeypatch.setenv("REPO_SENSOR_TICK_SECONDS", "0.000001")  # a tick ends after its first page
     monkeypatch.setattr("migration_assets.repos.discovery.PAGE_SIZE", 2)  # several pages, one per tick
+    monkeypatch.setattr("migration_assets.repos.sensors.MAX_RUNS_PER_TICK", 1)  # more due buckets than a tick asks for
 
     cursor, requested = None, {}
     for _ in range(50):  # one page a tick until the pass completes (other tests' accounts are listed too)
@@ -43,10 +44,16 @@ def test_sensor_discovers_across_ticks_and_resyncs_moved_repos(pds, target, inst
             break
     else:
         raise AssertionError("the listing never completed")
+    due = set(requested)
+    for _ in range(100):  # a tick asks for at most MAX_RUNS_PER_TICK buckets; the next ticks ask for the rest
+        for key in due:
+            run_bucket(instance, key)
+        requested.update(dict.fromkeys(due))
+        due = {r.partition_key for r in tick(instance, None).run_requests}
+        if not due:
+            break
     ours = {bucket_key(ledger_row(target, a.did)["bucket"]) for a in accounts}
     assert ours <= set(requested), "a bucket with a new repo got no run"
-    for key in requested:
-        run_bucket(instance, key)
     assert {ledger_row(target, a.did)["status"] for a in accounts} == {"synced"}
 
     # Nothing moved: a full pass requests nothing.
