@@ -20,6 +20,10 @@ each in the dev PLC) was taken from the PDSes serving the downloads being compar
 4. runs sharing buckets: 1, 2 and 4 processes backfill the same repos (all buckets, leased claims,
    fresh database each time) at once, each with `--concurrency` downloads: repos/min and records/s.
 5. memory: peak RSS of a fresh process backfilling one repo of 1,000 and one of `--big-records` records.
+6. a heavy account's two paths: the biggest export (`--big-records`) parsed and stored (a first sync,
+   into a fresh database) read whole, and streamed with its rows spooled to disk, as an export past the
+   memory for whole CARs (REPO_WHOLE_CAR_MEMORY_BYTES) goes: CPU seconds of this process for the parse
+   and the store, and of PostgreSQL for the store, each the median of `--rounds`.
 
 Steps 1 to 3 are taken `--rounds` times in turn (download then backfill, store then raw COPY, each into
 a fresh database): the figures are those of the round with the median ratio, and every round's ratio is
@@ -44,10 +48,10 @@ from psycopg.types.json import Jsonb
 
 try:
     from bench.common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
-                              median_round, peak_rss_mb, spread, write_result)
+                              median_round, peak_rss_mb, process_tree_cpu_seconds, spread, write_result)
 except ImportError:  # run as a script: bench/ is on sys.path
     from common import (CpuMeter, embedded_postgres, embedded_postgres_pid, load_average, log, machine_info,
-                        median_round, peak_rss_mb, spread, write_result)
+                        median_round, peak_rss_mb, process_tree_cpu_seconds, spread, write_result)
 
 from migration_assets.atproto.identity import IdentityResolver
 from migration_assets.core import embedded
@@ -277,6 +281,49 @@ def shared_runs(server_url: str, repos: dict[str, tuple[str, int]], runs: int, c
             "records_per_second": round(records / seconds, 1), "outcomes": dict(outcomes)}
 
 
+def heavy_paths(server_url: str, did: str, car: bytes, pds: str, rounds: int) -> dict:
+    """Step 6: the export's parse and store, read whole and streamed (rows spooled to disk): CPU seconds."""
+    from migration_assets.core.concurrency import ByteBudget
+    from migration_assets.repos import snapshot as snapshot_module
+
+    def one(path: str, n: int) -> dict:
+        url = embedded.database_url(server_url, f"bench_repos_heavy_{path}_{n}")
+        with shared_pool(url).connection() as conn:
+            ledger.enqueue(conn, [did], RepoSettings().buckets)
+            conn.commit()
+            chunks = (car[i:i + 65536] for i in range(0, len(car), 65536))  # as a download hands them over
+            budget = ByteBudget(4 * len(car) if path == "whole" else 0)
+            started = time.process_time()
+            with read_snapshot(did, chunks, len(car), whole_cars=budget) as snapshot:
+                parsed = time.process_time()
+                if snapshot.in_memory != (path == "whole"):
+                    raise SystemExit(f"the {path} path did not hold the rows where it should")
+                postgres = process_tree_cpu_seconds(embedded_postgres_pid())
+                with conn.transaction():
+                    store_snapshot(conn, snapshot, pds)
+                postgres = process_tree_cpu_seconds(embedded_postgres_pid()) - postgres
+                stored = time.process_time()
+        close_pools()
+        return {"parse_cpu_seconds": round(parsed - started, 3), "store_cpu_seconds": round(stored - parsed, 3),
+                "store_postgres_cpu_seconds": round(postgres, 3)}
+
+    result = {"records": snapshot_records(did, car), "car_megabytes": round(len(car) / 1e6, 1)}
+    spool_memory = snapshot_module.SPOOL_MEMORY_BYTES
+    for path in ("whole", "streamed"):
+        snapshot_module.SPOOL_MEMORY_BYTES = 0 if path == "streamed" else spool_memory  # a heavy account's rows
+        try:
+            taken = [one(path, n) for n in range(rounds)]
+        finally:
+            snapshot_module.SPOOL_MEMORY_BYTES = spool_memory
+        result[path] = {key: sorted(t[key] for t in taken)[(rounds - 1) // 2] for key in taken[0]}
+    return result
+
+
+def snapshot_records(did: str, car: bytes) -> int:
+    with read_snapshot(did, [car], len(car)) as snapshot:
+        return snapshot.records
+
+
 def child_sync(did: str) -> None:
     """Step 5, in a fresh process: backfill one repo, print peak RSS before and after (MiB)."""
     url = os.environ["MIGRATION_DATABASE_URL"]
@@ -347,6 +394,11 @@ def main(argv=None) -> None:
         memory = {}
         for size in sorted({1000, args.big_records} & set(sizes)):
             memory[f"{size}_records"] = peak_rss_of_sync(sizes[size], target_url, network.environment())
+        heavy = {}
+        if args.big:
+            log("a heavy account's export, read whole and streamed ...")
+            did = sizes[args.big_records]
+            heavy = heavy_paths(target_url, did, cars[did], repos[did][0], args.rounds)
     payload = {
         "bench": NAME,
         "machine": machine_info(),
@@ -381,6 +433,7 @@ def main(argv=None) -> None:
                         **{name: seconds for name, seconds in cpu.seconds.items() if name.startswith("runs_")}},
         "runs_sharing_buckets": shared,
         "memory": memory,
+        "heavy_export_paths": heavy,
     }
     write_result(NAME, payload)
 

@@ -1,10 +1,11 @@
 /* The repo backfill's and event stream's hot paths in compiled code, each the fast path of a Python
    reference: parse() of snapshot.read_snapshot (a whole CAR to records and blocks), copy_lines() of the
-   store (the records' COPY lines, their atproto JSON made from their blocks), staged_lines() of a spooled
-   snapshot's staged_blocks (a batch of blocks' COPY lines, the same JSON), walk() of the snapshot's
-   MST walk for a CAR too big to parse whole (with sections() of car.CarReader, which reads it as it
-   streams, and subtrees() of the node decode that gathers its nodes), blocks() of car.read_blocks and lookup() of mst.lookup (a stream event's CAR slice, its
-   ops' MST lookups); each has its own comment below.
+   store (the records' COPY lines, their atproto JSON made from their blocks), staged_lines() of a
+   spooled snapshot's staged_blocks (a batch of blocks' COPY lines, the same JSON), walk() of the
+   snapshot's MST walk for a CAR too big to parse whole (with sections() of car.CarReader, which reads
+   it as it streams, and subtrees() of the node decode that gathers its nodes), blocks() of
+   car.read_blocks and lookup() of mst.lookup (a stream event's CAR slice, its ops' MST lookups); each
+   has its own comment below.
 
    parse(car, data_root) checks the CAR's header is the usual one (one root, the commit: `head`), reads
    its sections, checks every block against its CID, finds the commit, asks `data_root(commit block)`
