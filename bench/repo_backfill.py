@@ -55,9 +55,11 @@ except ImportError:  # run as a script: bench/ is on sys.path
 
 from migration_assets.atproto.identity import IdentityResolver
 from migration_assets.core import embedded
+from migration_assets.core.concurrency import ByteBudget
 from migration_assets.core.postgres import close_pools, copy_rows, shared_pool
 from migration_assets.devstack.atproto import PdsSeeder, populate, start_atproto_network
 from migration_assets.repos import ledger
+from migration_assets.repos import snapshot as snapshot_module
 from migration_assets.repos.backfill import backfill_buckets
 from migration_assets.repos.resources import RepoSourceResource
 from migration_assets.repos.settings import RepoSettings
@@ -281,10 +283,8 @@ def shared_runs(server_url: str, repos: dict[str, tuple[str, int]], runs: int, c
             "records_per_second": round(records / seconds, 1), "outcomes": dict(outcomes)}
 
 
-def heavy_paths(server_url: str, did: str, car: bytes, pds: str, rounds: int) -> dict:
+def heavy_paths(server_url: str, did: str, car: bytes, pds: str, records: int, rounds: int) -> dict:
     """Step 6: the export's parse and store, read whole and streamed (rows spooled to disk): CPU seconds."""
-    from migration_assets.core.concurrency import ByteBudget
-    from migration_assets.repos import snapshot as snapshot_module
 
     def one(path: str, n: int) -> dict:
         url = embedded.database_url(server_url, f"bench_repos_heavy_{path}_{n}")
@@ -307,7 +307,7 @@ def heavy_paths(server_url: str, did: str, car: bytes, pds: str, rounds: int) ->
         return {"parse_cpu_seconds": round(parsed - started, 3), "store_cpu_seconds": round(stored - parsed, 3),
                 "store_postgres_cpu_seconds": round(postgres, 3)}
 
-    result = {"records": snapshot_records(did, car), "car_megabytes": round(len(car) / 1e6, 1)}
+    result = {"records": records, "car_megabytes": round(len(car) / 1e6, 1)}
     spool_memory = snapshot_module.SPOOL_MEMORY_BYTES
     for path in ("whole", "streamed"):
         snapshot_module.SPOOL_MEMORY_BYTES = 0 if path == "streamed" else spool_memory  # a heavy account's rows
@@ -317,11 +317,6 @@ def heavy_paths(server_url: str, did: str, car: bytes, pds: str, rounds: int) ->
             snapshot_module.SPOOL_MEMORY_BYTES = spool_memory
         result[path] = {key: sorted(t[key] for t in taken)[(rounds - 1) // 2] for key in taken[0]}
     return result
-
-
-def snapshot_records(did: str, car: bytes) -> int:
-    with read_snapshot(did, [car], len(car)) as snapshot:
-        return snapshot.records
 
 
 def child_sync(did: str) -> None:
@@ -398,7 +393,7 @@ def main(argv=None) -> None:
         if args.big:
             log("a heavy account's export, read whole and streamed ...")
             did = sizes[args.big_records]
-            heavy = heavy_paths(target_url, did, cars[did], repos[did][0], args.rounds)
+            heavy = heavy_paths(target_url, did, cars[did], *repos[did], args.rounds)
     payload = {
         "bench": NAME,
         "machine": machine_info(),

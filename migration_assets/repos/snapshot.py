@@ -176,8 +176,7 @@ class RepoSnapshot:
     def staged_blocks(self) -> Iterator[tuple[bytes, str | None, str | None, bytes | None]]:
         """(binary CID, record JSON, why none, exact block) of the kept records' blocks, in CAR order, for
         PostgreSQL to join to the keys (a snapshot spooled to disk). A block repeated in the CAR repeats."""
-        for batch in self.blocks.batches():
-            yield from self._staged(batch)
+        return self._staged(self.blocks)
 
     def staged_batches(self) -> Iterator[bytes | list[tuple]]:
         """`staged_blocks`' rows a batch at a time: each batch as COPY text lines of incoming_blocks made
@@ -186,7 +185,7 @@ class RepoSnapshot:
             lines = _fastrepo.staged_lines(batch, self.wanted) if _fastrepo is not None else None
             yield lines if lines is not None else list(self._staged(batch))
 
-    def _staged(self, blocks: list[tuple]) -> Iterator[tuple[bytes, str | None, str | None, bytes | None]]:
+    def _staged(self, blocks: Iterable[tuple]) -> Iterator[tuple[bytes, str | None, str | None, bytes | None]]:
         for link, block in blocks:
             if self.wanted is None or link in self.wanted:
                 yield link, *record_json(block)

@@ -479,6 +479,11 @@ def test_a_record_missing_its_block_leaves_the_rows_to_the_python_path():
     assert snapshot_module._fastrepo.copy_lines([("a.b.c", "k", "bafy", bytes(CID1))], {}, b"", b"\n") is None
 
 
+def python_batches(snapshot):
+    """staged_batches as the Python path makes them: every batch as its rows."""
+    return (list(snapshot._staged(batch)) for batch in snapshot.blocks.batches())
+
+
 @pytest.mark.parametrize("held", ["in_memory", "spooled"])
 def test_stored_records_are_the_python_paths_own(held, target_url, monkeypatch):
     """The same repos stored through the compiled lines and through the Python rows, a first sync then a
@@ -511,9 +516,6 @@ def test_stored_records_are_the_python_paths_own(held, target_url, monkeypatch):
         assert batches and all(isinstance(batch, bytes) for batch in batches), "left to the Python path"
         compiled_batches.extend(batches)
         return batches
-
-    def python_batches(snapshot):
-        return (list(snapshot._staged(batch)) for batch in snapshot.blocks.batches())
 
     def sync(did: str, records: dict, compiled: bool) -> None:
         blocks: dict[CID, bytes] = {}
@@ -557,9 +559,6 @@ def test_a_spooled_repo_with_unusual_records_is_stored_as_the_python_paths_own(t
     blocks: dict[CID, bytes] = {}
     scope = RecordScope(CollectionFilter(["app.bsky.feed.post"]))
     staged, made = [], snapshot_module.RepoSnapshot.staged_batches
-
-    def python_batches(snapshot):
-        return (list(snapshot._staged(batch)) for batch in snapshot.blocks.batches())
 
     def counted(snapshot):
         batches = list(made(snapshot))
