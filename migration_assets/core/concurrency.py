@@ -1,15 +1,15 @@
 """Bounded concurrency for I/O-bound work: in input order (reads a consumer loads in order), or as done;
-and a budget of bytes that threads share out."""
+a budget of bytes that threads share out; slots shared by hosts, a share each."""
 
 import multiprocessing
 import os
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import TypeVar
 
 In = TypeVar("In")
@@ -41,22 +41,32 @@ def ordered_map(
                 future.cancel()
 
 
+NOT_YET = object()  # an item `completed_map`'s input gives while it has none until work in flight ends
+
+
 def completed_map(fn: Callable[[In], Out], items: Iterable[In], concurrency: int) -> Iterator[Out]:
     """Like `ordered_map`, results yielded as they complete: one slow item (a repo a hundred times the
     others') holds up only its own thread, where in input order it would stall the whole window behind
-    it. Items are still submitted lazily; an error surfaces when its item completes."""
+    it. Items are still submitted lazily; an error surfaces when its item completes. An input with no
+    item to give until some work in flight ends gives NOT_YET: results are yielded meanwhile."""
     window = max(1, concurrency) * 2
     finished: queue.SimpleQueue[Future[Out]] = queue.SimpleQueue()  # each future as it completes
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="work") as pool:
         pending: set[Future[Out]] = set()
 
-        def next_result() -> Out:
-            future = finished.get()
+        def next_result(timeout: float | None = None) -> Out:
+            future = finished.get(timeout=timeout)
             pending.discard(future)
             return future.result()
 
         try:
             for item in items:
+                if item is NOT_YET:
+                    try:
+                        yield next_result(timeout=0.5)
+                    except queue.Empty:
+                        pass  # asks its input again
+                    continue
                 future = pool.submit(fn, item)
                 pending.add(future)
                 future.add_done_callback(finished.put)
@@ -88,6 +98,53 @@ class ByteBudget:
     def give(self, count: int) -> None:
         with self._lock:
             self.taken -= count
+
+
+class HostBusy(Exception):
+    """The host already holds its share of the slots: the caller puts its work aside for later."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(f"{host} holds its share of the download slots")
+        self.host = host
+
+
+class HostSlots:
+    """`total` slots shared by hosts, at most `per_host` of them held for any one host: a host that
+    serves slowly (a heavy account's export, a host dripping bytes) keeps its share, and the others
+    go on with the rest. Alone, a slow host would take every slot in turn, as the quick hosts' slots
+    free up and are taken by the next of its repos.
+
+    `changed` is notified whenever a slot is given back, so work put aside for a busy host (HostBusy)
+    can wait on it."""
+
+    def __init__(self, total: int, per_host: int) -> None:
+        self.total = total
+        self.per_host = max(1, min(per_host, total))
+        self.changed = threading.Condition()
+        self._held: Counter[str] = Counter()
+
+    def has_room(self, host: str) -> bool:
+        """Whether `host` holds fewer than its share (call holding `changed`, or as a hint)."""
+        return self._held[host] < self.per_host
+
+    @contextmanager
+    def hold(self, host: str, wait_for_host: bool = True) -> Iterator[None]:
+        """A slot for `host` while the block runs. A slot held by another host is always waited for;
+        a host at its share is waited for too, or raises HostBusy if not `wait_for_host`."""
+        with self.changed:
+            while self._held.total() >= self.total or not self.has_room(host):
+                if not wait_for_host and not self.has_room(host):
+                    raise HostBusy(host)
+                self.changed.wait()
+            self._held[host] += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self._held[host] -= 1
+                if not self._held[host]:
+                    del self._held[host]
+                self.changed.notify_all()
 
 
 def ordered_map_in_processes(fn: Callable[[In], Out], items: Iterable[In], processes: int) -> Iterator[Out]:

@@ -14,10 +14,11 @@ outcome is fenced by the lease: a run whose lease was taken over writes nothing 
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import partial
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -25,7 +26,7 @@ from psycopg_pool import ConnectionPool
 from migration_assets.atproto import xrpc
 from migration_assets.atproto.identity import DidDocument, DidNotFound, DidTombstoned, IdentityResolver
 from migration_assets.atproto.signature import SignatureError
-from migration_assets.core.concurrency import ByteBudget, completed_map
+from migration_assets.core.concurrency import NOT_YET, ByteBudget, HostBusy, HostSlots, completed_map
 from migration_assets.core.lease import Heartbeat, Lease, LeaseLost
 from migration_assets.repos import ledger, store
 from migration_assets.repos.ledger import ClaimedRepo
@@ -106,8 +107,9 @@ class RepoSyncer:
     """Syncs one claimed repo at a time; safe to call from many threads (clients are per PDS host).
 
     Only the download (with the CAR parse it streams into) is limited to `settings.concurrency` at
-    once; resolving the DID and storing run outside that limit, in the extra threads that
-    `backfill_buckets` starts, so the PDSes always have `concurrency` downloads in flight."""
+    once, and `settings.host_concurrency` of them from any one host; resolving the DID and storing run
+    outside that limit, in the extra threads that `backfill_buckets` starts, so the PDSes always have
+    `concurrency` downloads in flight."""
 
     def __init__(self, pool: ConnectionPool, resolver: IdentityResolver,
                  client_for: Callable[[str], xrpc.XrpcClient], settings: RepoSettings) -> None:
@@ -115,22 +117,24 @@ class RepoSyncer:
         self.resolver = resolver
         self.client_for = client_for
         self.settings = settings
-        self._downloads = threading.BoundedSemaphore(settings.concurrency)
+        self.downloads = HostSlots(settings.concurrency, settings.host_concurrency)
         self.whole_cars = ByteBudget(settings.whole_car_memory_bytes)  # shared by every thread's snapshot
 
-    def sync(self, repo: ClaimedRepo, lease: Lease) -> RepoOutcome:
-        """Sync one leased repo; every ledger and records write is fenced by `lease` (LeaseLost)."""
+    def sync(self, repo: ClaimedRepo, lease: Lease, wait_for_host: bool = True) -> RepoOutcome:
+        """Sync one leased repo; every ledger and records write is fenced by `lease` (LeaseLost).
+        Unless `wait_for_host`, a repo whose host holds its share of the downloads raises HostBusy
+        before anything is written, to be synced later."""
         started = time.monotonic()
-        return replace(self._sync(repo, lease), seconds=time.monotonic() - started)
+        return replace(self._sync(repo, lease, wait_for_host), seconds=time.monotonic() - started)
 
-    def _sync(self, repo: ClaimedRepo, lease: Lease) -> RepoOutcome:
+    def _sync(self, repo: ClaimedRepo, lease: Lease, wait_for_host: bool) -> RepoOutcome:
         did, pds = repo.did, None
         try:
             # Cached for ATPROTO_IDENTITY_TTL_SECONDS; a fetched one is stored with the repo it synced.
             document = self.resolver.resolve(did, save=False)
             pds = document.pds_endpoint
             try:
-                return self._fetch_and_store(did, document, lease)
+                return self._fetch_and_store(did, document, lease, wait_for_host)
             except (xrpc.RepoNotFound, SignatureError):
                 # The cached identity may be stale: the account moved to another PDS or rotated its
                 # key. Resolve once more; only a changed document is worth a second try.
@@ -138,7 +142,7 @@ class RepoSyncer:
                 if (fresh.pds_endpoint, fresh.signing_key) == (document.pds_endpoint, document.signing_key):
                     raise
                 pds = fresh.pds_endpoint
-                return self._fetch_and_store(did, fresh, lease)
+                return self._fetch_and_store(did, fresh, lease, wait_for_host)
         except psycopg.Error as exc:
             if is_connection_failure(exc):
                 raise  # the target is failing: no outcome can be recorded, so stop the run
@@ -157,14 +161,14 @@ class RepoSyncer:
             with self.pool.connection() as conn, lease.holding(conn, did):
                 store.mark_failed(conn, did, describe(exc), retry_at, count_attempt=False)
             return RepoOutcome(did, "rate_limited", error=describe(exc), retry_at=retry_at)
-        except (LeaseLost, RunStopping):
+        except (LeaseLost, RunStopping, HostBusy):
             raise
         except Exception as exc:  # noqa: BLE001 - any other failure of one repo schedules its retry
             return self._failed(lease, did, describe(exc), repo.attempts)
 
-    def _fetch_and_store(self, did: str, document: DidDocument, lease: Lease) -> RepoOutcome:
+    def _fetch_and_store(self, did: str, document: DidDocument, lease: Lease, wait_for_host: bool) -> RepoOutcome:
         pds = document.pds_endpoint
-        with self.fetch(did, pds, lease) as snapshot:
+        with self.fetch(did, pds, lease, wait_for_host) as snapshot:
             if self.settings.verify_signatures:
                 verify_snapshot(snapshot, document.signing_key)
             with self.pool.connection() as conn, lease.holding(conn, did):
@@ -178,7 +182,7 @@ class RepoSyncer:
             store.mark_failed(conn, did, error, retry_at, count_attempt=True)
         return RepoOutcome(did, "retry", error=error, retry_at=retry_at)
 
-    def fetch(self, did: str, pds: str, lease: Lease) -> RepoSnapshot:
+    def fetch(self, did: str, pds: str, lease: Lease, wait_for_host: bool = True) -> RepoSnapshot:
         """The repo's snapshot; a download in flight when `lease`'s holder stops ends with RunStopping."""
         client = self.client_for(pds)
         # The deadline grows with the bytes moved: the heaviest accounts' exports (hundreds of MB) get
@@ -188,7 +192,8 @@ class RepoSyncer:
                                    max_bytes=self.settings.max_car_bytes,
                                    what=f"getRepo of {did} (for a slow host, raise REPO_FETCH_TIMEOUT_SECONDS "
                                         "or lower REPO_FETCH_MIN_BYTES_PER_SECOND)")
-        with self._downloads, client.stream("com.atproto.sync.getRepo", {"did": did}, deadline=deadline) as response:
+        with (self.downloads.hold(xrpc.host_key(pds), wait_for_host),
+              client.stream("com.atproto.sync.getRepo", {"did": did}, deadline=deadline) as response):
             chunks = _until_stopped(response.iter_bytes(), lease)
             return read_snapshot(did, chunks, self.settings.max_car_bytes, self.settings.scope, self.whole_cars)
 
@@ -209,38 +214,86 @@ def backfill_buckets(
     on_outcome: Callable[[RepoOutcome, int, int], None] | None = None,
 ) -> BackfillReport:
     """Lease the due repos of `buckets` a batch at a time and sync them: `concurrency` downloads at
-    a time (the syncer's settings), and as many repos again being resolved or stored meanwhile."""
+    a time (the syncer's settings), and as many repos again being resolved or stored meanwhile; a
+    repo whose host holds its share of the downloads is put aside for later (HostBusy)."""
     settings = syncer.settings
-    return sync_leased(pool, syncer.sync, buckets, ledger.repo_lease(settings.lease_seconds),
-                       settings.claim_batch, settings.sync_threads, on_outcome,
-                       on_claim=lambda repos: syncer.resolver.load(repo.did for repo in repos))
+    return sync_leased(pool, partial(syncer.sync, wait_for_host=False), buckets,
+                       ledger.repo_lease(settings.lease_seconds), settings.claim_batch, settings.sync_threads,
+                       on_outcome, on_claim=lambda repos: syncer.resolver.load(repo.did for repo in repos),
+                       slots=syncer.downloads)
+
+
+class _PutAside:
+    """Repos whose host held its share of the downloads when their turn came (HostBusy): handed out
+    again, ahead of new claims, once that host has a slot free. Their threads take other repos
+    meanwhile, so a slow host holds its share of the threads too, never all of them."""
+
+    def __init__(self, slots: HostSlots | None) -> None:
+        self.slots = slots
+        self.by_host: dict[str, deque[ClaimedRepo]] = defaultdict(deque)
+        self.out = 0  # repos handed out and not finished: any of them may still be put aside
+        self._lock = threading.Lock()
+
+    def handed_out(self) -> None:
+        with self._lock:
+            self.out += 1
+
+    def finished(self, repo: ClaimedRepo, busy_host: str | None) -> None:
+        with self._lock:
+            self.out -= 1
+            if busy_host is not None:
+                self.by_host[busy_host].append(repo)
+
+    def ready(self) -> ClaimedRepo | None:
+        """A repo put aside whose host has a slot free now, if any."""
+        with self._lock:
+            for host, repos in self.by_host.items():
+                if repos and self.slots.has_room(host):
+                    return repos.popleft()
+        return None
+
+    def done(self) -> bool:
+        """Nothing put aside, and nothing out that could be."""
+        with self._lock:
+            return self.out == 0 and not any(self.by_host.values())
 
 
 def sync_leased(
     pool: ConnectionPool, sync_one: SyncOne, buckets: list[int], lease: Lease, batch: int, threads: int,
     on_outcome: Callable[[RepoOutcome, int, int], None] | None = None,
     on_claim: Callable[[list[ClaimedRepo]], object] | None = None,
+    slots: HostSlots | None = None,
 ) -> BackfillReport:
     """The claim loop: lease up to `batch` due repos, sync them `threads` at a time while a heartbeat
     renews the lease, claim the next batch once these are handed out, stop when none is left.
     `sync_one` writes each outcome inside `lease.holding`; a repo whose lease was lost ends `lost`.
-    `on_claim` sees each claimed batch first (the backfill loads its stored DID documents at once)."""
+    `on_claim` sees each claimed batch first (the backfill loads its stored DID documents at once).
+    A repo that `sync_one` finds its host busy for (HostBusy, a host at its share of `slots`) is put
+    aside and handed out again once that host has room (_PutAside)."""
     started, report = time.monotonic(), BackfillReport()
     claimed = 0
+    aside = _PutAside(slots)
 
-    def attempt(repo: ClaimedRepo) -> RepoOutcome:
-        if repo.did not in lease.lost:  # else taken over while it waited in this run's queue
-            try:
-                return sync_one(repo, lease)
-            except LeaseLost:
-                pass
-        return RepoOutcome(repo.did, "lost", error=f"lost the lease on {repo.did}: another run took it "
-                           "over after this one stopped renewing it; that run syncs it, this one wrote nothing")
+    def attempt(repo: ClaimedRepo) -> RepoOutcome | None:
+        busy_host = None
+        try:
+            if repo.did not in lease.lost:  # else taken over while it waited in this run's queue
+                try:
+                    return sync_one(repo, lease)
+                except HostBusy as busy:
+                    busy_host = busy.host
+                    return None
+                except LeaseLost:
+                    pass
+            return RepoOutcome(repo.did, "lost", error=f"lost the lease on {repo.did}: another run took it "
+                               "over after this one stopped renewing it; that run syncs it, this one wrote nothing")
+        finally:
+            aside.finished(repo, busy_host)
 
-    def claims() -> Iterator[ClaimedRepo]:
+    def claimed_repos() -> Iterator[ClaimedRepo]:
         nonlocal claimed
         run_start = datetime.now(timezone.utc)
-        while True:
+        while not lease.stopping.is_set():
             with pool.connection() as conn:
                 repos = ledger.claim_due(conn, lease, buckets, batch, due_before=run_start)
             if not repos:
@@ -250,11 +303,28 @@ def sync_leased(
                 on_claim(repos)
             yield from repos
 
+    def claims() -> Iterator[ClaimedRepo | object]:
+        """Each repo put aside as soon as its host has room, ahead of the claimed ones; once no claim
+        is left, those put aside as their hosts free up (NOT_YET meanwhile: outcomes go on)."""
+        for repo in claimed_repos():
+            while (ready := aside.ready()) is not None:
+                aside.handed_out()
+                yield ready
+            aside.handed_out()
+            yield repo
+        while not lease.stopping.is_set() and not aside.done():
+            ready = aside.ready()
+            if ready is not None:
+                aside.handed_out()
+            yield NOT_YET if ready is None else ready
+
     outcomes = completed_map(attempt, claims(), threads)
     try:
         with Heartbeat(lease, pool.connection):
             try:
                 for outcome in outcomes:
+                    if outcome is None:
+                        continue  # put aside: handed out again once its host has room
                     report.outcomes.append(outcome)
                     if outcome.status == "lost":
                         log.warning("%s: %s", outcome.did, outcome.error)

@@ -51,6 +51,8 @@ class RepoSourceResource(dg.ConfigurableResource):
     allow_private_hosts: bool | None = Field(default=None, description="default ATPROTO_ALLOW_PRIVATE_HOSTS")
     verify_signatures: bool = Field(default=_ENV.verify_signatures, description="REPO_VERIFY_SIGNATURES")
     concurrency: int = Field(default=_ENV.concurrency, ge=1, description="repo downloads at once (REPO_CONCURRENCY)")
+    host_concurrency: int = Field(default=_ENV.host_concurrency, ge=1,
+                                  description="repo downloads at once from one host (REPO_HOST_CONCURRENCY)")
     max_car_bytes: int = Field(default=_ENV.max_car_bytes, gt=0, description="REPO_MAX_CAR_BYTES")
     fetch_timeout_seconds: float = Field(default=_ENV.fetch_timeout_seconds, gt=0,
                                          description="REPO_FETCH_TIMEOUT_SECONDS")
@@ -63,6 +65,7 @@ class RepoSourceResource(dg.ConfigurableResource):
     def settings(self) -> RepoSettings:
         """The environment's REPO_* settings with this resource's fields in their place."""
         return RepoSettings.load(verify_signatures=self.verify_signatures, concurrency=self.concurrency,
+                                 host_concurrency=self.host_concurrency,
                                  max_car_bytes=self.max_car_bytes, fetch_timeout_seconds=self.fetch_timeout_seconds,
                                  fetch_min_bytes_per_second=self.fetch_min_bytes_per_second,
                                  whole_car_memory_bytes=self.whole_car_memory_bytes)

@@ -19,6 +19,10 @@ class RepoSettings(EnvSettings):
         default_factory=list, description="comma-separated PDS or relay URLs to list repos from (listRepos)")
     verify_signatures: EnvBool = Field(default=True, description="check each commit's signature against the DID key")
     concurrency: int = Field(default=8, ge=1, description="repo downloads at once per run")
+    host_concurrency: int = Field(
+        default=4, ge=1, description="repo downloads at once per run from any one host (at most REPO_CONCURRENCY): "
+        "a slow host keeps this many, the other hosts the rest; raise it to REPO_CONCURRENCY when one host "
+        "(a single PDS) serves every repo")
     max_car_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="a larger repo export fails that repo")
     fetch_timeout_seconds: float = Field(
         default=120.0, gt=0, description="deadline for one whole repo download, plus 1 s per "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from migration_assets.core.concurrency import completed_map, ordered_map
+from migration_assets.core.concurrency import NOT_YET, HostBusy, HostSlots, completed_map, ordered_map
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,6 +79,52 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process parents from /proc")
+def test_as_completed_results_come_while_the_input_has_nothing_yet():
+    """The input waits (NOT_YET) for the slow item, which waits for the quick one's result to be taken."""
+    taken_quick = threading.Event()
+
+    def items():
+        yield "slow"
+        yield "quick"
+        while not taken_quick.is_set():
+            yield NOT_YET
+
+    def work(item: str) -> str:
+        if item == "slow":
+            assert taken_quick.wait(30), "the quick result was not yielded while the input waited"
+        return item
+
+    results = []
+    for result in completed_map(work, items(), 2):
+        results.append(result)
+        if result == "quick":
+            taken_quick.set()
+    assert results == ["quick", "slow"]
+
+
+def test_host_slots_keep_each_host_to_its_share_of_the_total():
+    slots = HostSlots(total=3, per_host=2)
+    with slots.hold("slow:443"), slots.hold("slow:443"):
+        with pytest.raises(HostBusy) as busy:
+            with slots.hold("slow:443", wait_for_host=False):
+                pass
+        assert busy.value.host == "slow:443"
+        assert not slots.has_room("slow:443") and slots.has_room("quick:443")
+        taken = threading.Event()
+        with slots.hold("quick:443"):  # the third and last slot
+            waiter = threading.Thread(target=lambda: slots.hold("other:443", wait_for_host=False).__enter__()
+                                      or taken.set())
+            waiter.start()  # another host at no share waits for a slot, not HostBusy
+            assert not taken.wait(0.2), "a fourth slot was given out"
+        waiter.join(10)
+        assert taken.is_set(), "the slot given back was not taken by the waiting host"
+    assert slots.has_room("slow:443")
+
+
+def test_host_slots_share_never_exceeds_the_total():
+    assert HostSlots(total=2, per_host=8).per_host == 2
+
+
 def test_pool_workers_leave_when_their_run_is_killed():
     code = ("from migration_assets.core.concurrency import ordered_map_in_processes\n"
             "from tests.core.pool_work import pid_after\n"

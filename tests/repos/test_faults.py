@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import unquote
 
 import httpx
 import psycopg
@@ -35,15 +36,17 @@ def post(n: int) -> dict:
 
 
 @contextmanager
-def routed(network, pds_intercept=None, pds_rewrite=None, signing_key: str | None = None) -> Iterator[tuple]:
-    """(PLC proxy, PDS proxy): DID documents from the PLC proxy point at the PDS proxy. The documents
-    stored by earlier syncs are forgotten, as if their TTL had run out, so the proxy's are used."""
+def routed(network, pds_intercept=None, pds_rewrite=None, signing_key: str | None = None,
+           only: set[str] | None = None) -> Iterator[tuple]:
+    """(PLC proxy, PDS proxy): DID documents from the PLC proxy point at the PDS proxy (`only` these
+    DIDs' documents, if given). The documents stored by earlier syncs are forgotten, as if their TTL
+    had run out, so the proxy's are used."""
     with psycopg.connect(os.environ["MIGRATION_DATABASE_URL"], autocommit=True) as conn:
         conn.execute("DELETE FROM did_documents")
     real_pds = network.pdses[0].url
     with http_proxy(real_pds, pds_intercept, pds_rewrite) as pds_proxy:
         def rewrite_document(method: str, path: str, reply: Reply) -> Reply:
-            if reply.status != 200:
+            if reply.status != 200 or (only is not None and unquote(path).strip("/") not in only):
                 return reply
             text = reply.body.decode().replace(real_pds, pds_proxy.url)
             if signing_key:
@@ -279,6 +282,56 @@ def test_a_slow_repo_holds_up_only_its_own_thread(pds, target_url, target, atpro
     assert pds_proxy.count(f"getRepo?did={held[0].replace(':', '%3A')}") == 1
     assert report.by_status() == {"synced": len(dids)}
     assert report.outcomes[-1].did == held[0], "the held repo's outcome came before the others'"
+
+
+def test_a_slow_host_keeps_its_share_of_the_downloads_and_the_other_hosts_go_on(pds, target_url, target, atproto_env):
+    """Half the repos are served by a host (the PDS proxy) that holds every download until each repo of
+    the other host (the PDS itself) is synced. With two download slots, one per host: before, the slow
+    host's repos took both slots, then every thread, waiting for one, so the quick host's repos waited
+    for the slow host's until the proxy gave up on them."""
+    accounts = [pds.create_account(handle()) for _ in range(12)]
+    for account in accounts:
+        pds.create_records(account, POSTS, [post(0)])
+    dids = sorted(account.did for account in accounts)  # claimed in DID order: the hosts alternate
+    slow, quick = set(dids[::2]), dids[1::2]
+    holding, held = [0], []  # downloads held right now; each hold's end
+    lock = threading.Lock()
+
+    def quick_ones_synced() -> bool:
+        rows = target.execute("SELECT count(*) FROM repos WHERE did = ANY(%s) AND status = 'synced'",
+                              (quick,)).fetchone()
+        return rows[0] == len(quick)
+
+    def hold_until_the_quick_ones_are_synced(method: str, path: str) -> Reply | None:
+        if "sync.getRepo" not in path:
+            return None
+        with lock:
+            holding[0] += 1
+            held.append(holding[0])
+        deadline = time.monotonic() + 60
+        while not quick_ones_synced() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with lock:
+            holding[0] -= 1
+            held.append("released" if quick_ones_synced() else "gave up")
+        return None  # then answered by the PDS
+
+    settings = RepoSettings()
+    with target.transaction():
+        ledger.enqueue(target, dids, settings.buckets)
+    pool = shared_pool(target_url)
+    with routed(atproto_env, pds_intercept=hold_until_the_quick_ones_are_synced, only=slow) as (plc, pds_proxy):
+        source = RepoSourceResource(plc_url=plc.url, concurrency=2, host_concurrency=1)  # 4 threads
+        clients = HostClients(HostRateLimiter(target_url), timeout=120, allow_private_hosts=True)
+        try:
+            report = backfill_buckets(pool, source.syncer(pool, clients), list(range(settings.buckets)))
+        finally:
+            clients.close()
+    assert "gave up" not in held, "the quick host's repos waited for the slow host's downloads"
+    assert max(n for n in held if isinstance(n, int)) == 1, "the slow host held more than its share"
+    assert pds_proxy.count("sync.getRepo") == len(slow)  # each slow repo downloaded once, none refused
+    assert report.by_status() == {"synced": len(dids)}
+    assert {o.did for o in report.outcomes[:len(quick)]} == set(quick), "a slow repo came before a quick one"
 
 
 def other_signing_key() -> str:
