@@ -54,8 +54,8 @@ def completed_map(fn: Callable[[In], Out], items: Iterable[In], concurrency: int
     with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="work") as pool:
         pending: set[Future[Out]] = set()
 
-        def next_result(timeout: float | None = None) -> Out:
-            future = finished.get(timeout=timeout)
+        def next_result(future: Future[Out] | None = None) -> Out:
+            future = future or finished.get()
             pending.discard(future)
             return future.result()
 
@@ -63,9 +63,10 @@ def completed_map(fn: Callable[[In], Out], items: Iterable[In], concurrency: int
             for item in items:
                 if item is NOT_YET:
                     try:
-                        yield next_result(timeout=0.5)
+                        done = finished.get(timeout=0.5)
                     except queue.Empty:
-                        pass  # asks its input again
+                        continue  # asks its input again
+                    yield next_result(done)
                     continue
                 future = pool.submit(fn, item)
                 pending.add(future)
@@ -124,7 +125,7 @@ class HostSlots:
         self._held: Counter[str] = Counter()
 
     def has_room(self, host: str) -> bool:
-        """Whether `host` holds fewer than its share (call holding `changed`, or as a hint)."""
+        """Whether `host` holds fewer than its share (a hint unless the caller holds `changed`)."""
         return self._held[host] < self.per_host
 
     @contextmanager

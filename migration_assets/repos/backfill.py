@@ -192,10 +192,12 @@ class RepoSyncer:
                                    max_bytes=self.settings.max_car_bytes,
                                    what=f"getRepo of {did} (for a slow host, raise REPO_FETCH_TIMEOUT_SECONDS "
                                         "or lower REPO_FETCH_MIN_BYTES_PER_SECOND)")
-        with (self.downloads.hold(xrpc.host_key(pds), wait_for_host),
-              client.stream("com.atproto.sync.getRepo", {"did": did}, deadline=deadline) as response):
-            chunks = _until_stopped(response.iter_bytes(), lease)
-            return read_snapshot(did, chunks, self.settings.max_car_bytes, self.settings.scope, self.whole_cars)
+        with self.downloads.hold(xrpc.host_key(pds), wait_for_host):
+            if lease.stopping.is_set():  # stopped while this waited for a slot
+                raise RunStopping("the run is stopping: the repo was given back before its download")
+            with client.stream("com.atproto.sync.getRepo", {"did": did}, deadline=deadline) as response:
+                chunks = _until_stopped(response.iter_bytes(), lease)
+                return read_snapshot(did, chunks, self.settings.max_car_bytes, self.settings.scope, self.whole_cars)
 
 
 def _until_stopped(chunks: Iterable[bytes], lease: Lease) -> Iterator[bytes]:
@@ -232,24 +234,37 @@ class _PutAside:
         self.slots = slots
         self.by_host: dict[str, deque[ClaimedRepo]] = defaultdict(deque)
         self.out = 0  # repos handed out and not finished: any of them may still be put aside
+        self.again: Counter[str] = Counter()  # of those, the ones handed out again, by host
         self._lock = threading.Lock()
 
-    def handed_out(self) -> None:
+    def handed_out(self, repo: ClaimedRepo, host: str | None = None) -> ClaimedRepo:
         with self._lock:
             self.out += 1
+            if host is not None:
+                self.again[host] += 1
+        return repo
 
-    def finished(self, repo: ClaimedRepo, busy_host: str | None) -> None:
+    def finished(self, busy_host: str | None, again_host: str | None, repo: ClaimedRepo) -> None:
         with self._lock:
             self.out -= 1
+            if again_host is not None:
+                self.again[again_host] -= 1
             if busy_host is not None:
                 self.by_host[busy_host].append(repo)
 
-    def ready(self) -> ClaimedRepo | None:
-        """A repo put aside whose host has a slot free now, if any."""
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(map(len, self.by_host.values()))
+
+    def ready(self) -> tuple[ClaimedRepo, str] | None:
+        """A repo put aside, and its host, if that host has a slot free now and fewer than its share
+        handed out again (a slot freed would otherwise send the whole queue to it, all but one to be
+        put aside again)."""
         with self._lock:
             for host, repos in self.by_host.items():
-                if repos and self.slots.has_room(host):
-                    return repos.popleft()
+                if repos and (self.slots is None or (self.slots.has_room(host)
+                                                     and self.again[host] < self.slots.per_host)):
+                    return repos.popleft(), host
         return None
 
     def done(self) -> bool:
@@ -269,10 +284,12 @@ def sync_leased(
     `sync_one` writes each outcome inside `lease.holding`; a repo whose lease was lost ends `lost`.
     `on_claim` sees each claimed batch first (the backfill loads its stored DID documents at once).
     A repo that `sync_one` finds its host busy for (HostBusy, a host at its share of `slots`) is put
-    aside and handed out again once that host has room (_PutAside)."""
+    aside and handed out again once that host has room (_PutAside); while `batch` repos are aside,
+    no more are claimed (the others are left to the runs sharing the bucket)."""
     started, report = time.monotonic(), BackfillReport()
     claimed = 0
     aside = _PutAside(slots)
+    again: dict[str, str] = {}  # did -> host, for the repos handed out again
 
     def attempt(repo: ClaimedRepo) -> RepoOutcome | None:
         busy_host = None
@@ -285,15 +302,18 @@ def sync_leased(
                     return None
                 except LeaseLost:
                     pass
+                except BaseException:
+                    lease.stopping.set()  # the run fails: the downloads in flight end now
+                    raise
             return RepoOutcome(repo.did, "lost", error=f"lost the lease on {repo.did}: another run took it "
                                "over after this one stopped renewing it; that run syncs it, this one wrote nothing")
         finally:
-            aside.finished(repo, busy_host)
+            aside.finished(busy_host, again.pop(repo.did, None), repo)
 
     def claimed_repos() -> Iterator[ClaimedRepo]:
         nonlocal claimed
         run_start = datetime.now(timezone.utc)
-        while not lease.stopping.is_set():
+        while True:
             with pool.connection() as conn:
                 repos = ledger.claim_due(conn, lease, buckets, batch, due_before=run_start)
             if not repos:
@@ -304,19 +324,21 @@ def sync_leased(
             yield from repos
 
     def claims() -> Iterator[ClaimedRepo | object]:
-        """Each repo put aside as soon as its host has room, ahead of the claimed ones; once no claim
-        is left, those put aside as their hosts free up (NOT_YET meanwhile: outcomes go on)."""
-        for repo in claimed_repos():
-            while (ready := aside.ready()) is not None:
-                aside.handed_out()
-                yield ready
-            aside.handed_out()
-            yield repo
-        while not lease.stopping.is_set() and not aside.done():
-            ready = aside.ready()
-            if ready is not None:
-                aside.handed_out()
-            yield NOT_YET if ready is None else ready
+        """Each repo put aside as soon as its host has room, ahead of the claimed ones; while `batch`
+        are aside, or once no claim is left, none claimed (NOT_YET meanwhile: outcomes go on)."""
+        fresh, left = claimed_repos(), True
+        while left or not aside.done():
+            if (ready := aside.ready()) is not None:
+                repo, host = ready
+                again[repo.did] = host
+                yield aside.handed_out(repo, host)
+            elif left and aside.waiting() < batch:
+                repo = next(fresh, None)
+                left = repo is not None
+                if left:
+                    yield aside.handed_out(repo)
+            else:
+                yield NOT_YET
 
     outcomes = completed_map(attempt, claims(), threads)
     try:

@@ -78,7 +78,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process parents from /proc")
 def test_as_completed_results_come_while_the_input_has_nothing_yet():
     """The input waits (NOT_YET) for the slow item, which waits for the quick one's result to be taken."""
     taken_quick = threading.Event()
@@ -125,6 +124,7 @@ def test_host_slots_share_never_exceeds_the_total():
     assert HostSlots(total=2, per_host=8).per_host == 2
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads process parents from /proc")
 def test_pool_workers_leave_when_their_run_is_killed():
     code = ("from migration_assets.core.concurrency import ordered_map_in_processes\n"
             "from tests.core.pool_work import pid_after\n"
