@@ -113,39 +113,36 @@ class HostSlots:
     """`total` slots shared by hosts, at most `per_host` of them held for any one host: a host that
     serves slowly (a heavy account's export, a host dripping bytes) keeps its share, and the others
     go on with the rest. Alone, a slow host would take every slot in turn, as the quick hosts' slots
-    free up and are taken by the next of its repos.
-
-    `changed` is notified whenever a slot is given back, so work put aside for a busy host (HostBusy)
-    can wait on it."""
+    free up and are taken by the next of its repos."""
 
     def __init__(self, total: int, per_host: int) -> None:
         self.total = total
         self.per_host = max(1, min(per_host, total))
-        self.changed = threading.Condition()
+        self._changed = threading.Condition()
         self._held: Counter[str] = Counter()
 
     def has_room(self, host: str) -> bool:
-        """Whether `host` holds fewer than its share (a hint unless the caller holds `changed`)."""
+        """Whether `host` holds fewer than its share now (a hint: another thread may take a slot next)."""
         return self._held[host] < self.per_host
 
     @contextmanager
     def hold(self, host: str, wait_for_host: bool = True) -> Iterator[None]:
         """A slot for `host` while the block runs. A slot held by another host is always waited for;
         a host at its share is waited for too, or raises HostBusy if not `wait_for_host`."""
-        with self.changed:
+        with self._changed:
             while self._held.total() >= self.total or not self.has_room(host):
                 if not wait_for_host and not self.has_room(host):
                     raise HostBusy(host)
-                self.changed.wait()
+                self._changed.wait()
             self._held[host] += 1
         try:
             yield
         finally:
-            with self.changed:
+            with self._changed:
                 self._held[host] -= 1
                 if not self._held[host]:
                     del self._held[host]
-                self.changed.notify_all()
+                self._changed.notify_all()
 
 
 def ordered_map_in_processes(fn: Callable[[In], Out], items: Iterable[In], processes: int) -> Iterator[Out]:

@@ -14,7 +14,7 @@ outcome is fenced by the lease: a run whose lease was taken over writes nothing 
 import logging
 import threading
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -232,25 +232,27 @@ class _PutAside:
 
     def __init__(self, slots: HostSlots | None) -> None:
         self.slots = slots
-        self.by_host: dict[str, deque[ClaimedRepo]] = defaultdict(deque)
+        self.by_host: dict[str, deque[ClaimedRepo]] = {}  # hosts with repos aside only
         self.out = 0  # repos handed out and not finished: any of them may still be put aside
         self.again: Counter[str] = Counter()  # of those, the ones handed out again, by host
+        self._host_of: dict[str, str] = {}  # did -> host, of the repos handed out again
         self._lock = threading.Lock()
 
-    def handed_out(self, repo: ClaimedRepo, host: str | None = None) -> ClaimedRepo:
+    def handed_out(self, repo: ClaimedRepo, again_to: str | None = None) -> ClaimedRepo:
         with self._lock:
             self.out += 1
-            if host is not None:
-                self.again[host] += 1
+            if again_to is not None:
+                self.again[again_to] += 1
+                self._host_of[repo.did] = again_to
         return repo
 
-    def finished(self, busy_host: str | None, again_host: str | None, repo: ClaimedRepo) -> None:
+    def finished(self, repo: ClaimedRepo, busy_host: str | None) -> None:
         with self._lock:
             self.out -= 1
-            if again_host is not None:
-                self.again[again_host] -= 1
+            if (host := self._host_of.pop(repo.did, None)) is not None:
+                self.again[host] -= 1
             if busy_host is not None:
-                self.by_host[busy_host].append(repo)
+                self.by_host.setdefault(busy_host, deque()).append(repo)
 
     def waiting(self) -> int:
         with self._lock:
@@ -262,15 +264,17 @@ class _PutAside:
         put aside again)."""
         with self._lock:
             for host, repos in self.by_host.items():
-                if repos and (self.slots is None or (self.slots.has_room(host)
-                                                     and self.again[host] < self.slots.per_host)):
-                    return repos.popleft(), host
+                if self.slots is None or (self.slots.has_room(host) and self.again[host] < self.slots.per_host):
+                    repo = repos.popleft()
+                    if not repos:
+                        del self.by_host[host]
+                    return repo, host
         return None
 
     def done(self) -> bool:
         """Nothing put aside, and nothing out that could be."""
         with self._lock:
-            return self.out == 0 and not any(self.by_host.values())
+            return self.out == 0 and not self.by_host
 
 
 def sync_leased(
@@ -289,7 +293,6 @@ def sync_leased(
     started, report = time.monotonic(), BackfillReport()
     claimed = 0
     aside = _PutAside(slots)
-    again: dict[str, str] = {}  # did -> host, for the repos handed out again
 
     def attempt(repo: ClaimedRepo) -> RepoOutcome | None:
         busy_host = None
@@ -308,7 +311,7 @@ def sync_leased(
             return RepoOutcome(repo.did, "lost", error=f"lost the lease on {repo.did}: another run took it "
                                "over after this one stopped renewing it; that run syncs it, this one wrote nothing")
         finally:
-            aside.finished(busy_host, again.pop(repo.did, None), repo)
+            aside.finished(repo, busy_host)
 
     def claimed_repos() -> Iterator[ClaimedRepo]:
         nonlocal claimed
@@ -329,9 +332,7 @@ def sync_leased(
         fresh, left = claimed_repos(), True
         while left or not aside.done():
             if (ready := aside.ready()) is not None:
-                repo, host = ready
-                again[repo.did] = host
-                yield aside.handed_out(repo, host)
+                yield aside.handed_out(*ready)
             elif left and aside.waiting() < batch:
                 repo = next(fresh, None)
                 left = repo is not None
