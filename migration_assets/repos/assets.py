@@ -89,12 +89,21 @@ def outcome_metadata(report: BackfillReport) -> dict:
             "\n".join(["| did | outcome | next retry (UTC) | error |", "|---|---|---|---|", *failure_rows])
             if failures else "none"
         ),
+        "repos_waited_for_busy_host": dg.MetadataValue.int(sum(report.waited_for_host.values())),
+        "busy_hosts": dg.MetadataValue.md(busy_hosts_table(report) if report.waited_for_host else "none"),
         "slowest_repos": dg.MetadataValue.md("\n".join(
             ["| did | seconds | records |", "|---|---|---|"]
             + [f"| {o.did} | {o.seconds:.2f} | {o.records} |" for o in slowest]
         )),
         "dagster/row_count": dg.MetadataValue.int(report.records_seen),
     }
+
+
+def busy_hosts_table(report: BackfillReport) -> str:
+    """The hosts that held their share of the downloads (REPO_HOST_CONCURRENCY) while more of their repos
+    were due: those repos waited aside while the other hosts' went on."""
+    rows = [f"| {host} | {n} |" for host, n in report.waited_for_host.most_common(50)]
+    return "\n".join(["| host | repos that waited for a download slot |", "|---|---|", *rows])
 
 
 @dg.asset(
@@ -124,6 +133,10 @@ def repos(
         report = backfill_buckets(pool, repo_source.syncer(pool, clients), [bucket], progress)
     finally:
         clients.close()
+    if report.waited_for_host:
+        context.log.info(f"{sum(report.waited_for_host.values())} repos waited for their host's share of the "
+                         f"downloads ({repo_source.host_concurrency} at once per host, REPO_HOST_CONCURRENCY) "
+                         f"while the other hosts' went on: {dict(report.waited_for_host.most_common(10))}")
     with postgres.connection() as conn:
         outcomes = checks.run_checks(conn, [bucket])
     return dg.MaterializeResult(

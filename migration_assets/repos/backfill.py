@@ -64,6 +64,8 @@ class RepoOutcome:
 class BackfillReport:
     outcomes: list[RepoOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    # host -> repos that waited aside for it at least once, the host holding its share of the downloads
+    waited_for_host: Counter = field(default_factory=Counter)
 
     def by_status(self) -> Counter:
         return Counter(o.status for o in self.outcomes)
@@ -236,6 +238,7 @@ class _PutAside:
         self.out = 0  # repos handed out and not finished: any of them may still be put aside
         self.again: Counter[str] = Counter()  # of those, the ones handed out again, by host
         self._host_of: dict[str, str] = {}  # did -> host, of the repos handed out again
+        self.waited: Counter[str] = Counter()  # host -> repos put aside for it at least once
         self._lock = threading.Lock()
 
     def handed_out(self, repo: ClaimedRepo, again_to: str | None = None) -> ClaimedRepo:
@@ -251,8 +254,15 @@ class _PutAside:
             self.out -= 1
             if (host := self._host_of.pop(repo.did, None)) is not None:
                 self.again[host] -= 1
-            if busy_host is not None:
-                self.by_host.setdefault(busy_host, deque()).append(repo)
+            if busy_host is None:
+                return
+            self.by_host.setdefault(busy_host, deque()).append(repo)
+            if host is None:  # put aside for the first time (one handed out again was counted then)
+                self.waited[busy_host] += 1
+            first = self.waited[busy_host] == 1 and host is None
+        if first:
+            log.info("%s holds its share of the download slots (REPO_HOST_CONCURRENCY): its next repos wait "
+                     "aside while the other hosts' go on", busy_host)
 
     def waiting(self) -> int:
         with self._lock:
@@ -290,9 +300,9 @@ def sync_leased(
     A repo that `sync_one` finds its host busy for (HostBusy, a host at its share of `slots`) is put
     aside and handed out again once that host has room (_PutAside); while `batch` repos are aside,
     no more are claimed (the others are left to the runs sharing the bucket)."""
-    started, report = time.monotonic(), BackfillReport()
-    claimed = 0
+    started, claimed = time.monotonic(), 0
     aside = _PutAside(slots)
+    report = BackfillReport(waited_for_host=aside.waited)
 
     def attempt(repo: ClaimedRepo) -> RepoOutcome | None:
         busy_host = None

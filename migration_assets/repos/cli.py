@@ -75,8 +75,10 @@ def discovery_summary(meta: dict) -> str:
 
 def bucket_summary(meta: dict) -> str:
     outcomes = ", ".join(f"{n} {status}" for status, n in sorted(meta["outcomes"].items())) or "nothing due"
+    waited = meta.get("repos_waited_for_busy_host", 0)
     return f"{outcomes}; {meta['records_seen']} records ({meta['records_created']} new, " \
-           f"{meta['records_updated']} updated, {meta['records_deleted']} deleted)"
+           f"{meta['records_updated']} updated, {meta['records_deleted']} deleted)" \
+           + (f"; {waited} waited for a busy host's download slot" if waited else "")
 
 
 def print_totals(outcomes: Counter, records: int, seconds: float) -> None:

@@ -17,6 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from migration_assets.atproto.ratelimit import HostRateLimiter
+from migration_assets.atproto.xrpc import host_key
 from migration_assets.atproto.signature import PublicKey
 from migration_assets.core.postgres import shared_pool
 from migration_assets.repos import ledger
@@ -332,6 +333,10 @@ def test_a_slow_host_keeps_its_share_of_the_downloads_and_the_other_hosts_go_on(
     assert pds_proxy.count("sync.getRepo") == len(slow)  # each slow repo downloaded once, none refused
     assert report.by_status() == {"synced": len(dids)}
     assert {o.did for o in report.outcomes[:len(quick)]} == set(quick), "a slow repo came before a quick one"
+    # The run counts, by host, the repos that waited for a slot (the asset's `busy_hosts`), each once: all
+    # the slow host's but the one that took its slot at once (the quick host's too wait their turn, briefly).
+    assert 0 < report.waited_for_host[host_key(pds_proxy.url)] < len(slow), report.waited_for_host
+    assert set(report.waited_for_host) <= {host_key(pds_proxy.url), host_key(pds.pds.url)}, report.waited_for_host
 
 
 def other_signing_key() -> str:

@@ -9,7 +9,9 @@ from psycopg_pool import ConnectionPool
 
 from migration_assets.core.concurrency import HostSlots
 from migration_assets.repos import ledger
+from migration_assets.repos.assets import outcome_metadata
 from migration_assets.repos.backfill import RepoOutcome, sync_leased
+from migration_assets.repos.cli import bucket_summary
 from migration_assets.repos.collections import RecordScope
 from migration_assets.repos.ledger import ClaimedRepo
 
@@ -104,3 +106,11 @@ def test_a_slow_host_leaves_the_rest_of_the_bucket_unclaimed_and_every_repo_is_s
     # Handed out again only when the host has room, one at a time: about two attempts per slow repo
     # (put aside once, then synced): 380 here, against 1,600 when each slot freed drew every repo aside.
     assert sum(attempts.values()) < 3 * REPOS, f"{sum(attempts.values())} attempts for {REPOS} repos"
+    # Each repo tried more than once was put aside: the run counts it once for its host, however often.
+    waited = sum(1 for did, n in attempts.items() if n > 1)
+    assert report.waited_for_host == {"slow:443": waited}, (report.waited_for_host, waited)
+    # What the run's materialization shows in the UI, and the CLI prints, of it.
+    shown = {name: value.value for name, value in outcome_metadata(report).items()}
+    assert shown["repos_waited_for_busy_host"] == waited
+    assert f"| slow:443 | {waited} |" in shown["busy_hosts"].splitlines()
+    assert bucket_summary(shown).endswith(f"; {waited} waited for a busy host's download slot")
