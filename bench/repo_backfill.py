@@ -10,7 +10,8 @@ each in the dev PLC) was taken from the PDSes serving the downloads being compar
 2. backfill: the project's backfill of the same repos (resolve, stream + verify the CAR, verify the
    signature, walk the MST, diff, store in PostgreSQL), same concurrency: accounts/min, records/s,
    CPU seconds of each process (this one, the PDSes, the PLC, PostgreSQL) and the PLC lookups made
-   (one per DID: a repeated one would be waste). Target: >= 0.7x the download loop. Then the same
+   (one per DID: a repeated one would be waste). Target: >= 0.7x the download loop. `backfill_cpu_bound`
+   says what that CPU allows here: spread perfectly over the cores, the backfill's floor and best ratio. Then the same
    backfill again into a fresh database holding the DID documents the first one stored, as a rerun
    within ATPROTO_IDENTITY_TTL_SECONDS (or any deployment whose PLC is not on this machine) meets them:
    no PLC lookup, so what the PLC's share of these two cores costs the backfill shows.
@@ -236,6 +237,19 @@ def store_round(n: int, cpu: CpuMeter, server_url: str, cars: dict, repos: dict,
             "cpu_seconds": {"store_from_memory": cpu.seconds["store_from_memory"], "raw_copy": cpu.seconds["raw_copy"]}}
 
 
+def cpu_bound(round_: dict) -> dict:
+    """What the CPU the backfill's processes used allows on this machine: spread perfectly over the usable
+    cores, the backfill would take `floor_seconds`, so at best `max_ratio` of the raw download loop. The
+    loop leaves cores idle (the PDSes' one Node thread is its bound); the backfill needs the PLC, PostgreSQL
+    and this process on the same cores."""
+    used = round_["cpu_seconds"]["backfill"]
+    total = round(sum(used.values()), 2)
+    floor = total / machine_info()["cpus_usable"]
+    return {"cpu_seconds": total, "floor_seconds": round(floor, 2),
+            "max_ratio": round(round_["download_seconds"] / floor, 3),
+            "raw_download_cpu_seconds": round(sum(round_["cpu_seconds"]["download"].values()), 2)}
+
+
 def child_run(url: str, concurrency: int) -> None:
     """Step 4's worker: one run over every bucket. Says `ready` once set up, starts on a line on stdin,
     prints its outcome counts as JSON."""
@@ -418,6 +432,7 @@ def main(argv=None) -> None:
             "vs_download": backfill_median["identities_stored_ratio"],
             "vs_download_rounds": spread(backfills, "identities_stored_ratio")},
         "backfill_target": DOWNLOAD_TARGET,
+        "backfill_cpu_bound": cpu_bound(backfill_median),
         "store_from_memory": {"seconds": store_median["store_seconds"],
                               "records_per_second": round(records / store_median["store_seconds"], 1)},
         "raw_copy": {"seconds": store_median["copy_seconds"],
