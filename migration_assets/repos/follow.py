@@ -119,6 +119,7 @@ class Follower:
         # stored its (maybe older) snapshot, a repo still behind is resynced.
         self._behind_claims: dict[str, str] = {}
         self._read_seq: int | None = None  # the last seq read from the stream
+        self._relay = False  # the stream carried a repo hosted elsewhere (saved with the cursor: is_relay)
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -358,7 +359,7 @@ class Follower:
                     cursor, last_time = event.seq, event.time
             writes.flush(conn)
             if cursor is not None:
-                save_cursor(conn, self.host, cursor)
+                save_cursor(conn, self.host, cursor, self._relay)
         return resync, cursor, last_time
 
     def _apply_event(self, conn: psycopg.Connection, event: StreamEvent, checked: Checked | None,
@@ -369,9 +370,10 @@ class Follower:
             self.report.identities += 1
             return []
         if isinstance(event, InfoEvent):
-            if event.name == "OutdatedCursor":
+            if event.name == "OutdatedCursor":  # events were missed: of this PDS's repos, or any repo's
                 self.report.outdated_cursor += 1
-                self.report.desyncs += ledger.make_host_due(conn, self.host)
+                relay = self._relay or is_relay(conn, self.host)
+                self.report.desyncs += ledger.make_host_due(conn, self.host, every_repo=relay)
             return []
         states.pop(event.did, None)  # #sync and #account change the ledger row: read it again when needed
         if isinstance(event, SyncEvent):
@@ -380,6 +382,8 @@ class Follower:
 
     def _apply_commit(self, conn: psycopg.Connection, event: CommitEvent, checked: Checked | None,
                       states: dict[str, RepoState], writes: _BatchWrites) -> list[str]:
+        if not self._relay and self._hosted_elsewhere(event.repo):
+            self._relay = True  # saved with this batch's cursor
         if event.repo not in states:
             states.update(ledger.lock_states(conn, [event.repo]))
         state = states.get(event.repo)
@@ -446,6 +450,13 @@ class Follower:
         else:
             store.mark_gone(conn, event.did, event.status, None, reason)
         return []
+
+    def _hosted_elsewhere(self, did: str) -> bool:
+        """Whether the DID's document (resolved before the batch) names another PDS: this host is a relay."""
+        document = self.syncer.resolver.cached(did)
+        if document is None or document.pds_endpoint.rstrip("/") == self.host:
+            return False
+        return host_key(document.pds_endpoint) != host_key(self.host)
 
     def _hosts(self, did: str) -> bool:
         """Whether this host is the DID's PDS (its document, resolved before the batch, says so): only
@@ -603,9 +614,16 @@ def load_cursor(conn: psycopg.Connection, host: str) -> int | None:
     return row[0] if row else None
 
 
-def save_cursor(conn: psycopg.Connection, host: str, cursor: int) -> None:
+def save_cursor(conn: psycopg.Connection, host: str, cursor: int, relay: bool = False) -> None:
+    """The cursor; and that the host is a relay, once its stream has carried a repo hosted elsewhere."""
     conn.execute(
-        """INSERT INTO repo_stream_cursors (host, cursor) VALUES (%s, %s)
-           ON CONFLICT (host) DO UPDATE SET cursor = excluded.cursor, updated_at = now()""",
-        (host, cursor),
+        """INSERT INTO repo_stream_cursors (host, cursor, relay) VALUES (%s, %s, %s)
+           ON CONFLICT (host) DO UPDATE SET cursor = excluded.cursor, updated_at = now(),
+               relay = repo_stream_cursors.relay OR excluded.relay""",
+        (host, cursor, relay),
     )
+
+
+def is_relay(conn: psycopg.Connection, host: str) -> bool:
+    row = conn.execute("SELECT relay FROM repo_stream_cursors WHERE host = %s", (host,)).fetchone()
+    return bool(row and row[0])

@@ -249,10 +249,11 @@ def lock_states(conn: psycopg.Connection, dids: list[str]) -> dict[str, RepoStat
     return {did: RepoState(*state) for did, *state in rows}
 
 
-def make_host_due(conn: psycopg.Connection, host: str) -> int:
-    """Events of this host were missed (OutdatedCursor): every repo synced from it is due again."""
+def make_host_due(conn: psycopg.Connection, host: str, every_repo: bool = False) -> int:
+    """Events of this host's stream were missed (OutdatedCursor): every repo synced from it is due again,
+    or, from a relay (`every_repo`: its stream carries every host's repos), every synced repo."""
     return conn.execute(
         "UPDATE repos SET status = 'pending', next_retry_at = NULL, updated_at = now() "
-        "WHERE status = 'synced' AND rtrim(pds, '/') = %s",
-        (host,),
+        "WHERE status = 'synced' AND (%s OR rtrim(pds, '/') = %s)",
+        (every_repo, host),
     ).rowcount

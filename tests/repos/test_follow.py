@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from migration_assets.core.postgres import shared_pool
 from migration_assets.core.settings import PROJECT_ROOT
-from migration_assets.repos.follow import Follower, load_cursor, save_cursor
+from migration_assets.repos.follow import Follower, is_relay, load_cursor, save_cursor
 from migration_assets.repos.resources import RepoSourceResource
 from migration_assets.repos.stream import Subscription
 from migration_assets.atproto.car import CarReader
@@ -235,6 +235,38 @@ def test_events_that_cannot_be_applied_desync_only_their_repo(pds, target, targe
 
     follower.apply([InfoEvent(name="OutdatedCursor")])
     assert {ledger_row(target, a.did)["status"] for a in accounts} == {"pending"}
+
+
+def test_a_gap_in_a_relays_stream_makes_every_synced_repo_due_and_the_resync_ends_exact(pds, target, target_url, instance):
+    """A relay's stream carries every host's repos, so a gap in it (OutdatedCursor) may hide any repo's
+    changes. Before, only the repos whose PDS was the relay's own URL were made due: none of them."""
+    alice, bob = pds.create_account(handle()), pds.create_account(handle())
+    for account in (alice, bob):
+        pds.create_records(account, POSTS, [post(0)])
+    sync_dids(instance, target, [alice.did, bob.did])
+    start = current_seq(pds.pds.url)
+    pds.create_records(alice, POSTS, [post(1)])
+    passed_on = next_commit(pds.pds.url, alice.did, start)  # as a relay passes on the PDS's event
+    relay = "http://127.0.0.1:9"  # the relay's URL: no repo's PDS
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    clients = source.clients(target_url)
+    try:
+        follower = Follower(pool, relay, source.syncer(pool, clients), buckets=source.settings.buckets)
+        follower.apply([passed_on])
+        assert follower.report.applied == 1 and is_relay(target, relay) and not is_relay(target, pds.pds.url)
+        # Away longer than the relay keeps its events, while both accounts wrote.
+        pds.create_records(alice, POSTS, [post(2)])
+        pds.create_records(bob, POSTS, [post(3)])
+        restarted = Follower(pool, relay, source.syncer(pool, clients), buckets=source.settings.buckets)
+        restarted.apply([InfoEvent(name="OutdatedCursor")])
+    finally:
+        clients.close()
+    assert restarted.report.desyncs == 2, restarted.report
+    assert {ledger_row(target, a.did)["status"] for a in (alice, bob)} == {"pending"}
+    sync_dids(instance, target, [alice.did, bob.did])
+    for account in (alice, bob):
+        assert exact(pds, target, account, (POSTS,)), account.did
 
 
 def test_commits_passed_while_a_bucket_run_holds_the_repo_are_not_lost(pds, target, target_url, instance):
