@@ -14,6 +14,8 @@ import httpx
 import psycopg
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from migration_assets.atproto.identity import StoredDocuments
+from migration_assets.atproto.signature import PublicKey
 from migration_assets.core.postgres import shared_pool
 from migration_assets.core.settings import PROJECT_ROOT
 from migration_assets.repos.follow import Follower, is_relay, load_cursor, save_cursor
@@ -235,6 +237,34 @@ def test_events_that_cannot_be_applied_desync_only_their_repo(pds, target, targe
 
     follower.apply([InfoEvent(name="OutdatedCursor")])
     assert {ledger_row(target, a.did)["status"] for a in accounts} == {"pending"}
+
+
+def test_a_commit_checked_against_a_stale_key_is_checked_again_with_the_key_resolved_anew(pds, target, target_url, instance):
+    """The stored DID document's key is stale (the account rotated it since): the commit's signature
+    fails against it, the DID is resolved once more, and the commit checks against the new key: it is
+    applied, no desync, and the new document replaces the stale one."""
+    alice = pds.create_account(handle())
+    pds.create_records(alice, POSTS, [post(0)])
+    sync_dids(instance, target, [alice.did])
+    start = current_seq(pds.pds.url)
+    pds.create_records(alice, POSTS, [post(1)])
+    event = next_commit(pds.pds.url, alice.did, start)
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    documents = StoredDocuments(pool)
+    (current, _), = documents.load([alice.did], 3600).values()
+    stale_key = PublicKey(private_key(ec.SECP256K1(), 0x57A1E).public_key()).did_key().removeprefix("did:key:")
+    documents.save(alice.did, current.model_copy(update={"signing_key": stale_key}))
+    clients = source.clients(target_url)
+    try:
+        follower = Follower(pool, pds.pds.url, source.syncer(pool, clients), buckets=source.settings.buckets)
+        follower.apply([event])
+    finally:
+        clients.close()
+    assert (follower.report.applied, follower.report.desyncs) == (1, 0), follower.report
+    assert exact(pds, target, alice, (POSTS,))
+    (stored, _), = documents.load([alice.did], 3600).values()
+    assert stored.signing_key == current.signing_key
 
 
 def test_a_gap_in_a_relays_stream_makes_every_synced_repo_due_and_the_resync_ends_exact(pds, target, target_url, instance):
