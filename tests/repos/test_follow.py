@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import httpx
 import psycopg
@@ -265,6 +265,25 @@ def test_a_commit_checked_against_a_stale_key_is_checked_again_with_the_key_reso
     assert exact(pds, target, alice, (POSTS,))
     (stored, _), = documents.load([alice.did], 3600).values()
     assert stored.signing_key == current.signing_key
+
+
+def test_the_lag_reported_is_how_long_ago_the_last_applied_event_was_made(pds, target, target_url, instance):
+    """The run's `lag_seconds`: an event the host made an hour ago, applied now, is an hour behind."""
+    alice = pds.create_account(handle())
+    sync_dids(instance, target, [alice.did])
+    start = current_seq(pds.pds.url)
+    pds.create_records(alice, POSTS, [post(1)])
+    event = next_commit(pds.pds.url, alice.did, start)
+    an_hour_ago = event.model_copy(update={"time": datetime.now(timezone.utc) - timedelta(hours=1)})
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    clients = source.clients(target_url)
+    try:
+        follower = Follower(pool, pds.pds.url, source.syncer(pool, clients), buckets=source.settings.buckets)
+        follower.apply([an_hour_ago])
+    finally:
+        clients.close()
+    assert follower.report.applied == 1 and 3600 <= follower.report.lag_seconds < 7200, follower.report
 
 
 def test_a_gap_in_a_relays_stream_makes_every_synced_repo_due_and_the_resync_ends_exact(pds, target, target_url, instance):

@@ -169,3 +169,22 @@ def test_the_follow_command_is_a_run_in_the_instance_and_fails_non_zero(pds, tar
     out = capsys.readouterr().out
     assert code == 1, out
     assert "FutureCursor" in out and "repo_stream_cursors" in out and "next step:" in out, out
+
+
+def test_the_follow_command_exits_non_zero_when_a_resync_fails(pds, target, dagster_home, instance, capsys):
+    """The stream applies, but a repo it desyncs cannot be fetched again (its stored DID document names a
+    PDS that is down): the command says so, with the next step, and exits 1."""
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    sync_dids(instance, target, [alice.did])
+    save_cursor(target, host, current_seq(host))
+    target.execute("UPDATE repos SET rev = '2222222222222' WHERE did = %s", (alice.did,))  # the next commit won't follow it
+    target.execute("UPDATE did_documents SET document = jsonb_set(document, '{pds_endpoint}', '\"http://127.0.0.1:9\"')"
+                   " WHERE did = %s", (alice.did,))
+    pds.create_records(alice, POSTS, [post(1)])
+    code = main(["repos", "follow", "--host", host, "--seconds", "5"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "1 desyncs" in out and "1 resyncs failed" in out and "next step:" in out, out
+    row = target.execute("SELECT status, last_error FROM repos WHERE did = %s", (alice.did,)).fetchone()
+    assert row[0] == "error" and "127.0.0.1:9" in row[1], row
