@@ -90,6 +90,19 @@ def exact(pds, target, account, collections=(POSTS, LIKES)) -> bool:
             and row["records_count"] == len(listed) and row["status"] == "synced")
 
 
+def applied(target_url: str, host: str, events: list) -> Follower:
+    """A follower of `host` (a fresh one, as after a restart) that has applied `events` as one batch."""
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    clients = source.clients(target_url)
+    try:
+        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets)
+        follower.apply(events)
+    finally:
+        clients.close()
+    return follower
+
+
 def test_follow_applies_commits_new_accounts_account_status_and_identity(pds, target, target_url, instance):
     host = pds.pds.url
     start = current_seq(host)
@@ -221,14 +234,7 @@ def test_events_that_cannot_be_applied_desync_only_their_repo(pds, target, targe
         fourth.model_copy(update={"ops": fourth.ops + [injected]}),  # a record the signed tree doesn't hold
         fine,
     ]
-    source = RepoSourceResource()
-    pool = shared_pool(target_url)
-    clients = source.clients(target_url)
-    try:
-        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets)
-        follower.apply(hostile)
-    finally:
-        clients.close()
+    follower = applied(target_url, host, hostile)
 
     assert (follower.report.applied, follower.report.desyncs, follower.report.resyncs) == (1, 4, 4), follower.report
     for account in accounts:
@@ -249,18 +255,11 @@ def test_a_commit_checked_against_a_stale_key_is_checked_again_with_the_key_reso
     start = current_seq(pds.pds.url)
     pds.create_records(alice, POSTS, [post(1)])
     event = next_commit(pds.pds.url, alice.did, start)
-    source = RepoSourceResource()
-    pool = shared_pool(target_url)
-    documents = StoredDocuments(pool)
+    documents = StoredDocuments(shared_pool(target_url))
     (current, _), = documents.load([alice.did], 3600).values()
     stale_key = PublicKey(private_key(ec.SECP256K1(), 0x57A1E).public_key()).did_key().removeprefix("did:key:")
     documents.save(alice.did, current.model_copy(update={"signing_key": stale_key}))
-    clients = source.clients(target_url)
-    try:
-        follower = Follower(pool, pds.pds.url, source.syncer(pool, clients), buckets=source.settings.buckets)
-        follower.apply([event])
-    finally:
-        clients.close()
+    follower = applied(target_url, pds.pds.url, [event])
     assert (follower.report.applied, follower.report.desyncs) == (1, 0), follower.report
     assert exact(pds, target, alice, (POSTS,))
     (stored, _), = documents.load([alice.did], 3600).values()
@@ -275,14 +274,7 @@ def test_the_lag_reported_is_how_long_ago_the_last_applied_event_was_made(pds, t
     pds.create_records(alice, POSTS, [post(1)])
     event = next_commit(pds.pds.url, alice.did, start)
     an_hour_ago = event.model_copy(update={"time": datetime.now(timezone.utc) - timedelta(hours=1)})
-    source = RepoSourceResource()
-    pool = shared_pool(target_url)
-    clients = source.clients(target_url)
-    try:
-        follower = Follower(pool, pds.pds.url, source.syncer(pool, clients), buckets=source.settings.buckets)
-        follower.apply([an_hour_ago])
-    finally:
-        clients.close()
+    follower = applied(target_url, pds.pds.url, [an_hour_ago])
     assert follower.report.applied == 1 and 3600 <= follower.report.lag_seconds < 7200, follower.report
 
 
@@ -297,20 +289,12 @@ def test_a_gap_in_a_relays_stream_makes_every_synced_repo_due_and_the_resync_end
     pds.create_records(alice, POSTS, [post(1)])
     passed_on = next_commit(pds.pds.url, alice.did, start)  # as a relay passes on the PDS's event
     relay = "http://127.0.0.1:9"  # the relay's URL: no repo's PDS
-    source = RepoSourceResource()
-    pool = shared_pool(target_url)
-    clients = source.clients(target_url)
-    try:
-        follower = Follower(pool, relay, source.syncer(pool, clients), buckets=source.settings.buckets)
-        follower.apply([passed_on])
-        assert follower.report.applied == 1 and is_relay(target, relay) and not is_relay(target, pds.pds.url)
-        # Away longer than the relay keeps its events, while both accounts wrote.
-        pds.create_records(alice, POSTS, [post(2)])
-        pds.create_records(bob, POSTS, [post(3)])
-        restarted = Follower(pool, relay, source.syncer(pool, clients), buckets=source.settings.buckets)
-        restarted.apply([InfoEvent(name="OutdatedCursor")])
-    finally:
-        clients.close()
+    follower = applied(target_url, relay, [passed_on])
+    assert follower.report.applied == 1 and is_relay(target, relay) and not is_relay(target, pds.pds.url)
+    # Away longer than the relay keeps its events, while both accounts wrote.
+    pds.create_records(alice, POSTS, [post(2)])
+    pds.create_records(bob, POSTS, [post(3)])
+    restarted = applied(target_url, relay, [InfoEvent(name="OutdatedCursor")])
     assert restarted.report.desyncs == 2, restarted.report
     assert {ledger_row(target, a.did)["status"] for a in (alice, bob)} == {"pending"}
     sync_dids(instance, target, [alice.did, bob.did])
@@ -424,14 +408,7 @@ def test_a_batch_keeps_the_order_of_a_commit_and_the_account_deletion_after_it(p
     pds.create_records(alice, POSTS, [post(1)])
     (commit,) = commits_of(host, alice.did, start, 1)
     deleted = AccountEvent(seq=commit.seq + 1, did=alice.did, active=False, status="deleted", time=commit.time)
-    source = RepoSourceResource()
-    pool = shared_pool(target_url)
-    clients = source.clients(target_url)
-    try:
-        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets)
-        follower.apply([commit, deleted])
-    finally:
-        clients.close()
+    follower = applied(target_url, host, [commit, deleted])
     assert follower.report.applied == 1, follower.report
     row = ledger_row(target, alice.did)
     assert (row["status"], row["records_count"], stored_records(target, alice.did)) == ("deleted", 0, {})
@@ -446,19 +423,10 @@ def test_an_account_event_from_a_host_that_does_not_host_the_did_is_asked_of_its
     pds.create_records(alice, POSTS, [post(0), post(1)])
     sync_dids(instance, target, [alice.did])
     deleted = AccountEvent(seq=1, did=alice.did, active=False, status="deleted", time=datetime.now(timezone.utc))
-    source = RepoSourceResource()
-    pool = shared_pool(target_url)
-    clients = source.clients(target_url)
-    try:
-        elsewhere = Follower(pool, "http://127.0.0.1:9", source.syncer(pool, clients), buckets=source.settings.buckets)
-        elsewhere.apply([deleted])
-        assert (elsewhere.report.desyncs, elsewhere.report.resyncs) == (1, 1), elsewhere.report
-        assert exact(pds, target, alice, (POSTS,)) and len(stored_records(target, alice.did)) == 2
-
-        own = Follower(pool, pds.pds.url, source.syncer(pool, clients), buckets=source.settings.buckets)
-        own.apply([deleted])  # from its own PDS it is applied as sent
-    finally:
-        clients.close()
+    elsewhere = applied(target_url, "http://127.0.0.1:9", [deleted])
+    assert (elsewhere.report.desyncs, elsewhere.report.resyncs) == (1, 1), elsewhere.report
+    assert exact(pds, target, alice, (POSTS,)) and len(stored_records(target, alice.did)) == 2
+    applied(target_url, pds.pds.url, [deleted])  # from its own PDS it is applied as sent
     row = ledger_row(target, alice.did)
     assert (row["status"], stored_records(target, alice.did)) == ("deleted", {})
 
