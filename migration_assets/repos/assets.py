@@ -89,7 +89,7 @@ def outcome_metadata(report: BackfillReport) -> dict:
             "\n".join(["| did | outcome | next retry (UTC) | error |", "|---|---|---|---|", *failure_rows])
             if failures else "none"
         ),
-        "repos_waited_for_busy_host": dg.MetadataValue.int(sum(report.waited_for_host.values())),
+        "repos_waited_for_busy_host": dg.MetadataValue.int(report.waited_for_host.total()),
         "busy_hosts": dg.MetadataValue.md(busy_hosts_table(report) if report.waited_for_host else "none"),
         "slowest_repos": dg.MetadataValue.md("\n".join(
             ["| did | seconds | records |", "|---|---|---|"]
@@ -134,7 +134,7 @@ def repos(
     finally:
         clients.close()
     if report.waited_for_host:
-        context.log.info(f"{sum(report.waited_for_host.values())} repos waited for their host's share of the "
+        context.log.info(f"{report.waited_for_host.total()} repos waited for their host's share of the "
                          f"downloads ({repo_source.host_concurrency} at once per host, REPO_HOST_CONCURRENCY) "
                          f"while the other hosts' went on: {dict(report.waited_for_host.most_common(10))}")
     with postgres.connection() as conn:

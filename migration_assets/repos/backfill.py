@@ -257,10 +257,11 @@ class _PutAside:
             if busy_host is None:
                 return
             self.by_host.setdefault(busy_host, deque()).append(repo)
-            if host is None:  # put aside for the first time (one handed out again was counted then)
+            first_for_host = False
+            if host is None:  # a repo handed out again was counted when first put aside
                 self.waited[busy_host] += 1
-            first = self.waited[busy_host] == 1 and host is None
-        if first:
+                first_for_host = self.waited[busy_host] == 1
+        if first_for_host:
             log.info("%s holds its share of the download slots (REPO_HOST_CONCURRENCY): its next repos wait "
                      "aside while the other hosts' go on", busy_host)
 

@@ -106,6 +106,7 @@ class Follower:
                  on_batch: Callable[[FollowReport], None] | None = None, check_processes: int | None = None,
                  checker: CommitChecker | None = None) -> None:
         self.pool, self.host, self.syncer = pool, host.rstrip("/"), syncer
+        self._host_key = host_key(self.host)
         self.buckets, self.batch_size, self.batch_seconds = buckets, batch_size, batch_seconds
         self.on_batch = on_batch
         self.start_cursor = start_cursor
@@ -382,7 +383,7 @@ class Follower:
 
     def _apply_commit(self, conn: psycopg.Connection, event: CommitEvent, checked: Checked | None,
                       states: dict[str, RepoState], writes: _BatchWrites) -> list[str]:
-        if not self._relay and self._hosted_elsewhere(event.repo):
+        if not self._relay and self._is_its_pds(event.repo) is False:
             self._relay = True  # saved with this batch's cursor
         if event.repo not in states:
             states.update(ledger.lock_states(conn, [event.repo]))
@@ -441,7 +442,7 @@ class Follower:
             return self._due(conn, event.did) if row[0] in GONE_STATUSES else []
         if event.status not in GONE_STATUSES:
             return []  # throttled, desynchronized: the host's own states; nothing to change here
-        if not self._hosts(event.did):  # a relay, or a host claiming another's account: ask the DID's PDS
+        if not self._is_its_pds(event.did):  # unknown, a relay, or a host claiming another's account: ask the DID's PDS
             return self._due(conn, event.did, f"#account {event.status} from {self.host}, which is not the "
                                               "DID's PDS: the resync asks its PDS")
         reason = f"#account event: {event.status}"
@@ -451,18 +452,14 @@ class Follower:
             store.mark_gone(conn, event.did, event.status, None, reason)
         return []
 
-    def _hosted_elsewhere(self, did: str) -> bool:
-        """Whether the DID's document (resolved before the batch) names another PDS: this host is a relay."""
+    def _is_its_pds(self, did: str) -> bool | None:
+        """Whether this host is the DID's PDS, as its document (resolved before the batch) says; None when
+        the document is not at hand. Only the DID's PDS is believed about the account (an #account event
+        is not signed); a stream carrying a repo whose PDS is elsewhere is a relay's."""
         document = self.syncer.resolver.cached(did)
-        if document is None or document.pds_endpoint.rstrip("/") == self.host:
-            return False
-        return host_key(document.pds_endpoint) != host_key(self.host)
-
-    def _hosts(self, did: str) -> bool:
-        """Whether this host is the DID's PDS (its document, resolved before the batch, says so): only
-        that host is believed about the account, as an #account event is not signed."""
-        document = self.syncer.resolver.cached(did)
-        return document is not None and host_key(document.pds_endpoint) == host_key(self.host)
+        if document is None:
+            return None
+        return document.pds_endpoint.rstrip("/") == self.host or host_key(document.pds_endpoint) == self._host_key
 
     def _due(self, conn: psycopg.Connection, did: str, reason: str | None = None) -> list[str]:
         ledger.request_sync(conn, [did], self.buckets)
