@@ -18,11 +18,11 @@ def freeze_loaded_objects() -> None:
 
 def materialize_partition(
     instance: dg.DagsterInstance, asset, key: str | None, resources: dict, command: str,
-    run_config: dict | None = None,
+    run_config: dict | None = None, tags: dict[str, str] | None = None,
 ) -> dg.ExecuteInProcessResult:
     return dg.materialize(
         [asset], partition_key=key, instance=instance, resources=resources, run_config=run_config,
-        raise_on_error=False, tags={"migration-assets/cli": command},
+        raise_on_error=False, tags={"migration-assets/cli": command, **(tags or {})},
     )
 
 

@@ -11,7 +11,7 @@ from migration_assets.core.runs import materialize_partition, materialized_metad
 from migration_assets.repos import ledger
 from migration_assets.repos.assets import REPOS, repo_ledger, repos
 from migration_assets.repos.follow import BATCH_EVENTS
-from migration_assets.repos.follow_assets import REPO_STREAM, followed_hosts, repo_stream
+from migration_assets.repos.follow_assets import FOLLOW_HOST_TAG, REPO_STREAM, followed_hosts, repo_stream
 from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.resources import RepoSourceResource
 
@@ -99,8 +99,11 @@ def follow_command(args: argparse.Namespace) -> int:
         instance.add_dynamic_partitions(followed_hosts.name, [host])
     config = {"seconds": args.seconds, "until_stopped": args.seconds is None, "batch_events": args.batch_events}
     print(f"following {host}" + (f" for {args.seconds:.0f} s" if args.seconds else " until Ctrl-C"), flush=True)
+    # Tagged as the sensor's runs are: the repo_follow sensor starts none beside it, and marks it failed if
+    # this process is killed (its lease on the host lapses).
     result = materialize_partition(instance, repo_stream, host, resources, FOLLOW_COMMAND,
-                                   run_config={"ops": {"atproto__repo_stream": {"config": config}}})
+                                   run_config={"ops": {"atproto__repo_stream": {"config": config}}},
+                                   tags={FOLLOW_HOST_TAG: host})
     if not print_partition_summary(host, REPO_STREAM, result, lambda meta: "done: " + follow_summary(meta)):
         print("next step: fix the cause above and run again: it resumes from the last committed event")
         return 1

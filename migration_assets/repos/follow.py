@@ -18,11 +18,16 @@ processes while the previous batch is written, and its record writes are one sta
   status sets it (a deleted account loses its records, as in the backfill); active again resyncs it.
 - `#info` OutdatedCursor: events were missed; every synced repo of the host is made due.
 
+One follower per host: `run` holds the host's lease (follow_lease.py) and every batch's transaction is
+fenced by it.
+
 Pure core: no Dagster.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -36,8 +41,8 @@ from psycopg_pool import ConnectionPool
 from migration_assets.atproto.errors import AtprotoError
 from migration_assets.atproto.xrpc import host_key
 from migration_assets.core.backoff import Backoff
-from migration_assets.core.lease import LeaseLost
-from migration_assets.repos import ledger, store
+from migration_assets.core.lease import Heartbeat, Lease, LeaseLost
+from migration_assets.repos import follow_lease, ledger, store
 from migration_assets.repos.backfill import RepoSyncer, describe
 from migration_assets.repos.collections import CollectionFilter
 from migration_assets.repos.commit_check import Checked, CommitChecker, CommitToCheck, check_commit, recheck_with
@@ -104,8 +109,11 @@ class Follower:
     def __init__(self, pool: ConnectionPool, host: str, syncer: RepoSyncer, *, buckets: int,
                  batch_size: int = BATCH_EVENTS, batch_seconds: float = 0.5, start_cursor: int | None = 0,
                  on_batch: Callable[[FollowReport], None] | None = None, check_processes: int | None = None,
-                 checker: CommitChecker | None = None) -> None:
+                 checker: CommitChecker | None = None, holder: str | None = None) -> None:
         self.pool, self.host, self.syncer = pool, host.rstrip("/"), syncer
+        self.holder = holder or f"pid {os.getpid()} on {socket.gethostname()}"  # a run's id, in Dagster
+        self._lease: Lease | None = None  # the host's, while `run` follows
+        self._lease_lost = threading.Event()
         self._host_key = host_key(self.host)
         self.buckets, self.batch_size, self.batch_seconds = buckets, batch_size, batch_seconds
         self.on_batch = on_batch
@@ -125,9 +133,22 @@ class Follower:
     # --- the loop -------------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event | None = None, seconds: float | None = None) -> FollowReport:
+        """Hold the host's lease (waiting up to REPO_LEASE_SECONDS for a gone follower's to lapse), then
+        follow it. Raises HostBusy when another follower holds it, LeaseLost when one took it over."""
         stop = stop or threading.Event()
         started = time.monotonic()
-        deadline = None if seconds is None else started + seconds
+        lease = follow_lease.hold(self.pool, self.host, self.holder, self.syncer.settings.lease_seconds, stop)
+        if lease is None:  # stopped while waiting for the lease
+            return self.report
+        try:
+            with Heartbeat(lease, self.pool.connection) as heartbeat:
+                self._lease, self._lease_lost = lease, heartbeat.lost
+                return self._run(stop, started, None if seconds is None else started + seconds)
+        finally:
+            self._lease, self._lease_lost = None, threading.Event()
+            follow_lease.release(self.pool, lease)
+
+    def _run(self, stop: threading.Event, started: float, deadline: float | None) -> FollowReport:
         failures, past_oversize = 0, _PastOversize()
         with self.pool.connection() as conn:
             stored = load_cursor(conn, self.host)
@@ -173,6 +194,9 @@ class Follower:
         self._read_seq = self.report.cursor  # the subscription starts after it
         try:
             while not stop.is_set() and not _past(deadline):
+                if self._lease_lost.is_set():  # an idle stream has no batch to find it out
+                    raise LeaseLost(f"lost the lease on {self.host}: another follower took it over after this one "
+                                    "stopped renewing it (stalled?); it goes on from the last committed event")
                 started = time.monotonic()
                 batch = self._read_batch(subscription, stop, deadline, waiting=pending is not None)
                 self.report.reading_seconds += time.monotonic() - started
@@ -348,7 +372,7 @@ class Follower:
         event. Returns the repos to resync, the cursor and the last event's time."""
         resync: list[str] = []
         cursor, last_time = self.report.cursor, None
-        with self.pool.connection() as conn, conn.transaction():
+        with self.pool.connection() as conn, self._fenced(conn):
             resync += self._recheck_claimed(conn)
             states = ledger.lock_states(conn, [e.repo for e in batch if isinstance(e, CommitEvent)])
             writes = _BatchWrites(self.collections)
@@ -362,6 +386,11 @@ class Follower:
             if cursor is not None:
                 save_cursor(conn, self.host, cursor, self._relay)
         return resync, cursor, last_time
+
+    def _fenced(self, conn: psycopg.Connection):
+        """The batch's transaction, fenced by the host's lease while `run` holds it (LeaseLost: another
+        follower took the host over; nothing is written)."""
+        return conn.transaction() if self._lease is None else self._lease.holding(conn, self.host, keep=True)
 
     def _apply_event(self, conn: psycopg.Connection, event: StreamEvent, checked: Checked | None,
                      states: dict[str, RepoState], writes: _BatchWrites) -> list[str]:

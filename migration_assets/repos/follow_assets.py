@@ -13,13 +13,17 @@ from pydantic import Field
 
 from migration_assets.core.resources import PostgresResource
 from migration_assets.repos.backfill import describe
+from migration_assets.core.lease import LeaseLost
 from migration_assets.repos.follow import BATCH_EVENTS, Follower, FollowReport
+from migration_assets.repos.follow_lease import HostBusy
+from migration_assets.repos.stream import StreamError
 from migration_assets.repos.resources import RepoSourceResource
 
 REPO_STREAM = dg.AssetKey(["atproto", "repo_stream"])
 followed_hosts = dg.DynamicPartitionsDefinition(name="repo_stream_hosts")
 OBSERVE_SECONDS = 60.0  # how often a run reports its progress (an AssetObservation) while it follows
-FOLLOW_CONNECTIONS = 4  # the batch transaction, resync claims, the rate limiter, one spare
+FOLLOW_CONNECTIONS = 5  # the batch transaction, resync claims, the rate limiter, the lease's heartbeat, one spare
+FOLLOW_HOST_TAG = "migration-assets/repo-follow-host"  # on every run that follows a host (sensor's and CLI's)
 
 
 class FollowConfig(dg.Config):
@@ -46,6 +50,15 @@ def report_metadata(report: FollowReport) -> dict:
         "last_desync": dg.MetadataValue.text(report.last_desync or "none"),
         "last_error": dg.MetadataValue.text(report.last_error or "none"),
     }
+
+
+def next_step(exc: Exception) -> str:
+    if isinstance(exc, (HostBusy, LeaseLost)):
+        return "none if the other follower is meant to follow this host; it goes on from the last committed event."
+    if isinstance(exc, StreamError) and exc.error == "FutureCursor":
+        return ("the stored cursor is ahead of the host (another host at this URL?): delete its row in "
+                "repo_stream_cursors.")
+    return "fix the cause: the next run resumes from the last committed event."
 
 
 @contextmanager
@@ -95,16 +108,14 @@ def repo_stream(
     pool = postgres.pool(FOLLOW_CONNECTIONS)
     clients = repo_source.clients(postgres.resolved_url())
     follower = Follower(pool, host, repo_source.syncer(pool, clients), buckets=settings.buckets,
-                        batch_size=config.batch_events, on_batch=_observer(context))
+                        batch_size=config.batch_events, on_batch=_observer(context), holder=context.run.run_id)
     context.log.info(f"following {follower.host}" + (f" for {seconds:.0f} s" if seconds else " until stopped"))
     try:
         with stop_on_interrupt() as stop:
             report = follower.run(stop, seconds)
     except Exception as exc:
         raise dg.Failure(
-            description=f"following {host} failed: {describe(exc)}. Next step: a FutureCursor answer means the "
-            "stored cursor is ahead of the host (another host at this URL?): delete its row in repo_stream_cursors; "
-            "otherwise fix the cause: the next run resumes from the last committed event.",
+            description=f"following {host} failed: {describe(exc)}. Next step: {next_step(exc)}",
             metadata=report_metadata(follower.report),
         ) from exc
     finally:

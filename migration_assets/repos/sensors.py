@@ -13,16 +13,17 @@ from migration_assets.repos import ledger
 from migration_assets.repos.assets import REPOS
 from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.discovery import discover, mark_out_of_scope
-from migration_assets.repos.follow_assets import REPO_STREAM, followed_hosts
+from migration_assets.repos.follow_assets import FOLLOW_HOST_TAG, REPO_STREAM, followed_hosts
+from migration_assets.repos.follow_lease import why_gone
 from migration_assets.repos.resources import HostClients, RepoSourceResource
 from migration_assets.repos.settings import RepoSettings
 
 MAX_RUNS_PER_TICK = 64
 CLAIM_BATCHES_PER_RUN = 4  # a bucket gets another run only when each would have this many claims to work on
 SYNC_TAG = "migration-assets/repo-sync"
-FOLLOW_HOST_TAG = "migration-assets/repo-follow-host"
 FOLLOW_RESTART = Backoff(base=30.0, cap=1800.0)  # wait after a host's runs failed in a row (ceiling: no jitter)
 RECENT_FOLLOW_RUNS = 8
+START_GRACE_SECONDS = 300.0  # a follow run takes its host's lease this soon after it starts (plus a lease's ttl)
 ALIVE = {dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
          dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING}
 
@@ -99,32 +100,35 @@ def list_hosts(context: dg.SensorEvaluationContext, conn: psycopg.Connection, cl
     default_status=dg.DefaultSensorStatus.STOPPED,
     description="Keeps one atproto/repo_stream run alive per host of REPO_FOLLOW_HOSTS (default "
     "REPO_DISCOVERY_HOSTS): a host whose run is queued or running gets nothing; one whose run ended gets the "
-    "next (after a run that failed, with backoff). Reads only run records: the stream is followed in the runs.",
+    "next (after a run that failed, with backoff). A running run whose lease on its host lapsed (its worker "
+    "is gone) is marked failed. Reads only run records and leases: the stream is followed in the runs.",
 )
-def repo_follow(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+def repo_follow(context: dg.SensorEvaluationContext, postgres: PostgresResource) -> dg.SensorResult:
     settings = RepoSettings.load()
     hosts = settings.followed_hosts
     known = set(context.instance.get_dynamic_partitions(followed_hosts.name))
     new = [host for host in hosts if host not in known]
     requests = []
-    for host in hosts:
-        request, why = follow_request(context.instance, host, settings.follow_run_seconds)
-        if request:
-            requests.append(request)
-        elif why:
-            context.log.info(f"{host}: {why}")
+    with postgres.connection() as conn:
+        for host in hosts:
+            request, why = follow_request(context.instance, conn, host, settings)
+            if request:
+                requests.append(request)
+            elif why:
+                context.log.info(f"{host}: {why}")
     return dg.SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[followed_hosts.build_add_request(new)] if new else [],
     )
 
 
-def follow_request(instance: dg.DagsterInstance, host: str, run_seconds: float) -> tuple[dg.RunRequest | None, str]:
+def follow_request(instance: dg.DagsterInstance, conn: psycopg.Connection, host: str, settings: RepoSettings
+                   ) -> tuple[dg.RunRequest | None, str]:
     """The next follow run of `host`, or None and why not. Its run key names the run it follows, so a
     tick repeated before that run shows up asks for the same run."""
     records = instance.get_run_records(dg.RunsFilter(tags={FOLLOW_HOST_TAG: host}), limit=RECENT_FOLLOW_RUNS)
     if records and records[0].dagster_run.status in ALIVE:
-        return None, ""
+        return None, fail_if_gone(instance, conn, host, records[0], settings)
     failures = next((n for n, r in enumerate(records) if r.dagster_run.status != dg.DagsterRunStatus.FAILURE),
                     len(records))
     if failures and records[0].end_time is not None:
@@ -135,6 +139,28 @@ def follow_request(instance: dg.DagsterInstance, host: str, run_seconds: float) 
     return dg.RunRequest(
         partition_key=host,
         run_key=f"repo-follow {host} after {previous}",
-        # Run monitoring fails a run that overruns well past its time (a hung stream or worker).
-        tags={FOLLOW_HOST_TAG: host, "dagster/max_runtime": str(int(2 * run_seconds + 600))},
+        tags={
+            FOLLOW_HOST_TAG: host,
+            # Run monitoring fails a run that overruns well past its time (a hung stream or worker).
+            "dagster/max_runtime": str(int(2 * settings.follow_run_seconds + 600)),
+            # This sensor restarts follow runs, with backoff: Dagster's retries would start a second one.
+            "dagster/max_retries": "0",
+        },
     ), ""
+
+
+def fail_if_gone(instance: dg.DagsterInstance, conn: psycopg.Connection, host: str, record: dg.RunRecord,
+                 settings: RepoSettings) -> str:
+    """Mark a running follow run failed when its worker is gone (its lease on the host lapsed): the
+    default run launcher cannot tell, and the host would go unfollowed until the run's max_runtime."""
+    run = record.dagster_run
+    if run.status != dg.DagsterRunStatus.STARTED:
+        return ""
+    started = record.start_time or record.create_timestamp.timestamp()
+    why = why_gone(conn, host, run.run_id, started, START_GRACE_SECONDS + settings.lease_seconds)
+    if why is None:
+        return ""
+    instance.report_run_failed(run, message=(
+        f"The repo_follow sensor found this run's worker gone: {why}. Nothing is lost: the next follow run of "
+        f"{host} resumes from the last committed event, after the restart backoff."))
+    return f"run {run.run_id} was running but its worker is gone ({why}): marked failed"

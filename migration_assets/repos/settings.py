@@ -35,8 +35,9 @@ class RepoSettings(EnvSettings):
         "compiled parse (one export at most half of it; peak memory about 5x this); an export that does not fit "
         "streams through the Python parse, memory flat, at about 4x the CPU")
     lease_seconds: int = Field(
-        default=300, ge=5, description="a run renews its claims every third of this; claims not renewed for this "
-        "long are taken over by another run")
+        default=300, ge=5, description="a run renews its claims, and a follow run its host, every third of this; "
+        "claims not renewed for this long are taken over by another run, and a follow run that stopped renewing "
+        "is marked failed by the repo_follow sensor and replaced")
     claim_batch: int = Field(default=500, ge=1, description="repos a run claims at a time (more as it finishes them)")
     sync_interval_seconds: int = Field(default=60, ge=1, description="repo_sync sensor interval")
     sensor_tick_seconds: float = Field(

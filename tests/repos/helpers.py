@@ -1,17 +1,35 @@
 """Running the repo assets in-process against the test instance, and reading what they stored."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import dagster as dg
 import httpx
 import psycopg
 
+from migration_assets.core.postgres import shared_pool
 from migration_assets.core.resources import PostgresResource
 from migration_assets.repos.assets import REPOS, repo_ledger, repos
 from migration_assets.repos.buckets import bucket_key
+from migration_assets.repos.follow import Follower
 from migration_assets.repos.resources import RepoSourceResource
 
 
 def resources(**source) -> dict:
     return {"postgres": PostgresResource(), "repo_source": RepoSourceResource(**source)}
+
+
+@contextmanager
+def follower_of(target_url: str, host: str, **options) -> Iterator[Follower]:
+    """A follower of `host` storing into the target, as the follow run builds it; its clients are closed
+    when the block ends."""
+    source = RepoSourceResource()
+    pool = shared_pool(target_url)
+    clients = source.clients(target_url)
+    try:
+        yield Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets, **options)
+    finally:
+        clients.close()
 
 
 def discover(instance, hosts=(), dids=(), **source) -> dg.ExecuteInProcessResult:

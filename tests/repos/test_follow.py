@@ -12,14 +12,16 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import psycopg
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from migration_assets.atproto.identity import StoredDocuments
 from migration_assets.atproto.signature import PublicKey
 from migration_assets.core.postgres import shared_pool
 from migration_assets.core.settings import PROJECT_ROOT
+from migration_assets.core.lease import LeaseLost
 from migration_assets.repos.follow import Follower, is_relay, load_cursor, save_cursor
-from migration_assets.repos.resources import RepoSourceResource
+from migration_assets.repos.follow_lease import HostBusy
 from migration_assets.repos.stream import Subscription
 from migration_assets.atproto.car import CarReader
 from migration_assets.atproto.cid import CID
@@ -27,7 +29,7 @@ from migration_assets.atproto.mst import parse_commit
 from migration_assets.repos.stream import AccountEvent, CommitEvent, InfoEvent, SyncEvent
 from tests.atproto.builders import car_bytes, private_key, signed_commit
 from tests.repos.conftest import handle
-from tests.repos.helpers import ledger_row, listed_records, stored_records, sync_dids
+from tests.repos.helpers import follower_of, ledger_row, listed_records, stored_records, sync_dids
 
 POSTS = "app.bsky.feed.post"
 LIKES = "com.example.like"
@@ -56,28 +58,32 @@ def wait_until(what: str, condition: Callable[[], bool], timeout: float = 120.0,
 @contextmanager
 def following(target_url: str, host: str, **options) -> Iterator[Follower]:
     """A follower of `host` in a thread, stopped (after its batch commits) when the block ends."""
-    pool = shared_pool(target_url)
-    source = RepoSourceResource()
-    clients = source.clients(target_url)
-    follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets, **options)
-    stop, failures = threading.Event(), []
+    failures: list[BaseException] = []
+    with follower_of(target_url, host, **options) as follower, running(follower, failures):
+        yield follower
+    assert not failures, failures
+
+
+@contextmanager
+def running(follower: Follower, failures: list[BaseException]) -> Iterator[threading.Thread]:
+    """`follower.run` in a thread until the block ends (then stopped after its batch commits); what it
+    raised is added to `failures`."""
+    stop = threading.Event()
 
     def run() -> None:
         try:
             follower.run(stop)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
             failures.append(exc)
 
     thread = threading.Thread(target=run, name="follower")
     thread.start()
     try:
-        yield follower
+        yield thread
     finally:
         stop.set()
         thread.join(60)
-        clients.close()
     assert not thread.is_alive(), "the follower did not stop"
-    assert not failures, failures
 
 
 def exact(pds, target, account, collections=(POSTS, LIKES)) -> bool:
@@ -92,14 +98,8 @@ def exact(pds, target, account, collections=(POSTS, LIKES)) -> bool:
 
 def applied(target_url: str, host: str, events: list) -> Follower:
     """A follower of `host` (a fresh one, as after a restart) that has applied `events` as one batch."""
-    source = RepoSourceResource()
-    pool = shared_pool(target_url)
-    clients = source.clients(target_url)
-    try:
-        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets)
+    with follower_of(target_url, host) as follower:
         follower.apply(events)
-    finally:
-        clients.close()
     return follower
 
 
@@ -167,7 +167,8 @@ def test_a_follower_killed_mid_stream_resumes_exact(pds, target, target_url, ins
     save_cursor(target, host, start)
     rkeys = [pds.create_records(alice, POSTS, [post(n)])[0] for n in range(120)]  # one commit each
     command = [sys.executable, "-m", "migration_assets.cli", "repos", "follow", "--host", host, "--batch-events", "2"]
-    env = os.environ | {"PYTHONPATH": str(PROJECT_ROOT)}
+    # The resumed follower waits for the killed one's lease on the host to lapse: 5 s, not the default 300.
+    env = os.environ | {"PYTHONPATH": str(PROJECT_ROOT), "REPO_LEASE_SECONDS": "5"}
 
     follower = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -192,6 +193,53 @@ def test_a_follower_killed_mid_stream_resumes_exact(pds, target, target_url, ins
     assert resumed.returncode == 0, output
     assert "done:" in output and "0 desyncs" in output and "0 resyncs" in output, output
     assert load_cursor(target, host) > killed_at
+
+
+def lease_holder(conn: psycopg.Connection, host: str) -> str | None:
+    row = conn.execute("SELECT holder FROM repo_stream_leases WHERE host = %s AND claim_token IS NOT NULL",
+                       (host,)).fetchone()
+    return row[0] if row else None
+
+
+def test_one_follower_per_host_a_second_waits_out_a_lease_then_fails_naming_the_first(
+        pds, target, target_url, instance, monkeypatch):
+    monkeypatch.setenv("REPO_LEASE_SECONDS", "5")  # renewed every 1.7 s; a second follower waits 5 s for it
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    sync_dids(instance, target, [alice.did])
+    save_cursor(target, host, current_seq(host))
+    with following(target_url, host, holder="the first follower"):
+        wait_until("the first follower to hold the host", lambda: lease_holder(target, host) == "the first follower")
+        with follower_of(target_url, host, holder="the second follower") as second:
+            with pytest.raises(HostBusy, match="another follower of .* [(]the first follower[)] holds it"):
+                second.run(seconds=60)
+        assert lease_holder(target, host) == "the first follower", "the first kept its lease through the wait"
+        pds.create_records(alice, POSTS, [post(1)])
+        wait_until("the first follower to apply the commit", lambda: exact(pds, target, alice, (POSTS,)))
+    assert lease_holder(target, host) is None, "a follower that stops gives the host back"
+
+
+def test_a_follower_whose_lease_was_taken_over_writes_nothing_more_and_stops(pds, target, target_url, instance,
+                                                                             monkeypatch):
+    monkeypatch.setenv("REPO_LEASE_SECONDS", "5")
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    sync_dids(instance, target, [alice.did])
+    save_cursor(target, host, current_seq(host))
+    failures: list[BaseException] = []
+    with follower_of(target_url, host, holder="the stalled follower") as follower, running(follower, failures) as thread:
+        wait_until("the follower to hold the host", lambda: lease_holder(target, host) == "the stalled follower")
+        # What another follower does once this one's lease lapsed (it stalled past the ttl): take it over.
+        target.execute("UPDATE repo_stream_leases SET claim_token = gen_random_uuid(), holder = 'the next follower', "
+                       "lease_expires_at = now() + interval '1 hour' WHERE host = %s", (host,))
+        cursor = load_cursor(target, host)
+        pds.create_records(alice, POSTS, [post(1)])
+        thread.join(30)
+    assert [type(exc) for exc in failures] == [LeaseLost], failures
+    assert "another" in str(failures[0]) and "took it over" in str(failures[0])
+    assert load_cursor(target, host) == cursor and stored_records(target, alice.did) == {}, \
+        "a follower that lost the host wrote after it"
+    assert lease_holder(target, host) == "the next follower", "the lost follower gave back a lease it no longer held"
 
 
 def next_commit(host: str, did: str, after: int) -> CommitEvent:
@@ -345,17 +393,11 @@ def test_a_commit_missing_from_the_stream_is_caught_by_prev_data_and_the_resync_
     for n in (1, 2, 3):
         pds.create_records(alice, POSTS, [post(n)])
     applied, lost, after_gap = commits_of(host, alice.did, start, 3)
-    source = RepoSourceResource()
-    pool = shared_pool(target_url)
-    clients = source.clients(target_url)
-    try:
-        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets)
+    with follower_of(target_url, host) as follower:
         follower.apply([applied])
         assert ledger_row(target, alice.did)["data_cid"] == data_root(applied), "an applied commit moves the root"
         assert after_gap.prev_data is not None and str(after_gap.prev_data) == data_root(lost)
         follower.apply([after_gap.model_copy(update={"since": lost.since})])  # `since` says nothing was missed
-    finally:
-        clients.close()
 
     report = follower.report
     assert (report.applied, report.desyncs, report.resyncs) == (1, 1, 1), report
@@ -441,10 +483,6 @@ def test_a_batch_that_is_a_deadlocks_victim_is_written_again(pds, target, target
     now = datetime.now(timezone.utc)
     later = "j" + "2" * 12  # a TID after any stored rev
     batch = [SyncEvent(seq=n + 1, did=did, rev=later, blocks=b"", time=now) for n, did in enumerate((alice.did, bob.did))]
-    source = RepoSourceResource()
-    pool = shared_pool(target_url)
-    clients = source.clients(target_url)
-    follower = Follower(pool, pds.pds.url, source.syncer(pool, clients), buckets=source.settings.buckets)
     failures: list[BaseException] = []
 
     def apply() -> None:
@@ -453,8 +491,7 @@ def test_a_batch_that_is_a_deadlocks_victim_is_written_again(pds, target, target
         except BaseException as exc:  # noqa: BLE001 - reported below
             failures.append(exc)
 
-    other = psycopg.connect(target_url)
-    try:
+    with follower_of(target_url, pds.pds.url) as follower, psycopg.connect(target_url) as other:
         other.execute("SELECT 1 FROM repos WHERE did = %s FOR UPDATE", (bob.did,))
         thread = threading.Thread(target=apply)
         thread.start()
@@ -464,9 +501,6 @@ def test_a_batch_that_is_a_deadlocks_victim_is_written_again(pds, target, target
         other.execute("SELECT 1 FROM repos WHERE did = %s FOR UPDATE", (alice.did,))  # the batch is the victim
         other.commit()
         thread.join(60)
-    finally:
-        other.close()
-        clients.close()
     assert not failures, failures
     assert (follower.report.events, follower.report.desyncs, follower.report.resyncs) == (2, 2, 2), follower.report
     assert "deadlock" in (follower.report.last_error or ""), follower.report

@@ -1,7 +1,12 @@
 """Following in Dagster: the repo_follow sensor keeps one atproto/repo_stream run per followed host (none
-while one is alive, the next after one ended or failed), a follow run applies the dev-env PDS's stream and
-reports what it did; the stream stores only REPO_COLLECTIONS; the repo_sync sensor shares a busy bucket
+while one is alive, the next after one ended or failed; a run whose worker is gone, as its lease on the host
+shows, is marked failed), a follow run applies the dev-env PDS's stream and reports what it did; the stream stores only REPO_COLLECTIONS; the repo_sync sensor shares a busy bucket
 between several runs."""
+
+import os
+import signal
+import subprocess
+import sys
 
 import dagster as dg
 from dagster._core.test_utils import create_run_for_test
@@ -9,6 +14,7 @@ from dagster._core.test_utils import create_run_for_test
 from migration_assets.cli import main
 from migration_assets.core.backoff import Backoff
 from migration_assets.core.resources import PostgresResource
+from migration_assets.core.settings import PROJECT_ROOT
 from migration_assets.repos import ledger
 from migration_assets.repos.buckets import bucket_key, bucket_of
 from migration_assets.repos.follow import save_cursor
@@ -23,7 +29,7 @@ OTHER_HOST = "http://127.0.0.1:9"  # never contacted: the sensor reads only run 
 
 
 def follow_tick(instance) -> dg.SensorResult:
-    result = repo_follow(dg.build_sensor_context(instance=instance))
+    result = repo_follow(dg.build_sensor_context(instance=instance, resources={"postgres": PostgresResource()}))
     for request in result.dynamic_partitions_requests:  # what the daemon does with them
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     return result
@@ -102,6 +108,98 @@ def test_the_sensor_restarts_a_failed_run_after_a_backoff(pds, target, instance,
     monkeypatch.setattr("migration_assets.repos.sensors.FOLLOW_RESTART", Backoff(base=1e-6, cap=1e-6))
     restart = by_host(follow_tick(instance))[host]
     assert failed.run_id in restart.run_key and restart.tags[FOLLOW_HOST_TAG] == host
+
+
+def hold_lease(conn, host: str, run_id: str, held: bool = True, expires_in: str = "1 hour",
+               updated: str = "0 seconds") -> None:
+    """The host's lease row as follow run `run_id` left it (`held`: a token on it, expiring `expires_in`
+    from now; else given back `updated` ago)."""
+    conn.execute(
+        """INSERT INTO repo_stream_leases (host, holder, claim_token, lease_expires_at, updated_at)
+           VALUES (%(host)s, %(run)s, CASE WHEN %(held)s THEN gen_random_uuid() END,
+                   CASE WHEN %(held)s THEN now() + %(expires)s::interval END, now() - %(updated)s::interval)
+           ON CONFLICT (host) DO UPDATE SET holder = excluded.holder, claim_token = excluded.claim_token,
+               lease_expires_at = excluded.lease_expires_at, updated_at = excluded.updated_at""",
+        {"host": host, "run": run_id, "held": held, "expires": expires_in, "updated": updated},
+    )
+
+
+def test_a_running_follow_run_is_marked_failed_only_once_its_lease_shows_its_worker_gone(target, instance, monkeypatch):
+    """Dagster's default launcher cannot tell a dead run worker: the host's lease tells the sensor."""
+    monkeypatch.setenv("REPO_FOLLOW_HOSTS", OTHER_HOST)
+    run = create_run_for_test(instance, status=dg.DagsterRunStatus.STARTED, tags={FOLLOW_HOST_TAG: OTHER_HOST})
+    alive = {
+        "it has not taken the lease yet (just started)": lambda: target.execute("DELETE FROM repo_stream_leases"),
+        "it holds the lease": lambda: hold_lease(target, OTHER_HOST, run.run_id),
+        "it gave the lease back a moment ago (it is ending)": lambda: hold_lease(target, OTHER_HOST, run.run_id, held=False),
+        "another follower holds the lease (this one waits for it)": lambda: hold_lease(target, OTHER_HOST, "another"),
+    }
+    for why, state in alive.items():
+        state()
+        assert follow_tick(instance).run_requests == [], why
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED, f"{why}: marked failed"
+
+    hold_lease(target, OTHER_HOST, run.run_id, expires_in="-1 second")  # it stopped renewing: gone
+    assert follow_tick(instance).run_requests == [], "the next run waits for the restart backoff"
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    failure = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
+    assert "worker gone" in failure[0].event_log_entry.dagster_event.message and "lapsed" in \
+        failure[0].event_log_entry.dagster_event.message
+    monkeypatch.setattr("migration_assets.repos.sensors.FOLLOW_RESTART", Backoff(base=1e-6, cap=1e-6))
+    assert run.run_id in by_host(follow_tick(instance))[OTHER_HOST].run_key
+
+
+def test_a_follow_run_that_gave_its_lease_back_long_ago_or_never_took_it_is_gone(target, instance, monkeypatch):
+    monkeypatch.setenv("REPO_FOLLOW_HOSTS", OTHER_HOST)
+    monkeypatch.setenv("REPO_LEASE_SECONDS", "5")
+    monkeypatch.setattr("migration_assets.repos.sensors.START_GRACE_SECONDS", 1.0)
+    cases = {
+        "gave the host's lease back": lambda run: hold_lease(target, OTHER_HOST, run.run_id, held=False, updated="1 minute"),
+        "did not take the host's lease within 6 s": lambda run: target.execute("DELETE FROM repo_stream_leases"),
+    }
+    for why, state in cases.items():
+        run = create_run_for_test(instance, status=dg.DagsterRunStatus.STARTED, tags={FOLLOW_HOST_TAG: OTHER_HOST})
+        state(run)
+        wait_until("the start grace to pass", lambda: follow_tick(instance) is not None and
+                   instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE, timeout=30, every=1.0)
+        failure = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records
+        assert why in failure[0].event_log_entry.dagster_event.message
+
+
+def test_a_killed_follow_run_is_marked_failed_and_the_next_run_resumes_exact(pds, target, dagster_home, instance,
+                                                                            monkeypatch):
+    """A follow run SIGKILLed (here the command's: tagged as the sensor's) stays STARTED in the instance;
+    once its lease on the host lapses, the sensor marks it failed and starts the next, which goes on."""
+    host = pds.pds.url
+    monkeypatch.setenv("REPO_FOLLOW_HOSTS", host)
+    monkeypatch.setenv("REPO_LEASE_SECONDS", "5")
+    alice = pds.create_account(handle())
+    sync_dids(instance, target, [alice.did])
+    save_cursor(target, host, current_seq(host))
+    pds.create_records(alice, POSTS, [post(1)])
+    command = [sys.executable, "-m", "migration_assets.cli", "repos", "follow", "--host", host]
+    follower = subprocess.Popen(command, env=os.environ | {"PYTHONPATH": str(PROJECT_ROOT)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until("the command to apply the commit", lambda: exact(pds, target, alice, (POSTS,)) or
+                   follower.poll() is not None)
+        [run] = instance.get_runs(filters=dg.RunsFilter(tags={FOLLOW_HOST_TAG: host},
+                                                        statuses=[dg.DagsterRunStatus.STARTED]))
+        assert follow_tick(instance).run_requests == [], "a live follow run got company"
+    finally:
+        follower.send_signal(signal.SIGKILL)
+        output = follower.communicate()[0].decode()
+    assert exact(pds, target, alice, (POSTS,)), output
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED, "killed, as the launcher sees it"
+
+    wait_until("the sensor to find the run's worker gone", lambda: follow_tick(instance) is not None and
+               instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE, timeout=60, every=1.0)
+    monkeypatch.setattr("migration_assets.repos.sensors.FOLLOW_RESTART", Backoff(base=1e-6, cap=1e-6))
+    request = by_host(follow_tick(instance))[host]
+    assert run.run_id in request.run_key
+    pds.create_records(alice, POSTS, [post(2)])
+    result = follow_run(instance, host, request, seconds=8)
+    assert result.success and exact(pds, target, alice, (POSTS,))
 
 
 def test_the_stream_stores_only_the_filtered_collections(pds, target, target_url, instance, monkeypatch):

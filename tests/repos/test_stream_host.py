@@ -11,11 +11,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.server import ServerConnection, serve
 
 from migration_assets.atproto import dagcbor
-from migration_assets.core.postgres import shared_pool
-from migration_assets.repos.follow import Follower, FollowReport, load_cursor
-from migration_assets.repos.resources import RepoSourceResource
+from migration_assets.repos.follow import FollowReport, load_cursor
 from migration_assets.repos.stream import Subscription
 from tests.ending import ends_within
+from tests.repos.helpers import follower_of
 
 
 def identity_frame(seq: int) -> bytes:
@@ -25,15 +24,8 @@ def identity_frame(seq: int) -> bytes:
 
 def follow(target_url: str, host: str, start_cursor: int, seconds: float) -> FollowReport:
     """A follower of `host` (commits checked in this process) for `seconds`; its report."""
-    pool = shared_pool(target_url)
-    source = RepoSourceResource()
-    clients = source.clients(target_url)
-    try:
-        follower = Follower(pool, host, source.syncer(pool, clients), buckets=source.settings.buckets,
-                            start_cursor=start_cursor, check_processes=0)
+    with follower_of(target_url, host, start_cursor=start_cursor, check_processes=0) as follower:
         return follower.run(seconds=seconds)
-    finally:
-        clients.close()
 
 
 @pytest.fixture
