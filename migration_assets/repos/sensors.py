@@ -127,8 +127,9 @@ def follow_request(instance: dg.DagsterInstance, conn: psycopg.Connection, host:
     """The next follow run of `host`, or None and why not. Its run key names the run it follows, so a
     tick repeated before that run shows up asks for the same run."""
     records = instance.get_run_records(dg.RunsFilter(tags={FOLLOW_HOST_TAG: host}), limit=RECENT_FOLLOW_RUNS)
-    if records and records[0].dagster_run.status in ALIVE:
-        return None, fail_if_gone(instance, conn, host, records[0], settings)
+    if alive := [record for record in records if record.dagster_run.status in ALIVE]:
+        # Not only the latest: the command's run may have started beside the sensor's.
+        return None, "; ".join(filter(None, (fail_if_gone(instance, conn, host, r, settings) for r in alive)))
     failures = next((n for n, r in enumerate(records) if r.dagster_run.status != dg.DagsterRunStatus.FAILURE),
                     len(records))
     if failures and records[0].end_time is not None:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
+import dagster as dg
 import httpx
 import psycopg
 import pytest
@@ -21,6 +22,7 @@ from migration_assets.core.postgres import shared_pool
 from migration_assets.core.settings import PROJECT_ROOT
 from migration_assets.core.lease import LeaseLost
 from migration_assets.repos.follow import Follower, is_relay, load_cursor, save_cursor
+from migration_assets.repos.follow_assets import FOLLOW_HOST_TAG
 from migration_assets.repos.follow_lease import HostBusy
 from migration_assets.repos.stream import Subscription
 from migration_assets.atproto.car import CarReader
@@ -193,6 +195,11 @@ def test_a_follower_killed_mid_stream_resumes_exact(pds, target, target_url, ins
     assert resumed.returncode == 0, output
     assert "done:" in output and "0 desyncs" in output and "0 resyncs" in output, output
     assert load_cursor(target, host) > killed_at
+    # The killed command's run stays STARTED in the instance until the repo_follow sensor finds it gone
+    # (test_follow_sensor shows that): end it here, so later tests' ticks see no live run of this host.
+    for run in instance.get_runs(filters=dg.RunsFilter(tags={FOLLOW_HOST_TAG: host},
+                                                       statuses=[dg.DagsterRunStatus.STARTED])):
+        instance.report_run_failed(run, "SIGKILLed by test_a_follower_killed_mid_stream_resumes_exact")
 
 
 def lease_holder(conn: psycopg.Connection, host: str) -> str | None:

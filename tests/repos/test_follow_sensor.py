@@ -62,7 +62,10 @@ def test_one_run_per_host_none_while_alive_and_the_next_after_it_ends(pds, targe
     for status in (dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTED):  # (QUEUED needs a code location)
         alive = create_run_for_test(instance, status=status, tags={FOLLOW_HOST_TAG: host})
         assert set(by_host(follow_tick(instance))) == {OTHER_HOST}, f"a {status} run got company"
-        instance.delete_run(alive.run_id)
+        beside = create_run_for_test(instance, status=dg.DagsterRunStatus.FAILURE, tags={FOLLOW_HOST_TAG: host})
+        assert set(by_host(follow_tick(instance))) == {OTHER_HOST}, f"a {status} run got company after a newer run failed"
+        for run in (alive, beside):
+            instance.delete_run(run.run_id)
 
     ended = create_run_for_test(instance, status=dg.DagsterRunStatus.SUCCESS, tags={FOLLOW_HOST_TAG: host})
     after = by_host(follow_tick(instance))[host]
@@ -177,14 +180,15 @@ def test_a_killed_follow_run_is_marked_failed_and_the_next_run_resumes_exact(pds
     sync_dids(instance, target, [alice.did])
     save_cursor(target, host, current_seq(host))
     pds.create_records(alice, POSTS, [post(1)])
+    host_runs = dg.RunsFilter(tags={FOLLOW_HOST_TAG: host})
+    before = {run.run_id for run in instance.get_runs(filters=host_runs)}  # the session's other tests' runs
     command = [sys.executable, "-m", "migration_assets.cli", "repos", "follow", "--host", host]
     follower = subprocess.Popen(command, env=os.environ | {"PYTHONPATH": str(PROJECT_ROOT)},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_until("the command to apply the commit", lambda: exact(pds, target, alice, (POSTS,)) or
                    follower.poll() is not None)
-        [run] = instance.get_runs(filters=dg.RunsFilter(tags={FOLLOW_HOST_TAG: host},
-                                                        statuses=[dg.DagsterRunStatus.STARTED]))
+        [run] = [run for run in instance.get_runs(filters=host_runs) if run.run_id not in before]
         assert follow_tick(instance).run_requests == [], "a live follow run got company"
     finally:
         follower.send_signal(signal.SIGKILL)
