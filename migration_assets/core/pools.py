@@ -24,9 +24,18 @@ def ensure_pool_limits(instance: "dg.DagsterInstance") -> dict[str, int]:
     """Give each project pool its limit where the instance has none yet (a limit an operator set in
     the UI or with `dagster instance concurrency set` is kept). Returns the limits set now."""
     storage = instance.event_log_storage
-    configured = {limit.name for limit in storage.get_pool_limits() if not limit.from_default}
-    missing = {pool: n for pool, n in project_pool_limits().items() if pool not in configured}
+    missing = {pool: n for pool, n in project_pool_limits().items() if pool not in _configured(instance)}
     for pool, limit in missing.items():
-        storage.set_concurrency_slots(pool, limit)
+        try:
+            storage.set_concurrency_slots(pool, limit)
+        except Exception:
+            # Dagster checks for the pool's row, then inserts it: another command started at the same
+            # moment on a fresh instance inserted it in between (a unique violation). Its limit stands.
+            if pool not in _configured(instance):
+                raise
     return missing
+
+
+def _configured(instance: "dg.DagsterInstance") -> set[str]:
+    return {limit.name for limit in instance.event_log_storage.get_pool_limits() if not limit.from_default}
 

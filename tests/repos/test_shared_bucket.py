@@ -1,12 +1,20 @@
-"""Two runs share one bucket of 2,000 due repos through the real claim loop, lease, heartbeat and
-fence (`backfill.sync_leased`); only the per-repo sync step is a trivial one (a record and the
-ledger's finish_synced, written inside the run's fenced transaction), so no PDS accounts are needed.
+"""Runs that share one bucket.
 
-Run A stalls mid-way (its store step and its heartbeat blocked, as a paused process would be) until
-run B has taken over A's expired leases and synced the repo A was storing. Then A's late write must
-change nothing: no repo synced twice, none lost."""
+Two runs share a bucket of 2,000 due repos through the real claim loop, lease, heartbeat and fence
+(`backfill.sync_leased`); only the per-repo sync step is a trivial one (a record and the ledger's
+finish_synced, written inside the run's fenced transaction), so no PDS accounts are needed. Run A
+stalls mid-way (its store step and its heartbeat blocked, as a paused process would be) until run B
+has taken over A's expired leases and synced the repo A was storing. Then A's late write must change
+nothing: no repo synced twice, none lost.
 
+Then two whole `atproto/repos` runs of one bucket against the dev-env PLC and PDS."""
+
+import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from contextlib import contextmanager
 
@@ -15,7 +23,13 @@ from psycopg_pool import ConnectionPool
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import RepoOutcome, sync_leased
 from migration_assets.repos.collections import RecordScope
+from migration_assets.core.settings import PROJECT_ROOT
+from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.ledger import ClaimedRepo
+from tests.repos.conftest import handle
+from tests.repos.helpers import discover, listed_records, stored_records
+from tests.repos.pds_proxy import Reply
+from tests.repos.test_faults import POSTS, post, routed
 
 REPOS = 2000
 LEASE_SECONDS = 5
@@ -115,3 +129,62 @@ def test_two_runs_share_a_bucket_and_a_paused_runs_late_write_changes_nothing(ta
         "SELECT status, count(*), count(claim_token) FROM repos GROUP BY status").fetchall()
     assert ledger_state == [("synced", REPOS, 0)]
     assert target.execute("SELECT pds, head FROM repos WHERE did = %s", (victim,)).fetchone() == ("B", "head-B")
+
+
+# One `atproto/repos` run of a bucket in a process of its own, as the daemon launches each run; prints
+# its outcomes. (Two in-process runs in threads deadlock in Dagster's logging setup.)
+BUCKET_RUN = """
+import json, sys
+from migration_assets.core.instance import project_instance
+from tests.repos.helpers import metadata, run_bucket
+result = run_bucket(project_instance(), sys.argv[1], plc_url=sys.argv[2], concurrency=2)
+print(json.dumps(metadata(result)["outcomes"]))
+"""
+
+
+def test_two_bucket_runs_against_the_pds_share_its_repos_and_sync_each_once(pds, target, instance, dagster_home,
+                                                                            atproto_env, monkeypatch):
+    """Two `atproto/repos` runs of one bucket at once, as the repo_sync sensor starts them on a busy bucket,
+    each in its own process, against the dev-env PLC and PDS. Every download is held until both runs hold
+    claims, so both work the bucket; each repo is then downloaded once and synced once, by one of them."""
+    monkeypatch.setenv("REPO_BUCKETS", "1")
+    monkeypatch.setenv("REPO_CLAIM_BATCH", "2")  # a run holds a few repos at a time: the rest wait for either
+    accounts = [pds.create_account(handle()) for _ in range(12)]  # a run held 8 while its downloads waited: 4 are left
+    for n, account in enumerate(accounts):
+        pds.create_records(account, POSTS, [post(n), post(n + 100)])
+    dids = [account.did for account in accounts]
+    both_claimed, gave_up = threading.Event(), []
+
+    def runs_holding_claims() -> int:
+        return target.execute("SELECT count(DISTINCT claim_token) FROM repos WHERE did = ANY(%s)", (dids,)).fetchone()[0]
+
+    def hold_until_both_runs_hold_claims(method: str, path: str) -> Reply | None:
+        if "sync.getRepo" in path and not both_claimed.is_set():
+            deadline = time.monotonic() + WAIT
+            while runs_holding_claims() < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if runs_holding_claims() < 2:
+                gave_up.append(path)
+            both_claimed.set()
+        return None  # then answered by the PDS
+
+    discover(instance, dids=dids)
+    with routed(atproto_env, pds_intercept=hold_until_both_runs_hold_claims) as (plc, pds_proxy):
+        command = [sys.executable, "-c", BUCKET_RUN, bucket_key(0), plc.url]
+        env = os.environ | {"PYTHONPATH": str(PROJECT_ROOT)}
+        runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in "AB"]
+        try:
+            outputs = [run.communicate(timeout=2 * WAIT) for run in runs]
+        finally:
+            for run in runs:
+                run.kill()  # after a timeout: no run left behind
+    assert [run.returncode for run in runs] == [0, 0], [err for _, err in outputs]
+    assert not gave_up, "the two runs never held claims at once"
+    synced = [json.loads(out.strip().splitlines()[-1]).get("synced", 0) for out, _ in outputs]
+    assert all(synced) and sum(synced) == len(dids), synced
+    for did in dids:
+        assert pds_proxy.count(f"getRepo?did={did.replace(':', '%3A')}") == 1, f"{did} was not downloaded once"
+        assert stored_records(target, did) == listed_records(pds.pds.url, did, POSTS)
+    assert target.execute("SELECT status, count(*), count(claim_token) FROM repos WHERE did = ANY(%s) GROUP BY status",
+                          (dids,)).fetchall() == [("synced", len(dids), 0)]
