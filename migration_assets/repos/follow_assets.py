@@ -11,9 +11,9 @@ from contextlib import contextmanager
 import dagster as dg
 from pydantic import Field
 
+from migration_assets.core.lease import LeaseLost
 from migration_assets.core.resources import PostgresResource
 from migration_assets.repos.backfill import describe
-from migration_assets.core.lease import LeaseLost
 from migration_assets.repos.follow import BATCH_EVENTS, Follower, FollowReport
 from migration_assets.repos.follow_lease import HostBusy
 from migration_assets.repos.stream import StreamError
