@@ -105,7 +105,7 @@ def follow_command(args: argparse.Namespace) -> int:
                                    run_config={"ops": {"atproto__repo_stream": {"config": config}}},
                                    tags={FOLLOW_HOST_TAG: host})
     if not print_partition_summary(host, REPO_STREAM, result, lambda meta: "done: " + follow_summary(meta)):
-        print("next step: fix the cause above and run again: it resumes from the last committed event")
+        print("next step: as the error above says; a follow run resumes from the last committed event")
         return 1
     metadata = materialized_metadata(result, REPO_STREAM) or {}
     if metadata.get("resync_failures"):

@@ -273,6 +273,19 @@ def test_the_follow_command_is_a_run_in_the_instance_and_fails_non_zero(pds, tar
     assert "FutureCursor" in out and "repo_stream_cursors" in out and "next step:" in out, out
 
 
+def test_the_follow_command_exits_non_zero_naming_the_follower_that_holds_the_host(pds, target, dagster_home, instance,
+                                                                                  capsys, monkeypatch):
+    monkeypatch.setenv("REPO_LEASE_SECONDS", "5")  # it waits one lease for the holder's to lapse
+    host = pds.pds.url
+    save_cursor(target, host, current_seq(host))
+    hold_lease(target, host, "the sensor's run")  # renewed: it expires an hour from now
+    code = main(["repos", "follow", "--host", host, "--seconds", "30"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "another follower of" in out and "(the sensor's run) holds it" in out and "Stop that one first" in out, out
+    assert "next step:" in out and "fix the cause" not in out, out
+
+
 def test_the_follow_command_exits_non_zero_when_a_resync_fails(pds, target, dagster_home, instance, capsys):
     """The stream applies, but a repo it desyncs cannot be fetched again (its stored DID document names a
     PDS that is down): the command says so, with the next step, and exits 1."""
