@@ -24,7 +24,8 @@ def ensure_pool_limits(instance: "dg.DagsterInstance") -> dict[str, int]:
     """Give each project pool its limit where the instance has none yet (a limit an operator set in
     the UI or with `dagster instance concurrency set` is kept). Returns the limits set now."""
     storage = instance.event_log_storage
-    missing = {pool: n for pool, n in project_pool_limits().items() if pool not in _configured(instance)}
+    configured = _configured(instance)
+    missing = {pool: n for pool, n in project_pool_limits().items() if pool not in configured}
     for pool, limit in missing.items():
         try:
             storage.set_concurrency_slots(pool, limit)
