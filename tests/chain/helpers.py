@@ -87,4 +87,10 @@ def quick_sync_retries(monkeypatch, asset=None) -> None:
 
 
 def step_retries(result) -> int:
-    return sum(1 for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY")
+    return len(retry_reasons(result))
+
+
+def retry_reasons(result) -> list[str]:
+    """Why each retry of a step was asked for: what a count of retries that differs from a test's hangs on."""
+    return [e.event_specific_data.error.to_string() for e in result.all_events
+            if e.event_type_value == "STEP_UP_FOR_RETRY"]

@@ -7,7 +7,7 @@ from migration_assets.chain.resources import ChainSourceResource
 from migration_assets.devstack.sample_chain import block_hash, block_item, sample_chain
 from tests.chain.helpers import (
     TAG, canonical_pair, check_outcomes, failure_text, linear_chain, materialization_metadata, materialize_range,
-    orphan, quick_sync_retries, seed, skipped, step_retries,
+    orphan, quick_sync_retries, retry_reasons, seed, skipped, step_retries,
 )
 from tests.fault_proxy import THROTTLED, fault_proxy
 
@@ -160,7 +160,8 @@ def test_a_block_run_throttled_once_is_tried_again_and_a_malformed_item_is_not(i
     with fault_proxy(dynalite, throttled_in_the_first_attempt) as proxy_url:
         result = materialize_range(instance, 0, 10, chain_source=ChainSourceResource(endpoint_url=proxy_url, max_attempts=1))
     assert result.success, failure_text(result)
-    assert step_retries(result) == 1 and len(attempts) == 2 and len(blocks_by_height(target, 9)) == 1
+    assert step_retries(result) == 1 and len(attempts) == 2, (len(attempts), retry_reasons(result))
+    assert len(blocks_by_height(target, 9)) == 1
 
     seed(dynamodb, block_table, [{**linear_chain(10, 11)[0], "height": {"S": "10"}}])
     malformed = materialize_range(instance, 10, 20)
