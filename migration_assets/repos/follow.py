@@ -13,7 +13,8 @@ processes while the previous batch is written, and its record writes are one sta
   resynced through getRepo after the batch commits (a failed resync retries with the ledger's backoff).
   An unknown DID (an account created on the host) is added and synced the same way; with
   REPO_SIGNAL_COLLECTION, only once it writes a record in that collection. A repo stored without records
-  (no signal record) keeps none until it writes one, and is then synced whole.
+  (no signal record) keeps none until it writes one, and is then synced whole; one whose commit deletes its
+  last signal record is resynced, and keeps none from then on.
 - `#sync`: resync the repo. `#identity`: forget its cached DID document. `#account`: inactive with a
   status sets it (a deleted account loses its records, as in the backfill); active again resyncs it.
 - `#info` OutdatedCursor: events were missed; every synced repo of the host is made due.
@@ -383,6 +384,7 @@ class Follower:
                 if not isinstance(event, InfoEvent):
                     cursor, last_time = event.seq, event.time
             writes.flush(conn)
+            resync += self._lost_their_signal(conn, writes.signal_deleted)
             if cursor is not None:
                 save_cursor(conn, self.host, cursor, self._relay)
         return resync, cursor, last_time
@@ -437,9 +439,30 @@ class Follower:
             return self._due(conn, event.repo, f"desynchronized at rev {event.rev}: {problem}")
         stored = not (self.signal is not None and state.signal_missing)  # else no records kept, only the head
         data = writes.commit(event, checked, stored)
+        if stored and self.signal is not None and _deletes_in(event, self.signal):
+            writes.signal_deleted.add(event.repo)
         states[event.repo] = RepoState(status=state.status, rev=event.rev, data=data, signal_missing=state.signal_missing)
         self.report.applied += 1
         return []
+
+    def _lost_their_signal(self, conn: psycopg.Connection, dids: set[str]) -> list[str]:
+        """Tracked repos that this batch's commits deleted records of the signal collection from, and that
+        now have none: the backfill keeps no records of such a repo, so the stream does not either (the
+        resync stores it the backfill's way). A signal collection the filter leaves out is not counted:
+        only the resync can tell whether a record is left."""
+        if not dids:
+            return []
+        lost = sorted(dids)
+        if self.collections.matches(self.signal):
+            lost = [row[0] for row in conn.execute(
+                """SELECT did FROM unnest(%s::text[]) AS d(did) WHERE NOT EXISTS (
+                       SELECT 1 FROM repo_collection_counts c WHERE c.did = d.did AND c.collection = %s AND c.records > 0)""",
+                (lost, self.signal)).fetchall()]
+        resync = []
+        for did in lost:
+            resync += self._due(conn, did, f"a commit deleted a record of the signal collection {self.signal}: "
+                                           "resynced to keep its records only while one is left")
+        return resync
 
     def _recheck_claimed(self, conn: psycopg.Connection) -> list[str]:
         rows = conn.execute("SELECT did, status, rev FROM repos WHERE did = ANY(%s) AND status <> 'in_progress'",
@@ -557,6 +580,10 @@ def _writes_in(event: CommitEvent, collection: str) -> bool:
     return any(op.action != "delete" and op.collection_rkey[0] == collection for op in event.ops)
 
 
+def _deletes_in(event: CommitEvent, collection: str) -> bool:
+    return any(op.action == "delete" and op.collection_rkey[0] == collection for op in event.ops)
+
+
 def _past(deadline: float | None) -> bool:
     return deadline is not None and time.monotonic() >= deadline
 
@@ -599,6 +626,7 @@ class _BatchWrites:
         self.collections = collections
         self.records: dict[tuple[str, str, str], tuple | None] = {}  # (did, collection, rkey) -> (cid, json, cbor)
         self.heads: dict[str, tuple[str, str, str]] = {}  # did -> (head, rev, data) of its last applied commit
+        self.signal_deleted: set[str] = set()  # repos a commit deleted a signal-collection record from
 
     def commit(self, event: CommitEvent, checked: Checked, store_records: bool = True) -> str:
         """Stage the commit's writes; returns its data root as text (the repo's state keeps it too)."""

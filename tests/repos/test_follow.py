@@ -414,6 +414,7 @@ def test_a_commit_missing_from_the_stream_is_caught_by_prev_data_and_the_resync_
 
 
 PROFILE = "app.bsky.actor.profile"
+FOLLOWS = "app.bsky.graph.follow"
 
 
 def test_with_a_signal_collection_a_repo_is_tracked_once_it_writes_a_record_in_it(
@@ -444,6 +445,44 @@ def test_with_a_signal_collection_a_repo_is_tracked_once_it_writes_a_record_in_i
             exact(pds, target, stranger, (POSTS, PROFILE)) and exact(pds, target, lacking, (POSTS, PROFILE))))
     assert ledger_row(target, lacking.did)["signal_missing"] is False
     assert follower.report.resyncs == 2, follower.report
+
+
+@pytest.mark.parametrize("collections, resyncs_while_one_is_left", [(None, 0), ("app.bsky.feed.*", 1)],
+                         ids=["signal-stored", "signal-filtered-out"])
+def test_with_a_signal_collection_a_repo_whose_last_signal_record_is_deleted_keeps_no_records(
+        pds, target, target_url, instance, monkeypatch, collections, resyncs_while_one_is_left):
+    """Before, the stream went on storing such a repo's records while a backfill of it stored none. With
+    the signal collection filtered out, its records are not counted: a delete of one resyncs the repo."""
+    monkeypatch.setenv("REPO_SIGNAL_COLLECTION", FOLLOWS)
+    if collections:
+        monkeypatch.setenv("REPO_COLLECTIONS", collections)
+    kept = (POSTS, FOLLOWS) if collections is None else (POSTS,)
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    follows = [{"$type": FOLLOWS, "subject": pds.create_account(handle()).did, "createdAt": "2026-12-06T10:00:00.000Z"}
+               for _ in range(2)]
+    first, second = pds.create_records(alice, FOLLOWS, follows)
+    pds.create_records(alice, POSTS, [post(0)])
+    sync_dids(instance, target, [alice.did])
+    assert exact(pds, target, alice, kept) and ledger_row(target, alice.did)["signal_missing"] is False
+    save_cursor(target, host, current_seq(host))
+
+    with following(target_url, host) as follower:
+        pds.delete_records(alice, FOLLOWS, [second])  # one is left: still tracked
+        pds.create_records(alice, POSTS, [post(1)])
+        wait_until("both commits applied", lambda: exact(pds, target, alice, kept))
+        assert follower.report.resyncs == resyncs_while_one_is_left, follower.report
+
+        pds.delete_records(alice, FOLLOWS, [first])
+        wait_until("the repo resynced without its signal record", lambda: ledger_row(target, alice.did)["signal_missing"])
+        pds.create_records(alice, POSTS, [post(2)])
+        latest = httpx.get(f"{host}/xrpc/com.atproto.sync.getLatestCommit", params={"did": alice.did}).json()
+        wait_until("the last commit applied", lambda: ledger_row(target, alice.did)["rev"] == latest["rev"])
+    row = ledger_row(target, alice.did)
+    assert (row["status"], row["records_count"], stored_records(target, alice.did)) == ("synced", 0, {}), \
+        "a repo without a signal record keeps no records, as the backfill stores it"
+    assert target.execute("SELECT count(*) FROM repo_collection_counts WHERE did = %s", (alice.did,)).fetchone()[0] == 0
+    assert "signal collection" in follower.report.last_desync
 
 
 def test_a_batch_keeps_the_order_of_a_commit_and_the_account_deletion_after_it(pds, target, target_url, instance):
