@@ -15,7 +15,7 @@ processes while the previous batch is written, and its record writes are one sta
   REPO_SIGNAL_COLLECTION, only once it writes a record in that collection. A repo stored without records
   (no signal record) keeps none until it writes one, and is then synced whole; one whose commit deletes its
   last signal record is resynced, and keeps none from then on.
-- `#sync`: resync the repo. `#identity`: forget its cached DID document. `#account`: inactive with a
+- `#sync`: resync the repo (one whose last fetch failed waits for its retry). `#identity`: forget its cached DID document. `#account`: inactive with a
   status sets it (a deleted account loses its records, as in the backfill); active again resyncs it.
 - `#info` OutdatedCursor: events were missed; every synced repo of the host is made due.
 
@@ -475,12 +475,14 @@ class Follower:
         return resync
 
     def _apply_sync(self, conn: psycopg.Connection, event: SyncEvent) -> list[str]:
-        """The host can't give a diff (or the account is new): resync, unless we already hold that rev."""
-        row = conn.execute("SELECT rev FROM repos WHERE did = %s", (event.did,)).fetchone()
+        """The host can't give a diff (or the account is new): resync, unless we already hold that rev, or
+        the repo's last fetch failed and its retry is not due yet (a host that keeps sending #sync for a
+        repo it fails to serve gets a getRepo per ledger backoff, not per event)."""
+        row = conn.execute("SELECT rev, next_retry_at > now() FROM repos WHERE did = %s", (event.did,)).fetchone()
         if row is None and self.signal is not None:
             self.report.skipped += 1  # not tracked (a signal collection decides which repos are)
             return []
-        if row is not None and row[0] is not None and event.rev <= row[0]:
+        if row is not None and ((row[0] is not None and event.rev <= row[0]) or row[1]):
             self.report.skipped += 1
             return []
         return self._due(conn, event.did)

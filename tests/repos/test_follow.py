@@ -21,6 +21,7 @@ from migration_assets.atproto.signature import PublicKey
 from migration_assets.core.postgres import shared_pool
 from migration_assets.core.settings import PROJECT_ROOT
 from migration_assets.core.lease import LeaseLost
+from migration_assets.repos import ledger
 from migration_assets.repos.follow import Follower, is_relay, load_cursor, save_cursor
 from migration_assets.repos.follow_assets import FOLLOW_HOST_TAG
 from migration_assets.repos.follow_lease import HostBusy
@@ -517,6 +518,25 @@ def test_an_account_event_from_a_host_that_does_not_host_the_did_is_asked_of_its
     applied(target_url, pds.pds.url, [deleted])  # from its own PDS it is applied as sent
     row = ledger_row(target, alice.did)
     assert (row["status"], stored_records(target, alice.did)) == ("deleted", {})
+
+
+def test_a_sync_event_for_a_repo_waiting_out_its_retry_backoff_waits_too(pds, target, target_url, instance):
+    """Before, every #sync made the repo due at once: a host that keeps sending #sync for a repo it fails
+    to serve got a getRepo per event, past the ledger's backoff. Once the retry is due, #sync resyncs."""
+    alice = pds.create_account(handle())
+    pds.create_records(alice, POSTS, [post(0)])
+    sync_dids(instance, target, [alice.did])
+    with target.cursor() as cur:  # its last fetch failed: the next try in an hour
+        ledger.finish_failed(cur, alice.did, "the host answered 502", datetime.now(timezone.utc) + timedelta(hours=1), True)
+    later, now = "j" + "2" * 12, datetime.now(timezone.utc)  # a TID after any stored rev
+    waiting = applied(target_url, pds.pds.url, [SyncEvent(seq=1, did=alice.did, rev=later, blocks=b"", time=now)])
+    row = ledger_row(target, alice.did)
+    assert (waiting.report.resyncs, waiting.report.skipped, row["status"]) == (0, 1, "error"), waiting.report
+    assert row["next_retry_at"] > datetime.now(timezone.utc) + timedelta(minutes=55)
+
+    target.execute("UPDATE repos SET next_retry_at = now() - interval '1 second' WHERE did = %s", (alice.did,))
+    due = applied(target_url, pds.pds.url, [SyncEvent(seq=2, did=alice.did, rev=later, blocks=b"", time=now)])
+    assert due.report.resyncs == 1 and exact(pds, target, alice, (POSTS,)), due.report
 
 
 def test_a_batch_that_is_a_deadlocks_victim_is_written_again(pds, target, target_url, instance):
