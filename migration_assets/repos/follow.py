@@ -7,7 +7,8 @@ processes while the previous batch is written, and its record writes are one sta
 
 - `#commit`: applied to a synced repo when it follows the stored state: its `since` is the stored rev and
   its `prevData` the stored MST root, its commit block is present, for this repo and rev, and signed by the
-  DID's key (cached; re-resolved once on failure), and every created or updated record's block is present.
+  DID's key (cached; resolved anew on a failure, at most once a minute per DID), and every created or
+  updated record's block is present.
   Events at or below the stored rev are replays and skipped. Only records of REPO_COLLECTIONS are stored
   (the backfill's filter). An event that doesn't follow marks the repo due (desynchronized) and it is
   resynced through getRepo after the batch commits (a failed resync retries with the ledger's backoff).
@@ -40,6 +41,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from migration_assets.atproto.errors import AtprotoError
+from migration_assets.atproto.identity import DidDocument
 from migration_assets.atproto.xrpc import host_key
 from migration_assets.core.backoff import Backoff
 from migration_assets.core.lease import Heartbeat, Lease, LeaseLost
@@ -102,6 +104,9 @@ class FollowReport:
 # follower reads up to one batch again (nothing lost, nothing applied twice).
 BATCH_EVENTS = 1000
 DEADLOCK_TRIES = 5  # a batch's transaction aborted as a deadlock's victim is tried again, up to this often
+# A DID whose commit's signature failed is resolved anew at most this often: a key rotation shows at the
+# first failure, and a host sending forged commits does not have the PLC asked once per commit.
+RESOLVE_ANEW_SECONDS = 60.0
 
 
 class Follower:
@@ -129,6 +134,7 @@ class Follower:
         # stored its (maybe older) snapshot, a repo still behind is resynced.
         self._behind_claims: dict[str, str] = {}
         self._read_seq: int | None = None  # the last seq read from the stream
+        self._resolved_anew: dict[str, float] = {}  # did -> when its document was last fetched anew
         self._relay = False  # the stream carried a repo hosted elsewhere (saved with the cursor: is_relay)
 
     # --- the loop -------------------------------------------------------------------------------------
@@ -322,12 +328,24 @@ class Follower:
             return {did: exc for did, exc in zip(missing, threads.map(resolve, missing)) if exc is not None}
 
     def _with_fresh_key(self, item: CommitToCheck, checked: Checked) -> Checked:
-        """The signature failed: the key may have rotated. Re-resolve once; check again if it changed."""
+        """The signature failed: the key may have rotated. Resolve the DID anew; check again if it changed."""
         try:
-            key = self.syncer.resolver.resolve(item.repo, fresh=True).signing_key
+            document = self._resolve_anew(item.repo)
         except AtprotoError as exc:
             return replace(checked, problem=f"{checked.problem}; resolving the DID again: {describe(exc)}")
+        key = item.signing_key if document is None else document.signing_key
         return checked if key == item.signing_key else recheck_with(item, key, self.collections)
+
+    def _resolve_anew(self, did: str) -> DidDocument | None:
+        """The DID's document fetched again; or, fetched again within RESOLVE_ANEW_SECONDS, the one then
+        fetched (None once forgotten)."""
+        now = time.monotonic()
+        if now - self._resolved_anew.get(did, -RESOLVE_ANEW_SECONDS) < RESOLVE_ANEW_SECONDS:
+            return self.syncer.resolver.cached(did)
+        if len(self._resolved_anew) >= 10_000:  # only the recent ones matter
+            self._resolved_anew = {d: t for d, t in self._resolved_anew.items() if now - t < RESOLVE_ANEW_SECONDS}
+        self._resolved_anew[did] = now
+        return self.syncer.resolver.resolve(did, fresh=True)
 
     def _check_now(self, event: CommitEvent) -> Checked:
         """A commit whose repo was not tracked yet when its batch was sent to be checked."""

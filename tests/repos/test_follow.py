@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from migration_assets.atproto.identity import StoredDocuments
+from migration_assets.atproto.identity import IdentityResolver, StoredDocuments
 from migration_assets.atproto.signature import PublicKey
 from migration_assets.core.postgres import shared_pool
 from migration_assets.core.settings import PROJECT_ROOT
@@ -320,6 +320,28 @@ def test_a_commit_checked_against_a_stale_key_is_checked_again_with_the_key_reso
     assert exact(pds, target, alice, (POSTS,))
     (stored, _), = documents.load([alice.did], 3600).values()
     assert stored.signing_key == current.signing_key
+
+
+def test_forged_commits_of_one_did_have_it_resolved_anew_once_not_once_each(pds, target, target_url, instance,
+                                                                              monkeypatch):
+    """Before, every commit whose signature failed fetched the DID's document again: a host sending forged
+    commits had the PLC asked once per commit. Now once per DID a minute; each forged commit still desyncs."""
+    alice = pds.create_account(handle())
+    sync_dids(instance, target, [alice.did])
+    start = current_seq(pds.pds.url)
+    for n in range(2):
+        pds.create_records(alice, POSTS, [post(n)])
+    fetched: list[str] = []
+    resolve_uncached = IdentityResolver._resolve_uncached
+    monkeypatch.setattr(IdentityResolver, "_resolve_uncached",
+                        lambda resolver, did: fetched.append(did) or resolve_uncached(resolver, did))
+    with follower_of(target_url, pds.pds.url) as follower:
+        follower.apply([forged(event) for event in commits_of(pds.pds.url, alice.did, start, 2)])
+        assert (follower.report.desyncs, follower.report.resyncs, fetched) == (1, 1, [alice.did]), follower.report
+        start = current_seq(pds.pds.url)
+        pds.create_records(alice, POSTS, [post(2)])
+        follower.apply([forged(next_commit(pds.pds.url, alice.did, start))])  # the next batch, a moment later
+    assert (follower.report.desyncs, fetched) == (2, [alice.did]), follower.report
 
 
 def test_the_lag_reported_is_how_long_ago_the_last_applied_event_was_made(pds, target, target_url, instance):
