@@ -16,9 +16,11 @@ processes while the previous batch is written, and its record writes are one sta
   REPO_SIGNAL_COLLECTION, only once it writes a record in that collection. A repo stored without records
   (no signal record) keeps none until it writes one, and is then synced whole; one whose commit deletes its
   last signal record is resynced, and keeps none from then on.
-- `#sync`: resync the repo (one whose last fetch failed waits for its retry). `#identity`: forget its cached DID document. `#account`: inactive with a
-  status sets it (a deleted account loses its records, as in the backfill); active again resyncs it.
-- `#info` OutdatedCursor: events were missed; every synced repo of the host is made due.
+- `#sync`: resync the repo (one whose last fetch failed waits for its retry). `#identity`: forget its
+  cached DID document. `#account`: inactive with a status sets it (a deleted account loses its records,
+  as in the backfill); active again resyncs it.
+- `#info` OutdatedCursor: events were missed, those made before the next event (the oldest the host keeps):
+  every synced repo of the host (of any host, from a relay) not fetched whole since then is made due.
 
 One follower per host: `run` holds the host's lease (follow_lease.py) and every batch's transaction is
 fenced by it.
@@ -35,7 +37,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -107,6 +109,7 @@ DEADLOCK_TRIES = 5  # a batch's transaction aborted as a deadlock's victim is tr
 # A DID whose commit's signature failed is resolved anew at most this often: a key rotation shows at the
 # first failure, and a host sending forged commits does not have the PLC asked once per commit.
 RESOLVE_ANEW_SECONDS = 60.0
+GAP_CLOCK_MARGIN = timedelta(minutes=10)  # a repo fetched this soon after a gap's end is made due all the same
 
 
 class Follower:
@@ -135,6 +138,7 @@ class Follower:
         self._behind_claims: dict[str, str] = {}
         self._read_seq: int | None = None  # the last seq read from the stream
         self._resolved_anew: dict[str, float] = {}  # did -> when its document was last fetched anew
+        self._gap = False  # an OutdatedCursor was read, and no event after it yet
         self._relay = False  # the stream carried a repo hosted elsewhere (saved with the cursor: is_relay)
 
     # --- the loop -------------------------------------------------------------------------------------
@@ -364,13 +368,13 @@ class Follower:
         overlap (a relay and a PDS), or a bucket run, can lock the same repos in another order."""
         started = time.monotonic()
         for attempt in range(1, DEADLOCK_TRIES + 1):
-            before = (replace(self.report), dict(self._behind_claims))
+            before = (replace(self.report), dict(self._behind_claims), self._gap)
             try:
                 resync, cursor, last_time = self._write_batch(batch, checked)
                 break
             except psycopg.errors.DeadlockDetected as exc:
                 vars(self.report).update(vars(before[0]))  # what the rolled-back attempt counted
-                self._behind_claims = before[1]
+                self._behind_claims, self._gap = before[1], before[2]
                 if attempt == DEADLOCK_TRIES:
                     raise
                 self.report.last_error = f"a batch's transaction was a deadlock's victim; tried again: {exc}"
@@ -396,6 +400,10 @@ class Follower:
             states = ledger.lock_states(conn, [e.repo for e in batch if isinstance(e, CommitEvent)])
             writes = _BatchWrites(self.collections)
             for event in batch:
+                if self._gap and not isinstance(event, InfoEvent):
+                    writes.flush(conn)
+                    self._after_gap(conn, event)
+                    states.clear()  # read again: some were made due
                 if isinstance(event, (AccountEvent, SyncEvent)):
                     writes.flush(conn)  # they read or change what the writes touch: keep the order
                 resync += self._apply_event(conn, event, checked.get(id(event)), states, writes)
@@ -406,6 +414,18 @@ class Follower:
             if cursor is not None:
                 save_cursor(conn, self.host, cursor, self._relay)
         return resync, cursor, last_time
+
+    def _after_gap(self, conn: psycopg.Connection, oldest: StreamEvent) -> None:
+        """After an OutdatedCursor, `oldest` is the oldest event the host still keeps: only changes made
+        before it were missed. The repos they may hide (this host's; any host's when it is a relay) are
+        made due unless fetched whole since (GAP_CLOCK_MARGIN: the host's clock is not ours). Done in the
+        transaction that first moves the cursor past the gap: a follower stopped before that reads the
+        OutdatedCursor again, since its cursor has not moved."""
+        relay = (self._relay or is_relay(conn, self.host)
+                 or (isinstance(oldest, CommitEvent) and self._is_its_pds(oldest.repo) is False))
+        self.report.desyncs += ledger.make_host_due(conn, self.host, every_repo=relay,
+                                                    fetched_before=oldest.time + GAP_CLOCK_MARGIN)
+        self._gap = False
 
     def _fenced(self, conn: psycopg.Connection):
         """The batch's transaction, fenced by the host's lease while `run` holds it (LeaseLost: another
@@ -420,10 +440,9 @@ class Follower:
             self.report.identities += 1
             return []
         if isinstance(event, InfoEvent):
-            if event.name == "OutdatedCursor":  # events were missed: of this PDS's repos, or any repo's
+            if event.name == "OutdatedCursor":  # events were missed: seen to at the next event (_after_gap)
                 self.report.outdated_cursor += 1
-                relay = self._relay or is_relay(conn, self.host)
-                self.report.desyncs += ledger.make_host_due(conn, self.host, every_repo=relay)
+                self._gap = True
             return []
         states.pop(event.did, None)  # #sync and #account change the ledger row: read it again when needed
         if isinstance(event, SyncEvent):

@@ -157,7 +157,7 @@ def finish_synced(cur: psycopg.Cursor, did: str, pds: str, *, head: str, rev: st
     cur.execute(
         f"""UPDATE repos SET status = 'synced', pds = %s, head = %s, rev = %s, records_count = %s, data_cid = %s,
                collections_filter = %s, signal_missing = %s, attempts = 0, next_retry_at = NULL, last_error = NULL,
-               synced_at = now(), {_END_LEASE}
+               synced_at = now(), fetched_at = now(), {_END_LEASE}
            WHERE did = %s""",
         (pds, head, rev, records, data_root, collections_filter, signal_missing, did),
     )
@@ -249,11 +249,14 @@ def lock_states(conn: psycopg.Connection, dids: list[str]) -> dict[str, RepoStat
     return {did: RepoState(*state) for did, *state in rows}
 
 
-def make_host_due(conn: psycopg.Connection, host: str, every_repo: bool = False) -> int:
+def make_host_due(conn: psycopg.Connection, host: str, every_repo: bool = False,
+                  fetched_before: datetime | None = None) -> int:
     """Events of this host's stream were missed (OutdatedCursor): every repo synced from it is due again,
-    or, from a relay (`every_repo`: its stream carries every host's repos), every synced repo."""
+    or, from a relay (`every_repo`: its stream carries every host's repos), every synced repo; only those
+    fetched whole before `fetched_before` when given (a fetch since then holds what was missed)."""
     return conn.execute(
         "UPDATE repos SET status = 'pending', next_retry_at = NULL, updated_at = now() "
-        "WHERE status = 'synced' AND (%s OR rtrim(pds, '/') = %s)",
-        (every_repo, host),
+        "WHERE status = 'synced' AND (%s OR rtrim(pds, '/') = %s) "
+        "AND (%s::timestamptz IS NULL OR fetched_at IS NULL OR fetched_at < %s)",
+        (every_repo, host, fetched_before, fetched_before),
     ).rowcount

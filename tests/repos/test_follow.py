@@ -297,7 +297,7 @@ def test_events_that_cannot_be_applied_desync_only_their_repo(pds, target, targe
         assert exact(pds, target, account, (POSTS,)), account.did
     assert load_cursor(target, host) == max(e.seq for e in events)
 
-    follower.apply([InfoEvent(name="OutdatedCursor")])
+    follower.apply([InfoEvent(name="OutdatedCursor"), fine])  # the oldest event the host keeps: just made
     assert {ledger_row(target, a.did)["status"] for a in accounts} == {"pending"}
 
 
@@ -372,12 +372,37 @@ def test_a_gap_in_a_relays_stream_makes_every_synced_repo_due_and_the_resync_end
     # Away longer than the relay keeps its events, while both accounts wrote.
     pds.create_records(alice, POSTS, [post(2)])
     pds.create_records(bob, POSTS, [post(3)])
-    restarted = applied(target_url, relay, [InfoEvent(name="OutdatedCursor")])
+    restarted = applied(target_url, relay, [InfoEvent(name="OutdatedCursor"), passed_on])
     assert restarted.report.desyncs == 2, restarted.report
     assert {ledger_row(target, a.did)["status"] for a in (alice, bob)} == {"pending"}
     sync_dids(instance, target, [alice.did, bob.did])
     for account in (alice, bob):
         assert exact(pds, target, account, (POSTS,)), account.did
+
+
+def test_a_gap_makes_due_only_the_repos_not_fetched_since_the_oldest_event_the_host_keeps(
+        pds, target, target_url, instance):
+    """A reference PDS answers a cursor older than it keeps (a first follow from 0, say) with
+    OutdatedCursor, then its events of the last day. Before, every repo synced from it was made due: a
+    whole host downloaded again right after its backfill. Now only those fetched before that oldest event
+    (alice, fetched two days ago); bob, fetched since, is kept. The gap is seen to at the event after it,
+    in that event's transaction: an OutdatedCursor ending a batch makes nothing due yet."""
+    host = pds.pds.url
+    alice, bob = pds.create_account(handle()), pds.create_account(handle())
+    sync_dids(instance, target, [alice.did, bob.did])
+    target.execute("UPDATE repos SET fetched_at = now() - interval '2 days' WHERE did = %s", (alice.did,))
+    start = current_seq(host)
+    pds.create_records(bob, POSTS, [post(0)])
+    oldest_kept = next_commit(host, bob.did, start).model_copy(
+        update={"time": datetime.now(timezone.utc) - timedelta(days=1)})
+    with follower_of(target_url, host) as follower:
+        follower.apply([InfoEvent(name="OutdatedCursor")])
+        assert (follower.report.outdated_cursor, follower.report.desyncs) == (1, 0), follower.report
+        assert ledger_row(target, alice.did)["status"] == "synced" and load_cursor(target, host) is None
+        follower.apply([oldest_kept])
+    assert follower.report.desyncs == 1, follower.report
+    assert (ledger_row(target, alice.did)["status"], ledger_row(target, bob.did)["status"]) == ("pending", "synced")
+    assert exact(pds, target, bob, (POSTS,)) and load_cursor(target, host) == oldest_kept.seq
 
 
 def test_commits_passed_while_a_bucket_run_holds_the_repo_are_not_lost(pds, target, target_url, instance):
