@@ -145,6 +145,33 @@ def test_follow_applies_commits_new_accounts_account_status_and_identity(pds, ta
     assert load_cursor(target, host) == report.cursor > start
 
 
+def test_an_account_reactivated_or_whose_takedown_is_lifted_is_resynced_and_followed_again(
+        pds, target, target_url, instance):
+    """`#account` active again: the repo, kept while inactive, is fetched again (it may have changed
+    meanwhile) and its commits apply from then on."""
+    host = pds.pds.url
+    quiet, banned = pds.create_account(handle()), pds.create_account(handle())
+    pds.create_records(quiet, POSTS, [post(1), post(2)])
+    pds.create_records(banned, POSTS, [post(3)])
+    sync_dids(instance, target, [quiet.did, banned.did])
+    save_cursor(target, host, current_seq(host))
+
+    with following(target_url, host) as follower:
+        pds.deactivate(quiet)
+        pds.takedown(banned)
+        wait_until("both accounts inactive", lambda: (ledger_row(target, quiet.did)["status"],
+                                                      ledger_row(target, banned.did)["status"]) == ("deactivated", "takendown"))
+        resyncs = follower.report.resyncs
+        pds.activate(quiet)
+        pds.takedown(banned, applied=False)
+        wait_until("both accounts synced again", lambda: exact(pds, target, quiet, (POSTS,))
+                   and exact(pds, target, banned, (POSTS,)))
+        assert follower.report.resyncs == resyncs + 2, follower.report
+        pds.create_records(quiet, POSTS, [post(4)])
+        wait_until("its next commit applied", lambda: exact(pds, target, quiet, (POSTS,)))
+    assert len(stored_records(target, quiet.did)) == 3 and follower.report.last_error is None, follower.report
+
+
 def test_an_event_that_does_not_follow_the_stored_rev_resyncs_the_repo(pds, target, target_url, instance):
     host = pds.pds.url
     alice = pds.create_account(handle())
