@@ -16,6 +16,9 @@ machine's speed drifts within seconds and a single pair can flatter either side.
    per process (PDS, PLC, PostgreSQL, this one, its workers) for steps 1 and 2 show where the time went.
 3. lag: a writer adds `--rate` commits/s for `--load-seconds` while the follower follows live (into the
    last round's database); the lag (event time to commit) after each batch, median and max.
+4. a burst of resyncs: every account made due in one batch (a gap's or a burst of desyncs' worth) and
+   fetched again as the follower does after that batch, RESYNC_THREADS at a time against one at a time,
+   `--rounds` times in turn: the seconds the stream waits for them.
 
     python bench/repo_stream.py                                   # 50 accounts, 5,000 commits
     python bench/repo_stream.py --accounts 5 --commits 300 --load-seconds 5    # smoke run
@@ -40,6 +43,7 @@ except ImportError:  # run as a script: bench/ is on sys.path
 from migration_assets.atproto.car import read_blocks
 from migration_assets.core.postgres import close_pools, shared_pool
 from migration_assets.devstack.atproto import PdsSeeder, populate, start_atproto_network
+from migration_assets.repos import follow as follow_module
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import backfill_buckets
 from migration_assets.repos.commit_check import CommitChecker
@@ -189,6 +193,32 @@ def lag_under_load(target_url: str, seeder: PdsSeeder, accounts: list, args) -> 
             "desyncs": follow.report.desyncs}
 
 
+def resync_burst(target_url: str, host: str, dids: list[str], rounds: int) -> dict:
+    """Seconds for the follower's resyncs of `dids` after one batch, RESYNC_THREADS at a time and one at a
+    time, taken in turn; the medians."""
+    follow, clients = follower(target_url, host, BATCH_EVENTS)
+    threads = follow_module.RESYNC_THREADS
+    seconds: dict[int, list[float]] = {threads: [], 1: []}
+    try:
+        for _ in range(rounds):
+            for at_once in seconds:
+                with follow.pool.connection() as conn:
+                    ledger.request_sync(conn, dids, follow.buckets)
+                before = follow.report.resyncs
+                follow_module.RESYNC_THREADS = at_once
+                started = time.perf_counter()
+                follow._resync(dids)
+                seconds[at_once].append(time.perf_counter() - started)
+                if follow.report.resyncs - before != len(dids) or follow.report.resync_failures:
+                    raise SystemExit(f"resync burst: {follow.report}")
+    finally:
+        follow_module.RESYNC_THREADS = threads
+        clients.close()
+    at_once, alone = statistics.median(seconds[threads]), statistics.median(seconds[1])
+    return {"repos": len(dids), "threads": threads, "seconds": round(at_once, 2),
+            "seconds_one_at_a_time": round(alone, 2), "speedup": round(alone / at_once, 2)}
+
+
 def report_check_processes(args) -> int:
     return args.check_processes if args.check_processes is not None else RepoSettings.load().follow_check_processes
 
@@ -228,6 +258,8 @@ def main(argv=None) -> None:
         median = median_round(rounds, "ratio")
         log("steady load ...")
         load = lag_under_load(rounds[-1]["url"], seeder, accounts, args)
+        log("a burst of resyncs ...")
+        burst = resync_burst(rounds[-1]["url"], host, [a.did for a in accounts], args.rounds)
         seeder.close()
     report, steady = median["report"], median["steady"]
     payload = {
@@ -253,6 +285,7 @@ def main(argv=None) -> None:
         "cpu_seconds": median["cpu_seconds"],
         "target": TARGET,
         "steady_load": load,
+        "resync_burst": burst,
     }
     write_result(NAME, payload)
 

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -46,9 +47,10 @@ from migration_assets.atproto.errors import AtprotoError
 from migration_assets.atproto.identity import DidDocument
 from migration_assets.atproto.xrpc import host_key
 from migration_assets.core.backoff import Backoff
+from migration_assets.core.concurrency import completed_map
 from migration_assets.core.lease import Heartbeat, Lease, LeaseLost
 from migration_assets.repos import follow_lease, ledger, store
-from migration_assets.repos.backfill import RepoSyncer, describe
+from migration_assets.repos.backfill import RepoOutcome, RepoSyncer, describe
 from migration_assets.repos.collections import CollectionFilter
 from migration_assets.repos.commit_check import Checked, CommitChecker, CommitToCheck, check_commit, recheck_with
 from migration_assets.repos.ledger import GONE_STATUSES, HeadAdvance, RepoState
@@ -109,6 +111,9 @@ DEADLOCK_TRIES = 5  # a batch's transaction aborted as a deadlock's victim is tr
 # A DID whose commit's signature failed is resolved anew at most this often: a key rotation shows at the
 # first failure, and a host sending forged commits does not have the PLC asked once per commit.
 RESOLVE_ANEW_SECONDS = 60.0
+# A batch's resyncs at once: a burst of desyncs (or of a relay's new accounts) holds the stream up while
+# they download; each thread holds one pooled connection at a time (follow_assets.FOLLOW_CONNECTIONS).
+RESYNC_THREADS = 4
 GAP_CLOCK_MARGIN = timedelta(minutes=10)  # a repo fetched this soon after a gap's end is made due all the same
 
 
@@ -561,20 +566,29 @@ class Follower:
         return [did]
 
     def _resync(self, dids: list[str]) -> None:
-        """getRepo each repo made due by this batch (after its commit: the stream doesn't wait on a lock)."""
+        """getRepo the repos made due by this batch (after its commit: the stream doesn't wait on a lock),
+        RESYNC_THREADS at a time, each claimed alone: no lease waits behind another repo's fetch."""
+        if not dids:
+            return
         lease = ledger.repo_lease(self.syncer.settings.lease_seconds)
-        for did in dict.fromkeys(dids):  # one claim at a time: no lease waits behind another repo's fetch
-            with self.pool.connection() as conn:
-                claimed = ledger.claim_dids(conn, lease, [did])
-            for repo in claimed:
-                try:
-                    outcome = self.syncer.sync(repo, lease)
-                except LeaseLost:
-                    continue  # a bucket run took it over (this fetch outlived the lease): that run syncs it
-                self.report.resyncs += 1
-                if outcome.status in ("retry", "rate_limited"):
-                    self.report.resync_failures += 1
-                    self.report.last_error = outcome.error
+        for outcome in completed_map(partial(self._resync_one, lease), list(dict.fromkeys(dids)), RESYNC_THREADS):
+            if outcome is None:
+                continue
+            self.report.resyncs += 1
+            if outcome.status in ("retry", "rate_limited"):
+                self.report.resync_failures += 1
+                self.report.last_error = outcome.error
+
+    def _resync_one(self, lease: Lease, did: str) -> RepoOutcome | None:
+        """The repo claimed and fetched again; None when a bucket run holds it (that run syncs it)."""
+        with self.pool.connection() as conn:
+            claimed = ledger.claim_dids(conn, lease, [did])
+        for repo in claimed:
+            try:
+                return self.syncer.sync(repo, lease)
+            except LeaseLost:
+                return None  # a bucket run took it over (this fetch outlived the lease)
+        return None
 
 
 class _PastOversize:

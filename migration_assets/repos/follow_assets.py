@@ -14,7 +14,7 @@ from pydantic import Field
 from migration_assets.core.lease import LeaseLost
 from migration_assets.core.resources import PostgresResource
 from migration_assets.repos.backfill import describe
-from migration_assets.repos.follow import BATCH_EVENTS, Follower, FollowReport
+from migration_assets.repos.follow import BATCH_EVENTS, RESYNC_THREADS, Follower, FollowReport
 from migration_assets.repos.follow_lease import HostBusy
 from migration_assets.repos.stream import StreamError
 from migration_assets.repos.resources import RepoSourceResource
@@ -22,7 +22,9 @@ from migration_assets.repos.resources import RepoSourceResource
 REPO_STREAM = dg.AssetKey(["atproto", "repo_stream"])
 followed_hosts = dg.DynamicPartitionsDefinition(name="repo_stream_hosts")
 OBSERVE_SECONDS = 60.0  # how often a run reports its progress (an AssetObservation) while it follows
-FOLLOW_CONNECTIONS = 5  # the batch transaction, resync claims, the rate limiter, the lease's heartbeat, one spare
+# The batch transaction (the resyncs come after it), a connection per resync thread (RESYNC_THREADS), the
+# rate limiter, the lease's heartbeat, one spare.
+FOLLOW_CONNECTIONS = 4 + RESYNC_THREADS
 FOLLOW_HOST_TAG = "migration-assets/repo-follow-host"  # on every run that follows a host (sensor's and CLI's)
 
 

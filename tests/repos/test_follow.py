@@ -22,6 +22,7 @@ from migration_assets.core.postgres import shared_pool
 from migration_assets.core.settings import PROJECT_ROOT
 from migration_assets.core.lease import LeaseLost
 from migration_assets.repos import ledger
+from migration_assets.repos.backfill import RepoSyncer
 from migration_assets.repos.follow import Follower, is_relay, load_cursor, save_cursor
 from migration_assets.repos.follow_assets import FOLLOW_HOST_TAG
 from migration_assets.repos.follow_lease import HostBusy
@@ -326,6 +327,33 @@ def test_events_that_cannot_be_applied_desync_only_their_repo(pds, target, targe
 
     follower.apply([InfoEvent(name="OutdatedCursor"), fine])  # the oldest event the host keeps: just made
     assert {ledger_row(target, a.did)["status"] for a in accounts} == {"pending"}
+
+
+def test_a_batchs_resyncs_download_at_once_not_one_after_another(pds, target, target_url, instance, monkeypatch):
+    """Before, a batch's resyncs ran one after another while the stream waited: a burst of desyncs (or of
+    a relay's new accounts) held it up for all their downloads in turn. The first two resyncs here wait
+    for each other: one after another, the first would wait in vain (BrokenBarrierError)."""
+    host = pds.pds.url
+    accounts = [pds.create_account(handle()) for _ in range(4)]
+    sync_dids(instance, target, [a.did for a in accounts])
+    start = current_seq(host)
+    for account in accounts:
+        pds.create_records(account, POSTS, [post(1)])
+    forged_commits = [forged(next_commit(host, account.did, start)) for account in accounts]  # each desyncs its repo
+    together, arrived = threading.Barrier(2, timeout=60), []
+    sync = RepoSyncer.sync
+
+    def meeting_sync(syncer, repo, lease, wait_for_host=True):
+        arrived.append(repo.did)
+        if len(arrived) <= 2:
+            together.wait()
+        return sync(syncer, repo, lease, wait_for_host)
+
+    monkeypatch.setattr(RepoSyncer, "sync", meeting_sync)
+    follower = applied(target_url, host, forged_commits)
+    assert (follower.report.desyncs, follower.report.resyncs, follower.report.resync_failures) == (4, 4, 0), follower.report
+    for account in accounts:
+        assert exact(pds, target, account, (POSTS,)), account.did
 
 
 def test_a_commit_checked_against_a_stale_key_is_checked_again_with_the_key_resolved_anew(pds, target, target_url, instance):
