@@ -286,6 +286,16 @@ def next_commit(host: str, did: str, after: int) -> CommitEvent:
     raise AssertionError(f"no commit of {did} after seq {after}")
 
 
+def synced_then_one_commit_each(pds, target, instance, count: int) -> tuple[list, list[CommitEvent]]:
+    """`count` new accounts, synced, then a post each: the accounts and their commit events."""
+    accounts = [pds.create_account(handle()) for _ in range(count)]
+    sync_dids(instance, target, [a.did for a in accounts])
+    start = current_seq(pds.pds.url)
+    for account in accounts:
+        pds.create_records(account, POSTS, [post(1)])
+    return accounts, [next_commit(pds.pds.url, account.did, start) for account in accounts]
+
+
 def forged(event: CommitEvent, **changes) -> CommitEvent:
     """The event with its commit re-signed by a stranger's key (same did, data and rev)."""
     blocks = dict(CarReader(iter([event.blocks]), max_size=1 << 24))
@@ -302,12 +312,7 @@ def test_events_that_cannot_be_applied_desync_only_their_repo(pds, target, targe
     the resync repairs; the events of other repos in the same batch still apply. OutdatedCursor makes the
     host's synced repos due."""
     host = pds.pds.url
-    accounts = [pds.create_account(handle()) for _ in range(5)]
-    sync_dids(instance, target, [a.did for a in accounts])
-    start = current_seq(host)
-    for account in accounts:
-        pds.create_records(account, POSTS, [post(1)])
-    events = [next_commit(host, account.did, start) for account in accounts]
+    accounts, events = synced_then_one_commit_each(pds, target, instance, 5)
     first, second, third, fourth, fine = events
     injected = fourth.ops[0].model_copy(update={"path": "app.bsky.feed.post/3zzzzzzzzzzzz"})
     commit_only = dict(CarReader(iter([second.blocks]), max_size=1 << 24))
@@ -334,12 +339,8 @@ def test_a_batchs_resyncs_download_at_once_not_one_after_another(pds, target, ta
     a relay's new accounts) held it up for all their downloads in turn. The first two resyncs here wait
     for each other: one after another, the first would wait in vain (BrokenBarrierError)."""
     host = pds.pds.url
-    accounts = [pds.create_account(handle()) for _ in range(4)]
-    sync_dids(instance, target, [a.did for a in accounts])
-    start = current_seq(host)
-    for account in accounts:
-        pds.create_records(account, POSTS, [post(1)])
-    forged_commits = [forged(next_commit(host, account.did, start)) for account in accounts]  # each desyncs its repo
+    accounts, events = synced_then_one_commit_each(pds, target, instance, 4)
+    forged_commits = [forged(event) for event in events]  # each desyncs its repo
     together, arrived = threading.Barrier(2, timeout=60), []
     sync = RepoSyncer.sync
 
