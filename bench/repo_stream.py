@@ -43,11 +43,10 @@ except ImportError:  # run as a script: bench/ is on sys.path
 from migration_assets.atproto.car import read_blocks
 from migration_assets.core.postgres import close_pools, shared_pool
 from migration_assets.devstack.atproto import PdsSeeder, populate, start_atproto_network
-from migration_assets.repos import follow as follow_module
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import backfill_buckets
 from migration_assets.repos.commit_check import CommitChecker
-from migration_assets.repos.follow import BATCH_EVENTS, Follower, FollowReport, save_cursor
+from migration_assets.repos.follow import BATCH_EVENTS, RESYNC_THREADS, Follower, FollowReport, save_cursor
 from migration_assets.repos.resources import RepoSourceResource
 from migration_assets.repos.settings import RepoSettings
 from migration_assets.repos.stream import CommitEvent, Subscription
@@ -197,25 +196,23 @@ def resync_burst(target_url: str, host: str, dids: list[str], rounds: int) -> di
     """Seconds for the follower's resyncs of `dids` after one batch, RESYNC_THREADS at a time and one at a
     time, taken in turn; the medians."""
     follow, clients = follower(target_url, host, BATCH_EVENTS)
-    threads = follow_module.RESYNC_THREADS
-    seconds: dict[int, list[float]] = {threads: [], 1: []}
+    seconds: dict[int, list[float]] = {RESYNC_THREADS: [], 1: []}
     try:
         for _ in range(rounds):
             for at_once in seconds:
                 with follow.pool.connection() as conn:
                     ledger.request_sync(conn, dids, follow.buckets)
                 before = follow.report.resyncs
-                follow_module.RESYNC_THREADS = at_once
+                follow.resync_threads = at_once
                 started = time.perf_counter()
                 follow._resync(dids)
                 seconds[at_once].append(time.perf_counter() - started)
                 if follow.report.resyncs - before != len(dids) or follow.report.resync_failures:
                     raise SystemExit(f"resync burst: {follow.report}")
     finally:
-        follow_module.RESYNC_THREADS = threads
         clients.close()
-    at_once, alone = statistics.median(seconds[threads]), statistics.median(seconds[1])
-    return {"repos": len(dids), "threads": threads, "seconds": round(at_once, 2),
+    at_once, alone = statistics.median(seconds[RESYNC_THREADS]), statistics.median(seconds[1])
+    return {"repos": len(dids), "threads": RESYNC_THREADS, "seconds": round(at_once, 2),
             "seconds_one_at_a_time": round(alone, 2), "speedup": round(alone / at_once, 2)}
 
 

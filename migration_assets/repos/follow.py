@@ -123,14 +123,15 @@ class Follower:
     def __init__(self, pool: ConnectionPool, host: str, syncer: RepoSyncer, *, buckets: int,
                  batch_size: int = BATCH_EVENTS, batch_seconds: float = 0.5, start_cursor: int | None = 0,
                  on_batch: Callable[[FollowReport], None] | None = None, check_processes: int | None = None,
-                 checker: CommitChecker | None = None, holder: str | None = None) -> None:
+                 checker: CommitChecker | None = None, holder: str | None = None,
+                 resync_threads: int = RESYNC_THREADS) -> None:
         self.pool, self.host, self.syncer = pool, host.rstrip("/"), syncer
         self.holder = holder or f"pid {os.getpid()} on {socket.gethostname()}"  # a run's id, in Dagster
         self._lease: Lease | None = None  # the host's, while `run` follows
         self._lease_lost = threading.Event()
         self._host_key = host_key(self.host)
         self.buckets, self.batch_size, self.batch_seconds = buckets, batch_size, batch_seconds
-        self.on_batch = on_batch
+        self.on_batch, self.resync_threads = on_batch, resync_threads
         self.start_cursor = start_cursor
         self.report = FollowReport(self.host)
         scope = syncer.settings.scope
@@ -567,11 +568,11 @@ class Follower:
 
     def _resync(self, dids: list[str]) -> None:
         """getRepo the repos made due by this batch (after its commit: the stream doesn't wait on a lock),
-        RESYNC_THREADS at a time, each claimed alone: no lease waits behind another repo's fetch."""
+        `resync_threads` at a time, each claimed alone: no lease waits behind another repo's fetch."""
         if not dids:
             return
         lease = ledger.repo_lease(self.syncer.settings.lease_seconds)
-        for outcome in completed_map(partial(self._resync_one, lease), list(dict.fromkeys(dids)), RESYNC_THREADS):
+        for outcome in completed_map(partial(self._resync_one, lease), list(dict.fromkeys(dids)), self.resync_threads):
             if outcome is None:
                 continue
             self.report.resyncs += 1
