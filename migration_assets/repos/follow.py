@@ -408,7 +408,7 @@ class Follower:
             for event in batch:
                 if self._gap and not isinstance(event, InfoEvent):
                     writes.flush(conn)
-                    self._after_gap(conn, event)
+                    self._after_gap(conn, event, states)
                     states.clear()  # read again: some were made due
                 if isinstance(event, (AccountEvent, SyncEvent)):
                     writes.flush(conn)  # they read or change what the writes touch: keep the order
@@ -421,14 +421,14 @@ class Follower:
                 save_cursor(conn, self.host, cursor, self._relay)
         return resync, cursor, last_time
 
-    def _after_gap(self, conn: psycopg.Connection, oldest: StreamEvent) -> None:
+    def _after_gap(self, conn: psycopg.Connection, oldest: StreamEvent, states: dict[str, RepoState]) -> None:
         """After an OutdatedCursor, `oldest` is the oldest event the host still keeps: only changes made
         before it were missed. The repos they may hide (this host's; any host's when it is a relay) are
         made due unless fetched whole since (GAP_CLOCK_MARGIN: the host's clock is not ours). Done in the
         transaction that first moves the cursor past the gap: a follower stopped before that reads the
         OutdatedCursor again, since its cursor has not moved."""
         relay = (self._relay or is_relay(conn, self.host)
-                 or (isinstance(oldest, CommitEvent) and self._is_its_pds(oldest.repo) is False))
+                 or (isinstance(oldest, CommitEvent) and self._hosted_elsewhere(oldest.repo, states.get(oldest.repo))))
         self.report.desyncs += ledger.make_host_due(conn, self.host, every_repo=relay,
                                                     fetched_before=oldest.time + GAP_CLOCK_MARGIN)
         self._gap = False
@@ -457,11 +457,11 @@ class Follower:
 
     def _apply_commit(self, conn: psycopg.Connection, event: CommitEvent, checked: Checked | None,
                       states: dict[str, RepoState], writes: _BatchWrites) -> list[str]:
-        if not self._relay and self._is_its_pds(event.repo) is False:
-            self._relay = True  # saved with this batch's cursor
         if event.repo not in states:
             states.update(ledger.lock_states(conn, [event.repo]))
         state = states.get(event.repo)
+        if not self._relay and self._hosted_elsewhere(event.repo, state):
+            self._relay = True  # saved with this batch's cursor
         if state is None:
             if self.signal is not None and not _writes_in(event, self.signal):
                 self.report.skipped += 1  # not tracked: only repos with a record in the signal collection are
@@ -484,7 +484,7 @@ class Follower:
         data = writes.commit(event, checked, stored)
         if stored and self.signal is not None and _deletes_in(event, self.signal):
             writes.signal_deleted.add(event.repo)
-        states[event.repo] = RepoState(status=state.status, rev=event.rev, data=data, signal_missing=state.signal_missing)
+        states[event.repo] = replace(state, rev=event.rev, data=data)
         self.report.applied += 1
         return []
 
@@ -554,9 +554,19 @@ class Follower:
         the document is not at hand. Only the DID's PDS is believed about the account (an #account event
         is not signed); a stream carrying a repo whose PDS is elsewhere is a relay's."""
         document = self.syncer.resolver.cached(did)
-        if document is None:
-            return None
-        return document.pds_endpoint.rstrip("/") == self.host or host_key(document.pds_endpoint) == self._host_key
+        return None if document is None else self._is_this_host(document.pds_endpoint)
+
+    def _hosted_elsewhere(self, did: str, state: RepoState | None) -> bool:
+        """Whether the DID's PDS is another host (a stream carrying its repo is a relay's): as its document
+        says, or, with none at hand (--no-verify resolves none for commits), as the host its repo was last
+        fetched from."""
+        its_pds = self._is_its_pds(did)
+        if its_pds is None and state is not None and state.pds is not None:
+            its_pds = self._is_this_host(state.pds)
+        return its_pds is False
+
+    def _is_this_host(self, url: str) -> bool:
+        return url.rstrip("/") == self.host or host_key(url) == self._host_key
 
     def _due(self, conn: psycopg.Connection, did: str, reason: str | None = None) -> list[str]:
         ledger.request_sync(conn, [did], self.buckets)

@@ -209,6 +209,7 @@ class RepoState:
     rev: str | None = None
     data: str | None = None  # the stored commit's MST root (data_cid)
     signal_missing: bool = False
+    pds: str | None = None  # the host it was last fetched from
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,7 @@ def known(conn: psycopg.Connection, dids: Iterable[str]) -> set[str]:
 def lock_states(conn: psycopg.Connection, dids: list[str]) -> dict[str, RepoState]:
     """The states of these repos, locked for the transaction (in DID order: no deadlocks)."""
     rows = conn.execute(
-        "SELECT did, status, rev, data_cid, signal_missing FROM repos WHERE did = ANY(%s) ORDER BY did FOR UPDATE",
+        "SELECT did, status, rev, data_cid, signal_missing, pds FROM repos WHERE did = ANY(%s) ORDER BY did FOR UPDATE",
         (sorted(set(dids)),)).fetchall()
     return {did: RepoState(*state) for did, *state in rows}
 

@@ -20,10 +20,10 @@ def resources(**source) -> dict:
 
 
 @contextmanager
-def follower_of(target_url: str, host: str, **options) -> Iterator[Follower]:
-    """A follower of `host` storing into the target, as the follow run builds it; its clients are closed
-    when the block ends."""
-    source = RepoSourceResource()
+def follower_of(target_url: str, host: str, verify_signatures: bool = True, **options) -> Iterator[Follower]:
+    """A follower of `host` storing into the target, as the follow run builds it (`verify_signatures`
+    False: as `repos follow --no-verify`); its clients are closed when the block ends."""
+    source = RepoSourceResource(verify_signatures=verify_signatures)
     pool = shared_pool(target_url)
     clients = source.clients(target_url)
     try:
