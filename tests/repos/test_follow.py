@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
@@ -190,45 +191,90 @@ def test_an_event_that_does_not_follow_the_stored_rev_resyncs_the_repo(pds, targ
     assert (follower.report.desyncs, follower.report.resyncs, follower.report.applied) == (1, 1, 0), follower.report
 
 
-def test_a_follower_killed_mid_stream_resumes_exact(pds, target, target_url, instance):
-    host = pds.pds.url
-    alice = pds.create_account(handle())
-    sync_dids(instance, target, [alice.did])
-    start = current_seq(host)
-    save_cursor(target, host, start)
-    rkeys = [pds.create_records(alice, POSTS, [post(n)])[0] for n in range(120)]  # one commit each
-    command = [sys.executable, "-m", "migration_assets.cli", "repos", "follow", "--host", host, "--batch-events", "2"]
-    # The resumed follower waits for the killed one's lease on the host to lapse: 5 s, not the default 300.
-    env = os.environ | {"PYTHONPATH": str(PROJECT_ROOT), "REPO_LEASE_SECONDS": "5"}
+@dataclass
+class Streaming:
+    """An account synced, then `commits` commits of one post each made after the host's cursor, and the
+    command that follows the host two events a batch."""
+    host: str
+    account: object
+    rkeys: list[str]
+    command: list[str]
+    env: dict[str, str]
 
-    follower = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+def streaming(pds, target, instance, commits: int = 120) -> Streaming:
+    host = pds.pds.url
+    account = pds.create_account(handle())
+    sync_dids(instance, target, [account.did])
+    save_cursor(target, host, current_seq(host))
+    rkeys = [pds.create_records(account, POSTS, [post(n)])[0] for n in range(commits)]  # one commit each
+    command = [sys.executable, "-m", "migration_assets.cli", "repos", "follow", "--host", host, "--batch-events", "2"]
+    # A follower after a killed one waits for its lease on the host to lapse: 5 s, not the default 300.
+    env = os.environ | {"PYTHONPATH": str(PROJECT_ROOT), "REPO_LEASE_SECONDS": "5"}
+    return Streaming(host, account, rkeys, command, env)
+
+
+def stopped_after_first_batch(stream: Streaming, target, sig: int) -> str:
+    """Start the command, send `sig` as soon as its first batch is committed; its output."""
+    start = load_cursor(target, stream.host)
+    follower = subprocess.Popen(stream.command, env=stream.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        wait_until("the first batch", lambda: load_cursor(target, host) != start or follower.poll() is not None,
+        wait_until("the first batch", lambda: load_cursor(target, stream.host) != start or follower.poll() is not None,
                    every=0.005)
     finally:
-        follower.send_signal(signal.SIGKILL)
-        output = follower.communicate()[0].decode()
-    killed_at = load_cursor(target, host)
-    stored = stored_records(target, alice.did)
-    # What was committed is a prefix of the stream, with the ledger in step: nothing half-applied.
-    assert set(stored) == {(POSTS, rkey) for rkey in rkeys[:len(stored)]}, output
-    assert ledger_row(target, alice.did)["records_count"] == len(stored)
-    assert len(stored) < len(rkeys), f"the follower finished before it was killed; kill it sooner\n{output}"
+        follower.send_signal(sig)
+        output = follower.communicate(timeout=60)[0].decode()
+    return f"exit code {follower.returncode}\n{output}"
 
-    resumed = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+def assert_a_prefix_committed(stream: Streaming, target, output: str) -> None:
+    """What was committed is a prefix of the stream, with the ledger in step: nothing half-applied; and
+    the follower was stopped before the end."""
+    stored = stored_records(target, stream.account.did)
+    assert set(stored) == {(POSTS, rkey) for rkey in stream.rkeys[:len(stored)]}, output
+    assert ledger_row(target, stream.account.did)["records_count"] == len(stored)
+    assert len(stored) < len(stream.rkeys), f"the follower finished before it was stopped; stop it sooner\n{output}"
+
+
+def resume_until_exact(stream: Streaming, pds, target) -> None:
+    """A follower started anew catches up exact, without a desync, and Ctrl-C ends it with exit code 0."""
+    stopped_at = load_cursor(target, stream.host)
+    resumed = subprocess.Popen(stream.command, env=stream.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     try:
-        wait_until("the resumed follower to catch up", lambda: exact(pds, target, alice, (POSTS,)))
+        wait_until("the resumed follower to catch up", lambda: exact(pds, target, stream.account, (POSTS,)))
     finally:
         resumed.send_signal(signal.SIGINT)  # Ctrl-C: stops after committing, exits 0
         output = resumed.communicate(timeout=60)[0]
     assert resumed.returncode == 0, output
     assert "done:" in output and "0 desyncs" in output and "0 resyncs" in output, output
-    assert load_cursor(target, host) > killed_at
+    assert load_cursor(target, stream.host) > stopped_at
+
+
+def test_a_follower_killed_mid_stream_resumes_exact(pds, target, target_url, instance):
+    stream = streaming(pds, target, instance)
+    output = stopped_after_first_batch(stream, target, signal.SIGKILL)
+    assert_a_prefix_committed(stream, target, output)
+    resume_until_exact(stream, pds, target)
     # The killed command's run stays STARTED in the instance until the repo_follow sensor finds it gone
     # (test_follow_sensor shows that): end it here, so later tests' ticks see no live run of this host.
-    for run in instance.get_runs(filters=dg.RunsFilter(tags={FOLLOW_HOST_TAG: host},
+    for run in instance.get_runs(filters=dg.RunsFilter(tags={FOLLOW_HOST_TAG: stream.host},
                                                        statuses=[dg.DagsterRunStatus.STARTED])):
         instance.report_run_failed(run, "SIGKILLed by test_a_follower_killed_mid_stream_resumes_exact")
+
+
+def test_ctrl_c_mid_stream_commits_the_batch_in_hand_exits_0_and_a_new_follower_resumes_exact(
+        pds, target, target_url, instance):
+    """Ctrl-C while commits stream in: the batch in hand commits with its cursor, the command exits 0
+    reporting that cursor, and its run ends (not left STARTED for the sensor to find gone)."""
+    stream = streaming(pds, target, instance)
+    output = stopped_after_first_batch(stream, target, signal.SIGINT)
+    assert output.startswith("exit code 0\n") and "done:" in output, output
+    assert f"cursor {load_cursor(target, stream.host)};" in output, output
+    assert_a_prefix_committed(stream, target, output)
+    (last_run,) = instance.get_runs(filters=dg.RunsFilter(tags={FOLLOW_HOST_TAG: stream.host}), limit=1)
+    assert last_run.status == dg.DagsterRunStatus.SUCCESS, output
+    resume_until_exact(stream, pds, target)
 
 
 def lease_holder(conn: psycopg.Connection, host: str) -> str | None:
