@@ -497,7 +497,7 @@ class Follower:
         data = writes.commit(event, checked, stored)
         if stored and self.signal is not None and _deletes_in(event, self.signal):
             writes.signal_deleted.add(event.repo)
-        states[event.repo] = replace(state, rev=event.rev, data=data)
+        states[event.repo] = RepoState(state.status, event.rev, data, state.signal_missing, state.pds)
         self.report.applied += 1
         return []
 
@@ -603,6 +603,8 @@ class Follower:
         each claimed alone: no lease waits behind another repo's fetch. While `run` follows they download
         in the background; a batch applied alone (`apply`) waits for its own, `resync_threads` at a time."""
         dids = list(dict.fromkeys(dids))
+        if not dids:
+            return
         if self._background is not None:
             self._background.add(dids)
             return
