@@ -370,13 +370,13 @@ def sync_leased(
             finally:
                 outcomes.close()  # waits for the repos in flight, leases still renewed
     finally:
-        give_back(pool, lease)
+        _give_back(pool, lease)
     report.seconds = time.monotonic() - started
     return report
 
 
-def give_back(pool: ConnectionPool, lease: Lease) -> None:
-    """Repos claimed but never finished (an error or a stop ended the run): due again at once, not at expiry."""
+def _give_back(pool: ConnectionPool, lease: Lease) -> None:
+    """Repos claimed but never finished (an error stopped the run): due again at once, not at expiry."""
     if not lease.held:
         return
     try:

@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 from datetime import datetime, timedelta, timezone
@@ -50,7 +50,7 @@ from migration_assets.core.backoff import Backoff
 from migration_assets.core.concurrency import completed_map
 from migration_assets.core.lease import Heartbeat, Lease, LeaseLost
 from migration_assets.repos import follow_lease, ledger, store
-from migration_assets.repos.backfill import RepoOutcome, RepoSyncer, RunStopping, describe, give_back
+from migration_assets.repos.backfill import RepoOutcome, RepoSyncer, describe
 from migration_assets.repos.collections import CollectionFilter
 from migration_assets.repos.commit_check import Checked, CommitChecker, CommitToCheck, check_commit, recheck_with
 from migration_assets.repos.ledger import GONE_STATUSES, HeadAdvance, RepoState
@@ -111,12 +111,9 @@ DEADLOCK_TRIES = 5  # a batch's transaction aborted as a deadlock's victim is tr
 # A DID whose commit's signature failed is resolved anew at most this often: a key rotation shows at the
 # first failure, and a host sending forged commits does not have the PLC asked once per commit.
 RESOLVE_ANEW_SECONDS = 60.0
-# Resyncs downloading at once, in threads of their own while the stream goes on (_BackgroundResyncs); each
-# holds one pooled connection at a time (follow_assets.FOLLOW_CONNECTIONS). At most RESYNC_QUEUE more wait
-# their turn: a batch bringing more waits for room, so a burst slows the stream rather than queueing
-# without end.
+# A batch's resyncs at once: a burst of desyncs (or of a relay's new accounts) holds the stream up while
+# they download; each thread holds one pooled connection at a time (follow_assets.FOLLOW_CONNECTIONS).
 RESYNC_THREADS = 4
-RESYNC_QUEUE = 64
 GAP_CLOCK_MARGIN = timedelta(minutes=10)  # a repo fetched this soon after a gap's end is made due all the same
 
 
@@ -142,15 +139,13 @@ class Follower:
         self.check_processes = syncer.settings.follow_check_processes if check_processes is None else check_processes
         self._checker = CommitChecker(0, self.collections)  # in this process, until `run` starts workers
         self._given_checker = checker  # started by the caller, who closes it (a bench measures without start-up)
-        # Repos a bucket run or a resync held while newer events went by: {did: newest rev seen}. Once it has
+        # Repos a bucket run held while newer commits (or a #sync) went by: {did: newest rev seen}. Once the run has
         # stored its (maybe older) snapshot, a repo still behind is resynced.
         self._behind_claims: dict[str, str] = {}
         self._read_seq: int | None = None  # the last seq read from the stream
         self._resolved_anew: dict[str, float] = {}  # did -> when its document was last fetched anew
         self._gap = False  # an OutdatedCursor was read, and no event after it yet
         self._relay = False  # the stream carried a repo hosted elsewhere (saved with the cursor: is_relay)
-        self._background: _BackgroundResyncs | None = None  # while `run` follows; else a batch's resyncs wait
-        self._count_lock = threading.Lock()  # the resync counts are written by the resync threads too
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -178,8 +173,6 @@ class Follower:
         self.report.cursor = self.start_cursor if stored is None else stored
         inline = self._checker
         self._checker = self._given_checker or CommitChecker(self.check_processes, self.collections)
-        self._background = _BackgroundResyncs(self.pool, self._resync_one, self._count_resync, self.resync_threads,
-                                              self.syncer.settings.lease_seconds, stop)
         try:
             while not stop.is_set() and not _past(deadline):
                 try:
@@ -206,9 +199,6 @@ class Follower:
                 finally:
                     self.report.seconds = time.monotonic() - started
         finally:
-            background, self._background = self._background, None
-            background.close()
-            self.report.seconds = time.monotonic() - started
             if self._checker is not self._given_checker:
                 self._checker.close()
             self._checker = inline
@@ -221,7 +211,6 @@ class Follower:
         self._read_seq = self.report.cursor  # the subscription starts after it
         try:
             while not stop.is_set() and not _past(deadline):
-                self._background.raise_failure()
                 if self._lease_lost.is_set():  # an idle stream has no batch to find it out
                     raise LeaseLost(f"lost the lease on {self.host}: another follower took it over after this one "
                                     "stopped renewing it (stalled?); it goes on from the last committed event")
@@ -390,9 +379,7 @@ class Follower:
                 resync, cursor, last_time = self._write_batch(batch, checked)
                 break
             except psycopg.errors.DeadlockDetected as exc:
-                with self._count_lock:  # what the rolled-back attempt counted (not the resync threads)
-                    vars(self.report).update({name: value for name, value in vars(before[0]).items()
-                                              if name not in _RESYNC_COUNTS})
+                vars(self.report).update(vars(before[0]))  # what the rolled-back attempt counted
                 self._behind_claims, self._gap = before[1], before[2]
                 if attempt == DEADLOCK_TRIES:
                     raise
@@ -497,7 +484,7 @@ class Follower:
         data = writes.commit(event, checked, stored)
         if stored and self.signal is not None and _deletes_in(event, self.signal):
             writes.signal_deleted.add(event.repo)
-        states[event.repo] = RepoState(state.status, event.rev, data, state.signal_missing, state.pds)
+        states[event.repo] = replace(state, rev=event.rev, data=data)
         self.report.applied += 1
         return []
 
@@ -530,8 +517,7 @@ class Follower:
         for did, status, rev in rows:
             seen = self._behind_claims.pop(did)
             if status == "synced" and (rev is None or rev < seen):
-                resync += self._due(conn, did, f"a fetch (a bucket run's, or a resync) stored rev {rev} while the "
-                                               f"stream went on to {seen}")
+                resync += self._due(conn, did, f"a bucket run stored rev {rev} while the stream went on to {seen}")
         return resync
 
     def _apply_sync(self, conn: psycopg.Connection, event: SyncEvent) -> list[str]:
@@ -546,7 +532,7 @@ class Follower:
         if row is not None and ((row[0] is not None and event.rev <= row[0]) or row[1]):
             self.report.skipped += 1
             return []
-        if row is not None and row[2] == "in_progress":  # a fetch under way may predate it: checked once stored
+        if row is not None and row[2] == "in_progress":  # a bucket run's fetch may predate it: checked once stored
             self._note_behind_claim(event.did, event.rev)
             self.report.skipped += 1
             return []
@@ -600,22 +586,13 @@ class Follower:
 
     def _resync(self, dids: list[str]) -> None:
         """getRepo the repos made due by this batch (after its commit: the stream doesn't wait on a lock),
-        each claimed alone: no lease waits behind another repo's fetch. While `run` follows they download
-        in the background; a batch applied alone (`apply`) waits for its own, `resync_threads` at a time."""
-        dids = list(dict.fromkeys(dids))
+        `resync_threads` at a time, each claimed alone: no lease waits behind another repo's fetch."""
         if not dids:
             return
-        if self._background is not None:
-            self._background.add(dids)
-            return
         lease = ledger.repo_lease(self.syncer.settings.lease_seconds)
-        for outcome in completed_map(partial(self._resync_one, lease), dids, self.resync_threads):
-            self._count_resync(outcome)
-
-    def _count_resync(self, outcome: RepoOutcome | None) -> None:
-        if outcome is None:
-            return
-        with self._count_lock:
+        for outcome in completed_map(partial(self._resync_one, lease), list(dict.fromkeys(dids)), self.resync_threads):
+            if outcome is None:
+                continue
             self.report.resyncs += 1
             if outcome.status in ("retry", "rate_limited"):
                 self.report.resync_failures += 1
@@ -631,70 +608,6 @@ class Follower:
             except LeaseLost:
                 return None  # a bucket run took it over (this fetch outlived the lease)
         return None
-
-
-_RESYNC_COUNTS = ("resyncs", "resync_failures")  # FollowReport fields the resync threads write
-
-
-class _BackgroundResyncs:
-    """The repos the stream makes due, downloaded in threads of their own while it goes on: a slow or
-    dead host's getRepo, or a burst of desyncs, no longer holds every event behind it (a relay drops a
-    consumer that falls behind). A repo being resynced is claimed (in_progress), so the stream skips its
-    events and notes how far they went (`_behind_claims`): stored behind them, it is resynced again; one
-    still waiting its turn (pending) is fetched after the events that went by. Closing cuts the
-    downloads in flight and gives their repos back, due again, for the repo_sync sensor's bucket runs
-    (or `repos backfill`), as a stopping bucket run does."""
-
-    def __init__(self, pool: ConnectionPool, resync_one: Callable[[Lease, str], RepoOutcome | None],
-                 on_outcome: Callable[[RepoOutcome | None], None], threads: int, lease_seconds: float,
-                 stop: threading.Event) -> None:
-        self._pool, self._resync_one, self._on_outcome, self._stop = pool, resync_one, on_outcome, stop
-        self._lease = ledger.repo_lease(lease_seconds)  # one for the run's resyncs, renewed while it follows
-        self._heartbeat = Heartbeat(self._lease, pool.connection).__enter__()
-        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="resync")
-        self._pending: set[Future] = set()
-        self._changed = threading.Condition()
-        self._failure: BaseException | None = None
-
-    def add(self, dids: list[str]) -> None:
-        """Queue these repos' resyncs, waiting for room past RESYNC_QUEUE. Once the run is stopping, the
-        rest are left as their batch committed them: due."""
-        for did in dids:
-            with self._changed:
-                while not self._changed.wait_for(lambda: len(self._pending) < RESYNC_QUEUE or self._stop.is_set(),
-                                                 timeout=0.5):
-                    pass
-                if self._stop.is_set():
-                    return
-                future = self._threads.submit(self._resync_one, self._lease, did)
-                self._pending.add(future)
-            future.add_done_callback(self._done)
-
-    def _done(self, future: Future) -> None:
-        if not future.cancelled():
-            if (error := future.exception()) is None:
-                self._on_outcome(future.result())
-            elif not isinstance(error, RunStopping):
-                self._failure = self._failure or error  # the target failing: the run stops (raise_failure)
-        with self._changed:
-            self._pending.discard(future)
-            self._changed.notify_all()
-
-    def raise_failure(self) -> None:
-        """In the stream's thread: what a resync could not record (the target failing) stops the run, as
-        it did when resyncs ran there."""
-        if self._failure is not None:
-            raise self._failure
-
-    def close(self) -> None:
-        """Cut the downloads in flight (RunStopping), drop the queued, give their repos back."""
-        self._lease.stopping.set()
-        with self._changed:
-            for future in list(self._pending):
-                future.cancel()
-        self._threads.shutdown(wait=True)
-        self._heartbeat.__exit__(None, None, None)
-        give_back(self._pool, self._lease)
 
 
 class _PastOversize:

@@ -21,7 +21,7 @@ from migration_assets.atproto.identity import IdentityResolver, StoredDocuments
 from migration_assets.atproto.signature import PublicKey
 from migration_assets.core.postgres import shared_pool
 from migration_assets.core.settings import PROJECT_ROOT
-from migration_assets.core.lease import Lease, LeaseLost
+from migration_assets.core.lease import LeaseLost
 from migration_assets.repos import ledger
 from migration_assets.repos.backfill import RepoSyncer
 from migration_assets.repos.follow import Follower, is_relay, load_cursor, save_cursor
@@ -168,7 +168,7 @@ def test_an_account_reactivated_or_whose_takedown_is_lifted_is_resynced_and_foll
         pds.takedown(banned, applied=False)
         wait_until("both accounts synced again", lambda: exact(pds, target, quiet, (POSTS,))
                    and exact(pds, target, banned, (POSTS,)))
-        wait_until("both resyncs counted", lambda: follower.report.resyncs == resyncs + 2)  # as each ends
+        assert follower.report.resyncs == resyncs + 2, follower.report
         pds.create_records(quiet, POSTS, [post(4)])
         wait_until("its next commit applied", lambda: exact(pds, target, quiet, (POSTS,)))
     assert len(stored_records(target, quiet.did)) == 3 and follower.report.last_error is None, follower.report
@@ -512,67 +512,8 @@ def test_a_gap_makes_due_only_the_repos_not_fetched_since_the_oldest_event_the_h
     assert exact(pds, target, bob, (POSTS,)) and load_cursor(target, host) == oldest_kept.seq
 
 
-def held_resync(monkeypatch, did: str, until: Callable[[Lease], bool]) -> Callable:
-    """`did`'s resyncs wait until `until(lease)` (up to 60 s) before they sync as usual; returns the
-    sync that is not held."""
-    sync = RepoSyncer.sync
-
-    def held(syncer, repo, lease, wait_for_host=True):
-        if repo.did == did:
-            assert until(lease), f"the resync of {did} was held in vain"
-        return sync(syncer, repo, lease, wait_for_host)
-
-    monkeypatch.setattr(RepoSyncer, "sync", held)
-    return sync
-
-
-def desynced(pds, target, instance, count: int) -> list:
-    """`count` accounts synced, the first one's stored rev behind (its next commit won't follow it)."""
-    accounts = [pds.create_account(handle()) for _ in range(count)]
-    sync_dids(instance, target, [a.did for a in accounts])
-    save_cursor(target, pds.pds.url, current_seq(pds.pds.url))
-    target.execute("UPDATE repos SET rev = '2222222222222' WHERE did = %s", (accounts[0].did,))
-    return accounts
-
-
-def test_the_stream_goes_on_while_a_resync_downloads(pds, target, target_url, instance, monkeypatch):
-    """Before, the stream waited for every resync its batch made due: a slow or dead host's getRepo held
-    up every event behind it (and a relay drops a consumer that falls behind). Here alice's resync is
-    held until bob's later commit is applied: held in the stream's thread, it would wait in vain."""
-    alice, bob = desynced(pds, target, instance, 2)
-    released = threading.Event()
-    held_resync(monkeypatch, alice.did, lambda lease: released.wait(60))
-    with following(target_url, pds.pds.url) as follower:
-        pds.create_records(alice, POSTS, [post(1)])
-        wait_until("alice's resync to start", lambda: ledger_row(target, alice.did)["status"] == "in_progress")
-        pds.create_records(bob, POSTS, [post(2)])
-        pds.create_records(alice, POSTS, [post(3)])  # goes by while her resync holds her
-        wait_until("bob's commit applied while alice's resync is held", lambda: exact(pds, target, bob, (POSTS,)),
-                   timeout=30)
-        released.set()
-        wait_until("alice's resync", lambda: exact(pds, target, alice, (POSTS,)))
-    assert (follower.report.desyncs, follower.report.resyncs, follower.report.resync_failures) == (1, 1, 0), \
-        follower.report
-
-
-def test_a_follower_stopped_while_a_resync_downloads_cuts_it_and_leaves_the_repo_due(
-        pds, target, target_url, instance, monkeypatch):
-    """Stopping (Ctrl-C, the run's end) does not wait for a resync's download: it is cut, and the repo is
-    given back due, not left claimed until its lease expires; a bucket run syncs it exact."""
-    (alice,) = desynced(pds, target, instance, 1)
-    unheld = held_resync(monkeypatch, alice.did, lambda lease: lease.stopping.wait(60))  # then the download is cut
-    with following(target_url, pds.pds.url) as follower:
-        pds.create_records(alice, POSTS, [post(1)])
-        wait_until("alice's resync to start", lambda: ledger_row(target, alice.did)["status"] == "in_progress")
-    row = ledger_row(target, alice.did)
-    assert (row["status"], row["claim_token"], follower.report.resyncs) == ("pending", None, 0), (row, follower.report)
-    monkeypatch.setattr(RepoSyncer, "sync", unheld)  # the bucket run's sync is not held
-    sync_dids(instance, target, [alice.did])
-    assert exact(pds, target, alice, (POSTS,))
-
-
 def test_a_sync_event_for_a_repo_being_fetched_is_checked_once_the_fetch_is_stored(pds, target, target_url, instance):
-    """A #sync for a repo a bucket run (or a resync) is fetching: that fetch may predate it. Before, it was
+    """A #sync for a repo a bucket run is fetching: that fetch may predate it. Before, it was
     made due, which does nothing to a claimed repo, and the fetch stored the older state for good. Now it
     is noted like a commit that goes by, and a repo stored behind it is resynced."""
     alice = pds.create_account(handle())
@@ -704,7 +645,7 @@ def test_with_a_signal_collection_a_repo_whose_last_signal_record_is_deleted_kee
         pds.delete_records(alice, FOLLOWS, [second])  # one is left: still tracked
         pds.create_records(alice, POSTS, [post(1)])
         wait_until("both commits applied", lambda: exact(pds, target, alice, kept))
-        wait_until("the resyncs counted", lambda: follower.report.resyncs == resyncs_while_one_is_left)
+        assert follower.report.resyncs == resyncs_while_one_is_left, follower.report
 
         pds.delete_records(alice, FOLLOWS, [first])
         wait_until("the repo resynced without its signal record", lambda: ledger_row(target, alice.did)["signal_missing"])
