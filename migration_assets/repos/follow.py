@@ -565,12 +565,16 @@ class Follower:
         return None if document is None else self._is_this_host(document.pds_endpoint)
 
     def _hosted_elsewhere(self, did: str, state: RepoState | None) -> bool:
-        """Whether the DID's PDS is another host (a stream carrying its repo is a relay's): as its document
-        says, or, with none at hand (--no-verify resolves none for commits), as the host its repo was last
-        fetched from."""
+        """Whether the DID's PDS is another host (a stream carrying its repo is a relay's), as its document
+        says. With none at hand (--no-verify resolves none for commits), a repo last fetched from another
+        host has its document resolved to confirm: an account that moved here since would otherwise mark
+        this PDS a relay for good."""
         its_pds = self._is_its_pds(did)
-        if its_pds is None and state is not None and state.pds is not None:
-            its_pds = self._is_this_host(state.pds)
+        if its_pds is None and state is not None and state.pds is not None and not self._is_this_host(state.pds):
+            try:
+                its_pds = self._is_this_host(self.syncer.resolver.resolve(did).pds_endpoint)
+            except AtprotoError:
+                return False  # unknown: a stale row alone does not decide
         return its_pds is False
 
     def _is_this_host(self, url: str) -> bool:

@@ -487,6 +487,21 @@ def test_a_gap_in_a_relays_stream_makes_every_synced_repo_due_and_the_resync_end
         assert exact(pds, target, account, (POSTS,)), account.did
 
 
+def test_with_no_verify_an_account_that_moved_here_does_not_make_its_pds_a_relay(pds, target, target_url, instance):
+    """With --no-verify, a repo last fetched from another host hints at a relay; an account that moved
+    to this PDS since looks the same. Its DID document, resolved to confirm, names this PDS: before, the
+    PDS was marked a relay for good, and its next gap made every synced repo of every host due."""
+    host = pds.pds.url
+    alice = pds.create_account(handle())
+    sync_dids(instance, target, [alice.did])
+    start = current_seq(host)
+    pds.create_records(alice, POSTS, [post(1)])
+    commit = next_commit(host, alice.did, start)
+    target.execute("UPDATE repos SET pds = 'http://127.0.0.1:9' WHERE did = %s", (alice.did,))  # its old PDS
+    follower = applied(target_url, host, [commit], verify_signatures=False)
+    assert follower.report.applied == 1 and not is_relay(target, host), follower.report
+
+
 def test_a_gap_makes_due_only_the_repos_not_fetched_since_the_oldest_event_the_host_keeps(
         pds, target, target_url, instance):
     """A reference PDS answers a cursor older than it keeps (a first follow from 0, say) with
