@@ -11,6 +11,7 @@ from migration_assets.core.resources import PostgresResource
 from migration_assets.repos.buckets import bucket_key
 from migration_assets.repos.resources import RepoSourceResource
 from migration_assets.repos.sensors import repo_sync
+from migration_assets.repos.settings import RepoSettings
 from tests.atproto.loopback import LoopbackServer, Reply, Request, json_reply
 from tests.repos.conftest import handle
 from tests.repos.helpers import ledger_row, run_bucket
@@ -51,13 +52,17 @@ def test_sensor_discovers_across_ticks_and_resyncs_moved_repos(pds, target, inst
     else:
         raise AssertionError("the listing never completed")
     due = set(requested)
-    for _ in range(100):  # a tick asks for at most MAX_RUNS_PER_TICK buckets; the next ticks ask for the rest
+    # A tick asks for at most MAX_RUNS_PER_TICK buckets; the next ticks ask for the rest. The PDS holds every
+    # earlier test's accounts too: more than 100 due buckets once, which a bound of 100 ticks left due.
+    for _ in range(2 * RepoSettings.load().buckets):
         for key in due:
             run_bucket(instance, key)
         requested.update(dict.fromkeys(due))
         due = {r.partition_key for r in tick(instance, None).run_requests}
         if not due:
             break
+    else:
+        raise AssertionError(f"buckets still due after every tick: {sorted(due)}")
     ours = {bucket_key(ledger_row(target, a.did)["bucket"]) for a in accounts}
     assert ours <= set(requested), "a bucket with a new repo got no run"
     assert {ledger_row(target, a.did)["status"] for a in accounts} == {"synced"}
