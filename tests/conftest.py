@@ -83,13 +83,26 @@ def block_table(dynamodb, monkeypatch) -> str:
     return name
 
 
+def _test_instance(pg_server_url: str, **overrides) -> Iterator[dg.DagsterInstance]:
+    dagster_url = embedded.dagster_storage_url(embedded.database_url(pg_server_url, "dagster_test"))
+    storage = {"storage": {"postgres": {"postgres_url": dagster_url}}}
+    with dg.instance_for_test(overrides=storage | overrides) as test_instance:
+        yield test_instance
+
+
 @pytest.fixture(scope="session")
 def instance(pg_server_url) -> Iterator[dg.DagsterInstance]:
     """A Dagster instance on PostgreSQL storage, as the project's dagster.yaml configures it."""
-    dagster_url = embedded.dagster_storage_url(embedded.database_url(pg_server_url, "dagster_test"))
-    overrides = {"storage": {"postgres": {"postgres_url": dagster_url}}}
-    with dg.instance_for_test(overrides=overrides) as test_instance:
-        yield test_instance
+    yield from _test_instance(pg_server_url)
+
+
+@pytest.fixture(scope="session")
+def instance_in_threads(pg_server_url) -> Iterator[dg.DagsterInstance]:
+    """The same storage, without capturing compute logs, for runs a test ends in a thread of its own
+    (tests/ending.py): the capture's `tail` process, stopped at each run's end, held such runs up to 30 s
+    in CI (its stack showed `execute_posix_tail`), so a time limit measured Dagster, not the code."""
+    yield from _test_instance(pg_server_url, compute_logs={
+        "module": "dagster._core.storage.noop_compute_log_manager", "class": "NoOpComputeLogManager"})
 
 
 @pytest.fixture(params=[0, 2], ids=["legacy-tag0", "versioned-tag2"])
