@@ -484,7 +484,7 @@ class Follower:
         data = writes.commit(event, checked, stored)
         if stored and self.signal is not None and _deletes_in(event, self.signal):
             writes.signal_deleted.add(event.repo)
-        states[event.repo] = replace(state, rev=event.rev, data=data)
+        states[event.repo] = RepoState(state.status, event.rev, data, state.signal_missing, state.pds)
         self.report.applied += 1
         return []
 
